@@ -1,0 +1,761 @@
+//! Configuration: layered file → environment (`VAULT_<SECTION>_<KEY>`) → command line
+//! (`--set section.key=value`), deserialized strictly (unknown keys are errors) and validated once
+//! into [`Settings`]. Every key has a documented default in `deploy/vault.example.toml`, which a
+//! test parses, so the example cannot drift from the code.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::pipeline::flush::FlushPolicy;
+
+/// Sections a `VAULT_*` variable may address; other `VAULT_*` variables are not configuration.
+const SECTIONS: [&str; 6] = ["kafka", "batch", "pipeline", "scylla", "metrics", "log"];
+
+/// librdkafka options that vault owns, because the delivery guarantee depends on them.
+const RESERVED_KAFKA_OPTIONS: [(&str, &str); 6] = [
+    ("bootstrap.servers", "set kafka.brokers instead"),
+    ("group.id", "set kafka.group_id instead"),
+    ("group.instance.id", "set kafka.instance_id instead"),
+    (
+        "enable.auto.commit",
+        "vault commits explicitly, only after writes are durable",
+    ),
+    (
+        "enable.auto.offset.store",
+        "vault commits explicitly, only after writes are durable",
+    ),
+    (
+        "partition.assignment.strategy",
+        "vault requires cooperative-sticky",
+    ),
+];
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub batch: BatchConfig,
+    pub pipeline: PipelineConfig,
+    pub scylla: ScyllaConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma-separated `host:port`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub brokers: String,
+    /// Topics to consume.
+    #[serde(deserialize_with = "string_or_list")]
+    pub topics: Vec<String>,
+    #[serde(deserialize_with = "lenient_string")]
+    pub group_id: String,
+    /// Static membership (`group.instance.id`); empty disables it.
+    #[serde(deserialize_with = "lenient_string")]
+    pub instance_id: String,
+    /// Where a partition without a committed offset starts: `earliest` or `latest`.
+    pub auto_offset_reset: String,
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Longest time between commits of progress made.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Dead-letter topic; `{topic}` is replaced by the source topic.
+    pub dead_letter_topic: String,
+    /// Raw librdkafka options for the consumer and the dead-letter producer (security, tuning).
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Batches of one partition being written at once; the partition stops reading at the limit.
+    pub max_in_flight: usize,
+}
+
+/// What happens to a message that is not a valid event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidPolicy {
+    /// Publish it to the dead-letter topic; its offset counts as done once Kafka acknowledges.
+    #[serde(rename = "dlq")]
+    DeadLetter,
+    /// Log and count it, then move on.
+    Skip,
+    /// Stop the partition at it (nothing after it is committed).
+    Fail,
+}
+
+/// Which store the pipeline writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    Scylla,
+    /// Acknowledges without storing: for benchmarks of the consume side only.
+    Null,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    pub store: StoreKind,
+    /// Persister tasks (batches written concurrently across all partitions).
+    pub persisters: usize,
+    /// Larger Kafka values are invalid (dead-lettered).
+    pub max_event_bytes: usize,
+    pub on_invalid: InvalidPolicy,
+    #[serde(with = "humantime_serde")]
+    pub retry_initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+    /// Writes failing for longer than this make the instance not ready.
+    #[serde(with = "humantime_serde")]
+    pub unready_after: Duration,
+    /// How long a revoked partition may take to drain before it is let go uncommitted.
+    #[serde(with = "humantime_serde")]
+    pub revoke_timeout: Duration,
+    /// How long shutdown waits for in-flight writes before abandoning them uncommitted.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScyllaConfig {
+    /// Contact points, `host:port`.
+    #[serde(deserialize_with = "string_or_list")]
+    pub nodes: Vec<String>,
+    #[serde(deserialize_with = "lenient_string")]
+    pub keyspace: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub username: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub password: String,
+}
+
+impl fmt::Debug for ScyllaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScyllaConfig")
+            .field("nodes", &self.nodes)
+            .field("keyspace", &self.keyspace)
+            .field("username", &self.username)
+            .field("password", &mask(&self.password))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[serde(deserialize_with = "lenient_string")]
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `vault=debug,rdkafka=warn`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            topics: vec!["user-activity".into()],
+            group_id: "vault".into(),
+            instance_id: String::new(),
+            auto_offset_reset: "earliest".into(),
+            session_timeout: Duration::from_secs(45),
+            commit_interval: Duration::from_secs(1),
+            dead_letter_topic: "{topic}.dlq".into(),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_events: 1000,
+            max_bytes: 1024 * 1024,
+            linger: Duration::from_millis(250),
+            max_in_flight: 4,
+        }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            store: StoreKind::Scylla,
+            persisters: 8,
+            max_event_bytes: 1024 * 1024,
+            on_invalid: InvalidPolicy::DeadLetter,
+            retry_initial_backoff: Duration::from_millis(100),
+            retry_max_backoff: Duration::from_secs(30),
+            unready_after: Duration::from_secs(60),
+            revoke_timeout: Duration::from_secs(20),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for ScyllaConfig {
+    fn default() -> Self {
+        ScyllaConfig {
+            nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: "vault".into(),
+            username: String::new(),
+            password: String::new(),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            addr: "127.0.0.1:9898".into(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Why configuration was refused. Each message names the key and what would be accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist: pass an existing file or leave --config unset")]
+    MissingFile(PathBuf),
+    #[error("{0}")]
+    Load(String),
+    #[error("{key} = {value:?} is invalid: {allowed}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        allowed: String,
+    },
+    #[error("--set {0:?} is not of the form section.key=value")]
+    BadOverride(String),
+}
+
+/// Validated, typed settings: what the rest of the program runs on.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    pub flush: FlushPolicy,
+    pub metrics_addr: SocketAddr,
+}
+
+/// Retry timing shared by the persisters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetrySettings {
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Settings {
+    pub fn retry(&self) -> RetrySettings {
+        RetrySettings {
+            initial_backoff: self.config.pipeline.retry_initial_backoff,
+            max_backoff: self.config.pipeline.retry_max_backoff,
+        }
+    }
+
+    /// The dead-letter topic of a source topic.
+    pub fn dead_letter_topic(&self, topic: &str) -> String {
+        self.config
+            .kafka
+            .dead_letter_topic
+            .replace("{topic}", topic)
+    }
+}
+
+/// Loads configuration from an optional file, the process environment and `--set` overrides.
+pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+    load_with_env(file, overrides, std::env::vars())
+}
+
+/// [`load`] with an explicit environment, for tests.
+pub fn load_with_env(
+    file: Option<&Path>,
+    overrides: &[String],
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let mut fig = Figment::from(Serialized::defaults(Config::default()));
+    // Which layer set each key, so an error can say what to fix.
+    let mut origins: Vec<(String, String)> = Vec::new();
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigError::MissingFile(path.to_owned()));
+        }
+        fig = fig.merge(Toml::file_exact(path));
+    }
+    // VAULT_<SECTION>_<KEY>: the section is the first word, the key the rest (which may hold
+    // underscores). The environment is a parameter so tests need not touch the process's own.
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("VAULT_") else {
+            continue;
+        };
+        let lower = rest.to_ascii_lowercase();
+        let Some((section, key)) = lower.split_once('_') else {
+            continue;
+        };
+        if !SECTIONS.contains(&section) || key.is_empty() {
+            continue;
+        }
+        let path = format!("{section}.{key}");
+        fig = fig.merge(Serialized::default(&path, parse_scalar(&value)));
+        origins.push((path, format!("environment variable {name}")));
+    }
+    for o in overrides {
+        let (key, value) = o
+            .split_once('=')
+            .filter(|(k, _)| k.contains('.'))
+            .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
+        fig = fig.merge(Serialized::default(key.trim(), parse_scalar(value.trim())));
+        origins.push((key.trim().to_owned(), format!("--set {o}")));
+    }
+    fig.extract()
+        .map_err(|e| ConfigError::Load(describe_load_error(e, file, &origins)))
+}
+
+/// "batch.linger: invalid value ... (from environment variable VAULT_BATCH_LINGER)".
+fn describe_load_error(
+    e: figment::Error,
+    file: Option<&Path>,
+    origins: &[(String, String)],
+) -> String {
+    e.into_iter()
+        .map(|err| {
+            let key = err.path.join(".");
+            let origin = origins
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == key)
+                .map(|(_, o)| o.clone())
+                .or_else(|| file.map(|f| format!("file {}", f.display())))
+                .unwrap_or_else(|| "defaults".into());
+            let key = if key.is_empty() {
+                "configuration".to_owned()
+            } else {
+                key
+            };
+            format!("{key}: {} (from {origin})", err.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Interprets a value from the environment or the command line the way TOML would a bare word.
+fn parse_scalar(s: &str) -> figment::value::Value {
+    use figment::value::Value;
+    if let Ok(i) = s.parse::<i64>() {
+        return Value::from(i);
+    }
+    match s {
+        "true" => Value::from(true),
+        "false" => Value::from(false),
+        _ => Value::from(s.to_owned()),
+    }
+}
+
+impl Config {
+    /// Checks every value once; the error names the key and what it accepts.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        fn bad(key: &'static str, value: impl fmt::Display, allowed: &str) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                value: value.to_string(),
+                allowed: allowed.to_owned(),
+            }
+        }
+        let k = &self.kafka;
+        if k.brokers.split(',').all(|b| b.trim().is_empty()) {
+            return Err(bad(
+                "kafka.brokers",
+                &k.brokers,
+                "give at least one host:port",
+            ));
+        }
+        if k.topics.is_empty() {
+            return Err(bad("kafka.topics", "", "give at least one topic"));
+        }
+        for t in &k.topics {
+            let valid = !t.is_empty()
+                && t.len() <= 249
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !valid {
+                return Err(bad(
+                    "kafka.topics",
+                    t,
+                    "topic names are 1-249 characters of [a-zA-Z0-9._-]",
+                ));
+            }
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(bad("kafka.group_id", &k.group_id, "must not be empty"));
+        }
+        if !["earliest", "latest"].contains(&k.auto_offset_reset.as_str()) {
+            return Err(bad(
+                "kafka.auto_offset_reset",
+                &k.auto_offset_reset,
+                "earliest or latest",
+            ));
+        }
+        if k.commit_interval.is_zero() {
+            return Err(bad(
+                "kafka.commit_interval",
+                "0s",
+                "a positive duration such as \"1s\"",
+            ));
+        }
+        if k.session_timeout < Duration::from_secs(1) {
+            return Err(bad(
+                "kafka.session_timeout",
+                humantime::format_duration(k.session_timeout),
+                "at least 1s",
+            ));
+        }
+        if k.dead_letter_topic.is_empty() {
+            return Err(bad(
+                "kafka.dead_letter_topic",
+                "",
+                "a topic name; {topic} stands for the source topic",
+            ));
+        }
+        for (name, _) in &k.options {
+            if let Some((_, why)) = RESERVED_KAFKA_OPTIONS.iter().find(|(n, _)| n == name) {
+                return Err(ConfigError::Invalid {
+                    key: "kafka.options",
+                    value: name.clone(),
+                    allowed: format!("this option is managed by vault: {why}"),
+                });
+            }
+        }
+        let b = &self.batch;
+        if b.max_events == 0 || b.max_events > 100_000 {
+            return Err(bad("batch.max_events", b.max_events, "1 to 100000"));
+        }
+        if b.max_bytes < 1024 {
+            return Err(bad("batch.max_bytes", b.max_bytes, "at least 1024 (bytes)"));
+        }
+        if b.linger.is_zero() || b.linger > Duration::from_secs(3600) {
+            return Err(bad(
+                "batch.linger",
+                humantime::format_duration(b.linger),
+                "a duration from 1ms to 1h, such as \"250ms\"",
+            ));
+        }
+        if b.max_in_flight == 0 || b.max_in_flight > 1024 {
+            return Err(bad("batch.max_in_flight", b.max_in_flight, "1 to 1024"));
+        }
+        let p = &self.pipeline;
+        if p.persisters == 0 || p.persisters > 4096 {
+            return Err(bad("pipeline.persisters", p.persisters, "1 to 4096"));
+        }
+        if p.max_event_bytes == 0 {
+            return Err(bad(
+                "pipeline.max_event_bytes",
+                0,
+                "a positive number of bytes",
+            ));
+        }
+        if p.retry_initial_backoff.is_zero() || p.retry_initial_backoff > p.retry_max_backoff {
+            return Err(bad(
+                "pipeline.retry_initial_backoff",
+                humantime::format_duration(p.retry_initial_backoff),
+                "positive and not above pipeline.retry_max_backoff",
+            ));
+        }
+        let s = &self.scylla;
+        if s.nodes.is_empty() {
+            return Err(bad("scylla.nodes", "", "give at least one host:port"));
+        }
+        for n in &s.nodes {
+            let ok = n
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(bad(
+                    "scylla.nodes",
+                    n,
+                    "each node is host:port, e.g. 127.0.0.1:9042",
+                ));
+            }
+        }
+        let ks_ok = !s.keyspace.is_empty()
+            && s.keyspace.len() <= 48
+            && s.keyspace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ks_ok {
+            return Err(bad(
+                "scylla.keyspace",
+                &s.keyspace,
+                "1-48 characters of [a-zA-Z0-9_]",
+            ));
+        }
+        let metrics_addr: SocketAddr = self.metrics.addr.parse().map_err(|_| {
+            bad(
+                "metrics.addr",
+                &self.metrics.addr,
+                "an ip:port such as 127.0.0.1:9898",
+            )
+        })?;
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(bad(
+                "log.level",
+                &self.log.level,
+                "a filter such as info or vault=debug",
+            ));
+        }
+        let flush = FlushPolicy {
+            max_events: b.max_events,
+            max_bytes: b.max_bytes,
+            linger: b.linger,
+        };
+        Ok(Settings {
+            config: self,
+            flush,
+            metrics_addr,
+        })
+    }
+
+    /// The configuration as TOML with secrets masked, for `vault check-config`.
+    pub fn to_masked_toml(&self) -> String {
+        let mut c = self.clone();
+        c.scylla.password = mask(&c.scylla.password);
+        for (k, v) in c.kafka.options.iter_mut() {
+            if is_secret_option(k) {
+                *v = mask(v);
+            }
+        }
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn is_secret_option(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("secret") || k.ends_with(".key.pem") || k.contains("token")
+}
+
+fn mask(s: &str) -> String {
+    if s.is_empty() {
+        String::new()
+    } else {
+        "********".into()
+    }
+}
+
+/// Accepts a list or one comma-separated string (the form environment variables take).
+fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        Either::Many(v) => v.into_iter().map(|s| s.trim().to_owned()).collect(),
+    })
+}
+
+/// Accepts a string, or a number or boolean taken as its text (`VAULT_KAFKA_GROUP_ID=42`).
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::U(u) => u.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = load_with_env(None, &[], env(&[]))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(s.config, Config::default());
+        assert_eq!(s.flush.linger, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn the_documented_env_names_reach_their_keys() {
+        let c = load_with_env(
+            None,
+            &[],
+            env(&[
+                ("VAULT_KAFKA_BROKERS", "k1:9092,k2:9092"),
+                ("VAULT_KAFKA_TOPICS", "a, b"),
+                ("VAULT_KAFKA_GROUP_ID", "42"),
+                ("VAULT_SCYLLA_NODES", "s1:9042,s2:9042"),
+                ("VAULT_SCYLLA_KEYSPACE", "ks"),
+                ("VAULT_METRICS_ADDR", "0.0.0.0:9100"),
+                ("VAULT_BATCH_MAX_EVENTS", "500"),
+                ("VAULT_BATCH_LINGER", "40ms"),
+                ("VAULT_IT_SCYLLA_NODES", "ignored:1"),
+                ("VAULT_CONFIG", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "k1:9092,k2:9092");
+        assert_eq!(c.kafka.topics, ["a", "b"]);
+        assert_eq!(c.kafka.group_id, "42");
+        assert_eq!(c.scylla.nodes, ["s1:9042", "s2:9042"]);
+        assert_eq!(c.scylla.keyspace, "ks");
+        assert_eq!(c.metrics.addr, "0.0.0.0:9100");
+        assert_eq!(c.batch.max_events, 500);
+        assert_eq!(c.batch.linger, Duration::from_millis(40));
+    }
+
+    #[test]
+    fn layers_apply_file_then_env_then_cli() {
+        let dir = std::env::temp_dir().join(format!("vault-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("layers.toml");
+        std::fs::write(
+            &file,
+            "[batch]\nmax_events = 10\nmax_in_flight = 2\nlinger = \"1s\"\n",
+        )
+        .unwrap();
+        let c = load_with_env(
+            Some(&file),
+            &["batch.max_events=30".into()],
+            env(&[
+                ("VAULT_BATCH_MAX_EVENTS", "20"),
+                ("VAULT_BATCH_LINGER", "2s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.batch.max_events, 30, "cli wins over env and file");
+        assert_eq!(c.batch.linger, Duration::from_secs(2), "env wins over file");
+        assert_eq!(c.batch.max_in_flight, 2, "file wins over defaults");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let err = load_with_env(None, &[], env(&[("VAULT_BATCH_MAX_EVENTZ", "1")])).unwrap_err();
+        assert!(err.to_string().contains("max_eventz"), "{err}");
+
+        let err = load_with_env(None, &[], env(&[("VAULT_BATCH_LINGER", "soon")])).unwrap_err();
+        assert!(err.to_string().contains("linger"), "{err}");
+
+        let cases = [
+            ("batch.max_events=0", "batch.max_events"),
+            ("batch.linger=0s", "batch.linger"),
+            ("kafka.auto_offset_reset=middle", "kafka.auto_offset_reset"),
+            ("metrics.addr=localhost", "metrics.addr"),
+            ("scylla.keyspace=bad-name", "scylla.keyspace"),
+            ("kafka.topics=a b", "kafka.topics"),
+        ];
+        for (set, key) in cases {
+            let err = load_with_env(None, &[set.into()], env(&[]))
+                .and_then(Config::validate)
+                .unwrap_err();
+            assert!(err.to_string().starts_with(key), "{set}: {err}");
+        }
+    }
+
+    #[test]
+    fn reserved_librdkafka_options_are_refused_with_the_reason() {
+        let mut c = Config::default();
+        c.kafka
+            .options
+            .insert("enable.auto.commit".into(), "true".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("enable.auto.commit") && err.contains("commits explicitly"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let mut c = Config::default();
+        c.scylla.password = "hunter2".into();
+        c.kafka
+            .options
+            .insert("sasl.password".into(), "s3cret".into());
+        let out = c.to_masked_toml();
+        assert!(!out.contains("hunter2") && !out.contains("s3cret"), "{out}");
+        assert!(!format!("{:?}", c.scylla).contains("hunter2"));
+    }
+
+    #[test]
+    fn a_missing_file_is_reported() {
+        let err =
+            load_with_env(Some(Path::new("/nonexistent/vault.toml")), &[], env(&[])).unwrap_err();
+        assert!(matches!(err, ConfigError::MissingFile(_)));
+    }
+
+    #[test]
+    fn the_example_config_parses_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/vault.example.toml");
+        let c = load_with_env(Some(&path), &[], env(&[])).unwrap();
+        assert_eq!(
+            c,
+            Config::default(),
+            "deploy/vault.example.toml documents the defaults"
+        );
+        c.validate().unwrap();
+    }
+}

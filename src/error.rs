@@ -1,0 +1,26 @@
+//! The crate-level error: what can stop vault from starting or running, each saying what to do.
+
+use rdkafka::error::KafkaError;
+
+use crate::config::ConfigError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("Kafka client error: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("topic '{0}' does not exist on the brokers: create it, or fix kafka.topics / VAULT_KAFKA_TOPICS")]
+    MissingTopic(String),
+    #[error("cannot reach Kafka at {brokers} to read topic metadata: {source} (check kafka.brokers / VAULT_KAFKA_BROKERS)")]
+    Unreachable { brokers: String, source: KafkaError },
+    #[error("cannot listen on metrics.addr {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(String),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}

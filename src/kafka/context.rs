@@ -1,0 +1,194 @@
+//! The consumer context: librdkafka's callbacks, turned into messages to the coordinator.
+//!
+//! Runs on the thread that polls the consumer's main queue (see `run`), never on a runtime worker,
+//! so it may block while the coordinator drains revoked partitions.
+//!
+//! - Assign: each partition's queue is split off *before* librdkafka starts fetching it, so no
+//!   message of an assigned partition can land on the main queue.
+//! - Revoke: the coordinator drains the partitions (flush, await in-flight writes) and returns
+//!   their final offsets, which are committed synchronously here, before librdkafka hands the
+//!   partitions to another member. Lost partitions (session expired) are drained but not
+//!   committed: the group has moved on and the commit would be refused.
+
+use std::sync::mpsc::sync_channel;
+use std::sync::{OnceLock, Weak};
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaResult;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::kafka::coordinator::{Assigned, Command};
+use crate::telemetry::Metrics;
+use std::sync::Arc;
+
+pub type VaultConsumer = StreamConsumer<VaultContext>;
+
+pub struct VaultContext {
+    commands: mpsc::UnboundedSender<Command>,
+    consumer: OnceLock<Weak<VaultConsumer>>,
+    revoke_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl VaultContext {
+    pub fn new(
+        commands: mpsc::UnboundedSender<Command>,
+        revoke_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        VaultContext {
+            commands,
+            consumer: OnceLock::new(),
+            revoke_timeout,
+            metrics,
+        }
+    }
+
+    /// Gives the context the consumer it belongs to (needed to split partition queues).
+    pub fn bind(&self, consumer: &Arc<VaultConsumer>) {
+        let _ = self.consumer.set(Arc::downgrade(consumer));
+    }
+
+    fn assign(&self, tpl: &TopicPartitionList) {
+        self.metrics.rebalances.with_label_values(&["assign"]).inc();
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            warn!("Assignment received while the consumer is closing; ignored.");
+            return;
+        };
+        let mut assigned = Vec::new();
+        for e in tpl.elements() {
+            match consumer.split_partition_queue(e.topic(), e.partition()) {
+                Some(queue) => assigned.push(Assigned {
+                    topic: Arc::from(e.topic()),
+                    partition: e.partition(),
+                    queue,
+                }),
+                None => error!(
+                    topic = e.topic(),
+                    partition = e.partition(),
+                    "Cannot split the queue of an assigned partition."
+                ),
+            }
+        }
+        info!(partitions = %describe(tpl), "Partitions assigned.");
+        let _ = self.commands.send(Command::Assign(assigned));
+    }
+
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let lost = consumer.assignment_lost();
+        self.metrics
+            .rebalances
+            .with_label_values(&[if lost { "lost" } else { "revoke" }])
+            .inc();
+        info!(partitions = %describe(tpl), lost, "Partitions revoked; draining.");
+        let partitions = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let (reply, done) = sync_channel(1);
+        if self
+            .commands
+            .send(Command::Revoke { partitions, reply })
+            .is_err()
+        {
+            return; // The coordinator has finished (shutdown): it already committed what it had.
+        }
+        let finals = match done.recv_timeout(self.revoke_timeout + Duration::from_secs(5)) {
+            Ok(f) => f,
+            Err(_) => {
+                warn!("Coordinator did not answer the revoke in time; nothing committed for these partitions.");
+                return;
+            }
+        };
+        if lost {
+            return;
+        }
+        let mut commit = TopicPartitionList::new();
+        for (topic, partition, offset) in finals {
+            if let Err(e) = commit.add_partition_offset(&topic, partition, Offset::Offset(offset)) {
+                error!(topic, partition, error = %e, "Cannot build the revoke commit.");
+            }
+        }
+        if commit.count() > 0 {
+            match consumer.commit(&commit, CommitMode::Sync) {
+                Ok(()) => info!(partitions = %describe(&commit), "Committed revoked partitions."),
+                Err(e) => {
+                    warn!(error = %e, "Commit on revoke failed; the next owner replays from the previous commit.")
+                }
+            }
+        }
+    }
+}
+
+impl ClientContext for VaultContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                error!(target: "librdkafka", fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Warning => warn!(target: "librdkafka", fac, "{log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(target: "librdkafka", fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Debug => debug!(target: "librdkafka", fac, "{log_message}"),
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        warn!(target: "librdkafka", error = %error, "{reason}");
+    }
+}
+
+impl ConsumerContext for VaultContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.assign(tpl),
+            Rebalance::Revoke(tpl) => self.revoke(consumer, tpl),
+            Rebalance::Error(e) => error!(error = %e, "Rebalance failed."),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                self.metrics.commits.with_label_values(&["ok"]).inc();
+                for e in offsets.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        self.metrics
+                            .committed_offset
+                            .with_label_values(&[e.topic(), &e.partition().to_string()])
+                            .set(o);
+                    }
+                }
+            }
+            Err(e) => {
+                self.metrics.commits.with_label_values(&["error"]).inc();
+                warn!(error = %e, partitions = %describe(offsets), "Offset commit failed; it is retried with the next commit.");
+                let _ = self.commands.send(Command::CommitFailed);
+            }
+        }
+    }
+}
+
+fn describe(tpl: &TopicPartitionList) -> String {
+    let parts: Vec<String> = tpl
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => format!("{}/{}@{}", e.topic(), e.partition(), o),
+            _ => format!("{}/{}", e.topic(), e.partition()),
+        })
+        .collect();
+    parts.join(",")
+}

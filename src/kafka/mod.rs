@@ -1,0 +1,74 @@
+//! Kafka: client configuration, the rebalance context, the partition coordinator, offset
+//! arithmetic and the dead-letter producer.
+
+pub mod context;
+pub mod coordinator;
+pub mod dead_letter;
+pub mod offsets;
+
+use std::sync::Arc;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{BorrowedMessage, Message};
+
+use crate::config::Settings;
+use crate::event::{self, Source};
+use crate::pipeline::batch::{DeadLetter, Record};
+
+/// Settings shared by the consumer and the dead-letter producer: brokers and passthrough options
+/// (security, tuning).
+pub fn base_client_config(settings: &Settings) -> ClientConfig {
+    let k = &settings.config.kafka;
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &k.brokers)
+        .set("client.id", concat!("vault/", env!("CARGO_PKG_VERSION")));
+    for (key, value) in &k.options {
+        cfg.set(key, value);
+    }
+    cfg
+}
+
+/// The consumer's configuration. Offsets are committed explicitly by the coordinator, only for
+/// durable batches; librdkafka never commits or stores an offset on its own.
+pub fn consumer_config(settings: &Settings) -> ClientConfig {
+    let k = &settings.config.kafka;
+    let mut cfg = base_client_config(settings);
+    cfg.set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("auto.offset.reset", &k.auto_offset_reset)
+        .set(
+            "session.timeout.ms",
+            k.session_timeout.as_millis().to_string(),
+        );
+    if !k.options.contains_key("queued.max.messages.kbytes") {
+        // librdkafka prefetches up to this much per partition; its 64 MiB default would dwarf
+        // everything else vault holds in memory.
+        cfg.set("queued.max.messages.kbytes", "8192");
+    }
+    if !k.instance_id.is_empty() {
+        cfg.set("group.instance.id", &k.instance_id);
+    }
+    cfg
+}
+
+/// Decodes a Kafka message into a record: a valid event, or a dead letter with its context.
+pub fn to_record(msg: &BorrowedMessage<'_>, topic: &Arc<str>, max_event_bytes: usize) -> Record {
+    let source = Source {
+        topic: topic.clone(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        timestamp_ms: msg.timestamp().to_millis(),
+    };
+    match event::decode(msg.key(), msg.payload(), source.clone(), max_event_bytes) {
+        Ok(e) => Record::Event(e),
+        Err(error) => Record::Invalid(DeadLetter {
+            source,
+            key: msg.key().map(<[u8]>::to_vec),
+            value: msg.payload().map(<[u8]>::to_vec),
+            error,
+        }),
+    }
+}

@@ -1,0 +1,235 @@
+//! vault: consumes user-activity events from Kafka and stores them in ScyllaDB.
+//!
+//! Data flows one way: consumer → per-partition batcher ([`pipeline::batcher`]) → persisters
+//! ([`store::persister`]) → in-order acknowledgement ([`kafka::offsets`]) → commit
+//! ([`kafka::coordinator`]). The guarantee, argued in docs/DESIGN.md: a partition's offset is
+//! committed only after every event below it is durably written or dead-lettered.
+
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod kafka;
+pub mod pipeline;
+pub mod store;
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+pub use config::Settings;
+pub use error::Error;
+
+use kafka::context::{VaultConsumer, VaultContext};
+use kafka::coordinator::{Command, Coordinator};
+use kafka::dead_letter::DeadLetterSink;
+use store::persister::Persister;
+use store::Store;
+use telemetry::{Health, Metrics};
+
+/// Everything a pipeline runs with. Tests build it with their own store, dead-letter sink and
+/// metrics; `main` builds it from the configuration.
+pub struct Pipeline<S, D> {
+    pub settings: Settings,
+    pub store: S,
+    pub dead_letters: D,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
+    pub fn new(settings: Settings, store: S, dead_letters: D) -> Self {
+        let health = Arc::new(Health::new(settings.config.pipeline.unready_after));
+        Pipeline {
+            settings,
+            store,
+            dead_letters,
+            metrics: Arc::new(Metrics::new()),
+            health,
+        }
+    }
+
+    /// Runs until `shutdown` fires, then stops fetching, flushes partial batches, waits for
+    /// in-flight writes (up to `pipeline.shutdown_timeout`), commits, and leaves the group.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Pipeline {
+            settings,
+            store,
+            dead_letters,
+            metrics,
+            health,
+        } = self;
+        let settings = Arc::new(settings);
+        let cfg = &settings.config;
+
+        let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: settings.metrics_addr,
+                source,
+            })?;
+        info!(addr = %listener.local_addr().map_err(|source| Error::Listen { addr: settings.metrics_addr, source })?, "Serving /metrics, /healthz and /readyz.");
+        let http_stop = CancellationToken::new();
+        let http = tokio::spawn(telemetry::http::serve(
+            listener,
+            metrics.clone(),
+            health.clone(),
+            http_stop.clone().cancelled_owned(),
+        ));
+
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+        let context = VaultContext::new(
+            commands_tx.clone(),
+            cfg.pipeline.revoke_timeout,
+            metrics.clone(),
+        );
+        let consumer: Arc<VaultConsumer> = Arc::new(VaultConsumer::from_config_and_context(
+            &kafka::consumer_config(&settings),
+            context,
+        )?);
+        consumer.context().bind(&consumer);
+        check_topics(&consumer, &settings).await?;
+        let topics: Vec<&str> = cfg.kafka.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, "Subscribed.");
+
+        // Persisters.
+        let (persist_tx, persist_rx) = async_channel::bounded(cfg.pipeline.persisters);
+        let abandon = CancellationToken::new();
+        let persister = Arc::new(Persister {
+            store,
+            dead_letters,
+            on_invalid: cfg.pipeline.on_invalid,
+            retry: settings.retry(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            cancel: abandon.clone(),
+        });
+        let mut persisters = persister.spawn_pool(cfg.pipeline.persisters, persist_rx);
+
+        // The main queue is polled on a dedicated thread: rebalance callbacks run there and may
+        // block while the coordinator drains partitions.
+        let poll_stop = CancellationToken::new();
+        let poller = {
+            let consumer = consumer.clone();
+            let stop = poll_stop.clone();
+            let commands = commands_tx.clone();
+            let handle = tokio::runtime::Handle::current();
+            std::thread::Builder::new()
+                .name("vault-kafka-poll".into())
+                .spawn(move || handle.block_on(poll_main_queue(consumer, stop, commands)))
+                .map_err(|e| Error::Task(format!("cannot start the Kafka poll thread: {e}")))?
+        };
+
+        let coordinator = Coordinator::new(
+            commands_tx,
+            consumer.clone(),
+            settings.clone(),
+            persist_tx,
+            metrics.clone(),
+            health.clone(),
+        );
+        let coordinator =
+            tokio::spawn(coordinator.run(commands_rx, shutdown.clone(), abandon.clone()));
+        let coordinator_result = coordinator.await;
+
+        // Every partition task has ended and the coordinator dropped its sender: the persisters
+        // drain what is left in the channel (nothing, normally) and stop.
+        abandon.cancel();
+        while persisters.join_next().await.is_some() {}
+
+        poll_stop.cancel();
+        let joined = tokio::task::spawn_blocking(move || {
+            let _ = poller.join();
+            // Closing the consumer leaves the group; it blocks, hence this thread.
+            drop(consumer);
+        })
+        .await;
+        http_stop.cancel();
+        let _ = http.await;
+        info!("Stopped.");
+        coordinator_result.map_err(|e| Error::Task(format!("coordinator: {e}")))?;
+        joined.map_err(|e| Error::Task(format!("consumer close: {e}")))?;
+        Ok(())
+    }
+}
+
+async fn poll_main_queue(
+    consumer: Arc<VaultConsumer>,
+    stop: CancellationToken,
+    commands: mpsc::UnboundedSender<Command>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            m = consumer.recv() => match m {
+                Ok(m) => {
+                    let _ = commands.send(Command::Stray {
+                        topic: m.topic().to_owned(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                    });
+                }
+                Err(e) => warn!(error = %e, "Kafka consumer error."),
+            }
+        }
+    }
+}
+
+/// Fails fast, with a message saying what to fix, when a configured topic does not exist.
+async fn check_topics(
+    consumer: &Arc<VaultConsumer>,
+    settings: &Arc<Settings>,
+) -> Result<(), Error> {
+    let consumer = consumer.clone();
+    let settings = settings.clone();
+    tokio::task::spawn_blocking(move || {
+        for topic in &settings.config.kafka.topics {
+            let md = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(15))
+                .map_err(|source| Error::Unreachable {
+                    brokers: settings.config.kafka.brokers.clone(),
+                    source,
+                })?;
+            let found = md
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+            if !found {
+                return Err(Error::MissingTopic(topic.clone()));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::Task(format!("topic check: {e}")))?
+}
+
+/// Resolves when the process receives SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "Cannot listen for SIGTERM; only SIGINT stops vault.");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    info!("Shutdown signal received.");
+}

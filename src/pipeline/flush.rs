@@ -1,0 +1,130 @@
+//! The flush decision: when a partition's open batch must be handed to the persisters.
+//!
+//! One pure type owns the rule so that the batcher, its tests and the docs agree: a batch is
+//! flushed when it holds `max_events` events, when it holds `max_bytes` bytes (an event that would
+//! push it past the limit goes into the next batch), or when its oldest event has waited `linger`.
+//! Revoke and shutdown flush whatever is open. Every flush carries its [`FlushReason`].
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Why a batch was flushed. The label values are part of the metrics contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlushReason {
+    /// The batch reached `max_events`.
+    Size,
+    /// The batch reached `max_bytes`, or the next event would have pushed it past the limit.
+    Bytes,
+    /// The oldest event waited `linger`.
+    Linger,
+    /// The partition is being revoked from this consumer.
+    Revoke,
+    /// The process is shutting down.
+    Shutdown,
+}
+
+impl FlushReason {
+    pub const ALL: [FlushReason; 5] = [
+        FlushReason::Size,
+        FlushReason::Bytes,
+        FlushReason::Linger,
+        FlushReason::Revoke,
+        FlushReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlushReason::Size => "size",
+            FlushReason::Bytes => "bytes",
+            FlushReason::Linger => "linger",
+            FlushReason::Revoke => "revoke",
+            FlushReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Limits of one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushPolicy {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub linger: Duration,
+}
+
+impl FlushPolicy {
+    /// Before adding a record of `incoming` bytes to a batch of `events` records and `bytes` bytes:
+    /// must the open batch be flushed first so that it stays within `max_bytes`?
+    pub fn before_push(&self, events: usize, bytes: usize, incoming: usize) -> Option<FlushReason> {
+        (events > 0 && bytes.saturating_add(incoming) > self.max_bytes)
+            .then_some(FlushReason::Bytes)
+    }
+
+    /// After adding a record: is the batch full?
+    pub fn after_push(&self, events: usize, bytes: usize) -> Option<FlushReason> {
+        if events >= self.max_events {
+            Some(FlushReason::Size)
+        } else if bytes >= self.max_bytes {
+            Some(FlushReason::Bytes)
+        } else {
+            None
+        }
+    }
+
+    /// When a batch opened at `opened` (its first record's arrival) must be flushed regardless.
+    pub fn deadline(&self, opened: Instant) -> Instant {
+        opened + self.linger
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> FlushPolicy {
+        FlushPolicy {
+            max_events: 3,
+            max_bytes: 100,
+            linger: Duration::from_millis(250),
+        }
+    }
+
+    #[test]
+    fn full_by_count() {
+        let p = policy();
+        assert_eq!(p.after_push(2, 20), None);
+        assert_eq!(p.after_push(3, 30), Some(FlushReason::Size));
+    }
+
+    #[test]
+    fn full_by_bytes() {
+        let p = policy();
+        assert_eq!(p.after_push(1, 99), None);
+        assert_eq!(p.after_push(1, 100), Some(FlushReason::Bytes));
+        // Count wins when both limits are hit at once.
+        assert_eq!(p.after_push(3, 100), Some(FlushReason::Size));
+    }
+
+    #[test]
+    fn an_event_that_would_overflow_goes_to_the_next_batch() {
+        let p = policy();
+        assert_eq!(p.before_push(1, 60, 41), Some(FlushReason::Bytes));
+        assert_eq!(p.before_push(1, 60, 40), None);
+        // An oversized event alone is never held back: it becomes a batch of its own.
+        assert_eq!(p.before_push(0, 0, 500), None);
+        assert_eq!(p.after_push(1, 500), Some(FlushReason::Bytes));
+    }
+
+    #[test]
+    fn deadline_is_linger_after_the_first_event() {
+        let p = policy();
+        let t0 = Instant::now();
+        assert_eq!(p.deadline(t0) - t0, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn reason_labels_are_stable() {
+        let labels: Vec<_> = FlushReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels, ["size", "bytes", "linger", "revoke", "shutdown"]);
+    }
+}
