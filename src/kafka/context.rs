@@ -20,6 +20,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaResult;
+use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
@@ -29,6 +30,10 @@ use crate::telemetry::Metrics;
 use std::sync::Arc;
 
 pub type VaultConsumer = StreamConsumer<VaultContext>;
+
+/// How often the main queue (commit results, errors, rebalances) is served at the latest. A
+/// failed asynchronous commit is only re-sent once its result has been seen.
+pub const MAIN_QUEUE_POLL: Duration = Duration::from_millis(100);
 
 pub struct VaultContext {
     commands: mpsc::UnboundedSender<Command>,
@@ -159,24 +164,15 @@ impl ConsumerContext for VaultContext {
         }
     }
 
+    fn main_queue_min_poll_interval(&self) -> Timeout {
+        Timeout::After(MAIN_QUEUE_POLL)
+    }
+
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                self.metrics.commits.with_label_values(&["ok"]).inc();
-                for e in offsets.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        self.metrics
-                            .committed_offset
-                            .with_label_values(&[e.topic(), &e.partition().to_string()])
-                            .set(o);
-                    }
-                }
-            }
-            Err(e) => {
-                self.metrics.commits.with_label_values(&["error"]).inc();
-                warn!(error = %e, partitions = %describe(offsets), "Offset commit failed; it is retried with the next commit.");
-                let _ = self.commands.send(Command::CommitFailed);
-            }
+        // Commits are synchronous and their results handled by the coordinator; this only
+        // records what librdkafka reports for diagnostics.
+        if let Err(e) = result {
+            debug!(error = %e, partitions = %describe(offsets), "Commit result reported by librdkafka.");
         }
     }
 }

@@ -18,9 +18,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -49,8 +50,6 @@ pub enum Command {
         partitions: Vec<(String, i32)>,
         reply: SyncSender<Vec<(String, i32, i64)>>,
     },
-    /// An asynchronous commit failed: re-send every partition's offset at the next tick.
-    CommitFailed,
     /// A message of an assigned partition arrived on the main queue (should be impossible, as
     /// queues are split before fetching starts). The partition is re-read from that offset.
     Stray {
@@ -73,8 +72,8 @@ struct Running {
     stop: Option<oneshot::Sender<FlushReason>>,
     abort: AbortHandle,
     progress: Arc<SharedOffset>,
-    /// Last offset sent in a commit for this partition.
-    sent: Option<i64>,
+    /// Last offset the broker confirmed committed for this partition.
+    confirmed: Option<i64>,
     /// Consecutive failed restarts, for the restart backoff.
     failures: u32,
 }
@@ -91,7 +90,11 @@ pub struct Coordinator {
     /// Failed partitions waiting for their restart; still owned by this member.
     restarting: HashMap<Key, u32>,
     commands: mpsc::UnboundedSender<Command>,
+    /// The periodic commit in flight, if any: one at a time, each confirmed or re-sent.
+    committing: Option<JoinHandle<CommitResult>>,
 }
+
+type CommitResult = (Vec<(Key, i64)>, KafkaResult<()>);
 
 impl Coordinator {
     pub fn new(
@@ -113,6 +116,7 @@ impl Coordinator {
             ids: HashMap::new(),
             restarting: HashMap::new(),
             commands,
+            committing: None,
         }
     }
 
@@ -134,8 +138,15 @@ impl Coordinator {
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.on_task_end(joined).await;
                 }
+                Some(done) = join_commit(&mut self.committing) => {
+                    self.committing = None;
+                    self.on_committed(done);
+                }
                 _ = tick.tick() => self.commit_progress(),
             }
+        }
+        if let Some(h) = self.committing.take() {
+            let _ = h.await;
         }
         self.health.set_shutting_down();
         self.shutdown(&mut commands, abandon).await;
@@ -163,11 +174,6 @@ impl Coordinator {
                     .assigned_partitions
                     .set(self.running.len() as i64);
                 let _ = reply.send(finals);
-            }
-            Command::CommitFailed => {
-                for r in self.running.values_mut() {
-                    r.sent = None;
-                }
             }
             Command::Stray {
                 topic,
@@ -232,7 +238,7 @@ impl Coordinator {
                 stop: Some(stop_tx),
                 abort,
                 progress,
-                sent: None,
+                confirmed: None,
                 failures,
             },
         ) {
@@ -407,37 +413,56 @@ impl Coordinator {
         }
     }
 
-    /// Sends an asynchronous commit for every partition whose committable offset moved.
+    /// Commits every partition whose committable offset is ahead of what the broker confirmed.
+    /// Synchronous, on the blocking pool, one at a time: a commit that fails (e.g. during a
+    /// rebalance) leaves `confirmed` behind, so the next tick simply sends it again.
     fn commit_progress(&mut self) {
+        if self.committing.is_some() {
+            return;
+        }
         let mut tpl = TopicPartitionList::new();
         let mut sent = Vec::new();
         for (key, r) in &self.running {
             if let Some(o) = r.progress.get() {
-                if r.sent != Some(o) {
-                    if tpl
+                if r.confirmed != Some(o)
+                    && tpl
                         .add_partition_offset(&key.0, key.1, Offset::Offset(o))
                         .is_ok()
-                    {
-                        sent.push((key.clone(), o));
-                    }
+                {
+                    sent.push((key.clone(), o));
                 }
             }
         }
-        if tpl.count() == 0 {
+        if sent.is_empty() {
             return;
         }
-        match self.consumer.commit(&tpl, CommitMode::Async) {
-            Ok(()) => {
+        let consumer = self.consumer.clone();
+        self.committing = Some(tokio::task::spawn_blocking(move || {
+            let result = consumer.commit(&tpl, CommitMode::Sync);
+            (sent, result)
+        }));
+    }
+
+    fn on_committed(&mut self, done: Result<CommitResult, tokio::task::JoinError>) {
+        match done {
+            Ok((sent, Ok(()))) => {
+                self.metrics.commits.with_label_values(&["ok"]).inc();
                 for (key, o) in sent {
+                    self.metrics
+                        .committed_offset
+                        .with_label_values(&[&*key.0, &key.1.to_string()])
+                        .set(o);
                     if let Some(r) = self.running.get_mut(&key) {
-                        r.sent = Some(o);
+                        r.confirmed = Some(o);
+                        r.failures = 0;
                     }
                 }
             }
-            Err(e) => {
+            Ok((_, Err(e))) => {
                 self.metrics.commits.with_label_values(&["error"]).inc();
-                warn!(error = %e, "Could not send offset commit; retrying at the next interval.");
+                warn!(error = %e, "Offset commit failed; it is sent again at the next interval.");
             }
+            Err(e) => error!(error = %e, "Commit task failed."),
         }
     }
 
@@ -495,5 +520,15 @@ impl Coordinator {
                 let _ = reply.send(Vec::new());
             }
         }
+    }
+}
+
+/// Resolves with the in-flight commit's result; never, when none is in flight.
+async fn join_commit(
+    h: &mut Option<JoinHandle<CommitResult>>,
+) -> Option<Result<CommitResult, tokio::task::JoinError>> {
+    match h {
+        Some(h) => Some(h.await),
+        None => std::future::pending().await,
     }
 }

@@ -6,8 +6,10 @@
 //! - records enter batches in offset order and batches are tracked in that order;
 //! - the committable offset only moves through [`OffsetTracker`], i.e. past durable batches whose
 //!   predecessors are all durable;
-//! - at most `max_in_flight` batches are being written; at the limit the task stops reading
-//!   (backpressure reaches librdkafka's bounded prefetch queue, then the broker);
+//! - at most `max_in_flight` batches are unacknowledged (in order); at the limit the task stops
+//!   reading (backpressure reaches librdkafka's bounded prefetch queue, then the broker). A batch
+//!   that completes ahead of a slow predecessor still holds its slot, so a stalled batch bounds
+//!   how far the partition reads ahead and how much a restart replays;
 //! - acknowledgements are handled before new records (`biased`), so memory stays bounded;
 //! - on stop (revoke or shutdown) the open batch is flushed and every in-flight batch awaited.
 
@@ -234,5 +236,192 @@ impl PartitionTask {
             first_offset: st.first_offset,
             reason,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::channel::mpsc;
+
+    use super::*;
+    use crate::event::{Event, Source};
+
+    fn record(offset: i64) -> Record {
+        let payload = format!("{{\"n\":{offset}}}").into_bytes();
+        Record::Event(Event {
+            event_id: uuid::Uuid::from_u128(offset as u128),
+            user_id: "u".into(),
+            event_type: "t".into(),
+            occurred_at_ms: 1_700_000_000_000,
+            attributes: None,
+            payload,
+            key: None,
+            source: Source {
+                topic: Arc::from("t"),
+                partition: 0,
+                offset,
+                timestamp_ms: None,
+            },
+        })
+    }
+
+    struct Harness {
+        records: mpsc::UnboundedSender<Record>,
+        batches: async_channel::Receiver<Batch>,
+        stop: Option<oneshot::Sender<FlushReason>>,
+        committable: Arc<SharedOffset>,
+        task: tokio::task::JoinHandle<Exit>,
+    }
+
+    fn start(max_events: usize, max_in_flight: usize) -> Harness {
+        let (records, rx) = mpsc::unbounded();
+        let (persist, batches) = async_channel::bounded(16);
+        let (stop, stop_rx) = oneshot::channel();
+        let committable = Arc::new(SharedOffset::default());
+        let task = PartitionTask {
+            topic: Arc::from("t"),
+            partition: 0,
+            policy: FlushPolicy {
+                max_events,
+                max_bytes: 1 << 20,
+                linger: Duration::from_millis(250),
+            },
+            max_in_flight,
+            persist,
+            committable: committable.clone(),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let task = tokio::spawn(task.run(rx, stop_rx));
+        Harness {
+            records,
+            batches,
+            stop: Some(stop),
+            committable,
+            task,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_event_is_flushed_after_linger_and_not_before() {
+        let h = start(100, 4);
+        let t0 = Instant::now();
+        h.records.unbounded_send(record(7)).unwrap();
+        tokio::time::sleep(Duration::from_millis(249)).await;
+        assert!(
+            h.batches.try_recv().is_err(),
+            "flushed before linger elapsed"
+        );
+        let batch = h.batches.recv().await.unwrap();
+        assert_eq!(Instant::now() - t0, Duration::from_millis(250));
+        assert_eq!(batch.reason, FlushReason::Linger);
+        assert_eq!(
+            (batch.first_offset, batch.last_offset, batch.len()),
+            (7, 7, 1)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_is_flushed_at_once_with_reason_size() {
+        let h = start(3, 4);
+        let t0 = Instant::now();
+        for o in 0..3 {
+            h.records.unbounded_send(record(o)).unwrap();
+        }
+        let batch = h.batches.recv().await.unwrap();
+        assert_eq!(Instant::now(), t0, "no linger wait for a full batch");
+        assert_eq!(batch.reason, FlushReason::Size);
+        assert_eq!(batch.len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acks_commit_in_order_and_the_in_flight_limit_stops_reading() {
+        let mut h = start(2, 2);
+        for o in 0..6 {
+            h.records.unbounded_send(record(o)).unwrap();
+        }
+        let b0 = h.batches.recv().await.unwrap();
+        let b1 = h.batches.recv().await.unwrap();
+        // Two batches in flight: the third is neither built nor sent, however long we wait.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(h.batches.try_recv().is_err(), "read past max_in_flight");
+
+        // Batch 1 completes first, but it waits behind batch 0: the window does not move, so
+        // a stalled batch bounds how far the partition reads ahead (and how much it replays).
+        b1.ack(BatchOutcome::Durable);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            h.batches.try_recv().is_err(),
+            "window moved past an unacknowledged batch"
+        );
+        assert_eq!(
+            h.committable.get(),
+            None,
+            "batch 1 is durable but batch 0 is not"
+        );
+
+        b0.ack(BatchOutcome::Durable);
+        let b2 = h.batches.recv().await.unwrap();
+        assert_eq!(b2.first_offset, 4);
+        assert_eq!(
+            h.committable.get(),
+            Some(4),
+            "both first batches durable: next to read is 4"
+        );
+
+        b2.ack(BatchOutcome::Durable);
+        h.stop.take().unwrap().send(FlushReason::Shutdown).unwrap();
+        assert_eq!(
+            h.task.await.unwrap(),
+            Exit::Drained {
+                committable: Some(6)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_flushes_the_partial_batch_and_waits_for_its_ack() {
+        let mut h = start(100, 4);
+        h.records.unbounded_send(record(0)).unwrap();
+        h.records.unbounded_send(record(1)).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        h.stop.take().unwrap().send(FlushReason::Revoke).unwrap();
+        let batch = h.batches.recv().await.unwrap();
+        assert_eq!((batch.reason, batch.len()), (FlushReason::Revoke, 2));
+        assert!(!h.task.is_finished(), "must wait for the in-flight ack");
+        batch.ack(BatchOutcome::Durable);
+        assert_eq!(
+            h.task.await.unwrap(),
+            Exit::Drained {
+                committable: Some(2)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_batch_fails_the_partition_without_committing_past_it() {
+        let h = start(1, 4);
+        for o in 0..3 {
+            h.records.unbounded_send(record(o)).unwrap();
+        }
+        let b0 = h.batches.recv().await.unwrap();
+        let b1 = h.batches.recv().await.unwrap();
+        let b2 = h.batches.recv().await.unwrap();
+        b0.ack(BatchOutcome::Durable);
+        b2.ack(BatchOutcome::Durable);
+        drop(b1); // a batch lost without an answer reads as abandoned
+        match h.task.await.unwrap() {
+            Exit::Failed {
+                committable,
+                first_offset,
+                ..
+            } => {
+                assert_eq!(committable, Some(1));
+                assert_eq!(first_offset, Some(0));
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        assert_eq!(h.committable.get(), Some(1));
     }
 }

@@ -1,0 +1,360 @@
+//! Shared test harness: a Kafka (mock cluster or real), producers of test events, offset probes,
+//! a running-pipeline handle, and `wait_until`.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use vault::config::Config;
+use vault::kafka::dead_letter::MemoryDeadLetters;
+use vault::store::MemoryStore;
+use vault::telemetry::Metrics;
+use vault::{Pipeline, Settings};
+
+/// A unique name per test, so tests sharing a broker never see each other's data.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Polls `cond` until it returns `Ok` or `timeout` passes; panics naming `what` and the last
+/// observation.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match cond().await {
+            Ok(()) => return,
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A Kafka to test against: librdkafka's mock cluster, or the brokers in VAULT_IT_KAFKA_BROKERS.
+pub struct Kafka {
+    mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    pub brokers: String,
+    producer: FutureProducer,
+}
+
+/// Installs a log subscriber for the test binary once (RUST_LOG selects what is shown).
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+impl Kafka {
+    pub fn start() -> Kafka {
+        init_logging();
+        let (mock, brokers) = match std::env::var("VAULT_IT_KAFKA_BROKERS") {
+            Ok(b) if !b.is_empty() => (None, b),
+            _ => {
+                let mock = MockCluster::new(3).expect("start librdkafka's mock cluster");
+                let brokers = mock.bootstrap_servers();
+                (Some(mock), brokers)
+            }
+        };
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("linger.ms", "5")
+            .set("acks", "all")
+            .create()
+            .expect("test producer");
+        Kafka {
+            mock,
+            brokers,
+            producer,
+        }
+    }
+
+    /// The mock cluster, for fault injection; `None` against a real Kafka.
+    pub fn mock(&self) -> Option<&MockCluster<'static, DefaultProducerContext>> {
+        self.mock.as_ref()
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        match &self.mock {
+            Some(m) => m.create_topic(name, partitions, 1).expect("create topic"),
+            None => {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", &self.brokers)
+                    .create()
+                    .expect("admin client");
+                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                let res = admin
+                    .create_topics([&topic], &AdminOptions::new())
+                    .await
+                    .expect("create topic");
+                for r in res {
+                    r.expect("create topic");
+                }
+            }
+        }
+    }
+
+    /// Produces `(partition, key, value)` messages; returns the `(partition, offset)` of each.
+    pub async fn produce(&self, topic: &str, values: &[(i32, String, Vec<u8>)]) -> Vec<(i32, i64)> {
+        let mut deliveries = Vec::with_capacity(values.len());
+        for (partition, key, value) in values {
+            loop {
+                let record = FutureRecord::to(topic)
+                    .partition(*partition)
+                    .key(key.as_bytes())
+                    .payload(value.as_slice());
+                match self.producer.send_result(record) {
+                    Ok(d) => {
+                        deliveries.push(d);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err((e, _)) => panic!("produce failed: {e}"),
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
+            let delivered = d.await.expect("producer alive").expect("delivered");
+            out.push((delivered.partition, delivered.offset));
+        }
+        out
+    }
+
+    /// Produces `n` valid events spread round-robin over `partitions`, numbered from `first`.
+    pub async fn produce_events(
+        &self,
+        topic: &str,
+        partitions: i32,
+        first: usize,
+        n: usize,
+    ) -> Vec<(i32, i64)> {
+        let values: Vec<_> = (first..first + n)
+            .map(|i| {
+                let user = format!("user-{}", i % 97);
+                let value = event_json(&user, i).into_bytes();
+                (i as i32 % partitions, user, value)
+            })
+            .collect();
+        self.produce(topic, &values).await
+    }
+
+    /// A consumer that only reads committed offsets and watermarks of `group`.
+    pub fn probe(&self, group: &str) -> Probe {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("probe consumer");
+        Probe {
+            consumer: Arc::new(consumer),
+        }
+    }
+}
+
+/// A valid event for user `user`, numbered `i` (the number is kept in the attributes).
+pub fn event_json(user: &str, i: usize) -> String {
+    format!(
+        r#"{{"user_id":"{user}","event_type":"{}","occurred_at":"2025-11-24T{:02}:{:02}:{:02}.{:03}Z","attributes":{{"n":{i}}}}}"#,
+        ["click", "view", "purchase"][i % 3],
+        (i / 3600) % 24,
+        (i / 60) % 60,
+        i % 60,
+        i % 1000
+    )
+}
+
+#[derive(Clone)]
+pub struct Probe {
+    consumer: Arc<BaseConsumer>,
+}
+
+impl Probe {
+    /// Committed offset per partition (`None` when nothing is committed).
+    pub async fn committed(&self, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+        let c = self.consumer.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions {
+                tpl.add_partition(&topic, p);
+            }
+            let got = c
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .expect("committed offsets");
+            (0..partitions)
+                .map(
+                    |p| match got.find_partition(&topic, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => Some(o),
+                        _ => None,
+                    },
+                )
+                .collect()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// High watermark (end offset) per partition.
+    pub async fn ends(&self, topic: &str, partitions: i32) -> Vec<i64> {
+        let c = self.consumer.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            (0..partitions)
+                .map(|p| {
+                    c.fetch_watermarks(&topic, p, Duration::from_secs(10))
+                        .expect("watermarks")
+                        .1
+                })
+                .collect()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Waits until every partition's committed offset equals its end offset.
+    pub async fn wait_committed_to_end(&self, topic: &str, partitions: i32, timeout: Duration) {
+        wait_until("committed == end on every partition", timeout, || async {
+            let c = self.committed(topic, partitions).await;
+            let e = self.ends(topic, partitions).await;
+            if c.iter().zip(&e).all(|(c, e)| *c == Some(*e)) {
+                Ok(())
+            } else {
+                Err(format!("committed {c:?}, end {e:?}"))
+            }
+        })
+        .await
+    }
+}
+
+/// Settings for a test pipeline: small batches, short intervals, an ephemeral metrics port.
+pub fn settings(brokers: &str, topic: &str, group: &str) -> Config {
+    let mut c = Config::default();
+    c.kafka.brokers = brokers.into();
+    c.kafka.topics = vec![topic.into()];
+    c.kafka.group_id = group.into();
+    c.kafka.commit_interval = Duration::from_millis(100);
+    // The mock cluster holds every rebalance of a non-empty group for session_timeout - 1s,
+    // even once all members have rejoined: keep it short so rebalances take seconds.
+    c.kafka.session_timeout = Duration::from_secs(6);
+    c.batch.max_events = 50;
+    c.batch.linger = Duration::from_millis(50);
+    c.pipeline.persisters = 4;
+    c.pipeline.retry_initial_backoff = Duration::from_millis(10);
+    c.pipeline.retry_max_backoff = Duration::from_millis(100);
+    c.pipeline.shutdown_timeout = Duration::from_secs(10);
+    c.pipeline.revoke_timeout = Duration::from_secs(10);
+    c.metrics.addr = "127.0.0.1:0".into();
+    if let Ok(d) = std::env::var("VAULT_IT_KAFKA_DEBUG") {
+        c.kafka.options.insert("debug".into(), d);
+    }
+    c
+}
+
+/// A pipeline running in this process.
+pub struct Running {
+    pub metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), vault::Error>>,
+}
+
+impl Running {
+    pub fn start(config: Config, store: MemoryStore, dead_letters: MemoryDeadLetters) -> Running {
+        let settings: Settings = config.validate().expect("valid test settings");
+        let pipeline = Pipeline::new(settings, store, dead_letters);
+        let metrics = pipeline.metrics.clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(pipeline.run(shutdown.clone()));
+        Running {
+            metrics,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Signals shutdown and waits for a clean exit.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("pipeline stops within 60s")
+            .expect("pipeline task did not panic")
+            .expect("pipeline exits cleanly");
+    }
+
+    /// Sum of a counter over all its label values.
+    pub fn counter(&self, name: &str) -> f64 {
+        self.counter_where(name, |_| true)
+    }
+
+    /// Sum of a counter over the series having `label = value`.
+    pub fn counter_with(&self, name: &str, label: &str, value: &str) -> f64 {
+        self.counter_where(name, |m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == label && l.value() == value)
+        })
+    }
+
+    fn counter_where(&self, name: &str, keep: impl Fn(&prometheus::proto::Metric) -> bool) -> f64 {
+        self.metrics
+            .registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| {
+                f.get_metric()
+                    .iter()
+                    .filter(|m| keep(m))
+                    .map(|m| m.get_counter().get_value())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
+    pub fn assigned(&self) -> i64 {
+        self.metrics.assigned_partitions.get()
+    }
+}
+
+/// The `(partition, offset)` of every row in the store.
+pub fn stored_positions(store: &MemoryStore) -> BTreeSet<(i32, i64)> {
+    store
+        .rows()
+        .iter()
+        .map(|e| (e.source.partition, e.source.offset))
+        .collect()
+}
