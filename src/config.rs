@@ -454,7 +454,7 @@ impl Config {
                 "a topic name; {topic} stands for the source topic",
             ));
         }
-        for (name, _) in &k.options {
+        for name in k.options.keys() {
             if let Some((_, why)) = RESERVED_KAFKA_OPTIONS.iter().find(|(n, _)| n == name) {
                 return Err(ConfigError::Invalid {
                     key: "kafka.options",

@@ -63,7 +63,7 @@ async fn a_failing_batch_holds_back_only_its_partition() {
     let store = MemoryStore::new();
     let t = topic.clone();
     store.fail_when(
-        move |e| &*e.source.topic == t && e.source.partition == 0 && e.source.offset == 100,
+        move |e| *e.source.topic == *t && e.source.partition == 0 && e.source.offset == 100,
         None,
         StoreError::Timeout("injected".into()),
     );
