@@ -1,0 +1,1005 @@
+//! The stand-in node's in-memory tables and statement execution. System tables (system.local,
+//! system.peers, system_schema.*) are ordinary tables created from DDL at start and updated by
+//! every CREATE/DROP, so drivers that read schema metadata see a consistent picture.
+//!
+//! Values are kept in their protocol encoding. Rows of a partition are ordered by an
+//! order-preserving encoding of the clustering key, so CLUSTERING ORDER follows type and direction.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use uuid::Uuid;
+
+use crate::cql::frame::Writer;
+use crate::cql::parser::{self, Op, RelValue, Relation, Selection, Statement, TableRef, Term};
+use crate::cql::types::CqlType;
+
+pub type Value = Option<Vec<u8>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Partition(usize),
+    Clustering(usize),
+    Regular,
+}
+
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    pub ty: CqlType,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub keyspace: String,
+    pub name: String,
+    pub columns: Vec<Column>,
+    pub pk: Vec<usize>,
+    pub ck: Vec<usize>,
+    pub desc: Vec<bool>,
+    /// Partition sort key → (clustering sort key → row of all columns).
+    pub rows: BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<Value>>>,
+}
+
+impl Table {
+    pub fn column(&self, name: &str) -> Result<(usize, &Column), EngineError> {
+        self.columns
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.name == name)
+            .ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "undefined column name {name} in table {}.{}",
+                    self.keyspace, self.name
+                ))
+            })
+    }
+
+    fn pk_key(&self, row: &[Value]) -> Vec<u8> {
+        let mut k = Vec::new();
+        for &i in &self.pk {
+            self.columns[i]
+                .ty
+                .sort_key(row[i].as_deref(), false, &mut k);
+        }
+        k
+    }
+
+    fn ck_key(&self, row: &[Value]) -> Vec<u8> {
+        let mut k = Vec::new();
+        for (n, &i) in self.ck.iter().enumerate() {
+            self.columns[i]
+                .ty
+                .sort_key(row[i].as_deref(), self.desc[n], &mut k);
+        }
+        k
+    }
+
+    pub fn row_count(&self) -> usize {
+        self.rows.values().map(BTreeMap::len).sum()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Keyspace {
+    pub replication: Vec<(String, String)>,
+    pub tables: BTreeMap<String, Table>,
+}
+
+/// What a statement produced.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Void,
+    Rows(RowSet),
+    SetKeyspace(String),
+    SchemaChange {
+        change: &'static str,
+        target: &'static str,
+        keyspace: String,
+        table: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct RowSet {
+    pub keyspace: String,
+    pub table: String,
+    pub columns: Vec<(String, CqlType)>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineError {
+    Syntax(String),
+    Invalid(String),
+    AlreadyExists { keyspace: String, table: String },
+}
+
+impl EngineError {
+    pub fn message(&self) -> String {
+        match self {
+            EngineError::Syntax(m) | EngineError::Invalid(m) => m.clone(),
+            EngineError::AlreadyExists { keyspace, table } if table.is_empty() => {
+                format!("keyspace {keyspace} already exists")
+            }
+            EngineError::AlreadyExists { keyspace, table } => {
+                format!("table {keyspace}.{table} already exists")
+            }
+        }
+    }
+}
+
+/// A statement prepared for execution: its bind marker specs and result columns.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The statement's text as the client sent it.
+    pub text: String,
+    pub statement: Statement,
+    pub keyspace: String,
+    pub table: String,
+    pub binds: Vec<(String, CqlType)>,
+    /// For each partition key column in order, the bind marker that gives its value.
+    pub pk_indexes: Vec<u16>,
+    pub result: Option<Vec<(String, CqlType)>>,
+}
+
+pub struct Database {
+    pub keyspaces: BTreeMap<String, Keyspace>,
+    host_id: Uuid,
+}
+
+const SYSTEM_DDL: &[&str] = &[
+    "CREATE KEYSPACE system WITH replication = {'class': 'LocalStrategy'}",
+    "CREATE KEYSPACE system_schema WITH replication = {'class': 'LocalStrategy'}",
+    "CREATE TABLE system.local (key text PRIMARY KEY, host_id uuid, rpc_address inet, broadcast_address inet, listen_address inet, data_center text, rack text, tokens set<text>, cluster_name text, schema_version uuid, release_version text, partitioner text, cql_version text, native_protocol_version text, bootstrapped text)",
+    "CREATE TABLE system.peers (peer inet PRIMARY KEY, host_id uuid, rpc_address inet, data_center text, rack text, tokens set<text>, release_version text, schema_version uuid, preferred_ip inet)",
+    "CREATE TABLE system_schema.keyspaces (keyspace_name text PRIMARY KEY, durable_writes boolean, replication map<text, text>)",
+    "CREATE TABLE system_schema.tables (keyspace_name text, table_name text, comment text, default_time_to_live int, flags set<text>, gc_grace_seconds int, id uuid, caching map<text, text>, compaction map<text, text>, compression map<text, text>, extensions map<text, blob>, speculative_retry text, bloom_filter_fp_chance double, crc_check_chance double, PRIMARY KEY (keyspace_name, table_name))",
+    "CREATE TABLE system_schema.columns (keyspace_name text, table_name text, column_name text, clustering_order text, column_name_bytes blob, kind text, position int, type text, PRIMARY KEY (keyspace_name, table_name, column_name))",
+    "CREATE TABLE system_schema.views (keyspace_name text, view_name text, base_table_id uuid, base_table_name text, include_all_columns boolean, where_clause text, id uuid, PRIMARY KEY (keyspace_name, view_name))",
+    "CREATE TABLE system_schema.types (keyspace_name text, type_name text, field_names list<text>, field_types list<text>, PRIMARY KEY (keyspace_name, type_name))",
+    "CREATE TABLE system_schema.functions (keyspace_name text, function_name text, argument_types list<text>, argument_names list<text>, body text, called_on_null_input boolean, language text, return_type text, PRIMARY KEY (keyspace_name, function_name, argument_types))",
+    "CREATE TABLE system_schema.aggregates (keyspace_name text, aggregate_name text, argument_types list<text>, final_func text, initcond text, return_type text, state_func text, state_type text, PRIMARY KEY (keyspace_name, aggregate_name, argument_types))",
+    "CREATE TABLE system_schema.indexes (keyspace_name text, table_name text, index_name text, kind text, options map<text, text>, PRIMARY KEY (keyspace_name, table_name, index_name))",
+    "CREATE TABLE system_schema.triggers (keyspace_name text, table_name text, trigger_name text, options map<text, text>, PRIMARY KEY (keyspace_name, table_name, trigger_name))",
+];
+
+impl Database {
+    /// A database with the system tables a driver reads at connect time.
+    pub fn new(address: Ipv4Addr) -> Database {
+        let mut db = Database {
+            keyspaces: BTreeMap::new(),
+            host_id: Uuid::new_v4(),
+        };
+        for ddl in SYSTEM_DDL {
+            let st = parser::parse(ddl).expect("system DDL parses");
+            db.execute(&st, &[], None).expect("system DDL executes");
+        }
+        let ip = Some(address.octets().to_vec());
+        let text = |s: &str| Some(s.as_bytes().to_vec());
+        let mut tokens = Vec::new();
+        tokens.int(1);
+        tokens.bytes(Some(b"0"));
+        db.put(
+            "system",
+            "local",
+            &[
+                ("key", text("local")),
+                ("host_id", Some(db.host_id.as_bytes().to_vec())),
+                ("rpc_address", ip.clone()),
+                ("broadcast_address", ip.clone()),
+                ("listen_address", ip),
+                ("data_center", text("datacenter1")),
+                ("rack", text("rack1")),
+                ("tokens", Some(tokens)),
+                (
+                    "cluster_name",
+                    text("vault-sandbox (test stand-in, in memory)"),
+                ),
+                ("release_version", text("3.0.8")),
+                (
+                    "partitioner",
+                    text("org.apache.cassandra.dht.Murmur3Partitioner"),
+                ),
+                ("cql_version", text("3.3.1")),
+                ("native_protocol_version", text("4")),
+                ("bootstrapped", text("COMPLETED")),
+            ],
+        );
+        db.bump_schema_version();
+        db
+    }
+
+    pub fn table(&self, keyspace: &str, table: &str) -> Option<&Table> {
+        self.keyspaces.get(keyspace)?.tables.get(table)
+    }
+
+    fn bump_schema_version(&mut self) {
+        let v = Some(Uuid::new_v4().as_bytes().to_vec());
+        self.put(
+            "system",
+            "local",
+            &[("key", Some(b"local".to_vec())), ("schema_version", v)],
+        );
+    }
+
+    /// Inserts (merging) one row by column name; used for system tables.
+    fn put(&mut self, ks: &str, table: &str, values: &[(&str, Value)]) {
+        let t = self
+            .keyspaces
+            .get_mut(ks)
+            .and_then(|k| k.tables.get_mut(table))
+            .expect("system table exists");
+        let mut row = vec![None; t.columns.len()];
+        let mut set = vec![false; t.columns.len()];
+        for (name, v) in values {
+            let (i, _) = t.column(name).expect("system column exists");
+            row[i] = v.clone();
+            set[i] = true;
+        }
+        upsert(t, row, &set);
+    }
+
+    fn delete_where(&mut self, ks: &str, table: &str, column: &str, value: &str) {
+        if let Some(t) = self
+            .keyspaces
+            .get_mut(ks)
+            .and_then(|k| k.tables.get_mut(table))
+        {
+            let Ok((i, _)) = t.column(column) else { return };
+            for part in t.rows.values_mut() {
+                part.retain(|_, row| row[i].as_deref() != Some(value.as_bytes()));
+            }
+            t.rows.retain(|_, p| !p.is_empty());
+        }
+    }
+
+    fn resolve<'a>(
+        &self,
+        t: &'a TableRef,
+        current: Option<&'a str>,
+    ) -> Result<(String, String), EngineError> {
+        let ks = t.keyspace.as_deref().or(current).ok_or_else(|| {
+            EngineError::Invalid(
+                "no keyspace has been specified: USE a keyspace, or qualify the table name".into(),
+            )
+        })?;
+        if self.table(ks, &t.table).is_none() {
+            return Err(EngineError::Invalid(format!(
+                "unconfigured table {ks}.{}",
+                t.table
+            )));
+        }
+        Ok((ks.to_owned(), t.table.clone()))
+    }
+
+    /// Prepares a statement: resolves its table and types its bind markers.
+    pub fn prepare(
+        &self,
+        statement: Statement,
+        current: Option<&str>,
+    ) -> Result<Prepared, EngineError> {
+        let n = statement.bind_count();
+        let mut binds: Vec<Option<(String, CqlType)>> = vec![None; n];
+        let (keyspace, table, result) = match &statement {
+            Statement::Insert {
+                table,
+                columns,
+                values,
+            } => {
+                let (ks, tn) = self.resolve(table, current)?;
+                let t = self.table(&ks, &tn).expect("resolved");
+                for (c, v) in columns.iter().zip(values) {
+                    if let Term::Bind(i) = v {
+                        binds[*i] = Some((c.clone(), t.column(c)?.1.ty.clone()));
+                    }
+                }
+                (ks, tn, None)
+            }
+            Statement::Select {
+                table,
+                selection,
+                relations,
+                limit,
+                ..
+            } => {
+                let (ks, tn) = self.resolve(table, current)?;
+                let t = self.table(&ks, &tn).expect("resolved");
+                type_relations(t, relations, &mut binds)?;
+                if let Some(Term::Bind(i)) = limit {
+                    binds[*i] = Some(("[limit]".into(), CqlType::Int));
+                }
+                let cols = result_columns(t, selection)?;
+                (ks, tn, Some(cols))
+            }
+            Statement::Delete { table, relations } => {
+                let (ks, tn) = self.resolve(table, current)?;
+                let t = self.table(&ks, &tn).expect("resolved");
+                type_relations(t, relations, &mut binds)?;
+                (ks, tn, None)
+            }
+            _ => (current.unwrap_or("").to_owned(), String::new(), None),
+        };
+        let binds: Vec<(String, CqlType)> = binds
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                b.ok_or_else(|| EngineError::Invalid(format!("cannot type bind marker {i}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let pk_indexes = match self.table(&keyspace, &table) {
+            Some(t) => {
+                t.pk.iter()
+                    .map(|&c| {
+                        binds
+                            .iter()
+                            .position(|(n, _)| *n == t.columns[c].name)
+                            .map(|p| p as u16)
+                    })
+                    .collect::<Option<Vec<u16>>>()
+                    .unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        Ok(Prepared {
+            text: String::new(),
+            statement,
+            keyspace,
+            table,
+            binds,
+            pk_indexes,
+            result,
+        })
+    }
+
+    /// Executes a statement with bound values; `current` is the connection's keyspace.
+    pub fn execute(
+        &mut self,
+        st: &Statement,
+        bound: &[Value],
+        current: Option<&str>,
+    ) -> Result<Outcome, EngineError> {
+        if bound.len() < st.bind_count() {
+            return Err(EngineError::Invalid(format!(
+                "expected {} bound values, got {}",
+                st.bind_count(),
+                bound.len()
+            )));
+        }
+        match st {
+            Statement::Use(ks) => {
+                if !self.keyspaces.contains_key(ks) {
+                    return Err(EngineError::Invalid(format!(
+                        "keyspace '{ks}' does not exist"
+                    )));
+                }
+                Ok(Outcome::SetKeyspace(ks.clone()))
+            }
+            Statement::CreateKeyspace {
+                name,
+                if_not_exists,
+                replication,
+            } => {
+                if self.keyspaces.contains_key(name) {
+                    if *if_not_exists {
+                        return Ok(Outcome::Void);
+                    }
+                    return Err(EngineError::AlreadyExists {
+                        keyspace: name.clone(),
+                        table: String::new(),
+                    });
+                }
+                self.keyspaces.insert(
+                    name.clone(),
+                    Keyspace {
+                        replication: replication.clone(),
+                        tables: BTreeMap::new(),
+                    },
+                );
+                if self.table("system_schema", "keyspaces").is_some() {
+                    let mut map = Vec::new();
+                    map.int(replication.len() as i32);
+                    for (k, v) in replication {
+                        map.bytes(Some(k.as_bytes()));
+                        map.bytes(Some(v.as_bytes()));
+                    }
+                    self.put(
+                        "system_schema",
+                        "keyspaces",
+                        &[
+                            ("keyspace_name", Some(name.as_bytes().to_vec())),
+                            ("durable_writes", Some(vec![1])),
+                            ("replication", Some(map)),
+                        ],
+                    );
+                    self.bump_schema_version();
+                }
+                Ok(Outcome::SchemaChange {
+                    change: "CREATED",
+                    target: "KEYSPACE",
+                    keyspace: name.clone(),
+                    table: None,
+                })
+            }
+            Statement::CreateTable {
+                table,
+                if_not_exists,
+                columns,
+                partition_key,
+                clustering,
+                descending,
+                default_ttl,
+            } => {
+                let ks = table
+                    .keyspace
+                    .as_deref()
+                    .or(current)
+                    .ok_or_else(|| EngineError::Invalid("no keyspace has been specified".into()))?
+                    .to_owned();
+                let keyspace = self
+                    .keyspaces
+                    .get(&ks)
+                    .ok_or_else(|| EngineError::Invalid(format!("keyspace {ks} does not exist")))?;
+                if keyspace.tables.contains_key(&table.table) {
+                    if *if_not_exists {
+                        return Ok(Outcome::Void);
+                    }
+                    return Err(EngineError::AlreadyExists {
+                        keyspace: ks,
+                        table: table.table.clone(),
+                    });
+                }
+                let t = build_table(
+                    &ks,
+                    &table.table,
+                    columns,
+                    partition_key,
+                    clustering,
+                    descending,
+                )?;
+                self.keyspaces
+                    .get_mut(&ks)
+                    .expect("checked")
+                    .tables
+                    .insert(table.table.clone(), t.clone());
+                if self.table("system_schema", "columns").is_some() {
+                    self.record_table(&t, *default_ttl);
+                }
+                Ok(Outcome::SchemaChange {
+                    change: "CREATED",
+                    target: "TABLE",
+                    keyspace: ks,
+                    table: Some(table.table.clone()),
+                })
+            }
+            Statement::DropTable { table, if_exists } => {
+                let ks = table
+                    .keyspace
+                    .as_deref()
+                    .or(current)
+                    .unwrap_or_default()
+                    .to_owned();
+                let removed = self
+                    .keyspaces
+                    .get_mut(&ks)
+                    .and_then(|k| k.tables.remove(&table.table));
+                match removed {
+                    None if *if_exists => Ok(Outcome::Void),
+                    None => Err(EngineError::Invalid(format!(
+                        "table {ks}.{} does not exist",
+                        table.table
+                    ))),
+                    Some(_) => {
+                        for t in ["tables", "columns"] {
+                            self.delete_table_rows(t, &ks, &table.table);
+                        }
+                        self.bump_schema_version();
+                        Ok(Outcome::SchemaChange {
+                            change: "DROPPED",
+                            target: "TABLE",
+                            keyspace: ks,
+                            table: Some(table.table.clone()),
+                        })
+                    }
+                }
+            }
+            Statement::DropKeyspace { name, if_exists } => match self.keyspaces.remove(name) {
+                None if *if_exists => Ok(Outcome::Void),
+                None => Err(EngineError::Invalid(format!(
+                    "keyspace {name} does not exist"
+                ))),
+                Some(_) => {
+                    for t in ["keyspaces", "tables", "columns"] {
+                        self.delete_where("system_schema", t, "keyspace_name", name);
+                    }
+                    self.bump_schema_version();
+                    Ok(Outcome::SchemaChange {
+                        change: "DROPPED",
+                        target: "KEYSPACE",
+                        keyspace: name.clone(),
+                        table: None,
+                    })
+                }
+            },
+            Statement::Insert {
+                table,
+                columns,
+                values,
+            } => {
+                let (ks, tn) = self.resolve(table, current)?;
+                let t = self
+                    .keyspaces
+                    .get_mut(&ks)
+                    .and_then(|k| k.tables.get_mut(&tn))
+                    .expect("resolved");
+                let mut row = vec![None; t.columns.len()];
+                let mut set = vec![false; t.columns.len()];
+                for (c, v) in columns.iter().zip(values) {
+                    let (i, col) = t.column(c)?;
+                    let value = term_value(&col.ty, v, bound)?;
+                    row[i] = value;
+                    set[i] = true;
+                }
+                for &i in t.pk.iter().chain(&t.ck) {
+                    if row[i].is_none() {
+                        return Err(EngineError::Invalid(format!(
+                            "missing value for primary key column {}",
+                            t.columns[i].name
+                        )));
+                    }
+                }
+                upsert(t, row, &set);
+                Ok(Outcome::Void)
+            }
+            Statement::Select {
+                table,
+                selection,
+                relations,
+                order_desc,
+                limit,
+            } => {
+                let (ks, tn) = self.resolve(table, current)?;
+                let t = self.table(&ks, &tn).expect("resolved");
+                let mut rows = matching_rows(t, relations, bound)?;
+                if let (Some(desc), Some(first_desc)) = (order_desc, t.desc.first()) {
+                    if desc != first_desc {
+                        rows.reverse();
+                    }
+                }
+                if let Some(l) = limit {
+                    let v = term_value(&CqlType::Int, l, bound)?
+                        .ok_or_else(|| EngineError::Invalid("LIMIT must not be null".into()))?;
+                    let n = i32::from_be_bytes(
+                        v.as_slice()
+                            .try_into()
+                            .map_err(|_| EngineError::Invalid("bad LIMIT".into()))?,
+                    );
+                    if n <= 0 {
+                        return Err(EngineError::Invalid(
+                            "LIMIT must be strictly positive".into(),
+                        ));
+                    }
+                    rows.truncate(n as usize);
+                }
+                let columns = result_columns(t, selection)?;
+                let rows = match selection {
+                    Selection::Count => {
+                        vec![vec![Some((rows.len() as i64).to_be_bytes().to_vec())]]
+                    }
+                    _ => {
+                        let idx: Vec<usize> = columns
+                            .iter()
+                            .map(|(n, _)| t.column(n).map(|(i, _)| i))
+                            .collect::<Result<_, _>>()?;
+                        rows.into_iter()
+                            .map(|r| idx.iter().map(|&i| r[i].clone()).collect())
+                            .collect()
+                    }
+                };
+                Ok(Outcome::Rows(RowSet {
+                    keyspace: ks,
+                    table: tn,
+                    columns,
+                    rows,
+                }))
+            }
+            Statement::Delete { table, relations } => {
+                let (ks, tn) = self.resolve(table, current)?;
+                let t = self.table(&ks, &tn).expect("resolved");
+                let doomed: Vec<(Vec<u8>, Vec<u8>)> = matching_rows(t, relations, bound)?
+                    .iter()
+                    .map(|r| (t.pk_key(r), t.ck_key(r)))
+                    .collect();
+                let t = self
+                    .keyspaces
+                    .get_mut(&ks)
+                    .and_then(|k| k.tables.get_mut(&tn))
+                    .expect("resolved");
+                for (p, c) in doomed {
+                    if let Some(part) = t.rows.get_mut(&p) {
+                        part.remove(&c);
+                        if part.is_empty() {
+                            t.rows.remove(&p);
+                        }
+                    }
+                }
+                Ok(Outcome::Void)
+            }
+            Statement::Truncate(table) => {
+                let (ks, tn) = self.resolve(table, current)?;
+                self.keyspaces
+                    .get_mut(&ks)
+                    .and_then(|k| k.tables.get_mut(&tn))
+                    .expect("resolved")
+                    .rows
+                    .clear();
+                Ok(Outcome::Void)
+            }
+        }
+    }
+
+    fn delete_table_rows(&mut self, schema_table: &str, ks: &str, table: &str) {
+        if let Some(t) = self
+            .keyspaces
+            .get_mut("system_schema")
+            .and_then(|k| k.tables.get_mut(schema_table))
+        {
+            let ki = t.column("keyspace_name").map(|(i, _)| i).ok();
+            let ti = t.column("table_name").map(|(i, _)| i).ok();
+            if let (Some(ki), Some(ti)) = (ki, ti) {
+                for part in t.rows.values_mut() {
+                    part.retain(|_, r| {
+                        !(r[ki].as_deref() == Some(ks.as_bytes())
+                            && r[ti].as_deref() == Some(table.as_bytes()))
+                    });
+                }
+                t.rows.retain(|_, p| !p.is_empty());
+            }
+        }
+    }
+
+    fn record_table(&mut self, t: &Table, default_ttl: Option<i64>) {
+        let text = |s: &str| Some(s.as_bytes().to_vec());
+        self.put(
+            "system_schema",
+            "tables",
+            &[
+                ("keyspace_name", text(&t.keyspace)),
+                ("table_name", text(&t.name)),
+                ("id", Some(Uuid::new_v4().as_bytes().to_vec())),
+                (
+                    "default_time_to_live",
+                    Some((default_ttl.unwrap_or(0) as i32).to_be_bytes().to_vec()),
+                ),
+                ("comment", text("")),
+            ],
+        );
+        for c in &t.columns {
+            let (kind, position, order) = match c.kind {
+                Kind::Partition(i) => ("partition_key", i as i32, "none"),
+                Kind::Clustering(i) => (
+                    "clustering",
+                    i as i32,
+                    if t.desc[i] { "desc" } else { "asc" },
+                ),
+                Kind::Regular => ("regular", -1, "none"),
+            };
+            self.put(
+                "system_schema",
+                "columns",
+                &[
+                    ("keyspace_name", text(&t.keyspace)),
+                    ("table_name", text(&t.name)),
+                    ("column_name", text(&c.name)),
+                    ("clustering_order", text(order)),
+                    ("column_name_bytes", Some(c.name.as_bytes().to_vec())),
+                    ("kind", text(kind)),
+                    ("position", Some(position.to_be_bytes().to_vec())),
+                    ("type", text(&c.ty.cql_name())),
+                ],
+            );
+        }
+        self.bump_schema_version();
+    }
+}
+
+fn build_table(
+    ks: &str,
+    name: &str,
+    columns: &[(String, String)],
+    pk: &[String],
+    ck: &[String],
+    desc: &[String],
+) -> Result<Table, EngineError> {
+    let mut cols = Vec::new();
+    for (n, ty) in columns {
+        let ty = CqlType::parse(ty).map_err(EngineError::Invalid)?;
+        let kind = if let Some(i) = pk.iter().position(|p| p == n) {
+            Kind::Partition(i)
+        } else if let Some(i) = ck.iter().position(|c| c == n) {
+            Kind::Clustering(i)
+        } else {
+            Kind::Regular
+        };
+        cols.push(Column {
+            name: n.clone(),
+            ty,
+            kind,
+        });
+    }
+    let find = |n: &String| {
+        cols.iter()
+            .position(|c| &c.name == n)
+            .ok_or_else(|| EngineError::Invalid(format!("unknown primary key column {n}")))
+    };
+    let pk_idx = pk.iter().map(find).collect::<Result<Vec<_>, _>>()?;
+    let ck_idx = ck.iter().map(find).collect::<Result<Vec<_>, _>>()?;
+    for d in desc {
+        if !ck.contains(d) {
+            return Err(EngineError::Invalid(format!(
+                "CLUSTERING ORDER names {d}, which is not a clustering column"
+            )));
+        }
+    }
+    Ok(Table {
+        keyspace: ks.to_owned(),
+        name: name.to_owned(),
+        columns: cols,
+        pk: pk_idx,
+        desc: ck.iter().map(|c| desc.contains(c)).collect(),
+        ck: ck_idx,
+        rows: BTreeMap::new(),
+    })
+}
+
+fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool]) {
+    let (p, c) = (t.pk_key(&row), t.ck_key(&row));
+    let part = t.rows.entry(p).or_default();
+    match part.get_mut(&c) {
+        Some(existing) => {
+            for (i, v) in row.into_iter().enumerate() {
+                if set[i] {
+                    existing[i] = v;
+                }
+            }
+        }
+        None => {
+            part.insert(c, row);
+        }
+    }
+}
+
+fn type_relations(
+    t: &Table,
+    relations: &[Relation],
+    binds: &mut [Option<(String, CqlType)>],
+) -> Result<(), EngineError> {
+    for r in relations {
+        let (_, col) = t.column(&r.column)?;
+        match &r.value {
+            RelValue::One(Term::Bind(i)) => {
+                let ty = if r.op == Op::In {
+                    CqlType::List(Box::new(col.ty.clone()))
+                } else {
+                    col.ty.clone()
+                };
+                binds[*i] = Some((col.name.clone(), ty));
+            }
+            RelValue::List(items) => {
+                for item in items {
+                    if let Term::Bind(i) = item {
+                        binds[*i] = Some((col.name.clone(), col.ty.clone()));
+                    }
+                }
+            }
+            RelValue::One(Term::Lit(_)) => {}
+        }
+    }
+    Ok(())
+}
+
+fn result_columns(t: &Table, selection: &Selection) -> Result<Vec<(String, CqlType)>, EngineError> {
+    Ok(match selection {
+        Selection::Star => t
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.ty.clone()))
+            .collect(),
+        Selection::Count => vec![("count".into(), CqlType::BigInt)],
+        Selection::Columns(names) => names
+            .iter()
+            .map(|n| t.column(n).map(|(_, c)| (c.name.clone(), c.ty.clone())))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn term_value(ty: &CqlType, term: &Term, bound: &[Value]) -> Result<Value, EngineError> {
+    match term {
+        Term::Bind(i) => {
+            let v = bound.get(*i).cloned().flatten();
+            if let Some(b) = &v {
+                ty.validate(b).map_err(EngineError::Invalid)?;
+            }
+            Ok(v)
+        }
+        Term::Lit(l) => ty.encode_literal(l).map_err(EngineError::Invalid),
+    }
+}
+
+/// The candidate values of one relation (several for IN).
+fn relation_values(col: &Column, r: &Relation, bound: &[Value]) -> Result<Vec<Value>, EngineError> {
+    match (&r.value, r.op) {
+        (RelValue::List(items), _) => items
+            .iter()
+            .map(|t| term_value(&col.ty, t, bound))
+            .collect(),
+        (RelValue::One(t), Op::In) => {
+            let list_ty = CqlType::List(Box::new(col.ty.clone()));
+            match term_value(&list_ty, t, bound)? {
+                None => Ok(Vec::new()),
+                Some(b) => decode_collection(&b).map_err(EngineError::Invalid),
+            }
+        }
+        (RelValue::One(t), _) => Ok(vec![term_value(&col.ty, t, bound)?]),
+    }
+}
+
+/// Elements of a serialized list or set.
+pub fn decode_collection(b: &[u8]) -> Result<Vec<Value>, String> {
+    let mut r = crate::cql::frame::Reader(b);
+    let n = r.int()?;
+    (0..n).map(|_| r.bytes()).collect()
+}
+
+fn matching_rows(
+    t: &Table,
+    relations: &[Relation],
+    bound: &[Value],
+) -> Result<Vec<Vec<Value>>, EngineError> {
+    let mut preds = Vec::new();
+    for r in relations {
+        let (i, col) = t.column(&r.column)?;
+        preds.push((i, col, r.op, relation_values(col, r, bound)?));
+    }
+    let matches = |row: &[Value]| {
+        preds.iter().all(|(i, col, op, vals)| {
+            let Some(have) = row[*i].as_deref() else {
+                return false;
+            };
+            vals.iter().any(|want| {
+                let Some(want) = want.as_deref() else {
+                    return false;
+                };
+                let ord = col.ty.compare(have, want);
+                match op {
+                    Op::Eq | Op::In => ord.is_eq(),
+                    Op::Lt => ord.is_lt(),
+                    Op::Le => ord.is_le(),
+                    Op::Gt => ord.is_gt(),
+                    Op::Ge => ord.is_ge(),
+                }
+            })
+        })
+    };
+    // With every partition key column restricted by = or IN, read only those partitions.
+    let pk_values: Option<Vec<Vec<Value>>> =
+        t.pk.iter()
+            .map(|&c| {
+                preds
+                    .iter()
+                    .find(|(i, _, op, _)| *i == c && matches!(op, Op::Eq | Op::In))
+                    .map(|(_, _, _, v)| v.clone())
+            })
+            .collect();
+    let mut out = Vec::new();
+    match pk_values {
+        Some(sets) => {
+            let mut keys: Vec<Vec<u8>> = vec![Vec::new()];
+            for (n, set) in sets.iter().enumerate() {
+                let ty = &t.columns[t.pk[n]].ty;
+                keys = keys
+                    .iter()
+                    .flat_map(|k| {
+                        set.iter().map(move |v| {
+                            let mut k = k.clone();
+                            ty.sort_key(v.as_deref(), false, &mut k);
+                            k
+                        })
+                    })
+                    .collect();
+            }
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                if let Some(part) = t.rows.get(&k) {
+                    out.extend(part.values().filter(|r| matches(r)).cloned());
+                }
+            }
+        }
+        None => {
+            for part in t.rows.values() {
+                out.extend(part.values().filter(|r| matches(r)).cloned());
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(db: &mut Database, q: &str) -> Result<Outcome, EngineError> {
+        let st = parser::parse(q).map_err(EngineError::Syntax)?;
+        db.execute(&st, &[], Some("ks"))
+    }
+
+    fn rows(o: Outcome) -> Vec<Vec<Value>> {
+        match o {
+            Outcome::Rows(r) => r.rows,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn clustering_order_ranges_limits_and_counts() {
+        let mut db = Database::new(Ipv4Addr::LOCALHOST);
+        run(&mut db, "CREATE KEYSPACE ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        run(&mut db, "CREATE TABLE t (u text, ts timestamp, v int, PRIMARY KEY (u, ts)) WITH CLUSTERING ORDER BY (ts DESC)").unwrap();
+        for (ts, v) in [(10, 1), (30, 3), (20, 2)] {
+            run(
+                &mut db,
+                &format!("INSERT INTO t (u, ts, v) VALUES ('a', {ts}, {v})"),
+            )
+            .unwrap();
+        }
+        run(&mut db, "INSERT INTO t (u, ts, v) VALUES ('a', 20, 22)").unwrap(); // upsert
+        let got = rows(run(&mut db, "SELECT v FROM t WHERE u = 'a'").unwrap());
+        let vals: Vec<i32> = got
+            .iter()
+            .map(|r| i32::from_be_bytes(r[0].clone().unwrap().try_into().unwrap()))
+            .collect();
+        assert_eq!(vals, [3, 22, 1], "newest first, upsert kept one row");
+        let got = rows(
+            run(
+                &mut db,
+                "SELECT v FROM t WHERE u = 'a' AND ts >= 20 ORDER BY ts ASC LIMIT 1",
+            )
+            .unwrap(),
+        );
+        assert_eq!(got[0][0], Some(22i32.to_be_bytes().to_vec()));
+        let got = rows(run(&mut db, "SELECT COUNT(*) FROM t WHERE u = 'a'").unwrap());
+        assert_eq!(got[0][0], Some(3i64.to_be_bytes().to_vec()));
+        run(&mut db, "DELETE FROM t WHERE u = 'a' AND ts = 30").unwrap();
+        run(&mut db, "TRUNCATE t").unwrap();
+        assert!(rows(run(&mut db, "SELECT * FROM t").unwrap()).is_empty());
+    }
+
+    #[test]
+    fn schema_tables_follow_ddl() {
+        let mut db = Database::new(Ipv4Addr::LOCALHOST);
+        run(&mut db, "CREATE KEYSPACE ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        run(
+            &mut db,
+            "CREATE TABLE IF NOT EXISTS ks.t (a text PRIMARY KEY, b int)",
+        )
+        .unwrap();
+        let cols = rows(
+            run(
+                &mut db,
+                "SELECT column_name, kind FROM system_schema.columns WHERE keyspace_name = 'ks'",
+            )
+            .unwrap(),
+        );
+        assert_eq!(cols.len(), 2);
+        assert!(matches!(
+            run(&mut db, "CREATE TABLE ks.t (a text PRIMARY KEY)"),
+            Err(EngineError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            run(&mut db, "SELECT * FROM nope"),
+            Err(EngineError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,765 @@
+//! The stand-in node's server: accepts connections on a loopback port, serves many stream ids
+//! per connection concurrently, and applies injected faults. TEST INFRASTRUCTURE: in memory,
+//! single node, no durability.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use crate::cql::engine::{Database, EngineError, Outcome, Prepared, RowSet, Value};
+use crate::cql::faults::{Fault, FaultKind};
+use crate::cql::frame::{self, consistency_name, error_code, Opcode, Reader, Writer};
+use crate::cql::parser;
+
+/// One request as seen by the node, for tests to assert on.
+#[derive(Debug, Clone)]
+pub struct LoggedRequest {
+    pub opcode: &'static str,
+    pub statement: String,
+    pub consistency: Option<&'static str>,
+    /// Statements in a BATCH (1 otherwise).
+    pub rows: usize,
+    pub at: Instant,
+}
+
+struct Shared {
+    db: Mutex<Database>,
+    prepared: Mutex<HashMap<Vec<u8>, Arc<Prepared>>>,
+    faults: Mutex<Vec<Fault>>,
+    outage_until: Mutex<Option<Instant>>,
+    log: Mutex<Vec<LoggedRequest>>,
+    /// Bumped to make every open connection close (outage, drop-all).
+    generation: watch::Sender<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running stand-in node. Dropping it stops the server.
+pub struct CqlNode {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+}
+
+impl CqlNode {
+    /// Starts a node on `addr` (use port 0 for an ephemeral port on 127.0.0.1).
+    pub async fn start(addr: SocketAddr) -> std::io::Result<CqlNode> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let ip = match addr.ip() {
+            std::net::IpAddr::V4(v4) => v4,
+            std::net::IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
+        };
+        let (generation, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            db: Mutex::new(Database::new(ip)),
+            prepared: Mutex::new(HashMap::new()),
+            faults: Mutex::new(Vec::new()),
+            outage_until: Mutex::new(None),
+            log: Mutex::new(Vec::new()),
+            generation,
+        });
+        let (stop, mut stopped) = watch::channel(false);
+        let s = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((sock, _)) => {
+                            if s.in_outage() {
+                                drop(sock);
+                                continue;
+                            }
+                            let _ = sock.set_nodelay(true);
+                            tokio::spawn(serve(sock, s.clone(), stopped.clone()));
+                        }
+                        Err(e) => warn!(error = %e, "CQL stand-in accept failed."),
+                    }
+                }
+            }
+        });
+        Ok(CqlNode { addr, shared, stop })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Adds a fault rule.
+    pub fn inject(&self, fault: Fault) {
+        lock(&self.shared.faults).push(fault);
+    }
+
+    pub fn clear_faults(&self) {
+        lock(&self.shared.faults).clear();
+        *lock(&self.shared.outage_until) = None;
+    }
+
+    /// Drops every connection and refuses to serve for `duration`.
+    pub fn outage(&self, duration: Duration) {
+        *lock(&self.shared.outage_until) = Some(Instant::now() + duration);
+        self.shared.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Closes every open connection now.
+    pub fn drop_connections(&self) {
+        self.shared.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        lock(&self.shared.log).clone()
+    }
+
+    pub fn clear_requests(&self) {
+        lock(&self.shared.log).clear();
+    }
+
+    /// Rows stored in a table.
+    pub fn row_count(&self, keyspace: &str, table: &str) -> usize {
+        lock(&self.shared.db)
+            .table(keyspace, table)
+            .map_or(0, |t| t.row_count())
+    }
+
+    /// Runs one CQL statement directly (no protocol), e.g. to inspect data in a test.
+    pub fn execute(&self, cql: &str) -> Result<Option<RowSet>, String> {
+        let st = parser::parse(cql)?;
+        match lock(&self.shared.db)
+            .execute(&st, &[], None)
+            .map_err(|e| e.message())?
+        {
+            Outcome::Rows(r) => Ok(Some(r)),
+            _ => Ok(None),
+        }
+    }
+}
+
+impl Drop for CqlNode {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.shared.generation.send_modify(|g| *g += 1);
+    }
+}
+
+impl Shared {
+    fn in_outage(&self) -> bool {
+        let mut o = lock(&self.outage_until);
+        match *o {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                *o = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn pick_fault(&self, opcode: Opcode, statement: &str) -> Option<FaultKind> {
+        let mut faults = lock(&self.faults);
+        for f in faults.iter_mut() {
+            if f.matches(opcode, statement)
+                && (f.probability >= 1.0 || rand::random::<f64>() < f.probability)
+            {
+                if let Some(n) = f.remaining.as_mut() {
+                    *n -= 1;
+                }
+                return Some(f.kind.clone());
+            }
+        }
+        None
+    }
+}
+
+enum Out {
+    Frame(Vec<u8>),
+    Close,
+}
+
+async fn serve(sock: TcpStream, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+    let (mut rd, mut wr) = sock.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
+    let writer = tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            match out {
+                Out::Frame(f) => {
+                    if wr.write_all(&f).await.is_err() {
+                        break;
+                    }
+                }
+                Out::Close => break,
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let keyspace: Arc<Mutex<Option<String>>> = Arc::default();
+    let mut generation = shared.generation.subscribe();
+    generation.borrow_and_update();
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    'conn: loop {
+        tokio::select! {
+            _ = stopped.changed() => break,
+            _ = generation.changed() => break,
+            n = rd.read_buf(&mut buf) => {
+                match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                loop {
+                    match frame::decode(&mut buf) {
+                        Ok(Some(f)) => {
+                            let (shared, tx, ks) = (shared.clone(), tx.clone(), keyspace.clone());
+                            tokio::spawn(async move {
+                                let stream = f.stream;
+                                match handle(&shared, f, &ks).await {
+                                    Some(bytes) => { let _ = tx.send(Out::Frame(bytes)); }
+                                    None => { let _ = tx.send(Out::Close); }
+                                }
+                                debug!(stream, "CQL request answered.");
+                            });
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = tx.send(Out::Frame(error_frame(0, error_code::PROTOCOL_ERROR, &e, &[])));
+                            break 'conn;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let _ = tx.send(Out::Close);
+    let _ = writer.await;
+}
+
+fn error_frame(stream: i16, code: i32, message: &str, extra: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.int(code);
+    body.string(message);
+    body.extend_from_slice(extra);
+    frame::encode(stream, Opcode::Error, &body)
+}
+
+struct Params {
+    consistency: u16,
+    values: Vec<Value>,
+    skip_metadata: bool,
+    page_size: Option<usize>,
+    paging_state: Option<Vec<u8>>,
+}
+
+fn read_params(r: &mut Reader<'_>) -> Result<Params, String> {
+    let consistency = r.short()?;
+    let flags = r.u8()?;
+    let mut values = Vec::new();
+    if flags & 0x01 != 0 {
+        let n = r.short()?;
+        for _ in 0..n {
+            if flags & 0x40 != 0 {
+                r.string()?;
+            }
+            values.push(r.bytes()?);
+        }
+    }
+    let page_size = if flags & 0x04 != 0 {
+        Some(r.int()?)
+    } else {
+        None
+    };
+    let paging_state = if flags & 0x08 != 0 { r.bytes()? } else { None };
+    Ok(Params {
+        consistency,
+        values,
+        skip_metadata: flags & 0x02 != 0,
+        page_size: page_size.filter(|p| *p > 0).map(|p| p as usize),
+        paging_state,
+    })
+}
+
+fn prepared_id(keyspace: Option<&str>, query: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    for seed in [0x5eed_u64, 0xfeed] {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        seed.hash(&mut h);
+        keyspace.hash(&mut h);
+        query.hash(&mut h);
+        out.extend_from_slice(&h.finish().to_be_bytes());
+    }
+    out
+}
+
+/// Handles one request; `None` closes the connection.
+async fn handle(
+    shared: &Shared,
+    f: frame::Frame,
+    keyspace: &Mutex<Option<String>>,
+) -> Option<Vec<u8>> {
+    let stream = f.stream;
+    let Some(opcode) = Opcode::from_u8(f.opcode) else {
+        return Some(error_frame(
+            stream,
+            error_code::PROTOCOL_ERROR,
+            &format!("unknown opcode 0x{:02x}", f.opcode),
+            &[],
+        ));
+    };
+    if f.version & 0x7f != 4 {
+        return Some(error_frame(
+            stream,
+            error_code::PROTOCOL_ERROR,
+            "the stand-in node speaks protocol v4 only",
+            &[],
+        ));
+    }
+    let mut r = Reader(&f.body);
+    let result = match opcode {
+        Opcode::Options => {
+            let mut body = Vec::new();
+            body.string_multimap(&[
+                ("CQL_VERSION", &["3.4.5"]),
+                ("COMPRESSION", &[]),
+                ("PROTOCOL_VERSIONS", &["4/v4"]),
+            ]);
+            return Some(frame::encode(stream, Opcode::Supported, &body));
+        }
+        Opcode::Startup => {
+            let opts = r.string_map().unwrap_or_default();
+            if let Some((_, c)) = opts
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("COMPRESSION"))
+            {
+                return Some(error_frame(
+                    stream,
+                    error_code::PROTOCOL_ERROR,
+                    &format!("compression '{c}' is not supported by the stand-in node"),
+                    &[],
+                ));
+            }
+            return Some(frame::encode(stream, Opcode::Ready, &[]));
+        }
+        Opcode::Register => return Some(frame::encode(stream, Opcode::Ready, &[])),
+        Opcode::Query => request_query(shared, &mut r, keyspace, stream).await,
+        Opcode::Prepare => request_prepare(shared, &mut r, keyspace, stream).await,
+        Opcode::Execute => request_execute(shared, &mut r, keyspace, stream).await,
+        Opcode::Batch => request_batch(shared, &mut r, keyspace, stream).await,
+        other => Err(error_frame(
+            stream,
+            error_code::PROTOCOL_ERROR,
+            &format!("{} is not supported by the stand-in node", other.name()),
+            &[],
+        )),
+    };
+    match result {
+        Ok(Some(body)) => Some(frame::encode(stream, Opcode::Result, &body)),
+        Ok(None) => None,
+        Err(frame) => Some(frame),
+    }
+}
+
+type Answer = Result<Option<Vec<u8>>, Vec<u8>>;
+
+/// Logs the request and applies a matching fault. `Err` is the fault's answer (or `Ok(None)`
+/// in it for a dropped connection).
+async fn gate(
+    shared: &Shared,
+    opcode: Opcode,
+    statement: &str,
+    consistency: Option<u16>,
+    rows: usize,
+    stream: i16,
+) -> Result<(), Answer> {
+    lock(&shared.log).push(LoggedRequest {
+        opcode: opcode.name(),
+        statement: statement.to_owned(),
+        consistency: consistency.map(consistency_name),
+        rows,
+        at: Instant::now(),
+    });
+    if shared.in_outage() {
+        return Err(Ok(None));
+    }
+    let cl = consistency.unwrap_or(1);
+    let Some(kind) = shared.pick_fault(opcode, statement) else {
+        return Ok(());
+    };
+    let write_type = if opcode == Opcode::Batch {
+        "UNLOGGED_BATCH"
+    } else {
+        "SIMPLE"
+    };
+    let mut extra = Vec::new();
+    let frame = match kind {
+        FaultKind::Delay(d) => {
+            tokio::time::sleep(d).await;
+            return Ok(());
+        }
+        FaultKind::DropConnection => return Err(Ok(None)),
+        FaultKind::WriteTimeout => {
+            extra.short(cl);
+            extra.int(0);
+            extra.int(1);
+            extra.string(write_type);
+            error_frame(
+                stream,
+                error_code::WRITE_TIMEOUT,
+                "Operation timed out - received only 0 responses (injected by the stand-in node)",
+                &extra,
+            )
+        }
+        FaultKind::ReadTimeout => {
+            extra.short(cl);
+            extra.int(0);
+            extra.int(1);
+            extra.push(0);
+            error_frame(
+                stream,
+                error_code::READ_TIMEOUT,
+                "Operation timed out - received only 0 responses (injected by the stand-in node)",
+                &extra,
+            )
+        }
+        FaultKind::Unavailable => {
+            extra.short(cl);
+            extra.int(1);
+            extra.int(0);
+            error_frame(
+                stream,
+                error_code::UNAVAILABLE,
+                "Cannot achieve consistency level (injected by the stand-in node)",
+                &extra,
+            )
+        }
+        FaultKind::Overloaded => error_frame(
+            stream,
+            error_code::OVERLOADED,
+            "Too many in flight hints (injected by the stand-in node)",
+            &[],
+        ),
+        FaultKind::ServerError => error_frame(
+            stream,
+            error_code::SERVER_ERROR,
+            "Internal server error (injected by the stand-in node)",
+            &[],
+        ),
+    };
+    Err(Err(frame))
+}
+
+fn engine_error(stream: i16, e: EngineError) -> Vec<u8> {
+    match &e {
+        EngineError::Syntax(m) => error_frame(stream, error_code::SYNTAX_ERROR, m, &[]),
+        EngineError::Invalid(m) => error_frame(stream, error_code::INVALID, m, &[]),
+        EngineError::AlreadyExists { keyspace, table } => {
+            let mut extra = Vec::new();
+            extra.string(keyspace);
+            extra.string(table);
+            error_frame(stream, error_code::ALREADY_EXISTS, &e.message(), &extra)
+        }
+    }
+}
+
+fn current(keyspace: &Mutex<Option<String>>) -> Option<String> {
+    lock(keyspace).clone()
+}
+
+async fn request_query(
+    shared: &Shared,
+    r: &mut Reader<'_>,
+    keyspace: &Mutex<Option<String>>,
+    stream: i16,
+) -> Answer {
+    let bad = |e: String| error_frame(stream, error_code::PROTOCOL_ERROR, &e, &[]);
+    let query = r.long_string().map_err(bad)?;
+    let params = read_params(r).map_err(bad)?;
+    if let Err(a) = gate(
+        shared,
+        Opcode::Query,
+        &query,
+        Some(params.consistency),
+        1,
+        stream,
+    )
+    .await
+    {
+        return a;
+    }
+    let st = parser::parse(&query).map_err(|e| {
+        error_frame(
+            stream,
+            error_code::SYNTAX_ERROR,
+            &format!("line 1: {e}"),
+            &[],
+        )
+    })?;
+    let ks = current(keyspace);
+    let outcome = lock(&shared.db)
+        .execute(&st, &params.values, ks.as_deref())
+        .map_err(|e| engine_error(stream, e))?;
+    Ok(Some(encode_outcome(outcome, keyspace, &params, None)))
+}
+
+async fn request_prepare(
+    shared: &Shared,
+    r: &mut Reader<'_>,
+    keyspace: &Mutex<Option<String>>,
+    stream: i16,
+) -> Answer {
+    let query = r
+        .long_string()
+        .map_err(|e| error_frame(stream, error_code::PROTOCOL_ERROR, &e, &[]))?;
+    if let Err(a) = gate(shared, Opcode::Prepare, &query, None, 1, stream).await {
+        return a;
+    }
+    let st = parser::parse(&query).map_err(|e| {
+        error_frame(
+            stream,
+            error_code::SYNTAX_ERROR,
+            &format!("line 1: {e}"),
+            &[],
+        )
+    })?;
+    let ks = current(keyspace);
+    let mut prepared = lock(&shared.db)
+        .prepare(st, ks.as_deref())
+        .map_err(|e| engine_error(stream, e))?;
+    prepared.text = query.clone();
+    let id = prepared_id(ks.as_deref(), &query);
+    let mut body = Vec::new();
+    body.int(4);
+    body.short_bytes(&id);
+    // Bind marker metadata.
+    body.int(0x0001);
+    body.int(prepared.binds.len() as i32);
+    body.int(prepared.pk_indexes.len() as i32);
+    for i in &prepared.pk_indexes {
+        body.short(*i);
+    }
+    body.string(&prepared.keyspace);
+    body.string(&prepared.table);
+    for (name, ty) in &prepared.binds {
+        body.string(name);
+        ty.write_option(&mut body);
+    }
+    // Result metadata.
+    match &prepared.result {
+        Some(cols) => {
+            body.int(0x0001);
+            body.int(cols.len() as i32);
+            body.string(&prepared.keyspace);
+            body.string(&prepared.table);
+            for (name, ty) in cols {
+                body.string(name);
+                ty.write_option(&mut body);
+            }
+        }
+        None => {
+            body.int(0x0004);
+            body.int(0);
+        }
+    }
+    lock(&shared.prepared).insert(id, Arc::new(prepared));
+    Ok(Some(body))
+}
+
+fn unprepared(stream: i16, id: &[u8]) -> Vec<u8> {
+    let mut extra = Vec::new();
+    extra.short_bytes(id);
+    error_frame(
+        stream,
+        error_code::UNPREPARED,
+        "prepared statement not found on this node",
+        &extra,
+    )
+}
+
+fn statement_text(p: &Prepared) -> String {
+    p.text.clone()
+}
+
+async fn request_execute(
+    shared: &Shared,
+    r: &mut Reader<'_>,
+    keyspace: &Mutex<Option<String>>,
+    stream: i16,
+) -> Answer {
+    let bad = |e: String| error_frame(stream, error_code::PROTOCOL_ERROR, &e, &[]);
+    let id = r.short_bytes().map_err(bad)?;
+    let params = read_params(r).map_err(bad)?;
+    let prepared = lock(&shared.prepared)
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| unprepared(stream, &id))?;
+    if let Err(a) = gate(
+        shared,
+        Opcode::Execute,
+        &statement_text(&prepared),
+        Some(params.consistency),
+        1,
+        stream,
+    )
+    .await
+    {
+        return a;
+    }
+    let ks = current(keyspace);
+    let outcome = lock(&shared.db)
+        .execute(&prepared.statement, &params.values, ks.as_deref())
+        .map_err(|e| engine_error(stream, e))?;
+    Ok(Some(encode_outcome(
+        outcome,
+        keyspace,
+        &params,
+        prepared.result.as_ref().map(|_| ()),
+    )))
+}
+
+async fn request_batch(
+    shared: &Shared,
+    r: &mut Reader<'_>,
+    keyspace: &Mutex<Option<String>>,
+    stream: i16,
+) -> Answer {
+    let bad = |e: String| error_frame(stream, error_code::PROTOCOL_ERROR, &e, &[]);
+    let _batch_type = r.u8().map_err(bad)?;
+    let n = r.short().map_err(bad)?;
+    let ks = current(keyspace);
+    let mut items = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let kind = r.u8().map_err(bad)?;
+        let st = if kind == 0 {
+            let q = r.long_string().map_err(bad)?;
+            let st = parser::parse(&q).map_err(|e| {
+                error_frame(
+                    stream,
+                    error_code::SYNTAX_ERROR,
+                    &format!("line 1: {e}"),
+                    &[],
+                )
+            })?;
+            let mut p = lock(&shared.db)
+                .prepare(st, ks.as_deref())
+                .map_err(|e| engine_error(stream, e))?;
+            p.text = q;
+            Arc::new(p)
+        } else {
+            let id = r.short_bytes().map_err(bad)?;
+            lock(&shared.prepared)
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| unprepared(stream, &id))?
+        };
+        let count = r.short().map_err(bad)?;
+        let values = (0..count)
+            .map(|_| r.bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        items.push((st, values));
+    }
+    let consistency = r.short().map_err(bad)?;
+    let text = items
+        .first()
+        .map(|(p, _)| statement_text(p))
+        .unwrap_or_default();
+    if let Err(a) = gate(
+        shared,
+        Opcode::Batch,
+        &text,
+        Some(consistency),
+        items.len(),
+        stream,
+    )
+    .await
+    {
+        return a;
+    }
+    let mut db = lock(&shared.db);
+    for (p, values) in &items {
+        db.execute(&p.statement, values, ks.as_deref())
+            .map_err(|e| engine_error(stream, e))?;
+    }
+    let mut body = Vec::new();
+    body.int(1);
+    Ok(Some(body))
+}
+
+fn encode_outcome(
+    outcome: Outcome,
+    keyspace: &Mutex<Option<String>>,
+    params: &Params,
+    _prepared_result: Option<()>,
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    match outcome {
+        Outcome::Void => body.int(1),
+        Outcome::SetKeyspace(ks) => {
+            body.int(3);
+            body.string(&ks);
+            *lock(keyspace) = Some(ks);
+        }
+        Outcome::SchemaChange {
+            change,
+            target,
+            keyspace,
+            table,
+        } => {
+            body.int(5);
+            body.string(change);
+            body.string(target);
+            body.string(&keyspace);
+            if let Some(t) = table {
+                body.string(&t);
+            }
+        }
+        Outcome::Rows(rs) => {
+            let start = params
+                .paging_state
+                .as_deref()
+                .and_then(|p| p.try_into().ok())
+                .map_or(0, |b: [u8; 8]| u64::from_be_bytes(b) as usize)
+                .min(rs.rows.len());
+            let end = params
+                .page_size
+                .map_or(rs.rows.len(), |p| (start + p).min(rs.rows.len()));
+            let more = end < rs.rows.len();
+            body.int(2);
+            let mut flags = 0x0001;
+            if more {
+                flags |= 0x0002;
+            }
+            if params.skip_metadata {
+                flags |= 0x0004;
+            }
+            body.int(flags);
+            body.int(rs.columns.len() as i32);
+            if more {
+                body.bytes(Some(&(end as u64).to_be_bytes()));
+            }
+            if !params.skip_metadata {
+                body.string(&rs.keyspace);
+                body.string(&rs.table);
+                for (name, ty) in &rs.columns {
+                    body.string(name);
+                    ty.write_option(&mut body);
+                }
+            }
+            body.int((end - start) as i32);
+            for row in &rs.rows[start..end] {
+                for cell in row {
+                    body.bytes(cell.as_deref());
+                }
+            }
+        }
+    }
+    body
+}

@@ -1,0 +1,239 @@
+//! Conformance: the real `scylla` driver, with default options (schema metadata fetched),
+//! against the stand-in node.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::batch::{Batch, BatchType};
+use vault_sandbox::cql::frame::Opcode;
+use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
+
+async fn node_and_session() -> (CqlNode, Session) {
+    let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let session = tokio::time::timeout(
+        Duration::from_secs(20),
+        SessionBuilder::new()
+            .known_node(node.addr().to_string())
+            .build(),
+    )
+    .await
+    .expect("driver connects within 20s")
+    .expect("driver connects");
+    session
+        .query_unpaged("CREATE KEYSPACE IF NOT EXISTS ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}", &[])
+        .await
+        .unwrap();
+    session
+        .query_unpaged(
+            "CREATE TABLE IF NOT EXISTS ks.events (user_id text, day date, at timestamp, id uuid, kind text, n bigint, payload blob, \
+             PRIMARY KEY ((user_id, day), at, id)) WITH CLUSTERING ORDER BY (at DESC, id ASC)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (node, session)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn driver_creates_inserts_selects_with_paging_and_batches() {
+    let (node, session) = node_and_session().await;
+    session
+        .refresh_metadata()
+        .await
+        .expect("schema metadata reads from the node's system tables");
+    let ks = session
+        .get_cluster_state()
+        .get_keyspace("ks")
+        .expect("keyspace in driver metadata")
+        .clone();
+    assert!(ks.tables.contains_key("events"), "table in driver metadata");
+
+    let insert = session
+        .prepare("INSERT INTO ks.events (user_id, day, at, id, kind, n, payload) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        .await
+        .unwrap();
+    let day = scylla::value::CqlDate((1u32 << 31) + 20_000);
+    for i in 0..25i64 {
+        let id = uuid::Uuid::from_u128(i as u128);
+        let at = scylla::value::CqlTimestamp(1_700_000_000_000 + i);
+        session
+            .execute_unpaged(&insert, ("u1", day, at, id, "click", i, vec![1u8, 2, 3]))
+            .await
+            .unwrap();
+    }
+    let mut select = session
+        .prepare("SELECT n FROM ks.events WHERE user_id = ? AND day = ?")
+        .await
+        .unwrap();
+    select.set_page_size(10);
+    let rows: Vec<(i64,)> = session
+        .execute_iter(select.clone(), ("u1", day))
+        .await
+        .unwrap()
+        .rows_stream::<(i64,)>()
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let ns: Vec<i64> = rows.into_iter().map(|r| r.0).collect();
+    assert_eq!(
+        ns,
+        (0..25).rev().collect::<Vec<_>>(),
+        "all pages, newest first"
+    );
+    let pages = node
+        .requests()
+        .iter()
+        .filter(|r| r.opcode == "EXECUTE" && r.statement.contains("FROM ks.events"))
+        .count();
+    assert_eq!(pages, 3, "25 rows in pages of 10");
+
+    let mut batch = Batch::new(BatchType::Unlogged);
+    for i in 100..110i64 {
+        batch.append_statement(insert.clone());
+        let _ = i;
+    }
+    let values: Vec<_> = (100..110i64)
+        .map(|i| {
+            (
+                "u2",
+                day,
+                scylla::value::CqlTimestamp(i),
+                uuid::Uuid::from_u128(i as u128),
+                "view",
+                i,
+                vec![0u8],
+            )
+        })
+        .collect();
+    session.batch(&batch, values).await.unwrap();
+    let batch_log: Vec<_> = node
+        .requests()
+        .into_iter()
+        .filter(|r| r.opcode == "BATCH")
+        .collect();
+    assert_eq!(batch_log.len(), 1);
+    assert_eq!(batch_log[0].rows, 10);
+    assert_eq!(node.row_count("ks", "events"), 35);
+
+    let count: (i64,) = session
+        .query_unpaged(
+            "SELECT COUNT(*) FROM ks.events WHERE user_id = 'u2' AND day = '2024-10-04'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .single_row()
+        .unwrap();
+    assert_eq!(count.0, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fault_surfaces_as_the_matching_driver_error() {
+    let (node, session) = node_and_session().await;
+    let mut insert = session
+        .prepare("INSERT INTO ks.events (user_id, day, at, id) VALUES (?, ?, ?, ?)")
+        .await
+        .unwrap();
+    // Not idempotent: the driver does not retry, so each injected error reaches us as such.
+    insert.set_is_idempotent(false);
+    let values = (
+        "u",
+        scylla::value::CqlDate(1 << 31),
+        scylla::value::CqlTimestamp(1),
+        uuid::Uuid::nil(),
+    );
+    let cases = [
+        (FaultKind::WriteTimeout, "timed out"),
+        (FaultKind::Overloaded, "verloaded"),
+        (FaultKind::Unavailable, "nough"),
+        (FaultKind::ServerError, "nternal"),
+    ];
+    for (kind, needle) in cases {
+        node.inject(
+            Fault::new(kind.clone())
+                .on(&[Opcode::Execute])
+                .matching("INSERT")
+                .times(1),
+        );
+        let err = session
+            .execute_unpaged(&insert, values)
+            .await
+            .expect_err("fault injected");
+        assert!(
+            format!("{err:?} {err}").contains(needle),
+            "{kind:?}: {err:?}"
+        );
+        session
+            .execute_unpaged(&insert, values)
+            .await
+            .expect("fault used up");
+    }
+
+    node.inject(
+        Fault::new(FaultKind::Delay(Duration::from_millis(300)))
+            .on(&[Opcode::Execute])
+            .times(1),
+    );
+    let t0 = std::time::Instant::now();
+    session.execute_unpaged(&insert, values).await.unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+
+    let mut read = session
+        .prepare("SELECT id FROM ks.events WHERE user_id = ? AND day = ?")
+        .await
+        .unwrap();
+    read.set_is_idempotent(false);
+    node.inject(
+        Fault::new(FaultKind::ReadTimeout)
+            .on(&[Opcode::Execute])
+            .matching("SELECT")
+            .times(1),
+    );
+    let err = session
+        .execute_unpaged(&read, ("u", scylla::value::CqlDate(1 << 31)))
+        .await
+        .expect_err("read timeout");
+    assert!(format!("{err:?}").contains("ReadTimeout"), "{err:?}");
+
+    node.inject(
+        Fault::new(FaultKind::DropConnection)
+            .on(&[Opcode::Execute])
+            .times(1),
+    );
+    let err = session
+        .execute_unpaged(&insert, values)
+        .await
+        .expect_err("connection dropped");
+    assert!(
+        format!("{err:?}").to_lowercase().contains("broken")
+            || format!("{err:?}").contains("Connection"),
+        "{err:?}"
+    );
+
+    // The driver reconnects on its own.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while session.execute_unpaged(&insert, values).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "driver did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let err = session
+        .query_unpaged("UPDATE ks.events SET kind = 'x'", &[])
+        .await
+        .expect_err("unsupported");
+    assert!(
+        format!("{err:?}").contains("SyntaxError") && format!("{err}").contains("update"),
+        "{err:?}"
+    );
+}
