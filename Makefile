@@ -12,11 +12,11 @@ build: ## Build the vault binary (release)
 	$(CARGO) build --release --bin vault
 
 test: ## Unit and integration tests (in-process Kafka mock cluster; no servers needed)
-	$(CARGO) test --all-targets
+	$(CARGO) test --workspace --all-targets
 
 lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

@@ -144,6 +144,29 @@ pub struct ScyllaConfig {
     pub username: String,
     #[serde(deserialize_with = "lenient_string")]
     pub password: String,
+    /// Consistency of writes: one of ANY, ONE, TWO, THREE, QUORUM, ALL, LOCAL_QUORUM, EACH_QUORUM, LOCAL_ONE.
+    pub consistency: String,
+    /// Datacenter whose nodes are preferred (token- and DC-aware routing); empty: any.
+    #[serde(deserialize_with = "lenient_string")]
+    pub local_dc: String,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Keyspace replication used by `vault migrate`: SimpleStrategy (development) or
+    /// NetworkTopologyStrategy (production, with `datacenters`).
+    pub replication_strategy: String,
+    /// Replication factor for SimpleStrategy.
+    pub replication_factor: u32,
+    /// Replication factor per datacenter for NetworkTopologyStrategy, e.g. { dc1 = 3 }.
+    pub datacenters: BTreeMap<String, u32>,
+    /// Default TTL of stored rows; "0s" keeps them forever.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Rows of one (user_id, day) partition sent in one UNLOGGED batch, at most.
+    pub max_batch_rows: usize,
+    /// Bytes of payload in one UNLOGGED batch, at most (keep below the cluster's batch_size_fail_threshold).
+    pub max_batch_bytes: usize,
+    /// Write requests in flight at once, per process.
+    pub max_concurrent_requests: usize,
 }
 
 impl fmt::Debug for ScyllaConfig {
@@ -153,6 +176,16 @@ impl fmt::Debug for ScyllaConfig {
             .field("keyspace", &self.keyspace)
             .field("username", &self.username)
             .field("password", &mask(&self.password))
+            .field("consistency", &self.consistency)
+            .field("local_dc", &self.local_dc)
+            .field("request_timeout", &self.request_timeout)
+            .field("replication_strategy", &self.replication_strategy)
+            .field("replication_factor", &self.replication_factor)
+            .field("datacenters", &self.datacenters)
+            .field("default_ttl", &self.default_ttl)
+            .field("max_batch_rows", &self.max_batch_rows)
+            .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
             .finish()
     }
 }
@@ -230,6 +263,16 @@ impl Default for ScyllaConfig {
             keyspace: "vault".into(),
             username: String::new(),
             password: String::new(),
+            consistency: "LOCAL_QUORUM".into(),
+            local_dc: String::new(),
+            request_timeout: Duration::from_secs(5),
+            replication_strategy: "SimpleStrategy".into(),
+            replication_factor: 1,
+            datacenters: BTreeMap::new(),
+            default_ttl: Duration::ZERO,
+            max_batch_rows: 100,
+            max_batch_bytes: 64 * 1024,
+            max_concurrent_requests: 256,
         }
     }
 }
@@ -525,6 +568,60 @@ impl Config {
                 &s.keyspace,
                 "1-48 characters of [a-zA-Z0-9_]",
             ));
+        }
+        const CONSISTENCIES: [&str; 9] = [
+            "ANY",
+            "ONE",
+            "TWO",
+            "THREE",
+            "QUORUM",
+            "ALL",
+            "LOCAL_QUORUM",
+            "EACH_QUORUM",
+            "LOCAL_ONE",
+        ];
+        if !CONSISTENCIES.contains(&s.consistency.to_ascii_uppercase().as_str()) {
+            return Err(bad(
+                "scylla.consistency",
+                &s.consistency,
+                "one of ANY, ONE, TWO, THREE, QUORUM, ALL, LOCAL_QUORUM, EACH_QUORUM, LOCAL_ONE",
+            ));
+        }
+        if s.request_timeout.is_zero() {
+            return Err(bad(
+                "scylla.request_timeout",
+                "0s",
+                "a positive duration such as \"5s\"",
+            ));
+        }
+        match s.replication_strategy.as_str() {
+            "SimpleStrategy" if s.replication_factor >= 1 => {}
+            "SimpleStrategy" => return Err(bad("scylla.replication_factor", s.replication_factor, "at least 1")),
+            "NetworkTopologyStrategy" if !s.datacenters.is_empty() && s.datacenters.values().all(|rf| *rf >= 1) => {}
+            "NetworkTopologyStrategy" => {
+                return Err(bad("scylla.datacenters", format!("{:?}", s.datacenters), "NetworkTopologyStrategy needs a replication factor >= 1 per datacenter, e.g. { dc1 = 3 }"))
+            }
+            other => return Err(bad("scylla.replication_strategy", other, "SimpleStrategy or NetworkTopologyStrategy")),
+        }
+        if s.default_ttl.subsec_nanos() != 0 || s.default_ttl.as_secs() > i32::MAX as u64 {
+            return Err(bad(
+                "scylla.default_ttl",
+                humantime::format_duration(s.default_ttl),
+                "whole seconds, e.g. \"30days\", or \"0s\" for none",
+            ));
+        }
+        if s.max_batch_rows == 0 || s.max_batch_rows > 1000 {
+            return Err(bad("scylla.max_batch_rows", s.max_batch_rows, "1 to 1000"));
+        }
+        if s.max_batch_bytes < 1024 {
+            return Err(bad(
+                "scylla.max_batch_bytes",
+                s.max_batch_bytes,
+                "at least 1024 (bytes)",
+            ));
+        }
+        if s.max_concurrent_requests == 0 {
+            return Err(bad("scylla.max_concurrent_requests", 0, "at least 1"));
         }
         let metrics_addr: SocketAddr = self.metrics.addr.parse().map_err(|_| {
             bad(

@@ -11,6 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 use vault::config::{self, LogFormat, StoreKind};
 use vault::kafka::dead_letter::KafkaDeadLetters;
+use vault::store::scylla::{self as scylla_store, ScyllaStore};
 use vault::store::MemoryStore;
 use vault::Pipeline;
 
@@ -34,7 +35,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Consume, batch and store events until SIGTERM/SIGINT.
-    Run,
+    Run {
+        /// Create the keyspace and table first if they are missing (as `vault migrate`).
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Create the keyspace and table if missing (idempotent), then exit.
+    Migrate,
+    /// Print the CQL schema `vault migrate` runs for the current settings.
+    Schema,
     /// Validate a configuration and print the effective settings (secrets masked).
     CheckConfig {
         /// The file to check (defaults to --config).
@@ -62,20 +71,39 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             print!("{}", settings.config.to_masked_toml());
             Ok(())
         }
-        Command::Run => {
+        Command::Run { migrate } => {
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             init_logging(&settings.config.log)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("vault")
-                .build()
-                .context("cannot start the async runtime")?;
-            runtime.block_on(run(settings))
+            runtime()?.block_on(run(settings, migrate))
+        }
+        Command::Schema => {
+            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
+            print!("{}", scylla_store::schema_script(&settings.config.scylla));
+            Ok(())
+        }
+        Command::Migrate => {
+            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
+            init_logging(&settings.config.log)?;
+            runtime()?.block_on(async {
+                let c = &settings.config.scylla;
+                let session = scylla_store::connect(c).await?;
+                scylla_store::migrate(&session, c).await?;
+                println!("schema ready: {}.{}", c.keyspace, scylla_store::TABLE);
+                anyhow::Ok(())
+            })
         }
     }
 }
 
-async fn run(settings: vault::Settings) -> anyhow::Result<()> {
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("vault")
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn run(settings: vault::Settings, migrate: bool) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -96,7 +124,10 @@ async fn run(settings: vault::Settings) -> anyhow::Result<()> {
                 .await?;
         }
         StoreKind::Scylla => {
-            anyhow::bail!("pipeline.store = scylla: the ScyllaDB store is not built into this version yet; use pipeline.store = null to exercise the consumer side");
+            let store = ScyllaStore::connect(&settings.config.scylla, migrate).await?;
+            Pipeline::new(settings, store, dead_letters)
+                .run(shutdown)
+                .await?;
         }
     }
     Ok(())

@@ -7,6 +7,7 @@
 
 pub mod memory;
 pub mod persister;
+pub mod scylla;
 
 use std::future::Future;
 

@@ -98,6 +98,11 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 .iter()
                 .filter_map(|&i| pending.get(i).copied())
                 .collect();
+            // What this attempt did write is stored, whatever happens to the rest.
+            self.metrics
+                .events_stored
+                .with_label_values(&[&batch.topic])
+                .inc_by((pending.len() - unwritten.len()) as u64);
             if failure.error.is_row_error() {
                 // The database rejects these rows as such: retrying cannot help. They go to the
                 // dead-letter path with the store's reason, the rest of the batch is done.
@@ -107,10 +112,6 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                         .iter()
                         .map(|e| store_dead_letter(e, &failure.error)),
                 );
-                self.metrics
-                    .events_stored
-                    .with_label_values(&[&batch.topic])
-                    .inc_by((pending.len() - unwritten.len()) as u64);
                 break;
             }
             if !failing {

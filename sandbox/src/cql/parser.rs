@@ -67,7 +67,7 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
                 e += 1;
             }
             let hex = &s[start..e];
-            if hex.len() % 2 != 0 {
+            if !hex.len().is_multiple_of(2) {
                 return Err(format!("odd-length blob literal 0x{hex}"));
             }
             let bytes = (0..hex.len())

@@ -292,7 +292,11 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn start(config: Config, store: MemoryStore, dead_letters: MemoryDeadLetters) -> Running {
+    pub fn start<S: vault::store::Store>(
+        config: Config,
+        store: S,
+        dead_letters: MemoryDeadLetters,
+    ) -> Running {
         let settings: Settings = config.validate().expect("valid test settings");
         let pipeline = Pipeline::new(settings, store, dead_letters);
         let metrics = pipeline.metrics.clone();

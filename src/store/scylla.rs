@@ -1,0 +1,429 @@
+//! The ScyllaDB store: schema management (`vault migrate`) and Scylla-shaped, idempotent writes.
+//!
+//! How a Kafka batch becomes CQL requests is decided here and nowhere else: events are grouped
+//! by partition key `(user_id, day)`; each group is sent as UNLOGGED batches of at most
+//! `max_batch_rows` rows and `max_batch_bytes` bytes (a single row as a plain EXECUTE); groups
+//! are written concurrently, bounded per process by `max_concurrent_requests`. The statement is
+//! prepared once, marked idempotent, and always binds the partition key, so the driver routes
+//! each request to a replica (token- and DC-aware) and may retry it safely. `write` returns `Ok`
+//! only when every group is written; on failure it names the rows still unwritten, so a retry
+//! re-sends only the groups that failed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Consistency;
+use scylla::value::{CqlDate, CqlTimestamp};
+use tokio::sync::Semaphore;
+use tracing::info;
+
+use crate::config::ScyllaConfig;
+use crate::event::Event;
+use crate::store::{Store, StoreError, WriteFailure};
+
+/// The table vault writes.
+pub const TABLE: &str = "user_activity";
+
+/// `CREATE KEYSPACE` for these settings.
+pub fn keyspace_cql(c: &ScyllaConfig) -> String {
+    let replication = if c.replication_strategy == "NetworkTopologyStrategy" {
+        let dcs: Vec<String> = c
+            .datacenters
+            .iter()
+            .map(|(dc, rf)| format!("'{dc}': {rf}"))
+            .collect();
+        format!("{{'class': 'NetworkTopologyStrategy', {}}}", dcs.join(", "))
+    } else {
+        format!(
+            "{{'class': 'SimpleStrategy', 'replication_factor': {}}}",
+            c.replication_factor
+        )
+    };
+    format!(
+        "CREATE KEYSPACE IF NOT EXISTS {} WITH replication = {replication};",
+        c.keyspace
+    )
+}
+
+/// `CREATE TABLE` for these settings.
+pub fn table_cql(c: &ScyllaConfig) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {ks}.{TABLE} (
+    user_id text,
+    day date,
+    occurred_at timestamp,
+    event_id uuid,
+    event_type text,
+    attributes text,
+    payload blob,
+    source_topic text,
+    source_partition int,
+    source_offset bigint,
+    ingested_at timestamp,
+    PRIMARY KEY ((user_id, day), occurred_at, event_id)
+) WITH CLUSTERING ORDER BY (occurred_at DESC, event_id ASC)
+  AND default_time_to_live = {ttl};",
+        ks = c.keyspace,
+        ttl = c.default_ttl.as_secs()
+    )
+}
+
+/// The whole schema as a .cql script (what `deploy/cql/schema.cql` holds for the defaults).
+pub fn schema_script(c: &ScyllaConfig) -> String {
+    format!(
+        "-- vault schema. Generated from the code (vault::store::scylla::schema_script) for the default\n\
+         -- settings; `vault migrate` runs the same statements with the configured values.\n\n{}\n\n{}\n",
+        keyspace_cql(c),
+        table_cql(c)
+    )
+}
+
+fn insert_cql(keyspace: &str) -> String {
+    format!(
+        "INSERT INTO {keyspace}.{TABLE} (user_id, day, occurred_at, event_id, event_type, attributes, payload, \
+         source_topic, source_partition, source_offset, ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+}
+
+/// Connects a session with the configured routing, consistency, timeout and credentials.
+pub async fn connect(c: &ScyllaConfig) -> Result<Session, StoreError> {
+    let mut policy = DefaultPolicy::builder().token_aware(true);
+    if !c.local_dc.is_empty() {
+        policy = policy
+            .prefer_datacenter(c.local_dc.clone())
+            .permit_dc_failover(false);
+    }
+    let profile = ExecutionProfile::builder()
+        .consistency(consistency(&c.consistency))
+        .request_timeout(Some(c.request_timeout))
+        .load_balancing_policy(policy.build())
+        .build();
+    let mut builder = SessionBuilder::new()
+        .known_nodes(&c.nodes)
+        .connection_timeout(Duration::from_secs(10))
+        .default_execution_profile_handle(profile.into_handle());
+    if !c.username.is_empty() {
+        builder = builder.user(&c.username, &c.password);
+    }
+    builder.build().await.map_err(|e| {
+        let msg = format!(
+            "cannot connect to ScyllaDB at {} (check scylla.nodes / VAULT_SCYLLA_NODES): {e}",
+            c.nodes.join(",")
+        );
+        if msg.to_ascii_lowercase().contains("authenticat") {
+            StoreError::Auth(msg)
+        } else {
+            StoreError::Connection(msg)
+        }
+    })
+}
+
+/// Creates the keyspace and table if missing and waits for schema agreement. Idempotent.
+pub async fn migrate(session: &Session, c: &ScyllaConfig) -> Result<(), StoreError> {
+    for cql in [keyspace_cql(c), table_cql(c)] {
+        session
+            .query_unpaged(cql.as_str(), &[])
+            .await
+            .map_err(|e| classify(&e))?;
+    }
+    session
+        .await_schema_agreement()
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("schema agreement not reached: {e}")))?;
+    info!(keyspace = %c.keyspace, table = TABLE, "Schema is in place.");
+    Ok(())
+}
+
+fn consistency(s: &str) -> Consistency {
+    match s.to_ascii_uppercase().as_str() {
+        "ANY" => Consistency::Any,
+        "ONE" => Consistency::One,
+        "TWO" => Consistency::Two,
+        "THREE" => Consistency::Three,
+        "QUORUM" => Consistency::Quorum,
+        "ALL" => Consistency::All,
+        "EACH_QUORUM" => Consistency::EachQuorum,
+        "LOCAL_ONE" => Consistency::LocalOne,
+        _ => Consistency::LocalQuorum,
+    }
+}
+
+/// Maps a driver error to the store's classification (the one place that decides).
+pub fn classify(e: &ExecutionError) -> StoreError {
+    let msg = e.to_string();
+    match e {
+        ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, text)) => {
+            let text = format!("{text} ({db})");
+            match db {
+                DbError::WriteTimeout { .. }
+                | DbError::ReadTimeout { .. }
+                | DbError::WriteFailure { .. }
+                | DbError::ReadFailure { .. } => StoreError::Timeout(text),
+                DbError::Overloaded | DbError::RateLimitReached { .. } => {
+                    StoreError::Overloaded(text)
+                }
+                DbError::Unavailable { .. } | DbError::IsBootstrapping => {
+                    StoreError::Unavailable(text)
+                }
+                DbError::AuthenticationError | DbError::Unauthorized => StoreError::Auth(text),
+                DbError::Invalid
+                | DbError::SyntaxError
+                | DbError::AlreadyExists { .. }
+                | DbError::ConfigError => {
+                    let lower = text.to_ascii_lowercase();
+                    if lower.contains("unconfigured table")
+                        || lower.contains("undefined column")
+                        || lower.contains("keyspace")
+                    {
+                        StoreError::Schema(text)
+                    } else {
+                        StoreError::Invalid(text)
+                    }
+                }
+                DbError::Unprepared { .. }
+                | DbError::ServerError
+                | DbError::ProtocolError
+                | DbError::TruncateError => StoreError::Connection(text),
+                _ => StoreError::Connection(text),
+            }
+        }
+        ExecutionError::RequestTimeout(_) => StoreError::Timeout(msg),
+        ExecutionError::BadQuery(_) => StoreError::Invalid(msg),
+        ExecutionError::PrepareError(_)
+            if msg.to_ascii_lowercase().contains("unconfigured table") =>
+        {
+            StoreError::Schema(msg)
+        }
+        _ => StoreError::Connection(msg),
+    }
+}
+
+/// The production store.
+pub struct ScyllaStore {
+    session: Arc<Session>,
+    insert: PreparedStatement,
+    max_batch_rows: usize,
+    max_batch_bytes: usize,
+    permits: Arc<Semaphore>,
+}
+
+impl ScyllaStore {
+    /// Connects, optionally migrates, and prepares the insert.
+    pub async fn connect(
+        c: &ScyllaConfig,
+        migrate_schema: bool,
+    ) -> Result<ScyllaStore, StoreError> {
+        let session = connect(c).await?;
+        if migrate_schema {
+            migrate(&session, c).await?;
+        }
+        Self::with_session(Arc::new(session), c).await
+    }
+
+    pub async fn with_session(
+        session: Arc<Session>,
+        c: &ScyllaConfig,
+    ) -> Result<ScyllaStore, StoreError> {
+        let mut insert = session
+            .prepare(insert_cql(&c.keyspace))
+            .await
+            .map_err(|e| {
+                let err = classify(&ExecutionError::PrepareError(e));
+                match err {
+                    StoreError::Schema(m) | StoreError::Invalid(m) => StoreError::Schema(format!(
+                        "{m}: run `vault migrate` (or `vault run --migrate`)"
+                    )),
+                    other => other,
+                }
+            })?;
+        insert.set_is_idempotent(true);
+        Ok(ScyllaStore {
+            session,
+            insert,
+            max_batch_rows: c.max_batch_rows,
+            max_batch_bytes: c.max_batch_bytes,
+            permits: Arc::new(Semaphore::new(c.max_concurrent_requests)),
+        })
+    }
+
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    /// Splits events into requests: one group per `(user_id, day)`, cut by the row and byte caps.
+    /// Returns indices into `events`.
+    pub fn plan(&self, events: &[&Event]) -> Vec<Vec<usize>> {
+        let mut groups: HashMap<(&str, i64), Vec<usize>> = HashMap::new();
+        let mut order = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            let key = (e.user_id.as_str(), e.day());
+            groups
+                .entry(key)
+                .or_insert_with(|| {
+                    order.push(key);
+                    Vec::new()
+                })
+                .push(i);
+        }
+        let mut requests = Vec::new();
+        for key in order {
+            let mut current: Vec<usize> = Vec::new();
+            let mut bytes = 0;
+            for i in groups.remove(&key).unwrap_or_default() {
+                let size = row_size(events[i]);
+                if !current.is_empty()
+                    && (current.len() >= self.max_batch_rows || bytes + size > self.max_batch_bytes)
+                {
+                    requests.push(std::mem::take(&mut current));
+                    bytes = 0;
+                }
+                current.push(i);
+                bytes += size;
+            }
+            if !current.is_empty() {
+                requests.push(current);
+            }
+        }
+        requests
+    }
+
+    async fn send(&self, events: &[&Event], rows: &[usize]) -> Result<(), ExecutionError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let now = CqlTimestamp(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        );
+        if let [i] = rows {
+            self.session
+                .execute_unpaged(&self.insert, values(events[*i], now))
+                .await?;
+        } else {
+            let mut batch = Batch::new(BatchType::Unlogged);
+            for _ in rows {
+                batch.append_statement(self.insert.clone());
+            }
+            batch.set_is_idempotent(true);
+            let vals: Vec<_> = rows.iter().map(|&i| values(events[i], now)).collect();
+            self.session.batch(&batch, vals).await?;
+        }
+        Ok(())
+    }
+}
+
+type Row<'a> = (
+    &'a str,
+    CqlDate,
+    CqlTimestamp,
+    uuid::Uuid,
+    &'a str,
+    Option<&'a str>,
+    &'a [u8],
+    &'a str,
+    i32,
+    i64,
+    CqlTimestamp,
+);
+
+fn values(e: &Event, now: CqlTimestamp) -> Row<'_> {
+    let day = CqlDate(((1i64 << 31) + e.day()) as u32);
+    (
+        &e.user_id,
+        day,
+        CqlTimestamp(e.occurred_at_ms),
+        e.event_id,
+        &e.event_type,
+        e.attributes.as_deref(),
+        &e.payload,
+        &e.source.topic,
+        e.source.partition,
+        e.source.offset,
+        now,
+    )
+}
+
+fn row_size(e: &Event) -> usize {
+    e.payload.len()
+        + e.user_id.len()
+        + e.event_type.len()
+        + e.attributes.as_ref().map_or(0, String::len)
+        + 64
+}
+
+impl Store for ScyllaStore {
+    async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
+        let plan = self.plan(events);
+        let mut inflight: FuturesUnordered<_> = plan
+            .iter()
+            .map(|rows| async move { (rows, self.send(events, rows).await) })
+            .collect();
+        let mut unwritten = Vec::new();
+        let mut first_retryable: Option<StoreError> = None;
+        let mut first_permanent: Option<StoreError> = None;
+        while let Some((rows, result)) = inflight.next().await {
+            if let Err(e) = result {
+                let err = classify(&e);
+                unwritten.extend_from_slice(rows);
+                let slot = if err.is_retryable() {
+                    &mut first_retryable
+                } else {
+                    &mut first_permanent
+                };
+                slot.get_or_insert(err);
+            }
+        }
+        if unwritten.is_empty() {
+            return Ok(());
+        }
+        unwritten.sort_unstable();
+        // Mixed outcomes report the transient error: those rows are retried, and rows that are
+        // really rejected fail again alone and are then reported as such.
+        let error = first_retryable
+            .or(first_permanent)
+            .expect("a failed request recorded its error");
+        Err(WriteFailure { error, unwritten })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_schema_file_is_what_migrate_runs_for_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/cql/schema.cql");
+        let file = std::fs::read_to_string(&path).expect("deploy/cql/schema.cql exists");
+        assert_eq!(
+            file,
+            schema_script(&ScyllaConfig::default()),
+            "deploy/cql/schema.cql drifted from the code: regenerate it with `cargo run -- schema > deploy/cql/schema.cql`"
+        );
+    }
+
+    #[test]
+    fn network_topology_replication_lists_each_datacenter() {
+        let mut c = ScyllaConfig {
+            replication_strategy: "NetworkTopologyStrategy".into(),
+            datacenters: [("dc1".to_owned(), 3), ("dc2".to_owned(), 2)].into(),
+            ..ScyllaConfig::default()
+        };
+        assert!(
+            keyspace_cql(&c).contains("{'class': 'NetworkTopologyStrategy', 'dc1': 3, 'dc2': 2}")
+        );
+        c.default_ttl = Duration::from_secs(86_400);
+        assert!(table_cql(&c).contains("default_time_to_live = 86400"));
+    }
+}

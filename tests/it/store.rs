@@ -1,0 +1,260 @@
+//! The ScyllaDB store: the real `scylla` driver against the CQL stand-in node (or a real
+//! ScyllaDB with VAULT_IT_SCYLLA_NODES=host:port for the opt-in test).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scylla::value::{CqlDate, CqlTimestamp};
+use tokio_util::sync::CancellationToken;
+use vault::config::{Config, InvalidPolicy, ScyllaConfig};
+use vault::event::{self, Event, Source};
+use vault::kafka::dead_letter::MemoryDeadLetters;
+use vault::pipeline::batch::{Batch, BatchOutcome, Record};
+use vault::pipeline::flush::FlushReason;
+use vault::store::persister::Persister;
+use vault::store::scylla::ScyllaStore;
+use vault::store::Store;
+use vault::telemetry::{Health, Metrics};
+use vault_sandbox::cql::frame::Opcode;
+use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
+
+use crate::common::unique;
+
+async fn node() -> CqlNode {
+    CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("CQL stand-in starts")
+}
+
+fn scylla_config(nodes: &str) -> ScyllaConfig {
+    ScyllaConfig {
+        nodes: vec![nodes.to_owned()],
+        keyspace: unique("it").replace('-', "_"),
+        ..ScyllaConfig::default()
+    }
+}
+
+/// `n` events of `users` users, all on one day, from Kafka partition 0 offsets `first..`.
+fn events(users: usize, n: usize, first: i64) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            let json = format!(
+                r#"{{"user_id":"user-{}","event_type":"click","occurred_at":"2025-11-24T10:{:02}:{:02}.{:03}Z","attributes":{{"i":{i}}}}}"#,
+                i % users,
+                (i / 60) % 60,
+                i % 60,
+                i % 1000
+            );
+            let source = Source {
+                topic: Arc::from("activity"),
+                partition: 0,
+                offset: first + i as i64,
+                timestamp_ms: Some(1_764_000_000_000),
+            };
+            event::decode(Some(b"k"), Some(json.as_bytes()), source, 1 << 20).expect("valid test event")
+        })
+        .collect()
+}
+
+type Row = (
+    String,
+    CqlDate,
+    CqlTimestamp,
+    uuid::Uuid,
+    String,
+    Option<String>,
+    Vec<u8>,
+    String,
+    i32,
+    i64,
+    CqlTimestamp,
+);
+
+async fn read_user(store: &ScyllaStore, ks: &str, user: &str, day: i64) -> Vec<Row> {
+    let q = format!(
+        "SELECT user_id, day, occurred_at, event_id, event_type, attributes, payload, source_topic, source_partition, source_offset, ingested_at \
+         FROM {ks}.user_activity WHERE user_id = ? AND day = ?"
+    );
+    store
+        .session()
+        .query_unpaged(q, (user, CqlDate(((1i64 << 31) + day) as u32)))
+        .await
+        .expect("select")
+        .into_rows_result()
+        .expect("rows")
+        .rows::<Row>()
+        .expect("typed rows")
+        .collect::<Result<_, _>>()
+        .expect("decode")
+}
+
+async fn round_trip(c: &ScyllaConfig) {
+    let store = ScyllaStore::connect(c, true)
+        .await
+        .expect("connect and migrate");
+    let batch = events(2, 6, 100);
+    let refs: Vec<&Event> = batch.iter().collect();
+    store.write(&refs).await.expect("write");
+    store.write(&refs).await.expect("replay");
+    let day = batch[0].day();
+    let rows = read_user(&store, &c.keyspace, "user-0", day).await;
+    assert_eq!(
+        rows.len(),
+        3,
+        "replaying the batch leaves one row per event"
+    );
+    // Newest first, every column as written.
+    let e = &batch[4];
+    let r = &rows[0];
+    assert_eq!(r.0, e.user_id);
+    assert_eq!(r.1, CqlDate(((1i64 << 31) + day) as u32));
+    assert_eq!(r.2, CqlTimestamp(e.occurred_at_ms));
+    assert_eq!(r.3, e.event_id);
+    assert_eq!(r.4, e.event_type);
+    assert_eq!(r.5.as_deref(), e.attributes.as_deref());
+    assert_eq!(r.6, e.payload);
+    assert_eq!((r.7.as_str(), r.8, r.9), ("activity", 0, 104));
+    assert!(r.10 .0 > 1_700_000_000_000, "ingested_at is set");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_column_round_trips_and_a_replay_leaves_one_row_per_event() {
+    let node = node().await;
+    round_trip(&scylla_config(&node.addr().to_string())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn against_a_real_scylladb_when_configured() {
+    match std::env::var("VAULT_IT_SCYLLA_NODES") {
+        Ok(nodes) if !nodes.is_empty() => round_trip(&scylla_config(&nodes)).await,
+        _ => println!("skipped: set VAULT_IT_SCYLLA_NODES=host:port to run the store tests against a real ScyllaDB"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_500_users_costs_one_request_per_user_and_day() {
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let store = ScyllaStore::connect(&c, true).await.unwrap();
+    let batch = events(500, 1500, 0);
+    let refs: Vec<&Event> = batch.iter().collect();
+    node.clear_requests();
+    store.write(&refs).await.unwrap();
+    let writes: Vec<_> = node
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            matches!(r.opcode, "BATCH" | "EXECUTE") && r.statement.contains("user_activity")
+        })
+        .collect();
+    assert_eq!(writes.len(), 500, "one request per (user_id, day) group");
+    assert!(writes
+        .iter()
+        .all(|r| r.rows == 3 && r.consistency == Some("LOCAL_QUORUM")));
+    assert_eq!(node.row_count(&c.keyspace, "user_activity"), 1500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_are_retried_and_the_batch_is_durable_only_after_success() {
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let store = ScyllaStore::connect(&c, true).await.unwrap();
+    let mut cfg = Config::default();
+    cfg.pipeline.retry_initial_backoff = Duration::from_millis(5);
+    cfg.pipeline.retry_max_backoff = Duration::from_millis(20);
+    let settings = cfg.validate().unwrap();
+    let persister = Persister {
+        store,
+        dead_letters: MemoryDeadLetters::default(),
+        on_invalid: InvalidPolicy::DeadLetter,
+        retry: settings.retry(),
+        metrics: Arc::new(Metrics::new()),
+        health: Arc::new(Health::new(Duration::from_secs(60))),
+        cancel: CancellationToken::new(),
+    };
+    let evs = events(4, 40, 0);
+    let (batch, _ack) = Batch::new(
+        evs.into_iter().map(Record::Event).collect(),
+        0,
+        0,
+        FlushReason::Size,
+    );
+    for kind in [
+        FaultKind::WriteTimeout,
+        FaultKind::Overloaded,
+        FaultKind::Unavailable,
+    ] {
+        node.inject(
+            Fault::new(kind)
+                .on(&[Opcode::Batch])
+                .matching("user_activity")
+                .times(4),
+        );
+    }
+    let outcome = persister.persist(&batch).await;
+    assert_eq!(outcome, BatchOutcome::Durable);
+    assert_eq!(node.row_count(&c.keyspace, "user_activity"), 40);
+    let failed_attempts = node
+        .requests()
+        .iter()
+        .filter(|r| r.opcode == "BATCH")
+        .count()
+        - 4;
+    assert!(
+        failed_attempts >= 12,
+        "every injected fault was hit ({failed_attempts} failed attempts)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_error_is_reported_as_permanent() {
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let store = ScyllaStore::connect(&c, true).await.unwrap();
+    node.execute(&format!("DROP TABLE {}.user_activity", c.keyspace))
+        .unwrap();
+    let evs = events(1, 2, 0);
+    let refs: Vec<&Event> = evs.iter().collect();
+    let failure = store.write(&refs).await.expect_err("table is gone");
+    assert!(!failure.error.is_retryable(), "{:?}", failure.error);
+    assert_eq!(failure.unwritten, vec![0, 1]);
+
+    let missing = scylla_config(&node.addr().to_string());
+    let err = ScyllaStore::connect(&missing, false)
+        .await
+        .err()
+        .expect("no schema yet");
+    assert!(err.to_string().contains("vault migrate"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_stores_every_event_in_scylla_through_write_timeouts() {
+    use crate::common::{settings, Kafka, Running};
+    let kafka = Kafka::start();
+    let node = node().await;
+    let (topic, group) = (unique("e2e"), unique("g"));
+    let partitions = 3;
+    kafka.create_topic(&topic, partitions).await;
+    let c = scylla_config(&node.addr().to_string());
+    let store = ScyllaStore::connect(&c, true).await.unwrap();
+    // Timeouts on a third of the write requests for the first 30 hits: retried until written.
+    node.inject(
+        Fault::new(FaultKind::WriteTimeout)
+            .matching("user_activity")
+            .probability(0.33)
+            .times(30),
+    );
+
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    cfg.scylla = c.clone();
+    let vault = Running::start(cfg, store, MemoryDeadLetters::default());
+    kafka.produce_events(&topic, partitions, 0, 1500).await;
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, partitions, Duration::from_secs(60))
+        .await;
+    assert_eq!(node.row_count(&c.keyspace, "user_activity"), 1500);
+    assert_eq!(vault.counter("vault_events_stored_total"), 1500.0);
+    vault.stop().await;
+}
