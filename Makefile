@@ -3,7 +3,7 @@ CARGO ?= cargo
 JOBS  ?= 2
 export CARGO_BUILD_JOBS ?= $(JOBS)
 
-.PHONY: help build test lint fmt demo bench up down
+.PHONY: help build test lint fmt demo bench up down python-deps
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -11,8 +11,11 @@ help: ## List the targets
 build: ## Build the vault binary (release)
 	$(CARGO) build --release --bin vault
 
-test: ## Unit and integration tests (in-process Kafka mock cluster; no servers needed)
+test: python-deps ## Unit and integration tests (in-process Kafka mock cluster and CQL stand-in; no servers needed)
 	$(CARGO) test --workspace --all-targets
+
+python-deps: ## The Python driver (scylla-driver, cqlsh's base) for the CQL stand-in conformance test
+	@python3 -c 'import cassandra' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check scylla-driver
 
 lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check

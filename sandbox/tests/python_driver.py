@@ -1,0 +1,91 @@
+"""Conformance of the CQL stand-in node with the Python driver (scylla-driver, the base of cqlsh).
+
+Run by tests/sandbox_process.rs against a running `vault-sandbox`: VAULT_SCYLLA_NODES names the
+node, VAULT_SANDBOX_CONTROL its control port (used to inject faults)."""
+
+import datetime
+import os
+import socket
+import sys
+import uuid
+
+from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
+from cassandra.cluster import Cluster, ExecutionProfile, EXEC_PROFILE_DEFAULT
+from cassandra.policies import FallthroughRetryPolicy, RoundRobinPolicy
+from cassandra.protocol import OverloadedErrorMessage, ServerError, SyntaxException
+from cassandra.query import BatchStatement, BatchType, SimpleStatement
+
+
+def control(command):
+    host, port = os.environ["VAULT_SANDBOX_CONTROL"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall((command + "\n").encode())
+        answer = s.makefile().readline()
+    assert answer.startswith("ok"), answer
+    return answer
+
+
+def expect(exc_type, fn):
+    try:
+        fn()
+    except exc_type:
+        return
+    except Exception as e:  # noqa: BLE001 - report what came instead
+        raise AssertionError(f"expected {exc_type.__name__}, got {type(e).__name__}: {e}")
+    raise AssertionError(f"expected {exc_type.__name__}, got success")
+
+
+def main():
+    host, port = os.environ["VAULT_SCYLLA_NODES"].split(",")[0].rsplit(":", 1)
+    profile = ExecutionProfile(load_balancing_policy=RoundRobinPolicy(), retry_policy=FallthroughRetryPolicy())
+    cluster = Cluster([host], port=int(port), protocol_version=4, compression=False,
+                      execution_profiles={EXEC_PROFILE_DEFAULT: profile})
+    s = cluster.connect()
+    s.execute("CREATE KEYSPACE IF NOT EXISTS py WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
+    s.execute("CREATE TABLE IF NOT EXISTS py.events (u text, day date, at timestamp, id uuid, attrs map<text, text>, "
+              "PRIMARY KEY ((u, day), at, id)) WITH CLUSTERING ORDER BY (at DESC, id ASC)")
+    cluster.refresh_schema_metadata()
+    assert "events" in cluster.metadata.keyspaces["py"].tables, "schema metadata from system_schema"
+    local = s.execute("SELECT * FROM system.local WHERE key = 'local'").one()
+    assert local.release_version and local.partitioner.endswith("Murmur3Partitioner")
+
+    ins = s.prepare("INSERT INTO py.events (u, day, at, id, attrs) VALUES (?, ?, ?, ?, ?)")
+    day = datetime.date(2025, 11, 24)
+    base = datetime.datetime(2025, 11, 24, 10, 0, 0)
+    for i in range(23):
+        s.execute(ins, ("a", day, base + datetime.timedelta(seconds=i), uuid.UUID(int=i), {"i": str(i)}))
+    rows = list(s.execute(SimpleStatement("SELECT at, attrs FROM py.events WHERE u = 'a' AND day = '2025-11-24'", fetch_size=5)))
+    assert len(rows) == 23, len(rows)
+    assert rows[0].attrs == {"i": "22"} and rows[-1].attrs == {"i": "0"}, "newest first"
+    rows = list(s.execute("SELECT at FROM py.events WHERE u = 'a' AND day = '2025-11-24' AND at >= '2025-11-24 10:00:20+0000' ORDER BY at ASC LIMIT 2"))
+    assert [r.at.second for r in rows] == [20, 21], rows
+    assert s.execute("SELECT COUNT(*) FROM py.events WHERE u = 'a' AND day = '2025-11-24'").one()[0] == 23
+
+    batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+    for i in range(5):
+        batch.add(ins, ("b", day, base, uuid.UUID(int=100 + i), {}))
+    s.execute(batch)
+    assert s.execute("SELECT COUNT(*) FROM py.events WHERE u = 'b' AND day = '2025-11-24'").one()[0] == 5
+
+    args = ("c", day, base, uuid.UUID(int=1), {})
+    control("cql write-timeout 1 match INSERT")
+    expect(WriteTimeout, lambda: s.execute(ins, args))
+    control("cql overloaded 1 match INSERT")
+    expect(OverloadedErrorMessage, lambda: s.execute(ins, args))
+    control("cql unavailable 1 match INSERT")
+    expect(Unavailable, lambda: s.execute(ins, args))
+    control("cql server-error 1 match INSERT")
+    expect(ServerError, lambda: s.execute(ins, args))
+    control("cql read-timeout 1 match py.events")
+    expect(ReadTimeout, lambda: s.execute("SELECT * FROM py.events WHERE u = 'c' AND day = '2025-11-24'"))
+    control("cql delay:3s 1 match INSERT")
+    expect(OperationTimedOut, lambda: s.execute(ins, args, timeout=0.5))
+    expect(SyntaxException, lambda: s.execute("UPDATE py.events SET attrs = {} WHERE u = 'c'"))
+    s.execute(ins, args)
+    stats = control("cql stats")
+    cluster.shutdown()
+    print("python driver conformance: ok;", stats.strip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
