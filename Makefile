@@ -24,10 +24,8 @@ lint: ## rustfmt check and clippy with warnings denied
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-demo: ## Full pipeline on this machine (mock Kafka + CQL stand-in): not built yet
-	@echo "make demo: not available yet. It needs the sandbox (mock Kafka + CQL stand-in node)"
-	@echo "and the ScyllaDB store; see the open issues. 'make test' runs the pipeline today."
-	@exit 2
+demo: ## The whole pipeline on this machine: sandbox, two vault processes, 100K events, verify, report
+	bash scripts/demo.sh
 
 bench: ## Benchmarks against a raw consumer baseline: not built yet
 	@echo "make bench: not available yet (see the open performance issue)."

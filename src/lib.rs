@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod pipeline;
 pub mod store;
 pub mod telemetry;
+pub mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;

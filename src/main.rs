@@ -44,6 +44,59 @@ enum Command {
     Migrate,
     /// Print the CQL schema `vault migrate` runs for the current settings.
     Schema,
+    /// Generate realistic user-activity events into the first configured topic.
+    Produce {
+        /// Messages to send.
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// Target rate in events per second (default: as fast as the broker takes them).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Distinct users.
+        #[arg(long, default_value_t = 10_000)]
+        users: u64,
+        /// Zipf exponent of user activity (higher: a few users dominate).
+        #[arg(long, default_value_t = 1.1)]
+        skew: f64,
+        /// Fraction of messages that re-send an earlier event (same event_id).
+        #[arg(long, default_value_t = 0.0)]
+        duplicates: f64,
+        /// Fraction of messages that are invalid (bad JSON, missing fields, bad timestamps...).
+        #[arg(long, default_value_t = 0.0)]
+        invalid: f64,
+        /// Record every delivered message here, for `vault verify`.
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// Random seed (same seed, same events).
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Check that everything a `produce --record` sent is stored or dead-lettered and committed.
+    Verify {
+        /// The record written by `vault produce --record`.
+        #[arg(long)]
+        record: PathBuf,
+        /// How long to wait for the group to commit every partition to its end.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// Show a user's activity over a time range, newest first.
+    Query {
+        /// The user_id.
+        #[arg(long)]
+        user: String,
+        /// Start of the range: RFC 3339, or a duration before now such as 1h or 7days.
+        #[arg(long, default_value = "1day")]
+        since: String,
+        /// End of the range (RFC 3339); default now.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Output as JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a configuration and print the effective settings (secrets masked).
     CheckConfig {
         /// The file to check (defaults to --config).
@@ -76,6 +129,80 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             init_logging(&settings.config.log)?;
             runtime()?.block_on(run(settings, migrate))
         }
+        Command::Produce {
+            count,
+            rate,
+            users,
+            skew,
+            duplicates,
+            invalid,
+            record,
+            seed,
+        } => {
+            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
+            let opts = vault::tools::produce::ProduceOptions {
+                topic: settings.config.kafka.topics[0].clone(),
+                count,
+                rate,
+                users,
+                skew,
+                duplicates,
+                invalid,
+                record,
+                seed,
+            };
+            let base = vault::kafka::base_client_config(&settings);
+            let summary = runtime()?
+                .block_on(vault::tools::produce::produce(&base, &opts))
+                .map_err(anyhow::Error::msg)?;
+            println!("{summary}");
+            Ok(())
+        }
+        Command::Verify { record, wait } => {
+            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
+            let base = vault::kafka::base_client_config(&settings);
+            let report = runtime()?
+                .block_on(vault::tools::verify::verify(
+                    &settings, &base, &record, wait,
+                ))
+                .map_err(anyhow::Error::msg)?;
+            println!("{report}");
+            if !report.ok() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Query {
+            user,
+            since,
+            until,
+            limit,
+            json,
+        } => {
+            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
+            let now = chrono::Utc::now().timestamp_millis();
+            let to = match until {
+                Some(t) => parse_time(&t, now)?,
+                None => now,
+            };
+            let from = parse_time(&since, now)?;
+            runtime()?.block_on(async {
+                let c = &settings.config.scylla;
+                let session = scylla_store::connect(c).await?;
+                let rows = vault::tools::query::user_activity(&session, c, &user, from, to, limit)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                if json {
+                    for r in &rows {
+                        println!("{}", serde_json::to_string(r)?);
+                    }
+                } else {
+                    print!("{}", vault::tools::query::table(&rows));
+                    eprintln!("{} event(s) of {user}", rows.len());
+                }
+                anyhow::Ok(())
+            })
+        }
         Command::Schema => {
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             print!("{}", scylla_store::schema_script(&settings.config.scylla));
@@ -93,6 +220,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// An RFC 3339 time, or a duration before `now` ("1h", "7days").
+fn parse_time(s: &str, now: i64) -> anyhow::Result<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    let d = humantime::parse_duration(s)
+        .with_context(|| format!("'{s}' is neither an RFC 3339 time nor a duration such as 1h"))?;
+    Ok(now - d.as_millis() as i64)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

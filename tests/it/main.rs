@@ -2,5 +2,6 @@
 //! real Kafka, with VAULT_IT_KAFKA_BROKERS=host:port). One test binary, to keep builds short.
 
 mod common;
+mod demo;
 mod pipeline;
 mod store;
