@@ -3,7 +3,7 @@ CARGO ?= cargo
 JOBS  ?= 2
 export CARGO_BUILD_JOBS ?= $(JOBS)
 
-.PHONY: help build test lint fmt demo bench up down python-deps
+.PHONY: help build test lint fmt fuzz faults demo bench up down python-deps
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -20,6 +20,12 @@ python-deps: ## The Python driver (scylla-driver, cqlsh's base) for the CQL stan
 lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fuzz: ## Property tests of event decoding with many cases (PROPTEST_CASES, default 200000)
+	PROPTEST_CASES=$${PROPTEST_CASES:-200000} $(CARGO) test --release --lib event::properties
+
+faults: ## The fault suite with more kill -9 iterations (VAULT_FAULT_ITERATIONS, default 50)
+	VAULT_FAULT_ITERATIONS=$${VAULT_FAULT_ITERATIONS:-50} $(CARGO) test --test it faults -- --nocapture
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

@@ -84,7 +84,7 @@ echo "ready: http://$M1/metrics and http://$M2/metrics"
 
 say "Producing $EVENTS events (Zipf-skewed users, 1% duplicates, 0.1% invalid)"
 START=$(date +%s.%N)
-"$BIN/vault" produce --count "$EVENTS" --users 20000 --duplicates 0.01 --invalid 0.001 --record "$WORK/produced.jsonl"
+"$BIN/vault" produce --count "$EVENTS" --users 20000 --skew 0.8 --duplicates 0.01 --invalid 0.001 --record "$WORK/produced.jsonl"
 
 say "Verifying: waiting until committed == produced, then reading every event back"
 "$BIN/vault" verify --record "$WORK/produced.jsonl" --wait 5m | tee "$WORK/verify.txt"

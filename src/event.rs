@@ -339,3 +339,74 @@ mod tests {
         assert_eq!(e.event_type, "té");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Decoding never panics, whatever the bytes, and every valid event survives a round trip.
+    //! `make fuzz` runs these with many more cases (PROPTEST_CASES).
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn src() -> Source {
+        Source {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset: 7,
+            timestamp_ms: Some(1_764_000_000_000),
+        }
+    }
+
+    fn json_string() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z0-9_.@-]{0,300}",
+            any::<String>(),
+            Just(String::new()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(None, Some(&bytes), src(), 1 << 16);
+        }
+
+        #[test]
+        fn arbitrary_field_values_give_an_event_or_a_typed_error(
+            user in json_string(),
+            kind in json_string(),
+            at in prop_oneof![json_string(), Just("2025-11-24T10:00:00Z".to_owned())],
+            id in prop_oneof![json_string(), Just("6f1c3a52-5a0e-4b7e-9d61-1d2b6c1a9e01".to_owned())],
+            attrs in prop_oneof![Just("{}".to_owned()), Just("[]".to_owned()), Just("null".to_owned()), Just("3".to_owned())],
+        ) {
+            let v = serde_json::json!({"user_id": user, "event_type": kind, "occurred_at": at, "event_id": id}).to_string();
+            let v = format!("{}, \"attributes\": {attrs}}}", &v[..v.len() - 1]);
+            match decode(None, Some(v.as_bytes()), src(), 1 << 16) {
+                Ok(e) => {
+                    prop_assert_eq!(&e.user_id, &user);
+                    prop_assert!(!user.is_empty() && user.len() <= MAX_USER_ID_BYTES);
+                    prop_assert!(e.occurred_at_ms >= MIN_OCCURRED_AT_MS);
+                }
+                Err(err) => prop_assert!(!err.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn valid_events_round_trip(
+            user in "[a-z0-9-]{1,64}",
+            kind in "[a-z_]{1,32}",
+            ms in MIN_OCCURRED_AT_MS..1_764_000_000_000i64,
+            n in any::<i64>(),
+        ) {
+            let at = chrono::DateTime::from_timestamp_millis(ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let v = format!(r#"{{"user_id":"{user}","event_type":"{kind}","occurred_at":"{at}","attributes":{{"n":{n}}}}}"#);
+            let e = decode(Some(b"k"), Some(v.as_bytes()), src(), 1 << 16).unwrap();
+            prop_assert_eq!(e.user_id, user);
+            prop_assert_eq!(e.event_type, kind);
+            prop_assert_eq!(e.occurred_at_ms, ms);
+            prop_assert_eq!(e.attributes, Some(format!(r#"{{"n":{n}}}"#)));
+            prop_assert_eq!(e.payload, v.into_bytes());
+        }
+    }
+}

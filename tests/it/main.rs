@@ -1,7 +1,9 @@
 //! Integration tests: the real pipeline over real sockets against librdkafka's mock cluster (or a
 //! real Kafka, with VAULT_IT_KAFKA_BROKERS=host:port). One test binary, to keep builds short.
 
+mod bad_input;
 mod common;
 mod demo;
+mod faults;
 mod pipeline;
 mod store;

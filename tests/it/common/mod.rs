@@ -21,7 +21,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use vault::config::Config;
-use vault::kafka::dead_letter::MemoryDeadLetters;
 use vault::store::MemoryStore;
 use vault::telemetry::Metrics;
 use vault::{Pipeline, Settings};
@@ -151,6 +150,24 @@ impl Kafka {
             out.push((delivered.partition, delivered.offset));
         }
         out
+    }
+
+    /// Produces a tombstone (null value) to `partition`.
+    pub async fn produce_tombstone(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &str,
+    ) -> Vec<(i32, i64)> {
+        let record: FutureRecord<'_, str, [u8]> =
+            FutureRecord::to(topic).partition(partition).key(key);
+        let d = self
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+        let delivered = d.await.expect("producer alive").expect("delivered");
+        vec![(delivered.partition, delivered.offset)]
     }
 
     /// Produces `n` valid events spread round-robin over `partitions`, numbered from `first`.
@@ -292,10 +309,10 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn start<S: vault::store::Store>(
+    pub fn start<S: vault::store::Store, D: vault::kafka::dead_letter::DeadLetterSink>(
         config: Config,
         store: S,
-        dead_letters: MemoryDeadLetters,
+        dead_letters: D,
     ) -> Running {
         let settings: Settings = config.validate().expect("valid test settings");
         let pipeline = Pipeline::new(settings, store, dead_letters);
@@ -352,6 +369,43 @@ impl Running {
     pub fn assigned(&self) -> i64 {
         self.metrics.assigned_partitions.get()
     }
+}
+
+/// Every message of a topic, from the beginning to the current end of each partition.
+pub async fn read_all(brokers: &str, topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", unique("reader"))
+            .set("enable.partition.eof", "true")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("reader");
+        let md = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata");
+        let mut tpl = TopicPartitionList::new();
+        let parts = md.topics()[0].partitions().len();
+        for p in 0..parts as i32 {
+            tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let (mut eof, mut out) = (0, Vec::new());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while eof < parts && std::time::Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => out.push(m.detach()),
+                Some(Err(KafkaError::PartitionEOF(_))) => eof += 1,
+                Some(Err(e)) => panic!("reading {topic}: {e}"),
+                None => {}
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
 }
 
 /// The `(partition, offset)` of every row in the store.

@@ -1,0 +1,291 @@
+//! The fault suite: database faults while the pipeline runs (never a commit past an unwritten
+//! event) and kill -9 of a real `vault run` process at random moments (nothing lost). Each test
+//! prints its figures: sent, stored, lost, duplicated.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use vault::kafka::dead_letter::MemoryDeadLetters;
+use vault::store::scylla::ScyllaStore;
+use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
+
+use crate::common::{settings, unique, wait_until, Kafka, Running};
+
+/// `(partition, offset)` of every row in the node's user_activity table.
+fn stored(node: &CqlNode, keyspace: &str) -> BTreeSet<(i32, i64)> {
+    let rows = node
+        .execute(&format!(
+            "SELECT source_partition, source_offset FROM {keyspace}.user_activity"
+        ))
+        .expect("select")
+        .expect("rows");
+    rows.rows
+        .iter()
+        .map(|r| {
+            let p = i32::from_be_bytes(r[0].clone().unwrap().try_into().unwrap());
+            let o = i64::from_be_bytes(r[1].clone().unwrap().try_into().unwrap());
+            (p, o)
+        })
+        .collect()
+}
+
+/// Write requests' rows as seen by the node (replays included).
+fn rows_written(node: &CqlNode) -> usize {
+    node.requests()
+        .iter()
+        .filter(|r| matches!(r.opcode, "EXECUTE" | "BATCH") && r.statement.contains("INSERT INTO"))
+        .map(|r| r.rows)
+        .sum()
+}
+
+fn report(what: &str, sent: usize, stored: usize, written: usize) {
+    let lost = sent.saturating_sub(stored);
+    println!("{what}: sent {sent}, stored {stored}, lost {lost}, duplicated writes {} (at most the in-flight window per restart)", written.saturating_sub(stored));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_faults_never_let_a_commit_pass_an_unwritten_event() {
+    let kafka = Kafka::start();
+    let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let (topic, group) = (unique("dbfault"), unique("g"));
+    let partitions = 3;
+    kafka.create_topic(&topic, partitions).await;
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    cfg.scylla.nodes = vec![node.addr().to_string()];
+    cfg.scylla.keyspace = unique("f").replace('-', "_");
+    cfg.scylla.request_timeout = Duration::from_secs(2);
+    let ks = cfg.scylla.keyspace.clone();
+    let store = ScyllaStore::connect(&cfg.scylla, true).await.unwrap();
+    let vault = Running::start(cfg, store, MemoryDeadLetters::default());
+    let probe = kafka.probe(&group);
+
+    let mut sent = 0;
+    let check =
+        |committed: &[Option<i64>], stored: &BTreeSet<(i32, i64)>, sent_by_part: &[Vec<i64>]| {
+            for (p, c) in committed.iter().enumerate() {
+                if let Some(c) = c {
+                    for o in sent_by_part[p].iter().filter(|o| **o < *c) {
+                        assert!(
+                            stored.contains(&(p as i32, *o)),
+                            "partition {p} committed {c} but offset {o} is not stored"
+                        );
+                    }
+                }
+            }
+        };
+    let mut sent_by_part = vec![Vec::new(); partitions as usize];
+    type StartFault = Box<dyn Fn(&CqlNode)>;
+    let phases: [(&str, StartFault); 5] = [
+        (
+            "write timeouts",
+            Box::new(|n: &CqlNode| {
+                n.inject(
+                    Fault::new(FaultKind::WriteTimeout)
+                        .matching("INSERT")
+                        .probability(0.5)
+                        .times(40),
+                )
+            }),
+        ),
+        (
+            "overloaded",
+            Box::new(|n: &CqlNode| {
+                n.inject(
+                    Fault::new(FaultKind::Overloaded)
+                        .matching("INSERT")
+                        .probability(0.5)
+                        .times(40),
+                )
+            }),
+        ),
+        (
+            "unavailable",
+            Box::new(|n: &CqlNode| {
+                n.inject(
+                    Fault::new(FaultKind::Unavailable)
+                        .matching("INSERT")
+                        .times(20),
+                )
+            }),
+        ),
+        (
+            "dropped connections",
+            Box::new(|n: &CqlNode| {
+                n.inject(
+                    Fault::new(FaultKind::DropConnection)
+                        .matching("INSERT")
+                        .times(5),
+                )
+            }),
+        ),
+        (
+            "a 3 s outage",
+            Box::new(|n: &CqlNode| n.outage(Duration::from_secs(3))),
+        ),
+    ];
+    for (i, (name, start_fault)) in phases.iter().enumerate() {
+        start_fault(&node);
+        for (p, o) in kafka.produce_events(&topic, partitions, i * 600, 600).await {
+            sent_by_part[p as usize].push(o);
+        }
+        sent += 600;
+        // While the fault lasts, sample the invariant.
+        for _ in 0..20 {
+            let committed = probe.committed(&topic, partitions).await;
+            check(&committed, &stored(&node, &ks), &sent_by_part);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!("phase {name}: invariant held");
+    }
+    node.clear_faults();
+    probe
+        .wait_committed_to_end(&topic, partitions, Duration::from_secs(90))
+        .await;
+    let rows = stored(&node, &ks);
+    check(
+        &probe.committed(&topic, partitions).await,
+        &rows,
+        &sent_by_part,
+    );
+    report("database faults", sent, rows.len(), rows_written(&node));
+    assert_eq!(rows.len(), sent, "nothing lost");
+    assert!(
+        vault.counter("vault_write_retries_total") > 0.0,
+        "the faults were hit and retried"
+    );
+    vault.stop().await;
+}
+
+fn spawn_vault(env: &[(String, String)], log: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vault"))
+        .arg("run")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("start vault")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_nothing() {
+    let iterations: usize = std::env::var("VAULT_FAULT_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let seed: u64 = std::env::var("VAULT_FAULT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    println!("kill -9 suite: {iterations} iterations, seed {seed} (VAULT_FAULT_ITERATIONS, VAULT_FAULT_SEED)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let kafka = Kafka::start();
+    let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let (topic, group) = (unique("kill"), unique("g"));
+    let partitions = 4;
+    kafka.create_topic(&topic, partitions).await;
+    let keyspace = unique("k").replace('-', "_");
+    let migrate_cfg = vault::config::ScyllaConfig {
+        nodes: vec![node.addr().to_string()],
+        keyspace: keyspace.clone(),
+        ..Default::default()
+    };
+    drop(ScyllaStore::connect(&migrate_cfg, true).await.unwrap());
+
+    let dir = std::env::temp_dir().join(unique("vault-kill"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let env: Vec<(String, String)> = [
+        ("VAULT_KAFKA_BROKERS", kafka.brokers.clone()),
+        ("VAULT_KAFKA_TOPICS", topic.clone()),
+        ("VAULT_KAFKA_GROUP_ID", group.clone()),
+        ("VAULT_KAFKA_SESSION_TIMEOUT", "6s".into()),
+        ("VAULT_KAFKA_COMMIT_INTERVAL", "200ms".into()),
+        ("VAULT_BATCH_MAX_EVENTS", "50".into()),
+        ("VAULT_BATCH_LINGER", "50ms".into()),
+        ("VAULT_SCYLLA_NODES", node.addr().to_string()),
+        ("VAULT_SCYLLA_KEYSPACE", keyspace.clone()),
+        ("VAULT_SCYLLA_CONSISTENCY", "ONE".into()),
+        ("VAULT_METRICS_ADDR", "127.0.0.1:0".into()),
+        ("VAULT_LOG_LEVEL", "warn".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+
+    let probe = kafka.probe(&group);
+    let mut sent = 0usize;
+    let committed_sum = || async {
+        probe
+            .committed(&topic, partitions)
+            .await
+            .iter()
+            .map(|c| c.unwrap_or(0))
+            .sum::<i64>()
+    };
+    for i in 0..iterations {
+        let base = committed_sum().await;
+        let mut child = spawn_vault(&env, &dir.join(format!("vault-{i}.log")));
+        // Events keep arriving while the process runs.
+        for _ in 0..rng.random_range(2..6) {
+            kafka.produce_events(&topic, partitions, sent, 100).await;
+            sent += 100;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+        }
+        // Let this process make progress (it may first wait out the killed member's session),
+        // then kill it at a random moment of its work.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while committed_sum().await <= base && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+        println!(
+            "iteration {i}: killed with {} of {sent} committed",
+            committed_sum().await
+        );
+    }
+    // A last process finishes the work.
+    let mut child = spawn_vault(&env, &dir.join("vault-final.log"));
+    probe
+        .wait_committed_to_end(&topic, partitions, Duration::from_secs(120))
+        .await;
+    let rows = stored(&node, &keyspace);
+    report("kill -9", sent, rows.len(), rows_written(&node));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    wait_until(
+        "the final vault to exit on SIGTERM",
+        Duration::from_secs(30),
+        || {
+            let exited = child.try_wait().ok().flatten();
+            async move {
+                exited
+                    .map(|s| {
+                        if s.success() {
+                            Ok(())
+                        } else {
+                            Err(format!("exit {s}"))
+                        }
+                    })
+                    .unwrap_or(Err("running".into()))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        rows.len(),
+        sent,
+        "lost events after kill -9 (logs in {})",
+        dir.display()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
