@@ -5,7 +5,8 @@
 # short report. Everything started here is stopped on exit, Ctrl-C or failure.
 #
 # Environment: DEMO_EVENTS (100000), DEMO_PARTITIONS (12), DEMO_BIN_DIR (target/release; the
-# binaries are built there unless DEMO_SKIP_BUILD=1), DEMO_KEEP (keep the work dir).
+# binaries are built there unless DEMO_SKIP_BUILD=1), DEMO_KEEP (keep the work dir), DEMO_PID_FILE
+# (each started process id is appended there, so a caller can check that none is left).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +39,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+started() { PIDS+=("$1"); [ -z "${DEMO_PID_FILE:-}" ] || echo "$1" >>"$DEMO_PID_FILE"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   local deadline=$((SECONDS + $1)) what=$2; shift 2
@@ -55,7 +57,7 @@ fi
 
 say "Starting the sandbox: mock Kafka ($PARTITIONS partitions) + CQL stand-in node (in memory, test infrastructure)"
 "$BIN/vault-sandbox" --topic "user-activity:$PARTITIONS" --env-file "$WORK/sandbox.env" >"$WORK/sandbox.out" 2>"$WORK/sandbox.log" &
-PIDS+=($!)
+started $!
 wait_for 30 "the sandbox" test -s "$WORK/sandbox.env"
 cat "$WORK/sandbox.env"
 set -a
@@ -75,9 +77,9 @@ say "vault migrate"
 say "Starting two vault processes in consumer group vault-demo"
 M1=127.0.0.1:$(free_port); M2=127.0.0.1:$(free_port)
 VAULT_METRICS_ADDR=$M1 VAULT_KAFKA_INSTANCE_ID=vault-1 "$BIN/vault" run >"$WORK/vault-1.log" 2>&1 &
-PIDS+=($!)
+started $!
 VAULT_METRICS_ADDR=$M2 VAULT_KAFKA_INSTANCE_ID=vault-2 "$BIN/vault" run >"$WORK/vault-2.log" 2>&1 &
-PIDS+=($!)
+started $!
 wait_for 60 "vault-1 to be ready" ready "$M1"
 wait_for 60 "vault-2 to be ready" ready "$M2"
 echo "ready: http://$M1/metrics and http://$M2/metrics"

@@ -7,10 +7,12 @@
 //! readiness); only cancellation (shutdown or revoke deadline) abandons a batch, and an abandoned
 //! batch is never committed past.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::FutureExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
@@ -48,7 +50,20 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
             set.spawn(async move {
                 while let Ok(batch) = rx.recv().await {
                     this.metrics.in_flight_batches.inc();
-                    let outcome = this.persist(&batch).await;
+                    // A panic in the store or the sink abandons this batch (its partition
+                    // restarts from the last durable offset); the worker itself carries on.
+                    let outcome = AssertUnwindSafe(this.persist(&batch))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|panic| {
+                            let what = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "unknown panic".into());
+                            error!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, panic = %what, "Writing a batch panicked; the batch is abandoned and its partition restarts.");
+                            BatchOutcome::Abandoned(format!("write panicked: {what}"))
+                        });
                     this.metrics.in_flight_batches.dec();
                     batch.ack(outcome);
                 }
