@@ -3,7 +3,7 @@ CARGO ?= cargo
 JOBS  ?= 2
 export CARGO_BUILD_JOBS ?= $(JOBS)
 
-.PHONY: help build test lint fmt fuzz faults demo bench up down python-deps
+.PHONY: help build test lint fmt fuzz faults demo bench up down python-deps prometheus-deps rules
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -11,11 +11,23 @@ help: ## List the targets
 build: ## Build the vault binary (release)
 	$(CARGO) build --release --bin vault
 
-test: python-deps ## Unit and integration tests (in-process Kafka mock cluster and CQL stand-in; no servers needed)
+test: python-deps rules ## Unit and integration tests (in-process Kafka mock cluster and CQL stand-in; no servers needed)
 	$(CARGO) test --workspace --all-targets
 
 python-deps: ## The Python driver (scylla-driver, cqlsh's base) for the CQL stand-in conformance test
 	@python3 -c 'import cassandra' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check scylla-driver
+
+# Debian's prometheus package: promtool for the rule tests, the server for the scrape test.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+prometheus-deps: ## Prometheus and promtool (Debian's package), installed when missing
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing Debian's prometheus package (promtool and the server, for the tests)"; \
+	  $(SUDO) apt-get update -qq && \
+	  RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+rules: prometheus-deps ## Check the Prometheus config and alert rules, and run their unit tests
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool test rules deploy/prometheus/alerts.test.yml
 
 lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check

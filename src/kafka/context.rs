@@ -20,6 +20,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -101,7 +102,11 @@ impl VaultContext {
         let (reply, done) = sync_channel(1);
         if self
             .commands
-            .send(Command::Revoke { partitions, reply })
+            .send(Command::Revoke {
+                partitions,
+                lost,
+                reply,
+            })
             .is_err()
         {
             return; // The coordinator has finished (shutdown): it already committed what it had.
@@ -123,7 +128,12 @@ impl VaultContext {
             }
         }
         if commit.count() > 0 {
-            match consumer.commit(&commit, CommitMode::Sync) {
+            let started = std::time::Instant::now();
+            let committed = consumer.commit(&commit, CommitMode::Sync);
+            self.metrics
+                .commit_duration
+                .observe(started.elapsed().as_secs_f64());
+            match committed {
                 Ok(()) => info!(partitions = %describe(&commit), "Committed revoked partitions."),
                 Err(e) => {
                     warn!(error = %e, "Commit on revoke failed; the next owner replays from the previous commit.")
@@ -152,6 +162,28 @@ impl ClientContext for VaultContext {
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         warn!(target: "librdkafka", error = %error, "{reason}");
+    }
+
+    /// librdkafka's periodic statistics (`statistics.interval.ms`): consumer lag of the partitions
+    /// this member fetches. Series of partitions it no longer fetches are removed.
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (&partition, p) in &t.partitions {
+                if partition < 0 {
+                    continue; // librdkafka's internal "unassigned" partition
+                }
+                let label = partition.to_string();
+                let labels = [topic.as_str(), label.as_str()];
+                if p.desired && p.consumer_lag >= 0 {
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&labels)
+                        .set(p.consumer_lag);
+                } else if !p.desired {
+                    let _ = self.metrics.consumer_lag.remove_label_values(&labels);
+                }
+            }
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! It receives assignments and revocations from the consumer context over a channel, starts a
 //! [`PartitionTask`] per assigned partition, commits each partition's committable offset every
-//! `commit_interval` (asynchronously; a failed commit is simply re-sent), drains revoked partitions
+//! `commit_interval` (synchronously, off the runtime; a failed commit is simply re-sent), keeps the
+//! per-partition progress gauges, drains revoked partitions
 //! and hands their final offsets back for a synchronous commit, restarts a partition whose task
 //! failed from its last durable offset, and on shutdown drains everything and commits
 //! synchronously.
@@ -31,7 +32,7 @@ use crate::kafka::context::{VaultConsumer, VaultContext};
 use crate::kafka::offsets::SharedOffset;
 use crate::kafka::to_record;
 use crate::pipeline::batch::Batch;
-use crate::pipeline::batcher::{Exit, PartitionTask};
+use crate::pipeline::batcher::{Exit, OldestPending, PartitionTask};
 use crate::pipeline::flush::FlushReason;
 use crate::telemetry::{Health, Metrics};
 
@@ -48,6 +49,9 @@ pub enum Command {
     /// Drain these partitions and reply with `(topic, partition, offset to commit)`.
     Revoke {
         partitions: Vec<(String, i32)>,
+        /// The assignment was lost (session expired, evicted): this member is out of the group
+        /// until it rejoins.
+        lost: bool,
         reply: SyncSender<Vec<(String, i32, i64)>>,
     },
     /// A message of an assigned partition arrived on the main queue (should be impossible, as
@@ -72,8 +76,11 @@ struct Running {
     stop: Option<oneshot::Sender<FlushReason>>,
     abort: AbortHandle,
     progress: Arc<SharedOffset>,
+    oldest_pending: Arc<OldestPending>,
     /// Last offset the broker confirmed committed for this partition.
     confirmed: Option<i64>,
+    /// When the committed offset last advanced, or was last found fully caught up.
+    caught_up_at: Instant,
     /// Consecutive failed restarts, for the restart backoff.
     failures: u32,
 }
@@ -94,7 +101,7 @@ pub struct Coordinator {
     committing: Option<JoinHandle<CommitResult>>,
 }
 
-type CommitResult = (Vec<(Key, i64)>, KafkaResult<()>);
+type CommitResult = (Vec<(Key, i64)>, KafkaResult<()>, Duration);
 
 impl Coordinator {
     pub fn new(
@@ -142,7 +149,10 @@ impl Coordinator {
                     self.committing = None;
                     self.on_committed(done);
                 }
-                _ = tick.tick() => self.commit_progress(),
+                _ = tick.tick() => {
+                    self.commit_progress();
+                    self.observe_partitions();
+                }
             }
         }
         if let Some(h) = self.committing.take() {
@@ -163,7 +173,14 @@ impl Coordinator {
                     .assigned_partitions
                     .set(self.running.len() as i64);
             }
-            Command::Revoke { partitions, reply } => {
+            Command::Revoke {
+                partitions,
+                lost,
+                reply,
+            } => {
+                if lost {
+                    self.health.set_in_group(false);
+                }
                 let keys: Vec<Key> = partitions
                     .into_iter()
                     .map(|(t, p)| (Arc::from(t), p))
@@ -204,6 +221,7 @@ impl Coordinator {
     fn start(&mut self, a: Assigned, progress: Arc<SharedOffset>, failures: u32) {
         let key: Key = (a.topic.clone(), a.partition);
         let (stop_tx, stop_rx) = oneshot::channel();
+        let oldest_pending = Arc::new(OldestPending::default());
         let task = PartitionTask {
             topic: a.topic.clone(),
             partition: a.partition,
@@ -211,6 +229,7 @@ impl Coordinator {
             max_in_flight: self.settings.config.batch.max_in_flight,
             persist: self.persist.clone(),
             committable: progress.clone(),
+            oldest_pending: oldest_pending.clone(),
             metrics: self.metrics.clone(),
         };
         let max_event_bytes = self.settings.config.pipeline.max_event_bytes;
@@ -238,7 +257,9 @@ impl Coordinator {
                 stop: Some(stop_tx),
                 abort,
                 progress,
+                oldest_pending,
                 confirmed: None,
+                caught_up_at: Instant::now(),
                 failures,
             },
         ) {
@@ -299,6 +320,7 @@ impl Coordinator {
         }
         let mut finals = Vec::new();
         for key in keys {
+            self.metrics.forget_partition(&key.0, key.1);
             if let Some(r) = self.running.remove(key) {
                 if let Some(o) = r.progress.get() {
                     finals.push((key.0.to_string(), key.1, o));
@@ -438,15 +460,40 @@ impl Coordinator {
         }
         let consumer = self.consumer.clone();
         self.committing = Some(tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let result = consumer.commit(&tpl, CommitMode::Sync);
-            (sent, result)
+            (sent, result, started.elapsed())
         }));
+    }
+
+    /// Per-partition gauges that only time moves: how long the oldest event read but not yet
+    /// durable has waited, and how long since the committed offset last caught up.
+    fn observe_partitions(&mut self) {
+        let now = Instant::now();
+        for (key, r) in &mut self.running {
+            let oldest = r.oldest_pending.get();
+            if oldest.is_none() && r.progress.get() == r.confirmed {
+                r.caught_up_at = now;
+            }
+            let partition = key.1.to_string();
+            let labels = [&*key.0, partition.as_str()];
+            self.metrics
+                .oldest_uncommitted_age
+                .with_label_values(&labels)
+                .set(oldest.map_or(0.0, |t| (now - t).as_secs_f64()));
+            self.metrics
+                .seconds_since_commit
+                .with_label_values(&labels)
+                .set((now - r.caught_up_at).as_secs_f64());
+        }
     }
 
     fn on_committed(&mut self, done: Result<CommitResult, tokio::task::JoinError>) {
         match done {
-            Ok((sent, Ok(()))) => {
+            Ok((sent, Ok(()), took)) => {
                 self.metrics.commits.with_label_values(&["ok"]).inc();
+                self.metrics.commit_duration.observe(took.as_secs_f64());
+                let now = Instant::now();
                 for (key, o) in sent {
                     self.metrics
                         .committed_offset
@@ -454,12 +501,14 @@ impl Coordinator {
                         .set(o);
                     if let Some(r) = self.running.get_mut(&key) {
                         r.confirmed = Some(o);
+                        r.caught_up_at = now;
                         r.failures = 0;
                     }
                 }
             }
-            Ok((_, Err(e))) => {
+            Ok((_, Err(e), took)) => {
                 self.metrics.commits.with_label_values(&["error"]).inc();
+                self.metrics.commit_duration.observe(took.as_secs_f64());
                 warn!(error = %e, "Offset commit failed; it is sent again at the next interval.");
             }
             Err(e) => error!(error = %e, "Commit task failed."),
@@ -503,8 +552,13 @@ impl Coordinator {
                 let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
             }
             let consumer = self.consumer.clone();
-            match tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await
-            {
+            let started = std::time::Instant::now();
+            let committed =
+                tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await;
+            self.metrics
+                .commit_duration
+                .observe(started.elapsed().as_secs_f64());
+            match committed {
                 Ok(Ok(())) => info!(partitions = finals.len(), "Final offsets committed."),
                 Ok(Err(e)) => {
                     error!(error = %e, "Final commit failed; the next owner replays from the previous commit.")

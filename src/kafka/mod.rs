@@ -48,6 +48,10 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         // everything else vault holds in memory.
         cfg.set("queued.max.messages.kbytes", "8192");
     }
+    if !k.options.contains_key("statistics.interval.ms") {
+        // Feeds vault_consumer_lag (see the context's stats callback).
+        cfg.set("statistics.interval.ms", "5000");
+    }
     if !k.instance_id.is_empty() {
         cfg.set("group.instance.id", &k.instance_id);
     }

@@ -13,8 +13,9 @@
 //! - acknowledgements are handled before new records (`biased`), so memory stays bounded;
 //! - on stop (revoke or shutdown) the open batch is flushed and every in-flight batch awaited.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -45,6 +46,22 @@ pub enum Exit {
     StreamEnded { committable: Option<i64> },
 }
 
+/// When the partition's oldest event that is read but not yet durable was read (`None` when
+/// every event read is durable). Written by the partition task, read for the
+/// `vault_oldest_uncommitted_event_age_seconds` metric.
+#[derive(Debug, Default)]
+pub struct OldestPending(Mutex<Option<Instant>>);
+
+impl OldestPending {
+    pub fn get(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, since: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = since;
+    }
+}
+
 /// Everything a partition task needs.
 pub struct PartitionTask {
     pub topic: Arc<str>,
@@ -53,6 +70,7 @@ pub struct PartitionTask {
     pub max_in_flight: usize,
     pub persist: async_channel::Sender<Batch>,
     pub committable: Arc<SharedOffset>,
+    pub oldest_pending: Arc<OldestPending>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -64,6 +82,8 @@ struct State {
     open: Vec<Record>,
     open_bytes: usize,
     opened_at: Option<Instant>,
+    /// When each batch the tracker still holds was opened, oldest first.
+    in_flight_opened: VecDeque<Instant>,
     next_seq: u64,
     first_offset: Option<i64>,
     failure: Option<String>,
@@ -87,6 +107,7 @@ impl PartitionTask {
             open: Vec::with_capacity(self.policy.max_events.min(4096)),
             open_bytes: 0,
             opened_at: None,
+            in_flight_opened: VecDeque::with_capacity(self.max_in_flight),
             next_seq: 0,
             first_offset: None,
             failure: None,
@@ -159,6 +180,9 @@ impl PartitionTask {
             let now = Instant::now();
             st.opened_at = Some(now);
             linger.as_mut().reset(self.policy.deadline(now));
+            if st.in_flight_opened.is_empty() {
+                self.oldest_pending.set(Some(now));
+            }
         }
         st.open.push(record);
         st.open_bytes += size;
@@ -177,7 +201,8 @@ impl PartitionTask {
             Vec::with_capacity(self.policy.max_events.min(4096)),
         );
         let bytes = std::mem::take(&mut st.open_bytes);
-        st.opened_at = None;
+        let opened_at = st.opened_at.take().unwrap_or_else(Instant::now);
+        st.in_flight_opened.push_back(opened_at);
         let seq = st.next_seq;
         st.next_seq += 1;
         let (batch, ack) = Batch::new(records, bytes, seq, reason);
@@ -219,6 +244,12 @@ impl PartitionTask {
             BatchOutcome::Durable => {
                 if let Some(next) = st.tracker.durable(seq) {
                     self.committable.publish(next);
+                    // The tracker released batches from its front: so does the queue of times.
+                    while st.in_flight_opened.len() > st.tracker.in_flight() {
+                        st.in_flight_opened.pop_front();
+                    }
+                    self.oldest_pending
+                        .set(st.in_flight_opened.front().copied().or(st.opened_at));
                 }
             }
             BatchOutcome::Abandoned(reason) => {
@@ -272,6 +303,7 @@ mod tests {
         batches: async_channel::Receiver<Batch>,
         stop: Option<oneshot::Sender<FlushReason>>,
         committable: Arc<SharedOffset>,
+        oldest_pending: Arc<OldestPending>,
         task: tokio::task::JoinHandle<Exit>,
     }
 
@@ -280,6 +312,7 @@ mod tests {
         let (persist, batches) = async_channel::bounded(16);
         let (stop, stop_rx) = oneshot::channel();
         let committable = Arc::new(SharedOffset::default());
+        let oldest_pending = Arc::new(OldestPending::default());
         let task = PartitionTask {
             topic: Arc::from("t"),
             partition: 0,
@@ -291,6 +324,7 @@ mod tests {
             max_in_flight,
             persist,
             committable: committable.clone(),
+            oldest_pending: oldest_pending.clone(),
             metrics: Arc::new(Metrics::new()),
         };
         let task = tokio::spawn(task.run(rx, stop_rx));
@@ -299,6 +333,7 @@ mod tests {
             batches,
             stop: Some(stop),
             committable,
+            oldest_pending,
             task,
         }
     }
@@ -423,5 +458,48 @@ mod tests {
             other => panic!("expected a failure, got {other:?}"),
         }
         assert_eq!(h.committable.get(), Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_oldest_pending_event_is_tracked_until_it_is_durable() {
+        let h = start(2, 4);
+        assert_eq!(h.oldest_pending.get(), None);
+        let t0 = Instant::now();
+        for o in 0..2 {
+            h.records.unbounded_send(record(o)).unwrap();
+        }
+        let b0 = h.batches.recv().await.unwrap();
+        assert_eq!(h.oldest_pending.get(), Some(t0), "batch 0 is in flight");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let t1 = Instant::now();
+        for o in 2..4 {
+            h.records.unbounded_send(record(o)).unwrap();
+        }
+        let b1 = h.batches.recv().await.unwrap();
+        assert_eq!(
+            h.oldest_pending.get(),
+            Some(t0),
+            "still waiting for batch 0"
+        );
+        b1.ack(BatchOutcome::Durable);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            h.oldest_pending.get(),
+            Some(t0),
+            "batch 1 waits behind batch 0"
+        );
+        b0.ack(BatchOutcome::Durable);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(h.committable.get(), Some(4));
+        assert_eq!(h.oldest_pending.get(), None, "everything read is durable");
+        let t2 = Instant::now();
+        h.records.unbounded_send(record(4)).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            h.oldest_pending.get(),
+            Some(t2),
+            "an open batch is pending too"
+        );
+        assert!(t1 < t2);
     }
 }

@@ -157,7 +157,18 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         if failing {
             self.health.failure_ended();
         }
+        self.observe_latency(batch);
         Ok(())
+    }
+
+    /// Kafka timestamp → durable, for every event of a batch whose writes are all done.
+    fn observe_latency(&self, batch: &Batch) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let latency = self.metrics.end_to_end_latency.local();
+        for ts in batch.events.iter().filter_map(|e| e.source.timestamp_ms) {
+            latency.observe(now_ms.saturating_sub(ts).max(0) as f64 / 1000.0);
+        }
+        latency.flush();
     }
 
     async fn handle_invalid(&self, batch: &Batch, letters: &[&DeadLetter]) -> Result<(), String> {

@@ -40,6 +40,9 @@ pub async fn serve(
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
+    s.metrics
+        .ready
+        .set(i64::from(s.health.not_ready_reason().is_none()));
     (
         [(
             header::CONTENT_TYPE,

@@ -8,3 +8,4 @@ mod faults;
 mod pipeline;
 mod store;
 mod supervision;
+mod telemetry;

@@ -1,0 +1,251 @@
+//! Observability end to end: a real Prometheus server (Debian's `prometheus` package, which
+//! `make test` installs) scrapes a running pipeline, loads vault's alert rules, and answers, through
+//! its HTTP API, that the events stored reached the number produced, that lag drained to zero and
+//! that every dashboard query is valid PromQL. `/healthz` and `/readyz` are checked directly.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use vault::kafka::dead_letter::MemoryDeadLetters;
+use vault::store::MemoryStore;
+
+use crate::common::{settings, unique, wait_until, Kafka, Running};
+
+/// A loopback port that was free a moment ago (Prometheus cannot report a port 0 choice).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// `GET path` over HTTP/1.0; returns the status code and the body.
+fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).map_err(|e| e.to_string())?;
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or("no HTTP header")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line: {head}"))?;
+    Ok((status, body.to_owned()))
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A Prometheus server process, killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Prometheus {
+        let binary = std::env::var("VAULT_IT_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+        let dir = std::env::temp_dir().join(unique("vault-prometheus"));
+        std::fs::create_dir_all(&dir).expect("prometheus work dir");
+        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: vault\n    static_configs:\n      - targets: ['{target}']\n",
+            rules.display()
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
+        let child = Command::new(&binary)
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start '{binary}' ({e}): install Debian's prometheus package \
+                     (`make test` does) or point VAULT_IT_PROMETHEUS at the server binary"
+                )
+            });
+        Prometheus { child, addr, dir }
+    }
+
+    /// An instant query; `Ok` with the result vector, or why not.
+    fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
+        let (status, body) = http_get(
+            &self.addr,
+            &format!("/api/v1/query?query={}", url_encode(promql)),
+        )?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        if status != 200 || v["status"] != "success" {
+            return Err(format!("query {promql:?} answered {status}: {body}"));
+        }
+        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The single value of a query that returns one series.
+    fn scalar(&self, promql: &str) -> Result<f64, String> {
+        let result = self.query(promql)?;
+        match result.as_slice() {
+            [one] => one["value"][1]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("no value in {one}")),
+            other => Err(format!("{promql}: {} series", other.len())),
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_vault_and_sees_every_event_stored() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("observed"), unique("g"));
+    let partitions = 3;
+    kafka.create_topic(&topic, partitions).await;
+    let produced = kafka.produce_events(&topic, partitions, 0, 600).await.len();
+
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    cfg.metrics.addr = metrics_addr.clone();
+    cfg.kafka
+        .options
+        .insert("statistics.interval.ms".into(), "500".into());
+    let store = MemoryStore::new();
+    let vault = Running::start(cfg, store.clone(), MemoryDeadLetters::default());
+
+    wait_until("/readyz answers 200", Duration::from_secs(30), || {
+        let addr = metrics_addr.clone();
+        async move {
+            match http_get(&addr, "/readyz") {
+                Ok((200, body)) if body.contains("ready") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    assert_eq!(http_get(&metrics_addr, "/healthz").unwrap().0, 200);
+
+    let prometheus = Prometheus::start(&metrics_addr);
+    let stored_query = format!("sum(vault_events_stored_total{{topic=\"{topic}\"}})");
+    wait_until(
+        "Prometheus to see every event stored",
+        Duration::from_secs(90),
+        || {
+            let r = prometheus.scalar(&stored_query);
+            async move {
+                match r {
+                    Ok(v) if v == produced as f64 => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(store.rows().len(), produced, "the store agrees");
+
+    // Lag comes from librdkafka's statistics: one series per assigned partition, all drained.
+    let lag_query = format!("vault_consumer_lag{{topic=\"{topic}\"}}");
+    wait_until(
+        "lag on every partition to reach 0",
+        Duration::from_secs(30),
+        || {
+            let r = prometheus.query(&lag_query);
+            async move {
+                let series = r?;
+                let zero = series.iter().all(|s| s["value"][1] == "0");
+                if series.len() == partitions as usize && zero {
+                    Ok(())
+                } else {
+                    Err(format!("{series:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(prometheus.scalar("vault_ready").unwrap(), 1.0);
+    let stuck = prometheus
+        .scalar(&format!(
+            "max(vault_oldest_uncommitted_event_age_seconds{{topic=\"{topic}\"}})"
+        ))
+        .unwrap();
+    assert_eq!(stuck, 0.0, "nothing waits once everything is durable");
+    let latencies = prometheus
+        .scalar("sum(vault_end_to_end_latency_seconds_count)")
+        .unwrap();
+    assert_eq!(latencies, produced as f64, "one latency per stored event");
+
+    // The alert rules are loaded by a real server and evaluate without error.
+    let (status, body) = http_get(&prometheus.addr, "/api/v1/rules").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let rules: Value = serde_json::from_str(&body).unwrap();
+    let groups = rules["data"]["groups"].as_array().expect("rule groups");
+    let loaded: Vec<Value> = groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert!(loaded.len() >= 8, "alert rules loaded: {body}");
+    for r in &loaded {
+        assert_ne!(
+            r["health"], "err",
+            "rule {} fails to evaluate: {r}",
+            r["name"]
+        );
+    }
+
+    // Every dashboard query is valid PromQL that the server accepts.
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/dashboards/vault.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$instance", ".*");
+            if let Err(e) = prometheus.query(&expr) {
+                panic!("dashboard panel {}: {e}", panel["title"]);
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 15, "dashboard queries checked: {checked}");
+    vault.stop().await;
+}
