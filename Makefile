@@ -49,10 +49,9 @@ bench: ## Benchmarks against a raw consumer baseline: not built yet
 	@echo "make bench: not available yet (see the open performance issue)."
 	@exit 2
 
-up: ## docker compose stack with real Kafka and ScyllaDB: not built yet
-	@echo "make up: not available yet (see the open deployment issue)."
-	@exit 2
+up: ## docker compose: Kafka, ScyllaDB, 3 vault replicas, Prometheus, Grafana (needs a Docker engine)
+	docker compose up -d --build
+	@echo "Grafana http://127.0.0.1:3000  Prometheus http://127.0.0.1:9090  load: docker compose --profile load up producer"
 
-down: ## Stop the docker compose stack: not built yet
-	@echo "make down: not available yet (see the open deployment issue)."
-	@exit 2
+down: ## Stop the docker compose stack and remove its volumes
+	docker compose --profile load down -v

@@ -4,6 +4,7 @@
 mod bad_input;
 mod common;
 mod demo;
+mod deploy;
 mod faults;
 mod pipeline;
 mod store;
