@@ -97,10 +97,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Work with the dead-letter topic.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Validate a configuration and print the effective settings (secrets masked).
     CheckConfig {
         /// The file to check (defaults to --config).
         file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Re-publish dead letters to their source topic once the cause is fixed (each configured
+    /// topic's dead-letter topic is read from its beginning to its current end).
+    Replay {
+        /// Only this error kind (repeatable), e.g. bad_json, missing_field, invalid_field.
+        #[arg(long = "kind", value_name = "KIND")]
+        kinds: Vec<String>,
+        /// Only events from this time on: RFC 3339, or a duration before now such as 6h.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events before this time (RFC 3339, or a duration before now).
+        #[arg(long)]
+        until: Option<String>,
+        /// Count what would be replayed, publish nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -199,6 +224,34 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     print!("{}", vault::tools::query::table(&rows));
                     eprintln!("{} event(s) of {user}", rows.len());
+                }
+                anyhow::Ok(())
+            })
+        }
+        Command::Dlq {
+            command:
+                DlqCommand::Replay {
+                    kinds,
+                    since,
+                    until,
+                    dry_run,
+                },
+        } => {
+            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
+            let now = chrono::Utc::now().timestamp_millis();
+            let filter = vault::tools::dlq::ReplayFilter {
+                kinds,
+                since_ms: since.map(|t| parse_time(&t, now)).transpose()?,
+                until_ms: until.map(|t| parse_time(&t, now)).transpose()?,
+            };
+            let base = vault::kafka::base_client_config(&settings);
+            runtime()?.block_on(async {
+                for topic in &settings.config.kafka.topics {
+                    let dlq = settings.dead_letter_topic(topic);
+                    let summary = vault::tools::dlq::replay(&base, &dlq, &filter, dry_run)
+                        .await
+                        .map_err(anyhow::Error::msg)?;
+                    println!("{summary}");
                 }
                 anyhow::Ok(())
             })

@@ -10,13 +10,12 @@ use std::time::Duration;
 use futures::stream::{self, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use scylla::value::CqlDate;
 
 use crate::config::Settings;
-use crate::kafka::dead_letter::headers;
 use crate::store::scylla::{classify, connect, TABLE};
+use crate::tools::dlq::LetterInfo;
 use crate::tools::progress::Progress;
 use crate::tools::record;
 
@@ -242,10 +241,7 @@ pub async fn verify(
 
     // 3. The dead-letter topic.
     let dlq = settings.dead_letter_topic(&topic);
-    let mut cfg = base.clone();
-    cfg.set("group.id", "vault-verify")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true");
+    let cfg = base.clone();
     let found = tokio::task::spawn_blocking(move || read_dead_letters(&cfg, &dlq, &topic))
         .await
         .map_err(|e| e.to_string())??;
@@ -260,59 +256,22 @@ fn read_dead_letters(
     dlq: &str,
     source_topic: &str,
 ) -> Result<HashSet<(i32, i64)>, String> {
-    let consumer: BaseConsumer = cfg.create().map_err(|e| e.to_string())?;
-    let md = consumer
-        .fetch_metadata(Some(dlq), Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0usize;
-    for t in md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == dlq && t.error().is_none())
-    {
-        for p in t.partitions() {
-            let (lo, hi) = consumer
-                .fetch_watermarks(dlq, p.id(), Duration::from_secs(10))
-                .map_err(|e| e.to_string())?;
-            if hi > lo {
-                tpl.add_partition_offset(dlq, p.id(), Offset::Beginning)
-                    .map_err(|e| e.to_string())?;
-                remaining += 1;
-            }
-        }
-    }
     let mut found = HashSet::new();
-    if remaining == 0 {
-        return Ok(found);
-    }
-    consumer.assign(&tpl).map_err(|e| e.to_string())?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while remaining > 0 && std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                let mut src: (Option<String>, Option<i32>, Option<i64>) = (None, None, None);
-                if let Some(h) = m.headers() {
-                    for hdr in h.iter() {
-                        let v = hdr.value.map(|v| String::from_utf8_lossy(v).into_owned());
-                        match hdr.key {
-                            headers::SOURCE_TOPIC => src.0 = v,
-                            headers::SOURCE_PARTITION => src.1 = v.and_then(|v| v.parse().ok()),
-                            headers::SOURCE_OFFSET => src.2 = v.and_then(|v| v.parse().ok()),
-                            _ => {}
-                        }
-                    }
-                }
-                if let (Some(t), Some(p), Some(o)) = src {
-                    if t == source_topic {
-                        found.insert((p, o));
-                    }
-                }
+    crate::tools::dlq::scan(
+        cfg,
+        dlq,
+        |m| {
+            let info = LetterInfo::of(m);
+            if let (true, Some(p), Some(o)) = (
+                info.source_topic == source_topic,
+                info.source_partition,
+                info.source_offset,
+            ) {
+                found.insert((p, o));
             }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => remaining -= 1,
-            Some(Err(e)) => return Err(format!("reading {dlq}: {e}")),
-            None => {}
-        }
-    }
+            Ok(())
+        },
+        |_, _| {},
+    )?;
     Ok(found)
 }

@@ -2,6 +2,7 @@
 //! real Kafka, with VAULT_IT_KAFKA_BROKERS=host:port). One test binary, to keep builds short.
 
 mod bad_input;
+mod cluster;
 mod common;
 mod demo;
 mod deploy;

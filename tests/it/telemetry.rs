@@ -3,8 +3,6 @@
 //! its HTTP API, that the events stored reached the number produced, that lag drained to zero and
 //! that every dashboard query is valid PromQL. `/healthz` and `/readyz` are checked directly.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -13,32 +11,7 @@ use serde_json::Value;
 use vault::kafka::dead_letter::MemoryDeadLetters;
 use vault::store::MemoryStore;
 
-use crate::common::{settings, unique, wait_until, Kafka, Running};
-
-/// A loopback port that was free a moment ago (Prometheus cannot report a port 0 choice).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-/// `GET path` over HTTP/1.0; returns the status code and the body.
-fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).map_err(|e| e.to_string())?;
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or("no HTTP header")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line: {head}"))?;
-    Ok((status, body.to_owned()))
-}
+use crate::common::{free_port, http_get, settings, unique, wait_until, Kafka, Running};
 
 fn url_encode(s: &str) -> String {
     s.bytes()

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +76,15 @@ pub fn init_logging() {
     });
 }
 
+fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("acks", "all")
+        .create()
+        .expect("test producer")
+}
+
 impl Kafka {
     pub fn start() -> Kafka {
         init_logging();
@@ -85,16 +96,19 @@ impl Kafka {
                 (Some(mock), brokers)
             }
         };
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("linger.ms", "5")
-            .set("acks", "all")
-            .create()
-            .expect("test producer");
         Kafka {
+            producer: producer(&brokers),
             mock,
             brokers,
-            producer,
+        }
+    }
+
+    /// Another handle on an already running Kafka (no fault injection), e.g. for a task.
+    pub fn connect(brokers: &str) -> Kafka {
+        Kafka {
+            mock: None,
+            brokers: brokers.to_owned(),
+            producer: producer(brokers),
         }
     }
 
@@ -415,4 +429,29 @@ pub fn stored_positions(store: &MemoryStore) -> BTreeSet<(i32, i64)> {
         .iter()
         .map(|e| (e.source.partition, e.source.offset))
         .collect()
+}
+
+/// A loopback port that was free a moment ago (Prometheus cannot report a port 0 choice).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// `GET path` over HTTP/1.0; returns the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).map_err(|e| e.to_string())?;
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or("no HTTP header")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line: {head}"))?;
+    Ok((status, body.to_owned()))
 }

@@ -1,0 +1,331 @@
+//! The dead-letter topic, read back: `vault dlq replay` re-publishes dead letters to their source
+//! topic after the cause is fixed (filtered by error kind and time), and `verify` finds which
+//! source messages were dead-lettered. Both read a dead-letter topic from its beginning to the
+//! end it had when the read started, with [`scan`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::dead_letter::headers;
+use crate::tools::progress::Progress;
+
+/// Header a replayed message carries: `<dead-letter topic>/<partition>/<offset>` it came from.
+pub const REPLAYED_FROM: &str = "vault.replayed.from";
+
+/// What a dead letter's headers say about it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LetterInfo {
+    pub kind: String,
+    pub source_topic: String,
+    pub source_partition: Option<i32>,
+    pub source_offset: Option<i64>,
+    /// The source message's timestamp (ms), else the dead letter's own.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl LetterInfo {
+    pub fn of(m: &BorrowedMessage<'_>) -> LetterInfo {
+        let mut info = LetterInfo {
+            timestamp_ms: m.timestamp().to_millis(),
+            ..Default::default()
+        };
+        if let Some(h) = m.headers() {
+            for hdr in h.iter() {
+                let v = hdr
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                match hdr.key {
+                    headers::ERROR_KIND => info.kind = v,
+                    headers::SOURCE_TOPIC => info.source_topic = v,
+                    headers::SOURCE_PARTITION => info.source_partition = v.parse().ok(),
+                    headers::SOURCE_OFFSET => info.source_offset = v.parse().ok(),
+                    headers::SOURCE_TIMESTAMP => {
+                        if let Ok(t) = v.parse() {
+                            info.timestamp_ms = Some(t);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        info
+    }
+}
+
+/// Calls `each` for every message of `topic`, from the beginning of each partition to the end
+/// offset it had when the scan started (messages arriving meanwhile are not waited for).
+/// Returns how many messages were read. A missing topic reads as empty.
+pub fn scan(
+    base: &ClientConfig,
+    topic: &str,
+    mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<(), String>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<u64, String> {
+    let mut cfg = base.clone();
+    cfg.set("group.id", "vault-dlq-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    let consumer: BaseConsumer = cfg
+        .create()
+        .map_err(|e| format!("Kafka client for {topic}: {e}"))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    let mut total = 0u64;
+    for t in md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+    {
+        for p in t.partitions() {
+            let (lo, hi) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .map_err(|e| format!("end offsets of {topic}: {e}"))?;
+            if hi > lo {
+                tpl.add_partition_offset(topic, p.id(), Offset::Offset(lo))
+                    .map_err(|e| e.to_string())?;
+                ends.insert(p.id(), hi);
+                total += (hi - lo) as u64;
+            }
+        }
+    }
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    let mut read = 0u64;
+    let mut idle = std::time::Instant::now();
+    while !ends.is_empty() {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                idle = std::time::Instant::now();
+                let Some(&end) = ends.get(&m.partition()) else {
+                    continue;
+                };
+                if m.offset() < end {
+                    each(&m)?;
+                    read += 1;
+                    progress(read, total);
+                }
+                if m.offset() + 1 >= end {
+                    ends.remove(&m.partition());
+                }
+            }
+            Some(Err(e)) => return Err(format!("reading {topic}: {e}")),
+            None if idle.elapsed() > Duration::from_secs(60) => {
+                return Err(format!(
+                    "reading {topic}: nothing arrived for 60s with partitions {:?} unfinished",
+                    ends.keys().collect::<Vec<_>>()
+                ))
+            }
+            None => {}
+        }
+    }
+    Ok(read)
+}
+
+/// Which dead letters to replay.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    /// Error kinds to replay (`vault.error.kind`); empty: every kind.
+    pub kinds: Vec<String>,
+    /// Only letters whose source timestamp is at or after this (ms since the epoch).
+    pub since_ms: Option<i64>,
+    /// Only letters whose source timestamp is before this (ms since the epoch).
+    pub until_ms: Option<i64>,
+}
+
+impl ReplayFilter {
+    pub fn matches(&self, info: &LetterInfo) -> bool {
+        let kind = self.kinds.is_empty() || self.kinds.contains(&info.kind);
+        let ts = info.timestamp_ms.unwrap_or(i64::MIN);
+        kind && self.since_ms.is_none_or(|s| ts >= s) && self.until_ms.is_none_or(|u| ts < u)
+    }
+}
+
+/// What a replay did.
+#[derive(Debug, Default)]
+pub struct ReplaySummary {
+    pub dead_letter_topic: String,
+    pub scanned: u64,
+    pub matched_by_kind: BTreeMap<String, u64>,
+    pub replayed: u64,
+    pub dry_run: bool,
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for ReplaySummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let matched: u64 = self.matched_by_kind.values().sum();
+        writeln!(f, "dead-letter topic    {}", self.dead_letter_topic)?;
+        writeln!(f, "scanned              {}", self.scanned)?;
+        writeln!(f, "matched              {matched}")?;
+        for (kind, n) in &self.matched_by_kind {
+            writeln!(f, "  {kind:<18} {n}")?;
+        }
+        if self.dry_run {
+            write!(f, "replayed             0 (dry run)")
+        } else {
+            write!(
+                f,
+                "replayed             {} in {:.1}s",
+                self.replayed,
+                self.elapsed.as_secs_f64()
+            )
+        }
+    }
+}
+
+/// Re-publishes the dead letters of `dead_letter_topic` that `filter` selects to the topic they
+/// came from, with their original key, value and timestamp, plus a [`REPLAYED_FROM`] header.
+/// Each is acknowledged by Kafka (`acks=all`, idempotent producer) before the summary is
+/// returned. Running it twice replays twice: events with an `event_id` overwrite their row, those
+/// without get a new one (their id derives from the new offset).
+pub async fn replay(
+    base: &ClientConfig,
+    dead_letter_topic: &str,
+    filter: &ReplayFilter,
+    dry_run: bool,
+) -> Result<ReplaySummary, String> {
+    let started = std::time::Instant::now();
+    let mut pcfg = base.clone();
+    pcfg.set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5");
+    let producer: FutureProducer = pcfg.create().map_err(|e| format!("producer: {e}"))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(), String>>(1024);
+    let base = base.clone();
+    let topic = dead_letter_topic.to_owned();
+    let filter = filter.clone();
+    let scanning = tokio::task::spawn_blocking(move || {
+        let mut summary = ReplaySummary {
+            dead_letter_topic: topic.clone(),
+            dry_run,
+            ..Default::default()
+        };
+        let mut progress = Progress::new("replay", None);
+        let scanned = scan(
+            &base,
+            &topic,
+            |m| {
+                let info = LetterInfo::of(m);
+                if !filter.matches(&info) || info.source_topic.is_empty() {
+                    return Ok(());
+                }
+                *summary
+                    .matched_by_kind
+                    .entry(info.kind.clone())
+                    .or_default() += 1;
+                if dry_run {
+                    return Ok(());
+                }
+                let from = format!("{topic}/{}/{}", m.partition(), m.offset());
+                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&info.source_topic)
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: REPLAYED_FROM,
+                        value: Some(&from),
+                    }));
+                if let Some(k) = m.key() {
+                    record = record.key(k);
+                }
+                if let Some(v) = m.payload() {
+                    record = record.payload(v);
+                }
+                if let Some(ts) = info.timestamp_ms {
+                    record = record.timestamp(ts);
+                }
+                let delivery = loop {
+                    match producer.send_result(record) {
+                        Ok(d) => break d,
+                        Err((e, r)) if is_queue_full(&e) => {
+                            record = r;
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err((e, _)) => return Err(format!("re-publishing {from}: {e}")),
+                    }
+                };
+                let tx = tx.clone();
+                let from2 = from.clone();
+                // Deliveries are awaited on the runtime; the scan thread only enqueues.
+                tokio::runtime::Handle::current().spawn(async move {
+                    let r = match delivery.await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((e, _))) => Err(format!("re-publishing {from2}: {e}")),
+                        Err(_) => Err(format!("re-publishing {from2}: cancelled")),
+                    };
+                    let _ = tx.send(r).await;
+                });
+                Ok(())
+            },
+            |done, total| progress.update(done, &format!("of {total} scanned")),
+        )?;
+        summary.scanned = scanned;
+        progress.finish(scanned, "dead letters scanned");
+        Ok::<_, String>(summary)
+    });
+    // Every sender is gone once the scan has ended and each delivery has reported.
+    let (mut replayed, mut first_error) = (0u64, None);
+    while let Some(r) = rx.recv().await {
+        match r {
+            Ok(()) => replayed += 1,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let summary = scanning.await.map_err(|e| e.to_string())?;
+    if let Some(e) = first_error {
+        return Err(format!("{e} ({replayed} replayed before it)"));
+    }
+    let mut summary = summary?;
+    summary.replayed = replayed;
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+fn is_queue_full(e: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        e,
+        rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(kind: &str, ts: i64) -> LetterInfo {
+        LetterInfo {
+            kind: kind.into(),
+            source_topic: "t".into(),
+            timestamp_ms: Some(ts),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_filter_selects_by_kind_and_half_open_time_range() {
+        let all = ReplayFilter::default();
+        assert!(all.matches(&info("bad_json", 5)));
+        let f = ReplayFilter {
+            kinds: vec!["bad_json".into(), "too_large".into()],
+            since_ms: Some(100),
+            until_ms: Some(200),
+        };
+        assert!(f.matches(&info("bad_json", 100)));
+        assert!(f.matches(&info("too_large", 199)));
+        assert!(!f.matches(&info("bad_json", 200)), "until is exclusive");
+        assert!(!f.matches(&info("bad_json", 99)));
+        assert!(!f.matches(&info("missing_field", 150)));
+    }
+}

@@ -1,0 +1,315 @@
+//! Kafka-side failures: broker faults through the mock cluster under a running pipeline, and a
+//! group of real `vault run` processes scaled 1 → 3 → 1 while events keep arriving. Each test
+//! prints sent, stored, lost and duplicated writes, and asserts nothing is lost.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use vault::kafka::dead_letter::MemoryDeadLetters;
+use vault::store::scylla::ScyllaStore;
+use vault::store::MemoryStore;
+use vault_sandbox::cql::CqlNode;
+
+use crate::common::{
+    free_port, http_get, settings, stored_positions, unique, wait_until, Kafka, Running,
+};
+
+fn report(what: &str, sent: usize, stored: usize, written: usize) {
+    println!(
+        "{what}: sent {sent}, stored {stored}, lost {}, duplicated writes {}",
+        sent.saturating_sub(stored),
+        written.saturating_sub(stored)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_faults_lose_nothing_and_commit_only_what_is_stored() {
+    use RDKafkaRespErr::*;
+    let kafka = Kafka::start();
+    let Some(mock) = kafka.mock() else {
+        println!(
+            "skipped: broker faults need librdkafka's mock cluster (VAULT_IT_KAFKA_BROKERS is set)"
+        );
+        return;
+    };
+    let (topic, group) = (unique("brokers"), unique("g"));
+    let partitions = 4;
+    kafka.create_topic(&topic, partitions).await;
+    let store = MemoryStore::new();
+    let vault = Running::start(
+        settings(&kafka.brokers, &topic, &group),
+        store.clone(),
+        MemoryDeadLetters::default(),
+    );
+    let probe = kafka.probe(&group);
+    let mut produced = BTreeSet::new();
+    let mut next = 0;
+    // Each committed offset must be backed by every earlier event being stored.
+    let check = |committed: Vec<Option<i64>>, produced: &BTreeSet<(i32, i64)>| {
+        let stored = stored_positions(&store);
+        for (p, c) in committed.iter().enumerate() {
+            let Some(c) = c else { continue };
+            for &(pp, o) in produced.iter().filter(|(pp, o)| *pp == p as i32 && o < c) {
+                assert!(
+                    stored.contains(&(pp, o)),
+                    "partition {p} committed {c} but offset {o} is not stored"
+                );
+            }
+        }
+    };
+
+    let phases: [(&str, RDKafkaApiKey, Vec<RDKafkaRespErr>); 4] = [
+        (
+            "fetch errors",
+            RDKafkaApiKey::Fetch,
+            vec![RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 6],
+        ),
+        (
+            "offset-commit errors",
+            RDKafkaApiKey::OffsetCommit,
+            vec![
+                RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+                RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+                RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+            ],
+        ),
+        (
+            "heartbeat errors",
+            RDKafkaApiKey::Heartbeat,
+            vec![RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 3],
+        ),
+        (
+            "join-group errors",
+            RDKafkaApiKey::JoinGroup,
+            vec![RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 2],
+        ),
+    ];
+    for (name, api, errors) in phases {
+        mock.request_errors(api, &errors);
+        produced.extend(kafka.produce_events(&topic, partitions, next, 300).await);
+        next += 300;
+        for _ in 0..10 {
+            check(probe.committed(&topic, partitions).await, &produced);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!("phase {name}: invariant held");
+    }
+    wait_until(
+        "an injected offset-commit error to be seen and retried",
+        Duration::from_secs(30),
+        || {
+            let errors = vault.counter_with("vault_commits_total", "result", "error");
+            async move {
+                if errors > 0.0 {
+                    Ok(())
+                } else {
+                    Err(format!("{errors} commit errors"))
+                }
+            }
+        },
+    )
+    .await;
+
+    // A broker down for 3 s: its partitions stall (fetches and, if it leads the group, commits),
+    // then resume. The events are produced first: produce to a down leader would block.
+    produced.extend(kafka.produce_events(&topic, partitions, next, 300).await);
+    next += 300;
+    mock.broker_down(2).expect("broker down");
+    for _ in 0..30 {
+        check(probe.committed(&topic, partitions).await, &produced);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    mock.broker_up(2).expect("broker up");
+    println!("phase broker 2 down for 3s: invariant held");
+    produced.extend(kafka.produce_events(&topic, partitions, next, 300).await);
+
+    probe
+        .wait_committed_to_end(&topic, partitions, Duration::from_secs(120))
+        .await;
+    let stored = stored_positions(&store);
+    check(probe.committed(&topic, partitions).await, &produced);
+    report(
+        "broker faults",
+        produced.len(),
+        stored.len(),
+        store.writes() as usize,
+    );
+    assert_eq!(
+        stored, produced,
+        "every produced event stored, nothing lost"
+    );
+    vault.stop().await;
+}
+
+/// Partitions a vault process reports as assigned (`vault_assigned_partitions`).
+fn assigned(metrics_addr: &str) -> Result<i64, String> {
+    let (_, body) = http_get(metrics_addr, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("vault_assigned_partitions "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "no vault_assigned_partitions".into())
+}
+
+/// Starts `vault run`; returns the process and its metrics address.
+fn spawn_vault(env: &[(String, String)], log: &std::path::Path) -> (Child, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_vault"))
+        .arg("run")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("VAULT_METRICS_ADDR", &metrics)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("start vault");
+    (child, metrics)
+}
+
+/// SIGTERM, then wait for a clean exit.
+async fn stop(mut child: Child, what: &str) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    wait_until(what, Duration::from_secs(60), || {
+        let exited = child.try_wait().ok().flatten();
+        async move {
+            match exited {
+                Some(s) if s.success() => Ok(()),
+                Some(s) => panic!("{s}"),
+                None => Err("running".into()),
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_scaled_from_one_to_three_processes_and_back_loses_nothing() {
+    let kafka = Kafka::start();
+    let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let (topic, group) = (unique("scale"), unique("g"));
+    let partitions = 6;
+    kafka.create_topic(&topic, partitions).await;
+    let keyspace = unique("s").replace('-', "_");
+    let scylla = vault::config::ScyllaConfig {
+        nodes: vec![node.addr().to_string()],
+        keyspace: keyspace.clone(),
+        ..Default::default()
+    };
+    drop(ScyllaStore::connect(&scylla, true).await.unwrap());
+    let dir = std::env::temp_dir().join(unique("vault-scale"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let env: Vec<(String, String)> = [
+        ("VAULT_KAFKA_BROKERS", kafka.brokers.clone()),
+        ("VAULT_KAFKA_TOPICS", topic.clone()),
+        ("VAULT_KAFKA_GROUP_ID", group.clone()),
+        ("VAULT_KAFKA_SESSION_TIMEOUT", "6s".into()),
+        ("VAULT_KAFKA_COMMIT_INTERVAL", "200ms".into()),
+        ("VAULT_BATCH_MAX_EVENTS", "50".into()),
+        ("VAULT_BATCH_LINGER", "50ms".into()),
+        ("VAULT_SCYLLA_NODES", node.addr().to_string()),
+        ("VAULT_SCYLLA_KEYSPACE", keyspace.clone()),
+        ("VAULT_SCYLLA_CONSISTENCY", "ONE".into()),
+        ("VAULT_LOG_LEVEL", "warn".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+
+    // Events keep arriving during the whole run, from a thread of their own.
+    let producing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let producer = {
+        let (brokers, topic, producing) = (kafka.brokers.clone(), topic.clone(), producing.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("producer runtime");
+            rt.block_on(async {
+                let kafka = Kafka::connect(&brokers);
+                let mut sent = 0;
+                while producing.load(std::sync::atomic::Ordering::Acquire) {
+                    kafka.produce_events(&topic, partitions, sent, 60).await;
+                    sent += 60;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                sent
+            })
+        })
+    };
+
+    let (first, first_addr) = spawn_vault(&env, &dir.join("vault-1.log"));
+    let probe = kafka.probe(&group);
+    // Every process of `addrs` holds at least one partition, and together all of them.
+    let sharing = |addrs: Vec<String>| {
+        move || {
+            let counts: Result<Vec<i64>, String> = addrs.iter().map(|a| assigned(a)).collect();
+            async move {
+                let counts = counts?;
+                let all = counts.iter().sum::<i64>() == i64::from(partitions);
+                if all && counts.iter().all(|c| *c > 0) {
+                    Ok(())
+                } else {
+                    Err(format!("assigned {counts:?}"))
+                }
+            }
+        }
+    };
+    wait_until(
+        "one process owning every partition",
+        Duration::from_secs(30),
+        sharing(vec![first_addr.clone()]),
+    )
+    .await;
+    let (second, second_addr) = spawn_vault(&env, &dir.join("vault-2.log"));
+    let (third, third_addr) = spawn_vault(&env, &dir.join("vault-3.log"));
+    wait_until(
+        "three processes sharing the partitions",
+        Duration::from_secs(60),
+        sharing(vec![first_addr.clone(), second_addr, third_addr]),
+    )
+    .await;
+    println!("scaled to 3 processes");
+    stop(second, "the second process to drain and exit 0").await;
+    stop(third, "the third process to drain and exit 0").await;
+    wait_until(
+        "one process owning every partition again",
+        Duration::from_secs(60),
+        sharing(vec![first_addr]),
+    )
+    .await;
+    println!("scaled back to 1 process");
+
+    producing.store(false, std::sync::atomic::Ordering::Release);
+    let sent = producer.join().expect("producer thread");
+    probe
+        .wait_committed_to_end(&topic, partitions, Duration::from_secs(120))
+        .await;
+    let rows = node
+        .execute(&format!(
+            "SELECT source_partition, source_offset FROM {keyspace}.user_activity"
+        ))
+        .expect("select")
+        .expect("rows")
+        .rows
+        .len();
+    let written: usize = node
+        .requests()
+        .iter()
+        .filter(|r| matches!(r.opcode, "EXECUTE" | "BATCH") && r.statement.contains("INSERT INTO"))
+        .map(|r| r.rows)
+        .sum();
+    report("scale 1 -> 3 -> 1", sent, rows, written);
+    stop(first, "the last process to exit 0").await;
+    assert_eq!(
+        rows,
+        sent,
+        "lost events while scaling (logs in {})",
+        dir.display()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
