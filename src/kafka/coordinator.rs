@@ -72,6 +72,9 @@ pub enum Command {
 
 type Key = (Arc<str>, i32);
 
+/// How often the time-driven partition gauges are refreshed.
+const OBSERVE_EVERY: Duration = Duration::from_secs(1);
+
 struct Running {
     stop: Option<oneshot::Sender<FlushReason>>,
     abort: AbortHandle,
@@ -137,6 +140,8 @@ impl Coordinator {
     ) {
         let mut tick = tokio::time::interval(self.settings.config.kafka.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut observe = tokio::time::interval(OBSERVE_EVERY);
+        observe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -149,10 +154,8 @@ impl Coordinator {
                     self.committing = None;
                     self.on_committed(done);
                 }
-                _ = tick.tick() => {
-                    self.commit_progress();
-                    self.observe_partitions();
-                }
+                _ = tick.tick() => self.commit_progress(),
+                _ = observe.tick() => self.observe_partitions(),
             }
         }
         if let Some(h) = self.committing.take() {
