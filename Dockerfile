@@ -18,9 +18,9 @@ COPY sandbox/src sandbox/src
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin vault
 
 FROM debian:bookworm-slim
-# curl serves the container health check (GET /readyz).
+# libssl3: TLS to Kafka and ScyllaDB; curl serves the container health check.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl \
+ && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin vault
 COPY --from=build /src/target/release/vault /usr/local/bin/vault

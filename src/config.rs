@@ -167,6 +167,19 @@ pub struct ScyllaConfig {
     pub max_batch_bytes: usize,
     /// Write requests in flight at once, per process.
     pub max_concurrent_requests: usize,
+    /// Connect to the nodes over TLS.
+    pub tls: bool,
+    /// PEM file of the certificate authorities that sign the nodes' certificates; empty: the
+    /// system's trusted roots.
+    #[serde(deserialize_with = "lenient_string")]
+    pub tls_ca_file: String,
+    /// Client certificate and key (PEM) for nodes that require mutual TLS; both or neither.
+    #[serde(deserialize_with = "lenient_string")]
+    pub tls_cert_file: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub tls_key_file: String,
+    /// Verify the nodes' certificates. Turn off only to test against self-signed nodes.
+    pub tls_verify: bool,
 }
 
 impl fmt::Debug for ScyllaConfig {
@@ -186,6 +199,11 @@ impl fmt::Debug for ScyllaConfig {
             .field("max_batch_rows", &self.max_batch_rows)
             .field("max_batch_bytes", &self.max_batch_bytes)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("tls", &self.tls)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_verify", &self.tls_verify)
             .finish()
     }
 }
@@ -273,6 +291,11 @@ impl Default for ScyllaConfig {
             max_batch_rows: 100,
             max_batch_bytes: 64 * 1024,
             max_concurrent_requests: 256,
+            tls: false,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_verify: true,
         }
     }
 }
@@ -376,6 +399,23 @@ pub fn load_with_env(
         if !SECTIONS.contains(&section) || key.is_empty() {
             continue;
         }
+        // VAULT_KAFKA_OPTION_SASL_PASSWORD=... is the raw librdkafka option sasl.password.
+        if let Some(option) = (section == "kafka")
+            .then(|| key.strip_prefix("option_"))
+            .flatten()
+            .filter(|o| !o.is_empty())
+        {
+            let option = option.replace('_', ".");
+            fig = fig.merge(Serialized::default(
+                "kafka.options",
+                BTreeMap::from([(option.clone(), value)]),
+            ));
+            origins.push((
+                format!("kafka.options.{option}"),
+                format!("environment variable {name}"),
+            ));
+            continue;
+        }
         let path = format!("{section}.{key}");
         fig = fig.merge(Serialized::default(&path, parse_scalar(&value)));
         origins.push((path, format!("environment variable {name}")));
@@ -385,8 +425,17 @@ pub fn load_with_env(
             .split_once('=')
             .filter(|(k, _)| k.contains('.'))
             .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
-        fig = fig.merge(Serialized::default(key.trim(), parse_scalar(value.trim())));
-        origins.push((key.trim().to_owned(), format!("--set {o}")));
+        let key = key.trim();
+        // --set kafka.options.fetch.wait.max.ms=10: the rest of the key is one librdkafka name.
+        if let Some(option) = key.strip_prefix("kafka.options.") {
+            fig = fig.merge(Serialized::default(
+                "kafka.options",
+                BTreeMap::from([(option.to_owned(), value.trim().to_owned())]),
+            ));
+        } else {
+            fig = fig.merge(Serialized::default(key, parse_scalar(value.trim())));
+        }
+        origins.push((key.to_owned(), format!("--set {o}")));
     }
     fig.extract()
         .map_err(|e| ConfigError::Load(describe_load_error(e, file, &origins)))
@@ -587,6 +636,29 @@ impl Config {
                 "one of ANY, ONE, TWO, THREE, QUORUM, ALL, LOCAL_QUORUM, EACH_QUORUM, LOCAL_ONE",
             ));
         }
+        if s.tls_cert_file.is_empty() != s.tls_key_file.is_empty() {
+            return Err(bad(
+                "scylla.tls_key_file",
+                &s.tls_key_file,
+                "set together with scylla.tls_cert_file (mutual TLS), or neither",
+            ));
+        }
+        for (key, file) in [
+            ("scylla.tls_ca_file", &s.tls_ca_file),
+            ("scylla.tls_cert_file", &s.tls_cert_file),
+            ("scylla.tls_key_file", &s.tls_key_file),
+        ] {
+            if !file.is_empty() && !Path::new(file).is_file() {
+                return Err(bad(key, file, "the path of a readable PEM file"));
+            }
+            if !file.is_empty() && !s.tls {
+                return Err(bad(
+                    "scylla.tls",
+                    "false",
+                    "true when TLS files are given (or remove them)",
+                ));
+            }
+        }
         if s.request_timeout.is_zero() {
             return Err(bad(
                 "scylla.request_timeout",
@@ -786,6 +858,44 @@ mod tests {
         assert_eq!(c.batch.max_events, 30, "cli wins over env and file");
         assert_eq!(c.batch.linger, Duration::from_secs(2), "env wins over file");
         assert_eq!(c.batch.max_in_flight, 2, "file wins over defaults");
+    }
+
+    #[test]
+    fn raw_librdkafka_options_come_from_file_env_and_cli() {
+        let dir = std::env::temp_dir().join(format!("vault-opts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("opts.toml");
+        std::fs::write(
+            &file,
+            "[kafka.options]\n\"security.protocol\" = \"SASL_SSL\"\n\"fetch.wait.max.ms\" = \"100\"\n",
+        )
+        .unwrap();
+        let c = load_with_env(
+            Some(&file),
+            &["kafka.options.fetch.wait.max.ms=10".into()],
+            env(&[
+                ("VAULT_KAFKA_OPTION_SASL_PASSWORD", "hunter2"),
+                ("VAULT_KAFKA_OPTION_FETCH_WAIT_MAX_MS", "50"),
+            ]),
+        )
+        .unwrap();
+        let o = &c.kafka.options;
+        assert_eq!(
+            o["security.protocol"], "SASL_SSL",
+            "the file's options stay"
+        );
+        assert_eq!(o["sasl.password"], "hunter2", "env adds one");
+        assert_eq!(o["fetch.wait.max.ms"], "10", "cli wins over env and file");
+        let err = load_with_env(
+            None,
+            &[],
+            env(&[("VAULT_KAFKA_OPTION_ENABLE_AUTO_COMMIT", "true")]),
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("enable.auto.commit"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

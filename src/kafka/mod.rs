@@ -76,3 +76,25 @@ pub fn to_record(msg: &BorrowedMessage<'_>, topic: &Arc<str>, max_event_bytes: u
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::consumer::BaseConsumer;
+
+    use super::*;
+
+    /// librdkafka is built with OpenSSL, so TLS and SASL/SCRAM options are accepted (a build
+    /// without it refuses `security.protocol = SASL_SSL` when the client is created).
+    #[test]
+    fn tls_and_sasl_scram_are_built_in() {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "tls-check")
+            .set("security.protocol", "SASL_SSL")
+            .set("sasl.mechanisms", "SCRAM-SHA-512")
+            .set("sasl.username", "vault")
+            .set("sasl.password", "secret");
+        let created: Result<BaseConsumer, _> = cfg.create();
+        assert!(created.is_ok(), "{:?}", created.err());
+    }
+}

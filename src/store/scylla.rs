@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use openssl::error::ErrorStack;
+use openssl::ssl::{SslContext, SslContextBuilder, SslFiletype, SslMethod, SslVerifyMode};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -114,6 +116,9 @@ pub async fn connect(c: &ScyllaConfig) -> Result<Session, StoreError> {
     if !c.username.is_empty() {
         builder = builder.user(&c.username, &c.password);
     }
+    if let Some(tls) = tls_context(c)? {
+        builder = builder.tls_context(Some(tls));
+    }
     builder.build().await.map_err(|e| {
         let msg = format!(
             "cannot connect to ScyllaDB at {} (check scylla.nodes / VAULT_SCYLLA_NODES): {e}",
@@ -125,6 +130,43 @@ pub async fn connect(c: &ScyllaConfig) -> Result<Session, StoreError> {
             StoreError::Connection(msg)
         }
     })
+}
+
+/// The TLS context for `scylla.tls`: the nodes' CA (or the system's roots), an optional client
+/// certificate for mutual TLS, and peer verification unless turned off.
+pub fn tls_context(c: &ScyllaConfig) -> Result<Option<SslContext>, StoreError> {
+    if !c.tls {
+        return Ok(None);
+    }
+    let fail =
+        |what: String, e: ErrorStack| StoreError::Connection(format!("scylla TLS: {what}: {e}"));
+    let mut b = SslContextBuilder::new(SslMethod::tls_client())
+        .map_err(|e| fail("cannot create a TLS context".into(), e))?;
+    b.set_verify(if c.tls_verify {
+        SslVerifyMode::PEER
+    } else {
+        SslVerifyMode::NONE
+    });
+    if c.tls_ca_file.is_empty() {
+        b.set_default_verify_paths()
+            .map_err(|e| fail("cannot load the system's trusted roots".into(), e))?;
+    } else {
+        b.set_ca_file(&c.tls_ca_file)
+            .map_err(|e| fail(format!("scylla.tls_ca_file {}", c.tls_ca_file), e))?;
+    }
+    if !c.tls_cert_file.is_empty() {
+        b.set_certificate_chain_file(&c.tls_cert_file)
+            .map_err(|e| fail(format!("scylla.tls_cert_file {}", c.tls_cert_file), e))?;
+        b.set_private_key_file(&c.tls_key_file, SslFiletype::PEM)
+            .map_err(|e| fail(format!("scylla.tls_key_file {}", c.tls_key_file), e))?;
+        b.check_private_key().map_err(|e| {
+            fail(
+                "scylla.tls_key_file does not match scylla.tls_cert_file".into(),
+                e,
+            )
+        })?;
+    }
+    Ok(Some(b.build()))
 }
 
 /// Creates the keyspace and table if missing and waits for schema agreement. Idempotent.

@@ -258,3 +258,88 @@ async fn the_pipeline_stores_every_event_in_scylla_through_write_timeouts() {
     assert_eq!(vault.counter("vault_events_stored_total"), 1500.0);
     vault.stop().await;
 }
+
+/// A self-signed certificate for 127.0.0.1 (also its own CA) and its key, as PEM files.
+fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    use openssl::asn1::Asn1Time;
+    use openssl::bn::BigNum;
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::hash::MessageDigest;
+    use openssl::nid::Nid;
+    use openssl::pkey::PKey;
+    use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
+    use openssl::x509::{X509NameBuilder, X509};
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+    let mut subject = X509NameBuilder::new().unwrap();
+    subject.append_entry_by_text("CN", name).unwrap();
+    let subject = subject.build();
+    let mut b = X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_serial_number(&BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap())
+        .unwrap();
+    b.set_subject_name(&subject).unwrap();
+    b.set_issuer_name(&subject).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(2).unwrap())
+        .unwrap();
+    b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+        .unwrap();
+    let san = SubjectAlternativeName::new()
+        .ip("127.0.0.1")
+        .build(&b.x509v3_context(None, None))
+        .unwrap();
+    b.append_extension(san).unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    let cert = b.build();
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_path, cert.to_pem().unwrap()).unwrap();
+    std::fs::write(&key_path, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    (cert_path, key_path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verifies_the_node_and_carries_the_writes() {
+    let dir = std::env::temp_dir().join(unique("vault-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = self_signed(&dir, "node");
+    let (stranger, _) = self_signed(&dir, "stranger");
+    let node = CqlNode::start_tls(SocketAddr::from(([127, 0, 0, 1], 0)), &cert, &key)
+        .await
+        .expect("TLS stand-in starts");
+    let mut c = scylla_config(&node.addr().to_string());
+    c.tls = true;
+    c.tls_ca_file = cert.display().to_string();
+    c.request_timeout = Duration::from_secs(2);
+
+    let store = ScyllaStore::connect(&c, true)
+        .await
+        .expect("TLS session to a node signed by the configured CA");
+    let batch = events(3, 30, 0);
+    store
+        .write(&batch.iter().collect::<Vec<_>>())
+        .await
+        .expect("write over TLS");
+    assert_eq!(node.row_count(&c.keyspace, "user_activity"), 30);
+
+    // A node the configured CA did not sign is refused; so is a plaintext client.
+    let mut wrong_ca = c.clone();
+    wrong_ca.tls_ca_file = stranger.display().to_string();
+    assert!(ScyllaStore::connect(&wrong_ca, false).await.is_err());
+    let mut plain = c.clone();
+    plain.tls = false;
+    plain.tls_ca_file.clear();
+    assert!(ScyllaStore::connect(&plain, false).await.is_err());
+    // Verification off (self-signed test nodes only) connects whatever signed the node.
+    let mut unverified = wrong_ca.clone();
+    unverified.tls_verify = false;
+    ScyllaStore::connect(&unverified, false)
+        .await
+        .expect("TLS without verification");
+    let _ = std::fs::remove_dir_all(&dir);
+}

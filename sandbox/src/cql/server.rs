@@ -5,13 +5,17 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use openssl::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio_openssl::SslStream;
 use tracing::{debug, warn};
 
 use crate::cql::engine::{Database, EngineError, Outcome, Prepared, RowSet, Value};
@@ -54,6 +58,30 @@ pub struct CqlNode {
 impl CqlNode {
     /// Starts a node on `addr` (use port 0 for an ephemeral port on 127.0.0.1).
     pub async fn start(addr: SocketAddr) -> std::io::Result<CqlNode> {
+        Self::start_with(addr, None).await
+    }
+
+    /// Starts a node that speaks CQL over TLS only, with this certificate chain and key (PEM).
+    pub async fn start_tls(
+        addr: SocketAddr,
+        cert_chain: &Path,
+        key: &Path,
+    ) -> std::io::Result<CqlNode> {
+        let tls = || -> Result<SslAcceptor, openssl::error::ErrorStack> {
+            let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
+            b.set_certificate_chain_file(cert_chain)?;
+            b.set_private_key_file(key, SslFiletype::PEM)?;
+            b.check_private_key()?;
+            Ok(b.build())
+        };
+        let acceptor = tls().map_err(std::io::Error::other)?;
+        Self::start_with(addr, Some(Arc::new(acceptor))).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        tls: Option<Arc<SslAcceptor>>,
+    ) -> std::io::Result<CqlNode> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let ip = match addr.ip() {
@@ -82,7 +110,20 @@ impl CqlNode {
                                 continue;
                             }
                             let _ = sock.set_nodelay(true);
-                            tokio::spawn(serve(sock, s.clone(), stopped.clone()));
+                            match &tls {
+                                None => {
+                                    tokio::spawn(serve(sock, s.clone(), stopped.clone()));
+                                }
+                                Some(acceptor) => {
+                                    let (acceptor, s, stopped) = (acceptor.clone(), s.clone(), stopped.clone());
+                                    tokio::spawn(async move {
+                                        match tls_accept(&acceptor, sock).await {
+                                            Ok(stream) => serve(stream, s, stopped).await,
+                                            Err(e) => debug!(error = %e, "TLS handshake failed."),
+                                        }
+                                    });
+                                }
+                            }
                         }
                         Err(e) => warn!(error = %e, "CQL stand-in accept failed."),
                     }
@@ -187,8 +228,24 @@ enum Out {
     Close,
 }
 
-async fn serve(sock: TcpStream, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
-    let (mut rd, mut wr) = sock.into_split();
+async fn tls_accept(
+    acceptor: &SslAcceptor,
+    sock: TcpStream,
+) -> Result<SslStream<TcpStream>, String> {
+    let ssl = Ssl::new(acceptor.context()).map_err(|e| e.to_string())?;
+    let mut stream = SslStream::new(ssl, sock).map_err(|e| e.to_string())?;
+    std::pin::Pin::new(&mut stream)
+        .accept()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+async fn serve<S>(sock: S, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(sock);
     let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
     let writer = tokio::spawn(async move {
         while let Some(out) = rx.recv().await {

@@ -1,0 +1,645 @@
+//! `make bench`: vault measured against the two limits it sits between, in one run, on one
+//! broker and one data set.
+//!
+//! - baseline A: a raw rdkafka consumer draining the topic (no parsing, no writing): the
+//!   consume limit;
+//! - baseline B: concurrent prepared inserts straight to the CQL stand-in: the write limit;
+//! - vault end to end (the real binary, as a process) with the null store and with the ScyllaDB
+//!   store against the stand-in;
+//! - produce → commit latency at a fixed low rate.
+//!
+//! The data: `vault produce` (realistic events of ~230 B, Zipf-skewed users) into librdkafka's
+//! mock cluster hosted by this process. The mock keeps ~5 MiB per partition, so a backlog of N
+//! events is spread over enough partitions to fit (64 for a million). Figures are written to
+//! target/bench/results.{json,md}; ratios to the baselines are the headline.
+//!
+//! BENCH_SCALE=0.1 runs everything on a tenth of the data (a quick check).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use vault_sandbox::cql::CqlNode;
+
+const VAULT: &str = env!("CARGO_BIN_EXE_vault");
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes --bench; a child started by this harness passes raw-consume.
+    if args.get(1).map(String::as_str) == Some("raw-consume") {
+        raw_consume(&args[2], &args[3], args[4].parse().expect("count"));
+        return;
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        // `cargo test --all-targets` runs bench targets once as tests: nothing to check here.
+        println!("throughput: a benchmark; run it with `make bench`");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run());
+}
+
+fn say(what: &str) {
+    eprintln!("\n==> {what}");
+}
+
+/// Baseline A, in a process of its own: reads `count` messages from every partition of `topic`
+/// (assigned, no group), touching each payload, and prints its figures as JSON.
+fn raw_consume(brokers: &str, topic: &str, count: u64) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "bench-raw")
+        .set("enable.auto.commit", "false")
+        .set("queued.max.messages.kbytes", "8192")
+        .create()
+        .expect("raw consumer");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).expect("assign");
+    let (mut n, mut bytes) = (0u64, 0usize);
+    let mut started = None;
+    while n < count {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            if started.is_none() {
+                started = Some((Instant::now(), cpu_seconds(std::process::id())));
+            }
+            bytes += m.payload().map_or(0, <[u8]>::len);
+            n += 1;
+        }
+    }
+    let (t0, cpu0) = started.expect("read something");
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(std::process::id()) - cpu0;
+    println!(
+        "{}",
+        json!({"events": n, "bytes": bytes, "seconds": secs, "cpu_seconds": cpu,
+               "peak_rss_mib": peak_rss_mib(std::process::id())})
+    );
+}
+
+/// user + system CPU seconds of a process, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat; after the ")" they are the 12th and 13th.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Peak resident set size (VmHWM) of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The sum of a metric over its series, scraped from a vault process.
+fn scrape(addr: &str, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(
+        body.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+/// Per partition, each committed offset seen and when it was first seen.
+type CommitTimeline = BTreeMap<i32, Vec<(i64, Instant)>>;
+
+struct Bench {
+    mock: MockCluster<'static, DefaultProducerContext>,
+    brokers: String,
+    node: CqlNode,
+    scale: f64,
+}
+
+/// What one vault run measured.
+struct VaultRun {
+    events: u64,
+    seconds: f64,
+    cpu_seconds: f64,
+    peak_rss_mib: f64,
+}
+
+impl Bench {
+    fn n(&self, full: u64) -> u64 {
+        ((full as f64 * self.scale) as u64).max(1000)
+    }
+
+    fn env(&self, topic: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("VAULT_KAFKA_BROKERS", self.brokers.clone()),
+            ("VAULT_KAFKA_TOPICS", topic.into()),
+            ("VAULT_SCYLLA_NODES", self.node.addr().to_string()),
+            ("VAULT_SCYLLA_KEYSPACE", "bench".into()),
+            ("VAULT_SCYLLA_CONSISTENCY", "ONE".into()),
+            ("VAULT_LOG_LEVEL", "warn".into()),
+        ]
+    }
+
+    /// A topic holding `count` events made by `vault produce`.
+    fn topic_with(&self, name: &str, partitions: i32, count: u64) {
+        self.mock
+            .create_topic(name, partitions, 1)
+            .expect("create topic");
+        say(&format!(
+            "Producing {count} events into {name} ({partitions} partitions) with vault produce"
+        ));
+        let status = Command::new(VAULT)
+            .args([
+                "produce",
+                "--count",
+                &count.to_string(),
+                "--users",
+                "100000",
+            ])
+            .envs(self.env(name))
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .status()
+            .expect("vault produce");
+        assert!(status.success(), "vault produce failed");
+    }
+
+    fn baseline_a(&self, topic: &str, count: u64) -> Value {
+        say(&format!(
+            "Baseline A: raw rdkafka consumer draining {topic}"
+        ));
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["raw-consume", &self.brokers, topic, &count.to_string()])
+            .output()
+            .expect("raw consumer");
+        assert!(out.status.success(), "raw consumer failed");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("raw consumer figures");
+        eprintln!(
+            "    {:.0} events/s",
+            v["events"].as_f64().unwrap() / v["seconds"].as_f64().unwrap()
+        );
+        v
+    }
+
+    /// Runs `vault run` on `topic` until it has stored `count` events; measures from its first
+    /// consumed event to the last stored one.
+    async fn vault(&self, what: &str, topic: &str, count: u64, extra: &[(&str, &str)]) -> VaultRun {
+        say(&format!("vault end to end, {what}: {count} events"));
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut child: Child = Command::new(VAULT)
+            .arg("run")
+            .envs(self.env(topic))
+            .env(
+                "VAULT_KAFKA_GROUP_ID",
+                format!("bench-{topic}-{}", free_port()),
+            )
+            .env("VAULT_METRICS_ADDR", &metrics)
+            .envs(extra.iter().map(|(k, v)| (*k, *v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("vault run");
+        let pid = child.id();
+        let mut start = None;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut last_report = Instant::now();
+        let (end, stored) = loop {
+            assert!(Instant::now() < deadline, "vault did not finish in time");
+            assert!(child.try_wait().unwrap().is_none(), "vault exited early");
+            let consumed = scrape(&metrics, "vault_events_consumed_total").unwrap_or(0.0);
+            if start.is_none() && consumed > 0.0 {
+                start = Some((Instant::now(), cpu_seconds(pid)));
+            }
+            let stored = scrape(&metrics, "vault_events_stored_total").unwrap_or(0.0) as u64;
+            if stored >= count {
+                break (Instant::now(), stored);
+            }
+            if last_report.elapsed() > Duration::from_secs(2) {
+                eprintln!("    stored {stored}/{count}");
+                last_report = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let cpu = cpu_seconds(pid);
+        let rss = peak_rss_mib(pid);
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let _ = child.wait();
+        let (t0, cpu0) = start.expect("consumption started");
+        let run = VaultRun {
+            events: stored,
+            seconds: (end - t0).as_secs_f64(),
+            cpu_seconds: cpu - cpu0,
+            peak_rss_mib: rss,
+        };
+        eprintln!(
+            "    {:.0} events/s, {:.2} µs CPU/event, peak RSS {:.1} MiB",
+            run.events as f64 / run.seconds,
+            run.cpu_seconds * 1e6 / run.events as f64,
+            run.peak_rss_mib
+        );
+        run
+    }
+
+    /// Baseline B: `count` prepared inserts, `concurrency` at a time, straight to the stand-in.
+    async fn baseline_b(&self, count: u64, concurrency: usize) -> Value {
+        say(&format!(
+            "Baseline B: {count} concurrent prepared inserts to the CQL stand-in"
+        ));
+        let cfg = vault::config::ScyllaConfig {
+            nodes: vec![self.node.addr().to_string()],
+            keyspace: "bench".into(),
+            consistency: "ONE".into(),
+            ..Default::default()
+        };
+        let session = vault::store::scylla::connect(&cfg).await.expect("session");
+        vault::store::scylla::migrate(&session, &cfg)
+            .await
+            .expect("migrate");
+        let mut insert = session
+            .prepare(
+                "INSERT INTO bench.user_activity (user_id, day, occurred_at, event_id, event_type, \
+                 attributes, payload, source_topic, source_partition, source_offset, ingested_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .await
+            .expect("prepare");
+        insert.set_is_idempotent(true);
+        let payload = vec![b'x'; 230];
+        let done = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        stream::iter(0..count)
+            .map(|i| {
+                let (session, insert, payload) = (&session, &insert, payload.clone());
+                async move {
+                    let values = (
+                        format!("b-{}", i % 100_000),
+                        scylla::value::CqlDate((1u32 << 31) + 20_000),
+                        scylla::value::CqlTimestamp(1_700_000_000_000 + i as i64),
+                        uuid::Uuid::from_u128(i as u128),
+                        "page_view",
+                        "{}",
+                        payload,
+                        "bench",
+                        0i32,
+                        i as i64,
+                        scylla::value::CqlTimestamp(1_700_000_000_000),
+                    );
+                    session
+                        .execute_unpaged(insert, values)
+                        .await
+                        .expect("insert");
+                }
+            })
+            .buffer_unordered(concurrency)
+            .for_each(|_| {
+                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if n % 50_000 == 0 {
+                    eprintln!("    {n}/{count}");
+                }
+                std::future::ready(())
+            })
+            .await;
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!("    {:.0} inserts/s", count as f64 / secs);
+        json!({"events": count, "seconds": secs, "concurrency": concurrency})
+    }
+
+    /// Produces at `rate` events/s for `seconds` into a fresh topic while vault (ScyllaDB store)
+    /// runs; returns each event's produce → commit latency in milliseconds.
+    async fn latency(&self, rate: u64, seconds: u64, extra: &[(&str, &str)]) -> Vec<f64> {
+        let topic = "bench-latency";
+        let partitions = 8;
+        self.mock.create_topic(topic, partitions, 1).expect("topic");
+        say(&format!(
+            "produce -> commit latency at {rate} events/s for {seconds}s"
+        ));
+        let group = format!("bench-latency-{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(VAULT)
+            .arg("run")
+            .envs(self.env(topic))
+            .env("VAULT_KAFKA_GROUP_ID", &group)
+            .env("VAULT_METRICS_ADDR", &metrics)
+            .envs(extra.iter().map(|(k, v)| (*k, *v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("vault run");
+        // Wait until vault holds the partitions.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while scrape(&metrics, "vault_assigned_partitions").unwrap_or(0.0) < partitions as f64 {
+            assert!(Instant::now() < deadline, "vault did not join");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("linger.ms", "0")
+            .create()
+            .expect("producer");
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("probe");
+        let probe = Arc::new(probe);
+        // Sent (partition, offset) → send instant, filled as deliveries arrive.
+        let sent: Arc<std::sync::Mutex<BTreeMap<(i32, i64), Instant>>> = Arc::default();
+        let total = rate * seconds;
+        let producing = {
+            let sent = sent.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+                let mut pending = Vec::new();
+                for i in 0..total {
+                    tick.tick().await;
+                    let value = format!(
+                        r#"{{"user_id":"lat-{}","event_type":"click","occurred_at":"{}"}}"#,
+                        i % 500,
+                        chrono::Utc::now().to_rfc3339()
+                    );
+                    let key = format!("lat-{}", i % 500);
+                    let at = Instant::now();
+                    let record = FutureRecord::to(topic)
+                        .key(key.as_bytes())
+                        .payload(value.as_bytes());
+                    let d = producer
+                        .send_result(record)
+                        .map_err(|(e, _)| e)
+                        .expect("send");
+                    pending.push((at, d));
+                }
+                for (at, d) in pending {
+                    let delivered = d.await.expect("producer").expect("delivered");
+                    sent.lock()
+                        .unwrap()
+                        .insert((delivered.partition, delivered.offset), at);
+                }
+            }
+        };
+        // Committed offsets sampled every 5 ms: an event counts as committed at the first sample
+        // whose committed offset is past it.
+        let committed_at: Arc<std::sync::Mutex<CommitTimeline>> = Arc::default();
+        let sampling = {
+            let (probe, committed_at) = (probe.clone(), committed_at.clone());
+            tokio::task::spawn_blocking(move || {
+                let stop = Instant::now() + Duration::from_secs(seconds + 10);
+                while Instant::now() < stop {
+                    let mut tpl = TopicPartitionList::new();
+                    for p in 0..partitions {
+                        tpl.add_partition(topic, p);
+                    }
+                    if let Ok(c) = probe.committed_offsets(tpl, Duration::from_secs(2)) {
+                        let now = Instant::now();
+                        let mut map = committed_at.lock().unwrap();
+                        for e in c.elements() {
+                            if let Offset::Offset(o) = e.offset() {
+                                let v = map.entry(e.partition()).or_default();
+                                if v.last().is_none_or(|(last, _)| *last < o) {
+                                    v.push((o, now));
+                                }
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        producing.await;
+        sampling.await.unwrap();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        let sent = sent.lock().unwrap();
+        let committed = committed_at.lock().unwrap();
+        let mut latencies = Vec::with_capacity(sent.len());
+        for (&(p, o), &at) in sent.iter() {
+            let when = committed
+                .get(&p)
+                .and_then(|v| v.iter().find(|(c, _)| *c > o))
+                .map(|(_, t)| *t);
+            match when {
+                Some(t) => latencies.push(t.saturating_duration_since(at).as_secs_f64() * 1e3),
+                None => panic!("event {p}/{o} was never committed"),
+            }
+        }
+        latencies.sort_by(f64::total_cmp);
+        latencies
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn run() {
+    let scale: f64 = std::env::var("BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let brokers = mock.bootstrap_servers();
+    let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("CQL stand-in");
+    let bench = Bench {
+        mock,
+        brokers,
+        node,
+        scale,
+    };
+    let big = bench.n(1_000_000);
+    let small = bench.n(100_000);
+    let scylla_n = bench.n(200_000);
+    let partitions = 64;
+
+    bench.topic_with("bench-1m", partitions, big);
+    let a = bench.baseline_a("bench-1m", big);
+    let null_big = bench
+        .vault(
+            "null store",
+            "bench-1m",
+            big,
+            &[("VAULT_PIPELINE_STORE", "null")],
+        )
+        .await;
+    bench.topic_with("bench-100k", partitions, small);
+    let null_small = bench
+        .vault(
+            "null store",
+            "bench-100k",
+            small,
+            &[("VAULT_PIPELINE_STORE", "null")],
+        )
+        .await;
+    let b = bench.baseline_b(bench.n(100_000), 256).await;
+    bench.topic_with("bench-scylla", partitions, scylla_n);
+    bench.node.clear_requests();
+    let scylla = bench
+        .vault(
+            "ScyllaDB store (CQL stand-in)",
+            "bench-scylla",
+            scylla_n,
+            &[],
+        )
+        .await;
+    let requests = bench
+        .node
+        .requests()
+        .iter()
+        .filter(|r| matches!(r.opcode, "EXECUTE" | "BATCH") && r.statement.contains("INSERT"))
+        .count();
+    let linger_ms = 250.0;
+    let latencies = bench
+        .latency(1000, 15, &[("VAULT_KAFKA_COMMIT_INTERVAL", "10ms")])
+        .await;
+
+    // Figures and ratios.
+    let a_rate = a["events"].as_f64().unwrap() / a["seconds"].as_f64().unwrap();
+    let a_cpu_us = a["cpu_seconds"].as_f64().unwrap() * 1e6 / a["events"].as_f64().unwrap();
+    let b_rate = b["events"].as_f64().unwrap() / b["seconds"].as_f64().unwrap();
+    let rate = |r: &VaultRun| r.events as f64 / r.seconds;
+    let cpu_us = |r: &VaultRun| r.cpu_seconds * 1e6 / r.events as f64;
+    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    let results = json!({
+        "scale": scale,
+        "data": {"partitions": partitions, "events_1m": big, "events_100k": small,
+                 "events_scylla": scylla_n, "event_bytes_mean": a["bytes"].as_f64().unwrap() / a["events"].as_f64().unwrap()},
+        "baseline_a_raw_consumer": {"events_per_s": a_rate, "cpu_us_per_event": a_cpu_us, "peak_rss_mib": a["peak_rss_mib"]},
+        "baseline_b_cql_inserts": {"events_per_s": b_rate, "concurrency": b["concurrency"]},
+        "vault_null_1m": {"events_per_s": rate(&null_big), "cpu_us_per_event": cpu_us(&null_big),
+                          "cpu_s_per_million": cpu_us(&null_big), "peak_rss_mib": null_big.peak_rss_mib,
+                          "ratio_to_a": rate(&null_big) / a_rate, "cpu_ratio_to_a": cpu_us(&null_big) / a_cpu_us},
+        "vault_null_100k": {"events_per_s": rate(&null_small), "peak_rss_mib": null_small.peak_rss_mib},
+        "vault_scylla": {"events_per_s": rate(&scylla), "cpu_us_per_event": cpu_us(&scylla),
+                         "peak_rss_mib": scylla.peak_rss_mib, "ratio_to_b": rate(&scylla) / b_rate,
+                         "cql_requests_per_event": requests as f64 / scylla_n as f64},
+        "latency_1k_per_s": {"events": latencies.len(), "p50_ms": p50, "p99_ms": p99,
+                             "linger_ms": linger_ms, "commit_interval_ms": 10},
+        "targets": {
+            "null_store_rate_ge_0.95_a": rate(&null_big) / a_rate >= 0.95,
+            "cpu_per_event_le_5.5_a": cpu_us(&null_big) / a_cpu_us <= 5.5,
+            "rss_1m_le_100_mib": null_big.peak_rss_mib <= 100.0,
+            "rss_1m_le_1.2_100k": null_big.peak_rss_mib <= 1.2 * null_small.peak_rss_mib,
+            "p99_le_linger_plus_25ms": p99 <= linger_ms + 25.0,
+        }
+    });
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "| run | events/s | vs baseline | CPU µs/event (s per 1M) | peak RSS MiB |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+    let _ = writeln!(md, "| A: raw rdkafka consumer ({big} events, {partitions} partitions) | {a_rate:.0} | 1.00× A | {a_cpu_us:.2} | {:.1} |", a["peak_rss_mib"].as_f64().unwrap());
+    let _ = writeln!(
+        md,
+        "| vault, null store, {big} backlog | {:.0} | {:.2}× A | {:.2} ({:.2}× A) | {:.1} |",
+        rate(&null_big),
+        rate(&null_big) / a_rate,
+        cpu_us(&null_big),
+        cpu_us(&null_big) / a_cpu_us,
+        null_big.peak_rss_mib
+    );
+    let _ = writeln!(
+        md,
+        "| vault, null store, {small} backlog | {:.0} | {:.2}× A | {:.2} | {:.1} |",
+        rate(&null_small),
+        rate(&null_small) / a_rate,
+        cpu_us(&null_small),
+        null_small.peak_rss_mib
+    );
+    let _ = writeln!(
+        md,
+        "| B: prepared inserts to the CQL stand-in (256 concurrent) | {b_rate:.0} | 1.00× B | | |"
+    );
+    let _ = writeln!(md, "| vault, ScyllaDB store (stand-in), {scylla_n} events | {:.0} | {:.2}× B | {:.2} | {:.1} |", rate(&scylla), rate(&scylla) / b_rate, cpu_us(&scylla), scylla.peak_rss_mib);
+    let _ = writeln!(md);
+    let _ = writeln!(
+        md,
+        "CQL requests per event (ScyllaDB store): {:.3}",
+        requests as f64 / scylla_n as f64
+    );
+    let _ = writeln!(md, "produce → commit latency at 1,000 events/s (linger 250 ms, commit_interval 10 ms, ScyllaDB store): p50 {p50:.0} ms, p99 {p99:.0} ms over {} events", latencies.len());
+    let _ = writeln!(md);
+    let _ = writeln!(md, "| target | result |\n|---|---|");
+    for (k, v) in results["targets"].as_object().unwrap() {
+        let _ = writeln!(
+            md,
+            "| {k} | {} |",
+            if v.as_bool() == Some(true) {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&results).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("results.md"), &md).unwrap();
+    say("Summary (target/bench/results.md, target/bench/results.json)");
+    println!("{md}");
+}
