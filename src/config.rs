@@ -71,6 +71,9 @@ pub struct KafkaConfig {
     pub commit_interval: Duration,
     /// Dead-letter topic; `{topic}` is replaced by the source topic.
     pub dead_letter_topic: String,
+    /// Bytes of fetched, not yet read messages librdkafka may hold, shared among the subscribed
+    /// topics' partitions.
+    pub prefetch_bytes: usize,
     /// Raw librdkafka options for the consumer and the dead-letter producer (security, tuning).
     pub options: BTreeMap<String, String>,
 }
@@ -242,6 +245,7 @@ impl Default for KafkaConfig {
             session_timeout: Duration::from_secs(45),
             commit_interval: Duration::from_secs(1),
             dead_letter_topic: "{topic}.dlq".into(),
+            prefetch_bytes: 256 << 20,
             options: BTreeMap::new(),
         }
     }
@@ -523,6 +527,13 @@ impl Config {
                 "kafka.auto_offset_reset",
                 &k.auto_offset_reset,
                 "earliest or latest",
+            ));
+        }
+        if k.prefetch_bytes < 1 << 20 {
+            return Err(bad(
+                "kafka.prefetch_bytes",
+                k.prefetch_bytes,
+                "at least 1048576 (1 MiB)",
             ));
         }
         if k.commit_interval.is_zero() {

@@ -90,12 +90,12 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             cfg.pipeline.revoke_timeout,
             metrics.clone(),
         );
+        let partitions = check_topics(&settings).await?;
         let consumer: Arc<VaultConsumer> = Arc::new(VaultConsumer::from_config_and_context(
-            &kafka::consumer_config(&settings),
+            &kafka::consumer_config(&settings, partitions),
             context,
         )?);
         consumer.context().bind(&consumer);
-        check_topics(&consumer, &settings).await?;
         let topics: Vec<&str> = cfg.kafka.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, "Subscribed.");
@@ -183,16 +183,16 @@ async fn poll_main_queue(
     }
 }
 
-/// Fails fast, with a message saying what to fix, when a configured topic does not exist.
-async fn check_topics(
-    consumer: &Arc<VaultConsumer>,
-    settings: &Arc<Settings>,
-) -> Result<(), Error> {
-    let consumer = consumer.clone();
+/// Fails fast, with a message saying what to fix, when a configured topic does not exist;
+/// otherwise returns how many partitions the configured topics have in all.
+async fn check_topics(settings: &Arc<Settings>) -> Result<usize, Error> {
     let settings = settings.clone();
     tokio::task::spawn_blocking(move || {
+        let client: rdkafka::consumer::BaseConsumer =
+            kafka::base_client_config(&settings).create()?;
+        let mut partitions = 0;
         for topic in &settings.config.kafka.topics {
-            let md = consumer
+            let md = client
                 .fetch_metadata(Some(topic), Duration::from_secs(15))
                 .map_err(|source| Error::Unreachable {
                     brokers: settings.config.kafka.brokers.clone(),
@@ -201,12 +201,11 @@ async fn check_topics(
             let found = md
                 .topics()
                 .iter()
-                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-            if !found {
-                return Err(Error::MissingTopic(topic.clone()));
-            }
+                .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+                .ok_or_else(|| Error::MissingTopic(topic.clone()))?;
+            partitions += found.partitions().len();
         }
-        Ok(())
+        Ok(partitions)
     })
     .await
     .map_err(|e| Error::Task(format!("topic check: {e}")))?

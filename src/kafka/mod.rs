@@ -30,7 +30,11 @@ pub fn base_client_config(settings: &Settings) -> ClientConfig {
 
 /// The consumer's configuration. Offsets are committed explicitly by the coordinator, only for
 /// durable batches; librdkafka never commits or stores an offset on its own.
-pub fn consumer_config(settings: &Settings) -> ClientConfig {
+///
+/// `partitions` is how many partitions the subscribed topics have in all: librdkafka's prefetch
+/// limits apply per partition, so `kafka.prefetch_bytes` is shared out among them and the
+/// memory held in fetched-but-unread messages stays bounded however many partitions there are.
+pub fn consumer_config(settings: &Settings, partitions: usize) -> ClientConfig {
     let k = &settings.config.kafka;
     let mut cfg = base_client_config(settings);
     cfg.set("group.id", &k.group_id)
@@ -43,19 +47,27 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
             "session.timeout.ms",
             k.session_timeout.as_millis().to_string(),
         );
-    if !k.options.contains_key("queued.max.messages.kbytes") {
-        // librdkafka prefetches up to this much per partition; its 64 MiB default would dwarf
-        // everything else vault holds in memory.
-        cfg.set("queued.max.messages.kbytes", "8192");
-    }
-    if !k.options.contains_key("statistics.interval.ms") {
+    let queued_kbytes = queued_kbytes_per_partition(k.prefetch_bytes, partitions);
+    for (key, value) in [
+        ("queued.max.messages.kbytes", queued_kbytes.to_string()),
         // Feeds vault_consumer_lag (see the context's stats callback).
-        cfg.set("statistics.interval.ms", "5000");
+        ("statistics.interval.ms", "5000".to_string()),
+    ] {
+        if !k.options.contains_key(key) {
+            cfg.set(key, value);
+        }
     }
     if !k.instance_id.is_empty() {
         cfg.set("group.instance.id", &k.instance_id);
     }
     cfg
+}
+
+/// librdkafka's per-partition prefetch limit (`queued.max.messages.kbytes`) for a total budget:
+/// the budget shared out among the partitions, at least 64 KiB and at most librdkafka's usual
+/// 8 MiB each.
+pub fn queued_kbytes_per_partition(budget: usize, partitions: usize) -> usize {
+    (budget / partitions.max(1)).clamp(64 << 10, 8 << 20) / 1024
 }
 
 /// Decodes a Kafka message into a record: a valid event, or a dead letter with its context.
@@ -85,6 +97,22 @@ mod tests {
 
     /// librdkafka is built with OpenSSL, so TLS and SASL/SCRAM options are accepted (a build
     /// without it refuses `security.protocol = SASL_SSL` when the client is created).
+    #[test]
+    fn the_prefetch_budget_is_shared_among_partitions() {
+        assert_eq!(queued_kbytes_per_partition(256 << 20, 64), 4096);
+        assert_eq!(
+            queued_kbytes_per_partition(256 << 20, 12),
+            8192,
+            "capped at librdkafka's usual 8 MiB"
+        );
+        assert_eq!(
+            queued_kbytes_per_partition(256 << 20, 10_000),
+            64,
+            "at least 64 KiB"
+        );
+        assert_eq!(queued_kbytes_per_partition(1 << 20, 0), 1024);
+    }
+
     #[test]
     fn tls_and_sasl_scram_are_built_in() {
         let mut cfg = ClientConfig::new();
