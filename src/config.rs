@@ -117,6 +117,9 @@ pub struct PipelineConfig {
     pub store: StoreKind,
     /// Persister tasks (batches written concurrently across all partitions).
     pub persisters: usize,
+    /// Bytes (Kafka values) of batches flushed and not yet acknowledged, across all partitions
+    /// of the process; a partition whose batch does not fit waits and stops reading.
+    pub max_in_flight_bytes: usize,
     /// Larger Kafka values are invalid (dead-lettered).
     pub max_event_bytes: usize,
     pub on_invalid: InvalidPolicy,
@@ -267,6 +270,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             store: StoreKind::Scylla,
             persisters: 8,
+            max_in_flight_bytes: 16 << 20,
             max_event_bytes: 1024 * 1024,
             on_invalid: InvalidPolicy::DeadLetter,
             retry_initial_backoff: Duration::from_millis(100),
@@ -584,6 +588,13 @@ impl Config {
             return Err(bad("batch.max_in_flight", b.max_in_flight, "1 to 1024"));
         }
         let p = &self.pipeline;
+        if p.max_in_flight_bytes < 1 << 20 {
+            return Err(bad(
+                "pipeline.max_in_flight_bytes",
+                p.max_in_flight_bytes,
+                "at least 1048576 (1 MiB)",
+            ));
+        }
         if p.persisters == 0 || p.persisters > 4096 {
             return Err(bad("pipeline.persisters", p.persisters, "1 to 4096"));
         }

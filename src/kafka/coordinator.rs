@@ -31,7 +31,7 @@ use crate::config::Settings;
 use crate::kafka::context::{VaultConsumer, VaultContext};
 use crate::kafka::offsets::SharedOffset;
 use crate::kafka::to_record;
-use crate::pipeline::batch::Batch;
+use crate::pipeline::batch::{Batch, InFlightBudget};
 use crate::pipeline::batcher::{Exit, OldestPending, PartitionTask};
 use crate::pipeline::flush::FlushReason;
 use crate::telemetry::{Health, Metrics};
@@ -92,6 +92,7 @@ pub struct Coordinator {
     consumer: Arc<VaultConsumer>,
     settings: Arc<Settings>,
     persist: async_channel::Sender<Batch>,
+    budget: InFlightBudget,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     running: HashMap<Key, Running>,
@@ -115,10 +116,12 @@ impl Coordinator {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Self {
+        let budget = InFlightBudget::new(settings.config.pipeline.max_in_flight_bytes);
         Coordinator {
             consumer,
             settings,
             persist,
+            budget,
             metrics,
             health,
             running: HashMap::new(),
@@ -233,6 +236,7 @@ impl Coordinator {
             persist: self.persist.clone(),
             committable: progress.clone(),
             oldest_pending: oldest_pending.clone(),
+            budget: self.budget.clone(),
             metrics: self.metrics.clone(),
         };
         let max_event_bytes = self.settings.config.pipeline.max_event_bytes;
@@ -472,6 +476,9 @@ impl Coordinator {
     /// Per-partition gauges that only time moves: how long the oldest event read but not yet
     /// durable has waited, and how long since the committed offset last caught up.
     fn observe_partitions(&mut self) {
+        self.metrics
+            .in_flight_bytes
+            .set(self.budget.in_use() as i64);
         let now = Instant::now();
         for (key, r) in &mut self.running {
             let oldest = r.oldest_pending.get();

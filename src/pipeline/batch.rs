@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::event::{Event, EventError, Source};
 use crate::pipeline::flush::FlushReason;
@@ -66,6 +66,41 @@ pub struct Batch {
     pub bytes: usize,
     pub reason: FlushReason,
     ack: Option<oneshot::Sender<BatchOutcome>>,
+    /// This batch's share of the in-flight budget, returned when the batch is dropped.
+    budget: Option<OwnedSemaphorePermit>,
+}
+
+/// The process-wide bound on bytes of batches flushed and not yet acknowledged. A batch holds
+/// its share from flush until the persister is done with it.
+#[derive(Debug, Clone)]
+pub struct InFlightBudget {
+    permits: Arc<Semaphore>,
+    total: usize,
+}
+
+impl InFlightBudget {
+    pub fn new(total_bytes: usize) -> Self {
+        let total = total_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        InFlightBudget {
+            permits: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// Waits until `bytes` fit (a batch larger than the whole budget takes all of it).
+    pub async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
+        let want = bytes.clamp(1, self.total.min(u32::MAX as usize)) as u32;
+        self.permits
+            .clone()
+            .acquire_many_owned(want)
+            .await
+            .expect("the in-flight budget is never closed")
+    }
+
+    /// Bytes reserved right now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.permits.available_permits()
+    }
 }
 
 impl Batch {
@@ -105,8 +140,14 @@ impl Batch {
             bytes,
             reason,
             ack: Some(tx),
+            budget: None,
         };
         (batch, rx)
+    }
+
+    /// Attaches the batch's share of the in-flight budget, held until the batch is dropped.
+    pub fn hold(&mut self, share: OwnedSemaphorePermit) {
+        self.budget = Some(share);
     }
 
     pub fn len(&self) -> usize {

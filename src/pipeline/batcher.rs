@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tracing::{debug, error};
 
 use crate::kafka::offsets::{OffsetTracker, SharedOffset};
-use crate::pipeline::batch::{Batch, BatchOutcome, Record};
+use crate::pipeline::batch::{Batch, BatchOutcome, InFlightBudget, Record};
 use crate::pipeline::flush::{FlushPolicy, FlushReason};
 use crate::telemetry::Metrics;
 
@@ -71,6 +71,7 @@ pub struct PartitionTask {
     pub persist: async_channel::Sender<Batch>,
     pub committable: Arc<SharedOffset>,
     pub oldest_pending: Arc<OldestPending>,
+    pub budget: InFlightBudget,
     pub metrics: Arc<Metrics>,
 }
 
@@ -205,7 +206,10 @@ impl PartitionTask {
         st.in_flight_opened.push_back(opened_at);
         let seq = st.next_seq;
         st.next_seq += 1;
-        let (batch, ack) = Batch::new(records, bytes, seq, reason);
+        // Waiting here stops the partition reading until other batches are written.
+        let share = self.budget.reserve(bytes).await;
+        let (mut batch, ack) = Batch::new(records, bytes, seq, reason);
+        batch.hold(share);
         let m = &self.metrics;
         m.batches_flushed
             .with_label_values(&[reason.as_str()])
@@ -308,6 +312,14 @@ mod tests {
     }
 
     fn start(max_events: usize, max_in_flight: usize) -> Harness {
+        start_with_budget(max_events, max_in_flight, InFlightBudget::new(1 << 30))
+    }
+
+    fn start_with_budget(
+        max_events: usize,
+        max_in_flight: usize,
+        budget: InFlightBudget,
+    ) -> Harness {
         let (records, rx) = mpsc::unbounded();
         let (persist, batches) = async_channel::bounded(16);
         let (stop, stop_rx) = oneshot::channel();
@@ -325,6 +337,7 @@ mod tests {
             persist,
             committable: committable.clone(),
             oldest_pending: oldest_pending.clone(),
+            budget,
             metrics: Arc::new(Metrics::new()),
         };
         let task = tokio::spawn(task.run(rx, stop_rx));
@@ -501,5 +514,26 @@ mod tests {
             "an open batch is pending too"
         );
         assert!(t1 < t2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn partitions_share_the_in_flight_budget_and_wait_for_room() {
+        // Each test record's value is 8 bytes ({"n":0}, {"n":1}...): a budget of 10 bytes
+        // holds one single-record batch at a time, across both partitions.
+        let budget = InFlightBudget::new(10);
+        let a = start_with_budget(1, 4, budget.clone());
+        let b = start_with_budget(1, 4, budget.clone());
+        a.records.unbounded_send(record(0)).unwrap();
+        let a0 = a.batches.recv().await.unwrap();
+        assert_eq!(budget.in_use(), 7);
+        b.records.unbounded_send(record(1)).unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(b.batches.try_recv().is_err(), "no room: partition b waits");
+        a0.ack(BatchOutcome::Durable);
+        let b0 = b.batches.recv().await.unwrap();
+        assert_eq!(b0.first_offset, 1, "room again once a's batch is done");
+        drop(b0);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(budget.in_use(), 0, "a dropped batch returns its share");
     }
 }

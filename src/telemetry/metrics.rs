@@ -33,6 +33,7 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     pub assigned_partitions: IntGauge,
     pub in_flight_batches: IntGauge,
+    pub in_flight_bytes: IntGauge,
     pub partition_restarts: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
@@ -137,6 +138,10 @@ impl Metrics {
             in_flight_batches: b.gauge(
                 "vault_in_flight_batches",
                 "Batches being written right now.",
+            ),
+            in_flight_bytes: b.gauge(
+                "vault_in_flight_bytes",
+                "Bytes (Kafka values) of batches flushed and not yet written, of pipeline.max_in_flight_bytes.",
             ),
             partition_restarts: b.counter(
                 "vault_partition_restarts_total",
