@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -12,7 +11,7 @@ use vault::kafka::dead_letter::MemoryDeadLetters;
 use vault::store::scylla::ScyllaStore;
 use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
 
-use crate::common::{settings, unique, wait_until, Kafka, Running};
+use crate::common::{settings, spawn_vault, stop_gracefully, unique, vault_env, Kafka, Running};
 
 /// `(partition, offset)` of every row in the node's user_activity table.
 fn stored(node: &CqlNode, keyspace: &str) -> BTreeSet<(i32, i64)> {
@@ -161,16 +160,6 @@ async fn database_faults_never_let_a_commit_pass_an_unwritten_event() {
     vault.stop().await;
 }
 
-fn spawn_vault(env: &[(String, String)], log: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_vault"))
-        .arg("run")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("start vault")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_nothing() {
     let iterations: usize = std::env::var("VAULT_FAULT_ITERATIONS")
@@ -201,23 +190,13 @@ async fn kill_9_at_random_moments_loses_nothing() {
 
     let dir = std::env::temp_dir().join(unique("vault-kill"));
     std::fs::create_dir_all(&dir).unwrap();
-    let env: Vec<(String, String)> = [
-        ("VAULT_KAFKA_BROKERS", kafka.brokers.clone()),
-        ("VAULT_KAFKA_TOPICS", topic.clone()),
-        ("VAULT_KAFKA_GROUP_ID", group.clone()),
-        ("VAULT_KAFKA_SESSION_TIMEOUT", "6s".into()),
-        ("VAULT_KAFKA_COMMIT_INTERVAL", "200ms".into()),
-        ("VAULT_BATCH_MAX_EVENTS", "50".into()),
-        ("VAULT_BATCH_LINGER", "50ms".into()),
-        ("VAULT_SCYLLA_NODES", node.addr().to_string()),
-        ("VAULT_SCYLLA_KEYSPACE", keyspace.clone()),
-        ("VAULT_SCYLLA_CONSISTENCY", "ONE".into()),
-        ("VAULT_METRICS_ADDR", "127.0.0.1:0".into()),
-        ("VAULT_LOG_LEVEL", "warn".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let env = vault_env(
+        &kafka.brokers,
+        &topic,
+        &group,
+        &node.addr().to_string(),
+        &keyspace,
+    );
 
     let probe = kafka.probe(&group);
     let mut sent = 0usize;
@@ -231,7 +210,7 @@ async fn kill_9_at_random_moments_loses_nothing() {
     };
     for i in 0..iterations {
         let base = committed_sum().await;
-        let mut child = spawn_vault(&env, &dir.join(format!("vault-{i}.log")));
+        let (mut child, _) = spawn_vault(&env, &dir.join(format!("vault-{i}.log")));
         // Events keep arriving while the process runs.
         for _ in 0..rng.random_range(2..6) {
             kafka.produce_events(&topic, partitions, sent, 100).await;
@@ -253,34 +232,13 @@ async fn kill_9_at_random_moments_loses_nothing() {
         );
     }
     // A last process finishes the work.
-    let mut child = spawn_vault(&env, &dir.join("vault-final.log"));
+    let (child, _) = spawn_vault(&env, &dir.join("vault-final.log"));
     probe
         .wait_committed_to_end(&topic, partitions, Duration::from_secs(120))
         .await;
     let rows = stored(&node, &keyspace);
     report("kill -9", sent, rows.len(), rows_written(&node));
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    wait_until(
-        "the final vault to exit on SIGTERM",
-        Duration::from_secs(30),
-        || {
-            let exited = child.try_wait().ok().flatten();
-            async move {
-                exited
-                    .map(|s| {
-                        if s.success() {
-                            Ok(())
-                        } else {
-                            Err(format!("exit {s}"))
-                        }
-                    })
-                    .unwrap_or(Err("running".into()))
-            }
-        },
-    )
-    .await;
+    stop_gracefully(child, "the final vault to exit 0 on SIGTERM").await;
     assert_eq!(
         rows.len(),
         sent,

@@ -236,6 +236,18 @@ pub struct Probe {
 impl Probe {
     /// Committed offset per partition (`None` when nothing is committed).
     pub async fn committed(&self, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+        self.try_committed(topic, partitions, Duration::from_secs(10))
+            .await
+            .expect("committed offsets")
+    }
+
+    /// [`Probe::committed`], or the error when the group coordinator does not answer in time.
+    pub async fn try_committed(
+        &self,
+        topic: &str,
+        partitions: i32,
+        timeout: Duration,
+    ) -> Result<Vec<Option<i64>>, KafkaError> {
         let c = self.consumer.clone();
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -243,17 +255,15 @@ impl Probe {
             for p in 0..partitions {
                 tpl.add_partition(&topic, p);
             }
-            let got = c
-                .committed_offsets(tpl, Duration::from_secs(10))
-                .expect("committed offsets");
-            (0..partitions)
+            let got = c.committed_offsets(tpl, timeout)?;
+            Ok((0..partitions)
                 .map(
                     |p| match got.find_partition(&topic, p).map(|e| e.offset()) {
                         Some(Offset::Offset(o)) => Some(o),
                         _ => None,
                     },
                 )
-                .collect()
+                .collect())
         })
         .await
         .unwrap()
@@ -454,4 +464,65 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("bad status line: {head}"))?;
     Ok((status, body.to_owned()))
+}
+
+/// The environment of a `vault run` process against this test's Kafka and CQL node.
+pub fn vault_env(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    scylla_node: &str,
+    keyspace: &str,
+) -> Vec<(String, String)> {
+    [
+        ("VAULT_KAFKA_BROKERS", brokers),
+        ("VAULT_KAFKA_TOPICS", topic),
+        ("VAULT_KAFKA_GROUP_ID", group),
+        ("VAULT_KAFKA_SESSION_TIMEOUT", "6s"),
+        ("VAULT_KAFKA_COMMIT_INTERVAL", "200ms"),
+        ("VAULT_BATCH_MAX_EVENTS", "50"),
+        ("VAULT_BATCH_LINGER", "50ms"),
+        ("VAULT_SCYLLA_NODES", scylla_node),
+        ("VAULT_SCYLLA_KEYSPACE", keyspace),
+        ("VAULT_SCYLLA_CONSISTENCY", "ONE"),
+        ("VAULT_LOG_LEVEL", "warn"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// Starts `vault run` with `env`, logging to `log`; returns the process and its metrics address.
+pub fn spawn_vault(
+    env: &[(String, String)],
+    log: &std::path::Path,
+) -> (std::process::Child, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vault"))
+        .arg("run")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("VAULT_METRICS_ADDR", &metrics)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("start vault");
+    (child, metrics)
+}
+
+/// SIGTERM, then waits for the process to exit 0 (it drains, commits and leaves the group).
+pub async fn stop_gracefully(mut child: std::process::Child, what: &str) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    wait_until(what, Duration::from_secs(60), || {
+        let exited = child.try_wait().ok().flatten();
+        async move {
+            match exited {
+                Some(s) if s.success() => Ok(()),
+                Some(s) => panic!("{what}: exited with {s}"),
+                None => Err("running".into()),
+            }
+        }
+    })
+    .await;
 }
