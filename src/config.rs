@@ -248,7 +248,7 @@ impl Default for KafkaConfig {
             session_timeout: Duration::from_secs(45),
             commit_interval: Duration::from_secs(1),
             dead_letter_topic: "{topic}.dlq".into(),
-            prefetch_bytes: 256 << 20,
+            prefetch_bytes: 32 << 20,
             options: BTreeMap::new(),
         }
     }

@@ -17,6 +17,7 @@ use vault::Pipeline;
 
 /// mimalloc: the pipeline allocates and frees a few small buffers per event across threads,
 /// where glibc's per-thread arenas cost more time and fragment more (measured in `make bench`).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -50,6 +50,9 @@ pub fn consumer_config(settings: &Settings, partitions: usize) -> ClientConfig {
     let queued_kbytes = queued_kbytes_per_partition(k.prefetch_bytes, partitions);
     for (key, value) in [
         ("queued.max.messages.kbytes", queued_kbytes.to_string()),
+        // A partition whose queue reached its limit is fetched again this soon once read
+        // (librdkafka waits 1 s by default, which starves a small prefetch during catch-up).
+        ("fetch.queue.backoff.ms", "10".to_string()),
         // Feeds vault_consumer_lag (see the context's stats callback).
         ("statistics.interval.ms", "5000".to_string()),
     ] {
