@@ -20,14 +20,27 @@ say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 cleanup() {
   local code=$?
   trap - EXIT INT TERM
-  if [ ${#PIDS[@]} -gt 0 ]; then
-    # vault first (it drains, commits and leaves the group), the sandbox last.
-    for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -TERM "${PIDS[$i]}" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-      for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  # Last started first: the vault processes drain, commit and leave the group while the
+  # brokers are still there; the sandbox goes last. A process that does not exit within 30 s
+  # of SIGTERM is killed, and the demo fails (as it does when one exits non-zero): a clean
+  # shutdown is part of what it shows.
+  local i pid
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do
+    pid=${PIDS[$i]}
+    kill -TERM "$pid" 2>/dev/null || continue
+    for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
       kill -KILL "$pid" 2>/dev/null || true
-    done
-  fi
+      echo "process $pid did not stop within 30 s of SIGTERM; killed" >&2
+      [ "$code" -ne 0 ] || code=1
+    fi
+    local status=0
+    wait "$pid" 2>/dev/null || status=$?
+    if [ "$status" -ne 0 ] && [ "$code" -eq 0 ]; then
+      echo "process $pid exited with status $status after SIGTERM (expected 0)" >&2
+      code=1
+    fi
+  done
   if [ "$code" -ne 0 ]; then
     echo "demo failed (exit $code); logs in $WORK" >&2
   elif [ -z "${DEMO_KEEP:-}" ]; then
