@@ -280,3 +280,69 @@ async fn a_group_scaled_from_one_to_three_processes_and_back_loses_nothing() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_drops_while_the_group_is_lost_and_returns_after_rejoining() {
+    let kafka = Kafka::start();
+    let Some(mock) = kafka.mock() else {
+        println!("skipped: needs librdkafka's mock cluster (VAULT_IT_KAFKA_BROKERS is set)");
+        return;
+    };
+    let (topic, group) = (unique("evicted"), unique("g"));
+    let partitions = 2;
+    kafka.create_topic(&topic, partitions).await;
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    let addr = format!("127.0.0.1:{}", crate::common::free_port());
+    cfg.metrics.addr = addr.clone();
+    let store = MemoryStore::new();
+    let vault = Running::start(cfg, store.clone(), MemoryDeadLetters::default());
+    let readyz = |want: u16| {
+        let addr = addr.clone();
+        move || {
+            let got = http_get(&addr, "/readyz");
+            async move {
+                match got {
+                    Ok((status, _)) if status == want => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        }
+    };
+    wait_until("ready in the group", Duration::from_secs(30), readyz(200)).await;
+
+    // Every broker down for longer than the session timeout (6 s): the member loses its
+    // assignment and must say so.
+    for b in 1..=3 {
+        mock.broker_down(b).expect("broker down");
+    }
+    wait_until(
+        "not ready once the assignment is lost",
+        Duration::from_secs(30),
+        readyz(503),
+    )
+    .await;
+    let (_, why) = http_get(&addr, "/readyz").unwrap();
+    assert!(why.contains("not in the consumer group"), "{why}");
+    for b in 1..=3 {
+        mock.broker_up(b).expect("broker up");
+    }
+    wait_until(
+        "ready again after rejoining",
+        Duration::from_secs(60),
+        readyz(200),
+    )
+    .await;
+
+    // And it works again: new events are stored and committed.
+    let produced: BTreeSet<_> = kafka
+        .produce_events(&topic, partitions, 0, 200)
+        .await
+        .into_iter()
+        .collect();
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, partitions, Duration::from_secs(60))
+        .await;
+    assert_eq!(stored_positions(&store), produced);
+    vault.stop().await;
+}
