@@ -556,9 +556,34 @@ impl Coordinator {
             )
             .await;
         timer.abort();
-        if !finals.is_empty() {
+        self.final_commit(finals, commands).await;
+        self.tasks.shutdown().await;
+        // Answer anything the context is still waiting on, so the consumer can close.
+        commands.close();
+        while let Ok(cmd) = commands.try_recv() {
+            if let Command::Revoke { reply, .. } = cmd {
+                let _ = reply.send(Vec::new());
+            }
+        }
+    }
+}
+
+impl Coordinator {
+    /// Commits the drained partitions' final offsets. A commit the broker refuses while a
+    /// rebalance is in progress is sent again for up to [`FINAL_COMMIT_RETRY`]; meanwhile a
+    /// revocation of some of these partitions is answered with their final offsets, so the
+    /// context commits them inside the rebalance. What is still refused after that is
+    /// replayed by the next owner (never lost: it is below nothing unwritten).
+    async fn final_commit(
+        &mut self,
+        finals: Vec<(String, i32, i64)>,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) {
+        let mut pending = finals;
+        let retry_until = Instant::now() + FINAL_COMMIT_RETRY;
+        while !pending.is_empty() {
             let mut tpl = TopicPartitionList::new();
-            for (t, p, o) in &finals {
+            for (t, p, o) in &pending {
                 let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
             }
             let consumer = self.consumer.clone();
@@ -569,22 +594,54 @@ impl Coordinator {
                 .commit_duration
                 .observe(started.elapsed().as_secs_f64());
             match committed {
-                Ok(Ok(())) => info!(partitions = finals.len(), "Final offsets committed."),
-                Ok(Err(e)) => {
-                    error!(error = %e, "Final commit failed; the next owner replays from the previous commit.")
+                Ok(Ok(())) => {
+                    info!(partitions = pending.len(), "Final offsets committed.");
+                    return;
                 }
-                Err(e) => error!(error = %e, "Final commit task failed."),
-            }
-        }
-        self.tasks.shutdown().await;
-        // Answer anything the context is still waiting on, so the consumer can close.
-        commands.close();
-        while let Ok(cmd) = commands.try_recv() {
-            if let Command::Revoke { reply, .. } = cmd {
-                let _ = reply.send(Vec::new());
+                Ok(Err(e)) if is_rebalance_refusal(&e) && Instant::now() < retry_until => {
+                    warn!(error = %e, "Final commit refused during a rebalance; sending it again.");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        Some(cmd) = commands.recv() => {
+                            if let Command::Revoke { partitions, reply, .. } = cmd {
+                                let (revoked, kept): (Vec<_>, Vec<_>) = pending
+                                    .into_iter()
+                                    .partition(|(t, p, _)| partitions.iter().any(|(rt, rp)| rt == t && rp == p));
+                                pending = kept;
+                                let _ = reply.send(revoked);
+                            }
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    error!(error = %e, "Final commit failed; the next owner replays from the previous commit.");
+                    return;
+                }
+                Err(e) => {
+                    error!(error = %e, "Final commit task failed.");
+                    return;
+                }
             }
         }
     }
+}
+
+/// How long shutdown keeps re-sending a final commit the broker refuses during a rebalance.
+const FINAL_COMMIT_RETRY: Duration = Duration::from_secs(5);
+
+/// Commit errors that mean "not now, a rebalance is under way" rather than "never".
+fn is_rebalance_refusal(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e,
+        rdkafka::error::KafkaError::ConsumerCommit(
+            C::RebalanceInProgress
+                | C::IllegalGeneration
+                | C::NotCoordinator
+                | C::CoordinatorNotAvailable
+                | C::CoordinatorLoadInProgress
+        )
+    )
 }
 
 /// Resolves with the in-flight commit's result; never, when none is in flight.
