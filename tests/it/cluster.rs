@@ -3,18 +3,15 @@
 //! prints sent, stored, lost and duplicated writes, and asserts nothing is lost.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use vault::kafka::dead_letter::MemoryDeadLetters;
-use vault::store::scylla::ScyllaStore;
 use vault::store::MemoryStore;
-use vault_sandbox::cql::CqlNode;
 
 use crate::common::{
-    http_get, settings, spawn_vault, stop_gracefully, stored_positions, unique, vault_env,
-    wait_until, Kafka, Running,
+    http_get, settings, spawn_vault, stop_gracefully, stored_positions, unique, wait_until, Kafka,
+    ProcessRig, Running,
 };
 
 fn report(what: &str, sent: usize, stored: usize, written: usize) {
@@ -163,29 +160,16 @@ fn assigned(metrics_addr: &str) -> Result<i64, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_scaled_from_one_to_three_processes_and_back_loses_nothing() {
-    let kafka = Kafka::start();
-    let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let (topic, group) = (unique("scale"), unique("g"));
     let partitions = 6;
-    kafka.create_topic(&topic, partitions).await;
-    let keyspace = unique("s").replace('-', "_");
-    let scylla = vault::config::ScyllaConfig {
-        nodes: vec![node.addr().to_string()],
-        keyspace: keyspace.clone(),
-        ..Default::default()
-    };
-    drop(ScyllaStore::connect(&scylla, true).await.unwrap());
-    let dir = std::env::temp_dir().join(unique("vault-scale"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let env = vault_env(
-        &kafka.brokers,
-        &topic,
-        &group,
-        &node.addr().to_string(),
-        &keyspace,
-    );
+    let ProcessRig {
+        kafka,
+        node,
+        topic,
+        group,
+        keyspace,
+        dir,
+        env,
+    } = ProcessRig::start("scale", partitions).await;
 
     // Events keep arriving during the whole run, from a thread of their own.
     let producing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));

@@ -11,7 +11,7 @@ use vault::kafka::dead_letter::MemoryDeadLetters;
 use vault::store::scylla::ScyllaStore;
 use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
 
-use crate::common::{settings, spawn_vault, stop_gracefully, unique, vault_env, Kafka, Running};
+use crate::common::{settings, spawn_vault, stop_gracefully, unique, Kafka, ProcessRig, Running};
 
 /// `(partition, offset)` of every row in the node's user_activity table.
 fn stored(node: &CqlNode, keyspace: &str) -> BTreeSet<(i32, i64)> {
@@ -173,30 +173,16 @@ async fn kill_9_at_random_moments_loses_nothing() {
     println!("kill -9 suite: {iterations} iterations, seed {seed} (VAULT_FAULT_ITERATIONS, VAULT_FAULT_SEED)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    let kafka = Kafka::start();
-    let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let (topic, group) = (unique("kill"), unique("g"));
     let partitions = 4;
-    kafka.create_topic(&topic, partitions).await;
-    let keyspace = unique("k").replace('-', "_");
-    let migrate_cfg = vault::config::ScyllaConfig {
-        nodes: vec![node.addr().to_string()],
-        keyspace: keyspace.clone(),
-        ..Default::default()
-    };
-    drop(ScyllaStore::connect(&migrate_cfg, true).await.unwrap());
-
-    let dir = std::env::temp_dir().join(unique("vault-kill"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let env = vault_env(
-        &kafka.brokers,
-        &topic,
-        &group,
-        &node.addr().to_string(),
-        &keyspace,
-    );
+    let ProcessRig {
+        kafka,
+        node,
+        topic,
+        group,
+        keyspace,
+        dir,
+        env,
+    } = ProcessRig::start("kill", partitions).await;
 
     let probe = kafka.probe(&group);
     let mut sent = 0usize;

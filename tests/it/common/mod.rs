@@ -526,3 +526,56 @@ pub async fn stop_gracefully(mut child: std::process::Child, what: &str) {
     })
     .await;
 }
+
+/// Everything a test of real `vault run` processes needs: a Kafka with a topic, a CQL stand-in
+/// with the schema in place, a log directory and the processes' environment.
+pub struct ProcessRig {
+    pub kafka: Kafka,
+    pub node: vault_sandbox::cql::CqlNode,
+    pub topic: String,
+    pub group: String,
+    pub keyspace: String,
+    pub dir: std::path::PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl ProcessRig {
+    pub async fn start(name: &str, partitions: i32) -> ProcessRig {
+        let kafka = Kafka::start();
+        let node =
+            vault_sandbox::cql::CqlNode::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("CQL stand-in");
+        let (topic, group) = (unique(name), unique("g"));
+        kafka.create_topic(&topic, partitions).await;
+        let keyspace = unique("k").replace('-', "_");
+        let scylla = vault::config::ScyllaConfig {
+            nodes: vec![node.addr().to_string()],
+            keyspace: keyspace.clone(),
+            ..Default::default()
+        };
+        drop(
+            vault::store::scylla::ScyllaStore::connect(&scylla, true)
+                .await
+                .expect("migrate"),
+        );
+        let dir = std::env::temp_dir().join(unique(&format!("vault-{name}")));
+        std::fs::create_dir_all(&dir).expect("log dir");
+        let env = vault_env(
+            &kafka.brokers,
+            &topic,
+            &group,
+            &node.addr().to_string(),
+            &keyspace,
+        );
+        ProcessRig {
+            kafka,
+            node,
+            topic,
+            group,
+            keyspace,
+            dir,
+            env,
+        }
+    }
+}
