@@ -492,11 +492,33 @@ pub fn vault_env(
     .collect()
 }
 
+/// A `vault run` process, killed when dropped (a failing test leaves nothing running).
+pub struct VaultProcess(std::process::Child);
+
+impl std::ops::Deref for VaultProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for VaultProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for VaultProcess {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `vault run` with `env`, logging to `log`; returns the process and its metrics address.
-pub fn spawn_vault(
-    env: &[(String, String)],
-    log: &std::path::Path,
-) -> (std::process::Child, String) {
+pub fn spawn_vault(env: &[(String, String)], log: &std::path::Path) -> (VaultProcess, String) {
     let metrics = format!("127.0.0.1:{}", free_port());
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_vault"))
         .arg("run")
@@ -506,11 +528,11 @@ pub fn spawn_vault(
         .stderr(std::fs::File::create(log).expect("log file"))
         .spawn()
         .expect("start vault");
-    (child, metrics)
+    (VaultProcess(child), metrics)
 }
 
 /// SIGTERM, then waits for the process to exit 0 (it drains, commits and leaves the group).
-pub async fn stop_gracefully(mut child: std::process::Child, what: &str) {
+pub async fn stop_gracefully(mut child: VaultProcess, what: &str) {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
