@@ -47,8 +47,11 @@ async fn a_panicking_write_restarts_its_partition_from_the_last_durable_offset()
         inner: memory.clone(),
         fired: Arc::default(),
     };
+    // One persister: if a panic took the worker down with it, nothing would be written again.
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    cfg.pipeline.persisters = 1;
     let vault = Running::start(
-        settings(&kafka.brokers, &topic, &group),
+        cfg,
         store.clone(),
         MemoryDeadLetters::default(),
     );
