@@ -330,3 +330,61 @@ async fn readiness_drops_while_the_group_is_lost_and_returns_after_rejoining() {
     assert_eq!(stored_positions(&store), produced);
     vault.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_commit_refused_during_a_rebalance_is_sent_again() {
+    use RDKafkaRespErr::*;
+    let kafka = Kafka::start();
+    let Some(mock) = kafka.mock() else {
+        println!("skipped: needs librdkafka's mock cluster (VAULT_IT_KAFKA_BROKERS is set)");
+        return;
+    };
+    let (topic, group) = (unique("final"), unique("g"));
+    let partitions = 2;
+    kafka.create_topic(&topic, partitions).await;
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    // No periodic commit in this test's time: only the shutdown commit commits.
+    cfg.kafka.commit_interval = Duration::from_secs(3600);
+    let store = MemoryStore::new();
+    let vault = Running::start(cfg, store.clone(), MemoryDeadLetters::default());
+    let produced: BTreeSet<_> = kafka
+        .produce_events(&topic, partitions, 0, 300)
+        .await
+        .into_iter()
+        .collect();
+    wait_until("every event stored", Duration::from_secs(60), || {
+        let stored = stored_positions(&store);
+        let done = stored == produced;
+        async move {
+            if done {
+                Ok(())
+            } else {
+                Err(format!("{} stored", stored.len()))
+            }
+        }
+    })
+    .await;
+    let probe = kafka.probe(&group);
+    assert_eq!(
+        probe.committed(&topic, partitions).await,
+        vec![None; partitions as usize],
+        "nothing committed before shutdown"
+    );
+    // The broker refuses the next three commits as a rebalancing group would.
+    mock.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[
+            RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+            RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+            RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+        ],
+    );
+    vault.stop().await;
+    let ends = probe.ends(&topic, partitions).await;
+    let committed = probe.committed(&topic, partitions).await;
+    assert_eq!(
+        committed,
+        ends.into_iter().map(Some).collect::<Vec<_>>(),
+        "the refused final commit was sent again until accepted"
+    );
+}

@@ -50,11 +50,7 @@ async fn a_panicking_write_restarts_its_partition_from_the_last_durable_offset()
     // One persister: if a panic took the worker down with it, nothing would be written again.
     let mut cfg = settings(&kafka.brokers, &topic, &group);
     cfg.pipeline.persisters = 1;
-    let vault = Running::start(
-        cfg,
-        store.clone(),
-        MemoryDeadLetters::default(),
-    );
+    let vault = Running::start(cfg, store.clone(), MemoryDeadLetters::default());
     kafka
         .probe(&group)
         .wait_committed_to_end(&topic, partitions, Duration::from_secs(60))
