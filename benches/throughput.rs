@@ -229,6 +229,26 @@ impl Bench {
         assert!(status.success(), "vault produce failed");
     }
 
+    /// Starts `vault run` on `topic` in `group`, serving metrics on `metrics`.
+    fn spawn_vault(
+        &self,
+        topic: &str,
+        group: &str,
+        metrics: &str,
+        extra: &[(&str, &str)],
+    ) -> Child {
+        Command::new(VAULT)
+            .arg("run")
+            .envs(self.env(topic))
+            .env("VAULT_KAFKA_GROUP_ID", group)
+            .env("VAULT_METRICS_ADDR", metrics)
+            .envs(extra.iter().map(|(k, v)| (*k, *v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("vault run")
+    }
+
     fn baseline_a(&self, topic: &str, count: u64) -> Value {
         say(&format!(
             "Baseline A: raw rdkafka consumer draining {topic}"
@@ -251,19 +271,8 @@ impl Bench {
     async fn vault(&self, what: &str, topic: &str, count: u64, extra: &[(&str, &str)]) -> VaultRun {
         say(&format!("vault end to end, {what}: {count} events"));
         let metrics = format!("127.0.0.1:{}", free_port());
-        let mut child: Child = Command::new(VAULT)
-            .arg("run")
-            .envs(self.env(topic))
-            .env(
-                "VAULT_KAFKA_GROUP_ID",
-                format!("bench-{topic}-{}", free_port()),
-            )
-            .env("VAULT_METRICS_ADDR", &metrics)
-            .envs(extra.iter().map(|(k, v)| (*k, *v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("vault run");
+        let group = format!("bench-{topic}-{}", free_port());
+        let mut child = self.spawn_vault(topic, &group, &metrics, extra);
         let pid = child.id();
         let mut start = None;
         let deadline = Instant::now() + Duration::from_secs(600);
@@ -379,16 +388,7 @@ impl Bench {
         ));
         let group = format!("bench-latency-{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
-        let mut child = Command::new(VAULT)
-            .arg("run")
-            .envs(self.env(topic))
-            .env("VAULT_KAFKA_GROUP_ID", &group)
-            .env("VAULT_METRICS_ADDR", &metrics)
-            .envs(extra.iter().map(|(k, v)| (*k, *v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("vault run");
+        let mut child = self.spawn_vault(topic, &group, &metrics, extra);
         // Wait until vault holds the partitions.
         let deadline = Instant::now() + Duration::from_secs(60);
         while scrape(&metrics, "vault_assigned_partitions").unwrap_or(0.0) < partitions as f64 {
