@@ -8,9 +8,11 @@
 //! and the caller routes it to the dead-letter path.
 
 use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::Arc;
 
 use chrono::DateTime;
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -38,26 +40,67 @@ pub struct Source {
 }
 
 /// A validated event, ready to be stored.
+///
+/// The Kafka value is copied once, into `payload`; the text fields are ranges of it (an owned
+/// string only when the JSON text had escapes), so an event costs one allocation for the value
+/// and one for the key, whatever its fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub event_id: Uuid,
-    pub user_id: String,
-    pub event_type: String,
     /// Milliseconds since the Unix epoch, UTC.
     pub occurred_at_ms: i64,
-    /// The `attributes` object as JSON text, exactly as received; `None` when absent or null.
-    pub attributes: Option<String>,
-    /// The raw Kafka message value.
-    pub payload: Vec<u8>,
-    /// The Kafka message key, kept for the dead-letter path.
-    pub key: Option<Vec<u8>>,
     pub source: Source,
+    /// The raw Kafka message value: a JSON object, valid UTF-8.
+    payload: Box<str>,
+    /// The Kafka message key, kept for the dead-letter path.
+    key: Option<Box<[u8]>>,
+    user_id: Text,
+    event_type: Text,
+    /// The `attributes` object as received; `None` when absent or null.
+    attributes: Option<Range<usize>>,
+}
+
+/// A decoded JSON string: where it sits in the payload, or its unescaped text.
+#[derive(Debug, Clone, PartialEq)]
+enum Text {
+    In(Range<usize>),
+    Owned(Box<str>),
 }
 
 impl Event {
+    pub fn user_id(&self) -> &str {
+        self.text(&self.user_id)
+    }
+
+    pub fn event_type(&self) -> &str {
+        self.text(&self.event_type)
+    }
+
+    /// The `attributes` object as JSON text, exactly as received; `None` when absent or null.
+    pub fn attributes(&self) -> Option<&str> {
+        self.attributes.clone().map(|r| &self.payload[r])
+    }
+
+    /// The raw Kafka message value.
+    pub fn payload(&self) -> &[u8] {
+        self.payload.as_bytes()
+    }
+
+    /// The Kafka message key.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+
     /// UTC calendar day of `occurred_at`, as days since 1970-01-01 (part of the storage key).
     pub fn day(&self) -> i64 {
         self.occurred_at_ms.div_euclid(86_400_000)
+    }
+
+    fn text<'a>(&'a self, t: &'a Text) -> &'a str {
+        match t {
+            Text::In(r) => &self.payload[r.clone()],
+            Text::Owned(s) => s,
+        }
     }
 }
 
@@ -100,20 +143,80 @@ impl EventError {
     }
 }
 
-/// Field slots of the wire object. Each is kept raw so that a wrong type is reported against its
-/// field name rather than as a bare serde position. Unknown fields are ignored.
+/// Field slots of the wire object, filled in one pass over the text. A wrong type is recorded
+/// rather than failing the parse, so that it is reported against its field name rather than as
+/// a bare serde position. Unknown fields are ignored.
 #[derive(Deserialize)]
 struct Wire<'a> {
     #[serde(borrow, default)]
-    event_id: Option<&'a RawValue>,
+    event_id: Field<'a>,
     #[serde(borrow, default)]
-    user_id: Option<&'a RawValue>,
+    user_id: Field<'a>,
     #[serde(borrow, default)]
-    event_type: Option<&'a RawValue>,
+    event_type: Field<'a>,
     #[serde(borrow, default)]
-    occurred_at: Option<&'a RawValue>,
+    occurred_at: Field<'a>,
     #[serde(borrow, default)]
     attributes: Option<&'a RawValue>,
+}
+
+/// One field of the wire object, as far as a string field cares.
+#[derive(Default)]
+enum Field<'a> {
+    #[default]
+    Absent,
+    Null,
+    Str(Cow<'a, str>),
+    /// Any other JSON value; the kind names it in the error.
+    Other(&'static str),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(FieldVisitor)
+    }
+}
+
+struct FieldVisitor;
+
+impl<'de> Visitor<'de> for FieldVisitor {
+    type Value = Field<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Field::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Field::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Field::Str(Cow::Owned(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Field::Null)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Field::Other("a boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Field::Other("a number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Field::Other("a number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Field::Other("a number"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Field::Other("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Field::Other("an object"))
+    }
 }
 
 /// Decodes and validates one Kafka message.
@@ -134,7 +237,7 @@ pub fn decode(
     let trimmed = text.trim_start();
     if !trimmed.starts_with('{') {
         // Distinguish "valid JSON of the wrong shape" from "not JSON at all".
-        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        return Err(match serde_json::from_str::<IgnoredAny>(text) {
             Ok(_) => EventError::NotAnObject,
             Err(e) => EventError::Json(e.to_string()),
         });
@@ -145,9 +248,9 @@ pub fn decode(
     let event_type = required_string(wire.event_type, "event_type", MAX_EVENT_TYPE_BYTES)?;
     let occurred_at_ms = occurred_at(wire.occurred_at, source.timestamp_ms)?;
     let event_id = match wire.event_id {
-        None => derived_event_id(&source),
-        Some(raw) => {
-            let s = string_field(raw, "event_id")?;
+        Field::Absent | Field::Null => derived_event_id(&source),
+        field => {
+            let s = string_field(field, "event_id")?;
             Uuid::try_parse(&s).map_err(|e| EventError::InvalidField {
                 field: "event_id",
                 reason: format!("not a UUID ({e})"),
@@ -156,7 +259,7 @@ pub fn decode(
     };
     let attributes = match wire.attributes {
         None => None,
-        Some(raw) if raw.get().starts_with('{') => Some(raw.get().to_owned()),
+        Some(raw) if raw.get().starts_with('{') => Some(range_in(text, raw.get())),
         Some(_) => {
             return Err(EventError::InvalidField {
                 field: "attributes",
@@ -167,14 +270,27 @@ pub fn decode(
 
     Ok(Event {
         event_id,
-        user_id: user_id.into_owned(),
-        event_type: event_type.into_owned(),
         occurred_at_ms,
+        user_id: text_in(text, user_id),
+        event_type: text_in(text, event_type),
         attributes,
-        payload: bytes.to_vec(),
-        key: key.map(<[u8]>::to_vec),
+        payload: text.into(),
+        key: key.map(Box::from),
         source,
     })
+}
+
+/// Where `part`, a string borrowed from `whole`, lies in it.
+fn range_in(whole: &str, part: &str) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+fn text_in(whole: &str, s: Cow<'_, str>) -> Text {
+    match s {
+        Cow::Borrowed(part) => Text::In(range_in(whole, part)),
+        Cow::Owned(unescaped) => Text::Owned(unescaped.into()),
+    }
 }
 
 /// The id given to an event that carries none: the same message always gets the same id.
@@ -183,19 +299,24 @@ pub fn derived_event_id(source: &Source) -> Uuid {
     Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes())
 }
 
-fn string_field<'a>(raw: &'a RawValue, field: &'static str) -> Result<Cow<'a, str>, EventError> {
-    serde_json::from_str::<Cow<'a, str>>(raw.get()).map_err(|_| EventError::InvalidField {
-        field,
-        reason: format!("must be a string, got {}", json_kind(raw.get())),
-    })
+/// The string a present, non-null field holds.
+fn string_field<'a>(field: Field<'a>, name: &'static str) -> Result<Cow<'a, str>, EventError> {
+    match field {
+        Field::Str(s) => Ok(s),
+        Field::Absent | Field::Null => Err(EventError::MissingField(name)),
+        Field::Other(kind) => Err(EventError::InvalidField {
+            field: name,
+            reason: format!("must be a string, got {kind}"),
+        }),
+    }
 }
 
 fn required_string<'a>(
-    raw: Option<&'a RawValue>,
+    raw: Field<'a>,
     field: &'static str,
     max_bytes: usize,
 ) -> Result<Cow<'a, str>, EventError> {
-    let s = string_field(raw.ok_or(EventError::MissingField(field))?, field)?;
+    let s = string_field(raw, field)?;
     if s.is_empty() {
         return Err(EventError::InvalidField {
             field,
@@ -211,9 +332,9 @@ fn required_string<'a>(
     Ok(s)
 }
 
-fn occurred_at(raw: Option<&RawValue>, kafka_ts: Option<i64>) -> Result<i64, EventError> {
+fn occurred_at(raw: Field<'_>, kafka_ts: Option<i64>) -> Result<i64, EventError> {
     const FIELD: &str = "occurred_at";
-    let s = string_field(raw.ok_or(EventError::MissingField(FIELD))?, FIELD)?;
+    let s = string_field(raw, FIELD)?;
     let ts = DateTime::parse_from_rfc3339(&s).map_err(|e| EventError::InvalidField {
         field: FIELD,
         reason: format!("not an RFC 3339 timestamp ({e})"),
@@ -235,17 +356,6 @@ fn occurred_at(raw: Option<&RawValue>, kafka_ts: Option<i64>) -> Result<i64, Eve
         });
     }
     Ok(ms)
-}
-
-fn json_kind(raw: &str) -> &'static str {
-    match raw.as_bytes().first() {
-        Some(b'{') => "an object",
-        Some(b'[') => "an array",
-        Some(b'"') => "a string",
-        Some(b't' | b'f') => "a boolean",
-        Some(b'n') => "null",
-        _ => "a number",
-    }
 }
 
 #[cfg(test)]
@@ -275,11 +385,12 @@ mod tests {
             e.event_id.to_string(),
             "6f1c3a52-5a0e-4b7e-9d61-1d2b6c1a9e01"
         );
-        assert_eq!(e.user_id, "u-1");
-        assert_eq!(e.event_type, "click");
+        assert_eq!(e.user_id(), "u-1");
+        assert_eq!(e.event_type(), "click");
         assert_eq!(e.occurred_at_ms, 1_763_978_400_123);
-        assert_eq!(e.attributes.as_deref(), Some(r#"{"page":"/home"}"#));
-        assert_eq!(e.payload, v.as_bytes());
+        assert_eq!(e.attributes(), Some(r#"{"page":"/home"}"#));
+        assert_eq!(e.payload(), v.as_bytes());
+        assert_eq!(e.key(), None);
         assert_eq!(e.day(), 1_763_978_400_123 / 86_400_000);
     }
 
@@ -292,7 +403,7 @@ mod tests {
         assert_eq!(a.event_id.get_version_num(), 5);
         let other = decode(None, Some(v.as_bytes()), src(43), 1 << 16).unwrap();
         assert_ne!(a.event_id, other.event_id);
-        assert_eq!(a.attributes, None);
+        assert_eq!(a.attributes(), None);
     }
 
     #[test]
@@ -320,6 +431,32 @@ mod tests {
     }
 
     #[test]
+    fn a_wrong_type_names_the_field_and_what_it_got() {
+        let at = r#""event_type":"t","occurred_at":"2025-11-24T10:00:00Z""#;
+        for (user, got) in [
+            ("7", "a number"),
+            ("true", "a boolean"),
+            (r#"{"a":[1,{"b":2}]}"#, "an object"),
+            ("[1,2]", "an array"),
+        ] {
+            let err = dec(&format!(r#"{{"user_id":{user},{at}}}"#)).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("field 'user_id' is invalid: must be a string, got {got}")
+            );
+        }
+        // Fields after a skipped nested value are still read.
+        let v = format!(r#"{{"x":{{"user_id":1}},"user_id":"u",{at}}}"#);
+        assert_eq!(dec(&v).unwrap().user_id(), "u");
+    }
+
+    #[test]
+    fn a_null_event_id_is_derived_like_a_missing_one() {
+        let v = r#"{"event_id":null,"user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z"}"#;
+        assert_eq!(dec(v).unwrap().event_id, derived_event_id(&src(42)));
+    }
+
+    #[test]
     fn limits_are_enforced_in_bytes() {
         let long = "x".repeat(MAX_USER_ID_BYTES + 1);
         let v = format!(
@@ -335,8 +472,8 @@ mod tests {
     fn escaped_strings_are_unescaped() {
         let v = r#"{"user_id":"a\"b","event_type":"t\u00e9","occurred_at":"2025-11-24T10:00:00Z"}"#;
         let e = dec(v).unwrap();
-        assert_eq!(e.user_id, "a\"b");
-        assert_eq!(e.event_type, "té");
+        assert_eq!(e.user_id(), "a\"b");
+        assert_eq!(e.event_type(), "té");
     }
 }
 
@@ -384,7 +521,7 @@ mod properties {
             let v = format!("{}, \"attributes\": {attrs}}}", &v[..v.len() - 1]);
             match decode(None, Some(v.as_bytes()), src(), 1 << 16) {
                 Ok(e) => {
-                    prop_assert_eq!(&e.user_id, &user);
+                    prop_assert_eq!(e.user_id(), user.as_str());
                     prop_assert!(!user.is_empty() && user.len() <= MAX_USER_ID_BYTES);
                     prop_assert!(e.occurred_at_ms >= MIN_OCCURRED_AT_MS);
                 }
@@ -402,11 +539,13 @@ mod properties {
             let at = chrono::DateTime::from_timestamp_millis(ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             let v = format!(r#"{{"user_id":"{user}","event_type":"{kind}","occurred_at":"{at}","attributes":{{"n":{n}}}}}"#);
             let e = decode(Some(b"k"), Some(v.as_bytes()), src(), 1 << 16).unwrap();
-            prop_assert_eq!(e.user_id, user);
-            prop_assert_eq!(e.event_type, kind);
+            prop_assert_eq!(e.user_id(), user);
+            prop_assert_eq!(e.event_type(), kind);
             prop_assert_eq!(e.occurred_at_ms, ms);
-            prop_assert_eq!(e.attributes, Some(format!(r#"{{"n":{n}}}"#)));
-            prop_assert_eq!(e.payload, v.into_bytes());
+            let attributes = format!(r#"{{"n":{n}}}"#);
+            prop_assert_eq!(e.attributes(), Some(attributes.as_str()));
+            prop_assert_eq!(e.key(), Some(&b"k"[..]));
+            prop_assert_eq!(e.payload(), v.as_bytes());
         }
     }
 }

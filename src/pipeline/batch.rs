@@ -36,7 +36,7 @@ impl Record {
     /// Bytes the record counts against `max_bytes`: the size of the Kafka value.
     pub fn size(&self) -> usize {
         match self {
-            Record::Event(e) => e.payload.len(),
+            Record::Event(e) => e.payload().len(),
             Record::Invalid(d) => d.value.as_ref().map_or(0, Vec::len),
         }
     }

@@ -281,25 +281,20 @@ mod tests {
     use futures::channel::mpsc;
 
     use super::*;
-    use crate::event::{Event, Source};
+    use crate::event::{decode, Source};
+
+    /// Every test record's value is the same size, [`RECORD_BYTES`].
+    const VALUE: &str = r#"{"user_id":"u","event_type":"t","occurred_at":"2023-11-14T22:13:20Z"}"#;
+    const RECORD_BYTES: usize = VALUE.len();
 
     fn record(offset: i64) -> Record {
-        let payload = format!("{{\"n\":{offset}}}").into_bytes();
-        Record::Event(Event {
-            event_id: uuid::Uuid::from_u128(offset as u128),
-            user_id: "u".into(),
-            event_type: "t".into(),
-            occurred_at_ms: 1_700_000_000_000,
-            attributes: None,
-            payload,
-            key: None,
-            source: Source {
-                topic: Arc::from("t"),
-                partition: 0,
-                offset,
-                timestamp_ms: None,
-            },
-        })
+        let source = Source {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset,
+            timestamp_ms: None,
+        };
+        Record::Event(decode(None, Some(VALUE.as_bytes()), source, 1 << 20).expect("valid event"))
     }
 
     struct Harness {
@@ -518,14 +513,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn partitions_share_the_in_flight_budget_and_wait_for_room() {
-        // Each test record's value is 8 bytes ({"n":0}, {"n":1}...): a budget of 10 bytes
-        // holds one single-record batch at a time, across both partitions.
-        let budget = InFlightBudget::new(10);
+        // A budget of one record and a bit holds one single-record batch at a time, across
+        // both partitions.
+        let budget = InFlightBudget::new(RECORD_BYTES + RECORD_BYTES / 2);
         let a = start_with_budget(1, 4, budget.clone());
         let b = start_with_budget(1, 4, budget.clone());
         a.records.unbounded_send(record(0)).unwrap();
         let a0 = a.batches.recv().await.unwrap();
-        assert_eq!(budget.in_use(), 7);
+        assert_eq!(budget.in_use(), RECORD_BYTES);
         b.records.unbounded_send(record(1)).unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(b.batches.try_recv().is_err(), "no room: partition b waits");

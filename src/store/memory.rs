@@ -118,7 +118,12 @@ impl MemoryStore {
 }
 
 pub fn row_key(e: &Event) -> RowKey {
-    (e.user_id.clone(), e.day(), e.occurred_at_ms, e.event_id)
+    (
+        e.user_id().to_owned(),
+        e.day(),
+        e.occurred_at_ms,
+        e.event_id,
+    )
 }
 
 impl Store for MemoryStore {

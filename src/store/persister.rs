@@ -236,8 +236,8 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
 fn store_dead_letter(e: &Event, error: &StoreError) -> DeadLetter {
     DeadLetter {
         source: e.source.clone(),
-        key: e.key.clone(),
-        value: Some(e.payload.clone()),
+        key: e.key().map(<[u8]>::to_vec),
+        value: Some(e.payload().to_vec()),
         error: EventError::Rejected(error.to_string()),
     }
 }

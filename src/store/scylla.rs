@@ -307,7 +307,7 @@ impl ScyllaStore {
         let mut groups: HashMap<(&str, i64), Vec<usize>> = HashMap::new();
         let mut order = Vec::new();
         for (i, e) in events.iter().enumerate() {
-            let key = (e.user_id.as_str(), e.day());
+            let key = (e.user_id(), e.day());
             groups
                 .entry(key)
                 .or_insert_with(|| {
@@ -383,13 +383,13 @@ type Row<'a> = (
 fn values(e: &Event, now: CqlTimestamp) -> Row<'_> {
     let day = CqlDate(((1i64 << 31) + e.day()) as u32);
     (
-        &e.user_id,
+        e.user_id(),
         day,
         CqlTimestamp(e.occurred_at_ms),
         e.event_id,
-        &e.event_type,
-        e.attributes.as_deref(),
-        &e.payload,
+        e.event_type(),
+        e.attributes(),
+        e.payload(),
         &e.source.topic,
         e.source.partition,
         e.source.offset,
@@ -398,10 +398,10 @@ fn values(e: &Event, now: CqlTimestamp) -> Row<'_> {
 }
 
 fn row_size(e: &Event) -> usize {
-    e.payload.len()
-        + e.user_id.len()
-        + e.event_type.len()
-        + e.attributes.as_ref().map_or(0, String::len)
+    e.payload().len()
+        + e.user_id().len()
+        + e.event_type().len()
+        + e.attributes().map_or(0, str::len)
         + 64
 }
 

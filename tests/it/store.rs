@@ -107,13 +107,13 @@ async fn round_trip(c: &ScyllaConfig) {
     // Newest first, every column as written.
     let e = &batch[4];
     let r = &rows[0];
-    assert_eq!(r.0, e.user_id);
+    assert_eq!(r.0, e.user_id());
     assert_eq!(r.1, CqlDate(((1i64 << 31) + day) as u32));
     assert_eq!(r.2, CqlTimestamp(e.occurred_at_ms));
     assert_eq!(r.3, e.event_id);
-    assert_eq!(r.4, e.event_type);
-    assert_eq!(r.5.as_deref(), e.attributes.as_deref());
-    assert_eq!(r.6, e.payload);
+    assert_eq!(r.4, e.event_type());
+    assert_eq!(r.5.as_deref(), e.attributes());
+    assert_eq!(r.6, e.payload());
     assert_eq!((r.7.as_str(), r.8, r.9), ("activity", 0, 104));
     assert!(r.10 .0 > 1_700_000_000_000, "ingested_at is set");
 }
