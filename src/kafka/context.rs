@@ -165,8 +165,10 @@ impl ClientContext for VaultContext {
     }
 
     /// librdkafka's periodic statistics (`statistics.interval.ms`): consumer lag of the partitions
-    /// this member fetches. Series of partitions it no longer fetches are removed.
+    /// this member fetches (series of partitions it no longer fetches are removed), and the bytes
+    /// it holds fetched for them.
     fn stats(&self, statistics: Statistics) {
+        let mut prefetched = 0;
         for (topic, t) in &statistics.topics {
             for (&partition, p) in &t.partitions {
                 if partition < 0 {
@@ -174,6 +176,9 @@ impl ClientContext for VaultContext {
                 }
                 let label = partition.to_string();
                 let labels = [topic.as_str(), label.as_str()];
+                if p.desired {
+                    prefetched += p.fetchq_size;
+                }
                 if p.desired && p.consumer_lag >= 0 {
                     self.metrics
                         .consumer_lag
@@ -184,6 +189,9 @@ impl ClientContext for VaultContext {
                 }
             }
         }
+        self.metrics
+            .prefetched_bytes
+            .set(i64::try_from(prefetched).unwrap_or(i64::MAX));
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::event::{Event, EventError, Source};
 use crate::pipeline::flush::FlushReason;
@@ -40,6 +40,16 @@ impl Record {
             Record::Invalid(d) => d.value.as_ref().map_or(0, Vec::len),
         }
     }
+
+    /// Bytes of memory the record takes while it is read and not yet durable, counted against
+    /// the in-flight budget: its value, its key and the record itself.
+    pub fn footprint(&self) -> usize {
+        let key = match self {
+            Record::Event(e) => e.key().map_or(0, <[u8]>::len),
+            Record::Invalid(d) => d.key.as_ref().map_or(0, Vec::len),
+        };
+        std::mem::size_of::<Record>() + self.size() + key
+    }
 }
 
 /// How a batch ended.
@@ -61,45 +71,89 @@ pub struct Batch {
     pub seq: u64,
     pub first_offset: i64,
     pub last_offset: i64,
-    pub events: Vec<Event>,
-    pub dead_letters: Vec<DeadLetter>,
+    /// The records in offset order: valid events and dead letters.
+    pub records: Vec<Record>,
     pub bytes: usize,
     pub reason: FlushReason,
     ack: Option<oneshot::Sender<BatchOutcome>>,
     /// This batch's share of the in-flight budget, returned when the batch is dropped.
-    budget: Option<OwnedSemaphorePermit>,
+    budget: Option<Share>,
 }
 
-/// The process-wide bound on bytes of batches flushed and not yet acknowledged. A batch holds
-/// its share from flush until the persister is done with it.
+/// The process-wide bound on the memory of events read from Kafka and not yet durable: records
+/// in open batches and in batches being written, across all partitions. A partition adds each
+/// record's [`Record::footprint`] to the share of its open batch; the batch carries that share
+/// to the persister and gives it back when dropped.
 #[derive(Debug, Clone)]
 pub struct InFlightBudget {
     permits: Arc<Semaphore>,
-    total: usize,
+    total: u32,
+}
+
+/// Bytes of the budget held by one open batch or batch; returned when dropped.
+#[derive(Debug)]
+pub struct Share {
+    permits: Arc<Semaphore>,
+    bytes: u32,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.permits.add_permits(self.bytes as usize);
+    }
 }
 
 impl InFlightBudget {
     pub fn new(total_bytes: usize) -> Self {
-        let total = total_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        let total = u32::try_from(total_bytes.max(1)).unwrap_or(u32::MAX);
         InFlightBudget {
-            permits: Arc::new(Semaphore::new(total)),
+            permits: Arc::new(Semaphore::new(total as usize)),
             total,
         }
     }
 
-    /// Waits until `bytes` fit (a batch larger than the whole budget takes all of it).
-    pub async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let want = bytes.clamp(1, self.total.min(u32::MAX as usize)) as u32;
+    /// A share holding nothing yet.
+    pub fn share(&self) -> Share {
+        Share {
+            permits: self.permits.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds `bytes` to `share` if they fit right now.
+    pub fn try_add(&self, share: &mut Share, bytes: usize) -> bool {
+        let want = self.clamp(bytes);
+        match self.permits.try_acquire_many(want) {
+            Ok(permit) => {
+                permit.forget();
+                share.bytes += want;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until `bytes` fit, then adds them to `share` (a record larger than the whole
+    /// budget waits for all of it).
+    pub async fn add(&self, share: &mut Share, bytes: usize) {
+        let want = self.clamp(bytes);
         self.permits
-            .clone()
-            .acquire_many_owned(want)
+            .acquire_many(want)
             .await
             .expect("the in-flight budget is never closed")
+            .forget();
+        share.bytes += want;
+    }
+
+    fn clamp(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.total)
     }
 
     /// Bytes reserved right now.
     pub fn in_use(&self) -> usize {
-        self.total - self.permits.available_permits()
+        (self.total as usize).saturating_sub(self.permits.available_permits())
     }
 }
 
@@ -120,14 +174,6 @@ impl Batch {
             .source();
         let (topic, partition) = (first.topic.clone(), first.partition);
         let (first_offset, last_offset) = (first.offset, last.offset);
-        let mut events = Vec::with_capacity(records.len());
-        let mut dead_letters = Vec::new();
-        for r in records {
-            match r {
-                Record::Event(e) => events.push(e),
-                Record::Invalid(d) => dead_letters.push(d),
-            }
-        }
         let (tx, rx) = oneshot::channel();
         let batch = Batch {
             topic,
@@ -135,8 +181,7 @@ impl Batch {
             seq,
             first_offset,
             last_offset,
-            events,
-            dead_letters,
+            records,
             bytes,
             reason,
             ack: Some(tx),
@@ -146,12 +191,28 @@ impl Batch {
     }
 
     /// Attaches the batch's share of the in-flight budget, held until the batch is dropped.
-    pub fn hold(&mut self, share: OwnedSemaphorePermit) {
+    pub fn hold(&mut self, share: Share) {
         self.budget = Some(share);
     }
 
     pub fn len(&self) -> usize {
-        self.events.len() + self.dead_letters.len()
+        self.records.len()
+    }
+
+    /// The valid events, in offset order.
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.records.iter().filter_map(|r| match r {
+            Record::Event(e) => Some(e),
+            Record::Invalid(_) => None,
+        })
+    }
+
+    /// The records that failed decoding, in offset order.
+    pub fn dead_letters(&self) -> impl Iterator<Item = &DeadLetter> {
+        self.records.iter().filter_map(|r| match r {
+            Record::Event(_) => None,
+            Record::Invalid(d) => Some(d),
+        })
     }
 
     pub fn is_empty(&self) -> bool {

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tracing::{debug, error};
 
 use crate::kafka::offsets::{OffsetTracker, SharedOffset};
-use crate::pipeline::batch::{Batch, BatchOutcome, InFlightBudget, Record};
+use crate::pipeline::batch::{Batch, BatchOutcome, InFlightBudget, Record, Share};
 use crate::pipeline::flush::{FlushPolicy, FlushReason};
 use crate::telemetry::Metrics;
 
@@ -82,6 +82,8 @@ struct State {
     acks: FuturesUnordered<Ack>,
     open: Vec<Record>,
     open_bytes: usize,
+    /// The open batch's share of the in-flight budget.
+    share: Share,
     opened_at: Option<Instant>,
     /// When each batch the tracker still holds was opened, oldest first.
     in_flight_opened: VecDeque<Instant>,
@@ -105,8 +107,9 @@ impl PartitionTask {
         let mut st = State {
             tracker: OffsetTracker::new(),
             acks: FuturesUnordered::new(),
-            open: Vec::with_capacity(self.policy.max_events.min(4096)),
+            open: Vec::new(),
             open_bytes: 0,
+            share: self.budget.share(),
             opened_at: None,
             in_flight_opened: VecDeque::with_capacity(self.max_in_flight),
             next_seq: 0,
@@ -177,6 +180,13 @@ impl PartitionTask {
         if let Some(reason) = self.policy.before_push(st.open.len(), st.open_bytes, size) {
             self.flush(st, reason).await;
         }
+        let footprint = record.footprint();
+        if !self.budget.try_add(&mut st.share, footprint) {
+            // The budget is spent: what this partition holds goes to the persisters (its share
+            // comes back once written) and the partition stops reading until there is room.
+            self.flush(st, FlushReason::Budget).await;
+            self.budget.add(&mut st.share, footprint).await;
+        }
         if st.open.is_empty() {
             let now = Instant::now();
             st.opened_at = Some(now);
@@ -197,17 +207,15 @@ impl PartitionTask {
         if st.open.is_empty() {
             return;
         }
-        let records = std::mem::replace(
-            &mut st.open,
-            Vec::with_capacity(self.policy.max_events.min(4096)),
-        );
+        // The next batch is likely to be about as large as this one.
+        let capacity = st.open.len();
+        let records = std::mem::replace(&mut st.open, Vec::with_capacity(capacity));
         let bytes = std::mem::take(&mut st.open_bytes);
         let opened_at = st.opened_at.take().unwrap_or_else(Instant::now);
         st.in_flight_opened.push_back(opened_at);
         let seq = st.next_seq;
         st.next_seq += 1;
-        // Waiting here stops the partition reading until other batches are written.
-        let share = self.budget.reserve(bytes).await;
+        let share = std::mem::replace(&mut st.share, self.budget.share());
         let (mut batch, ack) = Batch::new(records, bytes, seq, reason);
         batch.hold(share);
         let m = &self.metrics;
@@ -283,9 +291,8 @@ mod tests {
     use super::*;
     use crate::event::{decode, Source};
 
-    /// Every test record's value is the same size, [`RECORD_BYTES`].
+    /// The value of every test record: all of them are the same size.
     const VALUE: &str = r#"{"user_id":"u","event_type":"t","occurred_at":"2023-11-14T22:13:20Z"}"#;
-    const RECORD_BYTES: usize = VALUE.len();
 
     fn record(offset: i64) -> Record {
         let source = Source {
@@ -511,16 +518,21 @@ mod tests {
         assert!(t1 < t2);
     }
 
+    /// What one test record counts against the in-flight budget.
+    fn footprint() -> usize {
+        record(0).footprint()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn partitions_share_the_in_flight_budget_and_wait_for_room() {
-        // A budget of one record and a bit holds one single-record batch at a time, across
-        // both partitions.
-        let budget = InFlightBudget::new(RECORD_BYTES + RECORD_BYTES / 2);
+        // Room for one record and a half: one single-record batch at a time, across both
+        // partitions.
+        let budget = InFlightBudget::new(footprint() * 3 / 2);
         let a = start_with_budget(1, 4, budget.clone());
         let b = start_with_budget(1, 4, budget.clone());
         a.records.unbounded_send(record(0)).unwrap();
         let a0 = a.batches.recv().await.unwrap();
-        assert_eq!(budget.in_use(), RECORD_BYTES);
+        assert_eq!(budget.in_use(), footprint());
         b.records.unbounded_send(record(1)).unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(b.batches.try_recv().is_err(), "no room: partition b waits");
@@ -530,5 +542,37 @@ mod tests {
         drop(b0);
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(budget.in_use(), 0, "a dropped batch returns its share");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_open_batch_counts_against_the_budget_and_is_handed_over_when_it_is_spent() {
+        let budget = InFlightBudget::new(footprint() * 5 / 2);
+        let h = start_with_budget(100, 4, budget.clone());
+        let t0 = Instant::now();
+        h.records.unbounded_send(record(0)).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            budget.in_use(),
+            footprint(),
+            "an open batch holds its records' share"
+        );
+        h.records.unbounded_send(record(1)).unwrap();
+        h.records.unbounded_send(record(2)).unwrap();
+        // The third record does not fit: the open batch goes out at once, not after linger.
+        let b0 = h.batches.recv().await.unwrap();
+        assert_eq!(Instant::now() - t0, Duration::from_millis(1));
+        assert_eq!(
+            (b0.reason, b0.first_offset, b0.len()),
+            (FlushReason::Budget, 0, 2)
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(h.batches.try_recv().is_err(), "record 2 waits for room");
+        b0.ack(BatchOutcome::Durable);
+        let b1 = h.batches.recv().await.unwrap();
+        assert_eq!(
+            (b1.reason, b1.first_offset, b1.len()),
+            (FlushReason::Linger, 2, 1)
+        );
+        assert_eq!(budget.in_use(), footprint());
     }
 }

@@ -18,6 +18,9 @@ pub enum FlushReason {
     Bytes,
     /// The oldest event waited `linger`.
     Linger,
+    /// The in-flight budget (`pipeline.max_in_flight_bytes`) is spent: the partition hands over
+    /// what it holds and waits for room.
+    Budget,
     /// The partition is being revoked from this consumer.
     Revoke,
     /// The process is shutting down.
@@ -25,10 +28,11 @@ pub enum FlushReason {
 }
 
 impl FlushReason {
-    pub const ALL: [FlushReason; 5] = [
+    pub const ALL: [FlushReason; 6] = [
         FlushReason::Size,
         FlushReason::Bytes,
         FlushReason::Linger,
+        FlushReason::Budget,
         FlushReason::Revoke,
         FlushReason::Shutdown,
     ];
@@ -38,6 +42,7 @@ impl FlushReason {
             FlushReason::Size => "size",
             FlushReason::Bytes => "bytes",
             FlushReason::Linger => "linger",
+            FlushReason::Budget => "budget",
             FlushReason::Revoke => "revoke",
             FlushReason::Shutdown => "shutdown",
         }
@@ -125,6 +130,9 @@ mod tests {
     #[test]
     fn reason_labels_are_stable() {
         let labels: Vec<_> = FlushReason::ALL.iter().map(|r| r.as_str()).collect();
-        assert_eq!(labels, ["size", "bytes", "linger", "revoke", "shutdown"]);
+        assert_eq!(
+            labels,
+            ["size", "bytes", "linger", "budget", "revoke", "shutdown"]
+        );
     }
 }

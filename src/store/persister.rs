@@ -78,7 +78,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         if let Err(reason) = self.write_events(batch, &mut dead).await {
             return BatchOutcome::Abandoned(reason);
         }
-        let invalid = batch.dead_letters.iter().chain(dead.iter());
+        let invalid = batch.dead_letters().chain(dead.iter());
         let letters: Vec<&DeadLetter> = invalid.collect();
         if !letters.is_empty() {
             if let Err(reason) = self.handle_invalid(batch, &letters).await {
@@ -89,7 +89,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
     }
 
     async fn write_events(&self, batch: &Batch, dead: &mut Vec<DeadLetter>) -> Result<(), String> {
-        let mut pending: Vec<&Event> = batch.events.iter().collect();
+        let mut pending: Vec<&Event> = batch.events().collect();
         let mut backoff = self.backoff();
         let mut failing = false;
         while !pending.is_empty() {
@@ -165,7 +165,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
     fn observe_latency(&self, batch: &Batch) {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let latency = self.metrics.end_to_end_latency.local();
-        for ts in batch.events.iter().filter_map(|e| e.source.timestamp_ms) {
+        for ts in batch.events().filter_map(|e| e.source.timestamp_ms) {
             latency.observe(now_ms.saturating_sub(ts).max(0) as f64 / 1000.0);
         }
         latency.flush();

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     pub in_flight_batches: IntGauge,
     pub in_flight_bytes: IntGauge,
+    pub prefetched_bytes: IntGauge,
     pub partition_restarts: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
@@ -142,6 +143,10 @@ impl Metrics {
             in_flight_bytes: b.gauge(
                 "vault_in_flight_bytes",
                 "Bytes (Kafka values) of batches flushed and not yet written, of pipeline.max_in_flight_bytes.",
+            ),
+            prefetched_bytes: b.gauge(
+                "vault_kafka_prefetched_bytes",
+                "Bytes of messages librdkafka has fetched and vault not yet read, of kafka.prefetch_bytes (from its statistics).",
             ),
             partition_restarts: b.counter(
                 "vault_partition_restarts_total",
