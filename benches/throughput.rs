@@ -70,9 +70,17 @@ fn raw_consume(brokers: &str, topic: &str, count: u64) {
         .set("bootstrap.servers", brokers)
         .set("group.id", "bench-raw")
         .set("enable.auto.commit", "false")
-        // Prefetch sized like vault's (kafka.prefetch_bytes over the partitions); this consumer
-        // reads one queue for all partitions, so the limit is for the whole queue.
-        .set("queued.max.messages.kbytes", "262144")
+        // Fetching configured like vault's consumer: the same prefetch in all (this consumer
+        // reads one queue for all partitions, so librdkafka's limit is for the whole queue) and
+        // the same fetch wait.
+        .set(
+            "queued.max.messages.kbytes",
+            (vault::config::KafkaConfig::default().prefetch_bytes / 1024).to_string(),
+        )
+        .set(
+            "fetch.wait.max.ms",
+            vault::kafka::FETCH_WAIT_MAX_MS.to_string(),
+        )
         .create()
         .expect("raw consumer");
     let md = consumer
@@ -86,6 +94,8 @@ fn raw_consume(brokers: &str, topic: &str, count: u64) {
     consumer.assign(&tpl).expect("assign");
     let (mut n, mut bytes) = (0u64, 0usize);
     let mut started = None;
+    let (from, to) = window(count);
+    let (mut t_from, mut t_to) = (None, None);
     while n < count {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             if started.is_none() {
@@ -93,16 +103,30 @@ fn raw_consume(brokers: &str, topic: &str, count: u64) {
             }
             bytes += m.payload().map_or(0, <[u8]>::len);
             n += 1;
+            if n == from {
+                t_from = Some(Instant::now());
+            } else if n == to {
+                t_to = Some(Instant::now());
+            }
         }
     }
     let (t0, cpu0) = started.expect("read something");
     let secs = t0.elapsed().as_secs_f64();
+    let steady = (t_to.unwrap() - t_from.unwrap()).as_secs_f64();
     let cpu = cpu_seconds(std::process::id()) - cpu0;
     println!(
         "{}",
         json!({"events": n, "bytes": bytes, "seconds": secs, "cpu_seconds": cpu,
+               "steady_events": to - from, "steady_seconds": steady,
                "peak_rss_mib": peak_rss_mib(std::process::id())})
     );
+}
+
+/// The steady-state window of a drain of `count` events: from the 10% mark to the 90% mark, so
+/// that neither start-up nor the tail (for vault, the last partial batches waiting out
+/// `batch.linger`) counts in the rate.
+fn window(count: u64) -> (u64, u64) {
+    (count / 10, count - count / 10)
 }
 
 /// user + system CPU seconds of a process, from /proc.
@@ -181,6 +205,9 @@ struct Bench {
 struct VaultRun {
     events: u64,
     seconds: f64,
+    /// Events stored, and seconds, between the 10% and 90% marks (see [`window`]).
+    steady_events: u64,
+    steady_seconds: f64,
     cpu_seconds: f64,
     peak_rss_mib: f64,
 }
@@ -260,14 +287,15 @@ impl Bench {
         assert!(out.status.success(), "raw consumer failed");
         let v: Value = serde_json::from_slice(&out.stdout).expect("raw consumer figures");
         eprintln!(
-            "    {:.0} events/s",
+            "    {:.0} events/s (steady state), {:.0} events/s (whole drain)",
+            v["steady_events"].as_f64().unwrap() / v["steady_seconds"].as_f64().unwrap(),
             v["events"].as_f64().unwrap() / v["seconds"].as_f64().unwrap()
         );
         v
     }
 
     /// Runs `vault run` on `topic` until it has stored `count` events; measures from its first
-    /// consumed event to the last stored one.
+    /// consumed event to the last stored one, and the steady state in between.
     async fn vault(&self, what: &str, topic: &str, count: u64, extra: &[(&str, &str)]) -> VaultRun {
         say(&format!("vault end to end, {what}: {count} events"));
         let metrics = format!("127.0.0.1:{}", free_port());
@@ -275,6 +303,8 @@ impl Bench {
         let mut child = self.spawn_vault(topic, &group, &metrics, extra);
         let pid = child.id();
         let mut start = None;
+        let (from, to) = window(count);
+        let (mut mark_from, mut mark_to) = (None, None);
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut last_report = Instant::now();
         let (end, stored) = loop {
@@ -285,6 +315,12 @@ impl Bench {
                 start = Some((Instant::now(), cpu_seconds(pid)));
             }
             let stored = scrape(&metrics, "vault_events_stored_total").unwrap_or(0.0) as u64;
+            if mark_from.is_none() && stored >= from {
+                mark_from = Some((Instant::now(), stored));
+            }
+            if mark_to.is_none() && stored >= to {
+                mark_to = Some((Instant::now(), stored));
+            }
             if stored >= count {
                 break (Instant::now(), stored);
             }
@@ -292,7 +328,7 @@ impl Bench {
                 eprintln!("    stored {stored}/{count}");
                 last_report = Instant::now();
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         };
         let cpu = cpu_seconds(pid);
         let rss = peak_rss_mib(pid);
@@ -301,14 +337,18 @@ impl Bench {
             .status();
         let _ = child.wait();
         let (t0, cpu0) = start.expect("consumption started");
+        let ((t_from, n_from), (t_to, n_to)) = (mark_from.unwrap(), mark_to.unwrap());
         let run = VaultRun {
             events: stored,
             seconds: (end - t0).as_secs_f64(),
+            steady_events: n_to - n_from,
+            steady_seconds: (t_to - t_from).as_secs_f64(),
             cpu_seconds: cpu - cpu0,
             peak_rss_mib: rss,
         };
         eprintln!(
-            "    {:.0} events/s, {:.2} µs CPU/event, peak RSS {:.1} MiB",
+            "    {:.0} events/s (steady state), {:.0} events/s (whole drain), {:.2} µs CPU/event, peak RSS {:.1} MiB",
+            run.steady_events as f64 / run.steady_seconds,
             run.events as f64 / run.seconds,
             run.cpu_seconds * 1e6 / run.events as f64,
             run.peak_rss_mib
@@ -554,7 +594,9 @@ async fn run() {
         runs.push(bench.baseline_a("bench-1m", big));
     }
     runs.sort_by(|x, y| {
-        let rate = |v: &Value| v["events"].as_f64().unwrap() / v["seconds"].as_f64().unwrap();
+        let rate = |v: &Value| {
+            v["steady_events"].as_f64().unwrap() / v["steady_seconds"].as_f64().unwrap()
+        };
         rate(x).total_cmp(&rate(y))
     });
     let a = runs.swap_remove(RUNS / 2);
@@ -571,7 +613,10 @@ async fn run() {
                 .await,
         );
     }
-    runs.sort_by(|x, y| (x.events as f64 / x.seconds).total_cmp(&(y.events as f64 / y.seconds)));
+    runs.sort_by(|x, y| {
+        (x.steady_events as f64 / x.steady_seconds)
+            .total_cmp(&(y.steady_events as f64 / y.steady_seconds))
+    });
     let null_big = runs.swap_remove(RUNS / 2);
     bench.topic_with("bench-100k", partitions, small);
     let null_small = bench
@@ -603,23 +648,26 @@ async fn run() {
     let latencies = bench.latency(1000, 15, &latency_env).await;
 
     // Figures and ratios.
-    let a_rate = a["events"].as_f64().unwrap() / a["seconds"].as_f64().unwrap();
+    // Rates are steady-state rates (see `window`); whole-drain rates are reported beside them.
+    let a_rate = a["steady_events"].as_f64().unwrap() / a["steady_seconds"].as_f64().unwrap();
+    let a_drain = a["events"].as_f64().unwrap() / a["seconds"].as_f64().unwrap();
     let a_cpu_us = a["cpu_seconds"].as_f64().unwrap() * 1e6 / a["events"].as_f64().unwrap();
     let b_rate = b["events"].as_f64().unwrap() / b["seconds"].as_f64().unwrap();
-    let rate = |r: &VaultRun| r.events as f64 / r.seconds;
+    let rate = |r: &VaultRun| r.steady_events as f64 / r.steady_seconds;
+    let drain = |r: &VaultRun| r.events as f64 / r.seconds;
     let cpu_us = |r: &VaultRun| r.cpu_seconds * 1e6 / r.events as f64;
     let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
     let results = json!({
         "scale": scale,
         "data": {"partitions": partitions, "events_1m": big, "events_100k": small,
                  "events_scylla": scylla_n, "event_bytes_mean": a["bytes"].as_f64().unwrap() / a["events"].as_f64().unwrap()},
-        "baseline_a_raw_consumer": {"events_per_s": a_rate, "cpu_us_per_event": a_cpu_us, "peak_rss_mib": a["peak_rss_mib"]},
+        "baseline_a_raw_consumer": {"events_per_s": a_rate, "drain_events_per_s": a_drain, "cpu_us_per_event": a_cpu_us, "peak_rss_mib": a["peak_rss_mib"]},
         "baseline_b_cql_inserts": {"events_per_s": b_rate, "concurrency": b["concurrency"]},
-        "vault_null_1m": {"events_per_s": rate(&null_big), "cpu_us_per_event": cpu_us(&null_big),
+        "vault_null_1m": {"events_per_s": rate(&null_big), "drain_events_per_s": drain(&null_big), "cpu_us_per_event": cpu_us(&null_big),
                           "cpu_s_per_million": cpu_us(&null_big), "peak_rss_mib": null_big.peak_rss_mib,
                           "ratio_to_a": rate(&null_big) / a_rate, "cpu_ratio_to_a": cpu_us(&null_big) / a_cpu_us},
         "vault_null_100k": {"events_per_s": rate(&null_small), "peak_rss_mib": null_small.peak_rss_mib},
-        "vault_scylla": {"events_per_s": rate(&scylla), "cpu_us_per_event": cpu_us(&scylla),
+        "vault_scylla": {"events_per_s": rate(&scylla), "drain_events_per_s": drain(&scylla), "cpu_us_per_event": cpu_us(&scylla),
                          "peak_rss_mib": scylla.peak_rss_mib, "ratio_to_b": rate(&scylla) / b_rate,
                          "cql_requests_per_event": requests as f64 / scylla_n as f64},
         "latency_1k_per_s": {"events": latencies.len(), "p50_ms": p50, "p99_ms": p99,
@@ -635,31 +683,31 @@ async fn run() {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "| run | events/s | vs baseline | CPU µs/event (s per 1M) | peak RSS MiB |"
+        "| run | events/s (steady state) | vs baseline | events/s (whole drain) | CPU µs/event (s per 1M) | peak RSS MiB |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
-    let _ = writeln!(md, "| A: raw rdkafka consumer ({big} events, {partitions} partitions) | {a_rate:.0} | 1.00× A | {a_cpu_us:.2} | {:.1} |", a["peak_rss_mib"].as_f64().unwrap());
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "| A: raw rdkafka consumer ({big} events, {partitions} partitions) | {a_rate:.0} | 1.00× A | {a_drain:.0} | {a_cpu_us:.2} | {:.1} |", a["peak_rss_mib"].as_f64().unwrap());
     let _ = writeln!(
         md,
-        "| vault, null store, {big} backlog | {:.0} | {:.2}× A | {:.2} ({:.2}× A) | {:.1} |",
+        "| vault, null store, {big} backlog | {:.0} | {:.2}× A | {:.0} | {:.2} ({:.2}× A) | {:.1} |",
         rate(&null_big),
         rate(&null_big) / a_rate,
+        drain(&null_big),
         cpu_us(&null_big),
         cpu_us(&null_big) / a_cpu_us,
         null_big.peak_rss_mib
     );
     let _ = writeln!(
         md,
-        "| vault, null store, {small} backlog (for peak RSS; too short for CPU) | {:.0} | {:.2}× A | | {:.1} |",
-        rate(&null_small),
-        rate(&null_small) / a_rate,
+        "| vault, null store, {small} backlog (for peak RSS; too short for rates and CPU) | | | {:.0} | | {:.1} |",
+        drain(&null_small),
         null_small.peak_rss_mib
     );
     let _ = writeln!(
         md,
-        "| B: prepared inserts to the CQL stand-in (256 concurrent) | {b_rate:.0} | 1.00× B | | |"
+        "| B: prepared inserts to the CQL stand-in (256 concurrent) | {b_rate:.0} | 1.00× B | | | |"
     );
-    let _ = writeln!(md, "| vault, ScyllaDB store (stand-in), {scylla_n} events | {:.0} | {:.2}× B | {:.2} | {:.1} |", rate(&scylla), rate(&scylla) / b_rate, cpu_us(&scylla), scylla.peak_rss_mib);
+    let _ = writeln!(md, "| vault, ScyllaDB store (stand-in), {scylla_n} events | {:.0} | {:.2}× B | {:.0} | {:.2} | {:.1} |", rate(&scylla), rate(&scylla) / b_rate, drain(&scylla), cpu_us(&scylla), scylla.peak_rss_mib);
     let _ = writeln!(md);
     let _ = writeln!(
         md,

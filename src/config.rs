@@ -72,7 +72,7 @@ pub struct KafkaConfig {
     /// Dead-letter topic; `{topic}` is replaced by the source topic.
     pub dead_letter_topic: String,
     /// Bytes of fetched, not yet read messages librdkafka may hold, shared among the subscribed
-    /// topics' partitions.
+    /// topics' partitions (its per-partition queue limit and fetch size).
     pub prefetch_bytes: usize,
     /// Raw librdkafka options for the consumer and the dead-letter producer (security, tuning).
     pub options: BTreeMap<String, String>,
@@ -117,8 +117,9 @@ pub struct PipelineConfig {
     pub store: StoreKind,
     /// Persister tasks (batches written concurrently across all partitions).
     pub persisters: usize,
-    /// Bytes (Kafka values) of batches flushed and not yet acknowledged, across all partitions
-    /// of the process; a partition whose batch does not fit waits and stops reading.
+    /// Memory of records read and not yet durable (open batches and batches being written),
+    /// across all partitions of the process; a partition whose next record does not fit hands
+    /// over its open batch and stops reading until there is room.
     pub max_in_flight_bytes: usize,
     /// Larger Kafka values are invalid (dead-lettered).
     pub max_event_bytes: usize,
@@ -248,7 +249,7 @@ impl Default for KafkaConfig {
             session_timeout: Duration::from_secs(45),
             commit_interval: Duration::from_secs(1),
             dead_letter_topic: "{topic}.dlq".into(),
-            prefetch_bytes: 32 << 20,
+            prefetch_bytes: 8 << 20,
             options: BTreeMap::new(),
         }
     }

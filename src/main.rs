@@ -136,6 +136,8 @@ enum DlqCommand {
 }
 
 fn main() -> ExitCode {
+    #[cfg(feature = "mimalloc")]
+    tune_allocator();
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,6 +145,19 @@ fn main() -> ExitCode {
             eprintln!("vault: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// mimalloc 3 keeps freed memory for a second before returning it to the OS; at vault's
+/// allocation rate that adds tens of MiB to the resident set for no gain. Purge after 10 ms
+/// (mimalloc 2's default) unless MIMALLOC_PURGE_DELAY says otherwise.
+#[cfg(feature = "mimalloc")]
+fn tune_allocator() {
+    /// `mi_option_purge_delay` in mimalloc.h (v3), which libmimalloc-sys names no constant for.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: mi_option_set stores one integer option; mimalloc reads it atomically.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10) };
     }
 }
 

@@ -142,7 +142,7 @@ impl Metrics {
             ),
             in_flight_bytes: b.gauge(
                 "vault_in_flight_bytes",
-                "Bytes (Kafka values) of batches flushed and not yet written, of pipeline.max_in_flight_bytes.",
+                "Memory of records read and not yet durable (open and flushed batches), of pipeline.max_in_flight_bytes.",
             ),
             prefetched_bytes: b.gauge(
                 "vault_kafka_prefetched_bytes",
