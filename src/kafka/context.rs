@@ -228,3 +228,67 @@ fn describe(tpl: &TopicPartitionList) -> String {
         .collect();
     parts.join(",")
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::statistics::{Partition, Topic};
+
+    use super::*;
+
+    fn partition(id: i32, desired: bool, lag: i64, fetchq_size: u64) -> (i32, Partition) {
+        let p = Partition {
+            partition: id,
+            desired,
+            consumer_lag: lag,
+            fetchq_size,
+            ..Default::default()
+        };
+        (id, p)
+    }
+
+    #[test]
+    fn statistics_give_lag_per_fetched_partition_and_the_bytes_fetched_ahead() {
+        let metrics = Arc::new(Metrics::new());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let context = VaultContext::new(tx, Duration::from_secs(1), metrics.clone());
+        let stats = |partitions: Vec<(i32, Partition)>| {
+            let topic = Topic {
+                topic: "t".into(),
+                partitions: partitions.into_iter().collect(),
+                ..Default::default()
+            };
+            Statistics {
+                topics: [("t".to_string(), topic)].into_iter().collect(),
+                ..Default::default()
+            }
+        };
+        context.stats(stats(vec![
+            partition(0, true, 7, 1000),
+            partition(1, true, 0, 24),
+            // librdkafka's internal "unassigned" partition holds nothing of ours.
+            partition(-1, false, -1, 5000),
+        ]));
+        assert_eq!(metrics.prefetched_bytes.get(), 1024);
+        assert_eq!(metrics.consumer_lag.with_label_values(&["t", "0"]).get(), 7);
+
+        // Partition 0 is no longer fetched: its lag series goes, its queue no longer counts.
+        context.stats(stats(vec![
+            partition(0, false, -1, 1000),
+            partition(1, true, 3, 100),
+        ]));
+        assert_eq!(metrics.prefetched_bytes.get(), 100);
+        let families = metrics.registry.gather();
+        let lag = families
+            .iter()
+            .find(|f| f.name() == "vault_consumer_lag")
+            .expect("lag family");
+        let series: Vec<_> = lag
+            .get_metric()
+            .iter()
+            .flat_map(|m| m.get_label().iter())
+            .filter(|l| l.name() == "partition")
+            .map(|l| l.value().to_owned())
+            .collect();
+        assert_eq!(series, ["1"]);
+    }
+}
