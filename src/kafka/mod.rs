@@ -34,6 +34,10 @@ pub fn base_client_config(settings: &Settings) -> ClientConfig {
 /// not; 100 ms bounds the stall at the cost of at most 10 empty fetches a second per broker.
 pub const FETCH_WAIT_MAX_MS: u32 = 100;
 
+/// How soon a partition whose prefetch queue reached its limit is fetched again once read;
+/// librdkafka waits 1 s by default, which starves a small prefetch during catch-up.
+pub const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
+
 /// The consumer's configuration. Offsets are committed explicitly by the coordinator, only for
 /// durable batches; librdkafka never commits or stores an offset on its own.
 ///
@@ -64,9 +68,7 @@ pub fn consumer_config(settings: &Settings, partitions: usize) -> ClientConfig {
             (queued_kbytes * 1024).to_string(),
         ),
         ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string()),
-        // A partition whose queue reached its limit is fetched again this soon once read
-        // (librdkafka waits 1 s by default, which starves a small prefetch during catch-up).
-        ("fetch.queue.backoff.ms", "10".to_string()),
+        ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string()),
         // Feeds vault_consumer_lag (see the context's stats callback).
         ("statistics.interval.ms", "5000".to_string()),
     ] {
