@@ -10,6 +10,10 @@
 //!   reading (backpressure reaches librdkafka's bounded prefetch queue, then the broker). A batch
 //!   that completes ahead of a slow predecessor still holds its slot, so a stalled batch bounds
 //!   how far the partition reads ahead and how much a restart replays;
+//! - every record read counts against the process-wide [`InFlightBudget`] from the moment it
+//!   joins the open batch until its batch is dropped by the persister; a partition that finds
+//!   the budget spent hands over its open batch before it waits, so it waits holding nothing
+//!   that only it could release;
 //! - acknowledgements are handled before new records (`biased`), so memory stays bounded;
 //! - on stop (revoke or shutdown) the open batch is flushed and every in-flight batch awaited.
 
