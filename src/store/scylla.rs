@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::StreamExt;
 use openssl::error::ErrorStack;
 use openssl::ssl::{SslContext, SslContextBuilder, SslFiletype, SslMethod, SslVerifyMode};
 use scylla::client::execution_profile::ExecutionProfile;
@@ -256,7 +256,12 @@ pub struct ScyllaStore {
     max_batch_rows: usize,
     max_batch_bytes: usize,
     permits: Arc<Semaphore>,
+    per_batch_requests: usize,
 }
+
+/// Requests of one batch in flight at once, at most (the process-wide bound is
+/// `scylla.max_concurrent_requests`).
+const PER_BATCH_REQUESTS: usize = 32;
 
 impl ScyllaStore {
     /// Connects, optionally migrates, and prepares the insert.
@@ -294,6 +299,7 @@ impl ScyllaStore {
             max_batch_rows: c.max_batch_rows,
             max_batch_bytes: c.max_batch_bytes,
             permits: Arc::new(Semaphore::new(c.max_concurrent_requests)),
+            per_batch_requests: c.max_concurrent_requests.clamp(1, PER_BATCH_REQUESTS),
         })
     }
 
@@ -408,10 +414,12 @@ fn row_size(e: &Event) -> usize {
 impl Store for ScyllaStore {
     async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
         let plan = self.plan(events);
-        let mut inflight: FuturesUnordered<_> = plan
-            .iter()
-            .map(|rows| async move { (rows, self.send(events, rows).await) })
-            .collect();
+        // The process-wide bound is the semaphore in `send`; this one keeps a large batch from
+        // queueing hundreds of request futures at once.
+        let plan = &plan;
+        let mut inflight = futures::stream::iter(0..plan.len())
+            .map(|k| async move { (&plan[k], self.send(events, &plan[k]).await) })
+            .buffer_unordered(self.per_batch_requests);
         let mut unwritten = Vec::new();
         let mut first_retryable: Option<StoreError> = None;
         let mut first_permanent: Option<StoreError> = None;
