@@ -172,7 +172,7 @@ pub struct ScyllaConfig {
     pub max_batch_rows: usize,
     /// Bytes of payload in one UNLOGGED batch, at most (keep below the cluster's batch_size_fail_threshold).
     pub max_batch_bytes: usize,
-    /// Write requests in flight at once, per process.
+    /// Write requests in flight at once, per process (one batch sends at most 32 at once).
     pub max_concurrent_requests: usize,
     /// Connect to the nodes over TLS.
     pub tls: bool,
