@@ -60,7 +60,9 @@ pub struct Event {
     attributes: Option<Range<usize>>,
 }
 
-/// A decoded JSON string: where it sits in the payload, or its unescaped text.
+/// A decoded JSON string: where it sits in the payload, or its unescaped text. Ranges are only
+/// made by [`decode`], from strings the JSON parser borrowed out of the same text, so they lie
+/// on character boundaries of `payload` and slicing with them cannot fail.
 #[derive(Debug, Clone, PartialEq)]
 enum Text {
     In(Range<usize>),
