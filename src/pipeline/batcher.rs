@@ -13,7 +13,8 @@
 //! - every record read counts against the process-wide [`InFlightBudget`] from the moment it
 //!   joins the open batch until its batch is dropped by the persister; a partition that finds
 //!   the budget spent hands over its open batch before it waits, so it waits holding nothing
-//!   that only it could release;
+//!   that only it could release; a stop ends the wait at once, and the record it waited to add,
+//!   never batched, is read again by the partition's next reader;
 //! - acknowledgements are handled before new records (`biased`), so memory stays bounded;
 //! - on stop (revoke or shutdown) the open batch is flushed and every in-flight batch awaited.
 
@@ -148,17 +149,23 @@ impl PartitionTask {
                         };
                     };
                     consumed.inc();
-                    self.push(&mut st, record, &mut linger).await;
+                    if let Some(reason) = self.push(&mut st, record, &mut linger, &mut stop).await {
+                        break reason;
+                    }
                     // Take what is already buffered without another trip through select!, while
                     // the batch has room and the in-flight limit allows.
-                    while st.tracker.in_flight() < self.max_in_flight {
+                    let mut stopped = None;
+                    while stopped.is_none() && st.tracker.in_flight() < self.max_in_flight {
                         match records.next().now_or_never() {
                             Some(Some(record)) => {
                                 consumed.inc();
-                                self.push(&mut st, record, &mut linger).await;
+                                stopped = self.push(&mut st, record, &mut linger, &mut stop).await;
                             }
                             _ => break,
                         }
+                    }
+                    if let Some(reason) = stopped {
+                        break reason;
                     }
                 }
             }
@@ -173,12 +180,16 @@ impl PartitionTask {
         }
     }
 
+    /// Adds a record to the open batch. Returns the stop reason when a stop arrives while the
+    /// partition waits for room in the in-flight budget: the record is then left out (it was
+    /// never part of a batch, so the next reader of the partition reads it again).
     async fn push(
         &self,
         st: &mut State,
         record: Record,
         linger: &mut Pin<&mut tokio::time::Sleep>,
-    ) {
+        stop: &mut oneshot::Receiver<FlushReason>,
+    ) -> Option<FlushReason> {
         let size = record.size();
         st.first_offset.get_or_insert(record.source().offset);
         if let Some(reason) = self.policy.before_push(st.open.len(), st.open_bytes, size) {
@@ -189,7 +200,11 @@ impl PartitionTask {
             // The budget is spent: what this partition holds goes to the persisters (its share
             // comes back once written) and the partition stops reading until there is room.
             self.flush(st, FlushReason::Budget).await;
-            self.budget.add(&mut st.share, footprint).await;
+            tokio::select! {
+                biased;
+                reason = &mut *stop => return Some(reason.unwrap_or(FlushReason::Shutdown)),
+                () = self.budget.add(&mut st.share, footprint) => {}
+            }
         }
         if st.open.is_empty() {
             let now = Instant::now();
@@ -204,6 +219,7 @@ impl PartitionTask {
         if let Some(reason) = self.policy.after_push(st.open.len(), st.open_bytes) {
             self.flush(st, reason).await;
         }
+        None
     }
 
     /// Hands the open batch to the persisters and starts tracking it.
@@ -578,5 +594,31 @@ mod tests {
             (FlushReason::Linger, 2, 1)
         );
         assert_eq!(budget.in_use(), footprint());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_waiting_for_room_stops_at_once_without_the_record() {
+        let budget = InFlightBudget::new(footprint() * 3 / 2);
+        let a = start_with_budget(1, 4, budget.clone());
+        let mut b = start_with_budget(1, 4, budget.clone());
+        a.records.unbounded_send(record(0)).unwrap();
+        let _a0 = a.batches.recv().await.unwrap();
+        b.records.unbounded_send(record(7)).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!b.task.is_finished(), "b waits for room");
+        // Revoked while waiting: b ends without waiting for a's write, having batched nothing,
+        // so nothing of it is committable and the next owner reads offset 7 again.
+        b.stop.take().unwrap().send(FlushReason::Revoke).unwrap();
+        let t0 = Instant::now();
+        let exit = tokio::time::timeout(Duration::from_secs(60), &mut b.task)
+            .await
+            .expect("the revoke is not held up by the wait for room");
+        assert_eq!(exit.unwrap(), Exit::Drained { committable: None });
+        assert_eq!(Instant::now(), t0);
+        assert!(
+            b.batches.try_recv().is_err(),
+            "the waiting record was not batched"
+        );
+        assert_eq!(budget.in_use(), footprint(), "only a's batch holds a share");
     }
 }
