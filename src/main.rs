@@ -151,10 +151,12 @@ fn main() -> ExitCode {
 /// mimalloc 3 keeps freed memory for a second before returning it to the OS; at vault's
 /// allocation rate that adds tens of MiB to the resident set for no gain. Purge after 10 ms
 /// (mimalloc 2's default) unless MIMALLOC_PURGE_DELAY says otherwise.
+/// `mi_option_purge_delay` in mimalloc.h (v3), which libmimalloc-sys names no constant for.
+#[cfg(feature = "mimalloc")]
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 #[cfg(feature = "mimalloc")]
 fn tune_allocator() {
-    /// `mi_option_purge_delay` in mimalloc.h (v3), which libmimalloc-sys names no constant for.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: mi_option_set stores one integer option; mimalloc reads it atomically.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10) };
@@ -356,4 +358,28 @@ fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
         LogFormat::Text => builder.init(),
     }
     Ok(())
+}
+
+#[cfg(all(test, feature = "mimalloc"))]
+mod tests {
+    use super::*;
+
+    /// The option index is mimalloc's purge delay: its v3 default (1 s) before, 10 ms after.
+    /// Fails when an upgraded mimalloc numbers its options differently.
+    #[test]
+    fn the_allocator_purges_after_10_ms() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return;
+        }
+        // SAFETY: reading an integer option.
+        let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(
+            before, 1000,
+            "option {MI_OPTION_PURGE_DELAY} is not the purge delay"
+        );
+        tune_allocator();
+        // SAFETY: as above.
+        let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(after, 10);
+    }
 }
