@@ -361,6 +361,17 @@ impl Bench {
         run
     }
 
+    /// vault with the null store (acknowledges without storing) on `topic`.
+    async fn vault_null(&self, topic: &str, count: u64) -> VaultRun {
+        self.vault(
+            "null store",
+            topic,
+            count,
+            &[("VAULT_PIPELINE_STORE", "null")],
+        )
+        .await
+    }
+
     /// Baseline B: `count` prepared inserts, `concurrency` at a time, straight to the stand-in.
     async fn baseline_b(&self, count: u64, concurrency: usize) -> Value {
         say(&format!(
@@ -608,16 +619,7 @@ async fn run() {
     let a = runs.swap_remove(RUNS / 2);
     let mut runs = Vec::new();
     for _ in 0..RUNS {
-        runs.push(
-            bench
-                .vault(
-                    "null store",
-                    "bench-1m",
-                    big,
-                    &[("VAULT_PIPELINE_STORE", "null")],
-                )
-                .await,
-        );
+        runs.push(bench.vault_null("bench-1m", big).await);
     }
     runs.sort_by(|x, y| {
         (x.steady_events as f64 / x.steady_seconds)
@@ -625,24 +627,10 @@ async fn run() {
     });
     let null_big = runs.swap_remove(RUNS / 2);
     bench.topic_with("bench-100k", partitions, small);
-    let null_small = bench
-        .vault(
-            "null store",
-            "bench-100k",
-            small,
-            &[("VAULT_PIPELINE_STORE", "null")],
-        )
-        .await;
+    let null_small = bench.vault_null("bench-100k", small).await;
     // A third backlog size, to show where peak memory stops growing with the backlog.
     bench.topic_with("bench-500k", partitions, half);
-    let null_half = bench
-        .vault(
-            "null store",
-            "bench-500k",
-            half,
-            &[("VAULT_PIPELINE_STORE", "null")],
-        )
-        .await;
+    let null_half = bench.vault_null("bench-500k", half).await;
     let b = bench.baseline_b(bench.n(100_000), 256).await;
     bench.topic_with("bench-scylla", partitions, scylla_n);
     bench.node.clear_requests();
