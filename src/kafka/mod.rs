@@ -91,16 +91,17 @@ pub fn queued_kbytes_per_partition(budget: usize, partitions: usize) -> usize {
 
 /// Decodes a Kafka message into a record: a valid event, or a dead letter with its context.
 pub fn to_record(msg: &BorrowedMessage<'_>, topic: &Arc<str>, max_event_bytes: usize) -> Record {
-    let source = Source {
+    // Built again for the rare invalid message, so that a valid one costs one copy of it.
+    let source = || Source {
         topic: topic.clone(),
         partition: msg.partition(),
         offset: msg.offset(),
         timestamp_ms: msg.timestamp().to_millis(),
     };
-    match event::decode(msg.key(), msg.payload(), source.clone(), max_event_bytes) {
+    match event::decode(msg.key(), msg.payload(), source(), max_event_bytes) {
         Ok(e) => Record::Event(e),
         Err(error) => Record::Invalid(DeadLetter {
-            source,
+            source: source(),
             key: msg.key().map(<[u8]>::to_vec),
             value: msg.payload().map(<[u8]>::to_vec),
             error,
