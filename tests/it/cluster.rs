@@ -318,14 +318,8 @@ async fn readiness_drops_while_the_group_is_lost_and_returns_after_rejoining() {
     .await;
 
     // And it works again: new events are stored and committed.
-    let produced: BTreeSet<_> = kafka
-        .produce_events(&topic, partitions, 0, 200)
-        .await
-        .into_iter()
-        .collect();
-    kafka
-        .probe(&group)
-        .wait_committed_to_end(&topic, partitions, Duration::from_secs(60))
+    let produced = kafka
+        .produce_and_wait_committed(&topic, &group, partitions, 0, 200)
         .await;
     assert_eq!(stored_positions(&store), produced);
     vault.stop().await;

@@ -66,14 +66,8 @@ async fn a_panicking_write_restarts_its_partition_from_the_last_durable_offset()
         1
     );
     // The persister pool survived: the stream keeps flowing after the restart.
-    let more: BTreeSet<_> = kafka
-        .produce_events(&topic, partitions, 600, 200)
-        .await
-        .into_iter()
-        .collect();
-    kafka
-        .probe(&group)
-        .wait_committed_to_end(&topic, partitions, Duration::from_secs(60))
+    let more = kafka
+        .produce_and_wait_committed(&topic, &group, partitions, 600, 200)
         .await;
     assert!(more.is_subset(&stored_positions(&memory)));
     vault.stop().await;

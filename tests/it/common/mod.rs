@@ -202,6 +202,23 @@ impl Kafka {
         self.produce(topic, &values).await
     }
 
+    /// Produces `n` more events (see [`Kafka::produce_events`]) and waits until `group` has
+    /// committed every partition to its end; returns their positions.
+    pub async fn produce_and_wait_committed(
+        &self,
+        topic: &str,
+        group: &str,
+        partitions: i32,
+        first: usize,
+        n: usize,
+    ) -> BTreeSet<(i32, i64)> {
+        let produced = self.produce_events(topic, partitions, first, n).await;
+        self.probe(group)
+            .wait_committed_to_end(topic, partitions, Duration::from_secs(60))
+            .await;
+        produced.into_iter().collect()
+    }
+
     /// A consumer that only reads committed offsets and watermarks of `group`.
     pub fn probe(&self, group: &str) -> Probe {
         let consumer: BaseConsumer = ClientConfig::new()
