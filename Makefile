@@ -3,7 +3,7 @@ CARGO ?= cargo
 JOBS  ?= 2
 export CARGO_BUILD_JOBS ?= $(JOBS)
 
-.PHONY: help build test lint fmt fuzz faults demo bench up down build-deps python-deps prometheus-deps rules
+.PHONY: help build test lint fmt fuzz faults chaos demo bench up down build-deps python-deps prometheus-deps rules
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -11,8 +11,11 @@ help: ## List the targets
 build: build-deps ## Build the vault binary (release)
 	$(CARGO) build --release --bin vault
 
-test: build-deps python-deps rules ## Unit and integration tests (in-process Kafka mock cluster and CQL stand-in; no servers needed)
-	$(CARGO) test --workspace --all-targets
+# Tests are built with failpoints (see src/failpoint.rs); a release build never has them.
+TEST_FEATURES := --features vault/failpoints
+
+test: build-deps python-deps rules ## Unit and integration tests (in-process Kafka mock cluster and CQL stand-in; no servers needed), with a short chaos run
+	$(CARGO) test --workspace --all-targets $(TEST_FEATURES)
 
 python-deps: ## The Python driver (scylla-driver, cqlsh's base) for the CQL stand-in conformance test
 	@python3 -c 'import cassandra' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check scylla-driver
@@ -38,12 +41,17 @@ rules: prometheus-deps ## Check the Prometheus config and alert rules, and run t
 lint: build-deps ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets $(TEST_FEATURES) -- -D warnings
 
 fuzz: ## Property tests of event decoding with many cases (PROPTEST_CASES, default 200000)
 	PROPTEST_CASES=$${PROPTEST_CASES:-200000} $(CARGO) test --release --lib event::properties
 
 faults: ## The fault suite with more kill -9 iterations (VAULT_FAULT_ITERATIONS, default 50)
-	VAULT_FAULT_ITERATIONS=$${VAULT_FAULT_ITERATIONS:-50} $(CARGO) test --test it faults -- --nocapture
+	VAULT_FAULT_ITERATIONS=$${VAULT_FAULT_ITERATIONS:-50} $(CARGO) test $(TEST_FEATURES) --test it faults -- --nocapture
+
+chaos: build-deps ## A long seeded chaos run with a read-back audit (VAULT_CHAOS_STEPS, default 60; VAULT_CHAOS_SEED, default random)
+	VAULT_CHAOS_STEPS=$${VAULT_CHAOS_STEPS:-60} VAULT_CHAOS_SEED=$${VAULT_CHAOS_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')} \
+	  $(CARGO) test $(TEST_FEATURES) --test it chaos -- --nocapture
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

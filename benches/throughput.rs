@@ -228,7 +228,7 @@ impl Bench {
             ("VAULT_KAFKA_TOPICS", topic.into()),
             ("VAULT_SCYLLA_NODES", self.node.addr().to_string()),
             ("VAULT_SCYLLA_KEYSPACE", "bench".into()),
-            ("VAULT_SCYLLA_CONSISTENCY", "ONE".into()),
+            ("VAULT_SCYLLA_CONSISTENCY", "LOCAL_QUORUM".into()),
             ("VAULT_LOG_LEVEL", "warn".into()),
         ]
     }
@@ -238,6 +238,10 @@ impl Bench {
         self.mock
             .create_topic(name, partitions, 1)
             .expect("create topic");
+        // vault refuses to start without the dead-letter topic.
+        self.mock
+            .create_topic(&format!("{name}.dlq"), 1, 1)
+            .expect("create dead-letter topic");
         say(&format!(
             "Producing {count} events into {name} ({partitions} partitions) with vault produce"
         ));
@@ -380,7 +384,7 @@ impl Bench {
         let cfg = vault::config::ScyllaConfig {
             nodes: vec![self.node.addr().to_string()],
             keyspace: "bench".into(),
-            consistency: "ONE".into(),
+            consistency: "LOCAL_QUORUM".into(),
             ..Default::default()
         };
         let session = vault::store::scylla::connect(&cfg).await.expect("session");
@@ -439,6 +443,9 @@ impl Bench {
         let topic = "bench-latency";
         let partitions = 8;
         self.mock.create_topic(topic, partitions, 1).expect("topic");
+        self.mock
+            .create_topic(&format!("{topic}.dlq"), 1, 1)
+            .expect("dead-letter topic");
         say(&format!(
             "produce -> commit latency at {rate} events/s for {seconds}s"
         ));

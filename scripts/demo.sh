@@ -81,7 +81,7 @@ VAULT_KAFKA_GROUP_ID=vault-demo
 # The mock cluster holds each rebalance for session_timeout - 1s: keep rebalances short.
 VAULT_KAFKA_SESSION_TIMEOUT=6s
 VAULT_SCYLLA_KEYSPACE=vault
-VAULT_SCYLLA_CONSISTENCY=ONE
+VAULT_SCYLLA_CONSISTENCY=LOCAL_QUORUM
 set +a
 
 say "vault migrate"

@@ -13,6 +13,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::event::{Limits, MAX_JSON_DEPTH_LIMIT};
 use crate::pipeline::flush::FlushPolicy;
 
 /// Sections a `VAULT_*` variable may address; other `VAULT_*` variables are not configuration.
@@ -69,13 +70,22 @@ pub struct KafkaConfig {
     /// Longest time between commits of progress made.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
-    /// Dead-letter topic; `{topic}` is replaced by the source topic.
+    /// Dead-letter topic; `{topic}` is replaced by the source topic. It must exist when
+    /// `pipeline.on_invalid = "dlq"` (checked at start-up) and must not be a source topic.
     pub dead_letter_topic: String,
+    /// Largest dead letter, in bytes, that the dead-letter topic accepts (its
+    /// `max.message.bytes`, and the producer's `message.max.bytes`): a longer value is cut to
+    /// fit, with headers for its original size and SHA-256.
+    pub dead_letter_max_bytes: usize,
     /// Bytes of fetched, not yet read messages librdkafka may hold, shared among the subscribed
     /// topics' partitions (its per-partition queue limit and fetch size).
     pub prefetch_bytes: usize,
     /// Raw librdkafka options for the consumer and the dead-letter producer (security, tuning).
     pub options: BTreeMap<String, String>,
+    /// Accept `isolation.level = read_uncommitted` in `options`, which stores events of aborted
+    /// transactions. One of the explicit opt-ins that weaken the delivery guarantee (see
+    /// [`Settings::weakened_guarantees`]); refused without it.
+    pub allow_read_uncommitted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +133,9 @@ pub struct PipelineConfig {
     pub max_in_flight_bytes: usize,
     /// Larger Kafka values are invalid (dead-lettered).
     pub max_event_bytes: usize,
+    /// Deeper nesting of objects and arrays (the event object is level 1) is invalid
+    /// (dead-lettered): readers with a recursion limit could not read the value back.
+    pub max_json_depth: usize,
     pub on_invalid: InvalidPolicy,
     #[serde(with = "humantime_serde")]
     pub retry_initial_backoff: Duration,
@@ -152,6 +165,7 @@ pub struct ScyllaConfig {
     #[serde(deserialize_with = "lenient_string")]
     pub password: String,
     /// Consistency of writes: one of ANY, ONE, TWO, THREE, QUORUM, ALL, LOCAL_QUORUM, EACH_QUORUM, LOCAL_ONE.
+    /// ANY, ONE and LOCAL_ONE need `allow_weak_consistency`.
     pub consistency: String,
     /// Datacenter whose nodes are preferred (token- and DC-aware routing); empty: any.
     #[serde(deserialize_with = "lenient_string")]
@@ -187,6 +201,11 @@ pub struct ScyllaConfig {
     pub tls_key_file: String,
     /// Verify the nodes' certificates. Turn off only to test against self-signed nodes.
     pub tls_verify: bool,
+    /// Accept a consistency at which one node's loss can lose acknowledged writes: ANY, ONE,
+    /// LOCAL_ONE, or a LOCAL_* level without `local_dc` while `datacenters` names several. One
+    /// of the explicit opt-ins that weaken the delivery guarantee (see
+    /// [`Settings::weakened_guarantees`]); refused without it.
+    pub allow_weak_consistency: bool,
 }
 
 impl fmt::Debug for ScyllaConfig {
@@ -211,6 +230,7 @@ impl fmt::Debug for ScyllaConfig {
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
             .field("tls_verify", &self.tls_verify)
+            .field("allow_weak_consistency", &self.allow_weak_consistency)
             .finish()
     }
 }
@@ -249,8 +269,10 @@ impl Default for KafkaConfig {
             session_timeout: Duration::from_secs(45),
             commit_interval: Duration::from_secs(1),
             dead_letter_topic: "{topic}.dlq".into(),
+            dead_letter_max_bytes: 1_000_000,
             prefetch_bytes: 8 << 20,
             options: BTreeMap::new(),
+            allow_read_uncommitted: false,
         }
     }
 }
@@ -273,6 +295,7 @@ impl Default for PipelineConfig {
             persisters: 8,
             max_in_flight_bytes: 16 << 20,
             max_event_bytes: 1024 * 1024,
+            max_json_depth: crate::event::DEFAULT_MAX_JSON_DEPTH,
             on_invalid: InvalidPolicy::DeadLetter,
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(30),
@@ -305,6 +328,7 @@ impl Default for ScyllaConfig {
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_verify: true,
+            allow_weak_consistency: false,
         }
     }
 }
@@ -366,6 +390,14 @@ impl Settings {
         }
     }
 
+    /// How long revokes and shutdown may take (see [`crate::pipeline::deadline`]).
+    pub fn deadlines(&self) -> crate::pipeline::deadline::Deadlines {
+        crate::pipeline::deadline::Deadlines {
+            revoke_timeout: self.config.pipeline.revoke_timeout,
+            shutdown_timeout: self.config.pipeline.shutdown_timeout,
+        }
+    }
+
     /// The dead-letter topic of a source topic.
     pub fn dead_letter_topic(&self, topic: &str) -> String {
         self.config
@@ -373,6 +405,132 @@ impl Settings {
             .dead_letter_topic
             .replace("{topic}", topic)
     }
+
+    /// Every dead-letter topic in use, each with the source topics (in configured order) whose
+    /// dead letters go there: several when `kafka.dead_letter_topic` has no `{topic}`.
+    pub fn dead_letter_routes(&self) -> BTreeMap<String, Vec<String>> {
+        let mut routes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for t in &self.config.kafka.topics {
+            routes
+                .entry(self.dead_letter_topic(t))
+                .or_default()
+                .push(t.clone());
+        }
+        routes
+    }
+
+    /// What a Kafka value may be: `pipeline.max_event_bytes` and `pipeline.max_json_depth`.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_bytes: self.config.pipeline.max_event_bytes,
+            max_depth: self.config.pipeline.max_json_depth,
+        }
+    }
+
+    /// The settings in force that weaken the delivery guarantee, each with what it costs, for
+    /// a warning at start-up; empty with the defaults. Validation refuses each of them unless its
+    /// opt-in (`scylla.allow_weak_consistency`, `kafka.allow_read_uncommitted`) is set;
+    /// `pipeline.on_invalid = "skip"` is listed too, being a choice to drop invalid input.
+    pub fn weakened_guarantees(&self) -> Vec<String> {
+        let mut out: Vec<String> = weakenings(&self.config)
+            .into_iter()
+            .filter(|w| w.allowed)
+            .map(|w| {
+                format!(
+                    "{} = {} (allowed by {} = true): {}",
+                    w.key, w.value, w.opt_in, w.cost
+                )
+            })
+            .collect();
+        if self.config.pipeline.on_invalid == InvalidPolicy::Skip {
+            out.push(
+                "pipeline.on_invalid = skip: invalid events are logged, counted and dropped, \
+                 not kept in a dead-letter topic"
+                    .into(),
+            );
+        }
+        out
+    }
+}
+
+/// A setting that weakens the delivery guarantee: where it is, the opt-in that accepts it, and
+/// what it costs. Validation and [`Settings::weakened_guarantees`] both read this one list.
+struct Weakening {
+    key: &'static str,
+    value: String,
+    opt_in: &'static str,
+    allowed: bool,
+    cost: String,
+    fix: &'static str,
+}
+
+/// Consistency levels at which a write counts as durable once a single node has it.
+const WEAK_CONSISTENCIES: [&str; 3] = ["ANY", "ONE", "LOCAL_ONE"];
+
+fn weakenings(c: &Config) -> Vec<Weakening> {
+    let mut out = Vec::new();
+    let s = &c.scylla;
+    let consistency = s.consistency.to_ascii_uppercase();
+    if WEAK_CONSISTENCIES.contains(&consistency.as_str()) {
+        let cost = if consistency == "ANY" {
+            "a write counts as durable once any node holds it, if only as a hint for the \
+             replicas: losing that node loses events whose offsets are already committed"
+        } else {
+            "a write counts as durable once one replica has it: losing that replica before the \
+             others catch up loses events whose offsets are already committed"
+        };
+        out.push(Weakening {
+            key: "scylla.consistency",
+            value: s.consistency.clone(),
+            opt_in: "scylla.allow_weak_consistency",
+            allowed: s.allow_weak_consistency,
+            cost: cost.into(),
+            fix: "use LOCAL_QUORUM (the default), QUORUM, EACH_QUORUM or ALL",
+        });
+    } else if consistency.starts_with("LOCAL_") && s.local_dc.is_empty() && s.datacenters.len() > 1
+    {
+        let dcs: Vec<&str> = s.datacenters.keys().map(String::as_str).collect();
+        out.push(Weakening {
+            key: "scylla.local_dc",
+            value: String::new(),
+            opt_in: "scylla.allow_weak_consistency",
+            allowed: s.allow_weak_consistency,
+            cost: format!(
+                "scylla.consistency = {} is counted in the datacenter of whichever node \
+                 coordinates a write, and scylla.datacenters names {} ({}): a write may be \
+                 acknowledged by a datacenter other than the one vault runs in",
+                s.consistency,
+                dcs.len(),
+                dcs.join(", ")
+            ),
+            fix: "set scylla.local_dc to the datacenter vault runs in",
+        });
+    }
+    let read_uncommitted = c
+        .kafka
+        .options
+        .get("isolation.level")
+        .filter(|v| v.trim().eq_ignore_ascii_case("read_uncommitted"));
+    if let Some(v) = read_uncommitted {
+        out.push(Weakening {
+            key: "kafka.options",
+            value: format!("isolation.level={v}"),
+            opt_in: "kafka.allow_read_uncommitted",
+            allowed: c.kafka.allow_read_uncommitted,
+            cost: "events of aborted Kafka transactions are stored as if they had been produced"
+                .into(),
+            fix: "remove it (vault then reads read_committed, librdkafka's default)",
+        });
+    }
+    out
+}
+
+/// Kafka's rule for topic names.
+fn is_topic_name(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 /// Loads configuration from an optional file, the process environment and `--set` overrides.
@@ -512,11 +670,7 @@ impl Config {
             return Err(bad("kafka.topics", "", "give at least one topic"));
         }
         for t in &k.topics {
-            let valid = !t.is_empty()
-                && t.len() <= 249
-                && t.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-            if !valid {
+            if !is_topic_name(t) {
                 return Err(bad(
                     "kafka.topics",
                     t,
@@ -555,12 +709,43 @@ impl Config {
                 "at least 1s",
             ));
         }
+        if k.dead_letter_max_bytes < 64 << 10 {
+            return Err(bad(
+                "kafka.dead_letter_max_bytes",
+                k.dead_letter_max_bytes,
+                "at least 65536: the dead-letter topic's max.message.bytes (Kafka's default is 1048588)",
+            ));
+        }
         if k.dead_letter_topic.is_empty() {
             return Err(bad(
                 "kafka.dead_letter_topic",
                 "",
                 "a topic name; {topic} stands for the source topic",
             ));
+        }
+        for t in &k.topics {
+            let dlq = k.dead_letter_topic.replace("{topic}", t);
+            if !is_topic_name(&dlq) {
+                return Err(ConfigError::Invalid {
+                    key: "kafka.dead_letter_topic",
+                    value: k.dead_letter_topic.clone(),
+                    allowed: format!(
+                        "it gives '{dlq}' for topic '{t}'; topic names are 1-249 characters of \
+                         [a-zA-Z0-9._-], and {{topic}} stands for the source topic"
+                    ),
+                });
+            }
+            if k.topics.contains(&dlq) {
+                return Err(ConfigError::Invalid {
+                    key: "kafka.dead_letter_topic",
+                    value: k.dead_letter_topic.clone(),
+                    allowed: format!(
+                        "it gives '{dlq}' for topic '{t}', which is a source topic: dead letters \
+                         would be read back as input; give them a topic of their own, such as \
+                         \"{{topic}}.dlq\""
+                    ),
+                });
+            }
         }
         for name in k.options.keys() {
             if let Some((_, why)) = RESERVED_KAFKA_OPTIONS.iter().find(|(n, _)| n == name) {
@@ -604,6 +789,14 @@ impl Config {
                 "pipeline.max_event_bytes",
                 0,
                 "a positive number of bytes",
+            ));
+        }
+        if !(2..=MAX_JSON_DEPTH_LIMIT).contains(&p.max_json_depth) {
+            return Err(bad(
+                "pipeline.max_json_depth",
+                p.max_json_depth,
+                "2 (the event object and a flat attributes object) to 127 (serde_json's \
+                 default reader refuses 128 levels)",
             ));
         }
         if p.retry_initial_backoff.is_zero() || p.retry_initial_backoff > p.retry_max_backoff {
@@ -717,6 +910,16 @@ impl Config {
         }
         if s.max_concurrent_requests == 0 {
             return Err(bad("scylla.max_concurrent_requests", 0, "at least 1"));
+        }
+        if let Some(w) = weakenings(&self).into_iter().find(|w| !w.allowed) {
+            return Err(ConfigError::Invalid {
+                key: w.key,
+                value: w.value,
+                allowed: format!(
+                    "{}; {}, or set {} = true to accept that",
+                    w.cost, w.fix, w.opt_in
+                ),
+            });
         }
         let metrics_addr: SocketAddr = self.metrics.addr.parse().map_err(|_| {
             bad(
@@ -975,6 +1178,169 @@ mod tests {
         let err =
             load_with_env(Some(Path::new("/nonexistent/vault.toml")), &[], env(&[])).unwrap_err();
         assert!(matches!(err, ConfigError::MissingFile(_)));
+    }
+
+    fn set(pairs: &[&str]) -> Result<Settings, ConfigError> {
+        let overrides: Vec<String> = pairs.iter().map(|p| p.to_string()).collect();
+        load_with_env(None, &overrides, env(&[]))?.validate()
+    }
+
+    #[test]
+    fn the_defaults_weaken_nothing() {
+        let s = set(&[]).unwrap();
+        assert!(s.weakened_guarantees().is_empty());
+        assert_eq!(
+            s.limits(),
+            Limits {
+                max_bytes: 1 << 20,
+                max_depth: 64
+            }
+        );
+    }
+
+    #[test]
+    fn weak_consistency_is_refused_unless_opted_in_and_then_listed() {
+        for level in ["ANY", "ONE", "LOCAL_ONE", "one"] {
+            let consistency = format!("scylla.consistency={level}");
+            let err = set(&[&consistency]).unwrap_err().to_string();
+            assert!(
+                err.starts_with("scylla.consistency")
+                    && err.contains("LOCAL_QUORUM")
+                    && err.contains("scylla.allow_weak_consistency = true"),
+                "{err}"
+            );
+            let s = set(&[&consistency, "scylla.allow_weak_consistency=true"]).unwrap();
+            let weakened = s.weakened_guarantees();
+            assert_eq!(weakened.len(), 1, "{weakened:?}");
+            assert!(
+                weakened[0].starts_with(&format!("scylla.consistency = {level} (allowed by")),
+                "{weakened:?}"
+            );
+        }
+        for level in [
+            "TWO",
+            "THREE",
+            "QUORUM",
+            "ALL",
+            "LOCAL_QUORUM",
+            "EACH_QUORUM",
+        ] {
+            set(&[&format!("scylla.consistency={level}")]).unwrap();
+        }
+        // The opt-in alone weakens nothing.
+        let s = set(&["scylla.allow_weak_consistency=true"]).unwrap();
+        assert!(s.weakened_guarantees().is_empty());
+    }
+
+    #[test]
+    fn local_consistency_across_datacenters_needs_local_dc() {
+        let mut c = Config::default();
+        c.scylla.replication_strategy = "NetworkTopologyStrategy".into();
+        c.scylla.datacenters = BTreeMap::from([("dc1".into(), 3), ("dc2".into(), 3)]);
+        let err = c.clone().validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("scylla.local_dc")
+                && err.contains("dc1, dc2")
+                && err.contains("set scylla.local_dc"),
+            "{err}"
+        );
+        let mut local = c.clone();
+        local.scylla.local_dc = "dc1".into();
+        assert!(local.validate().unwrap().weakened_guarantees().is_empty());
+        let mut quorum = c.clone();
+        quorum.scylla.consistency = "QUORUM".into();
+        quorum.validate().unwrap();
+        let mut one_dc = c.clone();
+        one_dc.scylla.datacenters = BTreeMap::from([("dc1".into(), 3)]);
+        one_dc.validate().unwrap();
+        let mut allowed = c;
+        allowed.scylla.allow_weak_consistency = true;
+        let weakened = allowed.validate().unwrap().weakened_guarantees();
+        assert!(
+            weakened.len() == 1 && weakened[0].starts_with("scylla.local_dc"),
+            "{weakened:?}"
+        );
+    }
+
+    #[test]
+    fn read_uncommitted_is_refused_unless_opted_in() {
+        let option = "kafka.options.isolation.level=read_uncommitted";
+        let err = set(&[option]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("kafka.options")
+                && err.contains("aborted")
+                && err.contains("kafka.allow_read_uncommitted = true"),
+            "{err}"
+        );
+        let s = set(&[option, "kafka.allow_read_uncommitted=true"]).unwrap();
+        assert!(s.weakened_guarantees()[0].contains("isolation.level=read_uncommitted"));
+        set(&["kafka.options.isolation.level=read_committed"]).unwrap();
+    }
+
+    #[test]
+    fn skipping_invalid_input_is_listed_as_a_weakening() {
+        let s = set(&["pipeline.on_invalid=skip"]).unwrap();
+        assert!(s.weakened_guarantees()[0].starts_with("pipeline.on_invalid = skip"));
+    }
+
+    #[test]
+    fn a_dead_letter_topic_must_not_be_a_source_topic() {
+        for (topics, dlq) in [("a", "{topic}"), ("a,b", "b"), ("a,a.dlq", "{topic}.dlq")] {
+            let err = set(&[
+                &format!("kafka.topics={topics}"),
+                &format!("kafka.dead_letter_topic={dlq}"),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with("kafka.dead_letter_topic") && err.contains("source topic"),
+                "{err}"
+            );
+        }
+        let err = set(&["kafka.dead_letter_topic={topic} dlq"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[a-zA-Z0-9._-]"), "{err}");
+    }
+
+    #[test]
+    fn dead_letter_routes_name_each_dead_letter_topic_once() {
+        let s = set(&["kafka.topics=a,b", "kafka.dead_letter_topic=shared.dlq"]).unwrap();
+        assert_eq!(
+            s.dead_letter_routes(),
+            BTreeMap::from([(
+                "shared.dlq".to_owned(),
+                vec!["a".to_owned(), "b".to_owned()]
+            )])
+        );
+        let s = set(&["kafka.topics=a,b"]).unwrap();
+        assert_eq!(
+            s.dead_letter_routes(),
+            BTreeMap::from([
+                ("a.dlq".to_owned(), vec!["a".to_owned()]),
+                ("b.dlq".to_owned(), vec!["b".to_owned()]),
+            ])
+        );
+    }
+
+    #[test]
+    fn max_json_depth_is_bounded_by_what_readers_take() {
+        for bad in ["pipeline.max_json_depth=1", "pipeline.max_json_depth=128"] {
+            let err = set(&[bad]).unwrap_err().to_string();
+            assert!(err.starts_with("pipeline.max_json_depth"), "{err}");
+        }
+        let s = set(&[
+            "pipeline.max_json_depth=127",
+            "pipeline.max_event_bytes=4096",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.limits(),
+            Limits {
+                max_bytes: 4096,
+                max_depth: 127
+            }
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub enum Error {
     Kafka(#[from] KafkaError),
     #[error("topic '{0}' does not exist on the brokers: create it, or fix kafka.topics / VAULT_KAFKA_TOPICS")]
     MissingTopic(String),
+    #[error("dead-letter topic '{topic}' (for source topic {sources}) does not exist on the brokers: create it, set kafka.dead_letter_topic to an existing topic, or set pipeline.on_invalid to \"skip\" or \"fail\"")]
+    MissingDeadLetterTopic { topic: String, sources: String },
     #[error("cannot reach Kafka at {brokers} to read topic metadata: {source} (check kafka.brokers / VAULT_KAFKA_BROKERS)")]
     Unreachable { brokers: String, source: KafkaError },
     #[error("cannot listen on metrics.addr {addr}: {source}")]
@@ -21,6 +23,8 @@ pub enum Error {
     },
     #[error("store: {0}")]
     Store(String),
+    #[error("fatal Kafka client error, the consumer cannot go on: {0} (a fenced static member means another instance runs with the same kafka.instance_id / VAULT_KAFKA_INSTANCE_ID)")]
+    Fatal(String),
     #[error("internal task failed: {0}")]
     Task(String),
 }

@@ -5,7 +5,13 @@
 //! after a crash or rebalance rewrites the same row instead of adding one.
 //!
 //! Decoding never panics: every way a message can be wrong is an [`EventError`] naming the field,
-//! and the caller routes it to the dead-letter path.
+//! and the caller routes it to the dead-letter path. A stored value is one that any JSON reader
+//! can read back: nesting is bounded ([`Limits::max_depth`]) and every `\uXXXX` escape stands
+//! for a character (no unpaired UTF-16 surrogates). Both are checked by one linear pass over
+//! the bytes before the parser runs, so a hostile value costs a scan, never recursion.
+//!
+//! Error texts are bounded: an echo of the input is cut at [`ECHO_CHARS`] characters, and no
+//! message is longer than a few hundred bytes, whatever the input.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -23,11 +29,60 @@ pub const MAX_USER_ID_BYTES: usize = 256;
 pub const MAX_EVENT_TYPE_BYTES: usize = 128;
 /// Earliest accepted `occurred_at`: 2000-01-01T00:00:00Z, in milliseconds since the epoch.
 pub const MIN_OCCURRED_AT_MS: i64 = 946_684_800_000;
-/// How far `occurred_at` may lie after the Kafka message timestamp (clock skew allowance).
+/// How far `occurred_at` may lie after the Kafka message timestamp, and the Kafka message
+/// timestamp after this host's clock (clock skew allowance).
 pub const MAX_FUTURE_SKEW_MS: i64 = 24 * 3600 * 1000;
+/// Default of `pipeline.max_json_depth`.
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
+/// Highest accepted `pipeline.max_json_depth`: serde_json's default parser refuses 128 levels.
+pub const MAX_JSON_DEPTH_LIMIT: usize = 127;
+/// Characters of the input an error message echoes, at most.
+pub const ECHO_CHARS: usize = 64;
+/// Characters of a free-form error text (a parser's or the store's) shown, at most.
+const MESSAGE_CHARS: usize = 256;
 
 /// Namespace of derived event ids (UUID v5 over `topic/partition/offset`).
 const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5f1c_0a7e_9b3d_4c21_8e6f_2a4b_7c9d_0e13);
+
+/// What a Kafka value may be, beyond being a JSON object with the required fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest value, in bytes (`pipeline.max_event_bytes`).
+    pub max_bytes: usize,
+    /// Deepest nesting of objects and arrays, the event object itself being level 1
+    /// (`pipeline.max_json_depth`).
+    pub max_depth: usize,
+}
+
+impl Default for Limits {
+    /// The configuration's defaults.
+    fn default() -> Self {
+        Limits {
+            max_bytes: 1024 * 1024,
+            max_depth: DEFAULT_MAX_JSON_DEPTH,
+        }
+    }
+}
+
+/// The coordinates an event's derived id is made from: the message's own, or, for a dead letter
+/// that `vault dlq replay` re-published, those of the message it was first read as (its
+/// `vault.source.*` headers), so that the replay lands on the row the original would have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl<'a> Origin<'a> {
+    pub fn of(source: &'a Source) -> Origin<'a> {
+        Origin {
+            topic: &source.topic,
+            partition: source.partition,
+            offset: source.offset,
+        }
+    }
+}
 
 /// Where a message came from. Cheap to clone: the topic name is shared.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,18 +169,28 @@ pub enum EventError {
     Tombstone,
     #[error("value is {size} bytes, above the limit of {limit} bytes (pipeline.max_event_bytes)")]
     TooLarge { size: usize, limit: usize },
-    #[error("value is not valid UTF-8: {0}")]
+    #[error("value is not valid UTF-8: {}", Clip(.0))]
     NotUtf8(String),
-    #[error("value is not valid JSON: {0}")]
+    #[error("value is not valid JSON: {}", Clip(.0))]
     Json(String),
     #[error("value is JSON but not an object")]
     NotAnObject,
+    /// Deeper than JSON readers with a recursion limit (serde_json's 128, Python's ~1000) take.
+    #[error("value nests objects and arrays more than {limit} levels deep (byte {at}); raise pipeline.max_json_depth (at most 127) if such events are wanted")]
+    TooDeep { limit: usize, at: usize },
+    /// A `\uD800`-`\uDFFF` escape without its pair: it stands for no character, and strict
+    /// readers refuse the whole value.
+    #[error("value has an unpaired UTF-16 surrogate escape ({escape}) at byte {at}; every \\uD800-\\uDBFF escape must be followed by a \\uDC00-\\uDFFF one")]
+    BadUnicode { escape: String, at: usize },
+    /// The Kafka timestamp, which `occurred_at` is judged against, is itself in the future.
+    #[error("the Kafka message timestamp ({timestamp}) is more than 24h ahead of this host's clock ({now}): the producer's clock or the timestamp it sets is wrong")]
+    FutureTimestamp { timestamp: String, now: String },
     #[error("field '{0}' is missing or null")]
     MissingField(&'static str),
-    #[error("field '{field}' is invalid: {reason}")]
+    #[error("field '{field}' is invalid: {}", Clip(.reason))]
     InvalidField { field: &'static str, reason: String },
     /// Valid on the wire, but the store refused the row for good.
-    #[error("store rejected the row: {0}")]
+    #[error("store rejected the row: {}", Clip(.0))]
     Rejected(String),
 }
 
@@ -138,11 +203,42 @@ impl EventError {
             EventError::NotUtf8(_) => "not_utf8",
             EventError::Json(_) => "bad_json",
             EventError::NotAnObject => "not_an_object",
+            EventError::TooDeep { .. } => "too_deep",
+            EventError::BadUnicode { .. } => "bad_unicode",
+            EventError::FutureTimestamp { .. } => "future_timestamp",
             EventError::MissingField(_) => "missing_field",
             EventError::InvalidField { .. } => "invalid_field",
             EventError::Rejected(_) => "store_rejected",
         }
     }
+}
+
+/// Shows at most [`MESSAGE_CHARS`] characters of a free-form text (a parser's or the store's
+/// message), so that no error text grows with the input.
+struct Clip<'a>(&'a str);
+
+impl std::fmt::Display for Clip<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.char_indices().nth(MESSAGE_CHARS) {
+            None => f.write_str(self.0),
+            Some((cut, _)) => write!(f, "{}… ({} bytes)", &self.0[..cut], self.0.len()),
+        }
+    }
+}
+
+/// An echo of input for an error message: quoted, escaped, and cut after [`ECHO_CHARS`]
+/// characters with `…` and the input's length in bytes.
+pub fn excerpt(s: &str) -> String {
+    let mut out = String::from('"');
+    let mut chars = s.char_indices();
+    for (_, c) in chars.by_ref().take(ECHO_CHARS) {
+        out.extend(c.escape_debug());
+    }
+    out.push('"');
+    if chars.next().is_some() {
+        out.push_str(&format!("… ({} bytes)", s.len()));
+    }
+    out
 }
 
 /// Field slots of the wire object, filled in one pass over the text. A wrong type is recorded
@@ -221,21 +317,24 @@ impl<'de> Visitor<'de> for FieldVisitor {
     }
 }
 
-/// Decodes and validates one Kafka message.
+/// Decodes and validates one Kafka message. A missing `event_id` is derived from `origin` when
+/// given (a replayed dead letter's original coordinates), else from `source`.
 pub fn decode(
     key: Option<&[u8]>,
     value: Option<&[u8]>,
     source: Source,
-    max_bytes: usize,
+    origin: Option<Origin<'_>>,
+    limits: Limits,
 ) -> Result<Event, EventError> {
     let bytes = value.ok_or(EventError::Tombstone)?;
-    if bytes.len() > max_bytes {
+    if bytes.len() > limits.max_bytes {
         return Err(EventError::TooLarge {
             size: bytes.len(),
-            limit: max_bytes,
+            limit: limits.max_bytes,
         });
     }
     let text = std::str::from_utf8(bytes).map_err(|e| EventError::NotUtf8(e.to_string()))?;
+    check_structure(bytes, limits.max_depth)?;
     let trimmed = text.trim_start();
     if !trimmed.starts_with('{') {
         // Distinguish "valid JSON of the wrong shape" from "not JSON at all".
@@ -250,7 +349,7 @@ pub fn decode(
     let event_type = required_string(wire.event_type, "event_type", MAX_EVENT_TYPE_BYTES)?;
     let occurred_at_ms = occurred_at(wire.occurred_at, source.timestamp_ms)?;
     let event_id = match wire.event_id {
-        Field::Absent | Field::Null => derived_event_id(&source),
+        Field::Absent | Field::Null => derived_id(origin.unwrap_or(Origin::of(&source))),
         field => {
             let s = string_field(field, "event_id")?;
             Uuid::try_parse(&s).map_err(|e| EventError::InvalidField {
@@ -297,8 +396,88 @@ fn text_in(whole: &str, s: Cow<'_, str>) -> Text {
 
 /// The id given to an event that carries none: the same message always gets the same id.
 pub fn derived_event_id(source: &Source) -> Uuid {
-    let name = format!("{}/{}/{}", source.topic, source.partition, source.offset);
+    derived_id(Origin::of(source))
+}
+
+/// UUID v5 of `topic/partition/offset`: the one definition of a derived id.
+pub fn derived_id(origin: Origin<'_>) -> Uuid {
+    let name = format!("{}/{}/{}", origin.topic, origin.partition, origin.offset);
     Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes())
+}
+
+/// One pass over a value's bytes (valid UTF-8) for what the JSON parser lets through but
+/// readers refuse: nesting deeper than `max_depth` (counted outside strings) and `\uXXXX`
+/// escapes that are unpaired UTF-16 surrogates (inside strings, keys included). Encoded
+/// surrogates cannot occur: they are not valid UTF-8. Malformed JSON is left to the parser.
+fn check_structure(bytes: &[u8], max_depth: usize) -> Result<(), EventError> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(EventError::TooDeep {
+                        limit: max_depth,
+                        at: i,
+                    });
+                }
+                i += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'"' => i = string_end(bytes, i + 1)?,
+            _ => i += 1,
+        }
+    }
+    Ok(())
+}
+
+/// Scans a string's contents from `i` (just after its opening quote); returns the index after
+/// its closing quote (or the end of the input), or the first unpaired surrogate escape.
+fn string_end(bytes: &[u8], mut i: usize) -> Result<usize, EventError> {
+    loop {
+        // An escape at the very end can put `i` past the end.
+        let rest = bytes.get(i..).unwrap_or_default();
+        let Some(n) = rest.iter().position(|&b| b == b'"' || b == b'\\') else {
+            return Ok(bytes.len());
+        };
+        i += n;
+        if bytes[i] == b'"' {
+            return Ok(i + 1);
+        }
+        // A backslash: `\uXXXX` is checked, any other escape is two bytes.
+        let Some(unit) = unicode_escape(bytes, i) else {
+            i += 2;
+            continue;
+        };
+        match unit {
+            0xD800..=0xDBFF => match unicode_escape(bytes, i + 6) {
+                Some(0xDC00..=0xDFFF) => i += 12,
+                _ => return Err(bad_unicode(bytes, i)),
+            },
+            0xDC00..=0xDFFF => return Err(bad_unicode(bytes, i)),
+            _ => i += 6,
+        }
+    }
+}
+
+/// The code unit of a `\uXXXX` escape at `i`, if one is there.
+fn unicode_escape(bytes: &[u8], i: usize) -> Option<u16> {
+    let esc = bytes.get(i..i + 6)?;
+    if esc[0] != b'\\' || esc[1] != b'u' {
+        return None;
+    }
+    let hex = std::str::from_utf8(&esc[2..]).ok()?;
+    u16::from_str_radix(hex, 16).ok()
+}
+
+fn bad_unicode(bytes: &[u8], at: usize) -> EventError {
+    // Six ASCII bytes: the escape `unicode_escape` just read.
+    let escape = String::from_utf8_lossy(&bytes[at..at + 6]).into_owned();
+    EventError::BadUnicode { escape, at }
 }
 
 /// The string a present, non-null field holds.
@@ -345,19 +524,41 @@ fn occurred_at(raw: Field<'_>, kafka_ts: Option<i64>) -> Result<i64, EventError>
     if ms < MIN_OCCURRED_AT_MS {
         return Err(EventError::InvalidField {
             field: FIELD,
-            reason: format!("{s} is before 2000-01-01"),
+            reason: format!("{} is before 2000-01-01", excerpt(&s)),
         });
     }
     // Judged against the message's own timestamp so that a replay decides exactly as the first
-    // read did; wall-clock time only when the message carries none.
-    let reference = kafka_ts.unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+    // read did; wall-clock time only when the message carries none. The producer sets that
+    // timestamp, so it must not be in the future itself: otherwise any occurred_at would pass.
+    let now = chrono::Utc::now().timestamp_millis();
+    let reference = match kafka_ts {
+        Some(t) if t > now.saturating_add(MAX_FUTURE_SKEW_MS) => {
+            return Err(EventError::FutureTimestamp {
+                timestamp: show_ms(t),
+                now: show_ms(now),
+            })
+        }
+        Some(t) => t,
+        None => now,
+    };
     if ms > reference.saturating_add(MAX_FUTURE_SKEW_MS) {
         return Err(EventError::InvalidField {
             field: FIELD,
-            reason: format!("{s} is more than 24h after the message was produced"),
+            reason: format!(
+                "{} is more than 24h after the message was produced",
+                excerpt(&s)
+            ),
         });
     }
     Ok(ms)
+}
+
+/// Milliseconds since the epoch as RFC 3339 when representable, else as the number.
+fn show_ms(ms: i64) -> String {
+    DateTime::from_timestamp_millis(ms).map_or_else(
+        || format!("{ms} ms since the epoch"),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    )
 }
 
 #[cfg(test)]
@@ -375,8 +576,15 @@ mod tests {
         }
     }
 
+    fn bytes(max_bytes: usize) -> Limits {
+        Limits {
+            max_bytes,
+            max_depth: DEFAULT_MAX_JSON_DEPTH,
+        }
+    }
+
     fn dec(v: &str) -> Result<Event, EventError> {
-        decode(None, Some(v.as_bytes()), src(42), 64 * 1024)
+        decode(None, Some(v.as_bytes()), src(42), None, bytes(64 * 1024))
     }
 
     #[test]
@@ -403,7 +611,7 @@ mod tests {
         let b = dec(v).unwrap();
         assert_eq!(a.event_id, b.event_id);
         assert_eq!(a.event_id.get_version_num(), 5);
-        let other = decode(None, Some(v.as_bytes()), src(43), 1 << 16).unwrap();
+        let other = decode(None, Some(v.as_bytes()), src(43), None, bytes(1 << 16)).unwrap();
         assert_ne!(a.event_id, other.event_id);
         assert_eq!(a.attributes(), None);
     }
@@ -427,7 +635,7 @@ mod tests {
             (Some(br#"{"user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z","attributes":[1]}"#), "invalid_field"),
         ];
         for (value, kind) in cases {
-            let err = decode(None, *value, src(1), 1 << 16).unwrap_err();
+            let err = decode(None, *value, src(1), None, bytes(1 << 16)).unwrap_err();
             assert_eq!(err.kind(), *kind, "{value:?} gave {err}");
         }
     }
@@ -466,7 +674,7 @@ mod tests {
         );
         let err = dec(&v).unwrap_err();
         assert!(err.to_string().contains("user_id"), "{err}");
-        let err = decode(None, Some(v.as_bytes()), src(1), 100).unwrap_err();
+        let err = decode(None, Some(v.as_bytes()), src(1), None, bytes(100)).unwrap_err();
         assert_eq!(err.kind(), "too_large");
     }
 
@@ -476,6 +684,235 @@ mod tests {
         let e = dec(v).unwrap();
         assert_eq!(e.user_id(), "a\"b");
         assert_eq!(e.event_type(), "té");
+    }
+
+    const OK: &str = r#""user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z""#;
+
+    /// `depth` levels of objects around `1`: `{"a":{"a":1}}` is depth 2.
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth))
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_limit_is_too_deep_and_costs_one_scan() {
+        // The event object is level 1, so attributes of depth 63 reach the default 64.
+        let at_limit = format!(
+            r#"{{{OK},"attributes":{}}}"#,
+            nested(DEFAULT_MAX_JSON_DEPTH - 1)
+        );
+        assert!(dec(&at_limit).is_ok());
+        let over = format!(
+            r#"{{{OK},"attributes":{}}}"#,
+            nested(DEFAULT_MAX_JSON_DEPTH)
+        );
+        let err = dec(&over).unwrap_err();
+        assert_eq!(err.kind(), "too_deep", "{err}");
+        assert!(err.to_string().contains("pipeline.max_json_depth"), "{err}");
+
+        // 200,000 levels, in attributes, in an unknown field, or as the whole value: refused
+        // without recursion (a recursive check would overflow the test thread's stack).
+        let huge = Limits {
+            max_bytes: 1 << 22,
+            max_depth: DEFAULT_MAX_JSON_DEPTH,
+        };
+        let deep = 200_000;
+        for v in [
+            format!(r#"{{{OK},"attributes":{}}}"#, nested(deep)),
+            format!(r#"{{{OK},"x":{}{}}}"#, "[".repeat(deep), "]".repeat(deep)),
+            "[".repeat(deep),
+        ] {
+            let started = std::time::Instant::now();
+            let err = decode(None, Some(v.as_bytes()), src(1), None, huge).unwrap_err();
+            assert_eq!(err.kind(), "too_deep", "{err}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    fn brackets_inside_strings_do_not_count() {
+        let v = format!(
+            r#"{{{OK},"attributes":{{"s":"{}\"{}"}}}}"#,
+            "[".repeat(500),
+            "{".repeat(500)
+        );
+        assert!(dec(&v).is_ok());
+    }
+
+    #[test]
+    fn the_deepest_configurable_value_still_parses() {
+        let limits = Limits {
+            max_bytes: 1 << 16,
+            max_depth: MAX_JSON_DEPTH_LIMIT,
+        };
+        let v = format!(
+            r#"{{{OK},"attributes":{}}}"#,
+            nested(MAX_JSON_DEPTH_LIMIT - 1)
+        );
+        let e = decode(None, Some(v.as_bytes()), src(1), None, limits).unwrap();
+        // serde_json's default reader takes it back.
+        serde_json::from_str::<serde_json::Value>(e.attributes().unwrap()).unwrap();
+        serde_json::from_slice::<serde_json::Value>(e.payload()).unwrap();
+    }
+
+    #[test]
+    fn unpaired_surrogate_escapes_are_bad_unicode_wherever_they_are() {
+        for bad in [
+            r#""attributes":{"k":"\ud800"}"#,
+            r#""attributes":{"k":"\uDC00"}"#,
+            r#""attributes":{"k":"x\ud800\u0041"}"#,
+            r#""attributes":{"k":"\udc00\ud800"}"#,
+            r#""attributes":{"\ud800":1}"#,
+            r#""extra":"\ud800""#,
+            r#""extra":["\ud83d"]"#,
+        ] {
+            let err = dec(&format!("{{{OK},{bad}}}")).unwrap_err();
+            assert_eq!(err.kind(), "bad_unicode", "{bad}: {err}");
+        }
+        // A lone surrogate in a required field too (serde_json alone would call it bad JSON).
+        let err =
+            dec(r#"{"user_id":"\ud800","event_type":"t","occurred_at":"2025-11-24T10:00:00Z"}"#)
+                .unwrap_err();
+        assert_eq!(err.kind(), "bad_unicode", "{err}");
+        // Pairs, escaped backslashes and other escapes are fine.
+        for good in [
+            r#""attributes":{"k":"\ud83d\ude00"}"#,
+            r#""attributes":{"k":"\\ud800"}"#,
+            r#""attributes":{"k":"\"\\\/\b\f\n\r\t\u00e9"}"#,
+            r#""extra":"\uD83D\uDE00""#,
+        ] {
+            assert!(dec(&format!("{{{OK},{good}}}")).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn a_kafka_timestamp_ahead_of_the_clock_is_a_future_timestamp() {
+        let now = chrono::Utc::now().timestamp_millis();
+        let v = r#"{"user_id":"u","event_type":"t","occurred_at":"9999-12-31T00:00:00Z"}"#;
+        let at = |ts: i64| Source {
+            timestamp_ms: Some(ts),
+            ..src(1)
+        };
+        let year_9999 = 253_402_214_400_000;
+        let err = decode(
+            None,
+            Some(v.as_bytes()),
+            at(year_9999),
+            None,
+            bytes(1 << 16),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), "future_timestamp", "{err}");
+        assert!(err.to_string().contains("9999-12-31"), "{err}");
+        let err = decode(None, Some(v.as_bytes()), at(i64::MAX), None, bytes(1 << 16)).unwrap_err();
+        assert_eq!(err.kind(), "future_timestamp", "{err}");
+
+        // Within the allowance, occurred_at is still judged against the Kafka timestamp.
+        let soon = now + MAX_FUTURE_SKEW_MS - 60_000;
+        let occurred = DateTime::from_timestamp_millis(soon + MAX_FUTURE_SKEW_MS - 60_000)
+            .unwrap()
+            .to_rfc3339();
+        let v = format!(r#"{{"user_id":"u","event_type":"t","occurred_at":"{occurred}"}}"#);
+        assert!(decode(None, Some(v.as_bytes()), at(soon), None, bytes(1 << 16)).is_ok());
+        let late = now + MAX_FUTURE_SKEW_MS + 60_000;
+        let err = decode(None, Some(v.as_bytes()), at(late), None, bytes(1 << 16)).unwrap_err();
+        assert_eq!(err.kind(), "future_timestamp", "{err}");
+    }
+
+    #[test]
+    fn error_texts_echo_at_most_a_bounded_piece_of_the_input() {
+        let long = "1".repeat(520_000);
+        let at = r#""occurred_at":"2025-11-24T10:00:00Z""#;
+        for (fields, echoed) in [
+            // Fractional seconds of any length parse: the value is echoed, cut.
+            (
+                format!(r#""occurred_at":"1970-01-01T00:00:00.{long}Z""#),
+                true,
+            ),
+            (
+                format!(r#""occurred_at":"2999-01-01T00:00:00.{long}Z""#),
+                true,
+            ),
+            (format!(r#""occurred_at":"{long}""#), false),
+            (
+                format!(r#""occurred_at":"2025-11-24T10:00:00Z{long}""#),
+                false,
+            ),
+            (format!(r#"{at},"event_id":"{long}""#), false),
+            (format!(r#"{at},"event_id":"{long}-""#), false),
+        ] {
+            let v = format!(r#"{{"user_id":"u","event_type":"t",{fields}}}"#);
+            let err = decode(None, Some(v.as_bytes()), src(1), None, bytes(1 << 20)).unwrap_err();
+            let text = err.to_string();
+            assert_eq!(err.kind(), "invalid_field", "{text}");
+            assert!(text.len() < 512, "{} bytes: {}", text.len(), &text[..512]);
+            if echoed {
+                assert!(text.contains("… (520021 bytes)"), "{text}");
+            }
+        }
+        let err = dec(r#"{"user_id":"u","event_type":"t","occurred_at":"1999-01-01T00:00:00Z"}"#)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(r#""1999-01-01T00:00:00Z" is before"#),
+            "{err}"
+        );
+        assert_eq!(
+            excerpt(&"é".repeat(100)),
+            format!("\"{}\"… (200 bytes)", "é".repeat(ECHO_CHARS))
+        );
+        assert_eq!(excerpt("a\nb"), r#""a\nb""#);
+        // Texts from elsewhere (the store's, the parser's) are cut too.
+        let text = EventError::Rejected("x".repeat(100_000)).to_string();
+        assert!(
+            text.len() < 512 && text.ends_with("(100000 bytes)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_replayed_message_derives_its_id_from_its_original_coordinates() {
+        let v = r#"{"user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z"}"#;
+        let original = dec(v).unwrap();
+        // Re-published at offset 9000 of partition 0, with the original's coordinates.
+        let replayed_at = Source {
+            partition: 0,
+            offset: 9000,
+            ..src(42)
+        };
+        let origin = Origin {
+            topic: "activity",
+            partition: 3,
+            offset: 42,
+        };
+        let replayed = decode(
+            None,
+            Some(v.as_bytes()),
+            replayed_at.clone(),
+            Some(origin),
+            bytes(1 << 16),
+        )
+        .unwrap();
+        assert_eq!(replayed.event_id, original.event_id);
+        assert_eq!(replayed.event_id, derived_id(origin));
+        assert_eq!(
+            replayed.source, replayed_at,
+            "the row still names where it was read"
+        );
+        // Without the headers it would have been a new row.
+        let plain = decode(None, Some(v.as_bytes()), replayed_at, None, bytes(1 << 16)).unwrap();
+        assert_ne!(plain.event_id, original.event_id);
+        // A producer's own event_id wins over both.
+        let id = "6f1c3a52-5a0e-4b7e-9d61-1d2b6c1a9e01";
+        let with_id = format!(r#"{{"event_id":"{id}",{}"#, &v[1..]);
+        let e = decode(
+            None,
+            Some(with_id.as_bytes()),
+            src(1),
+            Some(origin),
+            bytes(1 << 16),
+        )
+        .unwrap();
+        assert_eq!(e.event_id.to_string(), id);
     }
 }
 
@@ -505,10 +942,106 @@ mod properties {
         ]
     }
 
+    const LIMITS: Limits = Limits {
+        max_bytes: 1 << 16,
+        max_depth: DEFAULT_MAX_JSON_DEPTH,
+    };
+
+    /// Error texts stay this short whatever the input.
+    const MAX_ERROR_TEXT: usize = 1024;
+
+    /// JSON text made mostly of brackets, braces, quotes, escapes and surrogate escapes.
+    fn structural_noise() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just("[".to_owned()),
+                Just("]".to_owned()),
+                Just("{".to_owned()),
+                Just("}".to_owned()),
+                Just("\"".to_owned()),
+                Just("\\".to_owned()),
+                Just(":".to_owned()),
+                Just(",".to_owned()),
+                Just("1".to_owned()),
+                (0xD700u16..0xE100).prop_map(|u| format!("\\u{u:04x}")),
+            ],
+            0..600,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    /// A JSON string literal writing every UTF-16 code unit as a `\uXXXX` escape.
+    fn escaped(units: &[u16]) -> String {
+        let body: String = units.iter().map(|u| format!("\\u{u:04x}")).collect();
+        format!("\"{body}\"")
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode(None, Some(&bytes), src(), 1 << 16);
+            if let Err(e) = decode(None, Some(&bytes), src(), None, LIMITS) {
+                prop_assert!(e.to_string().len() <= MAX_ERROR_TEXT);
+            }
+        }
+
+        #[test]
+        fn structural_noise_never_panics(noise in structural_noise(), depth in 1usize..200) {
+            let limits = Limits { max_bytes: 1 << 16, max_depth: depth };
+            for v in [noise.clone(), format!(r#"{{"user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z","x":{noise}}}"#)] {
+                if let Err(e) = decode(None, Some(v.as_bytes()), src(), None, limits) {
+                    prop_assert!(e.to_string().len() <= MAX_ERROR_TEXT);
+                }
+            }
+        }
+
+        #[test]
+        fn nesting_is_classified_by_depth(
+            levels in proptest::collection::vec(any::<bool>(), 1..300),
+            limit in 2usize..=MAX_JSON_DEPTH_LIMIT,
+        ) {
+            // `levels` containers (true: object, false: array) under attributes' own object.
+            let (mut open, mut close) = (String::new(), String::new());
+            for &object in &levels {
+                open.push_str(if object { r#"{"k":"# } else { "[" });
+                close.insert(0, if object { '}' } else { ']' });
+            }
+            let v = format!(
+                r#"{{"user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z","attributes":{{"a":{open}"[{{"{close}}}}}"#
+            );
+            let limits = Limits { max_bytes: 1 << 16, max_depth: limit };
+            let depth = 2 + levels.len();
+            match decode(None, Some(v.as_bytes()), src(), None, limits) {
+                Ok(e) => {
+                    prop_assert!(depth <= limit);
+                    // What is stored, serde_json's default reader takes back.
+                    prop_assert!(serde_json::from_slice::<serde_json::Value>(e.payload()).is_ok());
+                }
+                Err(e) => {
+                    prop_assert!(depth > limit, "{e}");
+                    prop_assert_eq!(e.kind(), "too_deep");
+                }
+            }
+        }
+
+        #[test]
+        fn surrogate_escapes_are_classified(
+            units in proptest::collection::vec(prop_oneof![0xD800u16..0xE000, 0x20u16..0x7F, any::<u16>()], 0..12),
+            in_key in any::<bool>(),
+        ) {
+            let s = escaped(&units);
+            let extra = if in_key { format!("{s}:1") } else { format!(r#""x":{s}"#) };
+            let v = format!(r#"{{"user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z",{extra}}}"#);
+            let valid = String::from_utf16(&units).is_ok();
+            match decode(None, Some(v.as_bytes()), src(), None, LIMITS) {
+                Ok(e) => {
+                    prop_assert!(valid);
+                    prop_assert!(serde_json::from_slice::<serde_json::Value>(e.payload()).is_ok());
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "{e}");
+                    prop_assert_eq!(e.kind(), "bad_unicode");
+                }
+            }
         }
 
         #[test]
@@ -521,7 +1054,7 @@ mod properties {
         ) {
             let v = serde_json::json!({"user_id": user, "event_type": kind, "occurred_at": at, "event_id": id}).to_string();
             let v = format!("{}, \"attributes\": {attrs}}}", &v[..v.len() - 1]);
-            match decode(None, Some(v.as_bytes()), src(), 1 << 16) {
+            match decode(None, Some(v.as_bytes()), src(), None, LIMITS) {
                 Ok(e) => {
                     prop_assert_eq!(e.user_id(), user.as_str());
                     prop_assert!(!user.is_empty() && user.len() <= MAX_USER_ID_BYTES);
@@ -540,7 +1073,7 @@ mod properties {
         ) {
             let at = chrono::DateTime::from_timestamp_millis(ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             let v = format!(r#"{{"user_id":"{user}","event_type":"{kind}","occurred_at":"{at}","attributes":{{"n":{n}}}}}"#);
-            let e = decode(Some(b"k"), Some(v.as_bytes()), src(), 1 << 16).unwrap();
+            let e = decode(Some(b"k"), Some(v.as_bytes()), src(), None, LIMITS).unwrap();
             prop_assert_eq!(e.user_id(), user);
             prop_assert_eq!(e.event_type(), kind);
             prop_assert_eq!(e.occurred_at_ms, ms);

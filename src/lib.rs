@@ -8,6 +8,7 @@
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod failpoint;
 pub mod kafka;
 pub mod pipeline;
 pub mod store;
@@ -68,6 +69,12 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
         } = self;
         let settings = Arc::new(settings);
         let cfg = &settings.config;
+        for weakening in settings.weakened_guarantees() {
+            warn!(
+                weakening,
+                "The delivery guarantee is weakened by configuration (an explicit opt-in)."
+            );
+        }
 
         let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
             .await
@@ -85,11 +92,7 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
         ));
 
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
-        let context = VaultContext::new(
-            commands_tx.clone(),
-            cfg.pipeline.revoke_timeout,
-            metrics.clone(),
-        );
+        let context = VaultContext::new(commands_tx.clone(), settings.deadlines(), metrics.clone());
         let partitions = check_topics(&settings).await?;
         let consumer: Arc<VaultConsumer> = Arc::new(VaultConsumer::from_config_and_context(
             &kafka::consumer_config(&settings, partitions),
@@ -128,6 +131,22 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
                 .map_err(|e| Error::Task(format!("cannot start the Kafka poll thread: {e}")))?
         };
 
+        #[cfg(feature = "failpoints")]
+        let fatal_injector = {
+            let consumer = consumer.clone();
+            let stop = poll_stop.clone();
+            let group = cfg.kafka.group_id.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => inject_fatal_error(&consumer, &group),
+                    }
+                }
+            })
+        };
+
         let coordinator = Coordinator::new(
             commands_tx,
             consumer.clone(),
@@ -135,9 +154,9 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             persist_tx,
             metrics.clone(),
             health.clone(),
+            abandon.clone(),
         );
-        let coordinator =
-            tokio::spawn(coordinator.run(commands_rx, shutdown.clone(), abandon.clone()));
+        let coordinator = tokio::spawn(coordinator.run(commands_rx, shutdown.clone()));
         let coordinator_result = coordinator.await;
 
         // Every partition task has ended and the coordinator dropped its sender: the persisters
@@ -146,18 +165,34 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
         while persisters.join_next().await.is_some() {}
 
         poll_stop.cancel();
-        let joined = tokio::task::spawn_blocking(move || {
-            let _ = poller.join();
-            // Closing the consumer leaves the group; it blocks, hence this thread.
-            drop(consumer);
-        })
-        .await;
+        #[cfg(feature = "failpoints")]
+        let _ = fatal_injector.await;
+        // Closing the consumer leaves the group; it blocks, hence a thread of its own (not the
+        // blocking pool, which the runtime waits for when it is dropped).
+        let (closed_tx, closing) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("vault-kafka-close".into())
+            .spawn(move || {
+                let _ = poller.join();
+                drop(consumer);
+                let _ = closed_tx.send(());
+            })
+            .map_err(|e| Error::Task(format!("cannot start the consumer close thread: {e}")))?;
+        // A consumer that hit a fatal error (fenced) cannot leave the group: don't wait on it.
+        let close_wait = match coordinator_result {
+            Ok(Err(_)) => pipeline::deadline::FATAL_CLOSE_WAIT,
+            _ => pipeline::deadline::KAFKA_CALL_TIMEOUT,
+        };
+        let closed = tokio::time::timeout(close_wait, closing).await;
         http_stop.cancel();
         let _ = http.await;
         info!("Stopped.");
-        coordinator_result.map_err(|e| Error::Task(format!("coordinator: {e}")))?;
-        joined.map_err(|e| Error::Task(format!("consumer close: {e}")))?;
-        Ok(())
+        if closed.is_err() {
+            warn!(waited = ?close_wait, "The Kafka consumer did not close in time; stopping without it.");
+        }
+        coordinator_result
+            .map_err(|e| Error::Task(format!("coordinator: {e}")))?
+            .map_err(Error::Fatal)
     }
 }
 
@@ -183,27 +218,64 @@ async fn poll_main_queue(
     }
 }
 
-/// Fails fast, with a message saying what to fix, when a configured topic does not exist;
-/// otherwise returns how many partitions the configured topics have in all.
+/// Failpoint `kafka::fatal`: raises a real librdkafka fatal error (as a static member fenced by
+/// another with the same `group.instance.id` would), for tests of the fatal-error path.
+#[cfg(feature = "failpoints")]
+fn inject_fatal_error(consumer: &VaultConsumer, group: &str) {
+    if failpoint::hit("kafka::fatal", group, None) {
+        use rdkafka::client::Client;
+        let client: &Client<VaultContext> = consumer.client();
+        // SAFETY: the client pointer is valid for as long as `consumer` lives; the reason is a
+        // NUL-terminated static string.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                client.native_ptr(),
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID,
+                c"failpoint kafka::fatal".as_ptr(),
+            );
+        }
+    }
+}
+
+/// Fails fast, with a message saying what to fix, when a configured topic does not exist, or,
+/// with `pipeline.on_invalid = "dlq"`, when a dead-letter topic does not (else the first invalid
+/// event would stall its partition); otherwise returns how many partitions the configured
+/// topics have in all.
 async fn check_topics(settings: &Arc<Settings>) -> Result<usize, Error> {
     let settings = settings.clone();
     tokio::task::spawn_blocking(move || {
         let client: rdkafka::consumer::BaseConsumer =
             kafka::base_client_config(&settings).create()?;
-        let mut partitions = 0;
-        for topic in &settings.config.kafka.topics {
+        // Partitions of an existing topic; `None` when the brokers do not know it.
+        let partitions_of = |topic: &str| {
             let md = client
                 .fetch_metadata(Some(topic), Duration::from_secs(15))
                 .map_err(|source| Error::Unreachable {
                     brokers: settings.config.kafka.brokers.clone(),
                     source,
                 })?;
-            let found = md
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-                .ok_or_else(|| Error::MissingTopic(topic.clone()))?;
-            partitions += found.partitions().len();
+            Ok::<_, Error>(
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map(|t| t.partitions().len())
+                    .filter(|n| *n > 0),
+            )
+        };
+        let mut partitions = 0;
+        for topic in &settings.config.kafka.topics {
+            partitions +=
+                partitions_of(topic)?.ok_or_else(|| Error::MissingTopic(topic.clone()))?;
+        }
+        if settings.config.pipeline.on_invalid == config::InvalidPolicy::DeadLetter {
+            for (topic, sources) in settings.dead_letter_routes() {
+                if partitions_of(&topic)?.is_none() {
+                    return Err(Error::MissingDeadLetterTopic {
+                        topic,
+                        sources: sources.join(", "),
+                    });
+                }
+            }
         }
         Ok(partitions)
     })

@@ -11,6 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 use vault::config::{self, LogFormat, StoreKind};
 use vault::kafka::dead_letter::KafkaDeadLetters;
+use vault::pipeline::deadline;
 use vault::store::scylla::{self as scylla_store, ScyllaStore};
 use vault::store::MemoryStore;
 use vault::Pipeline;
@@ -118,7 +119,8 @@ enum Command {
 #[derive(Subcommand)]
 enum DlqCommand {
     /// Re-publish dead letters to their source topic once the cause is fixed (each configured
-    /// topic's dead-letter topic is read from its beginning to its current end).
+    /// topic's dead-letter topic is read from its beginning to its current end; letters naming a
+    /// topic that is not a configured source of it are skipped and counted).
     Replay {
         /// Only this error kind (repeatable), e.g. bad_json, missing_field, invalid_field.
         #[arg(long = "kind", value_name = "KIND")]
@@ -138,6 +140,9 @@ enum DlqCommand {
 fn main() -> ExitCode {
     #[cfg(feature = "mimalloc")]
     tune_allocator();
+    // Failpoints named in FAILPOINTS (only in a build with the `failpoints` feature, for tests).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -269,11 +274,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             };
             let base = vault::kafka::base_client_config(&settings);
             runtime()?.block_on(async {
-                for topic in &settings.config.kafka.topics {
-                    let dlq = settings.dead_letter_topic(topic);
-                    let summary = vault::tools::dlq::replay(&base, &dlq, &filter, dry_run)
-                        .await
-                        .map_err(anyhow::Error::msg)?;
+                // Each dead-letter topic once, even when several source topics share it; its
+                // letters may go back only to those source topics.
+                for (dlq, sources) in settings.dead_letter_routes() {
+                    let summary =
+                        vault::tools::dlq::replay(&base, &dlq, &sources, &filter, dry_run)
+                            .await
+                            .map_err(anyhow::Error::msg)?;
                     println!("{summary}");
                 }
                 anyhow::Ok(())
@@ -328,6 +335,7 @@ async fn run(settings: vault::Settings, migrate: bool) -> anyhow::Result<()> {
     let dead_letters = KafkaDeadLetters::new(
         &vault::kafka::base_client_config(&settings),
         &settings.config.kafka.dead_letter_topic,
+        settings.config.kafka.dead_letter_max_bytes,
     )?;
     match settings.config.pipeline.store {
         StoreKind::Null => {
@@ -337,13 +345,43 @@ async fn run(settings: vault::Settings, migrate: bool) -> anyhow::Result<()> {
                 .await?;
         }
         StoreKind::Scylla => {
-            let store = ScyllaStore::connect(&settings.config.scylla, migrate).await?;
+            let Some(store) = connect_store(&settings, migrate, &shutdown).await? else {
+                return Ok(());
+            };
             Pipeline::new(settings, store, dead_letters)
                 .run(shutdown)
                 .await?;
         }
     }
     Ok(())
+}
+
+/// Connects to ScyllaDB, retrying transient failures (a node restarting, a dropped connection)
+/// with backoff for up to [`deadline::STARTUP_CONNECT_PATIENCE`], so a blip at start-up is not
+/// a crash; a permanent error (authentication, schema) or a longer outage ends the start with
+/// the error. Nothing is read from Kafka meanwhile. `None` when shutdown came first.
+async fn connect_store(
+    settings: &vault::Settings,
+    migrate: bool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<ScyllaStore>> {
+    let retry = settings.retry();
+    let give_up_at = tokio::time::Instant::now() + deadline::STARTUP_CONNECT_PATIENCE;
+    let mut delay = retry.initial_backoff;
+    loop {
+        match ScyllaStore::connect(&settings.config.scylla, migrate).await {
+            Ok(store) => return Ok(Some(store)),
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() + delay < give_up_at => {
+                tracing::warn!(error = %e, retry_in = ?delay, "ScyllaDB is not reachable yet; retrying.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(retry.max_backoff);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {

@@ -5,20 +5,22 @@
 //!
 //! - Assign: each partition's queue is split off *before* librdkafka starts fetching it, so no
 //!   message of an assigned partition can land on the main queue.
-//! - Revoke: the coordinator drains the partitions (flush, await in-flight writes) and returns
-//!   their final offsets, which are committed synchronously here, before librdkafka hands the
-//!   partitions to another member. Lost partitions (session expired) are drained but not
-//!   committed: the group has moved on and the commit would be refused.
+//! - Revoke: the coordinator drains the partitions (flush, await in-flight writes) and commits
+//!   their final offsets synchronously while this callback waits, so they are committed before
+//!   librdkafka hands the partitions to another member. Lost partitions (session expired) are
+//!   drained but not committed: the group has moved on and the commit would be refused.
+//! - Fatal errors (e.g. a static member fenced by another with the same `group.instance.id`)
+//!   are handed to the coordinator, which drains, commits what it may and ends the run with
+//!   the cause.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::{OnceLock, Weak};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
@@ -27,6 +29,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::kafka::coordinator::{Assigned, Command};
+use crate::pipeline::deadline::Deadlines;
 use crate::telemetry::Metrics;
 use std::sync::Arc;
 
@@ -39,21 +42,24 @@ pub const MAIN_QUEUE_POLL: Duration = Duration::from_millis(100);
 pub struct VaultContext {
     commands: mpsc::UnboundedSender<Command>,
     consumer: OnceLock<Weak<VaultConsumer>>,
-    revoke_timeout: Duration,
+    deadlines: Deadlines,
     metrics: Arc<Metrics>,
+    /// Whether a fatal error was handed to the coordinator already.
+    fatal_reported: AtomicBool,
 }
 
 impl VaultContext {
     pub fn new(
         commands: mpsc::UnboundedSender<Command>,
-        revoke_timeout: Duration,
+        deadlines: Deadlines,
         metrics: Arc<Metrics>,
     ) -> Self {
         VaultContext {
             commands,
             consumer: OnceLock::new(),
-            revoke_timeout,
+            deadlines,
             metrics,
+            fatal_reported: AtomicBool::new(false),
         }
     }
 
@@ -111,34 +117,11 @@ impl VaultContext {
         {
             return; // The coordinator has finished (shutdown): it already committed what it had.
         }
-        let finals = match done.recv_timeout(self.revoke_timeout + Duration::from_secs(5)) {
-            Ok(f) => f,
-            Err(_) => {
-                warn!("Coordinator did not answer the revoke in time; nothing committed for these partitions.");
-                return;
-            }
-        };
-        if lost {
-            return;
-        }
-        let mut commit = TopicPartitionList::new();
-        for (topic, partition, offset) in finals {
-            if let Err(e) = commit.add_partition_offset(&topic, partition, Offset::Offset(offset)) {
-                error!(topic, partition, error = %e, "Cannot build the revoke commit.");
-            }
-        }
-        if commit.count() > 0 {
-            let started = std::time::Instant::now();
-            let committed = consumer.commit(&commit, CommitMode::Sync);
-            self.metrics
-                .commit_duration
-                .observe(started.elapsed().as_secs_f64());
-            match committed {
-                Ok(()) => info!(partitions = %describe(&commit), "Committed revoked partitions."),
-                Err(e) => {
-                    warn!(error = %e, "Commit on revoke failed; the next owner replays from the previous commit.")
-                }
-            }
+        if done
+            .recv_timeout(self.deadlines.revoke_reply_wait())
+            .is_err()
+        {
+            warn!("Coordinator did not answer the revoke in time; nothing committed for these partitions.");
         }
     }
 }
@@ -161,7 +144,21 @@ impl ClientContext for VaultContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        warn!(target: "librdkafka", error = %error, "{reason}");
+        // A fatal error (librdkafka raises it once, and every call fails after it) ends the run.
+        let fatal = self
+            .consumer
+            .get()
+            .and_then(Weak::upgrade)
+            .and_then(|c| c.client().fatal_error());
+        match fatal {
+            Some((code, fatal_reason)) if !self.fatal_reported.swap(true, Ordering::AcqRel) => {
+                error!(target: "librdkafka", error = %error, "{reason}");
+                let _ = self
+                    .commands
+                    .send(Command::Fatal(format!("{code:?}: {fatal_reason}")));
+            }
+            _ => warn!(target: "librdkafka", error = %error, "{reason}"),
+        }
     }
 
     /// librdkafka's periodic statistics (`statistics.interval.ms`): consumer lag of the partitions
@@ -250,7 +247,11 @@ mod tests {
     fn statistics_give_lag_per_fetched_partition_and_the_bytes_fetched_ahead() {
         let metrics = Arc::new(Metrics::new());
         let (tx, _rx) = mpsc::unbounded_channel();
-        let context = VaultContext::new(tx, Duration::from_secs(1), metrics.clone());
+        let deadlines = Deadlines {
+            revoke_timeout: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(1),
+        };
+        let context = VaultContext::new(tx, deadlines, metrics.clone());
         let stats = |partitions: Vec<(i32, Partition)>| {
             let topic = Topic {
                 topic: "t".into(),

@@ -1,15 +1,26 @@
-//! The partition coordinator: the one owner of partition tasks and of offset commits.
+//! The partition coordinator: the one owner of partition tasks, their supervision and their
+//! cancellation.
 //!
-//! It receives assignments and revocations from the consumer context over a channel, starts a
-//! [`PartitionTask`] per assigned partition, commits each partition's committable offset every
-//! `commit_interval` (synchronously, off the runtime; a failed commit is simply re-sent), keeps the
-//! per-partition progress gauges, drains revoked partitions
-//! and hands their final offsets back for a synchronous commit, restarts a partition whose task
-//! failed from its last durable offset, and on shutdown drains everything and commits
-//! synchronously.
+//! It receives assignments, revocations and fatal errors from the consumer context over a
+//! channel, starts a [`PartitionTask`] per assigned partition, hands committable offsets to
+//! [`Commits`] every `commit_interval`, keeps the per-partition progress gauges, drains revoked
+//! partitions and commits their final offsets before the rebalance callback returns, restarts a
+//! failed partition from [`Progress::resume_at`], and on shutdown (or a fatal error) drains
+//! everything and commits what is durable.
 //!
-//! Invariant kept here: the only offsets ever committed are values published by partition tasks
-//! through [`SharedOffset`], i.e. ends of durable, in-order batch runs.
+//! Invariants kept here:
+//! - the only offsets ever committed are committable offsets published by partition tasks,
+//!   i.e. ends of durable, in-order batch runs;
+//! - supervision with incarnations: each task started for a partition is a new incarnation with
+//!   its own id, [`Progress`] and cancellation token. Its exit carries the id; the exit of a
+//!   replaced incarnation is ignored. A scheduled restart carries a ticket, and only the ticket
+//!   still on file for the partition starts it, so a restart scheduled before a revocation can
+//!   never seek the partition after it has been assigned again;
+//! - a restarted incarnation starts only after a successful seek to where the previous one must
+//!   resume; a failed seek schedules another try instead;
+//! - cancellation: an incarnation's token (a child of the process-wide abandon token) fires when
+//!   it is replaced, when it fails, and at its stop's abandon deadline, so its batches stop
+//!   retrying while the partition's next owner writes the same rows.
 
 use std::collections::HashMap;
 use std::sync::mpsc::SyncSender;
@@ -18,21 +29,24 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
-use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::error::KafkaResult;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use rdkafka::Offset;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
+use crate::failpoint;
+use crate::kafka::commits::{is_rebalance_refusal, Commits, Key};
 use crate::kafka::context::{VaultConsumer, VaultContext};
-use crate::kafka::offsets::SharedOffset;
+use crate::kafka::resume::Progress;
 use crate::kafka::to_record;
 use crate::pipeline::batch::{Batch, InFlightBudget};
 use crate::pipeline::batcher::{Exit, OldestPending, PartitionTask};
+use crate::pipeline::deadline::{self, Deadlines, Stop};
 use crate::pipeline::flush::FlushReason;
 use crate::telemetry::{Health, Metrics};
 
@@ -46,16 +60,16 @@ pub struct Assigned {
 /// Messages to the coordinator.
 pub enum Command {
     Assign(Vec<Assigned>),
-    /// Drain these partitions and reply with `(topic, partition, offset to commit)`.
+    /// Drain these partitions, commit their final offsets (unless `lost`), then reply.
     Revoke {
         partitions: Vec<(String, i32)>,
         /// The assignment was lost (session expired, evicted): this member is out of the group
-        /// until it rejoins.
+        /// until it rejoins, and a commit would be refused.
         lost: bool,
-        reply: SyncSender<Vec<(String, i32, i64)>>,
+        reply: SyncSender<()>,
     },
-    /// A message of an assigned partition arrived on the main queue (should be impossible, as
-    /// queues are split before fetching starts). The partition is re-read from that offset.
+    /// A message of an assigned partition arrived on the main queue (a partition queue was
+    /// dropped and not yet split again). The partition restarts from where it must resume.
     Stray {
         topic: String,
         partition: i32,
@@ -65,27 +79,44 @@ pub enum Command {
     Restart {
         topic: Arc<str>,
         partition: i32,
-        offset: Option<i64>,
-        failures: u32,
+        ticket: u64,
     },
+    /// librdkafka reported a fatal error (e.g. this static member was fenced): the consumer can
+    /// no longer take part in the group. Drain, commit what may be, and exit non-zero.
+    Fatal(String),
 }
-
-type Key = (Arc<str>, i32);
 
 /// How often the time-driven partition gauges are refreshed.
 const OBSERVE_EVERY: Duration = Duration::from_secs(1);
 
 struct Running {
+    incarnation: u64,
     stop: Option<oneshot::Sender<FlushReason>>,
     abort: AbortHandle,
-    progress: Arc<SharedOffset>,
+    cancel: CancellationToken,
+    progress: Arc<Progress>,
     oldest_pending: Arc<OldestPending>,
-    /// Last offset the broker confirmed committed for this partition.
-    confirmed: Option<i64>,
+    /// The committed offset last seen for this partition, to tell when it advances.
+    last_confirmed: Option<i64>,
     /// When the committed offset last advanced, or was last found fully caught up.
     caught_up_at: Instant,
     /// Consecutive failed restarts, for the restart backoff.
     failures: u32,
+}
+
+/// A failed partition waiting for its restart; still owned by this member.
+struct PendingRestart {
+    ticket: u64,
+    resume_at: Option<i64>,
+    failures: u32,
+}
+
+/// How a partition task ended, as the coordinator sees it.
+enum Ended {
+    Exited(Key, u64, Exit),
+    Panicked(Key, u64, String),
+    /// Aborted on purpose: its replacement (or nobody) owns the partition now.
+    Aborted,
 }
 
 pub struct Coordinator {
@@ -95,17 +126,19 @@ pub struct Coordinator {
     budget: InFlightBudget,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    deadlines: Deadlines,
+    commits: Commits,
+    /// The process-wide abandon token; every incarnation's token is a child of it.
+    abandon: CancellationToken,
     running: HashMap<Key, Running>,
-    tasks: JoinSet<(Key, Exit)>,
-    ids: HashMap<tokio::task::Id, Key>,
-    /// Failed partitions waiting for their restart; still owned by this member.
-    restarting: HashMap<Key, u32>,
+    tasks: JoinSet<(Key, u64, Exit)>,
+    ids: HashMap<tokio::task::Id, (Key, u64)>,
+    restarting: HashMap<Key, PendingRestart>,
+    /// Source of incarnation ids and restart tickets.
+    next_id: u64,
     commands: mpsc::UnboundedSender<Command>,
-    /// The periodic commit in flight, if any: one at a time, each confirmed or re-sent.
-    committing: Option<JoinHandle<CommitResult>>,
+    fatal: Option<String>,
 }
-
-type CommitResult = (Vec<(Key, i64)>, KafkaResult<()>, Duration);
 
 impl Coordinator {
     pub fn new(
@@ -115,64 +148,70 @@ impl Coordinator {
         persist: async_channel::Sender<Batch>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
+        abandon: CancellationToken,
     ) -> Self {
         let budget = InFlightBudget::new(settings.config.pipeline.max_in_flight_bytes);
+        let deadlines = settings.deadlines();
         Coordinator {
+            commits: Commits::new(consumer.clone(), metrics.clone()),
             consumer,
             settings,
             persist,
             budget,
             metrics,
             health,
+            deadlines,
+            abandon,
             running: HashMap::new(),
             tasks: JoinSet::new(),
             ids: HashMap::new(),
             restarting: HashMap::new(),
+            next_id: 0,
             commands,
-            committing: None,
+            fatal: None,
         }
     }
 
-    /// Runs until `shutdown` fires, then drains every partition (cancelling the persisters'
-    /// retries via `abandon` once `shutdown_timeout` has passed) and commits synchronously.
+    /// Runs until `shutdown` fires or a fatal error arrives, then drains every partition
+    /// (abandoning unfinished writes at `shutdown_timeout`) and commits what is durable.
+    /// Returns the fatal error, if one ended the run.
     pub async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
         shutdown: CancellationToken,
-        abandon: CancellationToken,
-    ) {
+    ) -> Result<(), String> {
         let mut tick = tokio::time::interval(self.settings.config.kafka.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut observe = tokio::time::interval(OBSERVE_EVERY);
         observe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        while self.fatal.is_none() {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = commands.recv() => self.handle(cmd).await,
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    self.on_task_end(joined).await;
+                    let ended = self.ended(joined);
+                    self.on_task_end(ended);
                 }
-                Some(done) = join_commit(&mut self.committing) => {
-                    self.committing = None;
-                    self.on_committed(done);
-                }
+                () = self.commits.completed() => {}
                 _ = tick.tick() => self.commit_progress(),
                 _ = observe.tick() => self.observe_partitions(),
             }
         }
-        if let Some(h) = self.committing.take() {
-            let _ = h.await;
-        }
         self.health.set_shutting_down();
-        self.shutdown(&mut commands, abandon).await;
+        self.shutdown(&mut commands).await;
+        match self.fatal {
+            Some(fatal) => Err(fatal),
+            None => Ok(()),
+        }
     }
 
     async fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Assign(assigned) => {
                 for a in assigned {
-                    self.start(a, Arc::new(SharedOffset::default()), 0);
+                    self.restarting.remove(&(a.topic.clone(), a.partition));
+                    self.start(a, None, 0);
                 }
                 self.health.set_in_group(true);
                 self.metrics
@@ -191,132 +230,207 @@ impl Coordinator {
                     .into_iter()
                     .map(|(t, p)| (Arc::from(t), p))
                     .collect();
-                let deadline = Instant::now() + self.settings.config.pipeline.revoke_timeout;
-                let finals = self.drain(&keys, FlushReason::Revoke, deadline).await;
+                let stop = self.deadlines.revoke(Instant::now());
+                let finals = self.drain(&keys, FlushReason::Revoke, stop).await;
+                if !lost {
+                    self.commit_revoked(finals).await;
+                }
+                for key in &keys {
+                    self.commits.forget(key);
+                }
                 self.metrics
                     .assigned_partitions
                     .set(self.running.len() as i64);
-                let _ = reply.send(finals);
+                let _ = reply.send(());
             }
             Command::Stray {
                 topic,
                 partition,
                 offset,
             } => {
-                error!(topic, partition, offset, "Message of an assigned partition arrived on the main queue; re-reading the partition from it.");
                 let key: Key = (Arc::from(topic), partition);
                 if let Some(r) = self.running.remove(&key) {
+                    warn!(topic = %key.0, partition, offset, "Message of an assigned partition arrived on the main queue; restarting the partition where it must resume.");
                     r.abort.abort();
-                    self.schedule_restart(key, Some(offset), r.failures);
+                    r.cancel.cancel();
+                    let resume_at = r.progress.resume_at().or(self.commits.confirmed(&key));
+                    self.schedule_restart(key, resume_at, r.failures);
                 }
             }
             Command::Restart {
                 topic,
                 partition,
-                offset,
-                failures,
+                ticket,
             } => {
                 let key: Key = (topic, partition);
-                if self.restarting.remove(&key).is_some() {
-                    self.restart(key, offset, failures).await;
+                if self
+                    .restarting
+                    .get(&key)
+                    .is_some_and(|p| p.ticket == ticket)
+                {
+                    if let Some(pending) = self.restarting.remove(&key) {
+                        self.restart(key, pending).await;
+                    }
                 }
+            }
+            Command::Fatal(reason) => {
+                error!(
+                    reason,
+                    "Fatal Kafka client error: draining, committing what is durable, then exiting."
+                );
+                self.fatal = Some(reason);
             }
         }
     }
 
-    fn start(&mut self, a: Assigned, progress: Arc<SharedOffset>, failures: u32) {
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Starts a new incarnation of a partition's task. `start` is where the partition was just
+    /// sought to (`None`: where the assignment put it).
+    fn start(&mut self, a: Assigned, start: Option<i64>, failures: u32) {
         let key: Key = (a.topic.clone(), a.partition);
+        let incarnation = self.next_id();
         let (stop_tx, stop_rx) = oneshot::channel();
         let oldest_pending = Arc::new(OldestPending::default());
+        let progress = Arc::new(Progress::new(start));
+        let cancel = self.abandon.child_token();
         let task = PartitionTask {
             topic: a.topic.clone(),
             partition: a.partition,
             policy: self.settings.flush,
             max_in_flight: self.settings.config.batch.max_in_flight,
             persist: self.persist.clone(),
-            committable: progress.clone(),
+            progress: progress.clone(),
+            cancel: cancel.clone(),
             oldest_pending: oldest_pending.clone(),
             budget: self.budget.clone(),
             metrics: self.metrics.clone(),
         };
-        let max_event_bytes = self.settings.config.pipeline.max_event_bytes;
+        let limits = self.settings.limits();
         let topic = a.topic;
         let queue = a.queue;
         let task_key = key.clone();
+        let read = progress.clone();
         let abort = self.tasks.spawn(async move {
-            let records = queue.stream().filter_map(|m| {
-                let r = match m {
-                    Ok(m) => Some(to_record(&m, &topic, max_event_bytes)),
-                    Err(e) => {
-                        warn!(topic = %topic, error = %e, "Error reading partition; continuing.");
-                        None
+            let records = queue.stream().map(|m| match m {
+                Ok(m) => {
+                    // Noted before decoding: a record that panics the decoder was read.
+                    read.note_read(m.offset());
+                    if failpoint::hit("kafka::decode", &topic, Some(m.offset())) {
+                        panic!("failpoint kafka::decode at offset {}", m.offset());
                     }
-                };
-                std::future::ready(r)
+                    Ok(to_record(&m, &topic, limits))
+                }
+                Err(e) => Err(e.to_string()),
             });
             let exit = task.run(records, stop_rx).await;
-            (task_key, exit)
+            (task_key, incarnation, exit)
         });
-        self.ids.insert(abort.id(), key.clone());
+        self.ids.insert(abort.id(), (key.clone(), incarnation));
         if let Some(old) = self.running.insert(
             key,
             Running {
+                incarnation,
                 stop: Some(stop_tx),
                 abort,
+                cancel,
                 progress,
                 oldest_pending,
-                confirmed: None,
+                last_confirmed: None,
                 caught_up_at: Instant::now(),
                 failures,
             },
         ) {
             old.abort.abort();
+            old.cancel.cancel();
         }
     }
 
-    /// Stops the given partitions, waits for them until `deadline`, and returns their final
-    /// committable offsets. Partitions that miss the deadline are aborted; what they had made
-    /// durable and published is still returned.
-    async fn drain(
+    fn ended(
         &mut self,
-        keys: &[Key],
-        reason: FlushReason,
-        deadline: Instant,
-    ) -> Vec<(String, i32, i64)> {
-        let mut waiting: Vec<Key> = Vec::new();
+        joined: Result<(tokio::task::Id, (Key, u64, Exit)), tokio::task::JoinError>,
+    ) -> Ended {
+        match joined {
+            Ok((id, (key, incarnation, exit))) => {
+                self.ids.remove(&id);
+                Ended::Exited(key, incarnation, exit)
+            }
+            Err(e) => match self.ids.remove(&e.id()) {
+                Some(_) if e.is_cancelled() => Ended::Aborted,
+                Some((key, incarnation)) => Ended::Panicked(key, incarnation, e.to_string()),
+                None => Ended::Aborted,
+            },
+        }
+    }
+
+    /// Stops the given partitions and waits for them: at the stop's abandon instant their
+    /// batches are cancelled, at its give-up instant the tasks still running are aborted.
+    /// Returns the final committable offsets (what each made durable, also when it failed or
+    /// was aborted). Other partitions that end meanwhile are supervised as usual.
+    async fn drain(&mut self, keys: &[Key], reason: FlushReason, stop: Stop) -> Vec<(Key, i64)> {
+        let mut waiting: Vec<(Key, u64)> = Vec::new();
         for key in keys {
             self.restarting.remove(key);
             if let Some(r) = self.running.get_mut(key) {
-                if let Some(stop) = r.stop.take() {
-                    let _ = stop.send(reason);
+                if let Some(tx) = r.stop.take() {
+                    let _ = tx.send(reason);
                 }
-                waiting.push(key.clone());
+                waiting.push((key.clone(), r.incarnation));
             }
         }
+        if keys
+            .iter()
+            .any(|k| failpoint::hit("coordinator::drain", &k.0, None))
+        {
+            panic!("failpoint coordinator::drain");
+        }
+        let mut abandoned = false;
         while !waiting.is_empty() {
-            match tokio::time::timeout_at(deadline, self.tasks.join_next_with_id()).await {
-                Ok(Some(Ok((id, (key, exit))))) => {
-                    self.ids.remove(&id);
-                    if let Some(pos) = waiting.iter().position(|k| *k == key) {
-                        waiting.swap_remove(pos);
-                        if let Exit::Failed { reason, .. } = &exit {
-                            warn!(topic = %key.0, partition = key.1, reason, "Partition stopped with an abandoned batch; committing only what is durable.");
+            let until = if abandoned {
+                stop.give_up_at
+            } else {
+                stop.abandon_at
+            };
+            match tokio::time::timeout_at(until, self.tasks.join_next_with_id()).await {
+                Ok(Some(joined)) => {
+                    let ended = self.ended(joined);
+                    let id = match &ended {
+                        Ended::Exited(k, i, _) | Ended::Panicked(k, i, _) => Some((k.clone(), *i)),
+                        Ended::Aborted => None,
+                    };
+                    match id.and_then(|id| waiting.iter().position(|w| *w == id)) {
+                        Some(pos) => {
+                            let (key, _) = waiting.swap_remove(pos);
+                            match ended {
+                                Ended::Exited(_, _, Exit::Failed { reason, .. }) => {
+                                    warn!(topic = %key.0, partition = key.1, reason, "Partition stopped with an abandoned batch; committing only what is durable.");
+                                }
+                                Ended::Panicked(_, _, panic) => {
+                                    error!(topic = %key.0, partition = key.1, panic, "Partition task panicked while draining; committing only what is durable.");
+                                }
+                                _ => {}
+                            }
                         }
-                    } else {
-                        // Another partition ended on its own while we drain: supervise it.
-                        self.on_task_end(Ok((id, (key, exit)))).await;
-                    }
-                }
-                Ok(Some(Err(e))) => {
-                    if let Some(key) = self.ids.remove(&e.id()) {
-                        waiting.retain(|k| *k != key);
-                        error!(topic = %key.0, partition = key.1, error = %e, "Partition task panicked while draining.");
+                        // Another partition ended on its own while these drain: supervise it.
+                        None => self.on_task_end(ended),
                     }
                 }
                 Ok(None) => break,
+                Err(_elapsed) if !abandoned => {
+                    abandoned = true;
+                    for (key, _) in &waiting {
+                        warn!(topic = %key.0, partition = key.1, "Partition did not drain in time; abandoning its unfinished writes (they are replayed by its next reader).");
+                        if let Some(r) = self.running.get(key) {
+                            r.cancel.cancel();
+                        }
+                    }
+                }
                 Err(_elapsed) => {
-                    for key in &waiting {
-                        warn!(topic = %key.0, partition = key.1, "Partition did not drain in time; letting it go uncommitted past its last durable batch.");
+                    for (key, _) in &waiting {
+                        error!(topic = %key.0, partition = key.1, "Partition task did not end after its writes were abandoned; aborting it.");
                         if let Some(r) = self.running.get(key) {
                             r.abort.abort();
                         }
@@ -329,54 +443,62 @@ impl Coordinator {
         for key in keys {
             self.metrics.forget_partition(&key.0, key.1);
             if let Some(r) = self.running.remove(key) {
-                if let Some(o) = r.progress.get() {
-                    finals.push((key.0.to_string(), key.1, o));
+                r.cancel.cancel();
+                if let Some(o) = r.progress.committable() {
+                    finals.push((key.clone(), o));
                 }
             }
         }
         finals
     }
 
-    async fn on_task_end(
-        &mut self,
-        joined: Result<(tokio::task::Id, (Key, Exit)), tokio::task::JoinError>,
-    ) {
-        let (key, resume_at) = match joined {
-            Ok((id, (key, exit))) => {
-                self.ids.remove(&id);
-                match exit {
-                    Exit::Drained { .. } | Exit::StreamEnded { .. } => {
-                        // Stopped on purpose (or the consumer is closing): nothing to supervise.
-                        if self.running.get(&key).is_some_and(|r| r.stop.is_some()) {
-                            warn!(topic = %key.0, partition = key.1, "Partition stream ended while assigned.");
-                        }
-                        return;
-                    }
-                    Exit::Failed {
-                        committable,
-                        first_offset,
-                        reason,
-                    } => {
-                        error!(topic = %key.0, partition = key.1, reason, "Partition failed; restarting it from its last durable offset.");
-                        (key, committable.or(first_offset))
-                    }
-                }
-            }
+    async fn commit_revoked(&mut self, finals: Vec<(Key, i64)>) {
+        if finals.is_empty() {
+            return;
+        }
+        let n = finals.len();
+        match self.commits.commit_now(finals).await {
+            Ok(()) => info!(partitions = n, "Committed revoked partitions."),
             Err(e) => {
-                let Some(key) = self.ids.remove(&e.id()) else {
-                    return;
-                };
-                if e.is_cancelled() {
+                warn!(error = %e, "Commit on revoke failed; the next owner replays from the previous commit.")
+            }
+        }
+    }
+
+    fn on_task_end(&mut self, ended: Ended) {
+        let (key, incarnation, why) = match ended {
+            Ended::Aborted => return,
+            Ended::Exited(key, incarnation, exit) => match exit {
+                Exit::Drained { .. } | Exit::StreamEnded { .. } => {
+                    // Stopped on purpose (or the consumer is closing): nothing to supervise.
+                    if self
+                        .running
+                        .get(&key)
+                        .is_some_and(|r| r.incarnation == incarnation && r.stop.is_some())
+                    {
+                        warn!(topic = %key.0, partition = key.1, "Partition stream ended while assigned.");
+                    }
                     return;
                 }
-                error!(topic = %key.0, partition = key.1, error = %e, "Partition task panicked; restarting it from its last durable offset.");
-                let resume = self.running.get(&key).and_then(|r| r.progress.get());
-                (key, resume)
+                Exit::Failed { reason, .. } => (key, incarnation, reason),
+            },
+            Ended::Panicked(key, incarnation, panic) => {
+                (key, incarnation, format!("task panicked: {panic}"))
             }
         };
+        if self
+            .running
+            .get(&key)
+            .is_none_or(|r| r.incarnation != incarnation)
+        {
+            return; // A replaced incarnation: its successor owns the partition.
+        }
         let Some(r) = self.running.remove(&key) else {
             return;
         };
+        r.cancel.cancel();
+        let resume_at = r.progress.resume_at().or(self.commits.confirmed(&key));
+        error!(topic = %key.0, partition = key.1, reason = why, resume_at, "Partition failed; restarting it where it must resume.");
         self.metrics
             .partition_restarts
             .with_label_values(&[&key.0])
@@ -386,33 +508,45 @@ impl Coordinator {
 
     /// Restarts a partition after a backoff that grows with consecutive failures (0.5 s doubling
     /// to 30 s), without holding up the coordinator meanwhile.
-    fn schedule_restart(&mut self, key: Key, offset: Option<i64>, failures: u32) {
+    fn schedule_restart(&mut self, key: Key, resume_at: Option<i64>, failures: u32) {
         let delay = Duration::from_millis(500u64 << failures.min(6)).min(Duration::from_secs(30));
-        self.restarting.insert(key.clone(), failures);
+        let ticket = self.next_id();
+        self.restarting.insert(
+            key.clone(),
+            PendingRestart {
+                ticket,
+                resume_at,
+                failures,
+            },
+        );
         let commands = self.commands.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let _ = commands.send(Command::Restart {
                 topic: key.0,
                 partition: key.1,
-                offset,
-                failures,
+                ticket,
             });
         });
     }
 
-    /// Re-reads a partition from `offset` (or from where the consumer stands when `None`) with a
-    /// fresh task.
-    async fn restart(&mut self, key: Key, offset: Option<i64>, failures: u32) {
-        if let Some(offset) = offset {
+    /// Seeks a failed partition to where it must resume, then starts its next incarnation. A
+    /// failed seek starts nothing: the restart is tried again after a longer backoff.
+    async fn restart(&mut self, key: Key, pending: PendingRestart) {
+        if let Some(offset) = pending.resume_at {
             let consumer = self.consumer.clone();
             let (topic, partition) = (key.0.to_string(), key.1);
             let sought = tokio::task::spawn_blocking(move || {
+                if failpoint::hit("kafka::seek", &topic, Some(offset)) {
+                    return Err(rdkafka::error::KafkaError::Seek(
+                        "failpoint kafka::seek".into(),
+                    ));
+                }
                 consumer.seek(
                     &topic,
                     partition,
                     Offset::Offset(offset),
-                    Duration::from_secs(10),
+                    deadline::KAFKA_CALL_TIMEOUT,
                 )
             })
             .await;
@@ -421,9 +555,15 @@ impl Coordinator {
                     info!(topic = %key.0, partition = key.1, offset, "Partition rewound.")
                 }
                 Ok(Err(e)) => {
-                    error!(topic = %key.0, partition = key.1, offset, error = %e, "Seek failed; the partition is left idle until the next rebalance.")
+                    error!(topic = %key.0, partition = key.1, offset, error = %e, "Seek failed; the partition is not started, and the restart is tried again.");
+                    self.schedule_restart(key, pending.resume_at, pending.failures + 1);
+                    return;
                 }
-                Err(e) => error!(error = %e, "Seek task failed."),
+                Err(e) => {
+                    error!(topic = %key.0, partition = key.1, error = %e, "Seek task failed; the restart is tried again.");
+                    self.schedule_restart(key, pending.resume_at, pending.failures + 1);
+                    return;
+                }
             }
         }
         match self.consumer.split_partition_queue(&key.0, key.1) {
@@ -433,44 +573,25 @@ impl Coordinator {
                     partition: key.1,
                     queue,
                 },
-                Arc::new(SharedOffset::default()),
-                failures,
+                pending.resume_at,
+                pending.failures,
             ),
             None => {
-                error!(topic = %key.0, partition = key.1, "Cannot split the partition queue for a restart.")
+                error!(topic = %key.0, partition = key.1, "Cannot split the partition queue for a restart; tried again.");
+                self.schedule_restart(key, pending.resume_at, pending.failures + 1);
             }
         }
     }
 
-    /// Commits every partition whose committable offset is ahead of what the broker confirmed.
-    /// Synchronous, on the blocking pool, one at a time: a commit that fails (e.g. during a
-    /// rebalance) leaves `confirmed` behind, so the next tick simply sends it again.
+    /// Hands every partition's committable offset to the committer, which sends those ahead of
+    /// what the broker confirmed (one commit at a time; a failed one is sent again next tick).
     fn commit_progress(&mut self) {
-        if self.committing.is_some() {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        let mut sent = Vec::new();
-        for (key, r) in &self.running {
-            if let Some(o) = r.progress.get() {
-                if r.confirmed != Some(o)
-                    && tpl
-                        .add_partition_offset(&key.0, key.1, Offset::Offset(o))
-                        .is_ok()
-                {
-                    sent.push((key.clone(), o));
-                }
-            }
-        }
-        if sent.is_empty() {
-            return;
-        }
-        let consumer = self.consumer.clone();
-        self.committing = Some(tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let result = consumer.commit(&tpl, CommitMode::Sync);
-            (sent, result, started.elapsed())
-        }));
+        let offsets: Vec<(Key, i64)> = self
+            .running
+            .iter()
+            .filter_map(|(k, r)| r.progress.committable().map(|o| (k.clone(), o)))
+            .collect();
+        self.commits.start(offsets);
     }
 
     /// Per-partition gauges that only time moves: how long the oldest event read but not yet
@@ -481,8 +602,14 @@ impl Coordinator {
             .set(self.budget.in_use() as i64);
         let now = Instant::now();
         for (key, r) in &mut self.running {
+            let confirmed = self.commits.confirmed(key);
+            if confirmed != r.last_confirmed {
+                r.last_confirmed = confirmed;
+                r.caught_up_at = now;
+                r.failures = 0;
+            }
             let oldest = r.oldest_pending.get();
-            if oldest.is_none() && r.progress.get() == r.confirmed {
+            if oldest.is_none() && r.progress.committable() == confirmed {
                 r.caught_up_at = now;
             }
             let partition = key.1.to_string();
@@ -498,158 +625,67 @@ impl Coordinator {
         }
     }
 
-    fn on_committed(&mut self, done: Result<CommitResult, tokio::task::JoinError>) {
-        match done {
-            Ok((sent, Ok(()), took)) => {
-                self.metrics.commits.with_label_values(&["ok"]).inc();
-                self.metrics.commit_duration.observe(took.as_secs_f64());
-                let now = Instant::now();
-                for (key, o) in sent {
-                    self.metrics
-                        .committed_offset
-                        .with_label_values(&[&*key.0, &key.1.to_string()])
-                        .set(o);
-                    if let Some(r) = self.running.get_mut(&key) {
-                        r.confirmed = Some(o);
-                        r.caught_up_at = now;
-                        r.failures = 0;
-                    }
-                }
-            }
-            Ok((_, Err(e), took)) => {
-                self.metrics.commits.with_label_values(&["error"]).inc();
-                self.metrics.commit_duration.observe(took.as_secs_f64());
-                warn!(error = %e, "Offset commit failed; it is sent again at the next interval.");
-            }
-            Err(e) => error!(error = %e, "Commit task failed."),
-        }
-    }
-
-    async fn shutdown(
-        &mut self,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-        abandon: CancellationToken,
-    ) {
+    async fn shutdown(&mut self, commands: &mut mpsc::UnboundedReceiver<Command>) {
         self.restarting.clear();
         let keys: Vec<Key> = self.running.keys().cloned().collect();
         info!(
             partitions = keys.len(),
             "Shutting down: flushing partial batches and waiting for writes."
         );
-        let timeout = self.settings.config.pipeline.shutdown_timeout;
-        let deadline = Instant::now() + timeout;
-        // Past the deadline, persisters stop retrying and abandon their batches so the drain can
-        // finish; abandoned batches are not committed.
-        let abandon_at = abandon.clone();
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep_until(deadline).await;
-            warn!(
-                "Shutdown timeout reached; abandoning unfinished writes (they will be replayed)."
-            );
-            abandon_at.cancel();
-        });
-        let finals = self
-            .drain(
-                &keys,
-                FlushReason::Shutdown,
-                deadline + Duration::from_secs(5),
-            )
-            .await;
-        timer.abort();
+        let stop = self.deadlines.shutdown(Instant::now());
+        let finals = self.drain(&keys, FlushReason::Shutdown, stop).await;
         self.final_commit(finals, commands).await;
         self.tasks.shutdown().await;
         // Answer anything the context is still waiting on, so the consumer can close.
         commands.close();
         while let Ok(cmd) = commands.try_recv() {
             if let Command::Revoke { reply, .. } = cmd {
-                let _ = reply.send(Vec::new());
+                let _ = reply.send(());
             }
         }
     }
-}
 
-impl Coordinator {
     /// Commits the drained partitions' final offsets. A commit the broker refuses while a
-    /// rebalance is in progress is sent again for up to [`FINAL_COMMIT_RETRY`]; meanwhile a
-    /// revocation of some of these partitions is answered with their final offsets, so the
-    /// context commits them inside the rebalance. What is still refused after that is
-    /// replayed by the next owner (never lost: it is below nothing unwritten).
+    /// rebalance is in progress is sent again for up to [`deadline::FINAL_COMMIT_RETRY`];
+    /// meanwhile a revocation of some of these partitions is answered by committing them
+    /// within the rebalance. What is still refused after that is replayed by the next owner
+    /// (never lost: it is below nothing unwritten).
     async fn final_commit(
         &mut self,
-        finals: Vec<(String, i32, i64)>,
+        finals: Vec<(Key, i64)>,
         commands: &mut mpsc::UnboundedReceiver<Command>,
     ) {
         let mut pending = finals;
-        let retry_until = Instant::now() + FINAL_COMMIT_RETRY;
+        let retry_until = Instant::now() + deadline::FINAL_COMMIT_RETRY;
         while !pending.is_empty() {
-            let mut tpl = TopicPartitionList::new();
-            for (t, p, o) in &pending {
-                let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
-            }
-            let consumer = self.consumer.clone();
-            let started = std::time::Instant::now();
-            let committed =
-                tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync)).await;
-            self.metrics
-                .commit_duration
-                .observe(started.elapsed().as_secs_f64());
-            match committed {
-                Ok(Ok(())) => {
+            match self.commits.commit_now(pending.clone()).await {
+                Ok(()) => {
                     info!(partitions = pending.len(), "Final offsets committed.");
                     return;
                 }
-                Ok(Err(e)) if is_rebalance_refusal(&e) && Instant::now() < retry_until => {
+                Err(e) if is_rebalance_refusal(&e) && Instant::now() < retry_until => {
                     warn!(error = %e, "Final commit refused during a rebalance; sending it again.");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                         Some(cmd) = commands.recv() => {
-                            if let Command::Revoke { partitions, reply, .. } = cmd {
+                            if let Command::Revoke { partitions, lost, reply } = cmd {
                                 let (revoked, kept): (Vec<_>, Vec<_>) = pending
                                     .into_iter()
-                                    .partition(|(t, p, _)| partitions.iter().any(|(rt, rp)| rt == t && rp == p));
+                                    .partition(|(k, _)| partitions.iter().any(|(t, p)| **t == *k.0 && *p == k.1));
                                 pending = kept;
-                                let _ = reply.send(revoked);
+                                if !lost {
+                                    self.commit_revoked(revoked).await;
+                                }
+                                let _ = reply.send(());
                             }
                         }
                     }
                 }
-                Ok(Err(e)) => {
-                    error!(error = %e, "Final commit failed; the next owner replays from the previous commit.");
-                    return;
-                }
                 Err(e) => {
-                    error!(error = %e, "Final commit task failed.");
+                    error!(error = %e, "Final commit failed; the next owner replays from the previous commit.");
                     return;
                 }
             }
         }
-    }
-}
-
-/// How long shutdown keeps re-sending a final commit the broker refuses during a rebalance.
-const FINAL_COMMIT_RETRY: Duration = Duration::from_secs(5);
-
-/// Commit errors that mean "not now, a rebalance is under way" rather than "never".
-fn is_rebalance_refusal(e: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        e,
-        rdkafka::error::KafkaError::ConsumerCommit(
-            C::RebalanceInProgress
-                | C::IllegalGeneration
-                | C::NotCoordinator
-                | C::CoordinatorNotAvailable
-                | C::CoordinatorLoadInProgress
-        )
-    )
-}
-
-/// Resolves with the in-flight commit's result; never, when none is in flight.
-async fn join_commit(
-    h: &mut Option<JoinHandle<CommitResult>>,
-) -> Option<Result<CommitResult, tokio::task::JoinError>> {
-    match h {
-        Some(h) => Some(h.await),
-        None => std::future::pending().await,
     }
 }

@@ -1,6 +1,15 @@
 //! The dead-letter sink: invalid events are published, with their original key and value and
 //! headers describing the failure, to a dead-letter topic. A batch's offsets only count as done
 //! once Kafka has acknowledged its dead letters (`acks=all`, idempotent producer).
+//!
+//! Invariants kept here:
+//! - a dead letter always fits what the dead-letter topic accepts: the value is cut to
+//!   `kafka.dead_letter_max_bytes` (with headers for its original size and SHA-256, and
+//!   `vault.value.truncated=true`), and cut further, down to nothing, when Kafka still refuses
+//!   it as too large. The `vault.source.*` headers locate the full value in the source topic;
+//! - header texts are bounded, so no piece of the input of unbounded size is ever echoed;
+//! - produce errors are classified once, in [`is_permanent`];
+//! - a send reports which letters were not acknowledged, so a retry sends only those.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -9,6 +18,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::pipeline::batch::DeadLetter;
 
@@ -21,30 +31,209 @@ pub mod headers {
     pub const SOURCE_OFFSET: &str = "vault.source.offset";
     pub const SOURCE_TIMESTAMP: &str = "vault.source.timestamp";
     pub const VERSION: &str = "vault.version";
+    /// `true` when the value (or key) was cut to fit; absent otherwise.
+    pub const VALUE_TRUNCATED: &str = "vault.value.truncated";
+    /// Size in bytes of the whole original value, when it was cut.
+    pub const VALUE_SIZE: &str = "vault.value.size";
+    /// Hex SHA-256 of the whole original value, when it was cut.
+    pub const VALUE_SHA256: &str = "vault.value.sha256";
+    /// `true` when the key was cut to fit; absent otherwise.
+    pub const KEY_TRUNCATED: &str = "vault.key.truncated";
+}
+
+/// Longest error message put in a header, in bytes.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+/// Longest key kept on a dead letter, in bytes.
+pub const MAX_KEY_BYTES: usize = 16 * 1024;
+/// Room left in a letter for headers and Kafka's record framing.
+const HEADROOM_BYTES: usize = 8 * 1024;
+
+/// A send in which some letters were not acknowledged.
+#[derive(Debug, Clone)]
+pub struct SendFailure {
+    /// The first error seen; [`is_permanent`] tells whether retrying can help.
+    pub error: KafkaError,
+    /// Indices (into the slice given to `send`) of the letters not acknowledged.
+    pub unsent: Vec<usize>,
+}
+
+impl SendFailure {
+    /// A failure of every letter.
+    pub fn all(error: KafkaError, len: usize) -> Self {
+        SendFailure {
+            error,
+            unsent: (0..len).collect(),
+        }
+    }
 }
 
 /// Where dead letters go.
 pub trait DeadLetterSink: Send + Sync + 'static {
-    /// Publishes every letter; `Ok` only when all are acknowledged.
-    fn send(&self, letters: &[&DeadLetter]) -> impl Future<Output = Result<(), KafkaError>> + Send;
+    /// Publishes every letter; `Ok` only when all are acknowledged, else which were not.
+    fn send(&self, letters: &[&DeadLetter])
+        -> impl Future<Output = Result<(), SendFailure>> + Send;
+}
+
+/// Produce errors that will not go away by sending the same letter again: the letter is too
+/// large for the topic even with its value cut away, the topic does not exist or may not be
+/// written, or Kafka refuses the record as such. Everything else (timeouts, a broker down, a
+/// full queue, leadership moving) is transient and retried.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidRecord
+                | C::InvalidMessage
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::TransactionalIdAuthorizationFailed
+                | C::InvalidTopic
+                | C::UnknownTopic
+                | C::UnknownTopicOrPartition
+                | C::UnknownPartition
+                | C::InvalidRequiredAcks
+                | C::PolicyViolation
+        )
+    )
+}
+
+fn is_too_large(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+    )
+}
+
+/// The value budget to try after Kafka refused a letter whose value was cut to `budget` bytes:
+/// a quarter of it, and nothing once that is under 1 KiB; `None` when nothing was left to cut.
+pub fn smaller_value_budget(budget: usize) -> Option<usize> {
+    match budget {
+        0 => None,
+        b if b / 4 < 1024 => Some(0),
+        b => Some(b / 4),
+    }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, with `…` when cut.
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
+
+/// A dead letter as it is published: key and value cut to fit, and its headers.
+pub struct Letter<'a> {
+    pub topic: String,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: OwnedHeaders,
+}
+
+/// Shapes `d` for `topic` with at most `value_budget` bytes of value.
+pub fn shape<'a>(d: &'a DeadLetter, topic: String, value_budget: usize) -> Letter<'a> {
+    let message = d.error.to_string();
+    let message = bounded(&message, MAX_ERROR_MESSAGE_BYTES);
+    // A replayed message that fails again names its original coordinates, not the replay's.
+    let (source_topic, partition, offset) = match &d.origin {
+        Some((t, p, o)) => (t.as_str(), p.to_string(), o.to_string()),
+        None => (
+            &*d.source.topic,
+            d.source.partition.to_string(),
+            d.source.offset.to_string(),
+        ),
+    };
+    let timestamp = d
+        .source
+        .timestamp_ms
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    let mut hdrs = OwnedHeaders::new_with_capacity(10);
+    for (key, value) in [
+        (headers::ERROR_KIND, d.error.kind()),
+        (headers::ERROR_MESSAGE, &*message),
+        (headers::SOURCE_TOPIC, source_topic),
+        (headers::SOURCE_PARTITION, &partition),
+        (headers::SOURCE_OFFSET, &offset),
+        (headers::SOURCE_TIMESTAMP, &timestamp),
+        (headers::VERSION, env!("CARGO_PKG_VERSION")),
+    ] {
+        hdrs = hdrs.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    let key = d.key.as_deref().map(|k| &k[..k.len().min(MAX_KEY_BYTES)]);
+    if d.key.as_ref().is_some_and(|k| k.len() > MAX_KEY_BYTES) {
+        hdrs = hdrs.insert(Header {
+            key: headers::KEY_TRUNCATED,
+            value: Some("true"),
+        });
+    }
+    let value = d.value.as_deref();
+    let value = match value {
+        Some(v) if v.len() > value_budget => {
+            let digest = openssl::sha::sha256(v);
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            hdrs = hdrs
+                .insert(Header {
+                    key: headers::VALUE_TRUNCATED,
+                    value: Some("true"),
+                })
+                .insert(Header {
+                    key: headers::VALUE_SIZE,
+                    value: Some(&v.len().to_string()),
+                })
+                .insert(Header {
+                    key: headers::VALUE_SHA256,
+                    value: Some(&hex),
+                });
+            Some(&v[..value_budget])
+        }
+        other => other,
+    };
+    Letter {
+        topic,
+        key,
+        value,
+        headers: hdrs,
+    }
 }
 
 /// Publishes to Kafka.
 pub struct KafkaDeadLetters {
     producer: FutureProducer,
     topic_template: String,
+    /// Bytes of value a letter may carry at first.
+    value_budget: usize,
 }
 
 impl KafkaDeadLetters {
-    pub fn new(base: &ClientConfig, topic_template: &str) -> Result<Self, KafkaError> {
+    /// `max_bytes` is the largest message the dead-letter topic and the producer accept
+    /// (`kafka.dead_letter_max_bytes`); the producer's `message.max.bytes` is raised to it.
+    pub fn new(
+        base: &ClientConfig,
+        topic_template: &str,
+        max_bytes: usize,
+    ) -> Result<Self, KafkaError> {
         let mut cfg = base.clone();
         cfg.set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .set("message.timeout.ms", "30000");
+        if cfg.get("message.max.bytes").is_none() {
+            cfg.set("message.max.bytes", max_bytes.max(1000).to_string());
+        }
         Ok(KafkaDeadLetters {
             producer: cfg.create()?,
             topic_template: topic_template.to_owned(),
+            value_budget: max_bytes.saturating_sub(MAX_KEY_BYTES + HEADROOM_BYTES),
         })
     }
 
@@ -54,101 +243,304 @@ impl KafkaDeadLetters {
 }
 
 impl DeadLetterSink for KafkaDeadLetters {
-    async fn send(&self, letters: &[&DeadLetter]) -> Result<(), KafkaError> {
-        let mut deliveries = Vec::with_capacity(letters.len());
-        for d in letters {
-            let topic = self.topic_for(&d.source.topic);
-            let (partition, offset) = (d.source.partition.to_string(), d.source.offset.to_string());
-            let timestamp = d
-                .source
-                .timestamp_ms
-                .map(|t| t.to_string())
-                .unwrap_or_default();
-            let message = d.error.to_string();
-            let hdrs = OwnedHeaders::new()
-                .insert(Header {
-                    key: headers::ERROR_KIND,
-                    value: Some(d.error.kind()),
-                })
-                .insert(Header {
-                    key: headers::ERROR_MESSAGE,
-                    value: Some(&message),
-                })
-                .insert(Header {
-                    key: headers::SOURCE_TOPIC,
-                    value: Some(&*d.source.topic),
-                })
-                .insert(Header {
-                    key: headers::SOURCE_PARTITION,
-                    value: Some(&partition),
-                })
-                .insert(Header {
-                    key: headers::SOURCE_OFFSET,
-                    value: Some(&offset),
-                })
-                .insert(Header {
-                    key: headers::SOURCE_TIMESTAMP,
-                    value: Some(&timestamp),
-                })
-                .insert(Header {
-                    key: headers::VERSION,
-                    value: Some(env!("CARGO_PKG_VERSION")),
-                });
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(hdrs);
-            if let Some(k) = &d.key {
-                record = record.key(k.as_slice());
+    async fn send(&self, letters: &[&DeadLetter]) -> Result<(), SendFailure> {
+        let mut budgets = vec![self.value_budget; letters.len()];
+        let mut todo: Vec<usize> = (0..letters.len()).collect();
+        let mut unsent = Vec::new();
+        let mut first_error = None;
+        // Each round sends what is left; a letter refused as too large goes again, smaller.
+        while !todo.is_empty() {
+            let mut deliveries = Vec::with_capacity(todo.len());
+            let mut outcomes = Vec::with_capacity(todo.len());
+            for &i in &todo {
+                let d = letters[i];
+                if crate::failpoint::hit(
+                    "dead_letter::produce",
+                    &d.source.topic,
+                    Some(d.source.offset),
+                ) {
+                    outcomes.push((
+                        i,
+                        Err(KafkaError::MessageProduction(
+                            RDKafkaErrorCode::BrokerTransportFailure,
+                        )),
+                    ));
+                    continue;
+                }
+                let letter = shape(d, self.topic_for(&d.source.topic), budgets[i]);
+                let mut record: FutureRecord<'_, [u8], [u8]> =
+                    FutureRecord::to(&letter.topic).headers(letter.headers);
+                if let Some(k) = letter.key {
+                    record = record.key(k);
+                }
+                if let Some(v) = letter.value {
+                    record = record.payload(v);
+                }
+                if let Some(ts) = d.source.timestamp_ms {
+                    record = record.timestamp(ts);
+                }
+                match self.producer.send_result(record) {
+                    Ok(delivery) => deliveries.push((i, delivery)),
+                    Err((e, _)) => outcomes.push((i, Err(e))),
+                }
             }
-            if let Some(v) = &d.value {
-                record = record.payload(v.as_slice());
+            for (i, delivery) in deliveries {
+                let outcome = match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_canceled) => Err(KafkaError::Canceled),
+                };
+                outcomes.push((i, outcome));
             }
-            if let Some(ts) = d.source.timestamp_ms {
-                record = record.timestamp(ts);
+            todo.clear();
+            for (i, outcome) in outcomes {
+                let Err(e) = outcome else { continue };
+                match is_too_large(&e)
+                    .then(|| smaller_value_budget(budgets[i]))
+                    .flatten()
+                {
+                    Some(smaller) => {
+                        budgets[i] = smaller;
+                        todo.push(i);
+                    }
+                    None => {
+                        unsent.push(i);
+                        first_error.get_or_insert(e);
+                    }
+                }
             }
-            // Enqueue now; a full queue fails the whole send, which the persister retries.
-            deliveries.push(self.producer.send_result(record).map_err(|(e, _)| e)?);
         }
-        for delivery in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(e),
-                Err(_canceled) => return Err(KafkaError::Canceled),
+        match first_error {
+            None => Ok(()),
+            Some(error) => {
+                unsent.sort_unstable();
+                Err(SendFailure { error, unsent })
             }
         }
-        Ok(())
     }
 }
 
 /// Keeps dead letters in memory; can be told to fail. For tests.
 #[derive(Clone, Default)]
 pub struct MemoryDeadLetters {
-    inner: Arc<Mutex<(Vec<DeadLetter>, u32)>>,
+    inner: Arc<Mutex<MemoryLetters>>,
+}
+
+#[derive(Default)]
+struct MemoryLetters {
+    letters: Vec<DeadLetter>,
+    /// Sends still to fail entirely.
+    fail_next: u32,
+    /// Sends still to fail after acknowledging their first letter only.
+    fail_after_first: u32,
+    /// Refuse, as permanently too large, letters of source offsets in this list.
+    refuse: Vec<i64>,
 }
 
 impl MemoryDeadLetters {
     /// Fails the next `n` sends.
     pub fn fail_next(&self, n: u32) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).1 = n;
+        self.lock().fail_next = n;
+    }
+
+    /// The next `n` sends acknowledge their first letter and fail the rest.
+    pub fn fail_after_first(&self, n: u32) {
+        self.lock().fail_after_first = n;
+    }
+
+    /// Refuses the letter of this source offset as too large, until [`Self::accept_all`].
+    pub fn refuse_offset(&self, offset: i64) {
+        self.lock().refuse.push(offset);
+    }
+
+    pub fn accept_all(&self) {
+        self.lock().refuse.clear();
     }
 
     pub fn letters(&self) -> Vec<DeadLetter> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone()
+        self.lock().letters.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryLetters> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl DeadLetterSink for MemoryDeadLetters {
-    async fn send(&self, letters: &[&DeadLetter]) -> Result<(), KafkaError> {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if g.1 > 0 {
-            g.1 -= 1;
-            return Err(KafkaError::MessageProduction(
-                rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
+    async fn send(&self, letters: &[&DeadLetter]) -> Result<(), SendFailure> {
+        let mut g = self.lock();
+        if g.fail_next > 0 {
+            g.fail_next -= 1;
+            return Err(SendFailure::all(
+                KafkaError::MessageProduction(RDKafkaErrorCode::BrokerTransportFailure),
+                letters.len(),
             ));
         }
-        g.0.extend(letters.iter().map(|d| (*d).clone()));
-        Ok(())
+        if g.fail_after_first > 0 && letters.len() > 1 {
+            g.fail_after_first -= 1;
+            g.letters.push(letters[0].clone());
+            return Err(SendFailure {
+                error: KafkaError::MessageProduction(RDKafkaErrorCode::BrokerTransportFailure),
+                unsent: (1..letters.len()).collect(),
+            });
+        }
+        let mut unsent = Vec::new();
+        for (i, d) in letters.iter().enumerate() {
+            if g.refuse.contains(&d.source.offset) {
+                unsent.push(i);
+            } else {
+                g.letters.push((*d).clone());
+            }
+        }
+        if unsent.is_empty() {
+            Ok(())
+        } else {
+            Err(SendFailure {
+                error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                unsent,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rdkafka::message::Headers;
+
+    use super::*;
+    use crate::event::{EventError, Source};
+
+    fn letter(value: Vec<u8>, key: Vec<u8>, error: EventError) -> DeadLetter {
+        DeadLetter {
+            origin: None,
+            source: Source {
+                topic: Arc::from("activity"),
+                partition: 2,
+                offset: 77,
+                timestamp_ms: Some(1_764_000_000_000),
+            },
+            key: Some(key),
+            value: Some(value),
+            error,
+        }
+    }
+
+    fn header<'a>(l: &'a Letter<'_>, name: &str) -> Option<&'a str> {
+        l.headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| std::str::from_utf8(v).expect("utf-8 header"))
+    }
+
+    #[test]
+    fn a_large_value_is_cut_to_fit_with_its_size_and_digest() {
+        let value = vec![b'x'; 1_500_000];
+        let d = letter(
+            value.clone(),
+            vec![b'k'; 100_000],
+            EventError::TooLarge {
+                size: 1_500_000,
+                limit: 1 << 20,
+            },
+        );
+        let l = shape(&d, "activity.dlq".into(), 900_000);
+        assert_eq!(l.value.map(<[u8]>::len), Some(900_000));
+        assert_eq!(l.key.map(<[u8]>::len), Some(MAX_KEY_BYTES));
+        assert_eq!(header(&l, headers::VALUE_TRUNCATED), Some("true"));
+        assert_eq!(header(&l, headers::KEY_TRUNCATED), Some("true"));
+        assert_eq!(header(&l, headers::VALUE_SIZE), Some("1500000"));
+        let digest: String = openssl::sha::sha256(&value)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(header(&l, headers::VALUE_SHA256), Some(digest.as_str()));
+        assert_eq!(header(&l, headers::SOURCE_OFFSET), Some("77"));
+        assert_eq!(header(&l, headers::ERROR_KIND), Some("too_large"));
+
+        let small = letter(b"{}".to_vec(), b"k".to_vec(), EventError::NotAnObject);
+        let l = shape(&small, "activity.dlq".into(), 900_000);
+        assert_eq!(l.value, Some(&b"{}"[..]));
+        assert_eq!(header(&l, headers::VALUE_TRUNCATED), None);
+    }
+
+    #[test]
+    fn a_replayed_message_that_fails_again_names_its_original_coordinates() {
+        let mut d = letter(b"{".to_vec(), Vec::new(), EventError::Json("eof".into()));
+        d.origin = Some(("activity".into(), 5, 1234));
+        let l = shape(&d, "activity.dlq".into(), 900_000);
+        assert_eq!(header(&l, headers::SOURCE_TOPIC), Some("activity"));
+        assert_eq!(header(&l, headers::SOURCE_PARTITION), Some("5"));
+        assert_eq!(header(&l, headers::SOURCE_OFFSET), Some("1234"));
+    }
+
+    #[test]
+    fn error_messages_in_headers_are_bounded() {
+        let reason = "9".repeat(520_000);
+        let d = letter(
+            b"{}".to_vec(),
+            Vec::new(),
+            EventError::InvalidField {
+                field: "occurred_at",
+                reason,
+            },
+        );
+        let l = shape(&d, "t.dlq".into(), 900_000);
+        let message = header(&l, headers::ERROR_MESSAGE).unwrap();
+        assert!(
+            message.len() <= MAX_ERROR_MESSAGE_BYTES,
+            "{}",
+            message.len()
+        );
+        assert!(
+            message.starts_with("field 'occurred_at' is invalid"),
+            "{message}"
+        );
+        assert_eq!(bounded("hello world", 8), "hello…");
+        assert_eq!(bounded("ééééé", 6), "é…", "cut on a character boundary");
+        assert_eq!(bounded("short", 8), "short");
+    }
+
+    #[test]
+    fn a_refused_letter_shrinks_to_nothing_in_a_few_steps() {
+        let mut budget = 900_000;
+        let mut steps = 0;
+        while let Some(b) = smaller_value_budget(budget) {
+            assert!(b < budget);
+            budget = b;
+            steps += 1;
+        }
+        assert_eq!(budget, 0);
+        assert!(steps <= 8, "{steps}");
+    }
+
+    #[test]
+    fn produce_errors_are_classified_once() {
+        let permanent = [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ];
+        for code in permanent {
+            assert!(
+                is_permanent(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+        let transient = [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::QueueFull,
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::RequestTimedOut,
+        ];
+        for code in transient {
+            assert!(
+                !is_permanent(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
     }
 }

@@ -1,18 +1,21 @@
 //! Kafka: client configuration, the rebalance context, the partition coordinator, offset
-//! arithmetic and the dead-letter producer.
+//! arithmetic, the resume position after a failure, commits and the dead-letter producer.
 
+pub mod commits;
 pub mod context;
 pub mod coordinator;
 pub mod dead_letter;
 pub mod offsets;
+pub mod resume;
 
 use std::sync::Arc;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use crate::config::Settings;
-use crate::event::{self, Source};
+use crate::event::{self, Limits, Origin, Source};
+use crate::kafka::dead_letter::headers;
 use crate::pipeline::batch::{DeadLetter, Record};
 
 /// Settings shared by the consumer and the dead-letter producer: brokers and passthrough options
@@ -90,7 +93,12 @@ pub fn queued_kbytes_per_partition(budget: usize, partitions: usize) -> usize {
 }
 
 /// Decodes a Kafka message into a record: a valid event, or a dead letter with its context.
-pub fn to_record(msg: &BorrowedMessage<'_>, topic: &Arc<str>, max_event_bytes: usize) -> Record {
+///
+/// A message with `vault.source.topic`, `vault.source.partition` and `vault.source.offset`
+/// headers (a dead letter re-published by `vault dlq replay`) gets the id derived from those
+/// coordinates when it has no `event_id`, so it lands on the row its original would have. Only a
+/// message that has headers is looked at: a plain one costs nothing more.
+pub fn to_record(msg: &BorrowedMessage<'_>, topic: &Arc<str>, limits: Limits) -> Record {
     // Built again for the rare invalid message, so that a valid one costs one copy of it.
     let source = || Source {
         topic: topic.clone(),
@@ -98,10 +106,12 @@ pub fn to_record(msg: &BorrowedMessage<'_>, topic: &Arc<str>, max_event_bytes: u
         offset: msg.offset(),
         timestamp_ms: msg.timestamp().to_millis(),
     };
-    match event::decode(msg.key(), msg.payload(), source(), max_event_bytes) {
+    let origin = msg.headers().and_then(origin_in);
+    match event::decode(msg.key(), msg.payload(), source(), origin, limits) {
         Ok(e) => Record::Event(e),
         Err(error) => Record::Invalid(DeadLetter {
             source: source(),
+            origin: origin.map(|o| (o.topic.to_owned(), o.partition, o.offset)),
             key: msg.key().map(<[u8]>::to_vec),
             value: msg.payload().map(<[u8]>::to_vec),
             error,
@@ -109,11 +119,83 @@ pub fn to_record(msg: &BorrowedMessage<'_>, topic: &Arc<str>, max_event_bytes: u
     }
 }
 
+/// The original coordinates named by a message's `vault.source.*` headers, when all three are
+/// there and parse.
+pub fn origin_in<H: Headers>(hdrs: &H) -> Option<Origin<'_>> {
+    let (mut topic, mut partition, mut offset) = (None, None, None);
+    for h in hdrs.iter() {
+        let value = || h.value.and_then(|v| std::str::from_utf8(v).ok());
+        match h.key {
+            headers::SOURCE_TOPIC => topic = value().filter(|t| !t.is_empty()),
+            headers::SOURCE_PARTITION => partition = value().and_then(|v| v.parse().ok()),
+            headers::SOURCE_OFFSET => offset = value().and_then(|v| v.parse().ok()),
+            _ => {}
+        }
+    }
+    Some(Origin {
+        topic: topic?,
+        partition: partition?,
+        offset: offset?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use rdkafka::consumer::BaseConsumer;
+    use rdkafka::message::{Header, OwnedHeaders};
 
     use super::*;
+
+    fn with(pairs: &[(&str, &str)]) -> OwnedHeaders {
+        pairs.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(*value),
+            })
+        })
+    }
+
+    #[test]
+    fn the_origin_is_read_from_the_source_headers_only_when_all_three_parse() {
+        let full = with(&[
+            (crate::tools::dlq::REPLAYED_FROM, "a.dlq/0/5"),
+            (headers::SOURCE_TOPIC, "a"),
+            (headers::SOURCE_PARTITION, "3"),
+            (headers::SOURCE_OFFSET, "42"),
+        ]);
+        assert_eq!(
+            origin_in(&full),
+            Some(Origin {
+                topic: "a",
+                partition: 3,
+                offset: 42
+            })
+        );
+        for partial in [
+            with(&[]),
+            with(&[
+                (headers::SOURCE_TOPIC, "a"),
+                (headers::SOURCE_PARTITION, "3"),
+            ]),
+            with(&[
+                (headers::SOURCE_TOPIC, ""),
+                (headers::SOURCE_PARTITION, "3"),
+                (headers::SOURCE_OFFSET, "42"),
+            ]),
+            with(&[
+                (headers::SOURCE_TOPIC, "a"),
+                (headers::SOURCE_PARTITION, "three"),
+                (headers::SOURCE_OFFSET, "42"),
+            ]),
+            with(&[
+                (headers::SOURCE_TOPIC, "a"),
+                (headers::SOURCE_PARTITION, "3"),
+                (headers::SOURCE_OFFSET, "9223372036854775808"),
+            ]),
+        ] {
+            assert_eq!(origin_in(&partial), None);
+        }
+    }
 
     /// librdkafka is built with OpenSSL, so TLS and SASL/SCRAM options are accepted (a build
     /// without it refuses `security.protocol = SASL_SSL` when the client is created).

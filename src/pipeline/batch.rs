@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use tokio::sync::{oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::event::{Event, EventError, Source};
 use crate::pipeline::flush::FlushReason;
@@ -13,6 +14,10 @@ use crate::pipeline::flush::FlushReason;
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub source: Source,
+    /// The original coordinates of a message re-published by `vault dlq replay` (from its
+    /// `vault.source.*` headers): its letter names them again, so a second replay still maps
+    /// to the row of the first read.
+    pub origin: Option<(String, i32, i64)>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub error: EventError,
@@ -75,6 +80,9 @@ pub struct Batch {
     pub records: Vec<Record>,
     pub bytes: usize,
     pub reason: FlushReason,
+    /// Fired when the batch's partition incarnation must stop: the persister stops retrying and
+    /// abandons the batch.
+    pub cancel: CancellationToken,
     ack: Option<oneshot::Sender<BatchOutcome>>,
     /// This batch's share of the in-flight budget, returned when the batch is dropped.
     budget: Option<Share>,
@@ -184,6 +192,7 @@ impl Batch {
             records,
             bytes,
             reason,
+            cancel: CancellationToken::new(),
             ack: Some(tx),
             budget: None,
         };

@@ -30,7 +30,11 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, error};
 
-use crate::kafka::offsets::{OffsetTracker, SharedOffset};
+use tokio_util::sync::CancellationToken;
+
+use crate::failpoint;
+use crate::kafka::offsets::OffsetTracker;
+use crate::kafka::resume::Progress;
 use crate::pipeline::batch::{Batch, BatchOutcome, InFlightBudget, Record, Share};
 use crate::pipeline::flush::{FlushPolicy, FlushReason};
 use crate::telemetry::Metrics;
@@ -40,11 +44,11 @@ use crate::telemetry::Metrics;
 pub enum Exit {
     /// Stopped on request with everything flushed and acknowledged.
     Drained { committable: Option<i64> },
-    /// A batch was abandoned; nothing at or after it is committable. The coordinator restarts the
-    /// partition from `committable` (or from `first_offset` when nothing was committable yet).
+    /// A batch was abandoned, or reading failed in a way that may have skipped records; nothing
+    /// at or after the failure is committable. The coordinator restarts the partition from
+    /// [`Progress::resume_at`].
     Failed {
         committable: Option<i64>,
-        first_offset: Option<i64>,
         reason: String,
     },
     /// The record stream ended (the consumer is closing).
@@ -74,7 +78,12 @@ pub struct PartitionTask {
     pub policy: FlushPolicy,
     pub max_in_flight: usize,
     pub persist: async_channel::Sender<Batch>,
-    pub committable: Arc<SharedOffset>,
+    /// Where the partition stands: written here, read by the coordinator to commit and to
+    /// restart.
+    pub progress: Arc<Progress>,
+    /// Fired when this incarnation's batches must stop retrying (its stop deadline passed, or it
+    /// was replaced): each batch carries it to the persister.
+    pub cancel: CancellationToken,
     pub oldest_pending: Arc<OldestPending>,
     pub budget: InFlightBudget,
     pub metrics: Arc<Metrics>,
@@ -93,16 +102,17 @@ struct State {
     /// When each batch the tracker still holds was opened, oldest first.
     in_flight_opened: VecDeque<Instant>,
     next_seq: u64,
-    first_offset: Option<i64>,
     failure: Option<String>,
 }
 
 impl PartitionTask {
-    /// Runs until `stop` fires (or its sender is dropped, read as shutdown), a batch fails, or
-    /// `records` ends.
+    /// Runs until `stop` fires (or its sender is dropped, read as shutdown), a batch fails,
+    /// reading fails, or `records` ends. A read error (`Err`) may mean records were skipped, so
+    /// it fails the partition: nothing after its last durable batch is committed, and the
+    /// coordinator restarts it from there.
     pub async fn run<S>(self, records: S, mut stop: oneshot::Receiver<FlushReason>) -> Exit
     where
-        S: Stream<Item = Record> + Send,
+        S: Stream<Item = Result<Record, String>> + Send,
     {
         let mut records = std::pin::pin!(records);
         let consumed: IntCounter = self
@@ -118,7 +128,6 @@ impl PartitionTask {
             opened_at: None,
             in_flight_opened: VecDeque::with_capacity(self.max_in_flight),
             next_seq: 0,
-            first_offset: None,
             failure: None,
         };
         let far_future = Instant::now() + std::time::Duration::from_secs(86_400 * 365);
@@ -141,12 +150,16 @@ impl PartitionTask {
                     linger.as_mut().reset(far_future);
                 }
                 next = records.next(), if room => {
-                    let Some(record) = next else {
-                        self.flush_and_drain(&mut st, FlushReason::Shutdown).await;
-                        return match st.failure.take() {
-                            Some(reason) => self.failed(&st, reason),
-                            None => Exit::StreamEnded { committable: st.tracker.committable() },
-                        };
+                    let record = match next {
+                        Some(Ok(record)) => record,
+                        Some(Err(e)) => return self.failed(&st, format!("reading the partition failed: {e}")),
+                        None => {
+                            self.flush_and_drain(&mut st, FlushReason::Shutdown).await;
+                            return match st.failure.take() {
+                                Some(reason) => self.failed(&st, reason),
+                                None => Exit::StreamEnded { committable: st.tracker.committable() },
+                            };
+                        }
                     };
                     consumed.inc();
                     if let Some(reason) = self.push(&mut st, record, &mut linger, &mut stop).await {
@@ -157,9 +170,12 @@ impl PartitionTask {
                     let mut stopped = None;
                     while stopped.is_none() && st.tracker.in_flight() < self.max_in_flight {
                         match records.next().now_or_never() {
-                            Some(Some(record)) => {
+                            Some(Some(Ok(record))) => {
                                 consumed.inc();
                                 stopped = self.push(&mut st, record, &mut linger, &mut stop).await;
+                            }
+                            Some(Some(Err(e))) => {
+                                return self.failed(&st, format!("reading the partition failed: {e}"));
                             }
                             _ => break,
                         }
@@ -191,7 +207,9 @@ impl PartitionTask {
         stop: &mut oneshot::Receiver<FlushReason>,
     ) -> Option<FlushReason> {
         let size = record.size();
-        st.first_offset.get_or_insert(record.source().offset);
+        if failpoint::hit("batcher::add", &self.topic, Some(record.source().offset)) {
+            panic!("failpoint batcher::add");
+        }
         if let Some(reason) = self.policy.before_push(st.open.len(), st.open_bytes, size) {
             self.flush(st, reason).await;
         }
@@ -229,6 +247,13 @@ impl PartitionTask {
         }
         // The next batch is likely to be about as large as this one.
         let capacity = st.open.len();
+        if failpoint::hit(
+            "batcher::flush",
+            &self.topic,
+            Some(st.open[0].source().offset),
+        ) {
+            panic!("failpoint batcher::flush");
+        }
         let records = std::mem::replace(&mut st.open, Vec::with_capacity(capacity));
         let bytes = std::mem::take(&mut st.open_bytes);
         let opened_at = st.opened_at.take().unwrap_or_else(Instant::now);
@@ -238,6 +263,7 @@ impl PartitionTask {
         let share = std::mem::replace(&mut st.share, self.budget.share());
         let (mut batch, ack) = Batch::new(records, bytes, seq, reason);
         batch.hold(share);
+        batch.cancel = self.cancel.clone();
         let m = &self.metrics;
         m.batches_flushed
             .with_label_values(&[reason.as_str()])
@@ -275,7 +301,7 @@ impl PartitionTask {
         match outcome {
             BatchOutcome::Durable => {
                 if let Some(next) = st.tracker.durable(seq) {
-                    self.committable.publish(next);
+                    self.progress.publish_durable(next);
                     // The tracker released batches from its front: so does the queue of times.
                     while st.in_flight_opened.len() > st.tracker.in_flight() {
                         st.in_flight_opened.pop_front();
@@ -296,7 +322,6 @@ impl PartitionTask {
     fn failed(&self, st: &State, reason: String) -> Exit {
         Exit::Failed {
             committable: st.tracker.committable(),
-            first_offset: st.first_offset,
             reason,
         }
     }
@@ -309,7 +334,7 @@ mod tests {
     use futures::channel::mpsc;
 
     use super::*;
-    use crate::event::{decode, Source};
+    use crate::event::{decode, Limits, Source};
 
     /// The value of every test record: all of them are the same size.
     const VALUE: &str = r#"{"user_id":"u","event_type":"t","occurred_at":"2023-11-14T22:13:20Z"}"#;
@@ -321,14 +346,23 @@ mod tests {
             offset,
             timestamp_ms: None,
         };
-        Record::Event(decode(None, Some(VALUE.as_bytes()), source, 1 << 20).expect("valid event"))
+        Record::Event(
+            decode(
+                None,
+                Some(VALUE.as_bytes()),
+                source,
+                None,
+                Limits::default(),
+            )
+            .expect("valid event"),
+        )
     }
 
     struct Harness {
-        records: mpsc::UnboundedSender<Record>,
+        records: mpsc::UnboundedSender<Result<Record, String>>,
         batches: async_channel::Receiver<Batch>,
         stop: Option<oneshot::Sender<FlushReason>>,
-        committable: Arc<SharedOffset>,
+        progress: Arc<Progress>,
         oldest_pending: Arc<OldestPending>,
         task: tokio::task::JoinHandle<Exit>,
     }
@@ -345,7 +379,7 @@ mod tests {
         let (records, rx) = mpsc::unbounded();
         let (persist, batches) = async_channel::bounded(16);
         let (stop, stop_rx) = oneshot::channel();
-        let committable = Arc::new(SharedOffset::default());
+        let progress = Arc::new(Progress::new(None));
         let oldest_pending = Arc::new(OldestPending::default());
         let task = PartitionTask {
             topic: Arc::from("t"),
@@ -357,7 +391,8 @@ mod tests {
             },
             max_in_flight,
             persist,
-            committable: committable.clone(),
+            progress: progress.clone(),
+            cancel: CancellationToken::new(),
             oldest_pending: oldest_pending.clone(),
             budget,
             metrics: Arc::new(Metrics::new()),
@@ -367,7 +402,7 @@ mod tests {
             records,
             batches,
             stop: Some(stop),
-            committable,
+            progress,
             oldest_pending,
             task,
         }
@@ -377,7 +412,7 @@ mod tests {
     async fn a_single_event_is_flushed_after_linger_and_not_before() {
         let h = start(100, 4);
         let t0 = Instant::now();
-        h.records.unbounded_send(record(7)).unwrap();
+        h.records.unbounded_send(Ok(record(7))).unwrap();
         tokio::time::sleep(Duration::from_millis(249)).await;
         assert!(
             h.batches.try_recv().is_err(),
@@ -397,7 +432,7 @@ mod tests {
         let h = start(3, 4);
         let t0 = Instant::now();
         for o in 0..3 {
-            h.records.unbounded_send(record(o)).unwrap();
+            h.records.unbounded_send(Ok(record(o))).unwrap();
         }
         let batch = h.batches.recv().await.unwrap();
         assert_eq!(Instant::now(), t0, "no linger wait for a full batch");
@@ -409,7 +444,7 @@ mod tests {
     async fn acks_commit_in_order_and_the_in_flight_limit_stops_reading() {
         let mut h = start(2, 2);
         for o in 0..6 {
-            h.records.unbounded_send(record(o)).unwrap();
+            h.records.unbounded_send(Ok(record(o))).unwrap();
         }
         let b0 = h.batches.recv().await.unwrap();
         let b1 = h.batches.recv().await.unwrap();
@@ -426,7 +461,7 @@ mod tests {
             "window moved past an unacknowledged batch"
         );
         assert_eq!(
-            h.committable.get(),
+            h.progress.committable(),
             None,
             "batch 1 is durable but batch 0 is not"
         );
@@ -435,7 +470,7 @@ mod tests {
         let b2 = h.batches.recv().await.unwrap();
         assert_eq!(b2.first_offset, 4);
         assert_eq!(
-            h.committable.get(),
+            h.progress.committable(),
             Some(4),
             "both first batches durable: next to read is 4"
         );
@@ -453,8 +488,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stop_flushes_the_partial_batch_and_waits_for_its_ack() {
         let mut h = start(100, 4);
-        h.records.unbounded_send(record(0)).unwrap();
-        h.records.unbounded_send(record(1)).unwrap();
+        h.records.unbounded_send(Ok(record(0))).unwrap();
+        h.records.unbounded_send(Ok(record(1))).unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
         h.stop.take().unwrap().send(FlushReason::Revoke).unwrap();
         let batch = h.batches.recv().await.unwrap();
@@ -473,7 +508,7 @@ mod tests {
     async fn an_abandoned_batch_fails_the_partition_without_committing_past_it() {
         let h = start(1, 4);
         for o in 0..3 {
-            h.records.unbounded_send(record(o)).unwrap();
+            h.records.unbounded_send(Ok(record(o))).unwrap();
         }
         let b0 = h.batches.recv().await.unwrap();
         let b1 = h.batches.recv().await.unwrap();
@@ -482,17 +517,37 @@ mod tests {
         b2.ack(BatchOutcome::Durable);
         drop(b1); // a batch lost without an answer reads as abandoned
         match h.task.await.unwrap() {
+            Exit::Failed { committable, .. } => assert_eq!(committable, Some(1)),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        assert_eq!(h.progress.committable(), Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_error_fails_the_partition_at_its_last_durable_batch() {
+        let h = start(2, 4);
+        for o in 0..2 {
+            h.records.unbounded_send(Ok(record(o))).unwrap();
+        }
+        h.batches.recv().await.unwrap().ack(BatchOutcome::Durable);
+        h.records.unbounded_send(Ok(record(2))).unwrap();
+        // librdkafka skipped a corrupt message set: what follows is not contiguous.
+        h.records
+            .unbounded_send(Err("Local: Bad message format".into()))
+            .unwrap();
+        h.records.unbounded_send(Ok(record(9))).unwrap();
+        match h.task.await.unwrap() {
             Exit::Failed {
                 committable,
-                first_offset,
-                ..
+                reason,
             } => {
-                assert_eq!(committable, Some(1));
-                assert_eq!(first_offset, Some(0));
+                assert_eq!(committable, Some(2));
+                assert!(reason.contains("Bad message format"), "{reason}");
             }
             other => panic!("expected a failure, got {other:?}"),
         }
-        assert_eq!(h.committable.get(), Some(1));
+        assert_eq!(h.progress.committable(), Some(2), "nothing past the error");
+        assert!(h.batches.try_recv().is_err(), "record 2 and 9 never sent");
     }
 
     #[tokio::test(start_paused = true)]
@@ -501,14 +556,14 @@ mod tests {
         assert_eq!(h.oldest_pending.get(), None);
         let t0 = Instant::now();
         for o in 0..2 {
-            h.records.unbounded_send(record(o)).unwrap();
+            h.records.unbounded_send(Ok(record(o))).unwrap();
         }
         let b0 = h.batches.recv().await.unwrap();
         assert_eq!(h.oldest_pending.get(), Some(t0), "batch 0 is in flight");
         tokio::time::sleep(Duration::from_secs(3)).await;
         let t1 = Instant::now();
         for o in 2..4 {
-            h.records.unbounded_send(record(o)).unwrap();
+            h.records.unbounded_send(Ok(record(o))).unwrap();
         }
         let b1 = h.batches.recv().await.unwrap();
         assert_eq!(
@@ -525,10 +580,10 @@ mod tests {
         );
         b0.ack(BatchOutcome::Durable);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert_eq!(h.committable.get(), Some(4));
+        assert_eq!(h.progress.committable(), Some(4));
         assert_eq!(h.oldest_pending.get(), None, "everything read is durable");
         let t2 = Instant::now();
-        h.records.unbounded_send(record(4)).unwrap();
+        h.records.unbounded_send(Ok(record(4))).unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(
             h.oldest_pending.get(),
@@ -550,10 +605,10 @@ mod tests {
         let budget = InFlightBudget::new(footprint() * 3 / 2);
         let a = start_with_budget(1, 4, budget.clone());
         let b = start_with_budget(1, 4, budget.clone());
-        a.records.unbounded_send(record(0)).unwrap();
+        a.records.unbounded_send(Ok(record(0))).unwrap();
         let a0 = a.batches.recv().await.unwrap();
         assert_eq!(budget.in_use(), footprint());
-        b.records.unbounded_send(record(1)).unwrap();
+        b.records.unbounded_send(Ok(record(1))).unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(b.batches.try_recv().is_err(), "no room: partition b waits");
         a0.ack(BatchOutcome::Durable);
@@ -569,15 +624,15 @@ mod tests {
         let budget = InFlightBudget::new(footprint() * 5 / 2);
         let h = start_with_budget(100, 4, budget.clone());
         let t0 = Instant::now();
-        h.records.unbounded_send(record(0)).unwrap();
+        h.records.unbounded_send(Ok(record(0))).unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(
             budget.in_use(),
             footprint(),
             "an open batch holds its records' share"
         );
-        h.records.unbounded_send(record(1)).unwrap();
-        h.records.unbounded_send(record(2)).unwrap();
+        h.records.unbounded_send(Ok(record(1))).unwrap();
+        h.records.unbounded_send(Ok(record(2))).unwrap();
         // The third record does not fit: the open batch goes out at once, not after linger.
         let b0 = h.batches.recv().await.unwrap();
         assert_eq!(Instant::now() - t0, Duration::from_millis(1));
@@ -601,9 +656,9 @@ mod tests {
         let budget = InFlightBudget::new(footprint() * 3 / 2);
         let a = start_with_budget(1, 4, budget.clone());
         let mut b = start_with_budget(1, 4, budget.clone());
-        a.records.unbounded_send(record(0)).unwrap();
+        a.records.unbounded_send(Ok(record(0))).unwrap();
         let _a0 = a.batches.recv().await.unwrap();
-        b.records.unbounded_send(record(7)).unwrap();
+        b.records.unbounded_send(Ok(record(7))).unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert!(!b.task.is_finished(), "b waits for room");
         // Revoked while waiting: b ends without waiting for a's write, having batched nothing,

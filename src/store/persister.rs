@@ -1,11 +1,20 @@
-//! Persisters: a pool of tasks that take flushed batches from a bounded channel, write their events
-//! to the store and their invalid records to the dead-letter sink, and acknowledge each batch.
+//! Persisters: take flushed batches from a bounded channel, write their events to the store and
+//! their invalid records to the dead-letter sink, and acknowledge each batch.
 //!
-//! Invariant kept here: a batch is acknowledged [`BatchOutcome::Durable`] only when every event is
-//! written and every dead letter is acknowledged by Kafka. Transient failures are retried with
-//! exponential backoff and jitter for as long as it takes (visible in logs, metrics and
-//! readiness); only cancellation (shutdown or revoke deadline) abandons a batch, and an abandoned
-//! batch is never committed past.
+//! Invariants kept here:
+//! - a batch is acknowledged [`BatchOutcome::Durable`] only when every event is written and every
+//!   dead letter is acknowledged by Kafka. Transient failures are retried with exponential
+//!   backoff and jitter for as long as it takes (visible in logs, metrics and readiness); only
+//!   cancellation (the process's abandon token, or the batch's own token: its partition's stop
+//!   deadline passed or its task was replaced) abandons a batch, and an abandoned batch is never
+//!   committed past;
+//! - a retry sends only what is still unwritten: rows the store did not acknowledge, letters
+//!   Kafka did not acknowledge;
+//! - a failing partition holds at most its share of write capacity. Each batch is its own task;
+//!   a write attempt holds one of `pipeline.persisters` slots, a backoff sleep holds none, and
+//!   retries (attempts after a failure) also take one of half as many retry slots. So failing
+//!   batches, however many and however long they fail, leave at least half the slots to first
+//!   attempts, and healthy partitions keep flowing.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -13,13 +22,14 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::FutureExt;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::config::{InvalidPolicy, RetrySettings};
 use crate::event::{Event, EventError};
-use crate::kafka::dead_letter::DeadLetterSink;
+use crate::kafka::dead_letter::{is_permanent, DeadLetterSink};
 use crate::pipeline::batch::{Batch, BatchOutcome, DeadLetter};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{Health, Metrics};
@@ -36,68 +46,131 @@ pub struct Persister<S, D> {
     pub cancel: CancellationToken,
 }
 
+/// Write slots: every attempt holds one of `attempts`; an attempt after a failure first takes
+/// one of `retries` (half as many), so retries can never take every slot.
+struct Slots {
+    attempts: Semaphore,
+    retries: Semaphore,
+}
+
+impl Slots {
+    fn new(workers: usize) -> Self {
+        Slots {
+            attempts: Semaphore::new(workers),
+            retries: Semaphore::new((workers / 2).max(1)),
+        }
+    }
+
+    async fn acquire(&self, retry: bool) -> (Option<SemaphorePermit<'_>>, SemaphorePermit<'_>) {
+        let retry = match retry {
+            true => Some(self.retries.acquire().await.expect("never closed")),
+            false => None,
+        };
+        (retry, self.attempts.acquire().await.expect("never closed"))
+    }
+}
+
 impl<S: Store, D: DeadLetterSink> Persister<S, D> {
-    /// Starts `workers` tasks draining `batches` until the channel closes.
+    /// Writes the batches of `batches` until the channel closes, each in its own task, at most
+    /// `workers` write attempts at once; returns once every batch is answered.
     pub fn spawn_pool(
         self: Arc<Self>,
         workers: usize,
         batches: async_channel::Receiver<Batch>,
     ) -> JoinSet<()> {
         let mut set = JoinSet::new();
-        for _ in 0..workers {
-            let this = self.clone();
-            let rx = batches.clone();
-            set.spawn(async move {
-                while let Ok(batch) = rx.recv().await {
-                    this.metrics.in_flight_batches.inc();
-                    // A panic in the store or the sink abandons this batch (its partition
-                    // restarts from the last durable offset); the worker itself carries on.
-                    let outcome = AssertUnwindSafe(this.persist(&batch))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|panic| {
-                            let what = panic
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| panic.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "unknown panic".into());
-                            error!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, panic = %what, "Writing a batch panicked; the batch is abandoned and its partition restarts.");
-                            BatchOutcome::Abandoned(format!("write panicked: {what}"))
-                        });
-                    this.metrics.in_flight_batches.dec();
-                    batch.ack(outcome);
+        set.spawn(async move {
+            let slots = Arc::new(Slots::new(workers));
+            let mut writing = JoinSet::new();
+            loop {
+                tokio::select! {
+                    batch = batches.recv() => match batch {
+                        Ok(batch) => {
+                            let this = self.clone();
+                            let slots = slots.clone();
+                            writing.spawn(async move { this.persist_and_ack(batch, &slots).await });
+                        }
+                        Err(_closed) => break,
+                    },
+                    Some(_) = writing.join_next(), if !writing.is_empty() => {}
                 }
-            });
-        }
+            }
+            while writing.join_next().await.is_some() {}
+        });
         set
     }
 
-    /// Writes one batch to completion (or abandonment).
+    async fn persist_and_ack(&self, batch: Batch, slots: &Slots) {
+        self.metrics.in_flight_batches.inc();
+        // A panic in the store or the sink abandons this batch (its partition restarts from
+        // where it must resume); other batches carry on.
+        let outcome = AssertUnwindSafe(self.persist_with(&batch, slots))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                error!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, panic = %what, "Writing a batch panicked; the batch is abandoned and its partition restarts.");
+                BatchOutcome::Abandoned(format!("write panicked: {what}"))
+            });
+        self.metrics.in_flight_batches.dec();
+        batch.ack(outcome);
+    }
+
+    /// Writes one batch to completion (or abandonment), with slots of its own.
     pub async fn persist(&self, batch: &Batch) -> BatchOutcome {
+        self.persist_with(batch, &Slots::new(1)).await
+    }
+
+    async fn persist_with(&self, batch: &Batch, slots: &Slots) -> BatchOutcome {
         let mut dead: Vec<DeadLetter> = Vec::new();
-        if let Err(reason) = self.write_events(batch, &mut dead).await {
+        if let Err(reason) = self.write_events(batch, &mut dead, slots).await {
             return BatchOutcome::Abandoned(reason);
         }
         let invalid = batch.dead_letters().chain(dead.iter());
         let letters: Vec<&DeadLetter> = invalid.collect();
         if !letters.is_empty() {
-            if let Err(reason) = self.handle_invalid(batch, &letters).await {
+            if let Err(reason) = self.handle_invalid(batch, letters, slots).await {
                 return BatchOutcome::Abandoned(reason);
             }
         }
         BatchOutcome::Durable
     }
 
-    async fn write_events(&self, batch: &Batch, dead: &mut Vec<DeadLetter>) -> Result<(), String> {
+    /// Resolves when `batch` must be abandoned.
+    async fn cancelled(&self, batch: &Batch) {
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            _ = batch.cancel.cancelled() => {}
+        }
+    }
+
+    async fn write_events(
+        &self,
+        batch: &Batch,
+        dead: &mut Vec<DeadLetter>,
+        slots: &Slots,
+    ) -> Result<(), String> {
         let mut pending: Vec<&Event> = batch.events().collect();
         let mut backoff = self.backoff();
         let mut failing = false;
         while !pending.is_empty() {
-            let started = Instant::now();
-            let result = self.store.write(&pending).await;
-            self.metrics
-                .batch_write_duration
-                .observe(started.elapsed().as_secs_f64());
+            let result = {
+                let _slot = tokio::select! {
+                    biased;
+                    _ = self.cancelled(batch) => return Err(self.give_up(failing, "before writing")),
+                    slot = slots.acquire(failing) => slot,
+                };
+                let started = Instant::now();
+                let result = self.write(&pending).await;
+                self.metrics
+                    .batch_write_duration
+                    .observe(started.elapsed().as_secs_f64());
+                result
+            };
             let failure = match result {
                 Ok(()) => {
                     self.metrics
@@ -138,8 +211,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 .with_label_values(&[failure.error.kind()])
                 .inc();
             let delay = backoff.next().unwrap_or(self.retry.max_backoff);
-            let level_error = !failure.error.is_retryable();
-            if level_error {
+            if !failure.error.is_retryable() {
                 error!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, error = %failure.error, retry_in = ?delay, "Batch write failed with a non-transient error; the partition is stalled until it is fixed.");
             } else {
                 warn!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, unwritten = unwritten.len(), error = %failure.error, retry_in = ?delay, "Batch write failed, retrying.");
@@ -147,9 +219,8 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
             pending = unwritten;
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => {
-                    self.health.failure_ended();
-                    return Err(format!("gave up retrying at shutdown: {}", failure.error));
+                _ = self.cancelled(batch) => {
+                    return Err(self.give_up(true, &failure.error.to_string()));
                 }
                 _ = tokio::time::sleep(delay) => {}
             }
@@ -159,6 +230,26 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         }
         self.observe_latency(batch);
         Ok(())
+    }
+
+    async fn write(&self, events: &[&Event]) -> Result<(), crate::store::WriteFailure> {
+        if let Some(first) = events.first() {
+            let (topic, offset) = (&first.source.topic, first.source.offset);
+            if crate::failpoint::hit("persister::write", topic, Some(offset)) {
+                return Err(crate::store::WriteFailure::all(
+                    StoreError::Timeout("failpoint persister::write".into()),
+                    events.len(),
+                ));
+            }
+        }
+        self.store.write(events).await
+    }
+
+    fn give_up(&self, failing: bool, last: &str) -> String {
+        if failing {
+            self.health.failure_ended();
+        }
+        format!("gave up writing: cancelled at its stop deadline ({last})")
     }
 
     /// Kafka timestamp → durable, for every event of a batch whose writes are all done.
@@ -171,7 +262,12 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         latency.flush();
     }
 
-    async fn handle_invalid(&self, batch: &Batch, letters: &[&DeadLetter]) -> Result<(), String> {
+    async fn handle_invalid(
+        &self,
+        batch: &Batch,
+        letters: Vec<&DeadLetter>,
+        slots: &Slots,
+    ) -> Result<(), String> {
         match self.on_invalid {
             InvalidPolicy::Skip => {
                 for d in letters {
@@ -191,35 +287,99 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                     d.source.offset, d.error
                 ))
             }
-            InvalidPolicy::DeadLetter => {
-                let mut backoff = self.backoff();
-                loop {
-                    match self.dead_letters.send(letters).await {
-                        Ok(()) => {
-                            for d in letters {
-                                self.metrics
-                                    .events_dead_lettered
-                                    .with_label_values(&[&batch.topic, d.error.kind()])
-                                    .inc();
-                            }
-                            return Ok(());
-                        }
-                        Err(e) => {
-                            let delay = backoff.next().unwrap_or(self.retry.max_backoff);
-                            warn!(topic = %batch.topic, partition = batch.partition, error = %e, retry_in = ?delay, "Dead-letter produce failed, retrying.");
-                            self.metrics
-                                .store_retries
-                                .with_label_values(&["dead_letter"])
-                                .inc();
-                            tokio::select! {
-                                biased;
-                                _ = self.cancel.cancelled() => return Err(format!("gave up dead-lettering at shutdown: {e}")),
-                                _ = tokio::time::sleep(delay) => {}
-                            }
-                        }
-                    }
+            InvalidPolicy::DeadLetter => self.dead_letter(batch, letters, slots).await,
+        }
+    }
+
+    /// Sends the letters until every one is acknowledged, each retry sending only those not
+    /// acknowledged yet. A permanent refusal (see [`is_permanent`]) stalls the partition, which
+    /// is never committed past a letter that is not durable: it is counted, logged as an error
+    /// and makes the instance not ready at once, and the send is retried at the longest backoff
+    /// until an operator fixes the topic.
+    async fn dead_letter(
+        &self,
+        batch: &Batch,
+        mut pending: Vec<&DeadLetter>,
+        slots: &Slots,
+    ) -> Result<(), String> {
+        let mut backoff = self.backoff();
+        let mut refused = false;
+        let mut retry = false;
+        let result = loop {
+            let sent = {
+                let _slot = tokio::select! {
+                    biased;
+                    _ = self.cancelled(batch) => break Err("gave up dead-lettering: cancelled at its stop deadline".to_string()),
+                    slot = slots.acquire(retry) => slot,
+                };
+                self.dead_letters.send(&pending).await
+            };
+            let failure = match sent {
+                Ok(()) => {
+                    self.count_dead_lettered(batch, &pending);
+                    break Ok(());
                 }
+                Err(f) => f,
+            };
+            retry = true;
+            let unsent: Vec<&DeadLetter> = failure
+                .unsent
+                .iter()
+                .filter_map(|&i| pending.get(i).copied())
+                .collect();
+            let acknowledged: Vec<&DeadLetter> = pending
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !failure.unsent.contains(i))
+                .map(|(_, d)| *d)
+                .collect();
+            self.count_dead_lettered(batch, &acknowledged);
+            pending = unsent;
+            let permanent = is_permanent(&failure.error);
+            let delay = if permanent {
+                self.retry.max_backoff
+            } else {
+                backoff.next().unwrap_or(self.retry.max_backoff)
+            };
+            if permanent {
+                let code = failure
+                    .error
+                    .rdkafka_error_code()
+                    .map_or_else(|| "unknown".to_owned(), |c| format!("{c:?}"));
+                self.metrics
+                    .dead_letters_refused
+                    .with_label_values(&[&*batch.topic, code.as_str()])
+                    .inc();
+                if !refused {
+                    refused = true;
+                    self.health.refusal_began(&failure.error.to_string());
+                }
+                error!(topic = %batch.topic, partition = batch.partition, first_offset = pending.first().map(|d| d.source.offset), letters = pending.len(), error = %failure.error, retry_in = ?delay, "The dead-letter topic refuses letters for good; the partition is stalled until the topic is fixed.");
+            } else {
+                warn!(topic = %batch.topic, partition = batch.partition, letters = pending.len(), error = %failure.error, retry_in = ?delay, "Dead-letter produce failed, retrying the letters not acknowledged.");
             }
+            self.metrics
+                .store_retries
+                .with_label_values(&["dead_letter"])
+                .inc();
+            tokio::select! {
+                biased;
+                _ = self.cancelled(batch) => break Err(format!("gave up dead-lettering: cancelled at its stop deadline ({})", failure.error)),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        };
+        if refused {
+            self.health.refusal_ended();
+        }
+        result
+    }
+
+    fn count_dead_lettered(&self, batch: &Batch, letters: &[&DeadLetter]) {
+        for d in letters {
+            self.metrics
+                .events_dead_lettered
+                .with_label_values(&[&batch.topic, d.error.kind()])
+                .inc();
         }
     }
 
@@ -236,8 +396,203 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
 fn store_dead_letter(e: &Event, error: &StoreError) -> DeadLetter {
     DeadLetter {
         source: e.source.clone(),
+        origin: None,
         key: e.key().map(<[u8]>::to_vec),
         value: Some(e.payload().to_vec()),
         error: EventError::Rejected(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::event::{decode, Limits, Source};
+    use crate::kafka::dead_letter::MemoryDeadLetters;
+    use crate::pipeline::flush::FlushReason;
+    use crate::store::{MemoryStore, WriteFailure};
+
+    fn source(partition: i32, offset: i64) -> Source {
+        Source {
+            topic: Arc::from("t"),
+            partition,
+            offset,
+            timestamp_ms: None,
+        }
+    }
+
+    fn event(partition: i32, offset: i64) -> Record {
+        let v = r#"{"user_id":"u","event_type":"t","occurred_at":"2023-11-14T22:13:20Z"}"#;
+        let e = decode(
+            None,
+            Some(v.as_bytes()),
+            source(partition, offset),
+            None,
+            Limits::default(),
+        )
+        .expect("valid event");
+        Record::Event(e)
+    }
+
+    fn invalid(offset: i64) -> Record {
+        Record::Invalid(DeadLetter {
+            source: source(0, offset),
+            origin: None,
+            key: None,
+            value: Some(b"not json".to_vec()),
+            error: EventError::Json("expected value".into()),
+        })
+    }
+
+    fn batch(records: Vec<Record>) -> (Batch, tokio::sync::oneshot::Receiver<BatchOutcome>) {
+        Batch::new(records, 0, 0, FlushReason::Size)
+    }
+
+    fn persister<S: Store>(
+        store: S,
+        letters: MemoryDeadLetters,
+    ) -> Arc<Persister<S, MemoryDeadLetters>> {
+        Arc::new(Persister {
+            store,
+            dead_letters: letters,
+            on_invalid: InvalidPolicy::DeadLetter,
+            retry: RetrySettings {
+                initial_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(30),
+            },
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::new(Duration::from_secs(60))),
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    use crate::pipeline::batch::Record;
+
+    /// Writes of partitions 0 and 1 time out after 5 s, for ever; partition 2's succeed.
+    #[derive(Clone)]
+    struct TwoStuckPartitions(MemoryStore);
+
+    impl Store for TwoStuckPartitions {
+        async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
+            if events.iter().any(|e| e.source.partition < 2) {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                return Err(WriteFailure::all(
+                    StoreError::Timeout("stuck".into()),
+                    events.len(),
+                ));
+            }
+            self.0.write(events).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_partition_commits_while_two_others_fail_for_minutes() {
+        let memory = MemoryStore::new();
+        let p = persister(
+            TwoStuckPartitions(memory.clone()),
+            MemoryDeadLetters::default(),
+        );
+        let (tx, rx) = async_channel::bounded(2);
+        let mut pool = p.clone().spawn_pool(2, rx);
+        // Both partitions fill their in-flight window with batches that never succeed.
+        let mut stuck = Vec::new();
+        for partition in 0..2 {
+            for offset in 0..4 {
+                let (b, ack) = batch(vec![event(partition, offset)]);
+                tx.send(b).await.unwrap();
+                stuck.push(ack);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        let t0 = tokio::time::Instant::now();
+        let (b, ack) = batch(vec![event(2, 0)]);
+        tx.send(b).await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(60), ack)
+            .await
+            .expect("the healthy partition is not held up by the failing ones");
+        assert_eq!(outcome.unwrap(), BatchOutcome::Durable);
+        assert!(
+            t0.elapsed() <= Duration::from_secs(10),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(memory.contains_source("t", 2, 0));
+        assert!(
+            stuck.iter_mut().all(|a| a.try_recv().is_err()),
+            "still retrying"
+        );
+        // Shutdown abandons the stuck batches.
+        p.cancel.cancel();
+        drop(tx);
+        while pool.join_next().await.is_some() {}
+        for a in stuck {
+            assert!(matches!(a.await.unwrap(), BatchOutcome::Abandoned(_)));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_batch_stops_retrying_at_once() {
+        let store = MemoryStore::new();
+        store.fail_when(|_| true, None, StoreError::Overloaded("busy".into()));
+        let p = persister(store, MemoryDeadLetters::default());
+        let (b, _ack) = batch(vec![event(0, 0)]);
+        let cancel = b.cancel.clone();
+        let writing = tokio::spawn(async move { p.persist(&b).await });
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!writing.is_finished(), "retries for as long as it takes");
+        let t0 = tokio::time::Instant::now();
+        cancel.cancel();
+        let outcome = writing.await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert!(matches!(outcome, BatchOutcome::Abandoned(r) if r.contains("stop deadline")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retried_batch_sends_only_the_letters_not_yet_acknowledged() {
+        let letters = MemoryDeadLetters::default();
+        letters.fail_after_first(2);
+        let p = persister(MemoryStore::new(), letters.clone());
+        let (b, _ack) = batch(vec![invalid(0), event(0, 1), invalid(2), invalid(3)]);
+        assert_eq!(p.persist(&b).await, BatchOutcome::Durable);
+        let offsets: Vec<i64> = letters.letters().iter().map(|d| d.source.offset).collect();
+        assert_eq!(offsets, [0, 2, 3], "each letter once, in order");
+        let counted = p
+            .metrics
+            .events_dead_lettered
+            .with_label_values(&["t", "bad_json"])
+            .get();
+        assert_eq!(counted, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permanently_refused_letter_stalls_the_partition_visibly_until_fixed() {
+        let letters = MemoryDeadLetters::default();
+        letters.refuse_offset(5);
+        let p = persister(MemoryStore::new(), letters.clone());
+        p.health.set_in_group(true);
+        let (b, _ack) = batch(vec![invalid(4), invalid(5)]);
+        let writing = tokio::spawn({
+            let p = p.clone();
+            async move { p.persist(&b).await }
+        });
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert!(
+            !writing.is_finished(),
+            "never past a letter that is not durable"
+        );
+        let why = p.health.not_ready_reason().expect("not ready at once");
+        assert!(why.contains("dead-letter topic refuses"), "{why}");
+        let refused = p
+            .metrics
+            .dead_letters_refused
+            .with_label_values(&["t", "MessageSizeTooLarge"])
+            .get();
+        assert!(refused >= 2, "{refused}");
+        letters.accept_all();
+        assert_eq!(writing.await.unwrap(), BatchOutcome::Durable);
+        assert_eq!(p.health.not_ready_reason(), None);
+        let offsets: Vec<i64> = letters.letters().iter().map(|d| d.source.offset).collect();
+        assert_eq!(offsets, [4, 5], "the acknowledged letter is not sent again");
     }
 }

@@ -1,7 +1,8 @@
 //! Liveness and readiness state, written by the pipeline and read by `/healthz` and `/readyz`.
 //!
-//! Ready means: in the consumer group, not shutting down, and writes have not been failing
-//! continuously for longer than `pipeline.unready_after`.
+//! Ready means: in the consumer group, not shutting down, the dead-letter topic is not refusing
+//! letters for good, and writes have not been failing continuously for longer than
+//! `pipeline.unready_after`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -12,6 +13,8 @@ pub struct Health {
     shutting_down: AtomicBool,
     /// Batches whose writes are failing right now, and since when at least one has been.
     failing: Mutex<(usize, Option<Instant>)>,
+    /// Batches whose dead letters the topic refuses permanently right now, and the last error.
+    refused: Mutex<(usize, String)>,
     unready_after: Duration,
 }
 
@@ -21,6 +24,7 @@ impl Health {
             in_group: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             failing: Mutex::new((0, None)),
+            refused: Mutex::new((0, String::new())),
             unready_after,
         }
     }
@@ -49,6 +53,20 @@ impl Health {
         }
     }
 
+    /// A batch's dead letters were refused by a permanent error: not ready at once, since the
+    /// partition cannot move until an operator acts. Pair with [`Health::refusal_ended`].
+    pub fn refusal_began(&self, error: &str) {
+        let mut r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        r.0 += 1;
+        r.1 = error.to_owned();
+    }
+
+    /// A batch whose dead letters were refused got them acknowledged, or was abandoned.
+    pub fn refusal_ended(&self) {
+        let mut r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        r.0 = r.0.saturating_sub(1);
+    }
+
     /// Why the instance is not ready, or `None` when it is.
     pub fn not_ready_reason(&self) -> Option<String> {
         if self.shutting_down.load(Ordering::Acquire) {
@@ -56,6 +74,15 @@ impl Health {
         }
         if !self.in_group.load(Ordering::Acquire) {
             return Some("not in the consumer group".into());
+        }
+        {
+            let r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+            if r.0 > 0 {
+                return Some(format!(
+                    "the dead-letter topic refuses letters ({}): fix the topic or its ACLs",
+                    r.1
+                ));
+            }
         }
         let since = self.failing.lock().unwrap_or_else(|e| e.into_inner()).1;
         match since.map(|s| s.elapsed()) {
@@ -84,6 +111,10 @@ mod tests {
         h.failure_ended();
         assert!(h.not_ready_reason().is_some(), "one batch still failing");
         h.failure_ended();
+        assert_eq!(h.not_ready_reason(), None);
+        h.refusal_began("Broker: Topic authorization failed");
+        assert!(h.not_ready_reason().unwrap().contains("authorization"));
+        h.refusal_ended();
         assert_eq!(h.not_ready_reason(), None);
         h.set_shutting_down();
         assert_eq!(h.not_ready_reason().as_deref(), Some("shutting down"));

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub batch_write_duration: Histogram,
     pub end_to_end_latency: Histogram,
     pub store_retries: IntCounterVec,
+    pub dead_letters_refused: IntCounterVec,
     pub commits: IntCounterVec,
     pub commit_duration: Histogram,
     pub committed_offset: IntGaugeVec,
@@ -96,6 +97,11 @@ impl Metrics {
                 "vault_write_retries_total",
                 "Failed write attempts that will be retried, by error kind.",
                 &["kind"],
+            ),
+            dead_letters_refused: b.counter(
+                "vault_dead_letters_refused_total",
+                "Dead-letter sends refused by a permanent error (too large even when cut, missing topic, no authorization): the partition stalls until it is fixed.",
+                &["topic", "error"],
             ),
             commits: b.counter(
                 "vault_commits_total",

@@ -2,6 +2,11 @@
 //! topic after the cause is fixed (filtered by error kind and time), and `verify` finds which
 //! source messages were dead-lettered. Both read a dead-letter topic from its beginning to the
 //! end it had when the read started, with [`scan`].
+//!
+//! Replay publishes only to the configured source topics that dead-letter into the topic read:
+//! a letter naming any other topic (forged, or from another configuration) is counted and
+//! skipped. A replayed message carries its original coordinates (`vault.source.*`), from which
+//! an event without `event_id` gets the same id, so the same row, as its first read would have.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -134,6 +139,18 @@ pub fn scan(
     Ok(read)
 }
 
+/// The header value of each original coordinate a letter names, for the replayed message.
+fn origin_headers(info: &LetterInfo) -> Option<[(&'static str, String); 3]> {
+    Some([
+        (headers::SOURCE_TOPIC, info.source_topic.clone()),
+        (
+            headers::SOURCE_PARTITION,
+            info.source_partition?.to_string(),
+        ),
+        (headers::SOURCE_OFFSET, info.source_offset?.to_string()),
+    ])
+}
+
 /// Which dead letters to replay.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayFilter {
@@ -158,20 +175,43 @@ impl ReplayFilter {
 pub struct ReplaySummary {
     pub dead_letter_topic: String,
     pub scanned: u64,
+    /// Letters the filter selected, by error kind.
     pub matched_by_kind: BTreeMap<String, u64>,
+    /// Selected letters to re-publish, by destination (their source topic).
+    pub destinations: BTreeMap<String, u64>,
+    /// Selected letters whose `vault.source.topic` is not a source topic of this dead-letter
+    /// topic, by the topic they name: never published.
+    pub refused: BTreeMap<String, u64>,
     pub replayed: u64,
     pub dry_run: bool,
     pub elapsed: Duration,
 }
 
+/// How [`ReplaySummary`] names a letter without a `vault.source.topic` header.
+const NO_SOURCE_TOPIC: &str = "(no vault.source.topic)";
+
 impl fmt::Display for ReplaySummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let matched: u64 = self.matched_by_kind.values().sum();
+        let refused: u64 = self.refused.values().sum();
         writeln!(f, "dead-letter topic    {}", self.dead_letter_topic)?;
         writeln!(f, "scanned              {}", self.scanned)?;
         writeln!(f, "matched              {matched}")?;
         for (kind, n) in &self.matched_by_kind {
             writeln!(f, "  {kind:<18} {n}")?;
+        }
+        writeln!(f, "destinations")?;
+        for (topic, n) in &self.destinations {
+            writeln!(f, "  {topic} -> {n}")?;
+        }
+        if refused > 0 {
+            writeln!(
+                f,
+                "skipped              {refused} (naming a topic that is not a configured source of this dead-letter topic)"
+            )?;
+            for (topic, n) in &self.refused {
+                writeln!(f, "  {topic} -> {n}")?;
+            }
         }
         if self.dry_run {
             write!(f, "replayed             0 (dry run)")
@@ -187,13 +227,17 @@ impl fmt::Display for ReplaySummary {
 }
 
 /// Re-publishes the dead letters of `dead_letter_topic` that `filter` selects to the topic they
-/// came from, with their original key, value and timestamp, plus a [`REPLAYED_FROM`] header.
-/// Each is acknowledged by Kafka (`acks=all`, idempotent producer) before the summary is
-/// returned. Running it twice replays twice: events with an `event_id` overwrite their row, those
-/// without get a new one (their id derives from the new offset).
+/// came from, when that is one of `sources` (the configured topics that dead-letter there), with
+/// their original key, value and timestamp, their original coordinates (`vault.source.topic`,
+/// `.partition`, `.offset`) and a [`REPLAYED_FROM`] header. Letters naming another topic are
+/// counted in [`ReplaySummary::refused`] and skipped. Each replayed letter is acknowledged by
+/// Kafka (`acks=all`, idempotent producer) before the summary is returned. Running it twice
+/// replays twice, onto the same rows: an event's `event_id`, or the id derived from its original
+/// coordinates, is the same each time.
 pub async fn replay(
     base: &ClientConfig,
     dead_letter_topic: &str,
+    sources: &[String],
     filter: &ReplayFilter,
     dry_run: bool,
 ) -> Result<ReplaySummary, String> {
@@ -207,6 +251,7 @@ pub async fn replay(
     let base = base.clone();
     let topic = dead_letter_topic.to_owned();
     let filter = filter.clone();
+    let sources = sources.to_vec();
     let scanning = tokio::task::spawn_blocking(move || {
         let mut summary = ReplaySummary {
             dead_letter_topic: topic.clone(),
@@ -219,22 +264,42 @@ pub async fn replay(
             &topic,
             |m| {
                 let info = LetterInfo::of(m);
-                if !filter.matches(&info) || info.source_topic.is_empty() {
+                if !filter.matches(&info) {
                     return Ok(());
                 }
                 *summary
                     .matched_by_kind
                     .entry(info.kind.clone())
                     .or_default() += 1;
+                if !sources.contains(&info.source_topic) {
+                    let named = if info.source_topic.is_empty() {
+                        NO_SOURCE_TOPIC
+                    } else {
+                        &info.source_topic
+                    };
+                    *summary.refused.entry(named.to_owned()).or_default() += 1;
+                    return Ok(());
+                }
+                *summary
+                    .destinations
+                    .entry(info.source_topic.clone())
+                    .or_default() += 1;
                 if dry_run {
                     return Ok(());
                 }
                 let from = format!("{topic}/{}/{}", m.partition(), m.offset());
-                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&info.source_topic)
-                    .headers(OwnedHeaders::new().insert(Header {
-                        key: REPLAYED_FROM,
-                        value: Some(&from),
-                    }));
+                let mut hdrs = OwnedHeaders::new().insert(Header {
+                    key: REPLAYED_FROM,
+                    value: Some(&from),
+                });
+                for (key, value) in origin_headers(&info).iter().flatten() {
+                    hdrs = hdrs.insert(Header {
+                        key,
+                        value: Some(value),
+                    });
+                }
+                let mut record: FutureRecord<'_, [u8], [u8]> =
+                    FutureRecord::to(&info.source_topic).headers(hdrs);
                 if let Some(k) = m.key() {
                     record = record.key(k);
                 }
@@ -310,6 +375,47 @@ mod tests {
             source_topic: "t".into(),
             timestamp_ms: Some(ts),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_replayed_message_carries_the_original_coordinates_when_the_letter_has_them() {
+        let full = LetterInfo {
+            source_partition: Some(3),
+            source_offset: Some(42),
+            ..info("bad_json", 1)
+        };
+        assert_eq!(
+            origin_headers(&full),
+            Some([
+                (headers::SOURCE_TOPIC, "t".to_owned()),
+                (headers::SOURCE_PARTITION, "3".to_owned()),
+                (headers::SOURCE_OFFSET, "42".to_owned()),
+            ])
+        );
+        assert_eq!(origin_headers(&info("bad_json", 1)), None);
+    }
+
+    #[test]
+    fn the_summary_shows_destinations_and_what_was_skipped() {
+        let summary = ReplaySummary {
+            dead_letter_topic: "shared.dlq".into(),
+            scanned: 5,
+            matched_by_kind: BTreeMap::from([("bad_json".into(), 4)]),
+            destinations: BTreeMap::from([("a".into(), 2), ("b".into(), 1)]),
+            refused: BTreeMap::from([("payments".into(), 1)]),
+            dry_run: true,
+            ..Default::default()
+        };
+        let text = summary.to_string();
+        for line in [
+            "matched              4\n",
+            "destinations\n  a -> 2\n  b -> 1\n",
+            "skipped              1 (",
+            "  payments -> 1\n",
+            "replayed             0 (dry run)",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
         }
     }
 

@@ -2,10 +2,14 @@
 //! topic with its original key, value and context, and every good event around it is stored.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::message::{Headers, Message};
-use vault::kafka::dead_letter::{headers, KafkaDeadLetters};
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use vault::event::{derived_event_id, Source};
+use vault::kafka::dead_letter::{headers, KafkaDeadLetters, MemoryDeadLetters};
 use vault::store::MemoryStore;
 
 use crate::common::{event_json, read_all, settings, stored_positions, unique, Kafka, Running};
@@ -104,16 +108,43 @@ fn corpus() -> Vec<(&'static str, Option<Vec<u8>>)> {
                 "x".repeat(5000)
             )),
         ),
+        (
+            "too_deep",
+            v(format!(
+                r#"{{"user_id":"u","event_type":"t",{ok_at},"attributes":{}1{}}}"#,
+                r#"{"a":"#.repeat(100),
+                "}".repeat(100)
+            )),
+        ),
+        (
+            "bad_unicode",
+            v(format!(
+                r#"{{"user_id":"u","event_type":"t",{ok_at},"attributes":{{"k":"\ud800"}}}}"#
+            )),
+        ),
+        (
+            "bad_unicode",
+            v(format!(
+                r#"{{"user_id":"u","event_type":"t",{ok_at},"extra":"x\udc00"}}"#
+            )),
+        ),
+        // Produced with a Kafka timestamp in year 9999 (see FUTURE_MS).
+        (
+            "future_timestamp",
+            v(r#"{"user_id":"u","event_type":"t","occurred_at":"9999-12-31T00:00:00Z"}"#.into()),
+        ),
     ]
 }
+
+/// The Kafka timestamp of the corpus's `future_timestamp` entry: 9999-12-31T00:00:00Z.
+const FUTURE_MS: i64 = 253_402_214_400_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_events_flow() {
     let kafka = Kafka::start();
     let (topic, group) = (unique("bad"), unique("g"));
     let partitions = 2;
-    kafka.create_topic(&topic, partitions).await;
-    kafka.create_topic(&format!("{topic}.dlq"), 1).await;
+    kafka.create_source_topic(&topic, partitions).await;
 
     let corpus = corpus();
     assert!(corpus.len() >= 20);
@@ -131,10 +162,17 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
         messages.push((i as i32 % partitions, format!("bad-{i}"), value.clone()));
         kinds.push(*kind);
     }
-    // Tombstones need a null value: produce them as such.
+    // Tombstones need a null value, and the future timestamp its timestamp: produce them so.
+    let future_key = format!(
+        "bad-{}",
+        kinds.iter().position(|k| *k == "future_timestamp").unwrap()
+    );
     let mut positions = Vec::new();
     for (p, key, value) in &messages {
         let got = match value {
+            Some(v) if *key == future_key => {
+                vec![kafka.produce_at(&topic, *p, key, v, FUTURE_MS).await]
+            }
             Some(v) => kafka.produce(&topic, &[(*p, key.clone(), v.clone())]).await,
             None => kafka.produce_tombstone(&topic, *p, key).await,
         };
@@ -147,6 +185,7 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
     let dlq = KafkaDeadLetters::new(
         &vault::kafka::base_client_config(&settings_v),
         &cfg.kafka.dead_letter_topic,
+        cfg.kafka.dead_letter_max_bytes,
     )
     .unwrap();
     let store = MemoryStore::new();
@@ -238,11 +277,51 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
         );
         stdout
     };
-    let wanted = ["not_an_object", "tombstone"];
+    // A forged letter naming a topic vault does not read: replay must not publish there.
+    let payments = unique("payments");
+    kafka.create_topic(&payments, 1).await;
+    let forger: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .create()
+        .expect("producer");
+    forger
+        .send(
+            FutureRecord::to(&format!("{topic}.dlq"))
+                .key("forged")
+                .payload(
+                    r#"{"user_id":"u","event_type":"pay","occurred_at":"2025-11-24T10:00:00Z"}"#,
+                )
+                .headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: headers::ERROR_KIND,
+                            value: Some("not_an_object"),
+                        })
+                        .insert(Header {
+                            key: headers::SOURCE_TOPIC,
+                            value: Some(&payments),
+                        }),
+                ),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("forged letter");
+
+    // too_large becomes valid once the limit is raised (below); the others fail again.
+    let wanted = ["not_an_object", "tombstone", "too_large"];
+    let kind_args = [
+        "--kind", wanted[0], "--kind", wanted[1], "--kind", wanted[2],
+    ];
     let n_wanted = kinds.iter().filter(|k| wanted.contains(k)).count();
     let line = |n: usize| format!("matched              {n}\n");
-    let dry = replay(&["--kind", wanted[0], "--kind", wanted[1], "--dry-run"]);
-    assert!(dry.contains(&line(n_wanted)), "{dry}");
+    let dry = replay(&[&kind_args[..], &["--dry-run"]].concat());
+    assert!(dry.contains(&line(n_wanted + 1)), "{dry}");
+    assert!(
+        dry.contains(&format!("destinations\n  {topic} -> {n_wanted}\n")),
+        "{dry}"
+    );
+    assert!(dry.contains("skipped              1 ("), "{dry}");
+    assert!(dry.contains(&format!("  {payments} -> 1\n")), "{dry}");
     assert!(dry.contains("replayed             0 (dry run)"), "{dry}");
     let too_old = replay(&["--until", "1h", "--dry-run"]);
     assert!(
@@ -251,10 +330,15 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
     );
     let before = read_all(&kafka.brokers, &topic).await.len();
     assert_eq!(before, messages.len(), "the dry runs published nothing");
-    let done = replay(&["--kind", wanted[0], "--kind", wanted[1], "--since", "1h"]);
+    let done = replay(&[&kind_args[..], &["--since", "1h"]].concat());
     assert!(
         done.contains(&format!("replayed             {n_wanted} in")),
         "{done}"
+    );
+    assert_eq!(
+        kafka.probe(&group).ends(&payments, 1).await,
+        [0],
+        "the forged letter went nowhere"
     );
     let replayed: Vec<_> = read_all(&kafka.brokers, &topic)
         .await
@@ -275,5 +359,98 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
         assert!(wanted.contains(&kinds[i]), "{key} is a {}", kinds[i]);
         let idx = messages.iter().position(|(_, k, _)| *k == key).unwrap();
         assert_eq!(m.payload().map(<[u8]>::to_vec), messages[idx].2, "{key}");
+        // The original coordinates travel with it.
+        let h: HashMap<&str, String> = m
+            .headers()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                (
+                    h.key,
+                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(h[headers::SOURCE_TOPIC], topic, "{key}");
+        assert_eq!(h[headers::SOURCE_PARTITION], positions[idx].0.to_string());
+        assert_eq!(h[headers::SOURCE_OFFSET], positions[idx].1.to_string());
     }
+
+    // With the limit raised, the replayed too_large event (it has no event_id) is stored under
+    // the id its first read would have given it, not one derived from its new offset.
+    let store_after = MemoryStore::new();
+    let vault = Running::start(
+        settings(&kafka.brokers, &topic, &group),
+        store_after.clone(),
+        MemoryDeadLetters::default(),
+    );
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, partitions, Duration::from_secs(60))
+        .await;
+    vault.stop().await;
+    let i = kinds.iter().position(|k| *k == "too_large").unwrap();
+    let idx = messages
+        .iter()
+        .position(|(_, k, _)| *k == format!("bad-{i}"))
+        .unwrap();
+    let rows: Vec<_> = store_after
+        .rows()
+        .into_iter()
+        .filter(|e| Some(e.payload()) == messages[idx].2.as_deref())
+        .collect();
+    assert_eq!(rows.len(), 1, "the replayed too_large event is stored once");
+    let (partition, offset) = positions[idx];
+    let original = Source {
+        topic: Arc::from(topic.as_str()),
+        partition,
+        offset,
+        timestamp_ms: None,
+    };
+    assert_ne!(
+        (rows[0].source.partition, rows[0].source.offset),
+        (partition, offset),
+        "it was read as the replayed message"
+    );
+    assert_eq!(rows[0].event_id, derived_event_id(&original));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_topic_stops_start_up_with_what_to_fix() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("nodlq"), unique("g"));
+    kafka.create_topic(&topic, 1).await;
+    let cfg = settings(&kafka.brokers, &topic, &group);
+    let pipeline = vault::Pipeline::new(
+        cfg.clone().validate().unwrap(),
+        MemoryStore::new(),
+        MemoryDeadLetters::default(),
+    );
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        pipeline.run(tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("refused at start-up")
+    .unwrap_err();
+    assert!(
+        matches!(err, vault::Error::MissingDeadLetterTopic { .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("'{topic}.dlq'")) && text.contains("kafka.dead_letter_topic"),
+        "{text}"
+    );
+
+    // Without dead-lettering, no dead-letter topic is needed.
+    let mut skip = cfg;
+    skip.pipeline.on_invalid = vault::config::InvalidPolicy::Skip;
+    let store = MemoryStore::new();
+    let vault = Running::start(skip, store.clone(), MemoryDeadLetters::default());
+    let produced = kafka
+        .produce_and_wait_committed(&topic, &group, 1, 0, 10)
+        .await;
+    vault.stop().await;
+    assert_eq!(stored_positions(&store), produced);
 }

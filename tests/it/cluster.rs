@@ -34,7 +34,7 @@ async fn broker_faults_lose_nothing_and_commit_only_what_is_stored() {
     };
     let (topic, group) = (unique("brokers"), unique("g"));
     let partitions = 4;
-    kafka.create_topic(&topic, partitions).await;
+    kafka.create_source_topic(&topic, partitions).await;
     let store = MemoryStore::new();
     let vault = Running::start(
         settings(&kafka.brokers, &topic, &group),
@@ -274,7 +274,7 @@ async fn readiness_drops_while_the_group_is_lost_and_returns_after_rejoining() {
     };
     let (topic, group) = (unique("evicted"), unique("g"));
     let partitions = 2;
-    kafka.create_topic(&topic, partitions).await;
+    kafka.create_source_topic(&topic, partitions).await;
     let mut cfg = settings(&kafka.brokers, &topic, &group);
     let addr = format!("127.0.0.1:{}", crate::common::free_port());
     cfg.metrics.addr = addr.clone();
@@ -335,7 +335,7 @@ async fn a_final_commit_refused_during_a_rebalance_is_sent_again() {
     };
     let (topic, group) = (unique("final"), unique("g"));
     let partitions = 2;
-    kafka.create_topic(&topic, partitions).await;
+    kafka.create_source_topic(&topic, partitions).await;
     let mut cfg = settings(&kafka.brokers, &topic, &group);
     // No periodic commit in this test's time: only the shutdown commit commits.
     cfg.kafka.commit_interval = Duration::from_secs(3600);

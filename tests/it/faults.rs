@@ -14,7 +14,7 @@ use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
 use crate::common::{settings, spawn_vault, stop_gracefully, unique, Kafka, ProcessRig, Running};
 
 /// `(partition, offset)` of every row in the node's user_activity table.
-fn stored(node: &CqlNode, keyspace: &str) -> BTreeSet<(i32, i64)> {
+pub fn stored(node: &CqlNode, keyspace: &str) -> BTreeSet<(i32, i64)> {
     let rows = node
         .execute(&format!(
             "SELECT source_partition, source_offset FROM {keyspace}.user_activity"
@@ -32,7 +32,7 @@ fn stored(node: &CqlNode, keyspace: &str) -> BTreeSet<(i32, i64)> {
 }
 
 /// Write requests' rows as seen by the node (replays included).
-fn rows_written(node: &CqlNode) -> usize {
+pub fn rows_written(node: &CqlNode) -> usize {
     node.requests()
         .iter()
         .filter(|r| matches!(r.opcode, "EXECUTE" | "BATCH") && r.statement.contains("INSERT INTO"))
@@ -53,7 +53,7 @@ async fn database_faults_never_let_a_commit_pass_an_unwritten_event() {
         .unwrap();
     let (topic, group) = (unique("dbfault"), unique("g"));
     let partitions = 3;
-    kafka.create_topic(&topic, partitions).await;
+    kafka.create_source_topic(&topic, partitions).await;
     let mut cfg = settings(&kafka.brokers, &topic, &group);
     cfg.scylla.nodes = vec![node.addr().to_string()];
     cfg.scylla.keyspace = unique("f").replace('-', "_");

@@ -16,7 +16,7 @@ async fn every_event_is_stored_once_and_committed_to_the_end() {
     let kafka = Kafka::start();
     let (topic, group) = (unique("all"), unique("g"));
     let partitions = 4;
-    kafka.create_topic(&topic, partitions).await;
+    kafka.create_source_topic(&topic, partitions).await;
     let produced: BTreeSet<_> = kafka
         .produce_events(&topic, partitions, 0, 2000)
         .await
@@ -55,7 +55,7 @@ async fn a_failing_batch_holds_back_only_its_partition() {
     let kafka = Kafka::start();
     let (topic, group) = (unique("fail"), unique("g"));
     let partitions = 3;
-    kafka.create_topic(&topic, partitions).await;
+    kafka.create_source_topic(&topic, partitions).await;
     kafka.produce_events(&topic, partitions, 0, 900).await; // 300 per partition
     let probe = kafka.probe(&group);
 
@@ -134,7 +134,7 @@ async fn a_second_consumer_joining_and_leaving_loses_nothing() {
     let kafka = Kafka::start();
     let (topic, group) = (unique("scale"), unique("g"));
     let partitions = 4;
-    kafka.create_topic(&topic, partitions).await;
+    kafka.create_source_topic(&topic, partitions).await;
     let probe = kafka.probe(&group);
     let store = MemoryStore::new();
     let mut produced = BTreeSet::new();
@@ -183,7 +183,7 @@ async fn shutdown_flushes_partial_batches_and_a_restart_resumes_without_gap() {
     let kafka = Kafka::start();
     let (topic, group) = (unique("stop"), unique("g"));
     let partitions = 2;
-    kafka.create_topic(&topic, partitions).await;
+    kafka.create_source_topic(&topic, partitions).await;
     let probe = kafka.probe(&group);
     let mut produced: BTreeSet<_> = kafka
         .produce_events(&topic, partitions, 0, 500)

@@ -52,7 +52,7 @@ fn events(users: usize, n: usize, first: i64) -> Vec<Event> {
                 offset: first + i as i64,
                 timestamp_ms: Some(1_764_000_000_000),
             };
-            event::decode(Some(b"k"), Some(json.as_bytes()), source, 1 << 20).expect("valid test event")
+            event::decode(Some(b"k"), Some(json.as_bytes()), source, None, event::Limits::default()).expect("valid test event")
         })
         .collect()
 }
@@ -235,7 +235,7 @@ async fn the_pipeline_stores_every_event_in_scylla_through_write_timeouts() {
     let node = node().await;
     let (topic, group) = (unique("e2e"), unique("g"));
     let partitions = 3;
-    kafka.create_topic(&topic, partitions).await;
+    kafka.create_source_topic(&topic, partitions).await;
     let c = scylla_config(&node.addr().to_string());
     let store = ScyllaStore::connect(&c, true).await.unwrap();
     // Timeouts on a third of the write requests for the first 30 hits: retried until written.

@@ -36,7 +36,7 @@ async fn a_panicking_write_restarts_its_partition_from_the_last_durable_offset()
     let kafka = Kafka::start();
     let (topic, group) = (unique("panic"), unique("g"));
     let partitions = 2;
-    kafka.create_topic(&topic, partitions).await;
+    kafka.create_source_topic(&topic, partitions).await;
     let produced: BTreeSet<_> = kafka
         .produce_events(&topic, partitions, 0, 600)
         .await

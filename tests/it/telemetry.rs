@@ -106,7 +106,7 @@ async fn prometheus_scrapes_vault_and_sees_every_event_stored() {
     let kafka = Kafka::start();
     let (topic, group) = (unique("observed"), unique("g"));
     let partitions = 3;
-    kafka.create_topic(&topic, partitions).await;
+    kafka.create_source_topic(&topic, partitions).await;
     let produced = kafka.produce_events(&topic, partitions, 0, 600).await.len();
 
     let metrics_addr = format!("127.0.0.1:{}", free_port());

@@ -137,6 +137,13 @@ impl Kafka {
         }
     }
 
+    /// Creates a topic vault reads and its dead-letter topic (`<name>.dlq`, the default), as a
+    /// deployment does: with `pipeline.on_invalid = "dlq"`, vault refuses to start without it.
+    pub async fn create_source_topic(&self, name: &str, partitions: i32) {
+        self.create_topic(name, partitions).await;
+        self.create_topic(&format!("{name}.dlq"), 1).await;
+    }
+
     /// Produces `(partition, key, value)` messages; returns the `(partition, offset)` of each.
     pub async fn produce(&self, topic: &str, values: &[(i32, String, Vec<u8>)]) -> Vec<(i32, i64)> {
         let mut deliveries = Vec::with_capacity(values.len());
@@ -164,6 +171,29 @@ impl Kafka {
             out.push((delivered.partition, delivered.offset));
         }
         out
+    }
+
+    /// Produces one message with the given Kafka timestamp; returns its `(partition, offset)`.
+    pub async fn produce_at(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        value: &[u8],
+        timestamp_ms: i64,
+    ) -> (i32, i64) {
+        let record = FutureRecord::to(topic)
+            .partition(partition)
+            .key(key)
+            .payload(value)
+            .timestamp(timestamp_ms);
+        let d = self
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+        let delivered = d.await.expect("producer alive").expect("delivered");
+        (delivered.partition, delivered.offset)
     }
 
     /// Produces a tombstone (null value) to `partition`.
@@ -377,6 +407,16 @@ impl Running {
             .expect("pipeline exits cleanly");
     }
 
+    /// Waits for the pipeline to end on its own (e.g. after a fatal error) and returns how.
+    pub async fn wait_exit(self, timeout: Duration) -> Result<(), vault::Error> {
+        let ended = tokio::time::timeout(timeout, self.task)
+            .await
+            .expect("pipeline ends in time")
+            .expect("pipeline task did not panic");
+        self.shutdown.cancel();
+        ended
+    }
+
     /// Sum of a counter over all its label values.
     pub fn counter(&self, name: &str) -> f64 {
         self.counter_where(name, |_| true)
@@ -501,7 +541,7 @@ pub fn vault_env(
         ("VAULT_BATCH_LINGER", "50ms"),
         ("VAULT_SCYLLA_NODES", scylla_node),
         ("VAULT_SCYLLA_KEYSPACE", keyspace),
-        ("VAULT_SCYLLA_CONSISTENCY", "ONE"),
+        ("VAULT_SCYLLA_CONSISTENCY", "LOCAL_QUORUM"),
         ("VAULT_LOG_LEVEL", "warn"),
     ]
     .into_iter()
@@ -586,7 +626,7 @@ impl ProcessRig {
                 .await
                 .expect("CQL stand-in");
         let (topic, group) = (unique(name), unique("g"));
-        kafka.create_topic(&topic, partitions).await;
+        kafka.create_source_topic(&topic, partitions).await;
         let keyspace = unique("k").replace('-', "_");
         let scylla = vault::config::ScyllaConfig {
             nodes: vec![node.addr().to_string()],

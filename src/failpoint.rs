@@ -1,0 +1,66 @@
+//! Failpoints: where tests inject panics and errors, one per pipeline stage. Compiled in only
+//! with the `failpoints` cargo feature, which `make test` enables and a release build never
+//! does; without it every check is `false` and costs nothing.
+//!
+//! A failpoint fires when it is configured (`fail::cfg` in a test, or the `FAILPOINTS`
+//! environment variable of a `vault` process built with the feature) with `return(SPEC)`,
+//! where SPEC is a topic (`activity`) or a topic and offset (`activity@120`); the stage then
+//! panics or fails. Tying each firing to a topic keeps tests that share a process apart.
+//!
+//! | failpoint | stage | what it does |
+//! |---|---|---|
+//! | `kafka::decode` | a record taken off a partition queue | panics the partition task |
+//! | `batcher::add` | a record added to the open batch | panics the partition task |
+//! | `batcher::flush` | a batch handed to the persisters | panics the partition task |
+//! | `persister::write` | a store write of a batch | fails it with a timeout |
+//! | `dead_letter::produce` | a dead-letter send of a batch | fails it as a broker transport failure |
+//! | `kafka::seek` | the seek before a restart | fails it |
+//! | `kafka::commit` | an offset commit | fails it as refused during a rebalance |
+//! | `coordinator::drain` | draining revoked or stopping partitions | panics the coordinator (the process dies) |
+//! | `kafka::fatal` | the consumer | raises a librdkafka fatal error (SPEC: the consumer group) |
+
+/// Whether failpoint `name` fires for a record of `topic` at `offset` (or for the topic as a
+/// whole when `offset` is `None`).
+#[cfg(feature = "failpoints")]
+pub fn hit(name: &str, topic: &str, offset: Option<i64>) -> bool {
+    fail::eval(name, |spec| {
+        spec.is_some_and(|s| matches(&s, topic, offset))
+    })
+    .unwrap_or(false)
+}
+
+/// Whether failpoint `name` fires (never: built without the `failpoints` feature).
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &str, _topic: &str, _offset: Option<i64>) -> bool {
+    false
+}
+
+/// `spec` is `topic`, `topic@offset` or `*` (any).
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn matches(spec: &str, topic: &str, offset: Option<i64>) -> bool {
+    if spec == "*" {
+        return true;
+    }
+    match spec.rsplit_once('@') {
+        Some((t, o)) => t == topic && offset.is_some() && o.parse().ok() == offset,
+        None => spec == topic,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_names_a_topic_or_one_of_its_offsets() {
+        assert!(matches("a", "a", Some(3)));
+        assert!(matches("a", "a", None));
+        assert!(!matches("a", "b", Some(3)));
+        assert!(matches("a@3", "a", Some(3)));
+        assert!(!matches("a@3", "a", Some(4)));
+        assert!(!matches("a@3", "a", None));
+        assert!(matches("*", "z", None));
+        assert!(matches("t.dlq@7", "t.dlq", Some(7)));
+    }
+}

@@ -1,0 +1,205 @@
+//! Offset commits: the one owner of every commit vault sends (periodic, on revoke, on shutdown).
+//!
+//! Invariants kept here:
+//! - only offsets handed in by the coordinator are committed, and the coordinator only hands in
+//!   committable offsets published by partition tasks (ends of durable, in-order batch runs);
+//! - commits are sent one at a time, synchronously, on the blocking pool: a revoke or final
+//!   commit first waits for the periodic commit in flight, so two commits of one partition can
+//!   never land out of order;
+//! - within an assignment a partition's committed offset never moves backwards: an offset at or
+//!   below the last one the broker confirmed is not sent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tracing::{error, warn};
+
+use crate::kafka::context::VaultConsumer;
+use crate::telemetry::Metrics;
+
+/// A partition: topic and partition number.
+pub type Key = (Arc<str>, i32);
+
+type Outcome = (Vec<(Key, i64)>, KafkaResult<()>, Duration);
+
+/// The committer. Owned by the coordinator.
+pub struct Commits {
+    consumer: Arc<VaultConsumer>,
+    metrics: Arc<Metrics>,
+    /// Last offset the broker confirmed per partition of the current assignment.
+    confirmed: HashMap<Key, i64>,
+    in_flight: Option<JoinHandle<Outcome>>,
+}
+
+impl Commits {
+    pub fn new(consumer: Arc<VaultConsumer>, metrics: Arc<Metrics>) -> Self {
+        Commits {
+            consumer,
+            metrics,
+            confirmed: HashMap::new(),
+            in_flight: None,
+        }
+    }
+
+    /// The last offset the broker confirmed for `key` in this assignment.
+    pub fn confirmed(&self, key: &Key) -> Option<i64> {
+        self.confirmed.get(key).copied()
+    }
+
+    /// The partition left this member: its next assignment starts afresh.
+    pub fn forget(&mut self, key: &Key) {
+        self.confirmed.remove(key);
+    }
+
+    fn ahead(&self, offsets: impl IntoIterator<Item = (Key, i64)>) -> Vec<(Key, i64)> {
+        ahead(&self.confirmed, offsets)
+    }
+
+    /// Starts a periodic commit of the offsets that are ahead of what the broker confirmed,
+    /// unless a commit is already in flight (the next tick sends what this one skips).
+    pub fn start(&mut self, offsets: impl IntoIterator<Item = (Key, i64)>) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let sent = self.ahead(offsets);
+        if sent.is_empty() {
+            return;
+        }
+        let consumer = self.consumer.clone();
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let result = commit_sync(&consumer, &sent);
+            (sent, result, started.elapsed())
+        }));
+    }
+
+    /// Resolves when the periodic commit in flight completes; never when none is.
+    pub async fn completed(&mut self) {
+        match &mut self.in_flight {
+            Some(h) => {
+                let done = h.await;
+                self.in_flight = None;
+                self.record(
+                    done,
+                    "Offset commit failed; it is sent again at the next interval.",
+                );
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits for the commit in flight, then commits `offsets` synchronously (revoke, shutdown).
+    /// Offsets not ahead of the confirmed ones are left out; `Ok` when there is nothing to send.
+    pub async fn commit_now(&mut self, offsets: Vec<(Key, i64)>) -> KafkaResult<()> {
+        if let Some(h) = self.in_flight.take() {
+            let done = h.await;
+            self.record(
+                done,
+                "Offset commit failed before a revoke or final commit.",
+            );
+        }
+        let sent = self.ahead(offsets);
+        if sent.is_empty() {
+            return Ok(());
+        }
+        let consumer = self.consumer.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let result = commit_sync(&consumer, &sent);
+            (sent, result, started.elapsed())
+        })
+        .await;
+        let result = match &done {
+            Ok((_, r, _)) => r.clone(),
+            Err(_) => Err(KafkaError::Canceled),
+        };
+        self.record(done, "Offset commit failed.");
+        result
+    }
+
+    fn record(&mut self, done: Result<Outcome, tokio::task::JoinError>, failed: &str) {
+        match done {
+            Ok((sent, Ok(()), took)) => {
+                self.metrics.commits.with_label_values(&["ok"]).inc();
+                self.metrics.commit_duration.observe(took.as_secs_f64());
+                for (key, o) in sent {
+                    self.metrics
+                        .committed_offset
+                        .with_label_values(&[&*key.0, &key.1.to_string()])
+                        .set(o);
+                    let c = self.confirmed.entry(key).or_insert(o);
+                    *c = (*c).max(o);
+                }
+            }
+            Ok((_, Err(e), took)) => {
+                self.metrics.commits.with_label_values(&["error"]).inc();
+                self.metrics.commit_duration.observe(took.as_secs_f64());
+                warn!(error = %e, "{failed}");
+            }
+            Err(e) => error!(error = %e, "Commit task failed."),
+        }
+    }
+}
+
+/// The offsets of `offsets` that move their partition forward of what the broker confirmed.
+fn ahead(
+    confirmed: &HashMap<Key, i64>,
+    offsets: impl IntoIterator<Item = (Key, i64)>,
+) -> Vec<(Key, i64)> {
+    offsets
+        .into_iter()
+        .filter(|(k, o)| confirmed.get(k).is_none_or(|c| o > c))
+        .collect()
+}
+
+fn commit_sync(consumer: &VaultConsumer, offsets: &[(Key, i64)]) -> KafkaResult<()> {
+    if offsets
+        .iter()
+        .any(|(k, o)| crate::failpoint::hit("kafka::commit", &k.0, Some(*o)))
+    {
+        return Err(KafkaError::ConsumerCommit(
+            rdkafka::types::RDKafkaErrorCode::RebalanceInProgress,
+        ));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (key, o) in offsets {
+        tpl.add_partition_offset(&key.0, key.1, Offset::Offset(*o))?;
+    }
+    consumer.commit(&tpl, CommitMode::Sync)
+}
+
+/// Commit errors that mean "not now, a rebalance is under way" rather than "never".
+pub fn is_rebalance_refusal(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e,
+        KafkaError::ConsumerCommit(
+            C::RebalanceInProgress
+                | C::IllegalGeneration
+                | C::NotCoordinator
+                | C::CoordinatorNotAvailable
+                | C::CoordinatorLoadInProgress
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_never_moves_a_partition_backwards() {
+        let key = |p| (Arc::<str>::from("t"), p);
+        let confirmed = HashMap::from([(key(0), 100), (key(1), 50)]);
+        let sent = ahead(
+            &confirmed,
+            [(key(0), 90), (key(0), 100), (key(1), 51), (key(2), 7)],
+        );
+        assert_eq!(sent, [(key(1), 51), (key(2), 7)]);
+    }
+}

@@ -1,0 +1,96 @@
+//! Where a partition resumes reading after a failure: the one owner of that decision.
+//!
+//! Invariant kept here: a restarted partition task starts at or below the first offset that is
+//! not durable, so nothing its predecessor read and did not make durable is skipped. Each
+//! incarnation of a partition task records, in its [`Progress`], where it was told to start, the
+//! first offset it took off the queue (before decoding, so a record that panics the decoder
+//! counts as read), and the committable offset its durable batches reached. [`Progress::resume_at`]
+//! turns those into the restart position; the coordinator seeks there before the next
+//! incarnation starts, and does not start it when the seek fails.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use crate::kafka::offsets::SharedOffset;
+
+/// Sentinel for "no offset read yet".
+const NONE: i64 = -1;
+
+/// What one incarnation of a partition task has read and made durable.
+#[derive(Debug)]
+pub struct Progress {
+    /// Where this incarnation was sought to before it started (`None`: where the group's
+    /// assignment left the fetch position, i.e. the committed offset or `auto.offset.reset`).
+    start: Option<i64>,
+    /// The first offset this incarnation took off its queue.
+    first_read: AtomicI64,
+    /// The committable offset: next to read after the last durable, in-order batch run.
+    durable: SharedOffset,
+}
+
+impl Progress {
+    pub fn new(start: Option<i64>) -> Self {
+        Progress {
+            start,
+            first_read: AtomicI64::new(NONE),
+            durable: SharedOffset::default(),
+        }
+    }
+
+    /// Records that `offset` was taken off the queue; only the first call counts.
+    pub fn note_read(&self, offset: i64) {
+        let _ = self
+            .first_read
+            .compare_exchange(NONE, offset, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Publishes a new committable offset (monotonic).
+    pub fn publish_durable(&self, next_to_read: i64) {
+        self.durable.publish(next_to_read);
+    }
+
+    /// The offset that may be committed now: every record below it is durable.
+    pub fn committable(&self) -> Option<i64> {
+        self.durable.get()
+    }
+
+    fn first_read(&self) -> Option<i64> {
+        let v = self.first_read.load(Ordering::Acquire);
+        (v != NONE).then_some(v)
+    }
+
+    /// Where the next incarnation must start reading: after the last durable batch run; else at
+    /// the first record this incarnation read; else where it was told to start. `None` means
+    /// this incarnation read nothing and was not sought, so the fetch position is still where the
+    /// assignment put it and no seek is needed.
+    pub fn resume_at(&self) -> Option<i64> {
+        self.committable()
+            .or_else(|| self.first_read())
+            .or(self.start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_that_made_nothing_durable_resumes_at_the_first_record_it_read() {
+        let p = Progress::new(None);
+        assert_eq!(p.resume_at(), None, "read nothing: no seek");
+        p.note_read(40);
+        p.note_read(41);
+        assert_eq!(p.resume_at(), Some(40));
+        p.publish_durable(42);
+        assert_eq!(p.resume_at(), Some(42));
+    }
+
+    #[test]
+    fn a_restarted_task_that_read_nothing_resumes_where_it_was_sent() {
+        let p = Progress::new(Some(120));
+        assert_eq!(p.resume_at(), Some(120));
+        p.note_read(120);
+        assert_eq!(p.resume_at(), Some(120));
+        p.publish_durable(130);
+        assert_eq!(p.resume_at(), Some(130));
+    }
+}

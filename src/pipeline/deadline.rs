@@ -1,0 +1,93 @@
+//! Deadlines: the one place that says how long each stop may take, and what happens when it is
+//! reached.
+//!
+//! A stop (revoke or shutdown) has two instants:
+//! - **abandon**: the configured timeout (`pipeline.revoke_timeout`, `pipeline.shutdown_timeout`)
+//!   after the stop began. The stopping partitions' cancellation tokens fire: their batches stop
+//!   retrying and are acknowledged as abandoned, so nothing at or after them is committed.
+//! - **give up**: [`DRAIN_GRACE`] later. Partition tasks that have still not ended (they only
+//!   await acknowledgements, which abandonment answers at once, so this is a safety net) are
+//!   aborted; what they had made durable is still committed.
+//!
+//! Whoever waits on a stop from outside (the rebalance callback waiting for the coordinator)
+//! waits until give up plus one commit: [`Deadlines::revoke_reply_wait`].
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How long after the abandon instant a stopping partition task may take to end.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long one synchronous commit or seek may take before it is treated as failed.
+pub const KAFKA_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the run waits for the consumer to close after a fatal error (a fenced member
+/// cannot leave the group, and librdkafka's close may never complete).
+pub const FATAL_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// How long `vault run` keeps retrying a transient failure to connect to ScyllaDB at start-up
+/// before it exits with the error.
+pub const STARTUP_CONNECT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// How long shutdown keeps re-sending a final commit the broker refuses during a rebalance.
+pub const FINAL_COMMIT_RETRY: Duration = Duration::from_secs(5);
+
+/// The two instants of one stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stop {
+    /// Batches of the stopping partitions are cancelled (abandoned) here.
+    pub abandon_at: Instant,
+    /// Partition tasks still running are aborted here.
+    pub give_up_at: Instant,
+}
+
+/// The configured stop timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    pub revoke_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+impl Deadlines {
+    pub fn revoke(&self, now: Instant) -> Stop {
+        stop(now, self.revoke_timeout)
+    }
+
+    pub fn shutdown(&self, now: Instant) -> Stop {
+        stop(now, self.shutdown_timeout)
+    }
+
+    /// How long the rebalance callback waits for the coordinator to drain and commit revoked
+    /// partitions: the whole revoke stop plus one commit.
+    pub fn revoke_reply_wait(&self) -> Duration {
+        self.revoke_timeout + DRAIN_GRACE + KAFKA_CALL_TIMEOUT
+    }
+}
+
+fn stop(now: Instant, timeout: Duration) -> Stop {
+    let abandon_at = now + timeout;
+    Stop {
+        abandon_at,
+        give_up_at: abandon_at + DRAIN_GRACE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callback_waits_longer_than_the_whole_revoke_stop() {
+        let d = Deadlines {
+            revoke_timeout: Duration::from_secs(20),
+            shutdown_timeout: Duration::from_secs(30),
+        };
+        let now = Instant::now();
+        let s = d.revoke(now);
+        assert_eq!(s.abandon_at - now, Duration::from_secs(20));
+        assert_eq!(s.give_up_at - s.abandon_at, DRAIN_GRACE);
+        assert!(now + d.revoke_reply_wait() > s.give_up_at);
+        assert_eq!(d.shutdown(now).abandon_at - now, Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,223 @@
+//! Adversarial paths: failpoint panics and fatal errors in the real pipeline, and poison pills
+//! larger than the dead-letter topic accepts. Each test fails without the fix it names.
+//! Failpoints fire only for this test's topic or group (see `vault::failpoint`), so tests
+//! sharing the process stay apart.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use vault::kafka::dead_letter::{headers, KafkaDeadLetters, MemoryDeadLetters};
+use vault::store::MemoryStore;
+
+use crate::common::{
+    event_json, read_all, settings, stored_positions, unique, wait_until, Kafka, Running,
+};
+
+/// Resumes at the first record it read, not where the queue stands: a task that panics with
+/// an open batch and nothing durable yet loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_panics_before_its_first_durable_batch_loses_nothing() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("panic-early"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    let produced: BTreeSet<_> = kafka
+        .produce_events(&topic, 1, 0, 300)
+        .await
+        .into_iter()
+        .collect();
+    // Offset 7 panics the decoder while records 0-6 sit in the open batch.
+    fail::cfg("kafka::decode", &format!("return({topic}@7)")).unwrap();
+    let memory = MemoryStore::new();
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    cfg.batch.max_events = 100;
+    let vault = Running::start(cfg, memory.clone(), MemoryDeadLetters::default());
+    wait_until("the partition restarted", Duration::from_secs(60), || {
+        let restarts = vault.counter("vault_partition_restarts_total");
+        async move {
+            (restarts >= 1.0)
+                .then_some(())
+                .ok_or(format!("{restarts} restarts"))
+        }
+    })
+    .await;
+    fail::remove("kafka::decode");
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    assert_eq!(stored_positions(&memory), produced, "nothing lost");
+    vault.stop().await;
+}
+
+/// A panic while adding to a batch and a failing seek before the restart: the partition is not
+/// started until the seek succeeds, and then resumes where it must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_whose_seek_fails_starts_nothing_until_a_seek_succeeds() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("seek-fails"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    let produced: BTreeSet<_> = kafka
+        .produce_events(&topic, 1, 0, 200)
+        .await
+        .into_iter()
+        .collect();
+    fail::cfg("batcher::add", &format!("return({topic}@120)")).unwrap();
+    fail::cfg("kafka::seek", &format!("return({topic})")).unwrap();
+    let memory = MemoryStore::new();
+    let vault = Running::start(
+        settings(&kafka.brokers, &topic, &group),
+        memory.clone(),
+        MemoryDeadLetters::default(),
+    );
+    wait_until("a restart failed its seek", Duration::from_secs(60), || {
+        let restarts = vault.counter("vault_partition_restarts_total");
+        async move {
+            (restarts >= 1.0)
+                .then_some(())
+                .ok_or(format!("{restarts} restarts"))
+        }
+    })
+    .await;
+    fail::remove("batcher::add");
+    // While every seek fails, nothing past the failure is read, stored or committed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !memory.contains_source(&topic, 0, 150),
+        "a partition whose seek failed was started anyway"
+    );
+    fail::remove("kafka::seek");
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(90))
+        .await;
+    assert_eq!(stored_positions(&memory), produced, "nothing lost");
+    vault.stop().await;
+}
+
+/// A fatal librdkafka error (as a fenced static member gets) ends the run with its cause, after
+/// draining: it is not just logged while the process writes on and never commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_error_drains_and_ends_the_run_naming_its_cause() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("fatal"), unique("g"));
+    kafka.create_source_topic(&topic, 2).await;
+    let memory = MemoryStore::new();
+    let vault = Running::start(
+        settings(&kafka.brokers, &topic, &group),
+        memory.clone(),
+        MemoryDeadLetters::default(),
+    );
+    let produced = kafka
+        .produce_and_wait_committed(&topic, &group, 2, 0, 200)
+        .await;
+    assert!(produced.is_subset(&stored_positions(&memory)));
+    fail::cfg("kafka::fatal", &format!("return({group})")).unwrap();
+    let ended = vault.wait_exit(Duration::from_secs(60)).await;
+    fail::remove("kafka::fatal");
+    let err = ended.expect_err("a fatal error ends the run with an error");
+    let text = err.to_string();
+    assert!(text.contains("fatal"), "{text}");
+    assert!(text.contains("instance_id"), "says what to check: {text}");
+}
+
+/// A producer that sends values larger than librdkafka's default limit, compressed, as a
+/// producer with raised limits would.
+fn big_producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "4000000")
+        .set("compression.type", "lz4")
+        .create()
+        .expect("producer")
+}
+
+/// A value too large for the dead-letter topic, and an error text that would echo half a
+/// megabyte of input, are dead-lettered cut to fit: the partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_pills_larger_than_the_dead_letter_topic_accepts_are_cut_to_fit() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("huge"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    let huge = vec![b'#'; 1_500_000];
+    let digits = "9".repeat(520_000);
+    let long_error = format!(
+        r#"{{"user_id":"u","event_type":"t","occurred_at":"1970-01-01T00:00:00.{digits}Z"}}"#
+    );
+    let producer = big_producer(&kafka.brokers);
+    for value in [huge.as_slice(), long_error.as_bytes()] {
+        producer
+            .send(
+                FutureRecord::<str, [u8]>::to(&topic)
+                    .partition(0)
+                    .key("k")
+                    .payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("the broker takes the compressed value");
+    }
+    let good = event_json("u", 1).into_bytes();
+    kafka.produce(&topic, &[(0, "u".into(), good)]).await;
+
+    let cfg = settings(&kafka.brokers, &topic, &group);
+    let validated = cfg.clone().validate().unwrap();
+    let dlq = KafkaDeadLetters::new(
+        &vault::kafka::base_client_config(&validated),
+        &cfg.kafka.dead_letter_topic,
+        cfg.kafka.dead_letter_max_bytes,
+    )
+    .unwrap();
+    let memory = MemoryStore::new();
+    let vault = Running::start(cfg, memory.clone(), dlq);
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    assert!(
+        memory.contains_source(&topic, 0, 2),
+        "the good event after them"
+    );
+
+    let letters = read_all(&kafka.brokers, &format!("{topic}.dlq")).await;
+    assert_eq!(letters.len(), 2);
+    let header = |m: &rdkafka::message::OwnedMessage, name: &str| -> Option<String> {
+        m.headers()?
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let big = &letters[0];
+    assert_eq!(
+        header(big, headers::ERROR_KIND).as_deref(),
+        Some("too_large")
+    );
+    assert_eq!(
+        header(big, headers::VALUE_TRUNCATED).as_deref(),
+        Some("true")
+    );
+    assert_eq!(header(big, headers::VALUE_SIZE).as_deref(), Some("1500000"));
+    let digest: String = openssl::sha::sha256(&huge)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(header(big, headers::VALUE_SHA256), Some(digest));
+    assert!(big.payload().unwrap().len() < 1_000_000);
+    assert_eq!(header(big, headers::SOURCE_OFFSET).as_deref(), Some("0"));
+    let echo = &letters[1];
+    let message = header(echo, headers::ERROR_MESSAGE).unwrap();
+    assert!(
+        message.len() <= 1024,
+        "error text is bounded: {}",
+        message.len()
+    );
+    assert!(
+        vault.counter("vault_dead_letters_refused_total") == 0.0,
+        "nothing was refused"
+    );
+    vault.stop().await;
+}
