@@ -391,8 +391,8 @@ impl Bench {
         let mut insert = session
             .prepare(
                 "INSERT INTO bench.user_activity (user_id, day, occurred_at, event_id, event_type, \
-                 attributes, payload, source_topic, source_partition, source_offset, ingested_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 attributes, payload, source_topic, source_partition, source_offset, kafka_timestamp) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
             )
             .await
             .expect("prepare");
@@ -416,6 +416,7 @@ impl Bench {
                         0i32,
                         i as i64,
                         scylla::value::CqlTimestamp(1_700_000_000_000),
+                        vault::store::version::write_timestamp(1_700_000_000_000, i as i64),
                     );
                     session
                         .execute_unpaged(insert, values)

@@ -67,6 +67,24 @@ def main():
     s.execute(batch)
     assert s.execute("SELECT COUNT(*) FROM py.events WHERE u = 'b' AND day = '2025-11-24'").one()[0] == 5
 
+    # Write timestamps: last write wins per cell by USING TIMESTAMP, whatever the arrival order;
+    # at an equal timestamp the greater value wins; WRITETIME() reads it back.
+    s.execute("CREATE TABLE IF NOT EXISTS py.versions (k text PRIMARY KEY, v text)")
+    versioned = s.prepare("INSERT INTO py.versions (k, v) VALUES (?, ?) USING TIMESTAMP ?")
+    read = "SELECT v, WRITETIME(v) FROM py.versions WHERE k = 'r'"
+    s.execute(versioned, ("r", "newer", 2000))
+    s.execute(versioned, ("r", "older", 1000))
+    assert tuple(s.execute(read).one()) == ("newer", 2000), "an older write arriving later loses"
+    s.execute(versioned, ("r", "a-tie", 2000))
+    assert s.execute(read).one()[0] == "newer", "a tie keeps the greater value"
+    s.execute(versioned, ("r", "z-tie", 2000))
+    assert s.execute(read).one()[0] == "z-tie", "a tie takes the greater value"
+    s.execute("INSERT INTO py.versions (k, v) VALUES ('r', 'latest') USING TIMESTAMP 3000")
+    assert tuple(s.execute(read).one()) == ("latest", 3000)
+    s.execute("INSERT INTO py.versions (k, v) VALUES ('now', 'x')")
+    plain = s.execute("SELECT WRITETIME(v) FROM py.versions WHERE k = 'now'").one()[0]
+    assert abs(plain - datetime.datetime.now().timestamp() * 1e6) < 600e6, "server clock in microseconds"
+
     args = ("c", day, base, uuid.UUID(int=1), {})
     control("cql write-timeout 1 match INSERT")
     expect(WriteTimeout, lambda: s.execute(ins, args))

@@ -8,6 +8,7 @@
 pub mod memory;
 pub mod persister;
 pub mod scylla;
+pub mod version;
 
 use std::future::Future;
 

@@ -8,10 +8,14 @@
 //! each request to a replica (token- and DC-aware) and may retry it safely. `write` returns `Ok`
 //! only when every group is written; on failure it names the rows still unwritten, so a retry
 //! re-sends only the groups that failed.
+//!
+//! Every cell is written `USING TIMESTAMP` its row's version ([`version`]), a function of the
+//! Kafka record alone: a replay writes the same cells at the same timestamps, and of two writes of
+//! one row the later message wins, whichever arrives last.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::stream::StreamExt;
 use openssl::error::ErrorStack;
@@ -30,7 +34,7 @@ use tracing::info;
 
 use crate::config::ScyllaConfig;
 use crate::event::Event;
-use crate::store::{Store, StoreError, WriteFailure};
+use crate::store::{version, Store, StoreError, WriteFailure};
 
 /// The table vault writes.
 pub const TABLE: &str = "user_activity";
@@ -70,7 +74,7 @@ pub fn table_cql(c: &ScyllaConfig) -> String {
     source_topic text,
     source_partition int,
     source_offset bigint,
-    ingested_at timestamp,
+    kafka_timestamp timestamp,
     PRIMARY KEY ((user_id, day), occurred_at, event_id)
 ) WITH CLUSTERING ORDER BY (occurred_at DESC, event_id ASC)
   AND default_time_to_live = {ttl};",
@@ -92,7 +96,8 @@ pub fn schema_script(c: &ScyllaConfig) -> String {
 fn insert_cql(keyspace: &str) -> String {
     format!(
         "INSERT INTO {keyspace}.{TABLE} (user_id, day, occurred_at, event_id, event_type, attributes, payload, \
-         source_topic, source_partition, source_offset, ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+         source_topic, source_partition, source_offset, kafka_timestamp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         USING TIMESTAMP ?"
     )
 }
 
@@ -177,12 +182,33 @@ pub async fn migrate(session: &Session, c: &ScyllaConfig) -> Result<(), StoreErr
             .await
             .map_err(|e| classify(&e))?;
     }
+    // Tables created before row versions have `ingested_at` (the wall clock at the write) and no
+    // `kafka_timestamp`: add it. Old rows keep their `ingested_at`; nothing writes it any more.
+    for (column, ty) in ADDED_COLUMNS {
+        let add = format!("ALTER TABLE {}.{TABLE} ADD {column} {ty}", c.keyspace);
+        match session.query_unpaged(add.as_str(), &[]).await {
+            Ok(_) => info!(keyspace = %c.keyspace, table = TABLE, column, "Column added."),
+            Err(e) if is_existing_column(&e) => {}
+            Err(e) => return Err(classify(&e)),
+        }
+    }
     session
         .await_schema_agreement()
         .await
         .map_err(|e| StoreError::Unavailable(format!("schema agreement not reached: {e}")))?;
     info!(keyspace = %c.keyspace, table = TABLE, "Schema is in place.");
     Ok(())
+}
+
+/// Columns added to the table since its first release, in order: `vault migrate` adds each one
+/// an existing table lacks.
+const ADDED_COLUMNS: [(&str, &str); 1] = [("kafka_timestamp", "timestamp")];
+
+/// Whether an `ALTER TABLE ... ADD` failed because the column is there already (ScyllaDB and
+/// Cassandra answer Invalid, "conflicts with an existing column").
+fn is_existing_column(e: &ExecutionError) -> bool {
+    let text = e.to_string();
+    text.contains("conflicts with an existing column") || text.contains("already exist")
 }
 
 fn consistency(s: &str) -> Consistency {
@@ -350,14 +376,9 @@ impl ScyllaStore {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let now = CqlTimestamp(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
-        );
         if let [i] = rows {
             self.session
-                .execute_unpaged(&self.insert, values(events[*i], now))
+                .execute_unpaged(&self.insert, values(events[*i]))
                 .await?;
         } else {
             let mut batch = Batch::new(BatchType::Unlogged);
@@ -365,7 +386,7 @@ impl ScyllaStore {
                 batch.append_statement(self.insert.clone());
             }
             batch.set_is_idempotent(true);
-            let vals: Vec<_> = rows.iter().map(|&i| values(events[i], now)).collect();
+            let vals: Vec<_> = rows.iter().map(|&i| values(events[i])).collect();
             self.session.batch(&batch, vals).await?;
         }
         Ok(())
@@ -384,9 +405,12 @@ type Row<'a> = (
     i32,
     i64,
     CqlTimestamp,
+    i64,
 );
 
-fn values(e: &Event, now: CqlTimestamp) -> Row<'_> {
+/// The bound values of one row: its fields, and its version (see [`version`]) as the write
+/// timestamp, so a replay writes exactly the same cells.
+fn values(e: &Event) -> Row<'_> {
     let day = CqlDate(((1i64 << 31) + e.day()) as u32);
     (
         e.user_id(),
@@ -399,7 +423,8 @@ fn values(e: &Event, now: CqlTimestamp) -> Row<'_> {
         &e.source.topic,
         e.source.partition,
         e.source.offset,
-        now,
+        CqlTimestamp(version::kafka_timestamp_ms(e)),
+        version::of(e),
     )
 }
 

@@ -14,7 +14,7 @@ use vault::pipeline::batch::{Batch, BatchOutcome, Record};
 use vault::pipeline::flush::FlushReason;
 use vault::store::persister::Persister;
 use vault::store::scylla::ScyllaStore;
-use vault::store::Store;
+use vault::store::{version, Store};
 use vault::telemetry::{Health, Metrics};
 use vault_sandbox::cql::frame::Opcode;
 use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
@@ -68,12 +68,13 @@ type Row = (
     String,
     i32,
     i64,
-    CqlTimestamp,
+    Option<CqlTimestamp>,
+    Option<i64>,
 );
 
 async fn read_user(store: &ScyllaStore, ks: &str, user: &str, day: i64) -> Vec<Row> {
     let q = format!(
-        "SELECT user_id, day, occurred_at, event_id, event_type, attributes, payload, source_topic, source_partition, source_offset, ingested_at \
+        "SELECT user_id, day, occurred_at, event_id, event_type, attributes, payload, source_topic, source_partition, source_offset, kafka_timestamp, writetime(attributes) \
          FROM {ks}.user_activity WHERE user_id = ? AND day = ?"
     );
     store
@@ -115,7 +116,121 @@ async fn round_trip(c: &ScyllaConfig) {
     assert_eq!(r.5.as_deref(), e.attributes());
     assert_eq!(r.6, e.payload());
     assert_eq!((r.7.as_str(), r.8, r.9), ("activity", 0, 104));
-    assert!(r.10 .0 > 1_700_000_000_000, "ingested_at is set");
+    assert_eq!(
+        r.10,
+        Some(CqlTimestamp(1_764_000_000_000)),
+        "the Kafka timestamp"
+    );
+    assert_eq!(
+        r.11,
+        Some(version::write_timestamp(1_764_000_000_000, 104)),
+        "written at the row's version"
+    );
+}
+
+/// An original and its correction (same event) whose writes land in the wrong order, as when the
+/// original's write times out and its retry lands last: the stored row is the correction.
+async fn original_and_correction(c: &ScyllaConfig) {
+    let store = ScyllaStore::connect(c, true)
+        .await
+        .expect("connect and migrate");
+    let event = |offset: i64, what: &str| {
+        let json = format!(
+            r#"{{"event_id":"6f1c3a52-5a0e-4b7e-9d61-1d2b6c1a9e01","user_id":"u","event_type":"click","occurred_at":"2025-11-24T10:00:00Z","attributes":{{"v":"{what}"}}}}"#
+        );
+        let source = Source {
+            topic: Arc::from("activity"),
+            partition: 0,
+            offset,
+            // Both in the same millisecond: the offset breaks the tie.
+            timestamp_ms: Some(1_764_000_000_000),
+        };
+        event::decode(
+            None,
+            Some(json.as_bytes()),
+            source,
+            None,
+            event::Limits::default(),
+        )
+        .expect("valid")
+    };
+    let (original, correction) = (event(100, "original"), event(150, "correction"));
+    store.write(&[&correction]).await.expect("correction");
+    store
+        .write(&[&original])
+        .await
+        .expect("the original's retry, last");
+    let rows = read_user(&store, &c.keyspace, "u", original.day()).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].5.as_deref(), Some(r#"{"v":"correction"}"#));
+    assert_eq!(rows[0].9, 150);
+    assert_eq!(rows[0].11, Some(version::of(&correction)));
+    // A replay of both, in any order, changes no cell and no write timestamp.
+    store
+        .write(&[&original, &correction])
+        .await
+        .expect("replay");
+    assert_eq!(
+        read_user(&store, &c.keyspace, "u", original.day()).await,
+        rows
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correction_wins_over_its_original_whatever_order_the_writes_land_in() {
+    let node = node().await;
+    original_and_correction(&scylla_config(&node.addr().to_string())).await;
+}
+
+/// A keyspace created by the first release's schema (with `ingested_at`, without
+/// `kafka_timestamp`) and holding data is migrated in place: old rows stay, new ones are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_brings_the_first_schema_forward_without_losing_data() {
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let ks = &c.keyspace;
+    let session = vault::store::scylla::connect(&c).await.expect("session");
+    for cql in [
+        vault::store::scylla::keyspace_cql(&c),
+        format!(
+            "CREATE TABLE {ks}.user_activity (user_id text, day date, occurred_at timestamp, \
+             event_id uuid, event_type text, attributes text, payload blob, source_topic text, \
+             source_partition int, source_offset bigint, ingested_at timestamp, \
+             PRIMARY KEY ((user_id, day), occurred_at, event_id)) \
+             WITH CLUSTERING ORDER BY (occurred_at DESC, event_id ASC)"
+        ),
+        format!(
+            "INSERT INTO {ks}.user_activity (user_id, day, occurred_at, event_id, event_type, \
+             attributes, payload, source_topic, source_partition, source_offset, ingested_at) \
+             VALUES ('user-0', '2025-11-24', '2025-11-24 09:00:00+0000', \
+             6f1c3a52-5a0e-4b7e-9d61-1d2b6c1a9e01, 'old', '{{}}', 0x7b7d, 'activity', 0, 1, \
+             '2025-11-24 09:00:01+0000')"
+        ),
+    ] {
+        session
+            .query_unpaged(cql, &[])
+            .await
+            .expect("the first schema");
+    }
+    drop(session);
+    for _ in 0..2 {
+        // Idempotent: a second migration finds the column in place.
+        drop(ScyllaStore::connect(&c, true).await.expect("migrate"));
+    }
+    let store = ScyllaStore::connect(&c, false).await.expect("connect");
+    let batch = events(1, 2, 100);
+    let refs: Vec<&Event> = batch.iter().collect();
+    store.write(&refs).await.expect("write after migration");
+    let rows = read_user(&store, ks, "user-0", batch[0].day()).await;
+    assert_eq!(rows.len(), 3, "the old row and the two new ones");
+    assert!(
+        rows.iter().any(|r| r.4 == "old" && r.9 == 1),
+        "old data kept"
+    );
+    assert!(rows
+        .iter()
+        .filter(|r| r.4 == "click")
+        .all(|r| r.10 == Some(CqlTimestamp(1_764_000_000_000))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,7 +38,9 @@ pub struct Table {
     pub pk: Vec<usize>,
     pub ck: Vec<usize>,
     pub desc: Vec<bool>,
-    /// Partition sort key → (clustering sort key → row of all columns).
+    /// Partition sort key → (clustering sort key → row of all columns, followed by each
+    /// column's write timestamp: cell `i`'s timestamp, microseconds as a big-endian bigint, is
+    /// at `columns.len() + i`).
     pub rows: BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<Value>>>,
 }
 
@@ -238,7 +240,7 @@ impl Database {
             row[i] = v.clone();
             set[i] = true;
         }
-        upsert(t, row, &set);
+        upsert(t, row, &set, now_micros());
     }
 
     fn delete_where(&mut self, ks: &str, table: &str, column: &str, value: &str) {
@@ -287,6 +289,7 @@ impl Database {
                 table,
                 columns,
                 values,
+                timestamp,
             } => {
                 let (ks, tn) = self.resolve(table, current)?;
                 let t = self.table(&ks, &tn).expect("resolved");
@@ -294,6 +297,9 @@ impl Database {
                     if let Term::Bind(i) = v {
                         binds[*i] = Some((c.clone(), t.column(c)?.1.ty.clone()));
                     }
+                }
+                if let Some(Term::Bind(i)) = timestamp {
+                    binds[*i] = Some(("[timestamp]".into(), CqlType::BigInt));
                 }
                 (ks, tn, None)
             }
@@ -526,8 +532,22 @@ impl Database {
                 table,
                 columns,
                 values,
+                timestamp,
             } => {
                 let (ks, tn) = self.resolve(table, current)?;
+                let ts = match timestamp {
+                    Some(term) => {
+                        let v = term_value(&CqlType::BigInt, term, bound)?.ok_or_else(|| {
+                            EngineError::Invalid("USING TIMESTAMP must not be null".into())
+                        })?;
+                        i64::from_be_bytes(
+                            v.as_slice()
+                                .try_into()
+                                .map_err(|_| EngineError::Invalid("bad USING TIMESTAMP".into()))?,
+                        )
+                    }
+                    None => now_micros(),
+                };
                 let t = self
                     .keyspaces
                     .get_mut(&ks)
@@ -549,7 +569,7 @@ impl Database {
                         )));
                     }
                 }
-                upsert(t, row, &set);
+                upsert(t, row, &set, ts);
                 Ok(Outcome::Void)
             }
             Statement::Select {
@@ -588,9 +608,13 @@ impl Database {
                         vec![vec![Some((rows.len() as i64).to_be_bytes().to_vec())]]
                     }
                     _ => {
+                        let n = t.columns.len();
                         let idx: Vec<usize> = columns
                             .iter()
-                            .map(|(n, _)| t.column(n).map(|(i, _)| i))
+                            .map(|(name, _)| match writetime_of(name) {
+                                Some(column) => t.column(column).map(|(i, _)| n + i),
+                                None => t.column(name).map(|(i, _)| i),
+                            })
                             .collect::<Result<_, _>>()?;
                         rows.into_iter()
                             .map(|r| idx.iter().map(|&i| r[i].clone()).collect())
@@ -625,6 +649,42 @@ impl Database {
                     }
                 }
                 Ok(Outcome::Void)
+            }
+            Statement::AlterAdd { table, column, ty } => {
+                let (ks, tn) = self.resolve(table, current)?;
+                let ty = CqlType::parse(ty).map_err(EngineError::Invalid)?;
+                let t = self
+                    .keyspaces
+                    .get_mut(&ks)
+                    .and_then(|k| k.tables.get_mut(&tn))
+                    .expect("resolved");
+                if t.columns.iter().any(|c| c.name == *column) {
+                    return Err(EngineError::Invalid(format!(
+                        "Invalid column name {column} because it conflicts with an existing column"
+                    )));
+                }
+                let n = t.columns.len();
+                t.columns.push(Column {
+                    name: column.clone(),
+                    ty,
+                    kind: Kind::Regular,
+                });
+                // Rows hold n values then n timestamps: the new value goes at n, its
+                // timestamp at the end.
+                for part in t.rows.values_mut() {
+                    for row in part.values_mut() {
+                        row.insert(n, None);
+                        row.push(None);
+                    }
+                }
+                let t = t.clone();
+                self.record_table(&t, None);
+                Ok(Outcome::SchemaChange {
+                    change: "UPDATED",
+                    target: "TABLE",
+                    keyspace: ks,
+                    table: Some(tn),
+                })
             }
             Statement::Truncate(table) => {
                 let (ks, tn) = self.resolve(table, current)?;
@@ -753,21 +813,44 @@ fn build_table(
     })
 }
 
-fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool]) {
+/// The server clock as a write timestamp: microseconds since the epoch.
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Writes the `set` cells of `row` at write timestamp `ts`, cell by cell as Cassandra and
+/// ScyllaDB do: a cell is replaced only by a write with a greater timestamp, or with an equal
+/// timestamp and a greater value (bytes compared unsigned; a null value is the least). So the
+/// outcome does not depend on the order writes arrive in.
+fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool], ts: i64) {
+    let n = t.columns.len();
     let (p, c) = (t.pk_key(&row), t.ck_key(&row));
     let part = t.rows.entry(p).or_default();
-    match part.get_mut(&c) {
-        Some(existing) => {
-            for (i, v) in row.into_iter().enumerate() {
-                if set[i] {
-                    existing[i] = v;
-                }
-            }
+    let existing = part.entry(c).or_insert_with(|| vec![None; 2 * n]);
+    for (i, v) in row.into_iter().enumerate() {
+        if !set[i] {
+            continue;
         }
-        None => {
-            part.insert(c, row);
+        let old_ts = existing[n + i]
+            .as_deref()
+            .and_then(|b| b.try_into().ok())
+            .map(i64::from_be_bytes);
+        let wins = match old_ts {
+            None => true,
+            Some(old) => ts > old || (ts == old && v > existing[i]),
+        };
+        if wins {
+            existing[i] = v;
+            existing[n + i] = Some(ts.to_be_bytes().to_vec());
         }
     }
+}
+
+/// `writetime(column)` of a selection: the column it reads.
+fn writetime_of(name: &str) -> Option<&str> {
+    name.strip_prefix("writetime(")?.strip_suffix(')')
 }
 
 fn type_relations(
@@ -809,7 +892,10 @@ fn result_columns(t: &Table, selection: &Selection) -> Result<Vec<(String, CqlTy
         Selection::Count => vec![("count".into(), CqlType::BigInt)],
         Selection::Columns(names) => names
             .iter()
-            .map(|n| t.column(n).map(|(_, c)| (c.name.clone(), c.ty.clone())))
+            .map(|n| match writetime_of(n) {
+                Some(column) => t.column(column).map(|_| (n.clone(), CqlType::BigInt)),
+                None => t.column(n).map(|(_, c)| (c.name.clone(), c.ty.clone())),
+            })
             .collect::<Result<_, _>>()?,
     })
 }
@@ -940,6 +1026,62 @@ mod tests {
             Outcome::Rows(r) => r.rows,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn cells_are_last_write_wins_by_timestamp_whatever_the_arrival_order() {
+        let mut db = Database::new(Ipv4Addr::LOCALHOST);
+        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        run(
+            &mut db,
+            "CREATE TABLE k.t (a text PRIMARY KEY, b text, c text)",
+        )
+        .unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (a, b, c) VALUES ('x', 'new', 'c1') USING TIMESTAMP 20",
+        )
+        .unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (a, b) VALUES ('x', 'old') USING TIMESTAMP 10",
+        )
+        .unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (a, c) VALUES ('x', 'c2') USING TIMESTAMP 30",
+        )
+        .unwrap();
+        let got = rows(
+            run(
+                &mut db,
+                "SELECT b, writetime(b), c, writetime(c) FROM k.t WHERE a = 'x'",
+            )
+            .unwrap(),
+        );
+        let ts = |v: i64| Some(v.to_be_bytes().to_vec());
+        assert_eq!(
+            got,
+            vec![vec![
+                Some(b"new".to_vec()),
+                ts(20),
+                Some(b"c2".to_vec()),
+                ts(30)
+            ]]
+        );
+        // An equal timestamp: the greater value wins, so the order of arrival does not matter.
+        run(
+            &mut db,
+            "INSERT INTO k.t (a, b) VALUES ('x', 'zzz') USING TIMESTAMP 20",
+        )
+        .unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (a, b) VALUES ('x', 'aaa') USING TIMESTAMP 20",
+        )
+        .unwrap();
+        let got = rows(run(&mut db, "SELECT b FROM k.t WHERE a = 'x'").unwrap());
+        assert_eq!(got, vec![vec![Some(b"zzz".to_vec())]]);
     }
 
     #[test]

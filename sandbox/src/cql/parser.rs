@@ -214,6 +214,8 @@ pub enum Statement {
         table: TableRef,
         columns: Vec<String>,
         values: Vec<Term>,
+        /// `USING TIMESTAMP t` (microseconds): the write timestamp of every cell written.
+        timestamp: Option<Term>,
     },
     Select {
         table: TableRef,
@@ -227,6 +229,12 @@ pub enum Statement {
         relations: Vec<Relation>,
     },
     Truncate(TableRef),
+    /// `ALTER TABLE t ADD column type`.
+    AlterAdd {
+        table: TableRef,
+        column: String,
+        ty: String,
+    },
 }
 
 impl Statement {
@@ -239,7 +247,9 @@ impl Statement {
             }
         };
         match self {
-            Statement::Insert { values, .. } => values.iter().for_each(&mut count),
+            Statement::Insert {
+                values, timestamp, ..
+            } => values.iter().chain(timestamp).for_each(&mut count),
             Statement::Select {
                 relations, limit, ..
             } => {
@@ -379,11 +389,19 @@ impl P {
                     relations: self.relations()?,
                 })
             }
+            Tok::Ident(k) if k == "alter" => {
+                self.kw("table")?;
+                let table = self.table_ref()?;
+                self.kw("add")?;
+                let column = self.ident()?;
+                let ty = self.type_text()?;
+                Ok(Statement::AlterAdd { table, column, ty })
+            }
             Tok::Ident(k) if k == "truncate" => {
                 self.eat_kw("table");
                 Ok(Statement::Truncate(self.table_ref()?))
             }
-            t => Err(format!("statement {t:?} is not supported by the stand-in node (USE, CREATE, DROP, INSERT, SELECT, DELETE, TRUNCATE are)")),
+            t => Err(format!("statement {t:?} is not supported by the stand-in node (USE, CREATE, ALTER TABLE ... ADD, DROP, INSERT, SELECT, DELETE, TRUNCATE are)")),
         }
     }
 
@@ -577,10 +595,14 @@ impl P {
             self.kw("not")?;
             self.kw("exists")?;
         }
+        let mut timestamp = None;
         if self.eat_kw("using") {
             loop {
-                let _ttl_or_timestamp = self.ident()?;
-                self.term()?;
+                let option = self.ident()?;
+                let term = self.term()?;
+                if option.eq_ignore_ascii_case("timestamp") {
+                    timestamp = Some(term);
+                }
                 if !self.eat_kw("and") {
                     break;
                 }
@@ -590,6 +612,7 @@ impl P {
             table,
             columns,
             values,
+            timestamp,
         })
     }
 
@@ -608,9 +631,9 @@ impl P {
             }
             Selection::Count
         } else {
-            let mut cols = vec![self.ident()?];
+            let mut cols = vec![self.selector()?];
             while self.eat_sym(",") {
-                cols.push(self.ident()?);
+                cols.push(self.selector()?);
             }
             Selection::Columns(cols)
         };
@@ -681,6 +704,17 @@ impl P {
             }
         }
         Ok(out)
+    }
+
+    /// A selected column, or `writetime(column)` (named so in the result).
+    fn selector(&mut self) -> Result<String, String> {
+        let name = self.ident()?;
+        if name.eq_ignore_ascii_case("writetime") && self.eat_sym("(") {
+            let column = self.ident()?;
+            self.sym(")")?;
+            return Ok(format!("writetime({column})"));
+        }
+        Ok(name)
     }
 
     fn term(&mut self) -> Result<Term, String> {
