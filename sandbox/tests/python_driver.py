@@ -81,6 +81,17 @@ def main():
     assert s.execute(read).one()[0] == "z-tie", "a tie takes the greater value"
     s.execute("INSERT INTO py.versions (k, v) VALUES ('r', 'latest') USING TIMESTAMP 3000")
     assert tuple(s.execute(read).one()) == ("latest", 3000)
+    # A partition tombstone shadows every write at or before its timestamp, whenever it arrives.
+    s.execute("CREATE TABLE IF NOT EXISTS py.tombs (p text, c int, v text, PRIMARY KEY (p, c))")
+    put = s.prepare("INSERT INTO py.tombs (p, c, v) VALUES ('a', ?, 'x') USING TIMESTAMP ?")
+    s.execute(put, (1, 10))
+    s.execute(put, (2, 30))
+    s.execute(s.prepare("DELETE FROM py.tombs USING TIMESTAMP ? WHERE p = ?"), (20, "a"))
+    for c, ts in [(3, 19), (4, 20), (5, 21)]:
+        s.execute(put, (c, ts))
+    live = [r.c for r in s.execute("SELECT c FROM py.tombs WHERE p = 'a'")]
+    assert live == [2, 5], live
+
     s.execute("INSERT INTO py.versions (k, v) VALUES ('now', 'x')")
     plain = s.execute("SELECT WRITETIME(v) FROM py.versions WHERE k = 'now'").one()[0]
     assert abs(plain - datetime.datetime.now().timestamp() * 1e6) < 600e6, "server clock in microseconds"

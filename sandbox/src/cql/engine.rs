@@ -42,9 +42,61 @@ pub struct Table {
     /// column's write timestamp: cell `i`'s timestamp, microseconds as a big-endian bigint, is
     /// at `columns.len() + i`).
     pub rows: BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<Value>>>,
+    /// Tombstones by (partition key, clustering key; `None` for the whole partition), with
+    /// their timestamps: they shadow every cell written at or before them, whenever it arrives.
+    pub tombstones: BTreeMap<(Vec<u8>, Option<Vec<u8>>), i64>,
 }
 
 impl Table {
+    /// The newest tombstone covering a row: its partition's or its own.
+    fn tombstone(&self, p: &[u8], c: &[u8]) -> Option<i64> {
+        let part = self.tombstones.get(&(p.to_vec(), None)).copied();
+        let row = self
+            .tombstones
+            .get(&(p.to_vec(), Some(c.to_vec())))
+            .copied();
+        part.max(row)
+    }
+
+    /// Drops the cells the tombstones shadow, and the rows left with no live cell.
+    fn apply_tombstones(&mut self) {
+        let n = self.columns.len();
+        let key_cols: Vec<usize> = self.pk.iter().chain(&self.ck).copied().collect();
+        let cell_ts = |row: &[Value], i: usize| {
+            row[n + i]
+                .as_deref()
+                .and_then(|b| b.try_into().ok())
+                .map(i64::from_be_bytes)
+        };
+        let tombstones = &self.tombstones;
+        for (p, part) in self.rows.iter_mut() {
+            for (c, row) in part.iter_mut() {
+                let part_ts = tombstones.get(&(p.clone(), None)).copied();
+                let row_ts = tombstones.get(&(p.clone(), Some(c.clone()))).copied();
+                let Some(tomb) = part_ts.max(row_ts) else {
+                    continue;
+                };
+                for i in (0..n).filter(|i| !key_cols.contains(i)) {
+                    if cell_ts(row, i).is_some_and(|ts| ts <= tomb) {
+                        row[i] = None;
+                        row[n + i] = None;
+                    }
+                }
+                // The row lives while a regular cell does, or its key was written after the
+                // tombstone.
+                let live = (0..n).any(|i| !key_cols.contains(&i) && row[n + i].is_some())
+                    || key_cols
+                        .iter()
+                        .any(|&i| cell_ts(row, i).is_some_and(|ts| ts > tomb));
+                if !live {
+                    row.clear();
+                }
+            }
+            part.retain(|_, row| !row.is_empty());
+        }
+        self.rows.retain(|_, part| !part.is_empty());
+    }
+
     pub fn column(&self, name: &str) -> Result<(usize, &Column), EngineError> {
         self.columns
             .iter()
@@ -319,10 +371,17 @@ impl Database {
                 let cols = result_columns(t, selection)?;
                 (ks, tn, Some(cols))
             }
-            Statement::Delete { table, relations } => {
+            Statement::Delete {
+                table,
+                relations,
+                timestamp,
+            } => {
                 let (ks, tn) = self.resolve(table, current)?;
                 let t = self.table(&ks, &tn).expect("resolved");
                 type_relations(t, relations, &mut binds)?;
+                if let Some(Term::Bind(i)) = timestamp {
+                    binds[*i] = Some(("[timestamp]".into(), CqlType::BigInt));
+                }
                 (ks, tn, None)
             }
             _ => (current.unwrap_or("").to_owned(), String::new(), None),
@@ -535,19 +594,7 @@ impl Database {
                 timestamp,
             } => {
                 let (ks, tn) = self.resolve(table, current)?;
-                let ts = match timestamp {
-                    Some(term) => {
-                        let v = term_value(&CqlType::BigInt, term, bound)?.ok_or_else(|| {
-                            EngineError::Invalid("USING TIMESTAMP must not be null".into())
-                        })?;
-                        i64::from_be_bytes(
-                            v.as_slice()
-                                .try_into()
-                                .map_err(|_| EngineError::Invalid("bad USING TIMESTAMP".into()))?,
-                        )
-                    }
-                    None => now_micros(),
-                };
+                let ts = write_timestamp(timestamp.as_ref(), bound)?;
                 let t = self
                     .keyspaces
                     .get_mut(&ks)
@@ -628,26 +675,46 @@ impl Database {
                     rows,
                 }))
             }
-            Statement::Delete { table, relations } => {
+            Statement::Delete {
+                table,
+                relations,
+                timestamp,
+            } => {
                 let (ks, tn) = self.resolve(table, current)?;
+                let ts = write_timestamp(timestamp.as_ref(), bound)?;
                 let t = self.table(&ks, &tn).expect("resolved");
-                let doomed: Vec<(Vec<u8>, Vec<u8>)> = matching_rows(t, relations, bound)?
-                    .iter()
-                    .map(|r| (t.pk_key(r), t.ck_key(r)))
-                    .collect();
+                // Only the whole partition key restricted: a partition tombstone, which also
+                // shadows rows written later with an older timestamp. Otherwise, a tombstone per
+                // matching row.
+                let on_key = |r: &Relation| {
+                    t.column(&r.column)
+                        .is_ok_and(|(i, _)| t.pk.contains(&i) && matches!(r.op, Op::Eq | Op::In))
+                };
+                let whole_partition = relations.iter().all(on_key)
+                    && t.pk
+                        .iter()
+                        .all(|i| relations.iter().any(|r| r.column == t.columns[*i].name));
+                let doomed: Vec<(Vec<u8>, Option<Vec<u8>>)> = if whole_partition {
+                    partition_keys(t, relations, bound)?
+                        .into_iter()
+                        .map(|p| (p, None))
+                        .collect()
+                } else {
+                    matching_rows(t, relations, bound)?
+                        .iter()
+                        .map(|r| (t.pk_key(r), Some(t.ck_key(r))))
+                        .collect()
+                };
                 let t = self
                     .keyspaces
                     .get_mut(&ks)
                     .and_then(|k| k.tables.get_mut(&tn))
                     .expect("resolved");
-                for (p, c) in doomed {
-                    if let Some(part) = t.rows.get_mut(&p) {
-                        part.remove(&c);
-                        if part.is_empty() {
-                            t.rows.remove(&p);
-                        }
-                    }
+                for key in doomed {
+                    let tomb = t.tombstones.entry(key).or_insert(ts);
+                    *tomb = (*tomb).max(ts);
                 }
+                t.apply_tombstones();
                 Ok(Outcome::Void)
             }
             Statement::AlterAdd { table, column, ty } => {
@@ -810,7 +877,48 @@ fn build_table(
         desc: ck.iter().map(|c| desc.contains(c)).collect(),
         ck: ck_idx,
         rows: BTreeMap::new(),
+        tombstones: BTreeMap::new(),
     })
+}
+
+/// The timestamp of a write or delete: its `USING TIMESTAMP`, else the server clock.
+fn write_timestamp(term: Option<&Term>, bound: &[Value]) -> Result<i64, EngineError> {
+    let Some(term) = term else {
+        return Ok(now_micros());
+    };
+    let v = term_value(&CqlType::BigInt, term, bound)?
+        .ok_or_else(|| EngineError::Invalid("USING TIMESTAMP must not be null".into()))?;
+    Ok(i64::from_be_bytes(v.as_slice().try_into().map_err(
+        |_| EngineError::Invalid("bad USING TIMESTAMP".into()),
+    )?))
+}
+
+/// The partition sort keys a restriction of the whole partition key selects.
+fn partition_keys(
+    t: &Table,
+    relations: &[Relation],
+    bound: &[Value],
+) -> Result<Vec<Vec<u8>>, EngineError> {
+    let mut keys: Vec<Vec<u8>> = vec![Vec::new()];
+    for &c in &t.pk {
+        let col = &t.columns[c];
+        let r = relations
+            .iter()
+            .find(|r| r.column == col.name)
+            .ok_or_else(|| EngineError::Invalid(format!("missing partition key {}", col.name)))?;
+        let values = relation_values(col, r, bound)?;
+        keys = keys
+            .iter()
+            .flat_map(|k| {
+                values.iter().map(move |v| {
+                    let mut k = k.clone();
+                    col.ty.sort_key(v.as_deref(), false, &mut k);
+                    k
+                })
+            })
+            .collect();
+    }
+    Ok(keys)
 }
 
 /// The server clock as a write timestamp: microseconds since the epoch.
@@ -827,6 +935,10 @@ fn now_micros() -> i64 {
 fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool], ts: i64) {
     let n = t.columns.len();
     let (p, c) = (t.pk_key(&row), t.ck_key(&row));
+    // A tombstone at or after this write shadows it (a delete wins a tie).
+    if t.tombstone(&p, &c).is_some_and(|tomb| ts <= tomb) {
+        return;
+    }
     let part = t.rows.entry(p).or_default();
     let existing = part.entry(c).or_insert_with(|| vec![None; 2 * n]);
     for (i, v) in row.into_iter().enumerate() {
@@ -1082,6 +1194,65 @@ mod tests {
         .unwrap();
         let got = rows(run(&mut db, "SELECT b FROM k.t WHERE a = 'x'").unwrap());
         assert_eq!(got, vec![vec![Some(b"zzz".to_vec())]]);
+    }
+
+    #[test]
+    fn tombstones_shadow_older_writes_whenever_they_arrive() {
+        let mut db = Database::new(Ipv4Addr::LOCALHOST);
+        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        run(
+            &mut db,
+            "CREATE TABLE k.t (p text, c int, v text, PRIMARY KEY (p, c))",
+        )
+        .unwrap();
+        for (c, ts) in [(1, 10), (2, 30)] {
+            run(
+                &mut db,
+                &format!("INSERT INTO k.t (p, c, v) VALUES ('a', {c}, 'x') USING TIMESTAMP {ts}"),
+            )
+            .unwrap();
+        }
+        run(&mut db, "DELETE FROM k.t USING TIMESTAMP 20 WHERE p = 'a'").unwrap();
+        let live = |db: &mut Database| {
+            rows(run(db, "SELECT c FROM k.t WHERE p = 'a'").unwrap())
+                .into_iter()
+                .map(|r| i32::from_be_bytes(r[0].clone().unwrap().try_into().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            live(&mut db),
+            [2],
+            "the write after the partition tombstone survives"
+        );
+        // Writes arriving after the delete: older ones (and a tie) stay shadowed.
+        run(
+            &mut db,
+            "INSERT INTO k.t (p, c, v) VALUES ('a', 3, 'x') USING TIMESTAMP 19",
+        )
+        .unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (p, c, v) VALUES ('a', 4, 'x') USING TIMESTAMP 20",
+        )
+        .unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (p, c, v) VALUES ('a', 5, 'x') USING TIMESTAMP 21",
+        )
+        .unwrap();
+        assert_eq!(live(&mut db), [2, 5]);
+        // A row tombstone.
+        run(
+            &mut db,
+            "DELETE FROM k.t USING TIMESTAMP 40 WHERE p = 'a' AND c = 2",
+        )
+        .unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (p, c, v) VALUES ('a', 2, 'y') USING TIMESTAMP 35",
+        )
+        .unwrap();
+        assert_eq!(live(&mut db), [5]);
     }
 
     #[test]

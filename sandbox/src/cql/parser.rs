@@ -227,6 +227,8 @@ pub enum Statement {
     Delete {
         table: TableRef,
         relations: Vec<Relation>,
+        /// `USING TIMESTAMP t`: the tombstone's timestamp (else the server clock).
+        timestamp: Option<Term>,
     },
     Truncate(TableRef),
     /// `ALTER TABLE t ADD column type`.
@@ -256,7 +258,11 @@ impl Statement {
                 rel_terms(relations).for_each(&mut count);
                 limit.iter().for_each(&mut count);
             }
-            Statement::Delete { relations, .. } => rel_terms(relations).for_each(&mut count),
+            Statement::Delete {
+                relations,
+                timestamp,
+                ..
+            } => rel_terms(relations).chain(timestamp).for_each(&mut count),
             _ => {}
         }
         n
@@ -383,10 +389,16 @@ impl P {
             Tok::Ident(k) if k == "delete" => {
                 self.kw("from")?;
                 let table = self.table_ref()?;
+                let mut timestamp = None;
+                if self.eat_kw("using") {
+                    self.kw("timestamp")?;
+                    timestamp = Some(self.term()?);
+                }
                 self.kw("where")?;
                 Ok(Statement::Delete {
                     table,
                     relations: self.relations()?,
+                    timestamp,
                 })
             }
             Tok::Ident(k) if k == "alter" => {
