@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, warn};
 
 use crate::kafka::context::VaultConsumer;
+use crate::pipeline::deadline::KAFKA_CALL_TIMEOUT;
 use crate::telemetry::Metrics;
 
 /// A partition: topic and partition number.
@@ -95,25 +96,38 @@ impl Commits {
 
     /// Waits for the commit in flight, then commits `offsets` synchronously (revoke, shutdown).
     /// Offsets not ahead of the confirmed ones are left out; `Ok` when there is nothing to send.
+    ///
+    /// Each wait is bounded by [`KAFKA_CALL_TIMEOUT`]: librdkafka's synchronous commit has no
+    /// timeout of its own (it waits for a coordinator). A commit not answered in time is treated
+    /// as failed; should it land later, it carries a durable offset, so the consequence is a
+    /// replay, never a loss.
     pub async fn commit_now(&mut self, offsets: Vec<(Key, i64)>) -> KafkaResult<()> {
         if let Some(h) = self.in_flight.take() {
-            let done = h.await;
-            self.record(
-                done,
-                "Offset commit failed before a revoke or final commit.",
-            );
+            match tokio::time::timeout(KAFKA_CALL_TIMEOUT, h).await {
+                Ok(done) => self.record(
+                    done,
+                    "Offset commit failed before a revoke or final commit.",
+                ),
+                Err(_) => warn!("The periodic commit in flight did not finish in time."),
+            }
         }
         let sent = self.ahead(offsets);
         if sent.is_empty() {
             return Ok(());
         }
         let consumer = self.consumer.clone();
-        let done = tokio::task::spawn_blocking(move || {
+        let committing = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             let result = commit_sync(&consumer, &sent);
             (sent, result, started.elapsed())
-        })
-        .await;
+        });
+        let Ok(done) = tokio::time::timeout(KAFKA_CALL_TIMEOUT, committing).await else {
+            self.metrics.commits.with_label_values(&["error"]).inc();
+            warn!(waited = ?KAFKA_CALL_TIMEOUT, "Offset commit not answered in time; treated as failed.");
+            return Err(KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::RequestTimedOut,
+            ));
+        };
         let result = match &done {
             Ok((_, r, _)) => r.clone(),
             Err(_) => Err(KafkaError::Canceled),

@@ -111,6 +111,7 @@ impl VaultContext {
             .send(Command::Revoke {
                 partitions,
                 lost,
+                since: std::time::Instant::now(),
                 reply,
             })
             .is_err()

@@ -42,7 +42,7 @@ use crate::config::Settings;
 use crate::failpoint;
 use crate::kafka::commits::{is_rebalance_refusal, Commits, Key};
 use crate::kafka::context::{VaultConsumer, VaultContext};
-use crate::kafka::resume::Progress;
+use crate::kafka::resume::{self, Progress};
 use crate::kafka::to_record;
 use crate::pipeline::batch::{Batch, InFlightBudget};
 use crate::pipeline::batcher::{Exit, OldestPending, PartitionTask};
@@ -66,6 +66,8 @@ pub enum Command {
         /// The assignment was lost (session expired, evicted): this member is out of the group
         /// until it rejoins, and a commit would be refused.
         lost: bool,
+        /// When the rebalance callback began to wait: the revoke's deadlines count from here.
+        since: std::time::Instant,
         reply: SyncSender<()>,
     },
     /// A message of an assigned partition arrived on the main queue (a partition queue was
@@ -209,8 +211,22 @@ impl Coordinator {
     async fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Assign(assigned) => {
-                for a in assigned {
-                    self.restarting.remove(&(a.topic.clone(), a.partition));
+                for mut a in assigned {
+                    let key: Key = (a.topic.clone(), a.partition);
+                    self.restarting.remove(&key);
+                    // An earlier incarnation not yet gone (its revoke timed out) would, when
+                    // dropped, switch off the wake-up of the partition's queue, which every
+                    // handle shares: let it go first, then take a fresh handle.
+                    if self.retire(&key).await {
+                        drop(a.queue);
+                        match self.consumer.split_partition_queue(&key.0, key.1) {
+                            Some(queue) => a.queue = queue,
+                            None => {
+                                error!(topic = %key.0, partition = key.1, "Cannot split the queue of an assigned partition.");
+                                continue;
+                            }
+                        }
+                    }
                     self.start(a, None, 0);
                 }
                 self.health.set_in_group(true);
@@ -221,6 +237,7 @@ impl Coordinator {
             Command::Revoke {
                 partitions,
                 lost,
+                since,
                 reply,
             } => {
                 if lost {
@@ -230,9 +247,12 @@ impl Coordinator {
                     .into_iter()
                     .map(|(t, p)| (Arc::from(t), p))
                     .collect();
-                let stop = self.deadlines.revoke(Instant::now());
+                let stop = self.deadlines.revoke(Instant::from_std(since));
                 let finals = self.drain(&keys, FlushReason::Revoke, stop).await;
-                if !lost {
+                if lost {
+                    // Settle the commit in flight before forgetting what it confirms.
+                    let _ = self.commits.commit_now(Vec::new()).await;
+                } else {
                     self.commit_revoked(finals).await;
                 }
                 for key in &keys {
@@ -253,8 +273,13 @@ impl Coordinator {
                     warn!(topic = %key.0, partition, offset, "Message of an assigned partition arrived on the main queue; restarting the partition where it must resume.");
                     r.abort.abort();
                     r.cancel.cancel();
-                    let resume_at = r.progress.resume_at().or(self.commits.confirmed(&key));
-                    self.schedule_restart(key, resume_at, r.failures);
+                    // The stray itself was taken off the main queue: resume at or before it.
+                    let resume_at = r
+                        .progress
+                        .resume_at()
+                        .or(self.commits.confirmed(&key))
+                        .map_or(offset, |o| o.min(offset));
+                    self.schedule_restart(key, Some(resume_at), r.failures);
                 }
             }
             Command::Restart {
@@ -317,6 +342,10 @@ impl Coordinator {
         let abort = self.tasks.spawn(async move {
             let records = queue.stream().map(|m| match m {
                 Ok(m) => {
+                    // A record lost to a read error (failpoint): not noted, never batched.
+                    if failpoint::hit("kafka::read", &topic, Some(m.offset())) {
+                        return Err(format!("failpoint kafka::read at offset {}", m.offset()));
+                    }
                     // Noted before decoding: a record that panics the decoder was read.
                     read.note_read(m.offset());
                     if failpoint::hit("kafka::decode", &topic, Some(m.offset())) {
@@ -347,6 +376,28 @@ impl Coordinator {
             old.abort.abort();
             old.cancel.cancel();
         }
+    }
+
+    /// Aborts and joins every incarnation of `key` still in the task set; whether there was one.
+    async fn retire(&mut self, key: &Key) -> bool {
+        let mut retired = false;
+        if let Some(r) = self.running.remove(key) {
+            r.abort.abort();
+            r.cancel.cancel();
+        }
+        // Incarnations still in the set were aborted by the drain that gave up on them (or just
+        // above): they end at their next poll.
+        while self.ids.values().any(|(k, _)| k == key) {
+            retired = true;
+            match self.tasks.join_next_with_id().await {
+                Some(joined) => {
+                    let ended = self.ended(joined);
+                    self.on_task_end(ended);
+                }
+                None => break,
+            }
+        }
+        retired
     }
 
     fn ended(
@@ -453,12 +504,12 @@ impl Coordinator {
     }
 
     async fn commit_revoked(&mut self, finals: Vec<(Key, i64)>) {
-        if finals.is_empty() {
-            return;
-        }
+        // Even with nothing to commit, the periodic commit in flight is awaited: it must not
+        // land after the partitions are handed over.
         let n = finals.len();
         match self.commits.commit_now(finals).await {
-            Ok(()) => info!(partitions = n, "Committed revoked partitions."),
+            Ok(()) if n > 0 => info!(partitions = n, "Committed revoked partitions."),
+            Ok(()) => {}
             Err(e) => {
                 warn!(error = %e, "Commit on revoke failed; the next owner replays from the previous commit.")
             }
@@ -533,39 +584,53 @@ impl Coordinator {
     /// Seeks a failed partition to where it must resume, then starts its next incarnation. A
     /// failed seek starts nothing: the restart is tried again after a longer backoff.
     async fn restart(&mut self, key: Key, pending: PendingRestart) {
-        if let Some(offset) = pending.resume_at {
-            let consumer = self.consumer.clone();
-            let (topic, partition) = (key.0.to_string(), key.1);
-            let sought = tokio::task::spawn_blocking(move || {
-                if failpoint::hit("kafka::seek", &topic, Some(offset)) {
-                    return Err(rdkafka::error::KafkaError::Seek(
-                        "failpoint kafka::seek".into(),
-                    ));
-                }
-                consumer.seek(
-                    &topic,
-                    partition,
-                    Offset::Offset(offset),
-                    deadline::KAFKA_CALL_TIMEOUT,
-                )
-            })
-            .await;
-            match sought {
-                Ok(Ok(())) => {
-                    info!(topic = %key.0, partition = key.1, offset, "Partition rewound.")
-                }
-                Ok(Err(e)) => {
-                    error!(topic = %key.0, partition = key.1, offset, error = %e, "Seek failed; the partition is not started, and the restart is tried again.");
-                    self.schedule_restart(key, pending.resume_at, pending.failures + 1);
-                    return;
-                }
+        // No position known (the failed incarnation read nothing, e.g. its first item was a
+        // read error that skipped records): the group's committed offset, never "where the
+        // queue stands".
+        let target = match pending.resume_at {
+            Some(o) => Offset::Offset(o),
+            None => match self.committed(&key).await {
+                Ok(committed) => resume::without_progress(
+                    committed,
+                    self.settings.config.kafka.auto_offset_reset == "earliest",
+                ),
                 Err(e) => {
-                    error!(topic = %key.0, partition = key.1, error = %e, "Seek task failed; the restart is tried again.");
+                    error!(topic = %key.0, partition = key.1, error = %e, "Cannot read the committed offset; the partition is not started, and the restart is tried again.");
                     self.schedule_restart(key, pending.resume_at, pending.failures + 1);
                     return;
                 }
+            },
+        };
+        let consumer = self.consumer.clone();
+        let (topic, partition) = (key.0.to_string(), key.1);
+        let sought = tokio::task::spawn_blocking(move || {
+            if failpoint::hit("kafka::seek", &topic, None) {
+                return Err(rdkafka::error::KafkaError::Seek(
+                    "failpoint kafka::seek".into(),
+                ));
+            }
+            consumer.seek(&topic, partition, target, deadline::KAFKA_CALL_TIMEOUT)
+        })
+        .await;
+        match sought {
+            Ok(Ok(())) => {
+                info!(topic = %key.0, partition = key.1, position = ?target, "Partition rewound.")
+            }
+            Ok(Err(e)) => {
+                error!(topic = %key.0, partition = key.1, position = ?target, error = %e, "Seek failed; the partition is not started, and the restart is tried again.");
+                self.schedule_restart(key, pending.resume_at, pending.failures + 1);
+                return;
+            }
+            Err(e) => {
+                error!(topic = %key.0, partition = key.1, error = %e, "Seek task failed; the restart is tried again.");
+                self.schedule_restart(key, pending.resume_at, pending.failures + 1);
+                return;
             }
         }
+        let start = match target {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        };
         match self.consumer.split_partition_queue(&key.0, key.1) {
             Some(queue) => self.start(
                 Assigned {
@@ -573,7 +638,7 @@ impl Coordinator {
                     partition: key.1,
                     queue,
                 },
-                pending.resume_at,
+                start,
                 pending.failures,
             ),
             None => {
@@ -581,6 +646,25 @@ impl Coordinator {
                 self.schedule_restart(key, pending.resume_at, pending.failures + 1);
             }
         }
+    }
+
+    /// The group's committed offset of a partition, from the broker (`None`: nothing committed).
+    async fn committed(&self, key: &Key) -> Result<Option<i64>, rdkafka::error::KafkaError> {
+        let consumer = self.consumer.clone();
+        let (topic, partition) = (key.0.to_string(), key.1);
+        tokio::task::spawn_blocking(move || {
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition(&topic, partition);
+            let got = consumer.committed_offsets(tpl, deadline::KAFKA_CALL_TIMEOUT)?;
+            Ok(
+                match got.find_partition(&topic, partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => None,
+                },
+            )
+        })
+        .await
+        .map_err(|_| rdkafka::error::KafkaError::Canceled)?
     }
 
     /// Hands every partition's committable offset to the committer, which sends those ahead of
@@ -668,7 +752,7 @@ impl Coordinator {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                         Some(cmd) = commands.recv() => {
-                            if let Command::Revoke { partitions, lost, reply } = cmd {
+                            if let Command::Revoke { partitions, lost, reply, .. } = cmd {
                                 let (revoked, kept): (Vec<_>, Vec<_>) = pending
                                     .into_iter()
                                     .partition(|(k, _)| partitions.iter().any(|(t, p)| **t == *k.0 && *p == k.1));

@@ -51,8 +51,10 @@ const HEADROOM_BYTES: usize = 8 * 1024;
 /// A send in which some letters were not acknowledged.
 #[derive(Debug, Clone)]
 pub struct SendFailure {
-    /// The first error seen; [`is_permanent`] tells whether retrying can help.
+    /// A permanent error if any letter met one (see [`is_permanent`]), else the first error.
     pub error: KafkaError,
+    /// Whether some letter was refused for good: retrying cannot help it.
+    pub permanent: bool,
     /// Indices (into the slice given to `send`) of the letters not acknowledged.
     pub unsent: Vec<usize>,
 }
@@ -61,6 +63,7 @@ impl SendFailure {
     /// A failure of every letter.
     pub fn all(error: KafkaError, len: usize) -> Self {
         SendFailure {
+            permanent: is_permanent(&error),
             error,
             unsent: (0..len).collect(),
         }
@@ -95,6 +98,8 @@ pub fn is_permanent(e: &KafkaError) -> bool {
                 | C::UnknownPartition
                 | C::InvalidRequiredAcks
                 | C::PolicyViolation
+                // A fatal (idempotent) producer fails every letter from then on.
+                | C::Fatal
         )
     )
 }
@@ -305,7 +310,13 @@ impl DeadLetterSink for KafkaDeadLetters {
                     }
                     None => {
                         unsent.push(i);
-                        first_error.get_or_insert(e);
+                        // Every letter's error is classified: a permanent one is reported.
+                        let keep = first_error
+                            .as_ref()
+                            .is_none_or(|f: &KafkaError| !is_permanent(f) && is_permanent(&e));
+                        if keep {
+                            first_error = Some(e);
+                        }
                     }
                 }
             }
@@ -314,7 +325,11 @@ impl DeadLetterSink for KafkaDeadLetters {
             None => Ok(()),
             Some(error) => {
                 unsent.sort_unstable();
-                Err(SendFailure { error, unsent })
+                Err(SendFailure {
+                    permanent: is_permanent(&error),
+                    error,
+                    unsent,
+                })
             }
         }
     }
@@ -381,6 +396,7 @@ impl DeadLetterSink for MemoryDeadLetters {
             g.letters.push(letters[0].clone());
             return Err(SendFailure {
                 error: KafkaError::MessageProduction(RDKafkaErrorCode::BrokerTransportFailure),
+                permanent: false,
                 unsent: (1..letters.len()).collect(),
             });
         }
@@ -397,6 +413,7 @@ impl DeadLetterSink for MemoryDeadLetters {
         } else {
             Err(SendFailure {
                 error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                permanent: true,
                 unsent,
             })
         }

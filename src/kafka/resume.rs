@@ -5,8 +5,11 @@
 //! incarnation of a partition task records, in its [`Progress`], where it was told to start, the
 //! first offset it took off the queue (before decoding, so a record that panics the decoder
 //! counts as read), and the committable offset its durable batches reached. [`Progress::resume_at`]
-//! turns those into the restart position; the coordinator seeks there before the next
-//! incarnation starts, and does not start it when the seek fails.
+//! turns those into the restart position; when it knows none (the incarnation read nothing and
+//! was not sought: its first item may have been a read error that skipped records),
+//! [`without_progress`] gives the group's committed offset instead, never "where the queue
+//! stands". The coordinator seeks there before the next incarnation starts, and does not start
+//! it when the seek fails.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -69,9 +72,29 @@ impl Progress {
     }
 }
 
+/// Where a partition resumes when no incarnation recorded a position: the group's committed
+/// offset, else where `auto.offset.reset` starts a partition without one.
+pub fn without_progress(committed: Option<i64>, reset_earliest: bool) -> rdkafka::Offset {
+    match committed {
+        Some(o) => rdkafka::Offset::Offset(o),
+        None if reset_earliest => rdkafka::Offset::Beginning,
+        None => rdkafka::Offset::End,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_no_position_known_the_committed_offset_rules() {
+        assert_eq!(
+            without_progress(Some(40), true),
+            rdkafka::Offset::Offset(40)
+        );
+        assert_eq!(without_progress(None, true), rdkafka::Offset::Beginning);
+        assert_eq!(without_progress(None, false), rdkafka::Offset::End);
+    }
 
     #[test]
     fn a_task_that_made_nothing_durable_resumes_at_the_first_record_it_read() {

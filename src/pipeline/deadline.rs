@@ -59,9 +59,10 @@ impl Deadlines {
     }
 
     /// How long the rebalance callback waits for the coordinator to drain and commit revoked
-    /// partitions: the whole revoke stop plus one commit.
+    /// partitions: the whole revoke stop (counted from when the callback began to wait), then
+    /// the periodic commit in flight and the revoke's own commit, each bounded.
     pub fn revoke_reply_wait(&self) -> Duration {
-        self.revoke_timeout + DRAIN_GRACE + KAFKA_CALL_TIMEOUT
+        self.revoke_timeout + DRAIN_GRACE + 2 * KAFKA_CALL_TIMEOUT
     }
 }
 

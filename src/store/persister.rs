@@ -29,7 +29,7 @@ use tracing::{error, warn};
 
 use crate::config::{InvalidPolicy, RetrySettings};
 use crate::event::{Event, EventError};
-use crate::kafka::dead_letter::{is_permanent, DeadLetterSink};
+use crate::kafka::dead_letter::DeadLetterSink;
 use crate::pipeline::batch::{Batch, BatchOutcome, DeadLetter};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{Health, Metrics};
@@ -156,16 +156,23 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
     ) -> Result<(), String> {
         let mut pending: Vec<&Event> = batch.events().collect();
         let mut backoff = self.backoff();
-        let mut failing = false;
+        // Ends the readiness failure however this returns, a caught panic included.
+        let mut failing: Option<Failing<'_>> = None;
         while !pending.is_empty() {
             let result = {
                 let _slot = tokio::select! {
                     biased;
-                    _ = self.cancelled(batch) => return Err(self.give_up(failing, "before writing")),
-                    slot = slots.acquire(failing) => slot,
+                    _ = self.cancelled(batch) => return Err(give_up("before writing")),
+                    slot = slots.acquire(failing.is_some()) => slot,
                 };
                 let started = Instant::now();
-                let result = self.write(&pending).await;
+                // Cancellation interrupts a write in progress too: its rows may land anyway,
+                // which a replay makes harmless.
+                let result = tokio::select! {
+                    biased;
+                    _ = self.cancelled(batch) => return Err(give_up("while writing")),
+                    result = self.write(&pending) => result,
+                };
                 self.metrics
                     .batch_write_duration
                     .observe(started.elapsed().as_secs_f64());
@@ -202,9 +209,8 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 );
                 break;
             }
-            if !failing {
-                failing = true;
-                self.health.failure_began();
+            if failing.is_none() {
+                failing = Some(Failing::began(&self.health));
             }
             self.metrics
                 .store_retries
@@ -220,14 +226,12 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
             tokio::select! {
                 biased;
                 _ = self.cancelled(batch) => {
-                    return Err(self.give_up(true, &failure.error.to_string()));
+                    return Err(give_up(&failure.error.to_string()));
                 }
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-        if failing {
-            self.health.failure_ended();
-        }
+        drop(failing);
         self.observe_latency(batch);
         Ok(())
     }
@@ -243,13 +247,6 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
             }
         }
         self.store.write(events).await
-    }
-
-    fn give_up(&self, failing: bool, last: &str) -> String {
-        if failing {
-            self.health.failure_ended();
-        }
-        format!("gave up writing: cancelled at its stop deadline ({last})")
     }
 
     /// Kafka timestamp → durable, for every event of a batch whose writes are all done.
@@ -303,7 +300,8 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         slots: &Slots,
     ) -> Result<(), String> {
         let mut backoff = self.backoff();
-        let mut refused = false;
+        // Ends the readiness refusal however this returns, a caught panic included.
+        let mut refused: Option<Refused<'_>> = None;
         let mut retry = false;
         let result = loop {
             let sent = {
@@ -312,7 +310,11 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                     _ = self.cancelled(batch) => break Err("gave up dead-lettering: cancelled at its stop deadline".to_string()),
                     slot = slots.acquire(retry) => slot,
                 };
-                self.dead_letters.send(&pending).await
+                tokio::select! {
+                    biased;
+                    _ = self.cancelled(batch) => break Err("gave up dead-lettering: cancelled at its stop deadline".to_string()),
+                    sent = self.dead_letters.send(&pending) => sent,
+                }
             };
             let failure = match sent {
                 Ok(()) => {
@@ -335,7 +337,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 .collect();
             self.count_dead_lettered(batch, &acknowledged);
             pending = unsent;
-            let permanent = is_permanent(&failure.error);
+            let permanent = failure.permanent;
             let delay = if permanent {
                 self.retry.max_backoff
             } else {
@@ -350,9 +352,8 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                     .dead_letters_refused
                     .with_label_values(&[&*batch.topic, code.as_str()])
                     .inc();
-                if !refused {
-                    refused = true;
-                    self.health.refusal_began(&failure.error.to_string());
+                if refused.is_none() {
+                    refused = Some(Refused::began(&self.health, &failure.error.to_string()));
                 }
                 error!(topic = %batch.topic, partition = batch.partition, first_offset = pending.first().map(|d| d.source.offset), letters = pending.len(), error = %failure.error, retry_in = ?delay, "The dead-letter topic refuses letters for good; the partition is stalled until the topic is fixed.");
             } else {
@@ -368,9 +369,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 _ = tokio::time::sleep(delay) => {}
             }
         };
-        if refused {
-            self.health.refusal_ended();
-        }
+        drop(refused);
         result
     }
 
@@ -390,6 +389,42 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
             .with_jitter()
             .without_max_times()
             .build()
+    }
+}
+
+fn give_up(last: &str) -> String {
+    format!("gave up writing: cancelled at its stop deadline ({last})")
+}
+
+/// A batch whose writes are failing, counted by readiness until dropped.
+struct Failing<'a>(&'a Health);
+
+impl<'a> Failing<'a> {
+    fn began(health: &'a Health) -> Self {
+        health.failure_began();
+        Failing(health)
+    }
+}
+
+impl Drop for Failing<'_> {
+    fn drop(&mut self) {
+        self.0.failure_ended();
+    }
+}
+
+/// A batch whose dead letters are refused for good, counted by readiness until dropped.
+struct Refused<'a>(&'a Health);
+
+impl<'a> Refused<'a> {
+    fn began(health: &'a Health, error: &str) -> Self {
+        health.refusal_began(error);
+        Refused(health)
+    }
+}
+
+impl Drop for Refused<'_> {
+    fn drop(&mut self) {
+        self.0.refusal_ended();
     }
 }
 

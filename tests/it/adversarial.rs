@@ -53,6 +53,45 @@ async fn a_partition_that_panics_before_its_first_durable_batch_loses_nothing() 
     vault.stop().await;
 }
 
+/// A read error as the very first item of an assignment (records skipped, nothing read yet, no
+/// position known): the restart seeks to the committed offset, never reads on from where the
+/// queue stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_error_before_anything_was_read_resumes_at_the_committed_offset() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("read-error"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    let produced: BTreeSet<_> = kafka
+        .produce_events(&topic, 1, 0, 200)
+        .await
+        .into_iter()
+        .collect();
+    // Offset 0 is lost to a read error: librdkafka would move on past it.
+    fail::cfg("kafka::read", &format!("return({topic}@0)")).unwrap();
+    let memory = MemoryStore::new();
+    let vault = Running::start(
+        settings(&kafka.brokers, &topic, &group),
+        memory.clone(),
+        MemoryDeadLetters::default(),
+    );
+    wait_until("the partition restarted", Duration::from_secs(60), || {
+        let restarts = vault.counter("vault_partition_restarts_total");
+        async move {
+            (restarts >= 1.0)
+                .then_some(())
+                .ok_or(format!("{restarts} restarts"))
+        }
+    })
+    .await;
+    fail::remove("kafka::read");
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    assert_eq!(stored_positions(&memory), produced, "nothing skipped");
+    vault.stop().await;
+}
+
 /// A panic while adding to a batch and a failing seek before the restart: the partition is not
 /// started until the seek succeeds, and then resumes where it must.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
