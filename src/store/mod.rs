@@ -5,6 +5,7 @@
 //! event it was given is durable. Writes must be idempotent (same event, same row), because the
 //! pipeline replays on crash, rebalance and retry.
 
+pub mod erasure;
 pub mod memory;
 pub mod persister;
 pub mod scylla;

@@ -38,6 +38,10 @@ use crate::store::{version, Store, StoreError, WriteFailure};
 
 /// The table vault writes.
 pub const TABLE: &str = "user_activity";
+/// The index of each user's days (see [`user_days_cql`]).
+pub const USER_DAYS: &str = "user_days";
+/// The record of erasures (see [`erasures_cql`]).
+pub const ERASURES: &str = "erasures";
 
 /// `CREATE KEYSPACE` for these settings.
 pub fn keyspace_cql(c: &ScyllaConfig) -> String {
@@ -83,13 +87,49 @@ pub fn table_cql(c: &ScyllaConfig) -> String {
     )
 }
 
+/// The index of each user's days: one row per `(user_id, day)` that holds activity, written
+/// before the activity itself, so an erasure finds every partition of a user without a scan.
+pub fn user_days_cql(c: &ScyllaConfig) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {ks}.{USER_DAYS} (
+    user_id text,
+    day date,
+    PRIMARY KEY ((user_id), day)
+) WITH CLUSTERING ORDER BY (day DESC)
+  AND default_time_to_live = {ttl};",
+        ks = c.keyspace,
+        ttl = c.default_ttl.as_secs()
+    )
+}
+
+/// The record of every erasure: who or what asked, when, through which time, how many
+/// partitions were deleted.
+pub fn erasures_cql(c: &ScyllaConfig) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {ks}.{ERASURES} (
+    user_id text,
+    requested_at timestamp,
+    requested_by text,
+    erased_through timestamp,
+    partitions int,
+    PRIMARY KEY ((user_id), requested_at)
+) WITH CLUSTERING ORDER BY (requested_at DESC);",
+        ks = c.keyspace
+    )
+}
+
+/// Every table of the schema, in creation order.
+fn tables_cql(c: &ScyllaConfig) -> [String; 3] {
+    [table_cql(c), user_days_cql(c), erasures_cql(c)]
+}
+
 /// The whole schema as a .cql script (what `deploy/cql/schema.cql` holds for the defaults).
 pub fn schema_script(c: &ScyllaConfig) -> String {
     format!(
         "-- vault schema. Generated from the code (vault::store::scylla::schema_script) for the default\n\
          -- settings; `vault migrate` runs the same statements with the configured values.\n\n{}\n\n{}\n",
         keyspace_cql(c),
-        table_cql(c)
+        tables_cql(c).join("\n\n")
     )
 }
 
@@ -176,7 +216,7 @@ pub fn tls_context(c: &ScyllaConfig) -> Result<Option<SslContext>, StoreError> {
 
 /// Creates the keyspace and table if missing and waits for schema agreement. Idempotent.
 pub async fn migrate(session: &Session, c: &ScyllaConfig) -> Result<(), StoreError> {
-    for cql in [keyspace_cql(c), table_cql(c)] {
+    for cql in std::iter::once(keyspace_cql(c)).chain(tables_cql(c)) {
         session
             .query_unpaged(cql.as_str(), &[])
             .await
@@ -279,6 +319,8 @@ pub fn classify(e: &ExecutionError) -> StoreError {
 pub struct ScyllaStore {
     session: Arc<Session>,
     insert: PreparedStatement,
+    index: PreparedStatement,
+    keyspace: String,
     max_batch_rows: usize,
     max_batch_bytes: usize,
     permits: Arc<Semaphore>,
@@ -319,9 +361,24 @@ impl ScyllaStore {
                 }
             })?;
         insert.set_is_idempotent(true);
+        let mut index = session
+            .prepare(format!(
+                "INSERT INTO {}.{USER_DAYS} (user_id, day) VALUES (?, ?) USING TIMESTAMP ?",
+                c.keyspace
+            ))
+            .await
+            .map_err(|e| match classify(&ExecutionError::PrepareError(e)) {
+                StoreError::Schema(m) | StoreError::Invalid(m) => StoreError::Schema(format!(
+                    "{m}: run `vault migrate` (or `vault run --migrate`)"
+                )),
+                other => other,
+            })?;
+        index.set_is_idempotent(true);
         Ok(ScyllaStore {
             session,
             insert,
+            index,
+            keyspace: c.keyspace.clone(),
             max_batch_rows: c.max_batch_rows,
             max_batch_bytes: c.max_batch_bytes,
             permits: Arc::new(Semaphore::new(c.max_concurrent_requests)),
@@ -331,6 +388,10 @@ impl ScyllaStore {
 
     pub fn session(&self) -> &Arc<Session> {
         &self.session
+    }
+
+    pub fn keyspace(&self) -> &str {
+        &self.keyspace
     }
 
     /// Splits events into requests: one group per `(user_id, day)`, cut by the row and byte caps.
@@ -376,6 +437,17 @@ impl ScyllaStore {
             .acquire()
             .await
             .expect("the semaphore is never closed");
+        // The day goes into the user's index first, at the newest version it holds: an erasure
+        // that reads the index before the rows land still deletes their partition, and one
+        // that comes after finds it.
+        let first = events[rows[0]];
+        let version = rows.iter().map(|&i| version::of(events[i])).max();
+        self.session
+            .execute_unpaged(
+                &self.index,
+                (first.user_id(), cql_day(first.day()), version.unwrap_or(0)),
+            )
+            .await?;
         if let [i] = rows {
             self.session
                 .execute_unpaged(&self.insert, values(events[*i]))
@@ -411,7 +483,7 @@ type Row<'a> = (
 /// The bound values of one row: its fields, and its version (see [`version`]) as the write
 /// timestamp, so a replay writes exactly the same cells.
 fn values(e: &Event) -> Row<'_> {
-    let day = CqlDate(((1i64 << 31) + e.day()) as u32);
+    let day = cql_day(e.day());
     (
         e.user_id(),
         day,
@@ -426,6 +498,11 @@ fn values(e: &Event) -> Row<'_> {
         CqlTimestamp(version::kafka_timestamp_ms(e)),
         version::of(e),
     )
+}
+
+/// A day (days since 1970-01-01) as CQL's `date`.
+pub fn cql_day(day: i64) -> CqlDate {
+    CqlDate(((1i64 << 31) + day) as u32)
 }
 
 fn row_size(e: &Event) -> usize {

@@ -264,6 +264,12 @@ async fn a_batch_of_500_users_costs_one_request_per_user_and_day() {
         })
         .collect();
     assert_eq!(writes.len(), 500, "one request per (user_id, day) group");
+    let index = node
+        .requests()
+        .into_iter()
+        .filter(|r| r.opcode == "EXECUTE" && r.statement.contains("user_days"))
+        .count();
+    assert_eq!(index, 500, "and one to the user's index of days");
     assert!(writes
         .iter()
         .all(|r| r.rows == 3 && r.consistency == Some("LOCAL_QUORUM")));
