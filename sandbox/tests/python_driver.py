@@ -5,6 +5,7 @@ node, VAULT_SANDBOX_CONTROL its control port (used to inject faults)."""
 
 import datetime
 import os
+import time
 import socket
 import sys
 import uuid
@@ -91,6 +92,14 @@ def main():
         s.execute(put, (c, ts))
     live = [r.c for r in s.execute("SELECT c FROM py.tombs WHERE p = 'a'")]
     assert live == [2, 5], live
+
+    # USING TTL: TTL() counts down, and an expired cell is gone.
+    s.execute(s.prepare("INSERT INTO py.versions (k, v) VALUES (?, ?) USING TIMESTAMP ? AND TTL ?"), ("ttl", "x", 10, 100))
+    left = s.execute("SELECT TTL(v) FROM py.versions WHERE k = 'ttl'").one()[0]
+    assert 90 <= left <= 100, left
+    s.execute("INSERT INTO py.versions (k, v) VALUES ('short', 'x') USING TTL 1")
+    time.sleep(2.1)  # past the TTL: the expiry itself is the behaviour under test
+    assert s.execute("SELECT v FROM py.versions WHERE k = 'short'").one() is None
 
     s.execute("INSERT INTO py.versions (k, v) VALUES ('now', 'x')")
     plain = s.execute("SELECT WRITETIME(v) FROM py.versions WHERE k = 'now'").one()[0]

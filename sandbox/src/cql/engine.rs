@@ -39,8 +39,9 @@ pub struct Table {
     pub ck: Vec<usize>,
     pub desc: Vec<bool>,
     /// Partition sort key → (clustering sort key → row of all columns, followed by each
-    /// column's write timestamp: cell `i`'s timestamp, microseconds as a big-endian bigint, is
-    /// at `columns.len() + i`).
+    /// column's write timestamp, then each column's expiry: with `n` columns, cell `i`'s
+    /// timestamp (microseconds, a big-endian bigint) is at `n + i` and its expiry (seconds since
+    /// the epoch, big-endian; absent: never) at `2n + i`).
     pub rows: BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<Value>>>,
     /// Tombstones by (partition key, clustering key; `None` for the whole partition), with
     /// their timestamps: they shadow every cell written at or before them, whenever it arrives.
@@ -56,6 +57,32 @@ impl Table {
             .get(&(p.to_vec(), Some(c.to_vec())))
             .copied();
         part.max(row)
+    }
+
+    /// Drops the cells whose TTL has run out at `now` (seconds), and the rows left with none.
+    fn expire(&mut self, now: i64) {
+        let n = self.columns.len();
+        for part in self.rows.values_mut() {
+            for row in part.values_mut() {
+                for i in 0..n {
+                    let expired = row[2 * n + i]
+                        .as_deref()
+                        .and_then(|b| b.try_into().ok())
+                        .map(i64::from_be_bytes)
+                        .is_some_and(|at| at <= now);
+                    if expired {
+                        row[i] = None;
+                        row[n + i] = None;
+                        row[2 * n + i] = None;
+                    }
+                }
+                if row[n..2 * n].iter().all(Option::is_none) {
+                    row.clear();
+                }
+            }
+            part.retain(|_, row| !row.is_empty());
+        }
+        self.rows.retain(|_, part| !part.is_empty());
     }
 
     /// Drops the cells the tombstones shadow, and the rows left with no live cell.
@@ -80,6 +107,7 @@ impl Table {
                     if cell_ts(row, i).is_some_and(|ts| ts <= tomb) {
                         row[i] = None;
                         row[n + i] = None;
+                        row[2 * n + i] = None;
                     }
                 }
                 // The row lives while a regular cell does, or its key was written after the
@@ -292,7 +320,7 @@ impl Database {
             row[i] = v.clone();
             set[i] = true;
         }
-        upsert(t, row, &set, now_micros());
+        upsert(t, row, &set, now_micros(), None);
     }
 
     fn delete_where(&mut self, ks: &str, table: &str, column: &str, value: &str) {
@@ -342,9 +370,13 @@ impl Database {
                 columns,
                 values,
                 timestamp,
+                ttl,
             } => {
                 let (ks, tn) = self.resolve(table, current)?;
                 let t = self.table(&ks, &tn).expect("resolved");
+                if let Some(Term::Bind(i)) = ttl {
+                    binds[*i] = Some(("[ttl]".into(), CqlType::Int));
+                }
                 for (c, v) in columns.iter().zip(values) {
                     if let Term::Bind(i) = v {
                         binds[*i] = Some((c.clone(), t.column(c)?.1.ty.clone()));
@@ -592,9 +624,28 @@ impl Database {
                 columns,
                 values,
                 timestamp,
+                ttl,
             } => {
                 let (ks, tn) = self.resolve(table, current)?;
                 let ts = write_timestamp(timestamp.as_ref(), bound)?;
+                let expiry = match ttl {
+                    None => None,
+                    Some(term) => {
+                        let v = term_value(&CqlType::Int, term, bound)?
+                            .ok_or_else(|| EngineError::Invalid("TTL must not be null".into()))?;
+                        let secs = i32::from_be_bytes(
+                            v.as_slice()
+                                .try_into()
+                                .map_err(|_| EngineError::Invalid("bad TTL".into()))?,
+                        );
+                        if secs < 0 {
+                            return Err(EngineError::Invalid(format!(
+                                "A TTL must be greater or equal to 0, but was {secs}"
+                            )));
+                        }
+                        (secs > 0).then(|| now_secs() + i64::from(secs))
+                    }
+                };
                 let t = self
                     .keyspaces
                     .get_mut(&ks)
@@ -616,7 +667,7 @@ impl Database {
                         )));
                     }
                 }
-                upsert(t, row, &set, ts);
+                upsert(t, row, &set, ts, expiry);
                 Ok(Outcome::Void)
             }
             Statement::Select {
@@ -627,6 +678,13 @@ impl Database {
                 limit,
             } => {
                 let (ks, tn) = self.resolve(table, current)?;
+                if let Some(t) = self
+                    .keyspaces
+                    .get_mut(&ks)
+                    .and_then(|k| k.tables.get_mut(&tn))
+                {
+                    t.expire(now_secs());
+                }
                 let t = self.table(&ks, &tn).expect("resolved");
                 let mut rows = matching_rows(t, relations, bound)?;
                 if let (Some(desc), Some(first_desc)) = (order_desc, t.desc.first()) {
@@ -656,15 +714,29 @@ impl Database {
                     }
                     _ => {
                         let n = t.columns.len();
+                        let now = now_secs();
                         let idx: Vec<usize> = columns
                             .iter()
-                            .map(|(name, _)| match writetime_of(name) {
-                                Some(column) => t.column(column).map(|(i, _)| n + i),
-                                None => t.column(name).map(|(i, _)| i),
+                            .map(|(name, _)| match (writetime_of(name), ttl_of(name)) {
+                                (Some(column), _) => t.column(column).map(|(i, _)| n + i),
+                                (_, Some(column)) => t.column(column).map(|(i, _)| 2 * n + i),
+                                _ => t.column(name).map(|(i, _)| i),
                             })
                             .collect::<Result<_, _>>()?;
                         rows.into_iter()
-                            .map(|r| idx.iter().map(|&i| r[i].clone()).collect())
+                            .map(|r| {
+                                idx.iter()
+                                    .map(|&i| match i {
+                                        // TTL(): the seconds left, as an int.
+                                        i if i >= 2 * n => r[i].as_deref().map(|b| {
+                                            let at =
+                                                i64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
+                                            (((at - now).max(0)) as i32).to_be_bytes().to_vec()
+                                        }),
+                                        i => r[i].clone(),
+                                    })
+                                    .collect()
+                            })
                             .collect()
                     }
                 };
@@ -741,6 +813,7 @@ impl Database {
                 for part in t.rows.values_mut() {
                     for row in part.values_mut() {
                         row.insert(n, None);
+                        row.insert(2 * n + 1, None);
                         row.push(None);
                     }
                 }
@@ -921,6 +994,11 @@ fn partition_keys(
     Ok(keys)
 }
 
+/// The server clock in seconds since the epoch (cell expiry).
+fn now_secs() -> i64 {
+    now_micros() / 1_000_000
+}
+
 /// The server clock as a write timestamp: microseconds since the epoch.
 fn now_micros() -> i64 {
     std::time::SystemTime::now()
@@ -932,7 +1010,7 @@ fn now_micros() -> i64 {
 /// ScyllaDB do: a cell is replaced only by a write with a greater timestamp, or with an equal
 /// timestamp and a greater value (bytes compared unsigned; a null value is the least). So the
 /// outcome does not depend on the order writes arrive in.
-fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool], ts: i64) {
+fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool], ts: i64, expiry: Option<i64>) {
     let n = t.columns.len();
     let (p, c) = (t.pk_key(&row), t.ck_key(&row));
     // A tombstone at or after this write shadows it (a delete wins a tie).
@@ -940,7 +1018,7 @@ fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool], ts: i64) {
         return;
     }
     let part = t.rows.entry(p).or_default();
-    let existing = part.entry(c).or_insert_with(|| vec![None; 2 * n]);
+    let existing = part.entry(c).or_insert_with(|| vec![None; 3 * n]);
     for (i, v) in row.into_iter().enumerate() {
         if !set[i] {
             continue;
@@ -956,6 +1034,7 @@ fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool], ts: i64) {
         if wins {
             existing[i] = v;
             existing[n + i] = Some(ts.to_be_bytes().to_vec());
+            existing[2 * n + i] = expiry.map(|e| e.to_be_bytes().to_vec());
         }
     }
 }
@@ -963,6 +1042,11 @@ fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool], ts: i64) {
 /// `writetime(column)` of a selection: the column it reads.
 fn writetime_of(name: &str) -> Option<&str> {
     name.strip_prefix("writetime(")?.strip_suffix(')')
+}
+
+/// `ttl(column)` of a selection: the column it reads.
+fn ttl_of(name: &str) -> Option<&str> {
+    name.strip_prefix("ttl(")?.strip_suffix(')')
 }
 
 fn type_relations(
@@ -1004,9 +1088,10 @@ fn result_columns(t: &Table, selection: &Selection) -> Result<Vec<(String, CqlTy
         Selection::Count => vec![("count".into(), CqlType::BigInt)],
         Selection::Columns(names) => names
             .iter()
-            .map(|n| match writetime_of(n) {
-                Some(column) => t.column(column).map(|_| (n.clone(), CqlType::BigInt)),
-                None => t.column(n).map(|(_, c)| (c.name.clone(), c.ty.clone())),
+            .map(|n| match (writetime_of(n), ttl_of(n)) {
+                (Some(column), _) => t.column(column).map(|_| (n.clone(), CqlType::BigInt)),
+                (_, Some(column)) => t.column(column).map(|_| (n.clone(), CqlType::Int)),
+                _ => t.column(n).map(|(_, c)| (c.name.clone(), c.ty.clone())),
             })
             .collect::<Result<_, _>>()?,
     })
@@ -1253,6 +1338,39 @@ mod tests {
         )
         .unwrap();
         assert_eq!(live(&mut db), [5]);
+    }
+
+    #[test]
+    fn cells_written_with_a_ttl_expire() {
+        let mut db = Database::new(Ipv4Addr::LOCALHOST);
+        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        run(&mut db, "CREATE TABLE k.t (a text PRIMARY KEY, b text)").unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (a, b) VALUES ('x', 'v') USING TTL 100 AND TIMESTAMP 5",
+        )
+        .unwrap();
+        run(&mut db, "INSERT INTO k.t (a, b) VALUES ('y', 'v')").unwrap();
+        let got = rows(
+            run(
+                &mut db,
+                "SELECT a, ttl(b), writetime(b) FROM k.t WHERE a = 'x'",
+            )
+            .unwrap(),
+        );
+        let left = i32::from_be_bytes(got[0][1].clone().unwrap().try_into().unwrap());
+        assert!((99..=100).contains(&left), "{left}");
+        assert_eq!(got[0][2], Some(5i64.to_be_bytes().to_vec()));
+        // Expire as of a later clock: the row goes; the row without a TTL stays.
+        let t = db
+            .keyspaces
+            .get_mut("k")
+            .and_then(|k| k.tables.get_mut("t"))
+            .unwrap();
+        t.expire(now_secs() + 101);
+        assert_eq!(t.row_count(), 1);
+        let got = rows(run(&mut db, "SELECT ttl(b) FROM k.t WHERE a = 'y'").unwrap());
+        assert_eq!(got, vec![vec![None]], "no TTL");
     }
 
     #[test]

@@ -216,6 +216,8 @@ pub enum Statement {
         values: Vec<Term>,
         /// `USING TIMESTAMP t` (microseconds): the write timestamp of every cell written.
         timestamp: Option<Term>,
+        /// `USING TTL s`: the cells written expire `s` seconds after the write (0: never).
+        ttl: Option<Term>,
     },
     Select {
         table: TableRef,
@@ -250,8 +252,15 @@ impl Statement {
         };
         match self {
             Statement::Insert {
-                values, timestamp, ..
-            } => values.iter().chain(timestamp).for_each(&mut count),
+                values,
+                timestamp,
+                ttl,
+                ..
+            } => values
+                .iter()
+                .chain(timestamp)
+                .chain(ttl)
+                .for_each(&mut count),
             Statement::Select {
                 relations, limit, ..
             } => {
@@ -607,13 +616,15 @@ impl P {
             self.kw("not")?;
             self.kw("exists")?;
         }
-        let mut timestamp = None;
+        let (mut timestamp, mut ttl) = (None, None);
         if self.eat_kw("using") {
             loop {
                 let option = self.ident()?;
                 let term = self.term()?;
                 if option.eq_ignore_ascii_case("timestamp") {
                     timestamp = Some(term);
+                } else if option.eq_ignore_ascii_case("ttl") {
+                    ttl = Some(term);
                 }
                 if !self.eat_kw("and") {
                     break;
@@ -625,6 +636,7 @@ impl P {
             columns,
             values,
             timestamp,
+            ttl,
         })
     }
 
@@ -721,10 +733,12 @@ impl P {
     /// A selected column, or `writetime(column)` (named so in the result).
     fn selector(&mut self) -> Result<String, String> {
         let name = self.ident()?;
-        if name.eq_ignore_ascii_case("writetime") && self.eat_sym("(") {
-            let column = self.ident()?;
-            self.sym(")")?;
-            return Ok(format!("writetime({column})"));
+        for function in ["writetime", "ttl"] {
+            if name.eq_ignore_ascii_case(function) && self.eat_sym("(") {
+                let column = self.ident()?;
+                self.sym(")")?;
+                return Ok(format!("{function}({column})"));
+            }
         }
         Ok(name)
     }
