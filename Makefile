@@ -3,10 +3,10 @@ CARGO ?= cargo
 JOBS  ?= 2
 export CARGO_BUILD_JOBS ?= $(JOBS)
 
-.PHONY: help build test lint fmt fuzz faults chaos demo bench up down build-deps python-deps prometheus-deps rules
+.PHONY: help build test lint fmt fuzz faults chaos demo bench up down build-deps python-deps prometheus-deps rules k8s-deps k8s
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
 
 build: build-deps ## Build the vault binary (release)
 	$(CARGO) build --release --bin vault
@@ -14,7 +14,7 @@ build: build-deps ## Build the vault binary (release)
 # Tests are built with failpoints (see src/failpoint.rs); a release build never has them.
 TEST_FEATURES := --features vault/failpoints
 
-test: build-deps python-deps rules ## Unit and integration tests (in-process Kafka mock cluster and CQL stand-in; no servers needed), with a short chaos run
+test: build-deps python-deps rules k8s ## Unit and integration tests (in-process Kafka mock cluster and CQL stand-in; no servers needed), with a short chaos run
 	$(CARGO) test --workspace --all-targets $(TEST_FEATURES)
 
 python-deps: ## The Python driver (scylla-driver, cqlsh's base) for the CQL stand-in conformance test
@@ -37,6 +37,22 @@ prometheus-deps: ## Prometheus and promtool (Debian's package), installed when m
 rules: prometheus-deps ## Check the Prometheus config and alert rules, and run their unit tests
 	promtool check config deploy/prometheus/prometheus.yml
 	promtool test rules deploy/prometheus/alerts.test.yml
+
+# kubernetes-validate ships the Kubernetes JSON schemas, so the check needs no network or cluster.
+# The KEDA and Prometheus Operator objects (CRDs) have no schema there: tests/it/deploy.rs checks
+# them structurally.
+K8S_VERSIONS := 1.29.0 1.37.0
+k8s-deps: ## kubernetes-validate (PyPI; the Kubernetes schemas, offline), installed when missing
+	@python3 -c 'import kubernetes_validate' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check 'kubernetes-validate==1.37.0'
+
+# Without kubectl (whose kustomize renders deploy/k8s) the files are validated as they are.
+k8s: k8s-deps ## Render deploy/k8s (kubectl kustomize) and validate it, strictly, against the Kubernetes schemas
+	@f=$$(mktemp --suffix=.yaml); \
+	  if command -v kubectl >/dev/null; then kubectl kustomize deploy/k8s > "$$f"; \
+	  else echo "make k8s: no kubectl; validating deploy/k8s's files unrendered"; \
+	    for m in deploy/k8s/*.yaml; do [ "$$m" = deploy/k8s/kustomization.yaml ] || { echo "---"; cat "$$m"; }; done > "$$f"; fi && \
+	  python3 -m kubernetes_validate --strict --quiet --no-warn $(addprefix -k ,$(K8S_VERSIONS)) "$$f"; \
+	  rc=$$?; rm -f "$$f"; [ $$rc -eq 0 ] && echo "deploy/k8s: valid for Kubernetes $(K8S_VERSIONS) (strict)"; exit $$rc
 
 lint: build-deps ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check

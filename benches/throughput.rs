@@ -392,7 +392,7 @@ impl Bench {
             .prepare(
                 "INSERT INTO bench.user_activity (user_id, day, occurred_at, event_id, event_type, \
                  attributes, payload, source_topic, source_partition, source_offset, kafka_timestamp) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?",
             )
             .await
             .expect("prepare");
@@ -417,6 +417,7 @@ impl Bench {
                         i as i64,
                         scylla::value::CqlTimestamp(1_700_000_000_000),
                         vault::store::version::write_timestamp(1_700_000_000_000, i as i64),
+                        0i32,
                     );
                     session
                         .execute_unpaged(insert, values)

@@ -4,15 +4,22 @@
 # processes in one consumer group, ~100K events from `vault produce`, then `vault verify` and a
 # short report. Everything started here is stopped on exit, Ctrl-C or failure.
 #
-# Environment: DEMO_EVENTS (100000), DEMO_PARTITIONS (12), DEMO_BIN_DIR (target/release; the
-# binaries are built there unless DEMO_SKIP_BUILD=1), DEMO_KEEP (keep the work dir), DEMO_PID_FILE
-# (each started process id is appended there, so a caller can check that none is left).
+# Environment: DEMO_EVENTS (100000), DEMO_PARTITIONS (12), DEMO_BIN_DIR (default: the release
+# directory cargo builds into, asked of `cargo metadata`, so CARGO_TARGET_DIR and
+# build.target-dir count; the binaries are built unless DEMO_SKIP_BUILD=1), DEMO_KEEP (keep the
+# work dir), DEMO_PID_FILE (each started process id is appended there, so a caller can check
+# that none is left).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 EVENTS=${DEMO_EVENTS:-100000}
 PARTITIONS=${DEMO_PARTITIONS:-12}
-BIN=${DEMO_BIN_DIR:-target/release}
+if [ -n "${DEMO_BIN_DIR:-}" ]; then
+  BIN=$DEMO_BIN_DIR
+else
+  BIN="$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release"
+fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/vault-demo.XXXXXX")
 PIDS=()
 
@@ -67,6 +74,8 @@ if [ -z "${DEMO_SKIP_BUILD:-}" ]; then
   say "Building vault and vault-sandbox (release)"
   cargo build --release -p vault -p vault-sandbox
 fi
+
+echo "binaries in $BIN"
 
 say "Starting the sandbox: mock Kafka ($PARTITIONS partitions) + CQL stand-in node (in memory, test infrastructure)"
 "$BIN/vault-sandbox" --topic "user-activity:$PARTITIONS" --env-file "$WORK/sandbox.env" >"$WORK/sandbox.out" 2>"$WORK/sandbox.log" &

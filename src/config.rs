@@ -17,7 +17,15 @@ use crate::event::{Limits, MAX_JSON_DEPTH_LIMIT};
 use crate::pipeline::flush::FlushPolicy;
 
 /// Sections a `VAULT_*` variable may address; other `VAULT_*` variables are not configuration.
-const SECTIONS: [&str; 6] = ["kafka", "batch", "pipeline", "scylla", "metrics", "log"];
+const SECTIONS: [&str; 7] = [
+    "kafka",
+    "batch",
+    "pipeline",
+    "scylla",
+    "retention",
+    "metrics",
+    "log",
+];
 
 /// librdkafka options that vault owns, because the delivery guarantee depends on them.
 const RESERVED_KAFKA_OPTIONS: [(&str, &str); 6] = [
@@ -45,11 +53,25 @@ pub struct Config {
     pub batch: BatchConfig,
     pub pipeline: PipelineConfig,
     pub scylla: ScyllaConfig,
+    pub retention: RetentionConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// How long stored events live, by event type: a row expires at `occurred_at` + its type's
+/// retention, however often it is written (see `store::retention`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Retention of event types not listed in `event_types`; "0s": none (rows live for the
+    /// table's `scylla.default_ttl`, 0 = forever).
+    #[serde(with = "humantime_serde")]
+    pub default: Duration,
+    /// Retention per event type, e.g. { page_view = "90days", purchase = "7years" }.
+    pub event_types: BTreeMap<String, String>,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// Bootstrap brokers, comma-separated `host:port`.
@@ -82,10 +104,47 @@ pub struct KafkaConfig {
     pub prefetch_bytes: usize,
     /// Raw librdkafka options for the consumer and the dead-letter producer (security, tuning).
     pub options: BTreeMap<String, String>,
+    /// A file of more librdkafka options, one `name=value` a line (`#` starts a comment), such
+    /// as a mounted Secret holding `sasl.username` and `sasl.password`; empty: none. An option
+    /// may be set here or in `options`, not both.
+    #[serde(deserialize_with = "lenient_string")]
+    pub options_file: String,
     /// Accept `isolation.level = read_uncommitted` in `options`, which stores events of aborted
     /// transactions. One of the explicit opt-ins that weaken the delivery guarantee (see
     /// [`Settings::weakened_guarantees`]); refused without it.
     pub allow_read_uncommitted: bool,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let options: BTreeMap<&str, String> = self
+            .options
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_sensitive(&format!("kafka.options.{k}")) {
+                    mask(v)
+                } else {
+                    v.clone()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topics", &self.topics)
+            .field("group_id", &self.group_id)
+            .field("instance_id", &self.instance_id)
+            .field("auto_offset_reset", &self.auto_offset_reset)
+            .field("session_timeout", &self.session_timeout)
+            .field("commit_interval", &self.commit_interval)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("dead_letter_max_bytes", &self.dead_letter_max_bytes)
+            .field("prefetch_bytes", &self.prefetch_bytes)
+            .field("options", &options)
+            .field("options_file", &self.options_file)
+            .field("allow_read_uncommitted", &self.allow_read_uncommitted)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +156,18 @@ pub struct BatchConfig {
     pub linger: Duration,
     /// Batches of one partition being written at once; the partition stops reading at the limit.
     pub max_in_flight: usize,
+}
+
+/// What a tombstone (a message with a key and no value) on a source topic means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TombstonePolicy {
+    /// A tombstone is invalid input (kind `tombstone`), handled by `pipeline.on_invalid`.
+    #[serde(rename = "dlq")]
+    Invalid,
+    /// A tombstone keyed by a user id erases that user through the tombstone's Kafka timestamp
+    /// (see `store::erasure`); its offset is committed once the erasure is durable.
+    Erase,
 }
 
 /// What happens to a message that is not a valid event.
@@ -137,6 +208,9 @@ pub struct PipelineConfig {
     /// (dead-lettered): readers with a recursion limit could not read the value back.
     pub max_json_depth: usize,
     pub on_invalid: InvalidPolicy,
+    /// What a tombstone (a message with a key and no value) means: `dlq` (invalid input) or
+    /// `erase` (erase the user its key names).
+    pub tombstones: TombstonePolicy,
     #[serde(with = "humantime_serde")]
     pub retry_initial_backoff: Duration,
     #[serde(with = "humantime_serde")]
@@ -164,6 +238,10 @@ pub struct ScyllaConfig {
     pub username: String,
     #[serde(deserialize_with = "lenient_string")]
     pub password: String,
+    /// A file whose content is the password (one trailing newline ignored), such as a mounted
+    /// Secret; empty: none. Set this or `password`, not both.
+    #[serde(deserialize_with = "lenient_string")]
+    pub password_file: String,
     /// Consistency of writes: one of ANY, ONE, TWO, THREE, QUORUM, ALL, LOCAL_QUORUM, EACH_QUORUM, LOCAL_ONE.
     /// ANY, ONE and LOCAL_ONE need `allow_weak_consistency`.
     pub consistency: String,
@@ -206,6 +284,9 @@ pub struct ScyllaConfig {
     /// of the explicit opt-ins that weaken the delivery guarantee (see
     /// [`Settings::weakened_guarantees`]); refused without it.
     pub allow_weak_consistency: bool,
+    /// Accept a password sent without TLS (`password` set and `tls = false`): anyone on the
+    /// network path can read it. Refused without it.
+    pub allow_cleartext_password: bool,
 }
 
 impl fmt::Debug for ScyllaConfig {
@@ -215,6 +296,7 @@ impl fmt::Debug for ScyllaConfig {
             .field("keyspace", &self.keyspace)
             .field("username", &self.username)
             .field("password", &mask(&self.password))
+            .field("password_file", &self.password_file)
             .field("consistency", &self.consistency)
             .field("local_dc", &self.local_dc)
             .field("request_timeout", &self.request_timeout)
@@ -231,6 +313,7 @@ impl fmt::Debug for ScyllaConfig {
             .field("tls_key_file", &self.tls_key_file)
             .field("tls_verify", &self.tls_verify)
             .field("allow_weak_consistency", &self.allow_weak_consistency)
+            .field("allow_cleartext_password", &self.allow_cleartext_password)
             .finish()
     }
 }
@@ -272,6 +355,7 @@ impl Default for KafkaConfig {
             dead_letter_max_bytes: 1_000_000,
             prefetch_bytes: 8 << 20,
             options: BTreeMap::new(),
+            options_file: String::new(),
             allow_read_uncommitted: false,
         }
     }
@@ -297,6 +381,7 @@ impl Default for PipelineConfig {
             max_event_bytes: 1024 * 1024,
             max_json_depth: crate::event::DEFAULT_MAX_JSON_DEPTH,
             on_invalid: InvalidPolicy::DeadLetter,
+            tombstones: TombstonePolicy::Invalid,
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(30),
             unready_after: Duration::from_secs(60),
@@ -313,6 +398,7 @@ impl Default for ScyllaConfig {
             keyspace: "vault".into(),
             username: String::new(),
             password: String::new(),
+            password_file: String::new(),
             consistency: "LOCAL_QUORUM".into(),
             local_dc: String::new(),
             request_timeout: Duration::from_secs(5),
@@ -329,6 +415,7 @@ impl Default for ScyllaConfig {
             tls_key_file: String::new(),
             tls_verify: true,
             allow_weak_consistency: false,
+            allow_cleartext_password: false,
         }
     }
 }
@@ -363,8 +450,15 @@ pub enum ConfigError {
         value: String,
         allowed: String,
     },
-    #[error("--set {0:?} is not of the form section.key=value")]
+    /// Names the key only (or the argument's position): the value may be a secret.
+    #[error("--set {0} is not of the form section.key=value")]
     BadOverride(String),
+    #[error("{key}: cannot read {path}: {reason}")]
+    SecretFile {
+        key: &'static str,
+        path: String,
+        reason: String,
+    },
 }
 
 /// Validated, typed settings: what the rest of the program runs on.
@@ -373,6 +467,7 @@ pub struct Settings {
     pub config: Config,
     pub flush: FlushPolicy,
     pub metrics_addr: SocketAddr,
+    pub retention: crate::store::retention::Retention,
 }
 
 /// Retry timing shared by the persisters.
@@ -525,6 +620,96 @@ fn weakenings(c: &Config) -> Vec<Weakening> {
     out
 }
 
+impl Config {
+    /// Reads the secrets named by `*_file` settings into the settings they stand for:
+    /// `scylla.password_file` into `scylla.password`, `kafka.options_file` into
+    /// `kafka.options`. An error names the key and the file, never what the file holds.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        let read = |key: &'static str, path: &str| {
+            std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
+                key,
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })
+        };
+        let s = &mut self.scylla;
+        if !s.password_file.is_empty() {
+            if !s.password.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "scylla.password_file",
+                    value: s.password_file.clone(),
+                    allowed: "set scylla.password or scylla.password_file, not both".into(),
+                });
+            }
+            let text = read("scylla.password_file", &s.password_file)?;
+            s.password = text
+                .strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text)
+                .to_owned();
+        }
+        let k = &mut self.kafka;
+        if !k.options_file.is_empty() {
+            let text = read("kafka.options_file", &k.options_file)?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim_start();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let invalid = |allowed: String| ConfigError::Invalid {
+                    key: "kafka.options_file",
+                    value: k.options_file.clone(),
+                    allowed,
+                };
+                let Some((name, value)) = line.split_once('=') else {
+                    return Err(invalid(format!(
+                        "line {} is not of the form name=value",
+                        n + 1
+                    )));
+                };
+                let name = name.trim();
+                if k.options.contains_key(name) {
+                    return Err(invalid(format!(
+                        "line {} sets {name}, which kafka.options sets too: set it in one place",
+                        n + 1
+                    )));
+                }
+                let value = value.trim_start().trim_end_matches('\r');
+                k.options.insert(name.to_owned(), value.to_owned());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Hands every raw option to librdkafka's own parser (as creating the client would), so that
+/// `check-config` catches a misspelled name or a bad value too. The error names the option and
+/// librdkafka's reason, never the value: a secret put under a wrong or misspelled name is not
+/// known to be one.
+fn check_librdkafka_options(options: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (name, value) in options {
+        let mut one = rdkafka::ClientConfig::new();
+        one.set(name, value);
+        if let Err(e) = one.create_native_config() {
+            let reason = match e {
+                rdkafka::error::KafkaError::ClientConfig(_, reason, _, _) => reason,
+                other => other.to_string(),
+            };
+            let reason = if value.is_empty() {
+                reason
+            } else {
+                reason.replace(value.as_str(), "********")
+            };
+            return Err(ConfigError::Invalid {
+                key: "kafka.options",
+                value: name.clone(),
+                allowed: format!("librdkafka refuses it: {reason}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Kafka's rule for topic names.
 fn is_topic_name(t: &str) -> bool {
     !t.is_empty()
@@ -544,13 +729,18 @@ pub fn load_with_env(
     overrides: &[String],
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
+    let defaults = figment::value::Value::serialize(Config::default())
+        .expect("the default configuration serializes: it is plain data");
     let mut fig = Figment::from(Serialized::defaults(Config::default()));
     // Which layer set each key, so an error can say what to fix.
     let mut origins: Vec<(String, String)> = Vec::new();
+    // Values given for secret keys, scrubbed from any error as a last line of defence.
+    let mut secrets: Vec<String> = Vec::new();
     if let Some(path) = file {
         if !path.exists() {
             return Err(ConfigError::MissingFile(path.to_owned()));
         }
+        check_toml_syntax(path)?;
         fig = fig.merge(Toml::file_exact(path));
     }
     // VAULT_<SECTION>_<KEY>: the section is the first word, the key the rest (which may hold
@@ -573,6 +763,9 @@ pub fn load_with_env(
             .filter(|o| !o.is_empty())
         {
             let option = option.replace('_', ".");
+            if is_sensitive(&format!("kafka.options.{option}")) {
+                secrets.push(value.clone());
+            }
             fig = fig.merge(Serialized::default(
                 "kafka.options",
                 BTreeMap::from([(option.clone(), value)]),
@@ -584,15 +777,26 @@ pub fn load_with_env(
             continue;
         }
         let path = format!("{section}.{key}");
-        fig = fig.merge(Serialized::default(&path, parse_scalar(&value)));
+        if is_sensitive(&path) {
+            secrets.push(value.clone());
+        }
+        fig = fig.merge(Serialized::default(
+            &path,
+            scalar_for(&defaults, &path, &value),
+        ));
         origins.push((path, format!("environment variable {name}")));
     }
-    for o in overrides {
-        let (key, value) = o
-            .split_once('=')
-            .filter(|(k, _)| k.contains('.'))
-            .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
+    for (i, o) in overrides.iter().enumerate() {
+        let (key, value) = o.split_once('=').ok_or_else(|| {
+            ConfigError::BadOverride(format!("argument {} (it has no '=')", i + 1))
+        })?;
         let key = key.trim();
+        if !key.contains('.') {
+            return Err(ConfigError::BadOverride(format!("{key:?}")));
+        }
+        if is_sensitive(key) {
+            secrets.push(value.to_owned());
+        }
         // --set kafka.options.fetch.wait.max.ms=10: the rest of the key is one librdkafka name.
         if let Some(option) = key.strip_prefix("kafka.options.") {
             fig = fig.merge(Serialized::default(
@@ -600,12 +804,58 @@ pub fn load_with_env(
                 BTreeMap::from([(option.to_owned(), value.trim().to_owned())]),
             ));
         } else {
-            fig = fig.merge(Serialized::default(key, parse_scalar(value.trim())));
+            fig = fig.merge(Serialized::default(key, scalar_for(&defaults, key, value)));
         }
-        origins.push((key.to_owned(), format!("--set {o}")));
+        // The key only: the value may be a secret.
+        origins.push((key.to_owned(), format!("--set {key}=...")));
     }
-    fig.extract()
-        .map_err(|e| ConfigError::Load(describe_load_error(e, file, &origins)))
+    fig.extract().map_err(|e| {
+        let mut message = describe_load_error(e, file, &origins);
+        // A secret's own key is described without its value; this catches any other path. A
+        // value of a few characters is left alone: replacing every "a" would garble the message.
+        for secret in secrets.iter().filter(|s| s.len() >= 4) {
+            message = message.replace(secret.as_str(), "********");
+        }
+        ConfigError::Load(message)
+    })
+}
+
+/// The keys given on the command line that hold secrets: each is in `/proc/<pid>/cmdline`,
+/// visible to every user of the machine (`ps`). `main` warns about each.
+pub fn secrets_on_command_line(overrides: &[String]) -> Vec<String> {
+    overrides
+        .iter()
+        .filter_map(|o| o.split_once('='))
+        .map(|(k, _)| k.trim())
+        .filter(|k| is_sensitive(k))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Refuses a file that is not TOML with the line and column and what is wrong, never the
+/// line's text (which may hold a secret).
+fn check_toml_syntax(path: &Path) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Load(format!("cannot read {}: {e}", path.display())))?;
+    match toml::from_str::<toml::Table>(&text) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let at = e
+                .span()
+                .map(|span| {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!(" at line {line}, column {column}")
+                })
+                .unwrap_or_default();
+            Err(ConfigError::Load(format!(
+                "file {} is not valid TOML{at}: {}",
+                path.display(),
+                e.message()
+            )))
+        }
+    }
 }
 
 /// "batch.linger: invalid value ... (from environment variable VAULT_BATCH_LINGER)".
@@ -624,22 +874,51 @@ fn describe_load_error(
                 .map(|(_, o)| o.clone())
                 .or_else(|| file.map(|f| format!("file {}", f.display())))
                 .unwrap_or_else(|| "defaults".into());
+            // A secret's value is never shown, only what was expected of it.
+            // So is a librdkafka option's: a misspelled name is not known to be a secret's.
+            let what = if is_sensitive(&key) || key.starts_with("kafka.options.") {
+                use figment::error::Kind;
+                match &err.kind {
+                    Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) => {
+                        format!("invalid value, expected {expected}")
+                    }
+                    Kind::UnknownField(..) | Kind::MissingField(_) => err.kind.to_string(),
+                    _ => "invalid value".to_owned(),
+                }
+            } else {
+                err.kind.to_string()
+            };
             let key = if key.is_empty() {
                 "configuration".to_owned()
             } else {
                 key
             };
-            format!("{key}: {} (from {origin})", err.kind)
+            format!("{key}: {what} (from {origin})")
         })
         .collect::<Vec<_>>()
         .join("; ")
 }
 
-/// Interprets a value from the environment or the command line the way TOML would a bare word.
+/// A value from the environment or the command line for the setting at `path`: exactly the text
+/// written when the setting is a string (or a list of strings), so `VAULT_KAFKA_GROUP_ID=0042`
+/// is group "0042" and a password `007` stays `007`; otherwise read the way TOML would read a
+/// bare word.
+fn scalar_for(defaults: &figment::value::Value, path: &str, s: &str) -> figment::value::Value {
+    use figment::value::Value;
+    match defaults.find_ref(path) {
+        Some(Value::String(..)) | Some(Value::Array(..)) => Value::from(s.to_owned()),
+        _ => parse_scalar(s.trim()),
+    }
+}
+
+/// Interprets a value the way TOML would a bare word: an integer written as such (`42`, not
+/// `0042`), `true`, `false`, else the text.
 fn parse_scalar(s: &str) -> figment::value::Value {
     use figment::value::Value;
     if let Ok(i) = s.parse::<i64>() {
-        return Value::from(i);
+        if i.to_string() == s {
+            return Value::from(i);
+        }
     }
     match s {
         "true" => Value::from(true),
@@ -650,7 +929,8 @@ fn parse_scalar(s: &str) -> figment::value::Value {
 
 impl Config {
     /// Checks every value once; the error names the key and what it accepts.
-    pub fn validate(self) -> Result<Settings, ConfigError> {
+    pub fn validate(mut self) -> Result<Settings, ConfigError> {
+        self.read_secret_files()?;
         fn bad(key: &'static str, value: impl fmt::Display, allowed: &str) -> ConfigError {
             ConfigError::Invalid {
                 key,
@@ -756,6 +1036,7 @@ impl Config {
                 });
             }
         }
+        check_librdkafka_options(&k.options)?;
         let b = &self.batch;
         if b.max_events == 0 || b.max_events > 100_000 {
             return Err(bad("batch.max_events", b.max_events, "1 to 100000"));
@@ -875,6 +1156,15 @@ impl Config {
                 ));
             }
         }
+        if !s.password.is_empty() && !s.tls && !s.allow_cleartext_password {
+            return Err(bad(
+                "scylla.tls",
+                "false",
+                "true while scylla.password is set, or the password crosses the network in \
+                 cleartext (set scylla.allow_cleartext_password = true to accept that, e.g. on \
+                 a loopback test node)",
+            ));
+        }
         if s.request_timeout.is_zero() {
             return Err(bad(
                 "scylla.request_timeout",
@@ -935,6 +1225,22 @@ impl Config {
                 "a filter such as info or vault=debug",
             ));
         }
+        let mut by_type = std::collections::HashMap::new();
+        for (event_type, keep) in &self.retention.event_types {
+            let parsed = humantime::parse_duration(keep)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: "retention.event_types",
+                    value: format!("{event_type} = {keep:?}"),
+                    allowed: "a positive duration such as \"90days\" or \"7years\"".into(),
+                })?;
+            by_type.insert(event_type.clone(), parsed);
+        }
+        let retention = crate::store::retention::Retention {
+            default: (!self.retention.default.is_zero()).then_some(self.retention.default),
+            by_type,
+        };
         let flush = FlushPolicy {
             max_events: b.max_events,
             max_bytes: b.max_bytes,
@@ -944,25 +1250,99 @@ impl Config {
             config: self,
             flush,
             metrics_addr,
+            retention,
         })
     }
 
-    /// The configuration as TOML with secrets masked, for `vault check-config`.
+    /// The configuration as TOML with every value that [`is_sensitive`] masked, for
+    /// `vault check-config`.
     pub fn to_masked_toml(&self) -> String {
-        let mut c = self.clone();
-        c.scylla.password = mask(&c.scylla.password);
-        for (k, v) in c.kafka.options.iter_mut() {
-            if is_secret_option(k) {
-                *v = mask(v);
+        let doc = toml::to_string_pretty(self)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                text.parse::<toml_edit::DocumentMut>()
+                    .map_err(|e| e.to_string())
+            });
+        match doc {
+            Ok(mut doc) => {
+                mask_sensitive(doc.as_item_mut(), "");
+                doc.to_string()
             }
+            Err(e) => format!("# cannot render config: {e}\n"),
         }
-        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 
-fn is_secret_option(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    k.contains("password") || k.contains("secret") || k.ends_with(".key.pem") || k.contains("token")
+/// Options librdkafka itself treats as sensitive (`_RK_SENSITIVE` in rdkafka_conf.c, 2.12):
+/// it redacts them from its own configuration dumps.
+const LIBRDKAFKA_SENSITIVE: [&str; 13] = [
+    "ssl.key.location",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl_key",
+    "ssl.ca.pem",
+    "ssl.keystore.password",
+    "sasl.username",
+    "sasl.password",
+    "sasl.oauthbearer.config",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.assertion.private.key.file",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
+];
+
+/// Words that make any setting a secret, whatever else its name says.
+const SECRET_WORDS: [&str; 4] = ["password", "secret", "token", "passphrase"];
+
+/// The one rule for what is a secret, for a setting's full path (`scylla.password`,
+/// `kafka.options.sasl.password`): an option librdkafka treats as sensitive, or any key
+/// containing `password`, `secret`, `token` or `passphrase`. A `*_file` setting of vault's own
+/// (`scylla.password_file`, `kafka.options_file`) names where a secret is, not the secret, and is
+/// shown. Masking (`check-config`, `Debug`), load errors and the `--set` warning all ask this.
+pub fn is_sensitive(path: &str) -> bool {
+    let p = path.to_ascii_lowercase();
+    if let Some(option) = p.strip_prefix("kafka.options.") {
+        if LIBRDKAFKA_SENSITIVE.contains(&option) {
+            return true;
+        }
+    } else if p.ends_with("_file") {
+        return false;
+    }
+    SECRET_WORDS.iter().any(|w| p.contains(w))
+}
+
+/// Masks, in place, every string under `item` whose path [`is_sensitive`].
+fn mask_sensitive(item: &mut toml_edit::Item, path: &str) {
+    let child = |k: &str| {
+        if path.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match item {
+        toml_edit::Item::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                mask_sensitive(v, &child(k.get()));
+            }
+        }
+        toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => {
+            for (k, v) in t.iter_mut() {
+                let mut item = toml_edit::Item::Value(v.clone());
+                mask_sensitive(&mut item, &child(k.get()));
+                if let toml_edit::Item::Value(masked) = item {
+                    *v = masked;
+                }
+            }
+        }
+        toml_edit::Item::Value(toml_edit::Value::String(s)) if is_sensitive(path) => {
+            let decor = s.decor().clone();
+            let mut masked = toml_edit::Formatted::new(mask(s.value()));
+            *masked.decor_mut() = decor;
+            *s = masked;
+        }
+        _ => {}
+    }
 }
 
 fn mask(s: &str) -> String {
@@ -1171,6 +1551,261 @@ mod tests {
         let out = c.to_masked_toml();
         assert!(!out.contains("hunter2") && !out.contains("s3cret"), "{out}");
         assert!(!format!("{:?}", c.scylla).contains("hunter2"));
+    }
+
+    /// Every error and rendering of a configuration holding `secret` somewhere, for the scans.
+    fn scan(secret: &str, what: &str, out: &str) {
+        assert!(!out.contains(secret), "{what} shows the secret: {out}");
+    }
+
+    #[test]
+    fn string_settings_keep_exactly_what_was_written() {
+        let c = load_with_env(
+            None,
+            &[
+                "scylla.username=0042".into(),
+                "kafka.instance_id=true".into(),
+                "scylla.local_dc= dc 1 ".into(),
+                "batch.linger= 40ms".into(),
+            ],
+            env(&[
+                ("VAULT_KAFKA_GROUP_ID", "0042"),
+                ("VAULT_SCYLLA_PASSWORD", "007"),
+                ("VAULT_SCYLLA_KEYSPACE", "1e3"),
+                ("VAULT_BATCH_MAX_EVENTS", "42"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.group_id, "0042");
+        assert_eq!(c.scylla.password, "007");
+        assert_eq!(c.scylla.keyspace, "1e3");
+        assert_eq!(c.scylla.username, "0042");
+        assert_eq!(c.kafka.instance_id, "true");
+        assert_eq!(c.scylla.local_dc, " dc 1 ", "not even spaces are dropped");
+        assert_eq!(c.batch.linger, Duration::from_millis(40));
+        assert_eq!(c.batch.max_events, 42, "numbers are still numbers");
+        // A number written with leading zeros is not silently another number.
+        let err = load_with_env(None, &[], env(&[("VAULT_BATCH_MAX_EVENTS", "0042")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("batch.max_events"), "{err}");
+    }
+
+    #[test]
+    fn one_rule_decides_what_is_a_secret() {
+        for key in [
+            "scylla.password",
+            "kafka.options.sasl.password",
+            "kafka.options.sasl.username",
+            "kafka.options.sasl.oauthbearer.config",
+            "kafka.options.sasl.oauthbearer.assertion.private.key.passphrase",
+            "kafka.options.sasl.oauthbearer.client.secret",
+            "kafka.options.ssl.key.pem",
+            "kafka.options.ssl.keystore.password",
+            "kafka.options.some.vendor.token",
+            "kafka.options.SASL.PASSWORD",
+        ] {
+            assert!(is_sensitive(key), "{key}");
+        }
+        for key in [
+            "scylla.password_file",
+            "kafka.options_file",
+            "scylla.username",
+            "kafka.options.security.protocol",
+            "kafka.group_id",
+        ] {
+            assert!(!is_sensitive(key), "{key}");
+        }
+        let mut c = Config::default();
+        c.scylla.password = "hunter2".into();
+        c.scylla.password_file = String::new();
+        for (k, v) in [
+            ("sasl.password", "s3cret"),
+            ("sasl.oauthbearer.config", "principal=x secret=oauth-cfg"),
+            (
+                "sasl.oauthbearer.assertion.private.key.passphrase",
+                "pass-phrase",
+            ),
+            ("sasl.username", "kafka-user"),
+        ] {
+            c.kafka.options.insert(k.into(), v.into());
+        }
+        let toml = c.to_masked_toml();
+        let debug = format!("{c:?}");
+        for secret in [
+            "hunter2",
+            "s3cret",
+            "oauth-cfg",
+            "pass-phrase",
+            "kafka-user",
+        ] {
+            scan(secret, "check-config", &toml);
+            scan(secret, "Debug", &debug);
+        }
+        assert!(toml.contains("\"sasl.password\" = \"********\""), "{toml}");
+    }
+
+    #[test]
+    fn errors_of_every_layer_never_show_a_secret() {
+        let secret = "0042hunter2";
+        let dir = std::env::temp_dir().join(format!("vault-secret-errs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let errors = |file: Option<&Path>, sets: &[String], vars: &[(&str, &str)]| {
+            load_with_env(file, sets, env(vars))
+                .and_then(Config::validate)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        let mut outputs = Vec::new();
+        // --set: a misspelled key, no '=', no section.
+        for set in [
+            format!("scylla.pasword={secret}"),
+            secret.to_string(),
+            format!("password={secret}"),
+            format!("kafka.options.sasl.passwrd={secret}"),
+            format!("scylla.password={secret}"),
+        ] {
+            outputs.push((set.clone(), errors(None, &[set], &[])));
+        }
+        // The environment: a misspelled librdkafka option, a misspelled key.
+        outputs.push((
+            "VAULT_KAFKA_OPTION_SASL_PASSWRD".into(),
+            errors(None, &[], &[("VAULT_KAFKA_OPTION_SASL_PASSWRD", secret)]),
+        ));
+        outputs.push((
+            "VAULT_SCYLLA_PASWORD".into(),
+            errors(None, &[], &[("VAULT_SCYLLA_PASWORD", secret)]),
+        ));
+        // A file: a value that is not TOML, a value of the wrong type, a bad option value.
+        for (i, body) in [
+            format!("[scylla]\npassword = {secret}\n"),
+            format!("[scylla]\npassword = [\"{secret}\"]\n"),
+            format!("[scylla]\npassword = {{ x = \"{secret}\" }}\n"),
+            format!("[kafka.options]\n\"ssl.key.password\" = \"{secret}\"\n\"security.protocol\" = \"{secret}\"\n"),
+            format!("[kafka.options]\n\"sasl.password\" = {secret}\n"),
+            "[kafka.options]\n\"sasl.passwrd\" = 4200424242\n".to_string(),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let file = dir.join(format!("bad{i}.toml"));
+            std::fs::write(&file, body).unwrap();
+            outputs.push((body.clone(), errors(Some(&file), &[], &[])));
+        }
+        for (what, out) in &outputs {
+            scan(secret, what, out);
+            scan("4200424242", what, out);
+        }
+        assert!(outputs[3].1.contains("sasl.passwrd"), "{:?}", outputs[3]);
+        assert!(
+            outputs[5].1.contains("sasl.passwrd") && outputs[5].1.contains("No such"),
+            "{:?}",
+            outputs[5]
+        );
+        assert!(outputs[1].1.contains("argument 1"), "{:?}", outputs[1]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn misspelled_librdkafka_options_are_caught_by_validation() {
+        let err = set(&["kafka.options.fetch.wait.max.mz=10"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("kafka.options") && err.contains("fetch.wait.max.mz"),
+            "{err}"
+        );
+        let err = set(&["kafka.options.security.protocol=carrier_pigeon"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("security.protocol") && !err.contains("carrier_pigeon"),
+            "the option is named, its value never: {err}"
+        );
+        set(&["kafka.options.security.protocol=SASL_SSL"]).unwrap();
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = std::env::temp_dir().join(format!("vault-secret-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let password = dir.join("password");
+        std::fs::write(&password, "007 with spaces \n").unwrap();
+        let options = dir.join("kafka.properties");
+        std::fs::write(
+            &options,
+            "# from a Secret\nsasl.username=vault\n  sasl.password = p=w=d\r\n\n",
+        )
+        .unwrap();
+        let p = password.to_str().unwrap();
+        let o = options.to_str().unwrap();
+        let s = set(&[
+            &format!("scylla.password_file={p}"),
+            "scylla.tls=true",
+            &format!("kafka.options_file={o}"),
+        ])
+        .unwrap();
+        assert_eq!(s.config.scylla.password, "007 with spaces ");
+        assert_eq!(s.config.kafka.options["sasl.username"], "vault");
+        assert_eq!(s.config.kafka.options["sasl.password"], "p=w=d");
+        let shown = s.config.to_masked_toml();
+        assert!(shown.contains(p) && !shown.contains("007 with"), "{shown}");
+
+        let both = set(&[
+            &format!("scylla.password_file={p}"),
+            "scylla.password=x",
+            "scylla.tls=true",
+        ]);
+        assert!(both.unwrap_err().to_string().contains("not both"));
+        let twice = set(&[
+            &format!("kafka.options_file={o}"),
+            "kafka.options.sasl.password=x",
+        ]);
+        assert!(twice
+            .unwrap_err()
+            .to_string()
+            .contains("line 3 sets sasl.password"));
+        let missing = set(&["scylla.password_file=/nonexistent/pw"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.starts_with("scylla.password_file: cannot read /nonexistent/pw"),
+            "{missing}"
+        );
+        std::fs::write(&options, "sasl.password\n").unwrap();
+        let err = set(&[&format!("kafka.options_file={o}")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1 is not of the form"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_password_without_tls_is_refused_unless_allowed() {
+        let err = set(&["scylla.password=x"]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("scylla.tls") && err.contains("cleartext"),
+            "{err}"
+        );
+        set(&["scylla.password=x", "scylla.tls=true"]).unwrap();
+        set(&["scylla.password=x", "scylla.allow_cleartext_password=true"]).unwrap();
+    }
+
+    #[test]
+    fn secrets_on_the_command_line_are_named_for_a_warning() {
+        let sets: Vec<String> = [
+            "scylla.password=x",
+            "kafka.options.sasl.password=y",
+            "batch.max_events=5",
+            "scylla.password_file=/run/secrets/pw",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            secrets_on_command_line(&sets),
+            ["scylla.password", "kafka.options.sasl.password"]
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::config::ConfigError;
 pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("Kafka client error: {0}")]
+    #[error("Kafka client error: {}", without_values(.0))]
     Kafka(#[from] KafkaError),
     #[error("topic '{0}' does not exist on the brokers: create it, or fix kafka.topics / VAULT_KAFKA_TOPICS")]
     MissingTopic(String),
@@ -27,4 +27,43 @@ pub enum Error {
     Fatal(String),
     #[error("internal task failed: {0}")]
     Task(String),
+}
+
+/// A Kafka error as text, without the option value rdkafka appends to a configuration error
+/// (`... sasl.passwrd <the value>`): the value may be a secret. Validation has already put every
+/// configured option through librdkafka ([`crate::config`]), so this is a second line of defence.
+fn without_values(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, reason, key, value) => {
+            let reason = if value.is_empty() {
+                reason.clone()
+            } else {
+                reason.replace(value.as_str(), "********")
+            };
+            format!("Client config error: {reason} (option {key})")
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_config_error_never_shows_the_value() {
+        let mut cfg = rdkafka::ClientConfig::new();
+        cfg.set("sasl.passwrd", "hunter2");
+        let created: Result<rdkafka::consumer::BaseConsumer, _> = cfg.create();
+        let raw = created.err().expect("an unknown option is refused");
+        assert!(
+            raw.to_string().contains("hunter2"),
+            "rdkafka echoes it: {raw}"
+        );
+        let shown = Error::from(raw).to_string();
+        assert!(
+            shown.contains("sasl.passwrd") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
 }

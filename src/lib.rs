@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod failpoint;
+pub mod http;
 pub mod kafka;
 pub mod pipeline;
 pub mod store;
@@ -110,6 +111,7 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             store,
             dead_letters,
             on_invalid: cfg.pipeline.on_invalid,
+            retention: settings.retention.clone(),
             retry: settings.retry(),
             metrics: metrics.clone(),
             health: health.clone(),

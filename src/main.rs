@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -53,23 +53,24 @@ enum Command {
     Schema,
     /// Generate realistic user-activity events into the first configured topic.
     Produce {
-        /// Messages to send.
-        #[arg(long, default_value_t = 100_000)]
+        /// Messages to send (at least 1).
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
         count: u64,
-        /// Target rate in events per second (default: as fast as the broker takes them).
-        #[arg(long)]
+        /// Target rate in events per second, above 0 (default: as fast as the broker takes them).
+        #[arg(long, value_parser = args::rate)]
         rate: Option<f64>,
-        /// Distinct users.
-        #[arg(long, default_value_t = 10_000)]
+        /// Distinct users (at least 1).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
         users: u64,
-        /// Zipf exponent of user activity (higher: a few users dominate).
-        #[arg(long, default_value_t = 1.1)]
+        /// Zipf exponent of user activity, above 0 and at most 100 (higher: a few users dominate).
+        #[arg(long, default_value_t = 1.1, value_parser = args::skew)]
         skew: f64,
-        /// Fraction of messages that re-send an earlier event (same event_id).
-        #[arg(long, default_value_t = 0.0)]
+        /// Fraction of messages that re-send an earlier event (same event_id), 0 to 1.
+        #[arg(long, default_value_t = 0.0, value_parser = args::fraction)]
         duplicates: f64,
-        /// Fraction of messages that are invalid (bad JSON, missing fields, bad timestamps...).
-        #[arg(long, default_value_t = 0.0)]
+        /// Fraction of messages that are invalid (bad JSON, missing fields, bad timestamps...),
+        /// 0 to 1; with --duplicates at most 1 in all.
+        #[arg(long, default_value_t = 0.0, value_parser = args::fraction)]
         invalid: f64,
         /// Record every delivered message here, for `vault verify`.
         #[arg(long)]
@@ -90,19 +91,39 @@ enum Command {
     /// Show a user's activity over a time range, newest first.
     Query {
         /// The user_id.
-        #[arg(long)]
+        #[arg(long, value_parser = args::user_id)]
         user: String,
         /// Start of the range: RFC 3339, or a duration before now such as 1h or 7days.
-        #[arg(long, default_value = "1day")]
-        since: String,
-        /// End of the range (RFC 3339); default now.
-        #[arg(long)]
-        until: Option<String>,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value = "1day", value_parser = args::time)]
+        since: args::Time,
+        /// End of the range (RFC 3339, or a duration before now); default now. The range is
+        /// cut to the days an event can be stored on and may span at most 366 days.
+        #[arg(long, value_parser = args::time)]
+        until: Option<args::Time>,
+        /// Events to show, 1 to 100000.
+        #[arg(long, default_value_t = 20, value_parser = args::limit)]
         limit: usize,
         /// Output as JSON lines instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Erase a user (the right to be forgotten): every stored row of theirs whose message is
+    /// not later than --through goes, and stays gone under any replay; later activity is kept.
+    /// The erasure is recorded. Cost: one delete per day the user has activity on.
+    Forget {
+        /// The user_id.
+        #[arg(long, value_parser = args::user_id)]
+        user: String,
+        /// Erase rows of messages up to this time (RFC 3339, or a duration before now); default
+        /// now.
+        #[arg(long, value_parser = args::time)]
+        through: Option<args::Time>,
+        /// Who asks, for the record (default: the login name running the command).
+        #[arg(long)]
+        requested_by: Option<String>,
+        /// Show the partitions that would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Work with the dead-letter topic.
     Dlq {
@@ -114,6 +135,20 @@ enum Command {
         /// The file to check (defaults to --config).
         file: Option<PathBuf>,
     },
+    /// Exit 0 when a running vault answers GET /healthz (or --path /readyz) with 200 (the
+    /// container health check; the image has no curl).
+    Healthcheck {
+        /// The address vault serves on; default: metrics.addr from the configuration, with
+        /// 0.0.0.0 asked at 127.0.0.1.
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// The endpoint to ask: /healthz (alive) or /readyz (ready).
+        #[arg(long, default_value = "/healthz", value_parser = ["/healthz", "/readyz"])]
+        path: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,14 +158,14 @@ enum DlqCommand {
     /// topic that is not a configured source of it are skipped and counted).
     Replay {
         /// Only this error kind (repeatable), e.g. bad_json, missing_field, invalid_field.
-        #[arg(long = "kind", value_name = "KIND")]
+        #[arg(long = "kind", value_name = "KIND", value_parser = args::kind)]
         kinds: Vec<String>,
         /// Only events from this time on: RFC 3339, or a duration before now such as 6h.
-        #[arg(long)]
-        since: Option<String>,
+        #[arg(long, value_parser = args::time)]
+        since: Option<args::Time>,
         /// Only events before this time (RFC 3339, or a duration before now).
-        #[arg(long)]
-        until: Option<String>,
+        #[arg(long, value_parser = args::time)]
+        until: Option<args::Time>,
         /// Count what would be replayed, publish nothing.
         #[arg(long)]
         dry_run: bool,
@@ -144,11 +179,22 @@ fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
+    for key in config::secrets_on_command_line(&cli.overrides) {
+        eprintln!(
+            "vault: warning: --set {key}=... puts a secret on the command line, where every \
+             user of this machine can read it (ps, /proc/<pid>/cmdline); use the environment \
+             (VAULT_...) or a file (scylla.password_file, kafka.options_file) instead"
+        );
+    }
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vault: {e:#}");
-            ExitCode::FAILURE
+            // A malformed --set is a bad argument, answered like clap's own.
+            match e.downcast_ref::<config::ConfigError>() {
+                Some(config::ConfigError::BadOverride(_)) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -192,6 +238,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             record,
             seed,
         } => {
+            if duplicates + invalid > 1.0 {
+                usage_error(format!(
+                    "--duplicates {duplicates} and --invalid {invalid} add up to more than 1: \
+                     they are fractions of the same messages"
+                ));
+            }
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             let opts = vault::tools::produce::ProduceOptions {
                 topic: settings.config.kafka.topics[0].clone(),
@@ -225,6 +277,29 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Forget {
+            user,
+            through,
+            requested_by,
+            dry_run,
+        } => {
+            let now = chrono::Utc::now().timestamp_millis();
+            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
+            let who = requested_by
+                .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+            let erasure = vault::store::erasure::Erasure {
+                user_id: user,
+                through_ms: through.map_or(now, |t| t.at(now)),
+                requested_by: format!("cli:{who}"),
+                requested_at_ms: now,
+            };
+            runtime()?.block_on(async {
+                let store = ScyllaStore::connect(&settings.config.scylla, false).await?;
+                let report = vault::store::erasure::forget(&store, &erasure, dry_run).await?;
+                print!("{}", vault::store::erasure::summary(&report));
+                anyhow::Ok(())
+            })
+        }
         Command::Query {
             user,
             since,
@@ -232,13 +307,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             limit,
             json,
         } => {
-            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             let now = chrono::Utc::now().timestamp_millis();
-            let to = match until {
-                Some(t) => parse_time(&t, now)?,
-                None => now,
-            };
-            let from = parse_time(&since, now)?;
+            let to = until.map_or(now, |t| t.at(now));
+            let from = since.at(now);
+            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
+            let (from, to) = vault::tools::query::bounded_range(
+                from,
+                to,
+                now,
+                settings.config.scylla.default_ttl,
+            )
+            .unwrap_or_else(|e| usage_error(e));
             runtime()?.block_on(async {
                 let c = &settings.config.scylla;
                 let session = scylla_store::connect(c).await?;
@@ -247,11 +326,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     .map_err(anyhow::Error::msg)?;
                 if json {
                     for r in &rows {
-                        println!("{}", serde_json::to_string(r)?);
+                        println!("{}", vault::tools::query::json_line(r));
                     }
                 } else {
                     print!("{}", vault::tools::query::table(&rows));
-                    eprintln!("{} event(s) of {user}", rows.len());
+                    eprintln!(
+                        "{} event(s) of {}",
+                        rows.len(),
+                        vault::tools::query::escape(&user)
+                    );
                 }
                 anyhow::Ok(())
             })
@@ -265,13 +348,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     dry_run,
                 },
         } => {
-            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             let now = chrono::Utc::now().timestamp_millis();
             let filter = vault::tools::dlq::ReplayFilter {
                 kinds,
-                since_ms: since.map(|t| parse_time(&t, now)).transpose()?,
-                until_ms: until.map(|t| parse_time(&t, now)).transpose()?,
+                since_ms: since.map(|t| t.at(now)),
+                until_ms: until.map(|t| t.at(now)),
             };
+            if let (Some(s), Some(u)) = (filter.since_ms, filter.until_ms) {
+                if s >= u {
+                    usage_error("--since is not before --until: the range holds nothing");
+                }
+            }
+            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             let base = vault::kafka::base_client_config(&settings);
             runtime()?.block_on(async {
                 // Each dead-letter topic once, even when several source topics share it; its
@@ -285,6 +373,25 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 anyhow::Ok(())
             })
+        }
+        Command::Healthcheck {
+            addr,
+            timeout,
+            path,
+        } => {
+            let addr = match addr {
+                Some(a) => a,
+                None => {
+                    let settings =
+                        config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
+                    let mut a = settings.metrics_addr;
+                    if a.ip().is_unspecified() {
+                        a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                    }
+                    a
+                }
+            };
+            healthcheck(addr, &path, timeout)
         }
         Command::Schema => {
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
@@ -305,14 +412,129 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// An RFC 3339 time, or a duration before `now` ("1h", "7days").
-fn parse_time(s: &str, now: i64) -> anyhow::Result<i64> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.timestamp_millis());
+/// A usage error found after parsing (one argument against another): clap's message and exit
+/// code 2, like every other bad argument.
+fn usage_error(message: impl std::fmt::Display) -> ! {
+    Cli::command()
+        .error(clap::error::ErrorKind::ValueValidation, message)
+        .exit()
+}
+
+/// Exit 0 when `addr` answers `GET path` with 200 within `timeout`.
+fn healthcheck(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut status = [0u8; 12];
+    s.read_exact(&mut status)
+        .with_context(|| format!("no answer from {addr}"))?;
+    anyhow::ensure!(
+        &status == b"HTTP/1.1 200",
+        "{addr}{path} answered {}",
+        String::from_utf8_lossy(&status)
+    );
+    Ok(())
+}
+
+/// Value parsers for the tools' arguments: each refuses what the tool cannot do, with what it
+/// accepts, so that clap answers with the message and exit code 2 before anything starts.
+mod args {
+    /// A time argument: RFC 3339, or a duration before now.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Time {
+        At(i64),
+        Ago(std::time::Duration),
     }
-    let d = humantime::parse_duration(s)
-        .with_context(|| format!("'{s}' is neither an RFC 3339 time nor a duration such as 1h"))?;
-    Ok(now - d.as_millis() as i64)
+
+    impl Time {
+        /// Milliseconds since the epoch, `now` being the time a duration counts back from.
+        pub fn at(self, now: i64) -> i64 {
+            match self {
+                Time::At(t) => t,
+                Time::Ago(d) => {
+                    now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                }
+            }
+        }
+    }
+
+    /// Durations longer than this are not a time before now anyone means.
+    const MAX_AGO: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+
+    pub fn time(s: &str) -> Result<Time, String> {
+        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+            return Ok(Time::At(t.timestamp_millis()));
+        }
+        match humantime::parse_duration(s) {
+            Ok(d) if d <= MAX_AGO => Ok(Time::Ago(d)),
+            Ok(_) => Err("a duration of at most 100 years".into()),
+            Err(_) => Err(
+                "an RFC 3339 time (2025-11-24T10:00:00Z) or a duration before now (1h, 7days)"
+                    .into(),
+            ),
+        }
+    }
+
+    pub fn rate(s: &str) -> Result<f64, String> {
+        match s.parse::<f64>() {
+            Ok(r) if r.is_finite() && r > 0.0 && r <= 1e9 => Ok(r),
+            _ => Err(
+                "events per second, above 0 and at most 1e9 (leave --rate out for no limit)".into(),
+            ),
+        }
+    }
+
+    pub fn skew(s: &str) -> Result<f64, String> {
+        match s.parse::<f64>() {
+            Ok(x) if x.is_finite() && x > 0.0 && x <= 100.0 => Ok(x),
+            _ => Err("a Zipf exponent above 0 and at most 100, such as 1.1".into()),
+        }
+    }
+
+    pub fn fraction(s: &str) -> Result<f64, String> {
+        match s.parse::<f64>() {
+            Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+            _ => Err("a fraction from 0 to 1, such as 0.01".into()),
+        }
+    }
+
+    pub fn limit(s: &str) -> Result<usize, String> {
+        match s.parse::<usize>() {
+            Ok(n) if (1..=100_000).contains(&n) => Ok(n),
+            _ => Err("a number of events from 1 to 100000".into()),
+        }
+    }
+
+    pub fn user_id(s: &str) -> Result<String, String> {
+        if s.is_empty() || s.len() > vault::event::MAX_USER_ID_BYTES {
+            return Err(format!(
+                "a user_id of 1 to {} bytes",
+                vault::event::MAX_USER_ID_BYTES
+            ));
+        }
+        Ok(s.to_owned())
+    }
+
+    pub fn kind(s: &str) -> Result<String, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+        if ok {
+            Ok(s.to_owned())
+        } else {
+            Err("an error kind such as bad_json or missing_field (vault.error.kind)".into())
+        }
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -348,6 +570,7 @@ async fn run(settings: vault::Settings, migrate: bool) -> anyhow::Result<()> {
             let Some(store) = connect_store(&settings, migrate, &shutdown).await? else {
                 return Ok(());
             };
+            let store = store.with_retention(settings.retention.clone());
             Pipeline::new(settings, store, dead_letters)
                 .run(shutdown)
                 .await?;

@@ -335,6 +335,7 @@ impl Coordinator {
             metrics: self.metrics.clone(),
         };
         let limits = self.settings.limits();
+        let tombstones = self.settings.config.pipeline.tombstones;
         let topic = a.topic;
         let queue = a.queue;
         let task_key = key.clone();
@@ -351,7 +352,7 @@ impl Coordinator {
                     if failpoint::hit("kafka::decode", &topic, Some(m.offset())) {
                         panic!("failpoint kafka::decode at offset {}", m.offset());
                     }
-                    Ok(to_record(&m, &topic, limits))
+                    Ok(to_record(&m, &topic, limits, tombstones))
                 }
                 Err(e) => Err(e.to_string()),
             });

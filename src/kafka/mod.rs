@@ -14,9 +14,10 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use crate::config::Settings;
+use crate::config::TombstonePolicy;
 use crate::event::{self, Limits, Origin, Source};
 use crate::kafka::dead_letter::headers;
-use crate::pipeline::batch::{DeadLetter, Record};
+use crate::pipeline::batch::{DeadLetter, EraseRequest, Record};
 
 /// Settings shared by the consumer and the dead-letter producer: brokers and passthrough options
 /// (security, tuning).
@@ -98,7 +99,12 @@ pub fn queued_kbytes_per_partition(budget: usize, partitions: usize) -> usize {
 /// headers (a dead letter re-published by `vault dlq replay`) gets the id derived from those
 /// coordinates when it has no `event_id`, so it lands on the row its original would have. Only a
 /// message that has headers is looked at: a plain one costs nothing more.
-pub fn to_record(msg: &BorrowedMessage<'_>, topic: &Arc<str>, limits: Limits) -> Record {
+pub fn to_record(
+    msg: &BorrowedMessage<'_>,
+    topic: &Arc<str>,
+    limits: Limits,
+    tombstones: TombstonePolicy,
+) -> Record {
     // Built again for the rare invalid message, so that a valid one costs one copy of it.
     let source = || Source {
         topic: topic.clone(),
@@ -106,6 +112,16 @@ pub fn to_record(msg: &BorrowedMessage<'_>, topic: &Arc<str>, limits: Limits) ->
         offset: msg.offset(),
         timestamp_ms: msg.timestamp().to_millis(),
     };
+    if let (None, TombstonePolicy::Erase, Some(_)) =
+        (msg.payload(), tombstones, msg.timestamp().to_millis())
+    {
+        if let Some(user_id) = erasure_user(msg.key()) {
+            return Record::Erase(EraseRequest {
+                source: source(),
+                user_id: user_id.to_owned(),
+            });
+        }
+    }
     let origin = msg.headers().and_then(origin_in);
     match event::decode(msg.key(), msg.payload(), source(), origin, limits) {
         Ok(e) => Record::Event(e),
@@ -117,6 +133,12 @@ pub fn to_record(msg: &BorrowedMessage<'_>, topic: &Arc<str>, limits: Limits) ->
             error,
         }),
     }
+}
+
+/// The user a tombstone's key names, when it can be a user_id (else the tombstone is invalid).
+fn erasure_user(key: Option<&[u8]>) -> Option<&str> {
+    let user = std::str::from_utf8(key?).ok()?;
+    (!user.is_empty() && user.len() <= event::MAX_USER_ID_BYTES).then_some(user)
 }
 
 /// The original coordinates named by a message's `vault.source.*` headers, when all three are

@@ -23,11 +23,20 @@ pub struct DeadLetter {
     pub error: EventError,
 }
 
+/// A request to erase a user, read from Kafka: a tombstone keyed by the user id, with
+/// `pipeline.tombstones = "erase"`. It erases through the tombstone's Kafka timestamp.
+#[derive(Debug, Clone)]
+pub struct EraseRequest {
+    pub source: Source,
+    pub user_id: String,
+}
+
 /// One decoded Kafka message.
 #[derive(Debug, Clone)]
 pub enum Record {
     Event(Event),
     Invalid(DeadLetter),
+    Erase(EraseRequest),
 }
 
 impl Record {
@@ -35,6 +44,7 @@ impl Record {
         match self {
             Record::Event(e) => &e.source,
             Record::Invalid(d) => &d.source,
+            Record::Erase(r) => &r.source,
         }
     }
 
@@ -43,6 +53,7 @@ impl Record {
         match self {
             Record::Event(e) => e.payload().len(),
             Record::Invalid(d) => d.value.as_ref().map_or(0, Vec::len),
+            Record::Erase(_) => 0,
         }
     }
 
@@ -52,6 +63,7 @@ impl Record {
         let key = match self {
             Record::Event(e) => e.key().map_or(0, <[u8]>::len),
             Record::Invalid(d) => d.key.as_ref().map_or(0, Vec::len),
+            Record::Erase(r) => r.user_id.len(),
         };
         std::mem::size_of::<Record>() + self.size() + key
     }
@@ -212,15 +224,23 @@ impl Batch {
     pub fn events(&self) -> impl Iterator<Item = &Event> {
         self.records.iter().filter_map(|r| match r {
             Record::Event(e) => Some(e),
-            Record::Invalid(_) => None,
+            _ => None,
         })
     }
 
     /// The records that failed decoding, in offset order.
     pub fn dead_letters(&self) -> impl Iterator<Item = &DeadLetter> {
         self.records.iter().filter_map(|r| match r {
-            Record::Event(_) => None,
             Record::Invalid(d) => Some(d),
+            _ => None,
+        })
+    }
+
+    /// The erasure requests, in offset order.
+    pub fn erasures(&self) -> impl Iterator<Item = &EraseRequest> {
+        self.records.iter().filter_map(|r| match r {
+            Record::Erase(e) => Some(e),
+            _ => None,
         })
     }
 

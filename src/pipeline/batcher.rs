@@ -207,6 +207,26 @@ impl PartitionTask {
         stop: &mut oneshot::Receiver<FlushReason>,
     ) -> Option<FlushReason> {
         let size = record.size();
+        let erase = matches!(record, Record::Erase(_));
+        if erase {
+            // An erasure waits until every earlier record of the partition is durable, so the
+            // user's index of days holds every day it must delete; then it goes out alone.
+            self.flush(st, FlushReason::Erase).await;
+            while st.tracker.in_flight() > 0 {
+                tokio::select! {
+                    biased;
+                    reason = &mut *stop => return Some(reason.unwrap_or(FlushReason::Shutdown)),
+                    Some((seq, outcome)) = st.acks.next() => {
+                        self.on_ack(st, seq, outcome);
+                        if st.failure.is_some() {
+                            // The run loop drains and reports the failure; the erasure, never
+                            // batched, is read again after the restart.
+                            return Some(FlushReason::Shutdown);
+                        }
+                    }
+                }
+            }
+        }
         if failpoint::hit("batcher::add", &self.topic, Some(record.source().offset)) {
             panic!("failpoint batcher::add");
         }
@@ -234,7 +254,9 @@ impl PartitionTask {
         }
         st.open.push(record);
         st.open_bytes += size;
-        if let Some(reason) = self.policy.after_push(st.open.len(), st.open_bytes) {
+        if erase {
+            self.flush(st, FlushReason::Erase).await;
+        } else if let Some(reason) = self.policy.after_push(st.open.len(), st.open_bytes) {
             self.flush(st, reason).await;
         }
         None
@@ -548,6 +570,44 @@ mod tests {
         }
         assert_eq!(h.progress.committable(), Some(2), "nothing past the error");
         assert!(h.batches.try_recv().is_err(), "record 2 and 9 never sent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_erasure_waits_for_every_earlier_batch_then_goes_out_alone() {
+        let h = start(2, 4);
+        for o in 0..2 {
+            h.records.unbounded_send(Ok(record(o))).unwrap();
+        }
+        let b0 = h.batches.recv().await.unwrap();
+        let erase = Record::Erase(crate::pipeline::batch::EraseRequest {
+            source: Source {
+                topic: Arc::from("t"),
+                partition: 0,
+                offset: 2,
+                timestamp_ms: Some(1),
+            },
+            user_id: "u".into(),
+        });
+        h.records.unbounded_send(Ok(erase)).unwrap();
+        h.records.unbounded_send(Ok(record(3))).unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            h.batches.try_recv().is_err(),
+            "the erasure waits while an earlier batch is in flight"
+        );
+        b0.ack(BatchOutcome::Durable);
+        let b1 = h.batches.recv().await.unwrap();
+        assert_eq!(
+            (b1.reason, b1.first_offset, b1.len()),
+            (FlushReason::Erase, 2, 1)
+        );
+        assert_eq!(b1.erasures().count(), 1);
+        let b2 = h.batches.recv().await.unwrap();
+        assert_eq!(
+            (b2.first_offset, b2.len()),
+            (3, 1),
+            "reading goes on after it"
+        );
     }
 
     #[tokio::test(start_paused = true)]

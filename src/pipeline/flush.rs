@@ -25,16 +25,19 @@ pub enum FlushReason {
     Revoke,
     /// The process is shutting down.
     Shutdown,
+    /// An erasure request: it goes out alone, after every earlier batch is durable.
+    Erase,
 }
 
 impl FlushReason {
-    pub const ALL: [FlushReason; 6] = [
+    pub const ALL: [FlushReason; 7] = [
         FlushReason::Size,
         FlushReason::Bytes,
         FlushReason::Linger,
         FlushReason::Budget,
         FlushReason::Revoke,
         FlushReason::Shutdown,
+        FlushReason::Erase,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +48,7 @@ impl FlushReason {
             FlushReason::Budget => "budget",
             FlushReason::Revoke => "revoke",
             FlushReason::Shutdown => "shutdown",
+            FlushReason::Erase => "erase",
         }
     }
 }
@@ -132,7 +136,7 @@ mod tests {
         let labels: Vec<_> = FlushReason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(
             labels,
-            ["size", "bytes", "linger", "budget", "revoke", "shutdown"]
+            ["size", "bytes", "linger", "budget", "revoke", "shutdown", "erase"]
         );
     }
 }

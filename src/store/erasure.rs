@@ -136,6 +136,26 @@ pub async fn forget(
     Ok(report)
 }
 
+/// A human summary of an erasure report, for the command line.
+pub fn summary(r: &ErasureReport) -> String {
+    let days: Vec<String> = r
+        .days
+        .iter()
+        .map(|d| {
+            chrono::DateTime::from_timestamp(d * 86_400, 0)
+                .map_or_else(|| d.to_string(), |t| t.format("%Y-%m-%d").to_string())
+        })
+        .collect();
+    let verb = if r.dry_run { "would delete" } else { "deleted" };
+    format!(
+        "user {}: {verb} {} partition(s){}{}\n",
+        crate::tools::query::escape(&r.user_id),
+        r.days.len(),
+        if days.is_empty() { "" } else { ": " },
+        days.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

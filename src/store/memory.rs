@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 use crate::event::Event;
-use crate::store::{Store, StoreError, WriteFailure};
+use crate::store::erasure::{tombstone_timestamp, Erasure};
+use crate::store::{version, Store, StoreError, WriteFailure};
 
 /// Primary key of a row: `((user_id, day), occurred_at, event_id)`.
 pub type RowKey = (String, i64, i64, Uuid);
@@ -25,6 +26,9 @@ struct Fault {
 #[derive(Default)]
 struct Inner {
     rows: HashMap<RowKey, Event>,
+    /// Per user, the newest erasure's tombstone timestamp: writes at or below it are shadowed,
+    /// as a partition tombstone shadows them in ScyllaDB.
+    erased: HashMap<String, i64>,
     writes: u64,
     requests: u64,
     failed_requests: u64,
@@ -146,9 +150,35 @@ impl Store for MemoryStore {
         inner.writes += events.len() as u64;
         if self.keep_rows {
             for e in events {
-                inner.rows.insert(row_key(e), (*e).clone());
+                let shadowed = inner
+                    .erased
+                    .get(e.user_id())
+                    .is_some_and(|t| version::of(e) <= *t);
+                if shadowed {
+                    continue;
+                }
+                // Last write wins by version, as in ScyllaDB.
+                let key = row_key(e);
+                if inner
+                    .rows
+                    .get(&key)
+                    .is_none_or(|old| version::of(old) <= version::of(e))
+                {
+                    inner.rows.insert(key, (*e).clone());
+                }
             }
         }
+        Ok(())
+    }
+
+    async fn erase(&self, erasure: &Erasure) -> Result<(), StoreError> {
+        let at = tombstone_timestamp(erasure.through_ms);
+        let mut inner = self.lock();
+        inner
+            .rows
+            .retain(|_, e| e.user_id() != erasure.user_id || version::of(e) > at);
+        let t = inner.erased.entry(erasure.user_id.clone()).or_insert(at);
+        *t = (*t).max(at);
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 pub mod erasure;
 pub mod memory;
 pub mod persister;
+pub mod retention;
 pub mod scylla;
 pub mod version;
 
@@ -91,11 +92,27 @@ impl WriteFailure {
 pub trait Store: Send + Sync + 'static {
     /// Writes every event; `Ok` only once all are durable. Idempotent per event.
     fn write(&self, events: &[&Event]) -> impl Future<Output = Result<(), WriteFailure>> + Send;
+
+    /// Erases a user (see [`erasure`]); `Ok` only once the erasure is durable. Idempotent.
+    fn erase(
+        &self,
+        erasure: &erasure::Erasure,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = erasure;
+        async { Err(StoreError::Invalid("this store cannot erase users".into())) }
+    }
 }
 
 impl<S: Store> Store for std::sync::Arc<S> {
     fn write(&self, events: &[&Event]) -> impl Future<Output = Result<(), WriteFailure>> + Send {
         (**self).write(events)
+    }
+
+    fn erase(
+        &self,
+        erasure: &erasure::Erasure,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).erase(erasure)
     }
 }
 

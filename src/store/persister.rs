@@ -31,6 +31,8 @@ use crate::config::{InvalidPolicy, RetrySettings};
 use crate::event::{Event, EventError};
 use crate::kafka::dead_letter::DeadLetterSink;
 use crate::pipeline::batch::{Batch, BatchOutcome, DeadLetter};
+use crate::store::erasure::Erasure;
+use crate::store::retention::{Retention, Ttl};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{Health, Metrics};
 
@@ -39,6 +41,8 @@ pub struct Persister<S, D> {
     pub store: S,
     pub dead_letters: D,
     pub on_invalid: InvalidPolicy,
+    /// Events past their retention are not written (counted as expired).
+    pub retention: Retention,
     pub retry: RetrySettings,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
@@ -130,6 +134,9 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         if let Err(reason) = self.write_events(batch, &mut dead, slots).await {
             return BatchOutcome::Abandoned(reason);
         }
+        if let Err(reason) = self.erase_users(batch, slots).await {
+            return BatchOutcome::Abandoned(reason);
+        }
         let invalid = batch.dead_letters().chain(dead.iter());
         let letters: Vec<&DeadLetter> = invalid.collect();
         if !letters.is_empty() {
@@ -154,7 +161,16 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         dead: &mut Vec<DeadLetter>,
         slots: &Slots,
     ) -> Result<(), String> {
-        let mut pending: Vec<&Event> = batch.events().collect();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let (mut pending, expired): (Vec<&Event>, Vec<&Event>) = batch
+            .events()
+            .partition(|e| self.retention.ttl(e, now_ms) != Ttl::Expired);
+        if !expired.is_empty() {
+            self.metrics
+                .events_expired
+                .with_label_values(&[&*batch.topic])
+                .inc_by(expired.len() as u64);
+        }
         let mut backoff = self.backoff();
         // Ends the readiness failure however this returns, a caught panic included.
         let mut failing: Option<Failing<'_>> = None;
@@ -233,6 +249,61 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         }
         drop(failing);
         self.observe_latency(batch);
+        Ok(())
+    }
+
+    /// Applies the batch's erasure requests (after its events: an erasure covers every earlier
+    /// message), each retried until it is durable; nothing after one is committed before.
+    async fn erase_users(&self, batch: &Batch, slots: &Slots) -> Result<(), String> {
+        for request in batch.erasures() {
+            let s = &request.source;
+            let through_ms = s.timestamp_ms.unwrap_or(0);
+            let erasure = Erasure {
+                user_id: request.user_id.clone(),
+                through_ms,
+                requested_by: format!("kafka:{}/{}/{}", s.topic, s.partition, s.offset),
+                requested_at_ms: through_ms,
+            };
+            let mut backoff = self.backoff();
+            let mut failing: Option<Failing<'_>> = None;
+            loop {
+                let result = {
+                    let _slot = tokio::select! {
+                        biased;
+                        _ = self.cancelled(batch) => return Err(give_up("before erasing")),
+                        slot = slots.acquire(failing.is_some()) => slot,
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = self.cancelled(batch) => return Err(give_up("while erasing")),
+                        result = self.store.erase(&erasure) => result,
+                    }
+                };
+                let error = match result {
+                    Ok(()) => {
+                        self.metrics
+                            .erasures
+                            .with_label_values(&[&*batch.topic])
+                            .inc();
+                        break;
+                    }
+                    Err(e) => e,
+                };
+                failing.get_or_insert_with(|| Failing::began(&self.health));
+                let delay = backoff.next().unwrap_or(self.retry.max_backoff);
+                // An erasure is never skipped: a permanent error stalls the partition, loudly.
+                error!(topic = %batch.topic, partition = batch.partition, offset = s.offset, error = %error, retry_in = ?delay, "Erasure failed; retrying (the partition waits for it).");
+                self.metrics
+                    .store_retries
+                    .with_label_values(&["erase"])
+                    .inc();
+                tokio::select! {
+                    biased;
+                    _ = self.cancelled(batch) => return Err(give_up(&error.to_string())),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
         Ok(())
     }
 
@@ -492,6 +563,7 @@ mod tests {
             store,
             dead_letters: letters,
             on_invalid: InvalidPolicy::DeadLetter,
+            retention: Retention::default(),
             retry: RetrySettings {
                 initial_backoff: Duration::from_millis(100),
                 max_backoff: Duration::from_secs(30),

@@ -34,6 +34,7 @@ use tracing::info;
 
 use crate::config::ScyllaConfig;
 use crate::event::Event;
+use crate::store::retention::{Retention, Ttl};
 use crate::store::{version, Store, StoreError, WriteFailure};
 
 /// The table vault writes.
@@ -137,7 +138,7 @@ fn insert_cql(keyspace: &str) -> String {
     format!(
         "INSERT INTO {keyspace}.{TABLE} (user_id, day, occurred_at, event_id, event_type, attributes, payload, \
          source_topic, source_partition, source_offset, kafka_timestamp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         USING TIMESTAMP ?"
+         USING TIMESTAMP ? AND TTL ?"
     )
 }
 
@@ -321,6 +322,9 @@ pub struct ScyllaStore {
     insert: PreparedStatement,
     index: PreparedStatement,
     keyspace: String,
+    retention: Retention,
+    /// The table's default TTL in seconds, for events no retention applies to.
+    default_ttl: i32,
     max_batch_rows: usize,
     max_batch_bytes: usize,
     permits: Arc<Semaphore>,
@@ -379,6 +383,8 @@ impl ScyllaStore {
             insert,
             index,
             keyspace: c.keyspace.clone(),
+            retention: Retention::default(),
+            default_ttl: i32::try_from(c.default_ttl.as_secs()).unwrap_or(i32::MAX),
             max_batch_rows: c.max_batch_rows,
             max_batch_bytes: c.max_batch_bytes,
             permits: Arc::new(Semaphore::new(c.max_concurrent_requests)),
@@ -392,6 +398,22 @@ impl ScyllaStore {
 
     pub fn keyspace(&self) -> &str {
         &self.keyspace
+    }
+
+    /// Writes with the TTL each event's retention leaves it (see [`Retention`]).
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// The TTL of a write of `e` now: what its retention leaves, else the table's default.
+    fn ttl(&self, e: &Event, now_ms: i64) -> i32 {
+        match self.retention.ttl(e, now_ms) {
+            Ttl::Seconds(s) => s,
+            // Expired between the persister's check and now: the shortest life there is.
+            Ttl::Expired => 1,
+            Ttl::Table => self.default_ttl,
+        }
     }
 
     /// Splits events into requests: one group per `(user_id, day)`, cut by the row and byte caps.
@@ -448,9 +470,11 @@ impl ScyllaStore {
                 (first.user_id(), cql_day(first.day()), version.unwrap_or(0)),
             )
             .await?;
+        let now_ms = chrono::Utc::now().timestamp_millis();
         if let [i] = rows {
+            let e = events[*i];
             self.session
-                .execute_unpaged(&self.insert, values(events[*i]))
+                .execute_unpaged(&self.insert, values(e, self.ttl(e, now_ms)))
                 .await?;
         } else {
             let mut batch = Batch::new(BatchType::Unlogged);
@@ -458,7 +482,10 @@ impl ScyllaStore {
                 batch.append_statement(self.insert.clone());
             }
             batch.set_is_idempotent(true);
-            let vals: Vec<_> = rows.iter().map(|&i| values(events[i])).collect();
+            let vals: Vec<_> = rows
+                .iter()
+                .map(|&i| values(events[i], self.ttl(events[i], now_ms)))
+                .collect();
             self.session.batch(&batch, vals).await?;
         }
         Ok(())
@@ -478,11 +505,12 @@ type Row<'a> = (
     i64,
     CqlTimestamp,
     i64,
+    i32,
 );
 
 /// The bound values of one row: its fields, and its version (see [`version`]) as the write
 /// timestamp, so a replay writes exactly the same cells.
-fn values(e: &Event) -> Row<'_> {
+fn values(e: &Event, ttl: i32) -> Row<'_> {
     let day = cql_day(e.day());
     (
         e.user_id(),
@@ -497,6 +525,7 @@ fn values(e: &Event) -> Row<'_> {
         e.source.offset,
         CqlTimestamp(version::kafka_timestamp_ms(e)),
         version::of(e),
+        ttl,
     )
 }
 
@@ -514,6 +543,12 @@ fn row_size(e: &Event) -> usize {
 }
 
 impl Store for ScyllaStore {
+    async fn erase(&self, erasure: &crate::store::erasure::Erasure) -> Result<(), StoreError> {
+        crate::store::erasure::forget(self, erasure, false)
+            .await
+            .map(drop)
+    }
+
     async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
         let plan = self.plan(events);
         // The process-wide bound is the semaphore in `send`; this one keeps a large batch from

@@ -27,16 +27,21 @@ pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
         .with_state(AppState { metrics, health })
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, within [`crate::http::Limits::default`]: no client can
+/// hold the server or delay the shutdown.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(metrics, health))
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::http::serve(
+        listener,
+        router(metrics, health),
+        crate::http::Limits::default(),
+        shutdown,
+    )
+    .await
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub end_to_end_latency: Histogram,
     pub store_retries: IntCounterVec,
     pub dead_letters_refused: IntCounterVec,
+    pub erasures: IntCounterVec,
+    pub events_expired: IntCounterVec,
     pub commits: IntCounterVec,
     pub commit_duration: Histogram,
     pub committed_offset: IntGaugeVec,
@@ -102,6 +104,16 @@ impl Metrics {
                 "vault_dead_letters_refused_total",
                 "Dead-letter sends refused by a permanent error (too large even when cut, missing topic, no authorization): the partition stalls until it is fixed.",
                 &["topic", "error"],
+            ),
+            events_expired: b.counter(
+                "vault_events_expired_total",
+                "Events not written because they were past their retention (occurred_at + retention of their type) when read.",
+                &["topic"],
+            ),
+            erasures: b.counter(
+                "vault_erasures_total",
+                "User erasures requested on Kafka (tombstones, with pipeline.tombstones = erase) and made durable.",
+                &["topic"],
             ),
             commits: b.counter(
                 "vault_commits_total",

@@ -20,6 +20,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::kafka::dead_letter::headers;
 use crate::tools::progress::Progress;
+use crate::tools::query::escape;
 
 /// Header a replayed message carries: `<dead-letter topic>/<partition>/<offset>` it came from.
 pub const REPLAYED_FROM: &str = "vault.replayed.from";
@@ -197,8 +198,10 @@ impl fmt::Display for ReplaySummary {
         writeln!(f, "dead-letter topic    {}", self.dead_letter_topic)?;
         writeln!(f, "scanned              {}", self.scanned)?;
         writeln!(f, "matched              {matched}")?;
+        // Kinds and refused topics come from the letters' headers, which whoever can write
+        // the dead-letter topic controls: escaped, like `vault query`'s stored text.
         for (kind, n) in &self.matched_by_kind {
-            writeln!(f, "  {kind:<18} {n}")?;
+            writeln!(f, "  {:<18} {n}", escape(kind))?;
         }
         writeln!(f, "destinations")?;
         for (topic, n) in &self.destinations {
@@ -210,7 +213,7 @@ impl fmt::Display for ReplaySummary {
                 "skipped              {refused} (naming a topic that is not a configured source of this dead-letter topic)"
             )?;
             for (topic, n) in &self.refused {
-                writeln!(f, "  {topic} -> {n}")?;
+                writeln!(f, "  {} -> {n}", escape(topic))?;
             }
         }
         if self.dry_run {
@@ -417,6 +420,24 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn forged_header_text_cannot_drive_the_terminal() {
+        let summary = ReplaySummary {
+            matched_by_kind: BTreeMap::from([("bad\u{1b}]0;owned\u{7}".into(), 1)]),
+            refused: BTreeMap::from([("t\u{1b}[2J".into(), 1)]),
+            ..Default::default()
+        };
+        let text = summary.to_string();
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("bad\\u{1b}]0;owned\\u{7}") && text.contains("t\\u{1b}[2J"),
+            "{text}"
+        );
     }
 
     #[test]

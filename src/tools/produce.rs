@@ -187,6 +187,11 @@ impl Generator {
 
 /// Produces `opts.count` messages and returns the summary.
 pub async fn produce(base: &ClientConfig, opts: &ProduceOptions) -> Result<ProduceSummary, String> {
+    if let Some(rate) = opts.rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
+        return Err(format!(
+            "--rate {rate}: give a rate above 0, or none for no limit"
+        ));
+    }
     let mut cfg = base.clone();
     cfg.set("linger.ms", "10")
         .set("batch.num.messages", "10000")

@@ -4,18 +4,56 @@
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn the_demo_flow_verifies_every_event_and_stops_everything() {
+/// The directory of the test build's `vault`, with `vault-sandbox` built beside it.
+fn bin_dir() -> &'static Path {
     let vault = Path::new(env!("CARGO_BIN_EXE_vault"));
     let bin_dir = vault.parent().expect("binary directory");
-    let sandbox = bin_dir.join("vault-sandbox");
-    if !sandbox.exists() {
+    if !bin_dir.join("vault-sandbox").exists() {
         let built = Command::new(env!("CARGO"))
             .args(["build", "-p", "vault-sandbox"])
             .status()
             .expect("cargo build");
         assert!(built.success(), "building vault-sandbox");
     }
+    bin_dir
+}
+
+/// With CARGO_TARGET_DIR set (and no DEMO_BIN_DIR) the demo runs the binaries cargo built
+/// there, not `target/release`: it asks cargo where its target directory is.
+#[test]
+fn the_demo_finds_the_binaries_under_cargo_target_dir() {
+    let target = std::env::temp_dir().join(crate::common::unique("vault-demo-target"));
+    let release = target.join("release");
+    std::fs::create_dir_all(&release).unwrap();
+    for bin in ["vault", "vault-sandbox"] {
+        std::os::unix::fs::symlink(bin_dir().join(bin), release.join(bin)).unwrap();
+    }
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo.sh"))
+        .env("DEMO_EVENTS", "500")
+        .env("DEMO_PARTITIONS", "2")
+        .env_remove("DEMO_BIN_DIR")
+        .env("DEMO_SKIP_BUILD", "1")
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("run the demo");
+    let _ = std::fs::remove_dir_all(&target);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!("binaries in {}\n", release.display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("verdict              OK: nothing lost"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn the_demo_flow_verifies_every_event_and_stops_everything() {
+    let bin_dir = bin_dir();
     let pid_file = std::env::temp_dir().join(format!("vault-demo-pids-{}", std::process::id()));
     let _ = std::fs::remove_file(&pid_file);
     let out = Command::new("bash")

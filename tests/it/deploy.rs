@@ -107,6 +107,105 @@ fn duration(v: &str) -> Duration {
     humantime::parse_duration(v).unwrap_or_else(|e| panic!("{v}: {e}"))
 }
 
+/// The name everything vault deploys carries: never plain `vault`, which a HashiCorp Vault
+/// install uses for its image, namespace, StatefulSet, Service and PDB.
+const NAME: &str = "activity-vault";
+
+/// The repository of an image reference, without registry, tag or digest: `vault` for
+/// `vault:0.1.0`, `hashicorp/vault` and `docker.io/library/vault@sha256:...`.
+fn image_repository(image: &str) -> &str {
+    let no_digest = image.split('@').next().unwrap_or(image);
+    let last = no_digest.rsplit('/').next().unwrap_or(no_digest);
+    last.split(':').next().unwrap_or(last)
+}
+
+/// A name of ours: `activity-vault` or `activity-vault-...`.
+fn assert_ours(what: &str, name: &str) {
+    assert!(
+        name == NAME || name.starts_with(&format!("{NAME}-")),
+        "{what} {name:?} must be {NAME}[-...], not one a HashiCorp Vault install may use"
+    );
+}
+
+/// The Prometheus job label the alert rules select vault's targets by.
+fn rules_job() -> String {
+    let alerts = read("deploy/prometheus/alerts.yml");
+    let jobs: BTreeSet<String> = alerts
+        .match_indices("job=\"")
+        .map(|(i, m)| alerts[i + m.len()..].split('"').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(jobs.len(), 1, "one job label in the rules: {jobs:?}");
+    jobs.into_iter().next().unwrap()
+}
+
+#[test]
+fn nothing_is_named_plain_vault() {
+    for (image, repo) in [
+        ("vault:0.1.0", "vault"),
+        ("hashicorp/vault", "vault"),
+        ("docker.io/library/vault@sha256:00", "vault"),
+        (
+            "registry.example.com/activity-vault:0.1.0",
+            "activity-vault",
+        ),
+        ("localhost:5000/activity-vault", "activity-vault"),
+    ] {
+        assert_eq!(image_repository(image), repo, "{image}");
+    }
+    // Kubernetes: the namespace, every object, every Secret and ConfigMap referenced, images.
+    let kustomization = yaml("deploy/k8s/kustomization.yaml");
+    assert_ours("namespace", s(&kustomization["namespace"]));
+    let objects = k8s_objects();
+    for (kind, o) in &objects {
+        assert_ours(kind, s(&o["metadata"]["name"]));
+        if kind == "Namespace" {
+            assert_eq!(s(&o["metadata"]["name"]), s(&kustomization["namespace"]));
+        }
+    }
+    let pod = &objects["StatefulSet"]["spec"]["template"]["spec"];
+    let images = kustomization["images"].as_sequence().expect("images");
+    let containers: Vec<&Value> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| pod[*k].as_sequence().into_iter().flatten())
+        .collect();
+    for c in &containers {
+        let image = s(&c["image"]);
+        assert_ne!(image_repository(image), "vault", "{image}");
+        let set = images
+            .iter()
+            .find(|i| s(&i["name"]) == image)
+            .unwrap_or_else(|| panic!("kustomization.yaml sets the image {image}"));
+        assert_ours("image", image_repository(s(&set["newName"])));
+        for e in c["env"].as_sequence().into_iter().flatten() {
+            if let Some(name) = e["valueFrom"]["secretKeyRef"]["name"].as_str() {
+                assert_ours("Secret", name);
+            }
+        }
+    }
+    for v in pod["volumes"].as_sequence().unwrap() {
+        if let Some(name) = v["configMap"]["name"].as_str() {
+            assert_ours("ConfigMap", name);
+        }
+    }
+    for r in objects["TriggerAuthentication"]["spec"]["secretTargetRef"]
+        .as_sequence()
+        .unwrap()
+    {
+        assert_ours("Secret", s(&r["name"]));
+    }
+    // Prometheus: the scrape job the rules select (HashiCorp Vault's is often "vault").
+    assert_ours("Prometheus job", &rules_job());
+    // docker compose: every image built or run from this repository.
+    let compose = yaml("docker-compose.yml");
+    for (name, svc) in compose["services"].as_mapping().unwrap() {
+        let image = s(&svc["image"]);
+        assert_ne!(image_repository(image), "vault", "{name:?}: {image}");
+        if !svc["build"].is_null() {
+            assert_ours("image", image_repository(image));
+        }
+    }
+}
+
 #[test]
 fn every_yaml_file_parses() {
     let mut files = vec![PathBuf::from("docker-compose.yml")];
@@ -149,7 +248,7 @@ fn the_compose_stack_hands_vault_only_settings_it_accepts() {
     // Every service running the vault image: its environment validates and its command parses.
     let mut vault_services = 0;
     for (name, svc) in services {
-        if svc["image"].as_str() != Some("vault:local") {
+        if svc["image"].as_str() != Some("activity-vault:local") {
             continue;
         }
         vault_services += 1;
@@ -180,7 +279,7 @@ fn the_compose_stack_hands_vault_only_settings_it_accepts() {
     let metrics_port = port_of(&env["VAULT_METRICS_ADDR"]);
     let health = strings(&vault_svc["healthcheck"]["test"]).join(" ");
     assert!(
-        health.contains(&format!("127.0.0.1:{metrics_port}/readyz")),
+        health.contains(&format!("--addr 127.0.0.1:{metrics_port} --path /readyz")),
         "{health}"
     );
     let default_shutdown = vault::config::Config::default().pipeline.shutdown_timeout;
@@ -209,6 +308,11 @@ fn the_compose_stack_hands_vault_only_settings_it_accepts() {
     let sd = &prom["scrape_configs"][0]["dns_sd_configs"][0];
     assert_eq!(sd["port"].as_u64(), Some(u64::from(metrics_port)));
     assert_eq!(strings(&sd["names"]), ["vault"]);
+    assert_eq!(
+        s(&prom["scrape_configs"][0]["job_name"]),
+        rules_job(),
+        "the job the alert rules select"
+    );
     assert_eq!(strings(&prom["rule_files"]), ["alerts.yml"]);
     let prom_volumes = strings(&compose["services"]["prometheus"]["volumes"]);
     assert!(prom_volumes.contains(&"./deploy/prometheus:/etc/prometheus:ro".to_string()));
@@ -265,6 +369,7 @@ fn the_kubernetes_manifests_agree_with_the_binary_and_each_other() {
         "ServiceMonitor",
         "PrometheusRule",
         "ScaledObject",
+        "TriggerAuthentication",
     ] {
         assert!(objects.contains_key(kind), "{kind} in deploy/k8s");
     }
@@ -272,37 +377,101 @@ fn the_kubernetes_manifests_agree_with_the_binary_and_each_other() {
     let pod = &sts["spec"]["template"];
     let container = &pod["spec"]["containers"][0];
 
-    // The configuration file validates, with the environment the pod gives it.
+    // The configuration file validates, with the environment the pod gives each container.
     let toml_text = s(&objects["ConfigMap"]["data"]["vault.toml"]).to_owned();
-    let dir = std::env::temp_dir().join(crate::common::unique("vault-k8s"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mount = s(&container["volumeMounts"][0]["mountPath"]).to_owned();
-    let mut env = BTreeMap::new();
-    for e in container["env"].as_sequence().unwrap() {
-        let name = s(&e["name"]).to_owned();
-        let value = match (&e["value"], &e["valueFrom"]) {
-            (Value::String(v), _) => v.replace(&mount, dir.to_str().unwrap()),
-            (_, from) if from["fieldRef"]["fieldPath"] == "metadata.name" => "vault-0".into(),
-            (_, from) if from["secretKeyRef"].is_mapping() => {
-                format!("secret-{}", s(&from["secretKeyRef"]["key"]))
-            }
-            other => panic!("env {name}: {other:?}"),
-        };
-        env.insert(name, value);
-    }
-    let file = Path::new(&env["VAULT_CONFIG"]).to_path_buf();
-    std::fs::write(&file, &toml_text).unwrap();
-    let effective = vault(&["check-config".into()], &env);
-    let _ = std::fs::remove_dir_all(&dir);
+    let check_config = |container: &Value| -> String {
+        let dir = std::env::temp_dir().join(crate::common::unique("vault-k8s"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mount = s(&container["volumeMounts"][0]["mountPath"]).to_owned();
+        let mut env = BTreeMap::new();
+        for e in container["env"].as_sequence().unwrap() {
+            let name = s(&e["name"]).to_owned();
+            let value = match (&e["value"], &e["valueFrom"]) {
+                (Value::String(v), _) => v.replace(&mount, dir.to_str().unwrap()),
+                (_, from) if from["fieldRef"]["fieldPath"] == "metadata.name" => {
+                    format!("{NAME}-0")
+                }
+                (_, from) if from["secretKeyRef"].is_mapping() => {
+                    format!("secret-{}", s(&from["secretKeyRef"]["key"]))
+                }
+                other => panic!("env {name}: {other:?}"),
+            };
+            env.insert(name, value);
+        }
+        let file = Path::new(&env["VAULT_CONFIG"]).to_path_buf();
+        std::fs::write(&file, &toml_text).unwrap();
+        let effective = vault(&["check-config".into()], &env);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            !effective.contains("secret-scylla-password"),
+            "the password is masked: {effective}"
+        );
+        effective
+    };
+    let effective = check_config(container);
     assert!(
-        effective.contains("instance_id = \"vault-0\""),
+        effective.contains(&format!("instance_id = \"{NAME}-0\"")),
         "static membership from the pod name: {effective}"
     );
-    assert!(
-        !effective.contains("secret-scylla-password"),
-        "the password is masked: {effective}"
-    );
     assert_command_accepted(&strings(&container["args"]));
+
+    // A fresh cluster does not crash-loop: an init container migrates the schema first, with
+    // the consumer's image, configuration and credentials.
+    let inits = pod["spec"]["initContainers"]
+        .as_sequence()
+        .expect("initContainers");
+    let migrate = inits
+        .iter()
+        .find(|c| strings(&c["args"]) == ["migrate"])
+        .expect("an init container running `vault migrate`");
+    assert_command_accepted(&strings(&migrate["args"]));
+    assert_eq!(migrate["image"], container["image"]);
+    assert_eq!(migrate["volumeMounts"], container["volumeMounts"]);
+    let scylla = |effective: &str| -> Vec<String> {
+        effective
+            .split("[scylla]")
+            .nth(1)
+            .and_then(|r| r.split("\n[").next())
+            .expect("[scylla] in check-config's output")
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        scylla(&check_config(migrate)),
+        scylla(&effective),
+        "migrate sees the consumer's ScyllaDB settings"
+    );
+
+    // The restricted Pod Security Standard, which namespace.yaml enforces.
+    assert_eq!(
+        s(&objects["Namespace"]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]),
+        "restricted"
+    );
+    let pod_security = &pod["spec"]["securityContext"];
+    assert_eq!(pod_security["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(s(&pod_security["seccompProfile"]["type"]), "RuntimeDefault");
+    for c in inits
+        .iter()
+        .chain(pod["spec"]["containers"].as_sequence().unwrap())
+    {
+        let sc = &c["securityContext"];
+        let name = s(&c["name"]);
+        assert_eq!(
+            sc["allowPrivilegeEscalation"].as_bool(),
+            Some(false),
+            "{name}"
+        );
+        assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true), "{name}");
+        assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"], "{name}");
+        assert!(sc["privileged"].as_bool() != Some(true), "{name}");
+        for kind in ["requests", "limits"] {
+            assert!(
+                c["resources"][kind].is_mapping(),
+                "{name}: resources.{kind}"
+            );
+        }
+    }
 
     // Ports and paths agree with the configuration and with each other.
     let config: toml::Value = toml::from_str(&toml_text).unwrap();
@@ -359,7 +528,41 @@ fn the_kubernetes_manifests_agree_with_the_binary_and_each_other() {
     }
 
     // Autoscaling targets the StatefulSet, on vault's group and topic, capped at the partitions.
+    // KEDA owns the count: a `replicas` here would reset it on every apply.
+    assert!(
+        sts["spec"]["replicas"].is_null(),
+        "no replicas in the StatefulSet: KEDA owns the count"
+    );
     let scaled = &objects["ScaledObject"]["spec"];
+    let min_replicas = scaled["minReplicaCount"].as_u64().expect("minReplicaCount");
+    assert!(min_replicas >= 2, "a drain never leaves one consumer alone");
+    let pdb = &objects["PodDisruptionBudget"]["spec"];
+    assert!(pdb["maxUnavailable"].as_u64().unwrap() < min_replicas);
+    let scale_down = &scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"];
+    assert!(scale_down["stabilizationWindowSeconds"].as_u64().unwrap() >= 300);
+    let session_timeout = duration(config["kafka"]["session_timeout"].as_str().unwrap());
+    for policy in scale_down["policies"].as_sequence().unwrap() {
+        assert_eq!(s(&policy["type"]), "Pods");
+        assert_eq!(policy["value"].as_u64(), Some(1), "one pod at a time");
+        assert!(
+            Duration::from_secs(policy["periodSeconds"].as_u64().unwrap()) > session_timeout,
+            "a scale-down step waits out the stall of the last one"
+        );
+    }
+    let auth = &objects["TriggerAuthentication"];
+    assert_eq!(
+        s(&scaled["triggers"][0]["authenticationRef"]["name"]),
+        s(&auth["metadata"]["name"])
+    );
+    let params: BTreeSet<&str> = auth["spec"]["secretTargetRef"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| s(&r["parameter"]))
+        .collect();
+    for p in ["sasl", "username", "password", "tls"] {
+        assert!(params.contains(p), "TriggerAuthentication sets {p}");
+    }
     assert_eq!(s(&scaled["scaleTargetRef"]["kind"]), "StatefulSet");
     assert_eq!(
         s(&scaled["scaleTargetRef"]["name"]),
@@ -375,6 +578,11 @@ fn the_kubernetes_manifests_agree_with_the_binary_and_each_other() {
         config["kafka"]["topics"][0].as_str()
     );
     assert_eq!(s(&trigger["allowIdleConsumers"]), "false");
+    assert_eq!(
+        s(&trigger["excludePersistentLag"]),
+        "true",
+        "a stuck partition does not drive scaling to the maximum"
+    );
     let compose = yaml("docker-compose.yml");
     let init = strings(&compose["services"]["init-topics"]["command"]).join(" ");
     let partitions: u64 = init
@@ -383,7 +591,38 @@ fn the_kubernetes_manifests_agree_with_the_binary_and_each_other() {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .expect("partition count of the source topic");
-    assert!(scaled["maxReplicaCount"].as_u64().unwrap() <= partitions);
+    let max_replicas = scaled["maxReplicaCount"].as_u64().unwrap();
+    assert!(min_replicas <= max_replicas && max_replicas <= partitions);
+
+    // Prometheus finds the targets and rules through the label its selectors usually match,
+    // set in one place (a kustomize patch on both Prometheus Operator objects); the Service's
+    // name is the job label the rules select.
+    let kustomization = yaml("deploy/k8s/kustomization.yaml");
+    let release = kustomization["patches"]
+        .as_sequence()
+        .expect("patches")
+        .iter()
+        .filter(|p| s(&p["target"]["group"]) == "monitoring.coreos.com")
+        .find_map(|p| {
+            let patch: Value = serde_yaml_ng::from_str(s(&p["patch"])).unwrap();
+            patch["metadata"]["labels"]["release"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .expect("a patch setting the release label on ServiceMonitor and PrometheusRule");
+    assert!(!release.is_empty());
+    for kind in ["ServiceMonitor", "PrometheusRule"] {
+        assert_eq!(
+            s(&objects[kind]["apiVersion"]),
+            "monitoring.coreos.com/v1",
+            "{kind} is reached by the patch"
+        );
+    }
+    assert!(
+        monitor["jobLabel"].is_null(),
+        "the job label is the Service's name"
+    );
+    assert_eq!(s(&svc["metadata"]["name"]), rules_job());
 
     // The operator's rules are the rules promtool tests.
     let alerts = yaml("deploy/prometheus/alerts.yml");
@@ -440,5 +679,128 @@ fn the_image_is_multi_stage_non_root_and_serves_the_metrics_port() {
         .find_map(|l| l.strip_prefix("EXPOSE "))
         .expect("EXPOSE");
     assert!(dockerfile.contains(&format!("VAULT_METRICS_ADDR=0.0.0.0:{expose}")));
-    assert!(dockerfile.contains(&format!("127.0.0.1:{expose}/healthz")));
+    // The health check is the binary itself (no curl in the image), asking the metrics port.
+    let check = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("CMD [\"/usr/local/bin/vault\", \"healthcheck\""))
+        .expect("HEALTHCHECK runs vault healthcheck");
+    assert!(
+        check.contains(&format!("\"127.0.0.1:{expose}\"")),
+        "{check}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("curl")),
+        "no curl in the image"
+    );
+}
+
+/// Issue 19's hardening, as files: the pod mounts no service-account token, a NetworkPolicy
+/// lets in only the monitoring namespace on the metrics port and lets out only Kafka's and
+/// ScyllaDB's namespaces and ports (as configured) and DNS, SASL credentials come from a Secret,
+/// the ScyllaDB password travels over TLS; compose's vault is read-only, without capabilities
+/// or privilege gain, and Grafana has no default admin.
+#[test]
+fn the_deployment_is_hardened() {
+    let objects = k8s_objects();
+    let sts = &objects["StatefulSet"];
+    let pod = &sts["spec"]["template"];
+    assert_eq!(
+        pod["spec"]["automountServiceAccountToken"].as_bool(),
+        Some(false)
+    );
+    let container = &pod["spec"]["containers"][0];
+    let secret_env: BTreeSet<String> = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|e| e["valueFrom"]["secretKeyRef"].is_mapping())
+        .map(|e| s(&e["name"]).to_owned())
+        .collect();
+    for name in [
+        "VAULT_KAFKA_OPTION_SASL_USERNAME",
+        "VAULT_KAFKA_OPTION_SASL_PASSWORD",
+        "VAULT_SCYLLA_PASSWORD",
+    ] {
+        assert!(
+            secret_env.contains(name),
+            "{name} from a Secret: {secret_env:?}"
+        );
+    }
+    let toml_text = s(&objects["ConfigMap"]["data"]["vault.toml"]).to_owned();
+    let config: toml::Value = toml::from_str(&toml_text).unwrap();
+    assert_eq!(
+        config["scylla"]["tls"].as_bool(),
+        Some(true),
+        "the password from the Secret crosses the network over TLS"
+    );
+
+    let policy = &objects["NetworkPolicy"]["spec"];
+    for (k, v) in policy["podSelector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(
+            &pod["metadata"]["labels"][k], v,
+            "the policy selects the pods"
+        );
+    }
+    assert_eq!(strings(&policy["policyTypes"]), ["Ingress", "Egress"]);
+    let ingress = policy["ingress"].as_sequence().unwrap();
+    assert_eq!(ingress.len(), 1, "one ingress rule: {ingress:?}");
+    let metrics_port = port_of(config["metrics"]["addr"].as_str().unwrap());
+    assert_eq!(
+        ingress[0]["ports"][0]["port"].as_u64(),
+        Some(u64::from(metrics_port))
+    );
+    assert_eq!(
+        s(&ingress[0]["from"][0]["namespaceSelector"]["matchLabels"]
+            ["kubernetes.io/metadata.name"]),
+        "monitoring"
+    );
+    // Every configured broker and node is reachable: `<service>.<namespace>.svc:<port>`.
+    let egress = policy["egress"].as_sequence().unwrap();
+    let allows = |host_port: &str| {
+        let (host, port) = host_port.rsplit_once(':').unwrap();
+        let namespace = host.split('.').nth(1).unwrap();
+        egress.iter().any(|rule| {
+            rule["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                .as_str()
+                == Some(namespace)
+                && rule["ports"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["port"].as_u64().map(|n| n.to_string()).as_deref() == Some(port))
+        })
+    };
+    let brokers = config["kafka"]["brokers"].as_str().unwrap();
+    for b in brokers.split(',') {
+        assert!(allows(b.trim()), "egress to broker {b}");
+    }
+    for n in config["scylla"]["nodes"].as_array().unwrap() {
+        assert!(allows(n.as_str().unwrap()), "egress to node {n}");
+    }
+    assert!(
+        egress.iter().any(|r| r["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"].as_u64() == Some(53))),
+        "DNS"
+    );
+
+    let compose = yaml("docker-compose.yml");
+    let vault = &compose["services"]["vault"];
+    assert_eq!(vault["read_only"].as_bool(), Some(true));
+    assert_eq!(strings(&vault["cap_drop"]), ["ALL"]);
+    assert!(strings(&vault["security_opt"]).contains(&"no-new-privileges:true".to_owned()));
+    let check = strings(&vault["healthcheck"]["test"]);
+    assert_eq!(check[1], "/usr/local/bin/vault", "{check:?}");
+    assert_command_accepted(&check[2..]);
+    let grafana = env_map(&compose["services"]["grafana"]["environment"]);
+    assert!(
+        !grafana.contains_key("GF_SECURITY_ADMIN_PASSWORD")
+            && grafana
+                .get("GF_SECURITY_DISABLE_INITIAL_ADMIN_CREATION")
+                .map(String::as_str)
+                == Some("true"),
+        "no default admin account: {grafana:?}"
+    );
 }

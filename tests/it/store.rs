@@ -286,6 +286,7 @@ async fn transient_errors_are_retried_and_the_batch_is_durable_only_after_succes
     cfg.pipeline.retry_max_backoff = Duration::from_millis(20);
     let settings = cfg.validate().unwrap();
     let persister = Persister {
+        retention: Default::default(),
         store,
         dead_letters: MemoryDeadLetters::default(),
         on_invalid: InvalidPolicy::DeadLetter,
@@ -463,4 +464,253 @@ async fn tls_verifies_the_node_and_carries_the_writes() {
         .await
         .expect("TLS without verification");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A user erased by a Kafka tombstone stays erased when a new consumer group re-reads the whole
+/// topic: the rows of messages before the erasure never come back, later activity is stored,
+/// other users are untouched, and the erasure is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_user_stays_erased_when_a_new_group_replays_the_topic() {
+    use crate::common::{event_json, settings, Kafka, Running};
+    let kafka = Kafka::start();
+    let node = node().await;
+    let topic = unique("erase");
+    kafka.create_source_topic(&topic, 1).await;
+    let c = scylla_config(&node.addr().to_string());
+    drop(ScyllaStore::connect(&c, true).await.expect("migrate"));
+    let t0 = 1_764_000_000_000i64; // 2025-11-24T16:00:00Z
+    for i in 0..40 {
+        let user = if i % 2 == 0 { "gone" } else { "kept" };
+        let value = event_json(user, i).into_bytes();
+        kafka
+            .produce_at(&topic, 0, user, &value, t0 + i as i64)
+            .await;
+    }
+    let erased_through = t0 + 1000;
+    kafka
+        .produce_tombstone_at(&topic, 0, "gone", erased_through)
+        .await;
+    for i in 40..50 {
+        let value = event_json("gone", i).into_bytes();
+        kafka
+            .produce_at(&topic, 0, "gone", &value, erased_through + 1 + i as i64)
+            .await;
+    }
+    let count = |user: &str| {
+        let rows = node
+            .execute(&format!(
+                "SELECT source_offset FROM {}.user_activity WHERE user_id = '{user}' AND day = '2025-11-24'",
+                c.keyspace
+            ))
+            .expect("select")
+            .expect("rows");
+        rows.rows.len()
+    };
+    let mut seen: Vec<String> = Vec::new();
+    for group in [unique("first"), unique("replay")] {
+        let mut cfg = settings(&kafka.brokers, &topic, &group);
+        cfg.scylla = c.clone();
+        cfg.pipeline.tombstones = vault::config::TombstonePolicy::Erase;
+        let store = ScyllaStore::connect(&c, false).await.expect("connect");
+        let vault = Running::start(cfg, store, MemoryDeadLetters::default());
+        kafka
+            .probe(&group)
+            .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+            .await;
+        assert_eq!(
+            count("gone"),
+            10,
+            "{group}: only activity after the erasure"
+        );
+        assert_eq!(count("kept"), 20, "{group}: other users untouched");
+        assert_eq!(vault.counter("vault_erasures_total"), 1.0);
+        vault.stop().await;
+        if let Some(cells) = cells_seen_by_python(&node.addr().to_string(), &c.keyspace) {
+            seen.push(cells);
+        }
+    }
+    if let [first, replay] = seen.as_slice() {
+        assert!(first.lines().count() == 30, "{first}");
+        assert_eq!(
+            first, replay,
+            "a second group re-reading the topic changes no cell and no write timestamp"
+        );
+    }
+    let record = node
+        .execute(&format!(
+            "SELECT requested_by FROM {}.erasures WHERE user_id = 'gone'",
+            c.keyspace
+        ))
+        .expect("select")
+        .expect("rows");
+    assert_eq!(
+        record.rows.len(),
+        1,
+        "recorded once: the replay rewrote the same record"
+    );
+    let by = String::from_utf8(record.rows[0][0].clone().unwrap()).unwrap();
+    assert!(by.starts_with(&format!("kafka:{topic}/0/")), "{by}");
+}
+
+/// `vault forget`: a dry run lists the partitions, the real run deletes them and records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_forget_erases_a_user_from_the_command_line() {
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let store = ScyllaStore::connect(&c, true).await.expect("migrate");
+    let batch = events(2, 6, 100);
+    let refs: Vec<&Event> = batch.iter().collect();
+    store.write(&refs).await.expect("write");
+    let day = batch[0].day();
+    let forget = |dry_run: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vault"));
+        cmd.args(["forget", "--user", "user-0", "--requested-by", "dpo"])
+            .env("VAULT_SCYLLA_NODES", node.addr().to_string())
+            .env("VAULT_SCYLLA_KEYSPACE", &c.keyspace)
+            .env("VAULT_LOG_LEVEL", "warn");
+        if dry_run {
+            cmd.arg("--dry-run");
+        }
+        let out = cmd.output().expect("run vault forget");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let dry = forget(true);
+    assert_eq!(
+        dry,
+        "user user-0: would delete 1 partition(s): 2025-11-24\n"
+    );
+    assert_eq!(read_user(&store, &c.keyspace, "user-0", day).await.len(), 3);
+    let done = forget(false);
+    assert_eq!(done, "user user-0: deleted 1 partition(s): 2025-11-24\n");
+    assert!(read_user(&store, &c.keyspace, "user-0", day)
+        .await
+        .is_empty());
+    assert_eq!(read_user(&store, &c.keyspace, "user-1", day).await.len(), 3);
+    let record = node
+        .execute(&format!(
+            "SELECT requested_by, partitions FROM {}.erasures WHERE user_id = 'user-0'",
+            c.keyspace
+        ))
+        .expect("select")
+        .expect("rows");
+    assert_eq!(record.rows.len(), 1);
+    assert_eq!(record.rows[0][0].as_deref(), Some(&b"cli:dpo"[..]));
+    // A replay of the erased events (older than the erasure) does not bring them back.
+    store.write(&refs).await.expect("replay");
+    assert!(read_user(&store, &c.keyspace, "user-0", day)
+        .await
+        .is_empty());
+}
+
+/// Retention per event type: an event past its retention is not written; a row's TTL is what
+/// is left of `occurred_at + retention`, so a replay never extends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_expires_rows_at_occurred_at_plus_retention_whenever_written() {
+    use vault::store::retention::Retention;
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let retention = Retention {
+        default: None,
+        by_type: [("page_view".to_owned(), Duration::from_secs(86_400))].into(),
+    };
+    let store = ScyllaStore::connect(&c, true)
+        .await
+        .expect("migrate")
+        .with_retention(retention.clone());
+    let now = chrono::Utc::now();
+    let event = |offset: i64, kind: &str, ago: chrono::Duration| {
+        let at = (now - ago).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let json = format!(r#"{{"user_id":"u","event_type":"{kind}","occurred_at":"{at}"}}"#);
+        let source = Source {
+            topic: Arc::from("activity"),
+            partition: 0,
+            offset,
+            timestamp_ms: Some(now.timestamp_millis()),
+        };
+        event::decode(
+            None,
+            Some(json.as_bytes()),
+            source,
+            None,
+            event::Limits::default(),
+        )
+        .expect("valid")
+    };
+    let too_old = event(1, "page_view", chrono::Duration::days(2));
+    let recent = event(2, "page_view", chrono::Duration::hours(1));
+    let kept = event(3, "click", chrono::Duration::days(2));
+    let persister = Persister {
+        store,
+        dead_letters: MemoryDeadLetters::default(),
+        on_invalid: InvalidPolicy::DeadLetter,
+        retention,
+        retry: vault::config::RetrySettings {
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+        },
+        metrics: Arc::new(Metrics::new()),
+        health: Arc::new(Health::new(Duration::from_secs(60))),
+        cancel: CancellationToken::new(),
+    };
+    let ttl_of = |offset: i64| {
+        let rows = node
+            .execute(&format!(
+                "SELECT source_offset, ttl(payload) FROM {}.user_activity WHERE user_id = 'u' AND day = '{}'",
+                c.keyspace,
+                (now - chrono::Duration::hours(1)).format("%Y-%m-%d")
+            ))
+            .expect("select")
+            .expect("rows");
+        rows.rows
+            .iter()
+            .find(|r| r[0].as_deref() == Some(&offset.to_be_bytes()[..]))
+            .map(|r| {
+                r[1].clone()
+                    .map(|b| i32::from_be_bytes(b.try_into().unwrap()))
+            })
+    };
+    for round in ["first write", "replay"] {
+        let records = [&too_old, &recent, &kept].map(|e| Record::Event(e.clone()));
+        let (batch, _ack) = Batch::new(records.to_vec(), 0, 0, FlushReason::Size);
+        assert_eq!(persister.persist(&batch).await, BatchOutcome::Durable);
+        let left = ttl_of(2)
+            .expect("the recent page_view is stored")
+            .expect("with a TTL");
+        assert!(
+            (82_700..=82_800).contains(&left),
+            "{round}: the TTL is what is left of occurred_at + 1 day, not a fresh day: {left}"
+        );
+    }
+    assert_eq!(
+        persister
+            .metrics
+            .events_expired
+            .with_label_values(&["activity"])
+            .get(),
+        2,
+        "the page_view past its retention, not written, each time"
+    );
+    assert_eq!(node.row_count(&c.keyspace, "user_activity"), 2);
+    assert!(ttl_of(1).is_none(), "past its retention: never written");
+}
+
+/// Every stored cell and its write timestamp as the Python driver reads them, or `None` (and a
+/// note) when the driver is not installed (`make test` installs it).
+fn cells_seen_by_python(node: &str, keyspace: &str) -> Option<String> {
+    let has_driver = std::process::Command::new("python3")
+        .args(["-c", "import cassandra"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_driver {
+        println!("skipped the Python driver check: `make test` installs scylla-driver first");
+        return None;
+    }
+    let out = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/py/cells.py"))
+        .args([node, keyspace])
+        .output()
+        .expect("run python3");
+    assert!(out.status.success(), "{out:?}");
+    Some(String::from_utf8(out.stdout).expect("utf-8"))
 }

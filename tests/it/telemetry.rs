@@ -39,7 +39,7 @@ impl Prometheus {
         let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml");
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
-             scrape_configs:\n  - job_name: vault\n    static_configs:\n      - targets: ['{target}']\n",
+             scrape_configs:\n  - job_name: activity-vault\n    static_configs:\n      - targets: ['{target}']\n",
             rules.display()
         );
         std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");

@@ -196,6 +196,27 @@ impl Kafka {
         (delivered.partition, delivered.offset)
     }
 
+    /// Produces a tombstone (null value) with the given Kafka timestamp.
+    pub async fn produce_tombstone_at(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        timestamp_ms: i64,
+    ) -> (i32, i64) {
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
+            .partition(partition)
+            .key(key)
+            .timestamp(timestamp_ms);
+        let d = self
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| e)
+            .expect("enqueue");
+        let delivered = d.await.expect("producer alive").expect("delivered");
+        (delivered.partition, delivered.offset)
+    }
+
     /// Produces a tombstone (null value) to `partition`.
     pub async fn produce_tombstone(
         &self,
