@@ -101,6 +101,11 @@ def main():
     time.sleep(2.1)  # past the TTL: the expiry itself is the behaviour under test
     assert s.execute("SELECT v FROM py.versions WHERE k = 'short'").one() is None
 
+    # UPDATE follows the same rules: USING TIMESTAMP decides, whatever the arrival order.
+    s.execute("UPDATE py.versions USING TIMESTAMP 5000 SET v = 'updated' WHERE k = 'r'")
+    s.execute(s.prepare("UPDATE py.versions USING TIMESTAMP ? SET v = ? WHERE k = ?"), (4000, "stale", "r"))
+    assert tuple(s.execute(read).one()) == ("updated", 5000)
+
     s.execute("INSERT INTO py.versions (k, v) VALUES ('now', 'x')")
     plain = s.execute("SELECT WRITETIME(v) FROM py.versions WHERE k = 'now'").one()[0]
     assert abs(plain - datetime.datetime.now().timestamp() * 1e6) < 600e6, "server clock in microseconds"
@@ -118,7 +123,7 @@ def main():
     expect(ReadTimeout, lambda: s.execute("SELECT * FROM py.events WHERE u = 'c' AND day = '2025-11-24'"))
     control("cql delay:3s 1 match INSERT")
     expect(OperationTimedOut, lambda: s.execute(ins, args, timeout=0.5))
-    expect(SyntaxException, lambda: s.execute("UPDATE py.events SET attrs = {} WHERE u = 'c'"))
+    expect(SyntaxException, lambda: s.execute("UPDAT py.events SET attrs = {} WHERE u = 'c'"))
     s.execute(ins, args)
     stats = control("cql stats")
     cluster.shutdown()

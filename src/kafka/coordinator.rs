@@ -107,10 +107,55 @@ struct Running {
 }
 
 /// A failed partition waiting for its restart; still owned by this member.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct PendingRestart {
     ticket: u64,
     resume_at: Option<i64>,
     failures: u32,
+}
+
+/// The restarts on file: one per failed partition, under a ticket. Only the ticket on file
+/// starts the restart, so a restart scheduled before its partition was revoked (and perhaps
+/// assigned again), or before a newer failure, is void.
+#[derive(Debug, Default)]
+struct Restarts {
+    pending: HashMap<Key, PendingRestart>,
+    next_ticket: u64,
+}
+
+impl Restarts {
+    /// Files a restart of `key`, replacing any earlier one; returns its ticket.
+    fn schedule(&mut self, key: Key, resume_at: Option<i64>, failures: u32) -> u64 {
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        self.pending.insert(
+            key,
+            PendingRestart {
+                ticket,
+                resume_at,
+                failures,
+            },
+        );
+        ticket
+    }
+
+    /// The restart due under `ticket`, if that ticket is still the one on file.
+    fn take_due(&mut self, key: &Key, ticket: u64) -> Option<PendingRestart> {
+        if self.pending.get(key).is_some_and(|p| p.ticket == ticket) {
+            self.pending.remove(key)
+        } else {
+            None
+        }
+    }
+
+    /// The partition left this member (or was assigned afresh): no restart of it is due.
+    fn cancel(&mut self, key: &Key) {
+        self.pending.remove(key);
+    }
+
+    fn clear(&mut self) {
+        self.pending.clear();
+    }
 }
 
 /// How a partition task ended, as the coordinator sees it.
@@ -135,7 +180,7 @@ pub struct Coordinator {
     running: HashMap<Key, Running>,
     tasks: JoinSet<(Key, u64, Exit)>,
     ids: HashMap<tokio::task::Id, (Key, u64)>,
-    restarting: HashMap<Key, PendingRestart>,
+    restarting: Restarts,
     /// Source of incarnation ids and restart tickets.
     next_id: u64,
     commands: mpsc::UnboundedSender<Command>,
@@ -167,7 +212,7 @@ impl Coordinator {
             running: HashMap::new(),
             tasks: JoinSet::new(),
             ids: HashMap::new(),
-            restarting: HashMap::new(),
+            restarting: Restarts::default(),
             next_id: 0,
             commands,
             fatal: None,
@@ -213,7 +258,7 @@ impl Coordinator {
             Command::Assign(assigned) => {
                 for mut a in assigned {
                     let key: Key = (a.topic.clone(), a.partition);
-                    self.restarting.remove(&key);
+                    self.restarting.cancel(&key);
                     // An earlier incarnation not yet gone (its revoke timed out) would, when
                     // dropped, switch off the wake-up of the partition's queue, which every
                     // handle shares: let it go first, then take a fresh handle.
@@ -273,12 +318,10 @@ impl Coordinator {
                     warn!(topic = %key.0, partition, offset, "Message of an assigned partition arrived on the main queue; restarting the partition where it must resume.");
                     r.abort.abort();
                     r.cancel.cancel();
-                    // The stray itself was taken off the main queue: resume at or before it.
-                    let resume_at = r
-                        .progress
-                        .resume_at()
-                        .or(self.commits.confirmed(&key))
-                        .map_or(offset, |o| o.min(offset));
+                    let resume_at = resume::after_stray(
+                        r.progress.resume_at().or(self.commits.confirmed(&key)),
+                        offset,
+                    );
                     self.schedule_restart(key, Some(resume_at), r.failures);
                 }
             }
@@ -288,14 +331,8 @@ impl Coordinator {
                 ticket,
             } => {
                 let key: Key = (topic, partition);
-                if self
-                    .restarting
-                    .get(&key)
-                    .is_some_and(|p| p.ticket == ticket)
-                {
-                    if let Some(pending) = self.restarting.remove(&key) {
-                        self.restart(key, pending).await;
-                    }
+                if let Some(pending) = self.restarting.take_due(&key, ticket) {
+                    self.restart(key, pending).await;
                 }
             }
             Command::Fatal(reason) => {
@@ -425,7 +462,7 @@ impl Coordinator {
     async fn drain(&mut self, keys: &[Key], reason: FlushReason, stop: Stop) -> Vec<(Key, i64)> {
         let mut waiting: Vec<(Key, u64)> = Vec::new();
         for key in keys {
-            self.restarting.remove(key);
+            self.restarting.cancel(key);
             if let Some(r) = self.running.get_mut(key) {
                 if let Some(tx) = r.stop.take() {
                     let _ = tx.send(reason);
@@ -562,15 +599,7 @@ impl Coordinator {
     /// to 30 s), without holding up the coordinator meanwhile.
     fn schedule_restart(&mut self, key: Key, resume_at: Option<i64>, failures: u32) {
         let delay = Duration::from_millis(500u64 << failures.min(6)).min(Duration::from_secs(30));
-        let ticket = self.next_id();
-        self.restarting.insert(
-            key.clone(),
-            PendingRestart {
-                ticket,
-                resume_at,
-                failures,
-            },
-        );
+        let ticket = self.restarting.schedule(key.clone(), resume_at, failures);
         let commands = self.commands.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -772,5 +801,45 @@ impl Coordinator {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(p: i32) -> Key {
+        (Arc::from("t"), p)
+    }
+
+    #[test]
+    fn a_restart_scheduled_before_a_revocation_is_void_after_it() {
+        let mut r = Restarts::default();
+        let stale = r.schedule(key(0), Some(100), 1);
+        // Revoked, assigned again, failed again: a new restart is on file.
+        r.cancel(&key(0));
+        let fresh = r.schedule(key(0), Some(40), 1);
+        assert_eq!(
+            r.take_due(&key(0), stale),
+            None,
+            "the stale ticket starts nothing"
+        );
+        assert_eq!(
+            r.take_due(&key(0), fresh).map(|p| p.resume_at),
+            Some(Some(40))
+        );
+        assert_eq!(r.take_due(&key(0), fresh), None, "due once");
+    }
+
+    #[test]
+    fn a_newer_failure_supersedes_the_restart_on_file() {
+        let mut r = Restarts::default();
+        let first = r.schedule(key(1), Some(10), 1);
+        let second = r.schedule(key(1), Some(10), 2);
+        assert_eq!(r.take_due(&key(1), first), None);
+        assert_eq!(r.take_due(&key(1), second).map(|p| p.failures), Some(2));
+        let cancelled = r.schedule(key(2), None, 1);
+        r.clear();
+        assert_eq!(r.take_due(&key(2), cancelled), None);
     }
 }

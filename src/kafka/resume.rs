@@ -72,6 +72,12 @@ impl Progress {
     }
 }
 
+/// Where a partition resumes after a stray message (one of its records that reached the main
+/// queue, and was taken off it there): where it must resume, and never after the stray.
+pub fn after_stray(resume_at: Option<i64>, stray: i64) -> i64 {
+    resume_at.map_or(stray, |o| o.min(stray))
+}
+
 /// Where a partition resumes when no incarnation recorded a position: the group's committed
 /// offset, else where `auto.offset.reset` starts a partition without one.
 pub fn without_progress(committed: Option<i64>, reset_earliest: bool) -> rdkafka::Offset {
@@ -85,6 +91,17 @@ pub fn without_progress(committed: Option<i64>, reset_earliest: bool) -> rdkafka
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stray_never_lets_the_partition_resume_after_it() {
+        assert_eq!(after_stray(Some(50), 80), 50);
+        assert_eq!(
+            after_stray(Some(90), 80),
+            80,
+            "the stray was read and not batched"
+        );
+        assert_eq!(after_stray(None, 80), 80);
+    }
 
     #[test]
     fn with_no_position_known_the_committed_offset_rules() {

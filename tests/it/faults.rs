@@ -35,7 +35,11 @@ pub fn stored(node: &CqlNode, keyspace: &str) -> BTreeSet<(i32, i64)> {
 pub fn rows_written(node: &CqlNode) -> usize {
     node.requests()
         .iter()
-        .filter(|r| matches!(r.opcode, "EXECUTE" | "BATCH") && r.statement.contains("INSERT INTO"))
+        .filter(|r| {
+            matches!(r.opcode, "EXECUTE" | "BATCH")
+                && r.statement.contains("INSERT INTO")
+                && r.statement.contains("user_activity")
+        })
         .map(|r| r.rows)
         .sum()
 }

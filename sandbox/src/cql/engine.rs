@@ -4,6 +4,12 @@
 //!
 //! Values are kept in their protocol encoding. Rows of a partition are ordered by an
 //! order-preserving encoding of the clustering key, so CLUSTERING ORDER follows type and direction.
+//!
+//! Writes follow ScyllaDB's rules where vault relies on them: every cell carries a write
+//! timestamp (`USING TIMESTAMP`, else the server clock in microseconds) and last write wins per
+//! cell, a tie going to the greater value; a delete leaves a partition or row tombstone that
+//! shadows every cell at or below its timestamp, whenever that cell arrives (a delete wins a
+//! tie); `USING TTL` makes cells expire; `WRITETIME()` and `TTL()` read them back.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

@@ -394,6 +394,7 @@ impl P {
             Tok::Ident(k) if k == "create" => self.create(),
             Tok::Ident(k) if k == "drop" => self.drop(),
             Tok::Ident(k) if k == "insert" => self.insert(),
+            Tok::Ident(k) if k == "update" => self.update(),
             Tok::Ident(k) if k == "select" => self.select(),
             Tok::Ident(k) if k == "delete" => {
                 self.kw("from")?;
@@ -422,7 +423,7 @@ impl P {
                 self.eat_kw("table");
                 Ok(Statement::Truncate(self.table_ref()?))
             }
-            t => Err(format!("statement {t:?} is not supported by the stand-in node (USE, CREATE, ALTER TABLE ... ADD, DROP, INSERT, SELECT, DELETE, TRUNCATE are)")),
+            t => Err(format!("statement {t:?} is not supported by the stand-in node (USE, CREATE, ALTER TABLE ... ADD, DROP, INSERT, UPDATE, SELECT, DELETE, TRUNCATE are)")),
         }
     }
 
@@ -628,6 +629,60 @@ impl P {
                 }
                 if !self.eat_kw("and") {
                     break;
+                }
+            }
+        }
+        Ok(Statement::Insert {
+            table,
+            columns,
+            values,
+            timestamp,
+            ttl,
+        })
+    }
+
+    /// `UPDATE t [USING TIMESTAMP t] [AND TTL s] SET c = v, ... WHERE key = v AND ...`: an
+    /// upsert of the SET cells into the row the WHERE clause names (every primary key column by
+    /// `=`), with the same write timestamp and TTL rules as INSERT.
+    fn update(&mut self) -> Result<Statement, String> {
+        let table = self.table_ref()?;
+        let (mut timestamp, mut ttl) = (None, None);
+        if self.eat_kw("using") {
+            loop {
+                let option = self.ident()?;
+                let term = self.term()?;
+                if option.eq_ignore_ascii_case("timestamp") {
+                    timestamp = Some(term);
+                } else if option.eq_ignore_ascii_case("ttl") {
+                    ttl = Some(term);
+                }
+                if !self.eat_kw("and") {
+                    break;
+                }
+            }
+        }
+        self.kw("set")?;
+        let (mut columns, mut values) = (Vec::new(), Vec::new());
+        loop {
+            columns.push(self.ident()?);
+            self.sym("=")?;
+            values.push(self.term()?);
+            if !self.eat_sym(",") {
+                break;
+            }
+        }
+        self.kw("where")?;
+        for r in self.relations()? {
+            match (r.op, r.value) {
+                (Op::Eq, RelValue::One(term)) => {
+                    columns.push(r.column);
+                    values.push(term);
+                }
+                _ => {
+                    return Err(format!(
+                        "UPDATE names its row by key = value; {} is not",
+                        r.column
+                    ))
                 }
             }
         }
@@ -866,7 +921,23 @@ mod tests {
 
     #[test]
     fn unsupported_statements_say_what_they_are() {
-        let err = parse("UPDATE t SET a = 1 WHERE b = 2").unwrap_err();
-        assert!(err.contains("update"), "{err}");
+        let err = parse("GRANT SELECT ON t TO someone").unwrap_err();
+        assert!(err.contains("grant"), "{err}");
+    }
+
+    #[test]
+    fn an_update_is_an_upsert_of_its_row_with_the_same_binds() {
+        let st = parse("UPDATE t USING TIMESTAMP ? SET a = ? WHERE b = ? AND c = 3").unwrap();
+        assert_eq!(st.bind_count(), 3);
+        match st {
+            Statement::Insert {
+                columns, timestamp, ..
+            } => {
+                assert_eq!(columns, ["a", "b", "c"]);
+                assert_eq!(timestamp, Some(Term::Bind(0)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse("UPDATE t SET a = 1 WHERE b > 2").is_err());
     }
 }
