@@ -156,6 +156,9 @@ pub struct BatchConfig {
     pub linger: Duration,
     /// Batches of one partition being written at once; the partition stops reading at the limit.
     pub max_in_flight: usize,
+    /// Send what is open as soon as the partition has no batch being written (latency of about
+    /// one write at low load); `linger` stays the upper bound. false: wait for size or linger.
+    pub flush_when_idle: bool,
 }
 
 /// What a tombstone (a message with a key and no value) on a source topic means.
@@ -368,6 +371,7 @@ impl Default for BatchConfig {
             max_bytes: 1024 * 1024,
             linger: Duration::from_millis(250),
             max_in_flight: 4,
+            flush_when_idle: true,
         }
     }
 }
@@ -1245,6 +1249,7 @@ impl Config {
             max_events: b.max_events,
             max_bytes: b.max_bytes,
             linger: b.linger,
+            when_idle: b.flush_when_idle,
         };
         Ok(Settings {
             config: self,

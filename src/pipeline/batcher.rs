@@ -144,6 +144,11 @@ impl PartitionTask {
                     if let Some(reason) = st.failure.take() {
                         return self.failed(&st, reason);
                     }
+                    // The writer went idle: what gathered meanwhile goes now.
+                    if let Some(reason) = self.policy.idle(st.open.len(), st.tracker.in_flight()) {
+                        self.flush(&mut st, reason).await;
+                        linger.as_mut().reset(far_future);
+                    }
                 }
                 _ = &mut linger, if room && st.opened_at.is_some() => {
                     self.flush(&mut st, FlushReason::Linger).await;
@@ -182,6 +187,11 @@ impl PartitionTask {
                     }
                     if let Some(reason) = stopped {
                         break reason;
+                    }
+                    // Everything at hand is in the batch: an idle writer takes it now.
+                    if let Some(reason) = self.policy.idle(st.open.len(), st.tracker.in_flight()) {
+                        self.flush(&mut st, reason).await;
+                        linger.as_mut().reset(far_future);
                     }
                 }
             }
@@ -389,6 +399,7 @@ mod tests {
         task: tokio::task::JoinHandle<Exit>,
     }
 
+    /// A partition with a fixed linger (no idle flush), as the timing tests below assume.
     fn start(max_events: usize, max_in_flight: usize) -> Harness {
         start_with_budget(max_events, max_in_flight, InFlightBudget::new(1 << 30))
     }
@@ -397,6 +408,25 @@ mod tests {
         max_events: usize,
         max_in_flight: usize,
         budget: InFlightBudget,
+    ) -> Harness {
+        start_with(max_events, max_in_flight, budget, false)
+    }
+
+    /// A partition that flushes when its writer is idle (the default).
+    fn start_idle(max_events: usize, max_in_flight: usize) -> Harness {
+        start_with(
+            max_events,
+            max_in_flight,
+            InFlightBudget::new(1 << 30),
+            true,
+        )
+    }
+
+    fn start_with(
+        max_events: usize,
+        max_in_flight: usize,
+        budget: InFlightBudget,
+        when_idle: bool,
     ) -> Harness {
         let (records, rx) = mpsc::unbounded();
         let (persist, batches) = async_channel::bounded(16);
@@ -410,6 +440,7 @@ mod tests {
                 max_events,
                 max_bytes: 1 << 20,
                 linger: Duration::from_millis(250),
+                when_idle,
             },
             max_in_flight,
             persist,
@@ -428,6 +459,67 @@ mod tests {
             oldest_pending,
             task,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_partition_sends_an_event_at_once() {
+        let h = start_idle(100, 4);
+        let t0 = Instant::now();
+        h.records.unbounded_send(Ok(record(0))).unwrap();
+        let b0 = h.batches.recv().await.unwrap();
+        assert_eq!(
+            Instant::now(),
+            t0,
+            "no linger wait when nothing is in flight"
+        );
+        assert_eq!((b0.reason, b0.len()), (FlushReason::Idle, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_a_write_is_in_flight_events_gather_and_go_when_it_is_done() {
+        let h = start_idle(100, 4);
+        h.records.unbounded_send(Ok(record(0))).unwrap();
+        let b0 = h.batches.recv().await.unwrap();
+        for o in 1..4 {
+            h.records.unbounded_send(Ok(record(o))).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            h.batches.try_recv().is_err(),
+            "a write is in flight: they gather"
+        );
+        let t1 = Instant::now();
+        b0.ack(BatchOutcome::Durable);
+        let b1 = h.batches.recv().await.unwrap();
+        assert_eq!(Instant::now(), t1, "sent as soon as the writer is idle");
+        assert_eq!(
+            (b1.reason, b1.first_offset, b1.len()),
+            (FlushReason::Idle, 1, 3)
+        );
+        // Linger stays the upper bound while a write takes long.
+        let t2 = Instant::now();
+        h.records.unbounded_send(Ok(record(4))).unwrap();
+        let b2 = h.batches.recv().await.unwrap();
+        assert_eq!(Instant::now() - t2, Duration::from_millis(250));
+        assert_eq!((b2.reason, b2.first_offset), (FlushReason::Linger, 4));
+        // A backlog still goes in full batches.
+        let h = start_idle(10, 4);
+        for o in 0..30 {
+            h.records.unbounded_send(Ok(record(o))).unwrap();
+        }
+        let sizes: Vec<_> = [
+            h.batches.recv().await.unwrap(),
+            h.batches.recv().await.unwrap(),
+            h.batches.recv().await.unwrap(),
+        ]
+        .iter()
+        .map(|b| (b.reason, b.len()))
+        .collect();
+        assert_eq!(
+            sizes,
+            [(FlushReason::Size, 10); 3],
+            "records at hand fill batches first"
+        );
     }
 
     #[tokio::test(start_paused = true)]

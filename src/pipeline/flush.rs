@@ -2,8 +2,11 @@
 //!
 //! One pure type owns the rule so that the batcher, its tests and the docs agree: a batch is
 //! flushed when it holds `max_events` events, when it holds `max_bytes` bytes (an event that would
-//! push it past the limit goes into the next batch), or when its oldest event has waited `linger`.
-//! Revoke and shutdown flush whatever is open. Every flush carries its [`FlushReason`].
+//! push it past the limit goes into the next batch), when the partition's writer is idle (no
+//! batch of it in flight: Nagle-style, so at low load an event waits for about one write, not
+//! for `linger`, and under load batches grow while writes are in flight), or when its oldest
+//! event has waited `linger`, the upper bound. Revoke and shutdown flush whatever is open. Every
+//! flush carries its [`FlushReason`].
 
 use std::time::Duration;
 
@@ -27,10 +30,12 @@ pub enum FlushReason {
     Shutdown,
     /// An erasure request: it goes out alone, after every earlier batch is durable.
     Erase,
+    /// The partition had no batch in flight: what is open goes at once (`batch.flush_when_idle`).
+    Idle,
 }
 
 impl FlushReason {
-    pub const ALL: [FlushReason; 7] = [
+    pub const ALL: [FlushReason; 8] = [
         FlushReason::Size,
         FlushReason::Bytes,
         FlushReason::Linger,
@@ -38,6 +43,7 @@ impl FlushReason {
         FlushReason::Revoke,
         FlushReason::Shutdown,
         FlushReason::Erase,
+        FlushReason::Idle,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +55,7 @@ impl FlushReason {
             FlushReason::Revoke => "revoke",
             FlushReason::Shutdown => "shutdown",
             FlushReason::Erase => "erase",
+            FlushReason::Idle => "idle",
         }
     }
 }
@@ -59,6 +66,8 @@ pub struct FlushPolicy {
     pub max_events: usize,
     pub max_bytes: usize,
     pub linger: Duration,
+    /// Flush as soon as the partition has no batch in flight (else only by size, bytes, linger).
+    pub when_idle: bool,
 }
 
 impl FlushPolicy {
@@ -80,6 +89,12 @@ impl FlushPolicy {
         }
     }
 
+    /// Once the records at hand are in the open batch of `events` records, with `in_flight`
+    /// batches of the partition being written: flush now because the writer is idle?
+    pub fn idle(&self, events: usize, in_flight: usize) -> Option<FlushReason> {
+        (self.when_idle && events > 0 && in_flight == 0).then_some(FlushReason::Idle)
+    }
+
     /// When a batch opened at `opened` (its first record's arrival) must be flushed regardless.
     pub fn deadline(&self, opened: Instant) -> Instant {
         opened + self.linger
@@ -95,7 +110,25 @@ mod tests {
             max_events: 3,
             max_bytes: 100,
             linger: Duration::from_millis(250),
+            when_idle: true,
         }
+    }
+
+    #[test]
+    fn an_idle_writer_takes_what_is_open_at_once() {
+        let p = policy();
+        assert_eq!(p.idle(1, 0), Some(FlushReason::Idle));
+        assert_eq!(
+            p.idle(2, 1),
+            None,
+            "a write in flight: the batch grows meanwhile"
+        );
+        assert_eq!(p.idle(0, 0), None, "nothing open");
+        let fixed = FlushPolicy {
+            when_idle: false,
+            ..p
+        };
+        assert_eq!(fixed.idle(1, 0), None, "fixed linger");
     }
 
     #[test]
@@ -136,7 +169,7 @@ mod tests {
         let labels: Vec<_> = FlushReason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(
             labels,
-            ["size", "bytes", "linger", "budget", "revoke", "shutdown", "erase"]
+            ["size", "bytes", "linger", "budget", "revoke", "shutdown", "erase", "idle"]
         );
     }
 }

@@ -7,7 +7,7 @@
 //! of `T` ([`version::write_timestamp`]`(T, 999)`), which shadows every write at or below that
 //! version whenever it lands, and no write above it. Rows of later messages are new activity
 //! and are kept. The user's partitions are found in the `user_days` index (one row per
-//! `(user_id, day)`, written before the rows of that day, see the ScyllaDB store), so the cost
+//! `(user_id, day)`, written with the rows of that day, see the ScyllaDB store), so the cost
 //! is one read plus one delete per day the user has activity on, never a scan. The index
 //! itself is deleted at the same version, so days that only erased activity held disappear from
 //! it, and days with later activity stay. Every erasure is recorded in `erasures`.

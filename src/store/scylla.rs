@@ -89,7 +89,7 @@ pub fn table_cql(c: &ScyllaConfig) -> String {
 }
 
 /// The index of each user's days: one row per `(user_id, day)` that holds activity, written
-/// before the activity itself, so an erasure finds every partition of a user without a scan.
+/// with the rows of that day, so an erasure finds every partition of a user without a scan.
 pub fn user_days_cql(c: &ScyllaConfig) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {ks}.{USER_DAYS} (
@@ -459,35 +459,38 @@ impl ScyllaStore {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        // The day goes into the user's index first, at the newest version it holds: an erasure
-        // that reads the index before the rows land still deletes their partition, and one
-        // that comes after finds it.
+        // The day goes into the user's index, at the newest version it holds, together with
+        // the rows: the request is acknowledged only when both are durable, so the days of
+        // every durable batch are in the index (an erasure relies on nothing more: see
+        // store::erasure).
         let first = events[rows[0]];
         let version = rows.iter().map(|&i| version::of(events[i])).max();
-        self.session
-            .execute_unpaged(
-                &self.index,
-                (first.user_id(), cql_day(first.day()), version.unwrap_or(0)),
-            )
-            .await?;
+        let index = self.session.execute_unpaged(
+            &self.index,
+            (first.user_id(), cql_day(first.day()), version.unwrap_or(0)),
+        );
         let now_ms = chrono::Utc::now().timestamp_millis();
-        if let [i] = rows {
-            let e = events[*i];
-            self.session
-                .execute_unpaged(&self.insert, values(e, self.ttl(e, now_ms)))
-                .await?;
-        } else {
-            let mut batch = Batch::new(BatchType::Unlogged);
-            for _ in rows {
-                batch.append_statement(self.insert.clone());
+        let rows_written = async {
+            if let [i] = rows {
+                let e = events[*i];
+                self.session
+                    .execute_unpaged(&self.insert, values(e, self.ttl(e, now_ms)))
+                    .await?;
+            } else {
+                let mut batch = Batch::new(BatchType::Unlogged);
+                for _ in rows {
+                    batch.append_statement(self.insert.clone());
+                }
+                batch.set_is_idempotent(true);
+                let vals: Vec<_> = rows
+                    .iter()
+                    .map(|&i| values(events[i], self.ttl(events[i], now_ms)))
+                    .collect();
+                self.session.batch(&batch, vals).await?;
             }
-            batch.set_is_idempotent(true);
-            let vals: Vec<_> = rows
-                .iter()
-                .map(|&i| values(events[i], self.ttl(events[i], now_ms)))
-                .collect();
-            self.session.batch(&batch, vals).await?;
-        }
+            Ok::<(), ExecutionError>(())
+        };
+        futures::try_join!(index, rows_written)?;
         Ok(())
     }
 }

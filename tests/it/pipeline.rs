@@ -195,6 +195,7 @@ async fn shutdown_flushes_partial_batches_and_a_restart_resumes_without_gap() {
     let mut cfg = settings(&kafka.brokers, &topic, &group);
     cfg.batch.max_events = 100_000;
     cfg.batch.linger = Duration::from_secs(3600);
+    cfg.batch.flush_when_idle = false;
     let store = MemoryStore::new();
     let vault = Running::start(cfg.clone(), store.clone(), MemoryDeadLetters::default());
     wait_until("all 500 events read into open batches", LONG, || async {
