@@ -89,7 +89,8 @@ pub fn table_cql(c: &ScyllaConfig) -> String {
 }
 
 /// The index of each user's days: one row per `(user_id, day)` that holds activity, written
-/// with the rows of that day, so an erasure finds every partition of a user without a scan.
+/// with the rows of that day, so an erasure finds every partition of a user without a scan. It
+/// never expires (rows may outlive any TTL it could have): a stale entry costs one delete.
 pub fn user_days_cql(c: &ScyllaConfig) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {ks}.{USER_DAYS} (
@@ -97,9 +98,8 @@ pub fn user_days_cql(c: &ScyllaConfig) -> String {
     day date,
     PRIMARY KEY ((user_id), day)
 ) WITH CLUSTERING ORDER BY (day DESC)
-  AND default_time_to_live = {ttl};",
+  AND default_time_to_live = 0;",
         ks = c.keyspace,
-        ttl = c.default_ttl.as_secs()
     )
 }
 

@@ -249,7 +249,11 @@ pub async fn replay(
     pcfg.set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5");
-    let producer: FutureProducer = pcfg.create().map_err(|e| format!("producer: {e}"))?;
+    // Shared, and held here until every delivery has reported: dropping a producer purges
+    // what it has not delivered yet.
+    let producer: std::sync::Arc<FutureProducer> =
+        std::sync::Arc::new(pcfg.create().map_err(|e| format!("producer: {e}"))?);
+    let scan_producer = producer.clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(), String>>(1024);
     let base = base.clone();
     let topic = dead_letter_topic.to_owned();
@@ -313,7 +317,7 @@ pub async fn replay(
                     record = record.timestamp(ts);
                 }
                 let delivery = loop {
-                    match producer.send_result(record) {
+                    match scan_producer.send_result(record) {
                         Ok(d) => break d,
                         Err((e, r)) if is_queue_full(&e) => {
                             record = r;
@@ -352,6 +356,7 @@ pub async fn replay(
         }
     }
     let summary = scanning.await.map_err(|e| e.to_string())?;
+    drop(producer);
     if let Some(e) = first_error {
         return Err(format!("{e} ({replayed} replayed before it)"));
     }
