@@ -17,6 +17,19 @@ use crate::common::{
     event_json, read_all, settings, stored_positions, unique, wait_until, Kafka, Running,
 };
 
+/// Waits until the pipeline restarted a partition (a failpoint fired).
+async fn wait_restarted(vault: &Running) {
+    wait_until("a partition restarted", Duration::from_secs(60), || {
+        let restarts = vault.counter("vault_partition_restarts_total");
+        async move {
+            (restarts >= 1.0)
+                .then_some(())
+                .ok_or(format!("{restarts} restarts"))
+        }
+    })
+    .await;
+}
+
 /// Resumes at the first record it read, not where the queue stands: a task that panics with
 /// an open batch and nothing durable yet loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,15 +48,7 @@ async fn a_partition_that_panics_before_its_first_durable_batch_loses_nothing() 
     let mut cfg = settings(&kafka.brokers, &topic, &group);
     cfg.batch.max_events = 100;
     let vault = Running::start(cfg, memory.clone(), MemoryDeadLetters::default());
-    wait_until("the partition restarted", Duration::from_secs(60), || {
-        let restarts = vault.counter("vault_partition_restarts_total");
-        async move {
-            (restarts >= 1.0)
-                .then_some(())
-                .ok_or(format!("{restarts} restarts"))
-        }
-    })
-    .await;
+    wait_restarted(&vault).await;
     fail::remove("kafka::decode");
     kafka
         .probe(&group)
@@ -74,15 +79,7 @@ async fn a_read_error_before_anything_was_read_resumes_at_the_committed_offset()
         memory.clone(),
         MemoryDeadLetters::default(),
     );
-    wait_until("the partition restarted", Duration::from_secs(60), || {
-        let restarts = vault.counter("vault_partition_restarts_total");
-        async move {
-            (restarts >= 1.0)
-                .then_some(())
-                .ok_or(format!("{restarts} restarts"))
-        }
-    })
-    .await;
+    wait_restarted(&vault).await;
     fail::remove("kafka::read");
     kafka
         .probe(&group)
@@ -112,15 +109,7 @@ async fn a_restart_whose_seek_fails_starts_nothing_until_a_seek_succeeds() {
         memory.clone(),
         MemoryDeadLetters::default(),
     );
-    wait_until("a restart failed its seek", Duration::from_secs(60), || {
-        let restarts = vault.counter("vault_partition_restarts_total");
-        async move {
-            (restarts >= 1.0)
-                .then_some(())
-                .ok_or(format!("{restarts} restarts"))
-        }
-    })
-    .await;
+    wait_restarted(&vault).await;
     fail::remove("batcher::add");
     // While every seek fails, nothing past the failure is read, stored or committed.
     tokio::time::sleep(Duration::from_secs(2)).await;

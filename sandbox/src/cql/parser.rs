@@ -617,21 +617,7 @@ impl P {
             self.kw("not")?;
             self.kw("exists")?;
         }
-        let (mut timestamp, mut ttl) = (None, None);
-        if self.eat_kw("using") {
-            loop {
-                let option = self.ident()?;
-                let term = self.term()?;
-                if option.eq_ignore_ascii_case("timestamp") {
-                    timestamp = Some(term);
-                } else if option.eq_ignore_ascii_case("ttl") {
-                    ttl = Some(term);
-                }
-                if !self.eat_kw("and") {
-                    break;
-                }
-            }
-        }
+        let (timestamp, ttl) = self.using()?;
         Ok(Statement::Insert {
             table,
             columns,
@@ -641,11 +627,8 @@ impl P {
         })
     }
 
-    /// `UPDATE t [USING TIMESTAMP t] [AND TTL s] SET c = v, ... WHERE key = v AND ...`: an
-    /// upsert of the SET cells into the row the WHERE clause names (every primary key column by
-    /// `=`), with the same write timestamp and TTL rules as INSERT.
-    fn update(&mut self) -> Result<Statement, String> {
-        let table = self.table_ref()?;
+    /// An optional `USING TIMESTAMP t [AND TTL s]` (either order): the two terms.
+    fn using(&mut self) -> Result<(Option<Term>, Option<Term>), String> {
         let (mut timestamp, mut ttl) = (None, None);
         if self.eat_kw("using") {
             loop {
@@ -661,6 +644,15 @@ impl P {
                 }
             }
         }
+        Ok((timestamp, ttl))
+    }
+
+    /// `UPDATE t [USING TIMESTAMP t] [AND TTL s] SET c = v, ... WHERE key = v AND ...`: an
+    /// upsert of the SET cells into the row the WHERE clause names (every primary key column by
+    /// `=`), with the same write timestamp and TTL rules as INSERT.
+    fn update(&mut self) -> Result<Statement, String> {
+        let table = self.table_ref()?;
+        let (timestamp, ttl) = self.using()?;
         self.kw("set")?;
         let (mut columns, mut values) = (Vec::new(), Vec::new());
         loop {
