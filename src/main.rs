@@ -48,7 +48,12 @@ enum Command {
         migrate: bool,
     },
     /// Create the keyspace and table if missing (idempotent), then exit.
-    Migrate,
+    Migrate {
+        /// Also fill the day index (used by erasures) from every existing row: runs by itself
+        /// when upgrading from the first release; run it again if that upgrade was interrupted.
+        #[arg(long)]
+        reindex: bool,
+    },
     /// Print the CQL schema `vault migrate` runs for the current settings.
     Schema,
     /// Generate realistic user-activity events into the first configured topic.
@@ -398,13 +403,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             print!("{}", scylla_store::schema_script(&settings.config.scylla));
             Ok(())
         }
-        Command::Migrate => {
+        Command::Migrate { reindex } => {
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             init_logging(&settings.config.log)?;
             runtime()?.block_on(async {
                 let c = &settings.config.scylla;
                 let session = scylla_store::connect(c).await?;
                 scylla_store::migrate(&session, c).await?;
+                if reindex {
+                    let n = scylla_store::reindex_user_days(&session, c).await?;
+                    println!("day index: {n} partition(s)");
+                }
                 println!("schema ready: {}.{}", c.keyspace, scylla_store::TABLE);
                 anyhow::Ok(())
             })

@@ -225,10 +225,14 @@ pub async fn migrate(session: &Session, c: &ScyllaConfig) -> Result<(), StoreErr
     }
     // Tables created before row versions have `ingested_at` (the wall clock at the write) and no
     // `kafka_timestamp`: add it. Old rows keep their `ingested_at`; nothing writes it any more.
+    let mut upgraded = false;
     for (column, ty) in ADDED_COLUMNS {
         let add = format!("ALTER TABLE {}.{TABLE} ADD {column} {ty}", c.keyspace);
         match session.query_unpaged(add.as_str(), &[]).await {
-            Ok(_) => info!(keyspace = %c.keyspace, table = TABLE, column, "Column added."),
+            Ok(_) => {
+                upgraded = true;
+                info!(keyspace = %c.keyspace, table = TABLE, column, "Column added.");
+            }
             Err(e) if is_existing_column(&e) => {}
             Err(e) => return Err(classify(&e)),
         }
@@ -237,8 +241,49 @@ pub async fn migrate(session: &Session, c: &ScyllaConfig) -> Result<(), StoreErr
         .await_schema_agreement()
         .await
         .map_err(|e| StoreError::Unavailable(format!("schema agreement not reached: {e}")))?;
+    if upgraded {
+        // Rows of the first release were written before the day index existed.
+        reindex_user_days(session, c).await?;
+    }
     info!(keyspace = %c.keyspace, table = TABLE, "Schema is in place.");
     Ok(())
+}
+
+/// Puts every `(user_id, day)` that holds rows into the day index, so an erasure finds rows
+/// written before the index existed. Reads the whole table once (paged); index rows go in at
+/// timestamp 0, below every erasure and every version, so it never resurrects or shadows
+/// anything. Idempotent: `vault migrate --reindex` runs it again (after an interrupted upgrade).
+pub async fn reindex_user_days(session: &Session, c: &ScyllaConfig) -> Result<u64, StoreError> {
+    let ks = &c.keyspace;
+    let mut index = session
+        .prepare(format!(
+            "INSERT INTO {ks}.{USER_DAYS} (user_id, day) VALUES (?, ?) USING TIMESTAMP 0"
+        ))
+        .await
+        .map_err(|e| classify(&ExecutionError::PrepareError(e)))?;
+    index.set_is_idempotent(true);
+    let mut rows = session
+        .query_iter(format!("SELECT user_id, day FROM {ks}.{TABLE}"), &[])
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("reading {ks}.{TABLE}: {e}")))?
+        .rows_stream::<(String, CqlDate)>()
+        .map_err(|e| StoreError::Invalid(format!("reading {ks}.{TABLE}: {e}")))?;
+    let (mut last, mut indexed) = (None, 0u64);
+    while let Some(row) = rows.next().await {
+        let (user, day) =
+            row.map_err(|e| StoreError::Unavailable(format!("reading {ks}.{TABLE}: {e}")))?;
+        if last.as_ref() == Some(&(user.clone(), day.0)) {
+            continue; // Rows of one partition come together.
+        }
+        session
+            .execute_unpaged(&index, (&user, day))
+            .await
+            .map_err(|e| classify(&e))?;
+        indexed += 1;
+        last = Some((user, day.0));
+    }
+    info!(keyspace = %ks, partitions = indexed, "Day index filled from existing rows.");
+    Ok(indexed)
 }
 
 /// Columns added to the table since its first release, in order: `vault migrate` adds each one

@@ -202,7 +202,7 @@ async fn migrate_brings_the_first_schema_forward_without_losing_data() {
         format!(
             "INSERT INTO {ks}.user_activity (user_id, day, occurred_at, event_id, event_type, \
              attributes, payload, source_topic, source_partition, source_offset, ingested_at) \
-             VALUES ('user-0', '2025-11-24', '2025-11-24 09:00:00+0000', \
+             VALUES ('user-0', '2025-11-23', '2025-11-23 09:00:00+0000', \
              6f1c3a52-5a0e-4b7e-9d61-1d2b6c1a9e01, 'old', '{{}}', 0x7b7d, 'activity', 0, 1, \
              '2025-11-24 09:00:01+0000')"
         ),
@@ -222,15 +222,32 @@ async fn migrate_brings_the_first_schema_forward_without_losing_data() {
     let refs: Vec<&Event> = batch.iter().collect();
     store.write(&refs).await.expect("write after migration");
     let rows = read_user(&store, ks, "user-0", batch[0].day()).await;
-    assert_eq!(rows.len(), 3, "the old row and the two new ones");
+    assert_eq!(rows.len(), 2, "the two new rows");
+    let old_day = batch[0].day() - 1;
+    let old = read_user(&store, ks, "user-0", old_day).await;
     assert!(
-        rows.iter().any(|r| r.4 == "old" && r.9 == 1),
+        old.iter().any(|r| r.4 == "old" && r.9 == 1),
         "old data kept"
     );
     assert!(rows
         .iter()
         .filter(|r| r.4 == "click")
         .all(|r| r.10 == Some(CqlTimestamp(1_764_000_000_000))));
+    // The migration put the old row's day in the index: an erasure finds and removes it too.
+    let erasure = vault::store::erasure::Erasure {
+        user_id: "user-0".into(),
+        through_ms: chrono::Utc::now().timestamp_millis(),
+        requested_by: "test".into(),
+        requested_at_ms: chrono::Utc::now().timestamp_millis(),
+    };
+    let report = vault::store::erasure::forget(&store, &erasure, false)
+        .await
+        .expect("erase");
+    assert_eq!(report.days, [batch[0].day(), old_day], "newest first");
+    assert!(read_user(&store, ks, "user-0", batch[0].day())
+        .await
+        .is_empty());
+    assert!(read_user(&store, ks, "user-0", old_day).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
