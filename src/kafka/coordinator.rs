@@ -626,6 +626,7 @@ impl Coordinator {
                 ),
                 Err(e) => {
                     error!(topic = %key.0, partition = key.1, error = %e, "Cannot read the committed offset; the partition is not started, and the restart is tried again.");
+                    self.seek_failed(&key);
                     self.schedule_restart(key, pending.resume_at, pending.failures + 1);
                     return;
                 }
@@ -648,11 +649,13 @@ impl Coordinator {
             }
             Ok(Err(e)) => {
                 error!(topic = %key.0, partition = key.1, position = ?target, error = %e, "Seek failed; the partition is not started, and the restart is tried again.");
+                self.seek_failed(&key);
                 self.schedule_restart(key, pending.resume_at, pending.failures + 1);
                 return;
             }
             Err(e) => {
                 error!(topic = %key.0, partition = key.1, error = %e, "Seek task failed; the restart is tried again.");
+                self.seek_failed(&key);
                 self.schedule_restart(key, pending.resume_at, pending.failures + 1);
                 return;
             }
@@ -676,6 +679,13 @@ impl Coordinator {
                 self.schedule_restart(key, pending.resume_at, pending.failures + 1);
             }
         }
+    }
+
+    fn seek_failed(&self, key: &Key) {
+        self.metrics
+            .restart_seek_failures
+            .with_label_values(&[&*key.0])
+            .inc();
     }
 
     /// The group's committed offset of a partition, from the broker (`None`: nothing committed).

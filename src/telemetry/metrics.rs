@@ -39,6 +39,7 @@ pub struct Metrics {
     pub in_flight_bytes: IntGauge,
     pub prefetched_bytes: IntGauge,
     pub partition_restarts: IntCounterVec,
+    pub restart_seek_failures: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -165,6 +166,11 @@ impl Metrics {
             prefetched_bytes: b.gauge(
                 "vault_kafka_prefetched_bytes",
                 "Bytes of messages librdkafka has fetched and vault not yet read, of kafka.prefetch_bytes (from its statistics).",
+            ),
+            restart_seek_failures: b.counter(
+                "vault_restart_seek_failures_total",
+                "Restarts of a failed partition not started because the seek to where it must resume (or reading the committed offset) failed; each is tried again.",
+                &["topic"],
             ),
             partition_restarts: b.counter(
                 "vault_partition_restarts_total",

@@ -17,31 +17,35 @@ use crate::common::{
     event_json, read_all, settings, stored_positions, unique, wait_until, Kafka, Running,
 };
 
-/// Waits until the pipeline restarted a partition (a failpoint fired).
-async fn wait_restarted(vault: &Running) {
-    wait_until("a partition restarted", Duration::from_secs(60), || {
-        let restarts = vault.counter("vault_partition_restarts_total");
-        async move {
-            (restarts >= 1.0)
-                .then_some(())
-                .ok_or(format!("{restarts} restarts"))
-        }
+/// Waits until the pipeline's counter `name` reaches `at_least`.
+async fn wait_counter(vault: &Running, name: &str, at_least: f64) {
+    wait_until(name, Duration::from_secs(60), || {
+        let n = vault.counter(name);
+        async move { (n >= at_least).then_some(()).ok_or(format!("{n}")) }
     })
     .await;
+}
+
+/// Waits until the pipeline restarted a partition (a failpoint fired).
+async fn wait_restarted(vault: &Running) {
+    wait_counter(vault, "vault_partition_restarts_total", 1.0).await;
+}
+
+/// A one-partition source topic holding `n` events; returns the Kafka, topic, group and the
+/// events' positions.
+async fn one_partition(name: &str, n: usize) -> (Kafka, String, String, BTreeSet<(i32, i64)>) {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique(name), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    let produced = kafka.produce_events(&topic, 1, 0, n).await;
+    (kafka, topic, group, produced.into_iter().collect())
 }
 
 /// Resumes at the first record it read, not where the queue stands: a task that panics with
 /// an open batch and nothing durable yet loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_that_panics_before_its_first_durable_batch_loses_nothing() {
-    let kafka = Kafka::start();
-    let (topic, group) = (unique("panic-early"), unique("g"));
-    kafka.create_source_topic(&topic, 1).await;
-    let produced: BTreeSet<_> = kafka
-        .produce_events(&topic, 1, 0, 300)
-        .await
-        .into_iter()
-        .collect();
+    let (kafka, topic, group, produced) = one_partition("panic-early", 300).await;
     // Offset 7 panics the decoder while records 0-6 sit in the open batch.
     fail::cfg("kafka::decode", &format!("return({topic}@7)")).unwrap();
     let memory = MemoryStore::new();
@@ -63,14 +67,7 @@ async fn a_partition_that_panics_before_its_first_durable_batch_loses_nothing() 
 /// queue stands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_error_before_anything_was_read_resumes_at_the_committed_offset() {
-    let kafka = Kafka::start();
-    let (topic, group) = (unique("read-error"), unique("g"));
-    kafka.create_source_topic(&topic, 1).await;
-    let produced: BTreeSet<_> = kafka
-        .produce_events(&topic, 1, 0, 200)
-        .await
-        .into_iter()
-        .collect();
+    let (kafka, topic, group, produced) = one_partition("read-error", 200).await;
     // Offset 0 is lost to a read error: librdkafka would move on past it.
     fail::cfg("kafka::read", &format!("return({topic}@0)")).unwrap();
     let memory = MemoryStore::new();
@@ -93,14 +90,7 @@ async fn a_read_error_before_anything_was_read_resumes_at_the_committed_offset()
 /// started until the seek succeeds, and then resumes where it must.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_whose_seek_fails_starts_nothing_until_a_seek_succeeds() {
-    let kafka = Kafka::start();
-    let (topic, group) = (unique("seek-fails"), unique("g"));
-    kafka.create_source_topic(&topic, 1).await;
-    let produced: BTreeSet<_> = kafka
-        .produce_events(&topic, 1, 0, 200)
-        .await
-        .into_iter()
-        .collect();
+    let (kafka, topic, group, produced) = one_partition("seek-fails", 200).await;
     fail::cfg("batcher::add", &format!("return({topic}@120)")).unwrap();
     fail::cfg("kafka::seek", &format!("return({topic})")).unwrap();
     let memory = MemoryStore::new();
@@ -112,7 +102,7 @@ async fn a_restart_whose_seek_fails_starts_nothing_until_a_seek_succeeds() {
     wait_restarted(&vault).await;
     fail::remove("batcher::add");
     // While every seek fails, nothing past the failure is read, stored or committed.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_counter(&vault, "vault_restart_seek_failures_total", 2.0).await;
     assert!(
         !memory.contains_source(&topic, 0, 150),
         "a partition whose seek failed was started anyway"

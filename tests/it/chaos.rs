@@ -17,7 +17,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use vault_sandbox::cql::{Fault, FaultKind};
 
-use crate::common::{read_all, spawn_vault, stop_gracefully, ProcessRig, VaultProcess};
+use crate::common::{env_or, read_all, spawn_vault, stop_gracefully, ProcessRig, VaultProcess};
 use crate::faults::{rows_written, stored};
 
 /// A bad message of one of the shapes the chaos run sends, by number.
@@ -66,14 +66,8 @@ fn producer(brokers: &str) -> FutureProducer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_chaos_run_loses_nothing_and_dead_letters_every_bad_message() {
-    let steps: usize = std::env::var("VAULT_CHAOS_STEPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
-    let seed: u64 = std::env::var("VAULT_CHAOS_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(13);
+    let steps: usize = env_or("VAULT_CHAOS_STEPS", 8);
+    let seed: u64 = env_or("VAULT_CHAOS_SEED", 13);
     println!("chaos: {steps} steps, seed {seed} (VAULT_CHAOS_STEPS, VAULT_CHAOS_SEED)");
     let mut rng = StdRng::seed_from_u64(seed);
 

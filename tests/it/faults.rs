@@ -11,7 +11,9 @@ use vault::kafka::dead_letter::MemoryDeadLetters;
 use vault::store::scylla::ScyllaStore;
 use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
 
-use crate::common::{settings, spawn_vault, stop_gracefully, unique, Kafka, ProcessRig, Running};
+use crate::common::{
+    env_or, settings, spawn_vault, stop_gracefully, unique, Kafka, ProcessRig, Running,
+};
 
 /// `(partition, offset)` of every row in the node's user_activity table.
 pub fn stored(node: &CqlNode, keyspace: &str) -> BTreeSet<(i32, i64)> {
@@ -166,14 +168,8 @@ async fn database_faults_never_let_a_commit_pass_an_unwritten_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_nothing() {
-    let iterations: usize = std::env::var("VAULT_FAULT_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
-    let seed: u64 = std::env::var("VAULT_FAULT_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
+    let iterations: usize = env_or("VAULT_FAULT_ITERATIONS", 10);
+    let seed: u64 = env_or("VAULT_FAULT_SEED", 7);
     println!("kill -9 suite: {iterations} iterations, seed {seed} (VAULT_FAULT_ITERATIONS, VAULT_FAULT_SEED)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 

@@ -56,6 +56,14 @@ where
     }
 }
 
+/// The value of environment variable `name` (a knob of a long test run), else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A Kafka to test against: librdkafka's mock cluster, or the brokers in VAULT_IT_KAFKA_BROKERS.
 pub struct Kafka {
     mock: Option<MockCluster<'static, DefaultProducerContext>>,
