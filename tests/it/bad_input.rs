@@ -171,7 +171,7 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
     for (p, key, value) in &messages {
         let got = match value {
             Some(v) if *key == future_key => {
-                vec![kafka.produce_at(&topic, *p, key, v, FUTURE_MS).await]
+                vec![kafka.produce_at(&topic, *p, key, Some(v), FUTURE_MS).await]
             }
             Some(v) => kafka.produce(&topic, &[(*p, key.clone(), v.clone())]).await,
             None => kafka.produce_tombstone(&topic, *p, key).await,

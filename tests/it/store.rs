@@ -500,17 +500,23 @@ async fn an_erased_user_stays_erased_when_a_new_group_replays_the_topic() {
         let user = if i % 2 == 0 { "gone" } else { "kept" };
         let value = event_json(user, i).into_bytes();
         kafka
-            .produce_at(&topic, 0, user, &value, t0 + i as i64)
+            .produce_at(&topic, 0, user, Some(&value), t0 + i as i64)
             .await;
     }
     let erased_through = t0 + 1000;
     kafka
-        .produce_tombstone_at(&topic, 0, "gone", erased_through)
+        .produce_at(&topic, 0, "gone", None, erased_through)
         .await;
     for i in 40..50 {
         let value = event_json("gone", i).into_bytes();
         kafka
-            .produce_at(&topic, 0, "gone", &value, erased_through + 1 + i as i64)
+            .produce_at(
+                &topic,
+                0,
+                "gone",
+                Some(&value),
+                erased_through + 1 + i as i64,
+            )
             .await;
     }
     let count = |user: &str| {

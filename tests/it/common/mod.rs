@@ -181,41 +181,23 @@ impl Kafka {
         out
     }
 
-    /// Produces one message with the given Kafka timestamp; returns its `(partition, offset)`.
+    /// Produces one message (a tombstone when `value` is `None`) with the given Kafka timestamp;
+    /// returns its `(partition, offset)`.
     pub async fn produce_at(
         &self,
         topic: &str,
         partition: i32,
         key: &str,
-        value: &[u8],
+        value: Option<&[u8]>,
         timestamp_ms: i64,
     ) -> (i32, i64) {
-        let record = FutureRecord::to(topic)
-            .partition(partition)
-            .key(key)
-            .payload(value)
-            .timestamp(timestamp_ms);
-        let d = self
-            .producer
-            .send_result(record)
-            .map_err(|(e, _)| e)
-            .expect("enqueue");
-        let delivered = d.await.expect("producer alive").expect("delivered");
-        (delivered.partition, delivered.offset)
-    }
-
-    /// Produces a tombstone (null value) with the given Kafka timestamp.
-    pub async fn produce_tombstone_at(
-        &self,
-        topic: &str,
-        partition: i32,
-        key: &str,
-        timestamp_ms: i64,
-    ) -> (i32, i64) {
-        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
+        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
             .partition(partition)
             .key(key)
             .timestamp(timestamp_ms);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
         let d = self
             .producer
             .send_result(record)
