@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Event, EventError, Source};
@@ -104,9 +104,15 @@ pub struct Batch {
 /// in open batches and in batches being written, across all partitions. A partition adds each
 /// record's [`Record::footprint`] to the share of its open batch; the batch carries that share
 /// to the persister and gives it back when dropped.
+///
+/// Batches whose writes fail may keep at most half of it while they retry (see
+/// [`Batch::hold_for_retry`]): the other half is always left to batches on their first
+/// attempt, so partitions whose writes fail, however many, cannot stop the others reading.
 #[derive(Debug, Clone)]
 pub struct InFlightBudget {
     permits: Arc<Semaphore>,
+    /// What failing batches may hold together, and that amount (half the budget).
+    retrying: (Arc<Semaphore>, u32),
     total: u32,
 }
 
@@ -114,8 +120,14 @@ pub struct InFlightBudget {
 #[derive(Debug)]
 pub struct Share {
     permits: Arc<Semaphore>,
+    retrying: (Arc<Semaphore>, u32),
     bytes: u32,
 }
+
+/// A failing batch's claim on the half of the budget that retries may hold; given back when
+/// the batch stops retrying (durable or abandoned).
+#[derive(Debug)]
+pub struct RetryHold(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
 impl Drop for Share {
     fn drop(&mut self) {
@@ -126,8 +138,10 @@ impl Drop for Share {
 impl InFlightBudget {
     pub fn new(total_bytes: usize) -> Self {
         let total = u32::try_from(total_bytes.max(1)).unwrap_or(u32::MAX);
+        let half = (total / 2).max(1);
         InFlightBudget {
             permits: Arc::new(Semaphore::new(total as usize)),
+            retrying: (Arc::new(Semaphore::new(half as usize)), half),
             total,
         }
     }
@@ -136,6 +150,7 @@ impl InFlightBudget {
     pub fn share(&self) -> Share {
         Share {
             permits: self.permits.clone(),
+            retrying: self.retrying.clone(),
             bytes: 0,
         }
     }
@@ -216,6 +231,23 @@ impl Batch {
         self.budget = Some(share);
     }
 
+    /// Claims room for this batch to keep its share while it retries a failed write: its bytes
+    /// (at most half the budget, so one batch can always retry) of the half of the budget that
+    /// failing batches may hold together. `None` when that half is spent: the batch must then
+    /// be abandoned, giving its memory back, and its partition restarts where it must resume.
+    /// A batch without a share (written outside a pipeline) always may.
+    pub fn hold_for_retry(&self) -> Option<RetryHold> {
+        let Some(share) = &self.budget else {
+            return Some(RetryHold(None));
+        };
+        let (retrying, cap) = &share.retrying;
+        retrying
+            .clone()
+            .try_acquire_many_owned(share.bytes.clamp(1, *cap))
+            .ok()
+            .map(|permit| RetryHold(Some(permit)))
+    }
+
     pub fn len(&self) -> usize {
         self.records.len()
     }
@@ -255,5 +287,60 @@ impl Batch {
             // The partition task may be gone (revoked and aborted); then nobody needs the answer.
             let _ = tx.send(outcome);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch_holding(budget: &InFlightBudget, bytes: usize) -> Batch {
+        let event = crate::event::decode(
+            Some(b"k"),
+            Some(br#"{"user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z"}"#),
+            Source {
+                topic: Arc::from("t"),
+                partition: 0,
+                offset: 0,
+                timestamp_ms: None,
+            },
+            None,
+            crate::event::Limits::default(),
+        )
+        .expect("a valid event");
+        let mut share = budget.share();
+        assert!(budget.try_add(&mut share, bytes));
+        let (mut batch, _ack) = Batch::new(vec![Record::Event(event)], bytes, 0, FlushReason::Size);
+        batch.hold(share);
+        batch
+    }
+
+    #[test]
+    fn failing_batches_hold_at_most_half_of_the_budget() {
+        let budget = InFlightBudget::new(1000);
+        let (a, b, c) = (
+            batch_holding(&budget, 300),
+            batch_holding(&budget, 300),
+            batch_holding(&budget, 300),
+        );
+        let first = a.hold_for_retry().expect("room for one failing batch");
+        assert!(b.hold_for_retry().is_none(), "600 bytes would pass half");
+        drop(first);
+        let second = b.hold_for_retry().expect("room once the first stops retrying");
+        drop(a);
+        assert_eq!(budget.in_use(), 600, "a dropped batch gives its share back");
+        drop((second, b, c));
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn a_batch_larger_than_half_the_budget_may_still_retry_alone() {
+        let budget = InFlightBudget::new(1000);
+        let big = batch_holding(&budget, 900);
+        let hold = big.hold_for_retry().expect("one batch can always retry");
+        let small = batch_holding(&budget, 50);
+        assert!(small.hold_for_retry().is_none(), "the big one holds the half");
+        drop(hold);
+        assert!(small.hold_for_retry().is_some());
     }
 }

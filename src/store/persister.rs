@@ -30,7 +30,7 @@ use tracing::{error, warn};
 use crate::config::{InvalidPolicy, RetrySettings};
 use crate::event::{Event, EventError};
 use crate::kafka::dead_letter::DeadLetterSink;
-use crate::pipeline::batch::{Batch, BatchOutcome, DeadLetter};
+use crate::pipeline::batch::{Batch, BatchOutcome, DeadLetter, RetryHold};
 use crate::store::erasure::Erasure;
 use crate::store::retention::{Retention, Ttl};
 use crate::store::{Store, StoreError};
@@ -131,20 +131,40 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
 
     async fn persist_with(&self, batch: &Batch, slots: &Slots) -> BatchOutcome {
         let mut dead: Vec<DeadLetter> = Vec::new();
-        if let Err(reason) = self.write_events(batch, &mut dead, slots).await {
+        // Claimed at the batch's first failure, kept until it is durable or abandoned.
+        let mut hold: Option<RetryHold> = None;
+        if let Err(reason) = self.write_events(batch, &mut dead, slots, &mut hold).await {
             return BatchOutcome::Abandoned(reason);
         }
-        if let Err(reason) = self.erase_users(batch, slots).await {
+        if let Err(reason) = self.erase_users(batch, slots, &mut hold).await {
             return BatchOutcome::Abandoned(reason);
         }
         let invalid = batch.dead_letters().chain(dead.iter());
         let letters: Vec<&DeadLetter> = invalid.collect();
         if !letters.is_empty() {
-            if let Err(reason) = self.handle_invalid(batch, letters, slots).await {
+            if let Err(reason) = self.handle_invalid(batch, letters, slots, &mut hold).await {
                 return BatchOutcome::Abandoned(reason);
             }
         }
         BatchOutcome::Durable
+    }
+
+    /// Lets a failed batch retry while it keeps its memory, if failing batches hold less than
+    /// half of the in-flight budget (see [`Batch::hold_for_retry`]). Otherwise the batch is
+    /// abandoned: its memory goes back to partitions whose writes succeed, and its own
+    /// partition restarts where it must resume (after the restart backoff), reading it again.
+    fn may_retry(&self, batch: &Batch, hold: &mut Option<RetryHold>) -> Result<(), String> {
+        if hold.is_none() {
+            *hold = Some(batch.hold_for_retry().ok_or_else(|| {
+                self.metrics
+                    .retries_out_of_memory
+                    .with_label_values(&[&*batch.topic])
+                    .inc();
+                warn!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, "Failing batches hold half of the in-flight memory; this one is abandoned instead of retried, and its partition restarts where it must resume.");
+                "abandoned instead of retried: failing batches hold half of pipeline.max_in_flight_bytes".to_string()
+            })?);
+        }
+        Ok(())
     }
 
     /// Resolves when `batch` must be abandoned.
@@ -160,6 +180,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         batch: &Batch,
         dead: &mut Vec<DeadLetter>,
         slots: &Slots,
+        hold: &mut Option<RetryHold>,
     ) -> Result<(), String> {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let (mut pending, expired): (Vec<&Event>, Vec<&Event>) = batch
@@ -225,6 +246,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 );
                 break;
             }
+            self.may_retry(batch, hold)?;
             if failing.is_none() {
                 failing = Some(Failing::began(&self.health));
             }
@@ -254,7 +276,12 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
 
     /// Applies the batch's erasure requests (after its events: an erasure covers every earlier
     /// message), each retried until it is durable; nothing after one is committed before.
-    async fn erase_users(&self, batch: &Batch, slots: &Slots) -> Result<(), String> {
+    async fn erase_users(
+        &self,
+        batch: &Batch,
+        slots: &Slots,
+        hold: &mut Option<RetryHold>,
+    ) -> Result<(), String> {
         for request in batch.erasures() {
             let s = &request.source;
             let through_ms = s.timestamp_ms.unwrap_or(0);
@@ -289,6 +316,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                     }
                     Err(e) => e,
                 };
+                self.may_retry(batch, hold)?;
                 failing.get_or_insert_with(|| Failing::began(&self.health));
                 let delay = backoff.next().unwrap_or(self.retry.max_backoff);
                 // An erasure is never skipped: a permanent error stalls the partition, loudly.
@@ -335,6 +363,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         batch: &Batch,
         letters: Vec<&DeadLetter>,
         slots: &Slots,
+        hold: &mut Option<RetryHold>,
     ) -> Result<(), String> {
         match self.on_invalid {
             InvalidPolicy::Skip => {
@@ -355,7 +384,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                     d.source.offset, d.error
                 ))
             }
-            InvalidPolicy::DeadLetter => self.dead_letter(batch, letters, slots).await,
+            InvalidPolicy::DeadLetter => self.dead_letter(batch, letters, slots, hold).await,
         }
     }
 
@@ -369,6 +398,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         batch: &Batch,
         mut pending: Vec<&DeadLetter>,
         slots: &Slots,
+        hold: &mut Option<RetryHold>,
     ) -> Result<(), String> {
         let mut backoff = self.backoff();
         // Ends the readiness refusal however this returns, a caught panic included.
@@ -429,6 +459,9 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 error!(topic = %batch.topic, partition = batch.partition, first_offset = pending.first().map(|d| d.source.offset), letters = pending.len(), error = %failure.error, retry_in = ?delay, "The dead-letter topic refuses letters for good; the partition is stalled until the topic is fixed.");
             } else {
                 warn!(topic = %batch.topic, partition = batch.partition, letters = pending.len(), error = %failure.error, retry_in = ?delay, "Dead-letter produce failed, retrying the letters not acknowledged.");
+            }
+            if let Err(reason) = self.may_retry(batch, hold) {
+                break Err(reason);
             }
             self.metrics
                 .store_retries

@@ -608,18 +608,40 @@ impl Store for ScyllaStore {
         let mut unwritten = Vec::new();
         let mut first_retryable: Option<StoreError> = None;
         let mut first_permanent: Option<StoreError> = None;
+        let mut record = |rows: &[usize], err: StoreError| {
+            unwritten.extend_from_slice(rows);
+            let slot = if err.is_retryable() {
+                &mut first_retryable
+            } else {
+                &mut first_permanent
+            };
+            slot.get_or_insert(err);
+        };
+        // Groups the database rejects as such (one bad row rejects its whole UNLOGGED batch).
+        let mut rejected: Vec<&[usize]> = Vec::new();
         while let Some((rows, result)) = inflight.next().await {
             if let Err(e) = result {
                 let err = classify(&e);
-                unwritten.extend_from_slice(rows);
-                let slot = if err.is_retryable() {
-                    &mut first_retryable
+                if err.is_row_error() && rows.len() > 1 {
+                    rejected.push(rows);
                 } else {
-                    &mut first_permanent
-                };
-                slot.get_or_insert(err);
+                    record(rows, err);
+                }
             }
         }
+        drop(inflight);
+        // Each row of a rejected group is tried alone, so only the rows the database rejects
+        // on their own are reported as rejected (and dead-lettered); the others are stored.
+        let rows: Vec<usize> = rejected.into_iter().flatten().copied().collect();
+        let mut alone = futures::stream::iter(rows)
+            .map(|i| async move { (i, self.send(events, &[i]).await) })
+            .buffer_unordered(self.per_batch_requests);
+        while let Some((i, result)) = alone.next().await {
+            if let Err(e) = result {
+                record(&[i], classify(&e));
+            }
+        }
+        drop(alone);
         if unwritten.is_empty() {
             return Ok(());
         }

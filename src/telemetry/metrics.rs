@@ -40,6 +40,7 @@ pub struct Metrics {
     pub prefetched_bytes: IntGauge,
     pub partition_restarts: IntCounterVec,
     pub restart_seek_failures: IntCounterVec,
+    pub retries_out_of_memory: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -170,6 +171,11 @@ impl Metrics {
             restart_seek_failures: b.counter(
                 "vault_restart_seek_failures_total",
                 "Restarts of a failed partition not started because the seek to where it must resume (or reading the committed offset) failed; each is tried again.",
+                &["topic"],
+            ),
+            retries_out_of_memory: b.counter(
+                "vault_retries_out_of_memory_total",
+                "Failing batches abandoned instead of retried because failing batches already hold half of pipeline.max_in_flight_bytes; each one's partition restarts where it must resume.",
                 &["topic"],
             ),
             partition_restarts: b.counter(

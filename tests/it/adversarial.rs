@@ -239,3 +239,69 @@ async fn poison_pills_larger_than_the_dead_letter_topic_accepts_are_cut_to_fit()
     );
     vault.stop().await;
 }
+
+/// Partitions whose writes keep failing cannot hold the whole in-flight memory: failing batches
+/// keep at most half of it, the others are abandoned (their partitions restart where they must
+/// resume), and a healthy topic produced only once the failing ones have filled memory is
+/// stored and committed while they still fail. Then the failing topic recovers with nothing
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_whose_writes_keep_failing_leave_memory_to_healthy_ones() {
+    let kafka = Kafka::start();
+    let (stuck, healthy, group) = (unique("stuck"), unique("healthy"), unique("g"));
+    kafka.create_source_topic(&stuck, 6).await;
+    kafka.create_source_topic(&healthy, 1).await;
+    let stuck_produced: BTreeSet<(i32, i64)> = kafka
+        .produce_events(&stuck, 6, 0, 18_000)
+        .await
+        .into_iter()
+        .collect();
+    fail::cfg("persister::write", &format!("return({stuck})")).unwrap();
+    let memory = MemoryStore::new();
+    let mut cfg = settings(&kafka.brokers, &stuck, &group);
+    cfg.kafka.topics.push(healthy.clone());
+    // Six partitions of 4 batches of 500 events (about 300 bytes each in memory) would hold
+    // several times this budget: without the bound, reading stops at about 3,500 events.
+    cfg.pipeline.max_in_flight_bytes = 1 << 20;
+    cfg.batch.max_events = 500;
+    let vault = Running::start(cfg, memory.clone(), MemoryDeadLetters::default());
+    wait_until(
+        "the failing topic read on past what memory holds",
+        Duration::from_secs(60),
+        || {
+            let read = vault.counter_with("vault_events_consumed_total", "topic", &stuck);
+            async move { (read >= 10_000.0).then_some(()).ok_or(format!("{read} read")) }
+        },
+    )
+    .await;
+    let healthy_produced: BTreeSet<(i32, i64)> = kafka
+        .produce_events(&healthy, 1, 0, 500)
+        .await
+        .into_iter()
+        .collect();
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&healthy, 1, Duration::from_secs(60))
+        .await;
+    let stored = |topic: &str| -> BTreeSet<(i32, i64)> {
+        memory
+            .rows()
+            .iter()
+            .filter(|e| &*e.source.topic == topic)
+            .map(|e| (e.source.partition, e.source.offset))
+            .collect()
+    };
+    assert_eq!(stored(&healthy), healthy_produced, "the healthy topic flowed");
+    assert!(stored(&stuck).is_empty(), "the failing topic's writes failed");
+    assert!(
+        vault.counter("vault_retries_out_of_memory_total") >= 1.0,
+        "failing batches beyond half the memory were abandoned"
+    );
+    fail::remove("persister::write");
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&stuck, 6, Duration::from_secs(120))
+        .await;
+    assert_eq!(stored(&stuck), stuck_produced, "nothing lost");
+    vault.stop().await;
+}

@@ -347,6 +347,49 @@ async fn transient_errors_are_retried_and_the_batch_is_durable_only_after_succes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_database_refuses_is_dead_lettered_alone_and_the_rest_of_its_group_stored() {
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let store = ScyllaStore::connect(&c, true).await.unwrap();
+    let settings = Config::default().validate().unwrap();
+    let dead_letters = MemoryDeadLetters::default();
+    let persister = Persister {
+        retention: Default::default(),
+        store,
+        dead_letters: dead_letters.clone(),
+        on_invalid: InvalidPolicy::DeadLetter,
+        retry: settings.retry(),
+        metrics: Arc::new(Metrics::new()),
+        health: Arc::new(Health::new(Duration::from_secs(60))),
+        cancel: CancellationToken::new(),
+    };
+    // 4 users: one UNLOGGED batch of 10 rows each. The node refuses the row of offset 7 (its
+    // attributes), and with it the whole batch of user-3's rows.
+    node.reject_values_containing(br#"{"i":7}"#);
+    let evs = events(4, 40, 0);
+    let (batch, _ack) = Batch::new(
+        evs.into_iter().map(Record::Event).collect(),
+        0,
+        0,
+        FlushReason::Size,
+    );
+    assert_eq!(persister.persist(&batch).await, BatchOutcome::Durable);
+    assert_eq!(
+        node.row_count(&c.keyspace, "user_activity"),
+        39,
+        "the refused row's 9 neighbours are stored"
+    );
+    let letters = dead_letters.letters();
+    let offsets: Vec<i64> = letters.iter().map(|d| d.source.offset).collect();
+    assert_eq!(offsets, vec![7], "only the refused row is dead-lettered");
+    assert!(
+        letters[0].error.to_string().contains("refused by the stand-in"),
+        "the letter carries the database's reason: {}",
+        letters[0].error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_error_is_reported_as_permanent() {
     let node = node().await;
     let c = scylla_config(&node.addr().to_string());

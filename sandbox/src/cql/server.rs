@@ -40,6 +40,8 @@ struct Shared {
     faults: Mutex<Vec<Fault>>,
     outage_until: Mutex<Option<Instant>>,
     log: Mutex<Vec<LoggedRequest>>,
+    /// Bound values the node refuses as invalid (see [`CqlNode::reject_values_containing`]).
+    rejected_values: Mutex<Vec<Vec<u8>>>,
     /// Bumped to make every open connection close (outage, drop-all).
     generation: watch::Sender<u64>,
 }
@@ -95,6 +97,7 @@ impl CqlNode {
             faults: Mutex::new(Vec::new()),
             outage_until: Mutex::new(None),
             log: Mutex::new(Vec::new()),
+            rejected_values: Mutex::new(Vec::new()),
             generation,
         });
         let (stop, mut stopped) = watch::channel(false);
@@ -142,7 +145,16 @@ impl CqlNode {
         lock(&self.shared.faults).push(fault);
     }
 
+    /// Answers Invalid to every EXECUTE or BATCH with a bound value that contains `needle`, as
+    /// Scylla refuses a row it cannot accept. A BATCH is refused whole, before any of it is
+    /// applied, as Scylla validates every statement of a batch first. Cleared by
+    /// [`Self::clear_faults`].
+    pub fn reject_values_containing(&self, needle: &[u8]) {
+        lock(&self.shared.rejected_values).push(needle.to_vec());
+    }
+
     pub fn clear_faults(&self) {
+        lock(&self.shared.rejected_values).clear();
         lock(&self.shared.faults).clear();
         *lock(&self.shared.outage_until) = None;
     }
@@ -204,6 +216,25 @@ impl Shared {
                 false
             }
             None => false,
+        }
+    }
+
+    /// Refuses values that hold a rejected needle, with Scylla's answer to an invalid request.
+    fn validate(&self, values: &[Value], stream: i16) -> Result<(), Vec<u8>> {
+        let rejected = lock(&self.rejected_values);
+        let bad = values.iter().flatten().find(|v| {
+            rejected
+                .iter()
+                .any(|n| !n.is_empty() && v.windows(n.len()).any(|w| w == n.as_slice()))
+        });
+        match bad {
+            Some(_) => Err(error_frame(
+                stream,
+                error_code::INVALID,
+                "Invalid value for a column (refused by the stand-in node)",
+                &[],
+            )),
+            None => Ok(()),
         }
     }
 
@@ -669,6 +700,7 @@ async fn request_execute(
     {
         return a;
     }
+    shared.validate(&params.values, stream)?;
     let ks = current(keyspace);
     let outcome = lock(&shared.db)
         .execute(&prepared.statement, &params.values, ks.as_deref())
@@ -739,6 +771,9 @@ async fn request_batch(
     .await
     {
         return a;
+    }
+    for (_, values) in &items {
+        shared.validate(values, stream)?;
     }
     let mut db = lock(&shared.db);
     for (p, values) in &items {
