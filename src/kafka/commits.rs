@@ -28,17 +28,28 @@ pub type Key = (Arc<str>, i32);
 
 type Outcome = (Vec<(Key, i64)>, KafkaResult<()>, Duration);
 
+/// What sends a synchronous commit: the consumer (or, in tests, a double that records them).
+pub trait Committer: Send + Sync + 'static {
+    fn commit_sync(&self, offsets: &[(Key, i64)]) -> KafkaResult<()>;
+}
+
+impl Committer for VaultConsumer {
+    fn commit_sync(&self, offsets: &[(Key, i64)]) -> KafkaResult<()> {
+        commit_sync(self, offsets)
+    }
+}
+
 /// The committer. Owned by the coordinator.
-pub struct Commits {
-    consumer: Arc<VaultConsumer>,
+pub struct Commits<C: Committer = VaultConsumer> {
+    consumer: Arc<C>,
     metrics: Arc<Metrics>,
     /// Last offset the broker confirmed per partition of the current assignment.
     confirmed: HashMap<Key, i64>,
     in_flight: Option<JoinHandle<Outcome>>,
 }
 
-impl Commits {
-    pub fn new(consumer: Arc<VaultConsumer>, metrics: Arc<Metrics>) -> Self {
+impl<C: Committer> Commits<C> {
+    pub fn new(consumer: Arc<C>, metrics: Arc<Metrics>) -> Self {
         Commits {
             consumer,
             metrics,
@@ -74,7 +85,7 @@ impl Commits {
         let consumer = self.consumer.clone();
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let result = commit_sync(&consumer, &sent);
+            let result = consumer.commit_sync(&sent);
             (sent, result, started.elapsed())
         }));
     }
@@ -118,7 +129,7 @@ impl Commits {
         let consumer = self.consumer.clone();
         let committing = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let result = commit_sync(&consumer, &sent);
+            let result = consumer.commit_sync(&sent);
             (sent, result, started.elapsed())
         });
         let Ok(done) = tokio::time::timeout(KAFKA_CALL_TIMEOUT, committing).await else {
@@ -205,6 +216,64 @@ pub fn is_rebalance_refusal(e: &KafkaError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records commits as they start and end; holds the first until released.
+    struct Held {
+        log: std::sync::Mutex<Vec<String>>,
+        release: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl Committer for Held {
+        fn commit_sync(&self, offsets: &[(Key, i64)]) -> KafkaResult<()> {
+            let o = offsets[0].1;
+            self.log.lock().unwrap().push(format!("start {o}"));
+            if let Some(release) = self.release.lock().unwrap().take() {
+                let _ = release.recv();
+            }
+            self.log.lock().unwrap().push(format!("end {o}"));
+            Ok(())
+        }
+    }
+
+    /// A revoke commit sent while the periodic one is still in flight could land first and be
+    /// overwritten by the older offset after the partition is handed over: it waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoke_commit_waits_for_the_periodic_commit_in_flight() {
+        let key: Key = (Arc::from("t"), 0);
+        let (release, held) = std::sync::mpsc::channel();
+        let committer = Arc::new(Held {
+            log: Default::default(),
+            release: std::sync::Mutex::new(Some(held)),
+        });
+        let log = || committer.log.lock().unwrap().clone();
+        let mut commits = Commits::new(committer.clone(), Arc::new(Metrics::new()));
+        commits.start([(key.clone(), 10)]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the periodic commit started"
+            );
+            tokio::task::yield_now().await;
+        }
+        let revoke = tokio::spawn(async move {
+            let sent = commits.commit_now(vec![(key.clone(), 20)]).await;
+            (sent, commits)
+        });
+        // Were the revoke commit sent now, it would start within this second.
+        let waited = tokio::time::timeout(Duration::from_secs(1), async {
+            while log().len() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(waited.is_err(), "the revoke commit overtook: {:?}", log());
+        release.send(()).unwrap();
+        let (sent, commits) = revoke.await.unwrap();
+        sent.unwrap();
+        assert_eq!(log(), ["start 10", "end 10", "start 20", "end 20"]);
+        assert_eq!(commits.confirmed(&(Arc::from("t"), 0)), Some(20));
+    }
 
     #[test]
     fn a_commit_never_moves_a_partition_backwards() {

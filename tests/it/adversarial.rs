@@ -270,7 +270,11 @@ async fn partitions_whose_writes_keep_failing_leave_memory_to_healthy_ones() {
         Duration::from_secs(60),
         || {
             let read = vault.counter_with("vault_events_consumed_total", "topic", &stuck);
-            async move { (read >= 10_000.0).then_some(()).ok_or(format!("{read} read")) }
+            async move {
+                (read >= 10_000.0)
+                    .then_some(())
+                    .ok_or(format!("{read} read"))
+            }
         },
     )
     .await;
@@ -291,8 +295,15 @@ async fn partitions_whose_writes_keep_failing_leave_memory_to_healthy_ones() {
             .map(|e| (e.source.partition, e.source.offset))
             .collect()
     };
-    assert_eq!(stored(&healthy), healthy_produced, "the healthy topic flowed");
-    assert!(stored(&stuck).is_empty(), "the failing topic's writes failed");
+    assert_eq!(
+        stored(&healthy),
+        healthy_produced,
+        "the healthy topic flowed"
+    );
+    assert!(
+        stored(&stuck).is_empty(),
+        "the failing topic's writes failed"
+    );
     assert!(
         vault.counter("vault_retries_out_of_memory_total") >= 1.0,
         "failing batches beyond half the memory were abandoned"

@@ -383,7 +383,10 @@ async fn a_row_the_database_refuses_is_dead_lettered_alone_and_the_rest_of_its_g
     let offsets: Vec<i64> = letters.iter().map(|d| d.source.offset).collect();
     assert_eq!(offsets, vec![7], "only the refused row is dead-lettered");
     assert!(
-        letters[0].error.to_string().contains("refused by the stand-in"),
+        letters[0]
+            .error
+            .to_string()
+            .contains("refused by the stand-in"),
         "the letter carries the database's reason: {}",
         letters[0].error
     );

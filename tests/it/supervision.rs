@@ -72,3 +72,191 @@ async fn a_panicking_write_restarts_its_partition_from_the_last_durable_offset()
     assert!(more.is_subset(&stored_positions(&memory)));
     vault.stop().await;
 }
+
+/// Holds the writes of some topics until released, and panics once on a write holding a given
+/// event.
+#[derive(Clone)]
+struct DrainRace {
+    inner: MemoryStore,
+    held: tokio::sync::watch::Sender<BTreeSet<String>>,
+    /// Writes waiting, by topic.
+    waiting: Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>,
+    panic_at: Arc<std::sync::Mutex<Option<(String, i64)>>>,
+    fired: Arc<AtomicBool>,
+}
+
+impl DrainRace {
+    fn new(inner: MemoryStore) -> Self {
+        DrainRace {
+            inner,
+            held: tokio::sync::watch::Sender::new(BTreeSet::new()),
+            waiting: Arc::default(),
+            panic_at: Arc::default(),
+            fired: Arc::default(),
+        }
+    }
+
+    fn hold(&self, topic: &str) {
+        self.held.send_modify(|h| {
+            h.insert(topic.to_owned());
+        });
+    }
+
+    fn release(&self, topic: &str) {
+        self.held.send_modify(|h| {
+            h.remove(topic);
+        });
+    }
+}
+
+impl Store for DrainRace {
+    async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
+        let topic = events
+            .first()
+            .map(|e| e.source.topic.to_string())
+            .unwrap_or_default();
+        if self.held.borrow().contains(&topic) {
+            *self
+                .waiting
+                .lock()
+                .unwrap()
+                .entry(topic.clone())
+                .or_default() += 1;
+            let _ = self
+                .held
+                .subscribe()
+                .wait_for(|held| !held.contains(&topic))
+                .await;
+            *self
+                .waiting
+                .lock()
+                .unwrap()
+                .entry(topic.clone())
+                .or_default() -= 1;
+        }
+        let target = self.panic_at.lock().unwrap().clone();
+        if let Some((t, offset)) = target {
+            let hit = events
+                .iter()
+                .any(|e| *e.source.topic == *t && e.source.offset == offset);
+            if hit && !self.fired.swap(true, Ordering::SeqCst) {
+                panic!("injected store panic while another partition drains");
+            }
+        }
+        self.inner.write(events).await
+    }
+}
+
+/// A partition whose task fails while another partition is being drained (its revoke waits on
+/// a held write) is supervised by the drain and restarted, not forgotten until the next
+/// rebalance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_failing_while_another_drains_is_restarted() {
+    use crate::common::wait_until;
+    let kafka = Kafka::start();
+    let (kept, moved, group) = (unique("kept"), unique("moved"), unique("g"));
+    kafka.create_source_topic(&kept, 1).await;
+    kafka.create_source_topic(&moved, 1).await;
+    let memory = MemoryStore::new();
+    let store = DrainRace::new(memory.clone());
+    let mut cfg = settings(&kafka.brokers, &kept, &group);
+    cfg.kafka.topics.push(moved.clone());
+    cfg.pipeline.revoke_timeout = Duration::from_secs(60);
+    let a = Running::start(cfg, store.clone(), MemoryDeadLetters::default());
+    let mut produced: BTreeSet<(String, i64)> = BTreeSet::new();
+    for topic in [&kept, &moved] {
+        for (_, o) in kafka.produce_events(topic, 1, 0, 50).await {
+            produced.insert((topic.clone(), o));
+        }
+        kafka
+            .probe(&group)
+            .wait_committed_to_end(topic, 1, Duration::from_secs(60))
+            .await;
+    }
+    // A write of each topic hangs in flight; the one of `kept` will panic when let go.
+    *store.panic_at.lock().unwrap() = Some((kept.clone(), 55));
+    for topic in [&kept, &moved] {
+        store.hold(topic);
+        for (_, o) in kafka.produce_events(topic, 1, 50, 10).await {
+            produced.insert((topic.clone(), o));
+        }
+    }
+    let waiting = |topic: &str| {
+        store
+            .waiting
+            .lock()
+            .unwrap()
+            .get(topic)
+            .copied()
+            .unwrap_or(0)
+    };
+    wait_until(
+        "a held write of each topic",
+        Duration::from_secs(30),
+        || {
+            let n = (waiting(&kept), waiting(&moved));
+            async move { (n.0 > 0 && n.1 > 0).then_some(()).ok_or(format!("{n:?}")) }
+        },
+    )
+    .await;
+    // A second member subscribed to `moved` only: the rebalance moves `moved` to it, and `a`
+    // drains it (waiting on its held write) while keeping `kept`.
+    let b = Running::start(
+        settings(&kafka.brokers, &moved, &group),
+        store.clone(),
+        MemoryDeadLetters::default(),
+    );
+    wait_until("the revoke", Duration::from_secs(60), || {
+        let n = a.counter_with("vault_rebalances_total", "kind", "revoke");
+        async move { (n >= 1.0).then_some(()).ok_or(format!("{n}")) }
+    })
+    .await;
+    store.release(&kept);
+    let fired = store.fired.clone();
+    wait_until("the panic in `kept`", Duration::from_secs(30), || {
+        let f = fired.load(Ordering::SeqCst);
+        async move { f.then_some(()).ok_or("not yet".to_string()) }
+    })
+    .await;
+    // The drain, still waiting for `moved`, sees `kept` end and schedules its restart.
+    wait_until(
+        "`kept` restarted during the drain",
+        Duration::from_secs(30),
+        || {
+            let n = a
+                .metrics
+                .partition_restarts
+                .with_label_values(&[&kept])
+                .get();
+            async move { (n >= 1).then_some(()).ok_or(format!("{n}")) }
+        },
+    )
+    .await;
+    assert!(
+        waiting(&moved) > 0,
+        "`kept` failed and was supervised while `moved` was still draining"
+    );
+    store.release(&moved);
+    for topic in [&kept, &moved] {
+        kafka
+            .probe(&group)
+            .wait_committed_to_end(topic, 1, Duration::from_secs(60))
+            .await;
+    }
+    let stored: BTreeSet<(String, i64)> = memory
+        .rows()
+        .iter()
+        .map(|e| (e.source.topic.to_string(), e.source.offset))
+        .collect();
+    assert_eq!(stored, produced, "nothing lost");
+    assert_eq!(
+        a.metrics
+            .partition_restarts
+            .with_label_values(&[&kept])
+            .get(),
+        1,
+        "`kept` was restarted"
+    );
+    b.stop().await;
+    a.stop().await;
+}
