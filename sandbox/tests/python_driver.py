@@ -98,8 +98,32 @@ def main():
     left = s.execute("SELECT TTL(v) FROM py.versions WHERE k = 'ttl'").one()[0]
     assert 90 <= left <= 100, left
     s.execute("INSERT INTO py.versions (k, v) VALUES ('short', 'x') USING TTL 1")
+    # A row whose INSERT expires keeps its key while a cell an UPDATE wrote lives on.
+    s.execute("CREATE TABLE IF NOT EXISTS py.cells (k text PRIMARY KEY, a text, b text)")
+    s.execute("INSERT INTO py.cells (k, a) VALUES ('m', 'x') USING TTL 1")
+    s.execute("UPDATE py.cells SET b = 'kept' WHERE k = 'm'")
     time.sleep(2.1)  # past the TTL: the expiry itself is the behaviour under test
     assert s.execute("SELECT v FROM py.versions WHERE k = 'short'").one() is None
+    assert tuple(s.execute("SELECT k, a, b FROM py.cells WHERE k = 'm'").one()) == ("m", None, "kept")
+
+    # A table's default_time_to_live applies to a write that names no TTL; TTL 0 means none.
+    s.execute("CREATE TABLE IF NOT EXISTS py.defttl (k text PRIMARY KEY, v text) WITH default_time_to_live = 100")
+    s.execute("INSERT INTO py.defttl (k, v) VALUES ('d', 'x')")
+    s.execute("INSERT INTO py.defttl (k, v) VALUES ('z', 'x') USING TTL 0")
+    assert 90 <= s.execute("SELECT TTL(v) FROM py.defttl WHERE k = 'd'").one()[0] <= 100
+    assert s.execute("SELECT TTL(v) FROM py.defttl WHERE k = 'z'").one()[0] is None
+
+    # At an equal timestamp an expiring cell beats one that never expires, and a later expiry
+    # an earlier one, before values are compared (Scylla's compare_atomic_cell_for_merge).
+    tie = s.prepare("INSERT INTO py.versions (k, v) VALUES ('tie', ?) USING TIMESTAMP 7 AND TTL ?")
+    tied = "SELECT v, TTL(v) FROM py.versions WHERE k = 'tie'"
+    s.execute("INSERT INTO py.versions (k, v) VALUES ('tie', 'v') USING TIMESTAMP 7")
+    s.execute(tie, ("v", 100))
+    assert 90 <= s.execute(tied).one()[1] <= 100, "the expiring cell wins"
+    s.execute(tie, ("v", 200))
+    s.execute(tie, ("z", 50))
+    v, left = s.execute(tied).one()
+    assert v == "v" and 190 <= left <= 200, (v, left)
 
     # UPDATE follows the same rules: USING TIMESTAMP decides, whatever the arrival order.
     s.execute("UPDATE py.versions USING TIMESTAMP 5000 SET v = 'updated' WHERE k = 'r'")

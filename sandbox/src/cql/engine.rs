@@ -52,6 +52,8 @@ pub struct Table {
     /// Tombstones by (partition key, clustering key; `None` for the whole partition), with
     /// their timestamps: they shadow every cell written at or before them, whenever it arrives.
     pub tombstones: BTreeMap<(Vec<u8>, Option<Vec<u8>>), i64>,
+    /// `default_time_to_live` in seconds (0: none): the TTL of a write that names none.
+    pub default_ttl: i64,
 }
 
 impl Table {
@@ -66,8 +68,13 @@ impl Table {
     }
 
     /// Drops the cells whose TTL has run out at `now` (seconds), and the rows left with none.
+    /// The key columns' cells stand for the row marker an INSERT writes: when it expires the
+    /// row stays while a regular cell is live (written later, e.g. by an UPDATE), keys intact.
     fn expire(&mut self, now: i64) {
         let n = self.columns.len();
+        let is_key: Vec<bool> = (0..n)
+            .map(|i| self.pk.contains(&i) || self.ck.contains(&i))
+            .collect();
         for part in self.rows.values_mut() {
             for row in part.values_mut() {
                 for i in 0..n {
@@ -77,7 +84,9 @@ impl Table {
                         .map(i64::from_be_bytes)
                         .is_some_and(|at| at <= now);
                     if expired {
-                        row[i] = None;
+                        if !is_key[i] {
+                            row[i] = None;
+                        }
                         row[n + i] = None;
                         row[2 * n + i] = None;
                     }
@@ -553,7 +562,7 @@ impl Database {
                         table: table.table.clone(),
                     });
                 }
-                let t = build_table(
+                let mut t = build_table(
                     &ks,
                     &table.table,
                     columns,
@@ -561,6 +570,7 @@ impl Database {
                     clustering,
                     descending,
                 )?;
+                t.default_ttl = default_ttl.unwrap_or(0);
                 self.keyspaces
                     .get_mut(&ks)
                     .expect("checked")
@@ -634,8 +644,10 @@ impl Database {
             } => {
                 let (ks, tn) = self.resolve(table, current)?;
                 let ts = write_timestamp(timestamp.as_ref(), bound)?;
+                // No TTL named: the table's default_time_to_live, as Scylla applies it.
+                let default_ttl = self.table(&ks, &tn).map_or(0, |t| t.default_ttl);
                 let expiry = match ttl {
-                    None => None,
+                    None => (default_ttl > 0).then(|| now_secs() + default_ttl),
                     Some(term) => {
                         let v = term_value(&CqlType::Int, term, bound)?
                             .ok_or_else(|| EngineError::Invalid("TTL must not be null".into()))?;
@@ -957,6 +969,7 @@ fn build_table(
         ck: ck_idx,
         rows: BTreeMap::new(),
         tombstones: BTreeMap::new(),
+        default_ttl: 0,
     })
 }
 
@@ -1012,10 +1025,13 @@ fn now_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// Writes the `set` cells of `row` at write timestamp `ts`, cell by cell as Cassandra and
-/// ScyllaDB do: a cell is replaced only by a write with a greater timestamp, or with an equal
-/// timestamp and a greater value (bytes compared unsigned; a null value is the least). So the
-/// outcome does not depend on the order writes arrive in.
+/// Writes the `set` cells of `row` at write timestamp `ts`, cell by cell as ScyllaDB does
+/// (`compare_atomic_cell_for_merge`): a cell is replaced only by a write with a greater
+/// timestamp, or, at an equal timestamp, by an expiring cell over one that never expires, by a
+/// later expiry over an earlier one, and then by a greater value (bytes compared unsigned; a
+/// null value is the least). So the outcome does not depend on the order writes arrive in.
+/// (Scylla breaks a tie of equal expiries by the shorter TTL, i.e. the later write, before the
+/// value; the stand-in keeps no TTL apart from the expiry, so it goes to the value.)
 fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool], ts: i64, expiry: Option<i64>) {
     let n = t.columns.len();
     let (p, c) = (t.pk_key(&row), t.ck_key(&row));
@@ -1033,9 +1049,18 @@ fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool], ts: i64, expiry: Option<
             .as_deref()
             .and_then(|b| b.try_into().ok())
             .map(i64::from_be_bytes);
+        let old_expiry = existing[2 * n + i]
+            .as_deref()
+            .and_then(|b| b.try_into().ok())
+            .map(i64::from_be_bytes);
+        // Expiring beats never-expiring (`None` < `Some`), a later expiry an earlier one, then
+        // the greater value.
         let wins = match old_ts {
             None => true,
-            Some(old) => ts > old || (ts == old && v > existing[i]),
+            Some(old) => {
+                ts > old
+                    || (ts == old && (expiry, v.as_deref()) > (old_expiry, existing[i].as_deref()))
+            }
         };
         if wins {
             existing[i] = v;
@@ -1377,6 +1402,116 @@ mod tests {
         assert_eq!(t.row_count(), 1);
         let got = rows(run(&mut db, "SELECT ttl(b) FROM k.t WHERE a = 'y'").unwrap());
         assert_eq!(got, vec![vec![None]], "no TTL");
+    }
+
+    #[test]
+    fn a_tie_goes_to_the_expiring_cell_then_the_later_expiry_then_the_greater_value() {
+        let mut db = Database::new(Ipv4Addr::LOCALHOST);
+        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        run(&mut db, "CREATE TABLE k.t (a text PRIMARY KEY, b text)").unwrap();
+        let ttl = |db: &mut Database| {
+            rows(run(db, "SELECT b, ttl(b) FROM k.t WHERE a = 'x'").unwrap())[0]
+                .clone()
+                .into_iter()
+                .map(|v| v.map(|b| b.to_vec()))
+                .collect::<Vec<_>>()
+        };
+        let left = |got: &[Value]| {
+            got[1]
+                .clone()
+                .map(|b| i32::from_be_bytes(b.try_into().unwrap()))
+        };
+        for stmt in [
+            "INSERT INTO k.t (a, b) VALUES ('x', 'v') USING TIMESTAMP 7",
+            "INSERT INTO k.t (a, b) VALUES ('x', 'v') USING TIMESTAMP 7 AND TTL 100",
+        ] {
+            run(&mut db, stmt).unwrap();
+        }
+        assert!(
+            left(&ttl(&mut db)).is_some_and(|s| (99..=100).contains(&s)),
+            "expiring wins"
+        );
+        run(
+            &mut db,
+            "INSERT INTO k.t (a, b) VALUES ('x', 'v') USING TIMESTAMP 7",
+        )
+        .unwrap();
+        assert!(left(&ttl(&mut db)).is_some(), "and keeps winning");
+        run(
+            &mut db,
+            "INSERT INTO k.t (a, b) VALUES ('x', 'v') USING TIMESTAMP 7 AND TTL 200",
+        )
+        .unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (a, b) VALUES ('x', 'z') USING TIMESTAMP 7 AND TTL 50",
+        )
+        .unwrap();
+        let got = ttl(&mut db);
+        assert_eq!(
+            got[0].as_deref(),
+            Some(&b"v"[..]),
+            "the later expiry beats a greater value"
+        );
+        assert!(left(&got).is_some_and(|s| (199..=200).contains(&s)));
+    }
+
+    #[test]
+    fn a_table_default_ttl_applies_to_writes_that_name_none() {
+        let mut db = Database::new(Ipv4Addr::LOCALHOST);
+        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        run(
+            &mut db,
+            "CREATE TABLE k.t (a text PRIMARY KEY, b text) WITH default_time_to_live = 100",
+        )
+        .unwrap();
+        run(&mut db, "INSERT INTO k.t (a, b) VALUES ('x', 'v')").unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (a, b) VALUES ('y', 'v') USING TTL 0",
+        )
+        .unwrap();
+        let got = rows(run(&mut db, "SELECT a, ttl(b) FROM k.t").unwrap());
+        let by_key: std::collections::HashMap<Vec<u8>, Option<i32>> = got
+            .into_iter()
+            .map(|r| {
+                (
+                    r[0].clone().unwrap().to_vec(),
+                    r[1].clone()
+                        .map(|b| i32::from_be_bytes(b.to_vec().try_into().unwrap())),
+                )
+            })
+            .collect();
+        assert!(by_key[&b"x".to_vec()].is_some_and(|s| (99..=100).contains(&s)));
+        assert_eq!(by_key[&b"y".to_vec()], None, "TTL 0: never expires");
+    }
+
+    #[test]
+    fn a_row_whose_insert_expired_keeps_its_key_while_an_updated_cell_lives() {
+        let mut db = Database::new(Ipv4Addr::LOCALHOST);
+        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        run(
+            &mut db,
+            "CREATE TABLE k.t (a text PRIMARY KEY, b text, c text)",
+        )
+        .unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (a, b) VALUES ('x', 'v') USING TTL 100",
+        )
+        .unwrap();
+        run(&mut db, "UPDATE k.t SET c = 'kept' WHERE a = 'x'").unwrap();
+        let t = db
+            .keyspaces
+            .get_mut("k")
+            .and_then(|k| k.tables.get_mut("t"))
+            .unwrap();
+        t.expire(now_secs() + 101);
+        let got = rows(run(&mut db, "SELECT a, b, c FROM k.t").unwrap());
+        assert_eq!(
+            got,
+            vec![vec![Some(b"x".to_vec()), None, Some(b"kept".to_vec())]]
+        );
     }
 
     #[test]
