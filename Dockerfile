@@ -15,7 +15,10 @@ RUN mkdir -p src sandbox/src \
  && rm -rf src sandbox/src
 COPY src src
 COPY sandbox/src sandbox/src
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin vault
+# The commit shown in vault_build_info: docker build --build-arg VAULT_GIT_COMMIT=$(git rev-parse HEAD)
+ARG VAULT_GIT_COMMIT=unknown
+RUN touch src/main.rs src/lib.rs \
+ && VAULT_GIT_COMMIT=$VAULT_GIT_COMMIT cargo build --release --locked --bin vault
 
 FROM debian:bookworm-slim
 # libssl3: TLS to Kafka and ScyllaDB. No curl or other HTTP client: the health check is the

@@ -6,15 +6,25 @@
 //! - baseline B: concurrent prepared inserts straight to the CQL stand-in: the write limit;
 //! - vault end to end (the real binary, as a process) with the null store and with the ScyllaDB
 //!   store against the stand-in;
-//! - produce → commit latency at a fixed low rate.
+//! - produce → commit latency at a fixed low rate;
+//! - the fault run: vault with adaptive write concurrency against vault at today's fixed
+//!   concurrency, each draining the same backlog into a saturated stand-in node (latency that
+//!   grows with the requests in flight, Overloaded above a threshold); throughput, p99 write
+//!   latency, failed attempts per stored event, and a read-back that nothing was lost; then
+//!   both against the healthy node (what the limiter costs when nothing is wrong). The
+//!   throughput and concurrency limit over time are drawn to target/bench/fault-run.png.
 //!
 //! The data: `vault produce` (realistic events of ~230 B, Zipf-skewed users) into librdkafka's
 //! mock cluster hosted by this process. The mock keeps ~5 MiB per partition, so a backlog of N
 //! events is spread over enough partitions to fit (64 for a million). Figures are written to
 //! target/bench/results.{json,md}; ratios to the baselines are the headline.
 //!
+//! - the read side: p50 and p99 latency of `vault api` serving 100-event pages of a user with
+//!   10,000 events over 30 days, against the stand-in (`BENCH_READ_ONLY=1` runs only this).
+//!
 //! BENCH_SCALE=0.1 runs everything on a tenth of the data (a quick check); BENCH_LATENCY_ONLY=1
-//! runs only the latency measurement.
+//! runs only the latency measurement; BENCH_FAULT_ONLY=1 only the fault run (figures in
+//! target/bench/fault-run.json).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -32,7 +42,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
-use vault_sandbox::cql::CqlNode;
+use vault_sandbox::cql::{CqlNode, Saturation};
 
 const VAULT: &str = env!("CARGO_BIN_EXE_vault");
 
@@ -558,6 +568,382 @@ impl Bench {
     }
 }
 
+/// The saturated node of the fault run: 16 CQL requests at once are served in 2 ms, more queue
+/// (latency grows with the requests in flight), and above 64 in flight it answers Overloaded.
+/// vault at its fixed maximum (256 write permits, two CQL requests each) sends far more.
+fn saturation(keyspace: &str) -> Saturation {
+    Saturation::new(16, Duration::from_millis(2), 64).matching(&format!("{keyspace}."))
+}
+
+/// What one fault run measured.
+struct FaultRun {
+    label: &'static str,
+    adaptive: bool,
+    events: u64,
+    /// Steady-state (10% to 90% mark) and whole-drain rates, events/s.
+    rate: f64,
+    drain: f64,
+    /// Failed write attempts (vault_write_retries_total) per stored event.
+    failed_per_event: f64,
+    /// Overloaded answers of the node per stored event.
+    overloaded_per_event: f64,
+    /// p50 and p99 latency of a CQL write request at the node, ms.
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Rows in the run's table after the drain.
+    rows: usize,
+    /// vault exited 0 on SIGTERM.
+    clean_exit: bool,
+    /// (seconds since the first event was read, events stored per second over the last 0.5 s,
+    /// the write concurrency limit)
+    timeline: Vec<(f64, f64, f64)>,
+}
+
+impl Bench {
+    /// Drains `topic` (`count` events) with vault into a keyspace of its own while the node is
+    /// saturated, sampling the stored count and the concurrency limit every 100 ms.
+    async fn fault_run(
+        &self,
+        label: &'static str,
+        topic: &str,
+        count: u64,
+        adaptive: bool,
+    ) -> FaultRun {
+        say(&format!(
+            "Fault run, {label}: {count} events into a saturated stand-in"
+        ));
+        let keyspace = format!("bench_fault_{}", label.replace(' ', "_"));
+        let schema = vault::config::ScyllaConfig {
+            nodes: vec![self.node.addr().to_string()],
+            keyspace: keyspace.clone(),
+            ..Default::default()
+        };
+        let session = vault::store::scylla::connect(&schema)
+            .await
+            .expect("session");
+        vault::store::scylla::migrate(&session, &schema)
+            .await
+            .expect("migrate");
+        drop(session);
+        self.node.saturate(saturation(&keyspace));
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let group = format!("bench-fault-{}", free_port());
+        let adaptive_env = adaptive.to_string();
+        let mut child = self.spawn_vault(
+            topic,
+            &group,
+            &metrics,
+            &[
+                ("VAULT_SCYLLA_KEYSPACE", &keyspace),
+                ("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", &adaptive_env),
+                // With the default 30 s, the fixed run's batches wait up to a minute between
+                // tries (jitter included) and the run takes many minutes; both runs get 1 s.
+                ("VAULT_PIPELINE_RETRY_MAX_BACKOFF", "1s"),
+            ],
+        );
+        let (from, to) = window(count);
+        let (mut start, mut mark_from, mut mark_to) = (None, None, None);
+        let mut samples: Vec<(Instant, f64, f64)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(900);
+        let mut last_report = Instant::now();
+        let (end, stored) = loop {
+            assert!(Instant::now() < deadline, "vault did not finish in time");
+            assert!(child.try_wait().unwrap().is_none(), "vault exited early");
+            let now = Instant::now();
+            if start.is_none()
+                && scrape(&metrics, "vault_events_consumed_total").unwrap_or(0.0) > 0.0
+            {
+                start = Some(now);
+            }
+            let stored = scrape(&metrics, "vault_events_stored_total").unwrap_or(0.0);
+            let limit = scrape(&metrics, "vault_write_concurrency_limit").unwrap_or(0.0);
+            if start.is_some() {
+                samples.push((now, stored, limit));
+            }
+            let n = stored as u64;
+            if mark_from.is_none() && n >= from {
+                mark_from = Some((now, n));
+            }
+            if mark_to.is_none() && n >= to {
+                mark_to = Some((now, n));
+            }
+            if n >= count {
+                break (now, n);
+            }
+            if last_report.elapsed() > Duration::from_secs(2) {
+                eprintln!("    stored {n}/{count}, concurrency limit {limit}");
+                last_report = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let retries = scrape(&metrics, "vault_write_retries_total").unwrap_or(0.0);
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let clean_exit = child.wait().is_ok_and(|s| s.success());
+        let stats = self.node.saturation_stats();
+        self.node.clear_faults();
+        let rows = self.node.row_count(&keyspace, "user_activity");
+        let t0 = start.expect("consumption started");
+        let timeline = samples
+            .iter()
+            .enumerate()
+            .map(|(i, &(t, stored, limit))| {
+                let (t_then, stored_then, _) = samples[i.saturating_sub(5)];
+                let dt = (t - t_then).as_secs_f64();
+                let rate = if dt > 0.0 {
+                    (stored - stored_then) / dt
+                } else {
+                    0.0
+                };
+                ((t - t0).as_secs_f64(), rate, limit)
+            })
+            .collect();
+        let mut latencies: Vec<f64> = stats
+            .latencies
+            .iter()
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        let ((t_from, n_from), (t_to, n_to)) = (mark_from.unwrap(), mark_to.unwrap());
+        let run = FaultRun {
+            label,
+            adaptive,
+            events: stored,
+            rate: (n_to - n_from) as f64 / (t_to - t_from).as_secs_f64(),
+            drain: stored as f64 / (end - t0).as_secs_f64(),
+            failed_per_event: retries / stored as f64,
+            overloaded_per_event: stats.overloaded as f64 / stored as f64,
+            p50_ms: percentile(&latencies, 0.5),
+            p99_ms: percentile(&latencies, 0.99),
+            rows,
+            clean_exit,
+            timeline,
+        };
+        eprintln!(
+            "    {:.0} events/s (steady state), {:.0} events/s (whole drain), p99 write {:.1} ms, {:.3} failed attempts and {:.3} Overloaded answers per stored event, {} of {count} rows stored",
+            run.rate, run.drain, run.p99_ms, run.failed_per_event, run.overloaded_per_event, run.rows
+        );
+        run
+    }
+
+    /// The fault run: fixed concurrency, then adaptive, on one backlog; draws the plot.
+    /// Then both again against the healthy node, for what the limiter costs when nothing is
+    /// wrong (the ratio of the steady rates is returned beside the figures).
+    async fn fault_runs(&self, count: u64) -> (FaultRun, FaultRun, Value, f64) {
+        let topic = "bench-fault";
+        self.topic_with(topic, 16, count);
+        let fixed = self.fault_run("fixed", topic, count, false).await;
+        let adaptive = self.fault_run("adaptive", topic, count, true).await;
+        let healthy_fixed = self
+            .vault(
+                "healthy stand-in, fixed concurrency",
+                topic,
+                count,
+                &[("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", "false")],
+            )
+            .await;
+        let healthy_adaptive = self
+            .vault("healthy stand-in, adaptive concurrency", topic, count, &[])
+            .await;
+        let steady = |r: &VaultRun| r.steady_events as f64 / r.steady_seconds;
+        let healthy_ratio = steady(&healthy_adaptive) / steady(&healthy_fixed);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = dir.join("fault-run.png");
+        if let Err(e) = plot_fault_runs(&png, &[&adaptive, &fixed]) {
+            panic!("drawing {}: {e}", png.display());
+        }
+        eprintln!("    plot: {}", png.display());
+        let summary = |r: &FaultRun| {
+            json!({"adaptive": r.adaptive, "events": r.events, "events_per_s": r.rate, "drain_events_per_s": r.drain,
+                   "p50_write_ms": r.p50_ms, "p99_write_ms": r.p99_ms,
+                   "failed_attempts_per_event": r.failed_per_event, "overloaded_per_event": r.overloaded_per_event,
+                   "rows_stored": r.rows, "clean_exit": r.clean_exit,
+                   "lowest_limit": r.timeline.iter().map(|s| s.2).fold(f64::INFINITY, f64::min),
+                   "mean_limit": r.timeline.iter().map(|s| s.2).sum::<f64>() / r.timeline.len().max(1) as f64})
+        };
+        let s = saturation("ks");
+        let value = json!({
+            "events": count,
+            "node": {"capacity": s.capacity, "base_latency_ms": s.base_latency.as_secs_f64() * 1e3, "overload_above": s.overload_above},
+            "adaptive": summary(&adaptive),
+            "fixed": summary(&fixed),
+            "rate_ratio_to_fixed": adaptive.rate / fixed.rate,
+            "p99_ratio_to_fixed": adaptive.p99_ms / fixed.p99_ms,
+            "failed_attempts_ratio_to_fixed": adaptive.failed_per_event / fixed.failed_per_event.max(f64::MIN_POSITIVE),
+            "plot": "target/bench/fault-run.png",
+            "healthy": {"fixed_events_per_s": steady(&healthy_fixed), "adaptive_events_per_s": steady(&healthy_adaptive),
+                        "rate_ratio_to_fixed": healthy_ratio},
+        });
+        (adaptive, fixed, value, healthy_ratio)
+    }
+}
+
+/// Throughput (top) and the write concurrency limit (bottom) over time, one line per run.
+fn plot_fault_runs(
+    path: &std::path::Path,
+    runs: &[&FaultRun],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    use plotters::style::FontStyle;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| "the bundled font does not load")?;
+    let root = BitMapBackend::new(path, (1000, 720)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(360);
+    let t_max = runs
+        .iter()
+        .filter_map(|r| r.timeline.last().map(|s| s.0))
+        .fold(1.0, f64::max);
+    let rate_max = runs
+        .iter()
+        .flat_map(|r| r.timeline.iter().map(|s| s.1))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let limit_max = runs
+        .iter()
+        .flat_map(|r| r.timeline.iter().map(|s| s.2))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let colors = [RGBColor(31, 119, 180), RGBColor(214, 39, 40)];
+    let s = saturation("ks");
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            format!(
+                "Draining into a saturated node ({} requests at once in {} ms, Overloaded above {})",
+                s.capacity,
+                s.base_latency.as_millis(),
+                s.overload_above
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0f64..t_max, 0f64..rate_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("events stored per second (0.5 s window)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()?;
+    for (run, color) in runs.iter().zip(colors) {
+        chart
+            .draw_series(LineSeries::new(
+                run.timeline.iter().map(|s| (s.0, s.1)),
+                color.stroke_width(2),
+            ))?
+            .label(format!("{} concurrency", run.label))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    let mut chart = ChartBuilder::on(&bottom)
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0f64..t_max, 0f64..limit_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("write concurrency limit")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()?;
+    for (run, color) in runs.iter().zip(colors) {
+        chart
+            .draw_series(LineSeries::new(
+                run.timeline.iter().map(|s| (s.0, s.2)),
+                color.stroke_width(2),
+            ))?
+            .label(format!("{} concurrency", run.label))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    // Each write permit sends two requests (the rows and the day-index entry).
+    let shed = s.overload_above as f64 / 2.0;
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, shed), (t_max, shed)],
+            BLACK.mix(0.5).stroke_width(1),
+        ))?
+        .label("permits at which the node sheds load")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The fault run's targets: nothing lost in either run; with the limiter, no less throughput,
+/// a p99 write latency no higher, and at most a tenth of the failed attempts per stored event;
+/// against the healthy node, no less throughput.
+fn fault_targets(adaptive: &FaultRun, fixed: &FaultRun, healthy_ratio: f64) -> Value {
+    let lost_nothing = |r: &FaultRun| r.rows as u64 == r.events && r.clean_exit;
+    json!({
+        "fault_nothing_lost": lost_nothing(adaptive) && lost_nothing(fixed),
+        "fault_adaptive_rate_ge_0.95_fixed": adaptive.rate >= 0.95 * fixed.rate,
+        "fault_adaptive_p99_le_fixed": adaptive.p99_ms <= fixed.p99_ms,
+        "fault_adaptive_failed_attempts_le_0.1_fixed": adaptive.failed_per_event <= 0.1 * fixed.failed_per_event,
+        "healthy_adaptive_rate_ge_0.95_fixed": healthy_ratio >= 0.95,
+    })
+}
+
+/// The fault run side by side, as a Markdown table.
+fn fault_table(adaptive: &FaultRun, fixed: &FaultRun, healthy: &Value) -> String {
+    let s = saturation("ks");
+    let mut md = format!(
+        "Fault run: {} events into a saturated stand-in ({} CQL requests at once in {} ms, more queue, Overloaded above {} in flight)\n\n\
+         | concurrency | events/s (steady) | vs fixed | events/s (whole drain) | p50 / p99 write ms (at the node) | failed attempts per stored event | Overloaded per stored event | limit: lowest / mean | rows stored |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        adaptive.events,
+        s.capacity,
+        s.base_latency.as_millis(),
+        s.overload_above
+    );
+    for r in [adaptive, fixed] {
+        let lowest = r.timeline.iter().map(|s| s.2).fold(f64::INFINITY, f64::min);
+        let mean = r.timeline.iter().map(|s| s.2).sum::<f64>() / r.timeline.len().max(1) as f64;
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.2}× | {:.0} | {:.1} / {:.1} | {:.3} | {:.3} | {:.0} / {:.0} | {} of {} |",
+            r.label,
+            r.rate,
+            r.rate / fixed.rate,
+            r.drain,
+            r.p50_ms,
+            r.p99_ms,
+            r.failed_per_event,
+            r.overloaded_per_event,
+            lowest,
+            mean,
+            r.rows,
+            r.events
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nThe same backlog against the healthy stand-in: adaptive {:.0} events/s, fixed {:.0} (steady), {:.2}× fixed",
+        healthy["adaptive_events_per_s"].as_f64().unwrap_or(f64::NAN),
+        healthy["fixed_events_per_s"].as_f64().unwrap_or(f64::NAN),
+        healthy["rate_ratio_to_fixed"].as_f64().unwrap_or(f64::NAN)
+    );
+    md
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -603,6 +989,32 @@ async fn run() {
         latency_env[1],
         ("VAULT_BATCH_FLUSH_WHEN_IDLE", "false"),
     ];
+    if std::env::var_os("BENCH_FAULT_ONLY").is_some() {
+        let (adaptive, fixed, value, healthy) = bench.fault_runs(bench.n(200_000)).await;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+        let value = json!({"scale": scale, "fault_run": value, "targets": fault_targets(&adaptive, &fixed, healthy)});
+        std::fs::write(
+            dir.join("fault-run.json"),
+            serde_json::to_string_pretty(&value).unwrap(),
+        )
+        .unwrap();
+        say("Fault run (target/bench/fault-run.json, target/bench/fault-run.png)");
+        println!(
+            "{}",
+            fault_table(&adaptive, &fixed, &value["fault_run"]["healthy"])
+        );
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value["targets"]).unwrap()
+        );
+        return;
+    }
+    if std::env::var_os("BENCH_READ_ONLY").is_some() {
+        let read = read_page_latency(&bench.node).await;
+        say("The read side (vault api)");
+        println!("{}", read_line(&read));
+        return;
+    }
     if std::env::var_os("BENCH_LATENCY_ONLY").is_some() {
         let fixed = bench.latency(1000, 15, &fixed_linger_env).await;
         let idle = bench.latency(1000, 15, &latency_env).await;
@@ -683,6 +1095,8 @@ async fn run() {
     let fixed = bench.latency(1000, 15, &fixed_linger_env).await;
     let latencies = bench.latency(1000, 15, &latency_env).await;
     let (fixed_p50, fixed_p99) = (percentile(&fixed, 0.5), percentile(&fixed, 0.99));
+    let (fault_adaptive, fault_fixed, fault, healthy) = bench.fault_runs(bench.n(200_000)).await;
+    let read = read_page_latency(&bench.node).await;
 
     // Figures and ratios.
     // Rates are steady-state rates (see `window`); whole-drain rates are reported beside them.
@@ -722,6 +1136,15 @@ async fn run() {
             "p99_idle_flush_le_50ms": p99 <= 50.0,
         }
     });
+    let mut results = results;
+    results["fault_run"] = fault;
+    results["read_api_page_100"] = read.clone();
+    if let (Some(targets), Value::Object(more)) = (
+        results["targets"].as_object_mut(),
+        fault_targets(&fault_adaptive, &fault_fixed, healthy),
+    ) {
+        targets.extend(more);
+    }
     let mut md = String::new();
     let _ = writeln!(
         md,
@@ -771,7 +1194,17 @@ async fn run() {
         index_requests as f64 / scylla_n as f64
     );
     let _ = writeln!(md, "produce → commit latency at 1,000 events/s (linger 250 ms, commit_interval 10 ms, fetch.wait.max.ms 5 for the mock broker, ScyllaDB store): idle flush (default) p50 {p50:.0} ms, p99 {p99:.0} ms over {} events; fixed linger p50 {fixed_p50:.0} ms, p99 {fixed_p99:.0} ms; p99 {:.2}× fixed linger", latencies.len(), p99 / fixed_p99);
+    let _ = writeln!(md, "{}", read_line(&read));
     let _ = writeln!(md);
+    let _ = writeln!(
+        md,
+        "{}",
+        fault_table(
+            &fault_adaptive,
+            &fault_fixed,
+            &results["fault_run"]["healthy"]
+        )
+    );
     let _ = writeln!(md, "| target | result |\n|---|---|");
     for (k, v) in results["targets"].as_object().unwrap() {
         let _ = writeln!(
@@ -794,4 +1227,134 @@ async fn run() {
     std::fs::write(dir.join("results.md"), &md).unwrap();
     say("Summary (target/bench/results.md, target/bench/results.json)");
     println!("{md}");
+}
+
+/// Events of the read-side user, and the days they span.
+const READ_EVENTS: usize = 10_000;
+const READ_DAYS: i64 = 30;
+/// Times the whole history is paged through, 100 events a page.
+const READ_PASSES: usize = 5;
+
+/// `vault api` (in this process, on the real HTTP server) over the stand-in: a user with
+/// 10,000 events over 30 days, paged through 100 events at a time, first page to last
+/// (each page a new connection, as a client without keep-alive); latency from sending the
+/// request to the last byte of the answer.
+async fn read_page_latency(node: &CqlNode) -> Value {
+    use vault::store::Store;
+    let mut config = vault::config::Config::default();
+    config.scylla.nodes = vec![node.addr().to_string()];
+    config.scylla.keyspace = "bench_read".into();
+    config.api.addr = "127.0.0.1:0".into();
+    let settings = config.validate().expect("settings");
+    let store = vault::store::scylla::ScyllaStore::connect(&settings.config.scylla, true)
+        .await
+        .expect("migrate");
+    let day0 = 1_763_942_400_000i64; // 2025-11-24
+    let events: Vec<vault::event::Event> = (0..READ_EVENTS)
+        .map(|i| {
+            let day = i as i64 % READ_DAYS;
+            let at = day0 - day * 86_400_000 + (i as i64 / READ_DAYS) * 1000;
+            let event_type = ["click", "page_view", "purchase"][i % 3];
+            let json = json!({
+                "user_id": "reader", "event_type": event_type,
+                "occurred_at": chrono::DateTime::from_timestamp_millis(at).unwrap().to_rfc3339(),
+                "attributes": {"page": format!("/products/{}", i % 997), "n": i},
+            })
+            .to_string();
+            let source = vault::event::Source {
+                topic: Arc::from("bench-read"),
+                partition: 0,
+                offset: i as i64,
+                timestamp_ms: Some(at),
+            };
+            vault::event::decode(
+                None,
+                Some(json.as_bytes()),
+                source,
+                None,
+                Default::default(),
+            )
+            .expect("valid event")
+        })
+        .collect();
+    for chunk in events.chunks(1000) {
+        let refs: Vec<&vault::event::Event> = chunk.iter().collect();
+        store.write(&refs).await.expect("write");
+    }
+    let api_settings = vault::api::ApiSettings::new(&settings.config).expect("api settings");
+    let api = Arc::new(
+        vault::api::Api::new(api_settings, store)
+            .await
+            .expect("api"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(vault::api::serve(
+        listener,
+        api,
+        stop.clone().cancelled_owned(),
+    ));
+    let mut latencies_ms = Vec::new();
+    let mut pages = 0;
+    for _ in 0..READ_PASSES {
+        let mut token: Option<String> = None;
+        let mut seen = 0;
+        loop {
+            let path = match &token {
+                None => "/v1/users/reader/events?limit=100".to_owned(),
+                Some(t) => format!("/v1/users/reader/events?limit=100&page_token={t}"),
+            };
+            let start = Instant::now();
+            let body = http_get_body(addr, &path).await;
+            latencies_ms.push(start.elapsed().as_secs_f64() * 1000.0);
+            let page: Value = serde_json::from_str(&body).expect("a JSON page");
+            seen += page["events"].as_array().expect("events").len();
+            pages += 1;
+            match page["next_page_token"].as_str() {
+                Some(t) => token = Some(t.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, READ_EVENTS, "every event once per pass");
+    }
+    stop.cancel();
+    let _ = server.await;
+    latencies_ms.sort_by(f64::total_cmp);
+    json!({
+        "events": READ_EVENTS, "days": READ_DAYS, "page_events": 100, "pages": pages,
+        "p50_ms": percentile(&latencies_ms, 0.5), "p99_ms": percentile(&latencies_ms, 0.99),
+        "max_ms": latencies_ms.last().copied().unwrap_or(0.0),
+    })
+}
+
+/// The read-side figure as one line of the summary.
+fn read_line(r: &Value) -> String {
+    format!(
+        "vault api, a 100-event page of a user with {} events over {} days (CQL stand-in, {} pages \
+         paged through first to last): p50 {:.1} ms, p99 {:.1} ms",
+        r["events"],
+        r["days"],
+        r["pages"],
+        r["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        r["p99_ms"].as_f64().unwrap_or(f64::NAN)
+    )
+}
+
+/// `GET path` over HTTP/1.0 (the server closes after the answer); the body of a 200.
+async fn http_get_body(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8(raw).expect("UTF-8");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP head");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_owned()
 }

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The whole vault pipeline on this machine, no servers needed: the sandbox (librdkafka's mock
 # Kafka cluster + the in-memory CQL stand-in node, test infrastructure), two `vault run`
-# processes in one consumer group, ~100K events from `vault produce`, then `vault verify` and a
-# short report. Everything started here is stopped on exit, Ctrl-C or failure.
+# processes in one consumer group and `vault api` (the read side), ~100K events from
+# `vault produce`, then `vault verify` and a short report with one page of a user's events
+# fetched over HTTP. Everything started here is stopped on exit, Ctrl-C or failure.
 #
 # Environment: DEMO_EVENTS (100000), DEMO_PARTITIONS (12), DEMO_BIN_DIR (default: the release
 # directory cargo builds into, asked of `cargo metadata`, so CARGO_TARGET_DIR and
-# build.target-dir count; the binaries are built unless DEMO_SKIP_BUILD=1), DEMO_KEEP (keep the
-# work dir), DEMO_PID_FILE (each started process id is appended there, so a caller can check
+# build.target-dir count; the binaries are built unless DEMO_SKIP_BUILD=1), DEMO_KEEP=1 (after
+# the report, keep everything running and print the timeline page's URL and a curl command to
+# browse the data, until Ctrl-C; the work dir is kept), DEMO_PID_FILE (each started process id is appended there, so a caller can check
 # that none is left).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -96,6 +98,14 @@ set +a
 say "vault migrate"
 "$BIN/vault" migrate
 
+say "Starting vault api (the read side) with a read token made for this run"
+API=127.0.0.1:$(free_port)
+API_TOKEN=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+VAULT_API_ADDR=$API VAULT_API_READ_TOKENS=$API_TOKEN "$BIN/vault" api >"$WORK/vault-api.log" 2>&1 &
+started $!
+wait_for 60 "vault api to be ready" ready "$API"
+echo "ready: http://$API/v1/openapi.json"
+
 say "Starting two vault processes in consumer group vault-demo"
 M1=127.0.0.1:$(free_port); M2=127.0.0.1:$(free_port)
 VAULT_METRICS_ADDR=$M1 VAULT_KAFKA_INSTANCE_ID=vault-1 "$BIN/vault" run >"$WORK/vault-1.log" 2>&1 &
@@ -146,8 +156,30 @@ USER_ID=$(python3 -c "import json,collections,sys; c=collections.Counter(json.lo
 say "The read side: vault query --user $USER_ID --limit 5"
 "$BIN/vault" query --user "$USER_ID" --limit 5
 
-say "Browse the data yourself while the sandbox runs (this demo stops it on exit)"
-echo "  cargo run -p vault-sandbox -- --topic user-activity:12   # prints VAULT_SCYLLA_NODES=127.0.0.1:PORT"
-echo "  pip install scylla-cqlsh && cqlsh 127.0.0.1 PORT -e \"SELECT * FROM vault.user_activity LIMIT 5\""
+say "The read API: one page of $USER_ID's events over HTTP (GET /v1/users/$USER_ID/events?limit=5)"
+python3 - "$API" "$API_TOKEN" "$USER_ID" <<'PY'
+import json, sys, urllib.parse, urllib.request
+api, token, user = sys.argv[1:4]
+req = urllib.request.Request(
+    f"http://{api}/v1/users/{urllib.parse.quote(user, safe='')}/events?limit=5",
+    headers={"Authorization": f"Bearer {token}"})
+page = json.load(urllib.request.urlopen(req, timeout=10))
+for e in page["events"]:
+    src = e["source"]
+    print(f'{e["occurred_at"]}  {e["event_type"]:<12}  {json.dumps(e["attributes"])[:60]:<60}  {src["topic"]}/{src["partition"]}@{src["offset"]}')
+print(f'{len(page["events"])} event(s) over HTTP; next_page_token: {"yes" if page["next_page_token"] else "none (last page)"}')
+PY
+
+if [ -n "${DEMO_KEEP:-}" ]; then
+  say "Everything keeps running (DEMO_KEEP=1): browse the data, then Ctrl-C to stop everything"
+  echo "  timeline page: http://$API/ui/users/$USER_ID"
+  echo "                 (sign in with any user name and the password $API_TOKEN)"
+  echo "  curl -H 'Authorization: Bearer $API_TOKEN' 'http://$API/v1/users/$USER_ID/events?limit=5'"
+  echo "  curl -H 'Authorization: Bearer $API_TOKEN' 'http://$API/v1/users/$USER_ID/export'"
+  echo "  vault query against the same data: set -a; . $WORK/sandbox.env; set +a; $BIN/vault query --user $USER_ID"
+  trap 'exit 0' INT TERM
+  while :; do sleep 1; done
+fi
+echo "DEMO_KEEP=1 make demo keeps everything running afterwards, to browse the data over HTTP."
 
 say "Stopping everything"

@@ -17,7 +17,8 @@ use crate::event::{Limits, MAX_JSON_DEPTH_LIMIT};
 use crate::pipeline::flush::FlushPolicy;
 
 /// Sections a `VAULT_*` variable may address; other `VAULT_*` variables are not configuration.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
+    "api",
     "kafka",
     "batch",
     "pipeline",
@@ -56,6 +57,7 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub api: ApiConfig,
 }
 
 /// How long stored events live, by event type: a row expires at `occurred_at` + its type's
@@ -85,6 +87,10 @@ pub struct KafkaConfig {
     /// Static membership (`group.instance.id`); empty disables it.
     #[serde(deserialize_with = "lenient_string")]
     pub instance_id: String,
+    /// A static member leaves the group when it stops (as a dynamic member always does), so its
+    /// partitions move at once instead of after `session_timeout`; its restart then rebalances
+    /// the group. For a stop that is a scale-down; leave it off for restarts.
+    pub leave_group_on_shutdown: bool,
     /// Where a partition without a committed offset starts: `earliest` or `latest`.
     pub auto_offset_reset: String,
     #[serde(with = "humantime_serde")]
@@ -92,6 +98,10 @@ pub struct KafkaConfig {
     /// Longest time between commits of progress made.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// How often the group's committed offset and the log-end offset of every partition of the
+    /// subscribed topics are read from the brokers (see [`crate::kafka::group_view`]).
+    #[serde(with = "humantime_serde")]
+    pub group_view_interval: Duration,
     /// Dead-letter topic; `{topic}` is replaced by the source topic. It must exist when
     /// `pipeline.on_invalid = "dlq"` (checked at start-up) and must not be a source topic.
     pub dead_letter_topic: String,
@@ -134,9 +144,11 @@ impl fmt::Debug for KafkaConfig {
             .field("topics", &self.topics)
             .field("group_id", &self.group_id)
             .field("instance_id", &self.instance_id)
+            .field("leave_group_on_shutdown", &self.leave_group_on_shutdown)
             .field("auto_offset_reset", &self.auto_offset_reset)
             .field("session_timeout", &self.session_timeout)
             .field("commit_interval", &self.commit_interval)
+            .field("group_view_interval", &self.group_view_interval)
             .field("dead_letter_topic", &self.dead_letter_topic)
             .field("dead_letter_max_bytes", &self.dead_letter_max_bytes)
             .field("prefetch_bytes", &self.prefetch_bytes)
@@ -227,6 +239,10 @@ pub struct PipelineConfig {
     /// How long shutdown waits for in-flight writes before abandoning them uncommitted.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// `/healthz` fails once the Kafka poll loop or the coordinator loop has not beaten for
+    /// this long (see [`crate::pipeline::deadline::DEFAULT_LIVENESS_TIMEOUT`]).
+    #[serde(with = "humantime_serde")]
+    pub liveness_timeout: Duration,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -267,8 +283,16 @@ pub struct ScyllaConfig {
     pub max_batch_rows: usize,
     /// Bytes of payload in one UNLOGGED batch, at most (keep below the cluster's batch_size_fail_threshold).
     pub max_batch_bytes: usize,
-    /// Write requests in flight at once, per process (one batch sends at most 32 at once).
+    /// Write requests in flight at once, per process, at most (one batch sends at most 32 at
+    /// once). With `adaptive_concurrency`, the most the adaptive limit goes up to.
     pub max_concurrent_requests: usize,
+    /// Adapt the write requests in flight to the database's answers (AIMD, see
+    /// `store::concurrency`): fewer when it answers timeouts or Overloaded or its latency rises,
+    /// one more at a time while it keeps up, between `min_concurrent_requests` and
+    /// `max_concurrent_requests`. false: always `max_concurrent_requests`.
+    pub adaptive_concurrency: bool,
+    /// The fewest write requests in flight the adaptive limit goes down to.
+    pub min_concurrent_requests: usize,
     /// Connect to the nodes over TLS.
     pub tls: bool,
     /// PEM file of the certificate authorities that sign the nodes' certificates; empty: the
@@ -310,6 +334,8 @@ impl fmt::Debug for ScyllaConfig {
             .field("max_batch_rows", &self.max_batch_rows)
             .field("max_batch_bytes", &self.max_batch_bytes)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("adaptive_concurrency", &self.adaptive_concurrency)
+            .field("min_concurrent_requests", &self.min_concurrent_requests)
             .field("tls", &self.tls)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
@@ -328,6 +354,60 @@ pub struct MetricsConfig {
     #[serde(deserialize_with = "lenient_string")]
     pub addr: String,
 }
+
+/// `vault api`, the read side: where it listens, who may call it, how large a page may be.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address `vault api` serves on (the API, its page, /metrics, /healthz and /readyz).
+    #[serde(deserialize_with = "lenient_string")]
+    pub addr: String,
+    /// Bearer tokens of the `read` scope: a user's events, export and page (a list, or one
+    /// comma-separated string). Each at least 16 characters.
+    #[serde(deserialize_with = "string_or_list")]
+    pub read_tokens: Vec<String>,
+    /// Bearer tokens of the `admin` scope: user erasure, and everything `read` may do.
+    #[serde(deserialize_with = "string_or_list")]
+    pub admin_tokens: Vec<String>,
+    /// Key that signs page tokens, the same on every replica; empty: derived from the tokens
+    /// above (so replicas sharing them agree, and rotating them ends the tokens in use).
+    #[serde(deserialize_with = "lenient_string")]
+    pub page_token_secret: String,
+    /// Events per page when a request gives no `limit`.
+    pub default_limit: usize,
+    /// The largest `limit` a request may ask for.
+    pub max_limit: usize,
+}
+
+impl fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let masked = |v: &[String]| v.iter().map(|t| mask(t)).collect::<Vec<_>>();
+        f.debug_struct("ApiConfig")
+            .field("addr", &self.addr)
+            .field("read_tokens", &masked(&self.read_tokens))
+            .field("admin_tokens", &masked(&self.admin_tokens))
+            .field("page_token_secret", &mask(&self.page_token_secret))
+            .field("default_limit", &self.default_limit)
+            .field("max_limit", &self.max_limit)
+            .finish()
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            addr: "127.0.0.1:9899".into(),
+            read_tokens: Vec::new(),
+            admin_tokens: Vec::new(),
+            page_token_secret: String::new(),
+            default_limit: 100,
+            max_limit: 1000,
+        }
+    }
+}
+
+/// The shortest API token accepted.
+pub const MIN_API_TOKEN_CHARS: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -351,9 +431,11 @@ impl Default for KafkaConfig {
             topics: vec!["user-activity".into()],
             group_id: "vault".into(),
             instance_id: String::new(),
+            leave_group_on_shutdown: false,
             auto_offset_reset: "earliest".into(),
             session_timeout: Duration::from_secs(45),
             commit_interval: Duration::from_secs(1),
+            group_view_interval: Duration::from_secs(15),
             dead_letter_topic: "{topic}.dlq".into(),
             dead_letter_max_bytes: 1_000_000,
             prefetch_bytes: 8 << 20,
@@ -391,6 +473,7 @@ impl Default for PipelineConfig {
             unready_after: Duration::from_secs(60),
             revoke_timeout: Duration::from_secs(20),
             shutdown_timeout: Duration::from_secs(30),
+            liveness_timeout: crate::pipeline::deadline::DEFAULT_LIVENESS_TIMEOUT,
         }
     }
 }
@@ -413,6 +496,8 @@ impl Default for ScyllaConfig {
             max_batch_rows: 100,
             max_batch_bytes: 64 * 1024,
             max_concurrent_requests: 256,
+            adaptive_concurrency: true,
+            min_concurrent_requests: 1,
             tls: false,
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),
@@ -986,6 +1071,13 @@ impl Config {
                 "a positive duration such as \"1s\"",
             ));
         }
+        if k.group_view_interval < Duration::from_secs(1) {
+            return Err(bad(
+                "kafka.group_view_interval",
+                humantime::format_duration(k.group_view_interval),
+                "at least 1s, such as \"15s\"",
+            ));
+        }
         if k.session_timeout < Duration::from_secs(1) {
             return Err(bad(
                 "kafka.session_timeout",
@@ -1082,6 +1174,13 @@ impl Config {
                 p.max_json_depth,
                 "2 (the event object and a flat attributes object) to 127 (serde_json's \
                  default reader refuses 128 levels)",
+            ));
+        }
+        if p.liveness_timeout < crate::pipeline::deadline::MIN_LIVENESS_TIMEOUT {
+            return Err(bad(
+                "pipeline.liveness_timeout",
+                humantime::format_duration(p.liveness_timeout),
+                "at least 3s (the loops beat every second), such as \"1m\"",
             ));
         }
         if p.retry_initial_backoff.is_zero() || p.retry_initial_backoff > p.retry_max_backoff {
@@ -1185,11 +1284,12 @@ impl Config {
             }
             other => return Err(bad("scylla.replication_strategy", other, "SimpleStrategy or NetworkTopologyStrategy")),
         }
-        if s.default_ttl.subsec_nanos() != 0 || s.default_ttl.as_secs() > i32::MAX as u64 {
+        let max_ttl = crate::store::retention::MAX_TTL_SECS as u64;
+        if s.default_ttl.subsec_nanos() != 0 || s.default_ttl.as_secs() > max_ttl {
             return Err(bad(
                 "scylla.default_ttl",
                 humantime::format_duration(s.default_ttl),
-                "whole seconds, e.g. \"30days\", or \"0s\" for none",
+                "whole seconds up to 20 years (630720000s, the most ScyllaDB accepts), e.g. \"30days\", or \"0s\" for none",
             ));
         }
         if s.max_batch_rows == 0 || s.max_batch_rows > 1000 {
@@ -1205,6 +1305,16 @@ impl Config {
         if s.max_concurrent_requests == 0 {
             return Err(bad("scylla.max_concurrent_requests", 0, "at least 1"));
         }
+        if s.min_concurrent_requests == 0 || s.min_concurrent_requests > s.max_concurrent_requests {
+            return Err(bad(
+                "scylla.min_concurrent_requests",
+                s.min_concurrent_requests,
+                &format!(
+                    "1 to scylla.max_concurrent_requests ({}): the adaptive limit moves between the two",
+                    s.max_concurrent_requests
+                ),
+            ));
+        }
         if let Some(w) = weakenings(&self).into_iter().find(|w| !w.allowed) {
             return Err(ConfigError::Invalid {
                 key: w.key,
@@ -1214,6 +1324,41 @@ impl Config {
                     w.cost, w.fix, w.opt_in
                 ),
             });
+        }
+        let a = &self.api;
+        if a.addr.parse::<SocketAddr>().is_err() {
+            return Err(bad(
+                "api.addr",
+                &a.addr,
+                "an ip:port such as 127.0.0.1:9899 (0.0.0.0:9899 to serve other hosts, with tokens)",
+            ));
+        }
+        for (key, tokens) in [
+            ("api.read_tokens", &a.read_tokens),
+            ("api.admin_tokens", &a.admin_tokens),
+        ] {
+            for (i, t) in tokens.iter().enumerate() {
+                if t.chars().count() < MIN_API_TOKEN_CHARS
+                    || t.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    // The position only: the value is a secret.
+                    return Err(bad(
+                        key,
+                        format!("token {}", i + 1),
+                        "tokens of at least 16 characters without spaces, such as the output of                          `openssl rand -hex 32`",
+                    ));
+                }
+            }
+        }
+        if a.max_limit == 0 || a.max_limit > 10_000 {
+            return Err(bad("api.max_limit", a.max_limit, "1 to 10000"));
+        }
+        if a.default_limit == 0 || a.default_limit > a.max_limit {
+            return Err(bad(
+                "api.default_limit",
+                a.default_limit,
+                "1 to api.max_limit",
+            ));
         }
         let metrics_addr: SocketAddr = self.metrics.addr.parse().map_err(|_| {
             bad(
@@ -1346,6 +1491,17 @@ fn mask_sensitive(item: &mut toml_edit::Item, path: &str) {
             *masked.decor_mut() = decor;
             *s = masked;
         }
+        // A list of secrets (api.read_tokens): every element.
+        toml_edit::Item::Value(toml_edit::Value::Array(a)) if is_sensitive(path) => {
+            for v in a.iter_mut() {
+                if let toml_edit::Value::String(s) = v {
+                    let decor = s.decor().clone();
+                    let mut masked = toml_edit::Formatted::new(mask(s.value()));
+                    *masked.decor_mut() = decor;
+                    *s = masked;
+                }
+            }
+        }
         _ => {}
     }
 }
@@ -1416,6 +1572,19 @@ mod tests {
             .unwrap();
         assert_eq!(s.config, Config::default());
         assert_eq!(s.flush.linger, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn a_table_ttl_beyond_what_scylla_accepts_is_refused() {
+        let mut c = Config::default();
+        c.scylla.default_ttl = Duration::from_secs(630_720_000);
+        assert!(c.clone().validate().is_ok(), "20 years is the maximum");
+        c.scylla.default_ttl = Duration::from_secs(630_720_001);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("scylla.default_ttl") && e.contains("630720000s"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1544,6 +1713,52 @@ mod tests {
             err.contains("enable.auto.commit") && err.contains("commits explicitly"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn api_tokens_are_layered_validated_and_masked() {
+        let read = "r".repeat(32);
+        let c = load_with_env(
+            None,
+            &["api.max_limit=500".into()],
+            env(&[
+                ("VAULT_API_ADDR", "0.0.0.0:8080"),
+                (
+                    "VAULT_API_READ_TOKENS",
+                    &format!("{read},{}", "s".repeat(20)),
+                ),
+                ("VAULT_API_ADMIN_TOKENS", &"a".repeat(40)),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.api.addr, "0.0.0.0:8080");
+        assert_eq!(c.api.read_tokens, [read.clone(), "s".repeat(20)]);
+        assert_eq!(c.api.admin_tokens, ["a".repeat(40)]);
+        assert_eq!(c.api.max_limit, 500);
+        let shown = c.to_masked_toml();
+        assert!(
+            !shown.contains(&read) && !shown.contains(&"a".repeat(40)),
+            "{shown}"
+        );
+        assert_eq!(shown.matches("\"********\"").count(), 3, "{shown}");
+        assert!(!format!("{:?}", c.api).contains(&read));
+        c.clone().validate().expect("valid");
+        let short = load_with_env(None, &[], env(&[("VAULT_API_READ_TOKENS", "hunter2")]))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            short.contains("api.read_tokens") && short.contains("at least 16"),
+            "{short}"
+        );
+        assert!(!short.contains("hunter2"), "{short}");
+        let over = set(&["api.default_limit=600", "api.max_limit=500"])
+            .unwrap_err()
+            .to_string();
+        assert!(over.contains("api.default_limit"), "{over}");
+        let addr = set(&["api.addr=nowhere"]).unwrap_err().to_string();
+        assert!(addr.contains("api.addr"), "{addr}");
     }
 
     #[test]
@@ -1795,6 +2010,36 @@ mod tests {
         );
         set(&["scylla.password=x", "scylla.tls=true"]).unwrap();
         set(&["scylla.password=x", "scylla.allow_cleartext_password=true"]).unwrap();
+    }
+
+    #[test]
+    fn the_adaptive_concurrency_bounds_are_checked() {
+        let s = set(&[]).unwrap();
+        assert!(s.config.scylla.adaptive_concurrency, "on by default");
+        for bad in [
+            [
+                "scylla.min_concurrent_requests=0",
+                "scylla.max_concurrent_requests=256",
+            ],
+            [
+                "scylla.min_concurrent_requests=65",
+                "scylla.max_concurrent_requests=64",
+            ],
+        ] {
+            let err = set(&bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with("scylla.min_concurrent_requests")
+                    && err.contains("1 to scylla.max_concurrent_requests"),
+                "{err}"
+            );
+        }
+        let s = set(&[
+            "scylla.min_concurrent_requests=64",
+            "scylla.max_concurrent_requests=64",
+            "scylla.adaptive_concurrency=false",
+        ])
+        .unwrap();
+        assert!(!s.config.scylla.adaptive_concurrency);
     }
 
     #[test]

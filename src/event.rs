@@ -195,6 +195,21 @@ pub enum EventError {
 }
 
 impl EventError {
+    /// Every [`EventError::kind`], for metric series created before their first event.
+    pub const KINDS: [&'static str; 11] = [
+        "tombstone",
+        "too_large",
+        "not_utf8",
+        "bad_json",
+        "not_an_object",
+        "too_deep",
+        "bad_unicode",
+        "future_timestamp",
+        "missing_field",
+        "invalid_field",
+        "store_rejected",
+    ];
+
     /// Stable machine-readable kind, used as a metric label and a dead-letter header.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -18,6 +18,8 @@
 //! | `kafka::commit` | an offset commit | fails it as refused during a rebalance |
 //! | `coordinator::drain` | draining revoked or stopping partitions | panics the coordinator (the process dies) |
 //! | `kafka::fatal` | the consumer | raises a librdkafka fatal error (SPEC: the consumer group) |
+//! | `kafka::poll` | the thread polling the main queue | blocks it while configured (SPEC: the consumer group) |
+//! | `coordinator::loop` | the coordinator loop | stops it turning while configured (SPEC: the consumer group) |
 
 /// Whether failpoint `name` fires for a record of `topic` at `offset` (or for the topic as a
 /// whole when `offset` is `None`).

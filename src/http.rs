@@ -1,5 +1,6 @@
-//! The HTTP/1 server every vault endpoint runs on (`/metrics`, `/healthz`, `/readyz`; a read API
-//! would use it too). It owns one rule: **no client can hold the server or its shutdown**.
+//! The HTTP/1 server every vault endpoint runs on (`/metrics`, `/healthz`, `/readyz`, and the
+//! read API of `vault api`). It owns one rule: **no client can hold the server or its
+//! shutdown**.
 //!
 //! - a connection must deliver a request's headers within [`Limits::header_read_timeout`], from
 //!   the moment it opens or goes idle between requests; a partial request or an idle keep-alive

@@ -5,6 +5,7 @@
 //! ([`kafka::coordinator`]). The guarantee, argued in docs/DESIGN.md: a partition's offset is
 //! committed only after every event below it is durably written or dead-lettered.
 
+pub mod api;
 pub mod config;
 pub mod error;
 pub mod event;
@@ -48,7 +49,10 @@ pub struct Pipeline<S, D> {
 
 impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
     pub fn new(settings: Settings, store: S, dead_letters: D) -> Self {
-        let health = Arc::new(Health::new(settings.config.pipeline.unready_after));
+        let health = Arc::new(
+            Health::new(settings.config.pipeline.unready_after)
+                .with_liveness_timeout(settings.config.pipeline.liveness_timeout),
+        );
         Pipeline {
             settings,
             store,
@@ -70,6 +74,7 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
         } = self;
         let settings = Arc::new(settings);
         let cfg = &settings.config;
+        metrics.precreate_topics(&cfg.kafka.topics);
         for weakening in settings.weakened_guarantees() {
             warn!(
                 weakening,
@@ -93,7 +98,12 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
         ));
 
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
-        let context = VaultContext::new(commands_tx.clone(), settings.deadlines(), metrics.clone());
+        let context = VaultContext::new(
+            commands_tx.clone(),
+            settings.deadlines(),
+            metrics.clone(),
+            health.clone(),
+        );
         let partitions = check_topics(&settings).await?;
         let consumer: Arc<VaultConsumer> = Arc::new(VaultConsumer::from_config_and_context(
             &kafka::consumer_config(&settings, partitions),
@@ -105,6 +115,7 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
         info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, "Subscribed.");
 
         // Persisters.
+        store.report_to(&metrics);
         let (persist_tx, persist_rx) = async_channel::bounded(cfg.pipeline.persisters);
         let abandon = CancellationToken::new();
         let persister = Arc::new(Persister {
@@ -126,12 +137,25 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             let consumer = consumer.clone();
             let stop = poll_stop.clone();
             let commands = commands_tx.clone();
+            let health = health.clone();
+            let group = cfg.kafka.group_id.clone();
             let handle = tokio::runtime::Handle::current();
             std::thread::Builder::new()
                 .name("vault-kafka-poll".into())
-                .spawn(move || handle.block_on(poll_main_queue(consumer, stop, commands)))
+                .spawn(move || {
+                    handle.block_on(poll_main_queue(consumer, stop, commands, &health, &group))
+                })
                 .map_err(|e| Error::Task(format!("cannot start the Kafka poll thread: {e}")))?
         };
+
+        // Every partition of the subscribed topics, owned or not (see kafka::group_view).
+        let group_view = tokio::spawn(kafka::group_view::run(
+            consumer.clone(),
+            cfg.kafka.topics.clone(),
+            cfg.kafka.group_view_interval,
+            metrics.clone(),
+            poll_stop.clone(),
+        ));
 
         #[cfg(feature = "failpoints")]
         let fatal_injector = {
@@ -166,7 +190,17 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
         abandon.cancel();
         while persisters.join_next().await.is_some() {}
 
+        // Everything durable is committed: a static member asked to leave does so now, while
+        // the poll thread still serves the rebalance this starts (closing would not leave).
+        if cfg.kafka.leave_group_on_shutdown
+            && !cfg.kafka.instance_id.is_empty()
+            && matches!(coordinator_result, Ok(Ok(())))
+        {
+            leave_group(&consumer).await;
+        }
+
         poll_stop.cancel();
+        let _ = group_view.await;
         #[cfg(feature = "failpoints")]
         let _ = fatal_injector.await;
         // Closing the consumer leaves the group; it blocks, hence a thread of its own (not the
@@ -198,14 +232,30 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
     }
 }
 
+/// Serves the consumer's main queue (rebalance callbacks, errors, stray messages) until `stop`,
+/// beating for [`telemetry::health::Loop::KafkaPoll`] every
+/// [`pipeline::deadline::HEARTBEAT_EVERY`] (the rebalance callback beats while it waits).
 async fn poll_main_queue(
     consumer: Arc<VaultConsumer>,
     stop: CancellationToken,
     commands: mpsc::UnboundedSender<Command>,
+    health: &Health,
+    group: &str,
 ) {
+    use telemetry::health::Loop;
+    let mut beat = tokio::time::interval(pipeline::deadline::HEARTBEAT_EVERY);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
+            _ = beat.tick() => {
+                // Failpoint `kafka::poll` (SPEC: the consumer group): the thread is stuck, as
+                // in a callback that never returns, for as long as it is configured.
+                while failpoint::hit("kafka::poll", group, None) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                health.beat(Loop::KafkaPoll);
+            }
             m = consumer.recv() => match m {
                 Ok(m) => {
                     let _ = commands.send(Command::Stray {
@@ -218,6 +268,29 @@ async fn poll_main_queue(
             }
         }
     }
+    health.loop_ended(Loop::KafkaPoll);
+}
+
+/// Makes a static member leave the group (KIP-345: librdkafka sends no LeaveGroup for a static
+/// member that closes): unsubscribing revokes its partitions and sends the LeaveGroup, after
+/// which librdkafka holds no member id. Waits for that, at most [`pipeline::deadline::KAFKA_CALL_TIMEOUT`].
+async fn leave_group(consumer: &VaultConsumer) {
+    let since = tokio::time::Instant::now();
+    consumer.unsubscribe();
+    while since.elapsed() < pipeline::deadline::KAFKA_CALL_TIMEOUT {
+        if consumer
+            .context()
+            .member_id()
+            .is_none_or(|id| id.is_empty())
+        {
+            info!(waited = ?since.elapsed(), "Left the consumer group (kafka.leave_group_on_shutdown).");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    warn!(
+        "The consumer group was not left in time; its partitions move after kafka.session_timeout."
+    );
 }
 
 /// Failpoint `kafka::fatal`: raises a real librdkafka fatal error (as a static member fenced by

@@ -47,6 +47,9 @@ enum Command {
         #[arg(long)]
         migrate: bool,
     },
+    /// Serve the read side over HTTP until SIGTERM/SIGINT: a user's events, their export and
+    /// erasure, the timeline page, /metrics, /healthz and /readyz, on api.addr (see [api]).
+    Api,
     /// Create the keyspace and table if missing (idempotent), then exit.
     Migrate {
         /// Also fill the day index (used by erasures) from every existing row: runs by itself
@@ -140,8 +143,8 @@ enum Command {
         /// The file to check (defaults to --config).
         file: Option<PathBuf>,
     },
-    /// Exit 0 when a running vault answers GET /healthz (or --path /readyz) with 200 (the
-    /// container health check; the image has no curl).
+    /// Exit 0 when a running vault answers GET /healthz (or each --path given: /healthz,
+    /// /readyz) with 200 (the container health check; the image has no curl).
     Healthcheck {
         /// The address vault serves on; default: metrics.addr from the configuration, with
         /// 0.0.0.0 asked at 127.0.0.1.
@@ -150,9 +153,10 @@ enum Command {
         /// How long to wait for the answer.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
-        /// The endpoint to ask: /healthz (alive) or /readyz (ready).
+        /// The endpoint to ask: /healthz (alive) or /readyz (ready); given twice, both must
+        /// answer 200.
         #[arg(long, default_value = "/healthz", value_parser = ["/healthz", "/readyz"])]
-        path: String,
+        path: Vec<String>,
     },
 }
 
@@ -232,6 +236,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             init_logging(&settings.config.log)?;
             runtime()?.block_on(run(settings, migrate))
+        }
+        Command::Api => {
+            let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
+            let api = vault::api::ApiSettings::new(&settings.config)?;
+            init_logging(&settings.config.log)?;
+            runtime()?.block_on(serve_api(settings, api))
         }
         Command::Produce {
             count,
@@ -325,7 +335,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             .unwrap_or_else(|e| usage_error(e));
             runtime()?.block_on(async {
                 let c = &settings.config.scylla;
-                let session = scylla_store::connect(c).await?;
+                let session = std::sync::Arc::new(scylla_store::connect(c).await?);
                 let rows = vault::tools::query::user_activity(&session, c, &user, from, to, limit)
                     .await
                     .map_err(anyhow::Error::msg)?;
@@ -367,13 +377,34 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             let base = vault::kafka::base_client_config(&settings);
             runtime()?.block_on(async {
+                // Letters of users erased since are not replayed: the store's record of
+                // erasures says which (see vault::store::erasure::erased_through).
+                let store = std::sync::Arc::new(
+                    vault::store::scylla::ScyllaStore::connect(&settings.config.scylla, false)
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!("{e} (dlq replay reads the record of erasures, so that it never brings back an erased user's events)")
+                        })?,
+                );
                 // Each dead-letter topic once, even when several source topics share it; its
                 // letters may go back only to those source topics.
                 for (dlq, sources) in settings.dead_letter_routes() {
-                    let summary =
-                        vault::tools::dlq::replay(&base, &dlq, &sources, &filter, dry_run)
-                            .await
-                            .map_err(anyhow::Error::msg)?;
+                    let (store, handle) = (store.clone(), tokio::runtime::Handle::current());
+                    let erased_through = move |user: &str| {
+                        handle
+                            .block_on(vault::store::erasure::erased_through(&store, user))
+                            .map_err(|e| e.to_string())
+                    };
+                    let summary = vault::tools::dlq::replay(
+                        &base,
+                        &dlq,
+                        &sources,
+                        &filter,
+                        dry_run,
+                        erased_through,
+                    )
+                    .await
+                    .map_err(anyhow::Error::msg)?;
                     println!("{summary}");
                 }
                 anyhow::Ok(())
@@ -396,7 +427,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     a
                 }
             };
-            healthcheck(addr, &path, timeout)
+            path.iter()
+                .try_for_each(|path| healthcheck(addr, path, timeout))
         }
         Command::Schema => {
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
@@ -585,6 +617,28 @@ async fn run(settings: vault::Settings, migrate: bool) -> anyhow::Result<()> {
                 .await?;
         }
     }
+    Ok(())
+}
+
+/// `vault api`: connects to ScyllaDB (retrying like `vault run`), then serves until a signal.
+async fn serve_api(settings: vault::Settings, api: vault::api::ApiSettings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            vault::shutdown_signal().await;
+            shutdown.cancel();
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(api.addr)
+        .await
+        .with_context(|| format!("cannot listen on api.addr {}", api.addr))?;
+    let Some(store) = connect_store(&settings, false, &shutdown).await? else {
+        return Ok(());
+    };
+    let api = std::sync::Arc::new(vault::api::Api::new(api, store).await?);
+    vault::api::serve(listener, api, shutdown.cancelled_owned()).await?;
+    tracing::info!("Stopped.");
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
-use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
+use vault_sandbox::cql::{CqlNode, Fault, FaultKind, Saturation};
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +63,8 @@ const HELP: &str = "commands:
                                    ERROR: not-coordinator coordinator-not-available rebalance-in-progress unknown-member-id request-timed-out not-leader
   cql KIND [COUNT] [match TEXT] [p=PROB]   KIND: write-timeout read-timeout unavailable overloaded server-error drop delay:DURATION
   cql outage DURATION | cql drop-connections | cql clear | cql stats
+  cql saturate CAPACITY LATENCY OVERLOAD_ABOVE [match TEXT]   a saturated node: CAPACITY requests at once take LATENCY,
+                                   more queue (latency grows with the requests in flight), above OVERLOAD_ABOVE: Overloaded
   help";
 
 fn main() -> anyhow::Result<()> {
@@ -246,6 +248,12 @@ fn command(
         ["cql", "clear"] => {
             node.clear_faults();
             Ok("CQL faults cleared".into())
+        }
+        ["cql", "saturate", rest @ ..] => {
+            let s = Saturation::parse(rest)?;
+            let desc = format!("{s:?}");
+            node.saturate(s);
+            Ok(desc)
         }
         ["cql", "stats"] => {
             let reqs = node.requests();

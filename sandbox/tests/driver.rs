@@ -9,7 +9,7 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::batch::{Batch, BatchType};
 use vault_sandbox::cql::frame::Opcode;
-use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
+use vault_sandbox::cql::{CqlNode, Fault, FaultKind, Saturation};
 
 async fn node_and_session() -> (CqlNode, Session) {
     let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -236,4 +236,83 @@ async fn each_fault_surfaces_as_the_matching_driver_error() {
         format!("{err:?}").contains("SyntaxError") && format!("{err}").contains("grant"),
         "{err:?}"
     );
+}
+
+/// The saturated-node mode, seen through the driver: one request at a time is served in the
+/// base latency; many at once queue (latency grows with the requests in flight) and those
+/// above the threshold are answered Overloaded at once; cleared, the node is normal again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_node_queues_requests_and_sheds_load_above_its_threshold() {
+    use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+    let (node, session) = node_and_session().await;
+    // Not idempotent: the driver does not retry an Overloaded answer, so each is seen here.
+    let insert = session
+        .prepare("INSERT INTO ks.events (user_id, day, at, id, kind, n, payload) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        .await
+        .unwrap();
+    let day = scylla::value::CqlDate((1u32 << 31) + 20_000);
+    let write = |i: i64| {
+        let (session, insert) = (&session, &insert);
+        async move {
+            let id = uuid::Uuid::from_u128(1000 + i as u128);
+            let at = scylla::value::CqlTimestamp(1_700_000_000_000 + i);
+            session
+                .execute_unpaged(insert, ("sat", day, at, id, "click", i, vec![0u8]))
+                .await
+        }
+    };
+    let base = Duration::from_millis(100);
+    node.saturate(Saturation::new(2, base, 4).matching("ks.events"));
+
+    let t0 = std::time::Instant::now();
+    write(0).await.expect("one request is served");
+    assert!(t0.elapsed() >= base, "{:?}", t0.elapsed());
+
+    let results = futures::future::join_all((1..=12).map(write)).await;
+    let overloaded = results
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Err(ExecutionError::LastAttemptError(
+                    RequestAttemptError::DbError(DbError::Overloaded, _)
+                ))
+            )
+        })
+        .count();
+    let served = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(served + overloaded, 12, "{results:?}");
+    assert!(
+        served >= 4,
+        "the node serves up to its threshold: {results:?}"
+    );
+    assert!(overloaded >= 1, "and sheds the rest: {results:?}");
+    let stats = node.saturation_stats();
+    assert_eq!(stats.served as usize, 1 + served);
+    assert_eq!(stats.overloaded as usize, overloaded);
+    assert!(stats.peak_in_flight <= 4, "{stats:?}");
+    // Past the capacity (2), latency grows with the requests in flight: 4 take twice as long.
+    assert_eq!(stats.latencies[0], base);
+    assert_eq!(stats.latencies.iter().max(), Some(&(base * 2)), "{stats:?}");
+    let stored = session
+        .query_unpaged(
+            "SELECT n FROM ks.events WHERE user_id = ? AND day = ?",
+            ("sat", day),
+        )
+        .await
+        .unwrap()
+        .into_rows_result()
+        .unwrap()
+        .rows_num();
+    assert_eq!(
+        stored,
+        1 + served,
+        "every served request is stored, no shed one is"
+    );
+
+    node.clear_faults();
+    let t0 = std::time::Instant::now();
+    let results = futures::future::join_all((13..=24).map(write)).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(t0.elapsed() < base, "cleared: {:?}", t0.elapsed());
 }

@@ -55,6 +55,29 @@ fn sandbox_serves_the_python_driver_takes_faults_and_stops_on_sigterm() {
     assert!(out.status.success(), "{out:?}");
     let out = ctl(&["no-such-command"]);
     assert!(!out.status.success(), "a bad command is refused");
+    let out = ctl(&[
+        "cql",
+        "saturate",
+        "16",
+        "2ms",
+        "64",
+        "match",
+        "user_activity",
+    ]);
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && answer.contains("capacity: 16")
+            && answer.contains("overload_above: 64"),
+        "{out:?}"
+    );
+    let out = ctl(&["cql", "saturate", "16", "soon", "64"]);
+    assert!(
+        !out.status.success(),
+        "a bad saturation is refused: {out:?}"
+    );
+    let out = ctl(&["cql", "clear"]);
+    assert!(out.status.success(), "{out:?}");
 
     if python_has_driver() {
         let out = Command::new("python3")

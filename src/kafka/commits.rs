@@ -4,8 +4,10 @@
 //! - only offsets handed in by the coordinator are committed, and the coordinator only hands in
 //!   committable offsets published by partition tasks (ends of durable, in-order batch runs);
 //! - commits are sent one at a time, synchronously, on the blocking pool: a revoke or final
-//!   commit first waits for the periodic commit in flight, so two commits of one partition can
-//!   never land out of order;
+//!   commit first waits for the periodic commit in flight (up to `KAFKA_CALL_TIMEOUT`), so two
+//!   commits of one partition land in order. Only a periodic commit not answered within that
+//!   bound may land after the next one; it carries an offset that was durable, so the worst
+//!   case is a replay, never a loss;
 //! - within an assignment a partition's committed offset never moves backwards: an offset at or
 //!   below the last one the broker confirmed is not sent.
 

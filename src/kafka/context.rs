@@ -13,9 +13,10 @@
 //!   are handed to the coordinator, which drains, commits what it may and ends the run with
 //!   the cause.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
-use std::sync::{OnceLock, Weak};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+use std::sync::{Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
@@ -29,8 +30,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::kafka::coordinator::{Assigned, Command};
-use crate::pipeline::deadline::Deadlines;
-use crate::telemetry::Metrics;
+use crate::pipeline::deadline::{Deadlines, HEARTBEAT_EVERY};
+use crate::telemetry::health::Loop;
+use crate::telemetry::metrics::{GROUP_JOIN_STATES, GROUP_STATES};
+use crate::telemetry::{Health, Metrics};
 use std::sync::Arc;
 
 pub type VaultConsumer = StreamConsumer<VaultContext>;
@@ -44,8 +47,12 @@ pub struct VaultContext {
     consumer: OnceLock<Weak<VaultConsumer>>,
     deadlines: Deadlines,
     metrics: Arc<Metrics>,
+    /// The poll thread's heartbeat, kept beating while a revoke waits for the coordinator.
+    health: Arc<Health>,
     /// Whether a fatal error was handed to the coordinator already.
     fatal_reported: AtomicBool,
+    /// The consumer lag of each partition this member fetches, from the last statistics.
+    lags: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl VaultContext {
@@ -53,14 +60,64 @@ impl VaultContext {
         commands: mpsc::UnboundedSender<Command>,
         deadlines: Deadlines,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> Self {
         VaultContext {
             commands,
             consumer: OnceLock::new(),
             deadlines,
             metrics,
+            health,
             fatal_reported: AtomicBool::new(false),
+            lags: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The consumer lag of a partition this member fetches, as of the last statistics (every
+    /// 5 s); `None` before they report it.
+    pub fn lag(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.lags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(topic.to_owned(), partition))
+            .copied()
+    }
+
+    /// This member's id in the group, as librdkafka holds it (empty once it has sent its
+    /// LeaveGroup); `None` when the consumer is gone.
+    pub fn member_id(&self) -> Option<String> {
+        let consumer = self.consumer.get().and_then(Weak::upgrade)?;
+        let client = consumer.client();
+        // SAFETY: as in `generation`; the member id is copied before the metadata is destroyed.
+        unsafe {
+            let md = rdkafka::bindings::rd_kafka_consumer_group_metadata(client.native_ptr());
+            if md.is_null() {
+                return None;
+            }
+            let id = rdkafka::bindings::rd_kafka_consumer_group_metadata_member_id(md);
+            let owned = (!id.is_null())
+                .then(|| std::ffi::CStr::from_ptr(id).to_string_lossy().into_owned());
+            rdkafka::bindings::rd_kafka_consumer_group_metadata_destroy(md);
+            owned
+        }
+    }
+
+    /// The consumer group generation this member last joined, `None` before it joined.
+    fn generation(&self) -> Option<i32> {
+        let consumer = self.consumer.get().and_then(Weak::upgrade)?;
+        let client = consumer.client();
+        // SAFETY: the client pointer is valid while `consumer` lives; the metadata returned is
+        // owned here and destroyed once read.
+        let generation = unsafe {
+            let md = rdkafka::bindings::rd_kafka_consumer_group_metadata(client.native_ptr());
+            if md.is_null() {
+                return None;
+            }
+            let g = rdkafka::bindings::rd_kafka_consumer_group_metadata_generation_id(md);
+            rdkafka::bindings::rd_kafka_consumer_group_metadata_destroy(md);
+            g
+        };
+        (generation >= 0).then_some(generation)
     }
 
     /// Gives the context the consumer it belongs to (needed to split partition queues).
@@ -118,11 +175,72 @@ impl VaultContext {
         {
             return; // The coordinator has finished (shutdown): it already committed what it had.
         }
-        if done
-            .recv_timeout(self.deadlines.revoke_reply_wait())
-            .is_err()
-        {
+        // Waits in heartbeats: the poll thread is busy, not wedged, while the coordinator drains.
+        let until = std::time::Instant::now() + self.deadlines.revoke_reply_wait();
+        let answered = loop {
+            self.health.beat(Loop::KafkaPoll);
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match done.recv_timeout(left.min(HEARTBEAT_EVERY)) {
+                Ok(()) => break true,
+                Err(RecvTimeoutError::Timeout) if !left.is_zero() => continue,
+                Err(_) => break false,
+            }
+        };
+        if !answered {
             warn!("Coordinator did not answer the revoke in time; nothing committed for these partitions.");
+        }
+    }
+    fn group_stats(&self, statistics: &Statistics) {
+        let m = &self.metrics;
+        if let Some(g) = &statistics.cgrp {
+            for state in GROUP_STATES {
+                m.group_state
+                    .with_label_values(&[state])
+                    .set(i64::from(state == g.state));
+            }
+            for state in GROUP_JOIN_STATES {
+                m.group_join_state
+                    .with_label_values(&[state])
+                    .set(i64::from(state == g.join_state));
+            }
+            m.group_rebalance_age
+                .set(Duration::from_millis(g.rebalance_age.max(0) as u64).as_secs_f64());
+        }
+        if let Some(generation) = self.generation() {
+            m.group_generation.set(i64::from(generation));
+        }
+    }
+
+    /// Round-trip times and error counts of the brokers this member talks to (bootstrap and
+    /// internal handles, which have no node id, are left out).
+    fn broker_stats(&self, statistics: &Statistics) {
+        let m = &self.metrics;
+        for b in statistics.brokers.values() {
+            if b.nodeid < 0 {
+                continue;
+            }
+            let name = b.name.as_str();
+            if let Some(rtt) = &b.rtt {
+                if rtt.cnt > 0 {
+                    for (stat, micros) in [("avg", rtt.avg), ("p99", rtt.p99)] {
+                        m.broker_rtt
+                            .with_label_values(&[name, stat])
+                            .set(micros.max(0) as f64 / 1e6);
+                    }
+                }
+            }
+            for (kind, total) in [
+                ("tx", b.txerrs),
+                ("rx", b.rxerrs),
+                ("timeout", b.req_timeouts),
+                ("disconnect", b.disconnects.unwrap_or(0).max(0) as u64),
+            ] {
+                // librdkafka reports running totals: the counter follows them.
+                let c = m.broker_errors.with_label_values(&[name, kind]);
+                if total > c.get() {
+                    c.inc_by(total - c.get());
+                }
+            }
         }
     }
 }
@@ -162,10 +280,14 @@ impl ClientContext for VaultContext {
         }
     }
 
-    /// librdkafka's periodic statistics (`statistics.interval.ms`): consumer lag of the partitions
-    /// this member fetches (series of partitions it no longer fetches are removed), and the bytes
-    /// it holds fetched for them.
+    /// librdkafka's periodic statistics (`statistics.interval.ms`): consumer lag and log-end
+    /// offset of the partitions this member fetches (series of partitions it no longer fetches
+    /// are removed), the bytes it holds fetched for them, the consumer group's state, and each
+    /// broker's round-trip time and errors.
     fn stats(&self, statistics: Statistics) {
+        self.group_stats(&statistics);
+        self.broker_stats(&statistics);
+        let mut lags = HashMap::new();
         let mut prefetched = 0;
         for (topic, t) in &statistics.topics {
             for (&partition, p) in &t.partitions {
@@ -182,11 +304,20 @@ impl ClientContext for VaultContext {
                         .consumer_lag
                         .with_label_values(&labels)
                         .set(p.consumer_lag);
+                    lags.insert((topic.clone(), partition), p.consumer_lag);
                 } else if !p.desired {
                     let _ = self.metrics.consumer_lag.remove_label_values(&labels);
+                    let _ = self.metrics.log_end_offset.remove_label_values(&labels);
+                }
+                if p.desired && p.ls_offset >= 0 {
+                    self.metrics
+                        .log_end_offset
+                        .with_label_values(&labels)
+                        .set(p.ls_offset);
                 }
             }
         }
+        *self.lags.lock().unwrap_or_else(|e| e.into_inner()) = lags;
         self.metrics
             .prefetched_bytes
             .set(i64::try_from(prefetched).unwrap_or(i64::MAX));
@@ -239,6 +370,7 @@ mod tests {
             desired,
             consumer_lag: lag,
             fetchq_size,
+            ls_offset: if desired { 100 + i64::from(id) } else { -1 },
             ..Default::default()
         };
         (id, p)
@@ -252,7 +384,8 @@ mod tests {
             revoke_timeout: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(1),
         };
-        let context = VaultContext::new(tx, deadlines, metrics.clone());
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let context = VaultContext::new(tx, deadlines, metrics.clone(), health);
         let stats = |partitions: Vec<(i32, Partition)>| {
             let topic = Topic {
                 topic: "t".into(),
@@ -272,6 +405,12 @@ mod tests {
         ]));
         assert_eq!(metrics.prefetched_bytes.get(), 1024);
         assert_eq!(metrics.consumer_lag.with_label_values(&["t", "0"]).get(), 7);
+        assert_eq!(context.lag("t", 0), Some(7));
+        assert_eq!(context.lag("t", 1), Some(0));
+        assert_eq!(
+            metrics.log_end_offset.with_label_values(&["t", "1"]).get(),
+            101
+        );
 
         // Partition 0 is no longer fetched: its lag series goes, its queue no longer counts.
         context.stats(stats(vec![
@@ -279,6 +418,8 @@ mod tests {
             partition(1, true, 3, 100),
         ]));
         assert_eq!(metrics.prefetched_bytes.get(), 100);
+        assert_eq!(context.lag("t", 0), None, "no longer fetched");
+        assert_eq!(context.lag("t", 1), Some(3));
         let families = metrics.registry.gather();
         let lag = families
             .iter()
@@ -292,5 +433,78 @@ mod tests {
             .map(|l| l.value().to_owned())
             .collect();
         assert_eq!(series, ["1"]);
+        let text = metrics.render();
+        assert!(
+            !text.contains("vault_log_end_offset{partition=\"0\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn statistics_give_the_group_state_and_each_brokers_round_trip_and_errors() {
+        use rdkafka::statistics::{Broker, ConsumerGroup, Window};
+        let metrics = Arc::new(Metrics::new());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let deadlines = Deadlines {
+            revoke_timeout: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(1),
+        };
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let context = VaultContext::new(tx, deadlines, metrics.clone(), health);
+        let stats = |state: &str, txerrs: u64, rtt_avg: i64| {
+            let broker = |nodeid: i32, name: &str| Broker {
+                name: name.into(),
+                nodeid,
+                txerrs,
+                rxerrs: 1,
+                req_timeouts: 2,
+                disconnects: Some(3),
+                rtt: Some(Window {
+                    avg: rtt_avg,
+                    p99: 4 * rtt_avg,
+                    cnt: 10,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            Statistics {
+                brokers: [
+                    ("b1".to_string(), broker(1, "kafka-1:9092/1")),
+                    ("boot".to_string(), broker(-1, "kafka:9092/bootstrap")),
+                ]
+                .into_iter()
+                .collect(),
+                cgrp: Some(ConsumerGroup {
+                    state: "up".into(),
+                    join_state: state.into(),
+                    rebalance_age: 12_500,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        };
+        context.stats(stats("wait-sync", 5, 2_000));
+        context.stats(stats("steady", 7, 3_000));
+        let m = &metrics;
+        assert_eq!(m.group_state.with_label_values(&["up"]).get(), 1);
+        assert_eq!(m.group_state.with_label_values(&["init"]).get(), 0);
+        assert_eq!(m.group_join_state.with_label_values(&["steady"]).get(), 1);
+        assert_eq!(
+            m.group_join_state.with_label_values(&["wait-sync"]).get(),
+            0
+        );
+        assert_eq!(m.group_rebalance_age.get(), 12.5);
+        let b = "kafka-1:9092/1";
+        assert_eq!(m.broker_rtt.with_label_values(&[b, "avg"]).get(), 0.003);
+        assert_eq!(m.broker_rtt.with_label_values(&[b, "p99"]).get(), 0.012);
+        assert_eq!(m.broker_errors.with_label_values(&[b, "tx"]).get(), 7);
+        assert_eq!(
+            m.broker_errors.with_label_values(&[b, "disconnect"]).get(),
+            3
+        );
+        assert!(
+            !m.render().contains("bootstrap"),
+            "bootstrap handles are not brokers"
+        );
     }
 }

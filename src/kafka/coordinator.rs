@@ -48,6 +48,7 @@ use crate::pipeline::batch::{Batch, InFlightBudget};
 use crate::pipeline::batcher::{Exit, OldestPending, PartitionTask};
 use crate::pipeline::deadline::{self, Deadlines, Stop};
 use crate::pipeline::flush::FlushReason;
+use crate::telemetry::health::{beating, Loop};
 use crate::telemetry::{Health, Metrics};
 
 /// A partition whose queue has been split off, ready for a task.
@@ -102,8 +103,74 @@ struct Running {
     last_confirmed: Option<i64>,
     /// When the committed offset last advanced, or was last found fully caught up.
     caught_up_at: Instant,
+    /// When this incarnation started.
+    started_at: Instant,
+    /// The last message this incarnation read.
+    last_read: Arc<LastRead>,
     /// Consecutive failed restarts, for the restart backoff.
     failures: u32,
+}
+
+/// The last message a partition task read: when, and its Kafka timestamp. Written for every
+/// message read, read by the per-partition gauges once a second.
+#[derive(Default)]
+struct LastRead {
+    /// Kafka timestamp (ms since the epoch) of the last message read that had one; 0: none.
+    kafka_ms: std::sync::atomic::AtomicI64,
+    at: std::sync::Mutex<Option<Instant>>,
+}
+
+impl LastRead {
+    fn note(&self, kafka_ms: Option<i64>) {
+        if let Some(ms) = kafka_ms.filter(|ms| *ms > 0) {
+            self.kafka_ms
+                .store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
+        *self.at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    fn kafka_ms(&self) -> Option<i64> {
+        Some(self.kafka_ms.load(std::sync::atomic::Ordering::Relaxed)).filter(|ms| *ms > 0)
+    }
+
+    fn at(&self) -> Option<Instant> {
+        *self.at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Seconds behind for a partition (`vault_consumer_lag_seconds`): 0 when nothing is left to
+/// read; else how old the last message read is (the next one, unread, was produced at or after
+/// it, so this bounds the oldest unread message's age from above and is exact when the
+/// partition is read steadily); before the first read of this incarnation, how long it has
+/// run. `None` while librdkafka has not reported the partition's lag.
+fn lag_seconds(
+    lag: Option<i64>,
+    last_read_kafka_ms: Option<i64>,
+    now_ms: i64,
+    running_for: Duration,
+) -> Option<f64> {
+    match (lag?, last_read_kafka_ms) {
+        (l, _) if l <= 0 => Some(0.0),
+        (_, Some(ms)) => Some((now_ms - ms).max(0) as f64 / 1000.0),
+        (_, None) => Some(running_for.as_secs_f64()),
+    }
+}
+
+/// How long the oldest event read and not yet durable has waited; with none waiting while the
+/// partition is behind (messages left to read, none being read), how long since it last read
+/// (or started): a partition that reads nothing is as stuck as one whose write never ends.
+fn oldest_uncommitted_age(
+    now: Instant,
+    oldest_pending: Option<Instant>,
+    behind: bool,
+    last_read: Option<Instant>,
+    started_at: Instant,
+) -> Duration {
+    match oldest_pending {
+        Some(t) => now - t,
+        None if behind => now - last_read.unwrap_or(started_at).max(started_at),
+        None => Duration::ZERO,
+    }
 }
 
 /// A failed partition waiting for its restart; still owned by this member.
@@ -231,22 +298,40 @@ impl Coordinator {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut observe = tokio::time::interval(OBSERVE_EVERY);
         observe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let health = self.health.clone();
+        let command_bound = self.deadlines.revoke_reply_wait();
         while self.fatal.is_none() {
+            health.beat(Loop::Coordinator);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(cmd) = commands.recv() => self.handle(cmd).await,
+                // Handling a command waits on bounded calls (a revoke's drain and commit at
+                // most `revoke_reply_wait`): the loop beats meanwhile, up to that bound.
+                Some(cmd) = commands.recv() => {
+                    beating(&health, Loop::Coordinator, command_bound, self.handle(cmd)).await
+                }
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     let ended = self.ended(joined);
                     self.on_task_end(ended);
                 }
                 () = self.commits.completed() => {}
                 _ = tick.tick() => self.commit_progress(),
-                _ = observe.tick() => self.observe_partitions(),
+                _ = observe.tick() => {
+                    self.wedge_if_told().await;
+                    self.observe_partitions();
+                }
             }
         }
         self.health.set_shutting_down();
-        self.shutdown(&mut commands).await;
+        let shutdown_bound = self.deadlines.shutdown_wait();
+        beating(
+            &health,
+            Loop::Coordinator,
+            shutdown_bound,
+            self.shutdown(&mut commands),
+        )
+        .await;
+        health.loop_ended(Loop::Coordinator);
         match self.fatal {
             Some(fatal) => Err(fatal),
             None => Ok(()),
@@ -345,6 +430,18 @@ impl Coordinator {
         }
     }
 
+    /// Failpoint `coordinator::loop` (SPEC: the consumer group): the loop stops turning, as a
+    /// wedged one would, for as long as it is configured.
+    async fn wedge_if_told(&self) {
+        while failpoint::hit(
+            "coordinator::loop",
+            &self.settings.config.kafka.group_id,
+            None,
+        ) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn next_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -377,6 +474,8 @@ impl Coordinator {
         let queue = a.queue;
         let task_key = key.clone();
         let read = progress.clone();
+        let last_read = Arc::new(LastRead::default());
+        let noted = last_read.clone();
         let abort = self.tasks.spawn(async move {
             let records = queue.stream().map(|m| match m {
                 Ok(m) => {
@@ -386,6 +485,7 @@ impl Coordinator {
                     }
                     // Noted before decoding: a record that panics the decoder was read.
                     read.note_read(m.offset());
+                    noted.note(m.timestamp().to_millis());
                     if failpoint::hit("kafka::decode", &topic, Some(m.offset())) {
                         panic!("failpoint kafka::decode at offset {}", m.offset());
                     }
@@ -408,6 +508,8 @@ impl Coordinator {
                 oldest_pending,
                 last_confirmed: None,
                 caught_up_at: Instant::now(),
+                started_at: Instant::now(),
+                last_read,
                 failures,
             },
         ) {
@@ -719,12 +821,17 @@ impl Coordinator {
     }
 
     /// Per-partition gauges that only time moves: how long the oldest event read but not yet
-    /// durable has waited, and how long since the committed offset last caught up.
+    /// durable has waited (or, with none, how long a partition that is behind has read
+    /// nothing), how long since the committed offset last advanced or was caught up (with
+    /// nothing left to read: a partition that reads nothing is not caught up), and how many
+    /// seconds behind it is.
     fn observe_partitions(&mut self) {
         self.metrics
             .in_flight_bytes
             .set(self.budget.in_use() as i64);
         let now = Instant::now();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let context = self.consumer.context();
         for (key, r) in &mut self.running {
             let confirmed = self.commits.confirmed(key);
             if confirmed != r.last_confirmed {
@@ -732,16 +839,27 @@ impl Coordinator {
                 r.caught_up_at = now;
                 r.failures = 0;
             }
+            let lag = context.lag(&key.0, key.1);
+            let behind = lag.is_some_and(|l| l > 0);
             let oldest = r.oldest_pending.get();
-            if oldest.is_none() && r.progress.committable() == confirmed {
+            if oldest.is_none() && r.progress.committable() == confirmed && !behind {
                 r.caught_up_at = now;
             }
             let partition = key.1.to_string();
             let labels = [&*key.0, partition.as_str()];
+            if let Some(seconds) =
+                lag_seconds(lag, r.last_read.kafka_ms(), now_ms, now - r.started_at)
+            {
+                self.metrics
+                    .consumer_lag_seconds
+                    .with_label_values(&labels)
+                    .set(seconds);
+            }
+            let age = oldest_uncommitted_age(now, oldest, behind, r.last_read.at(), r.started_at);
             self.metrics
                 .oldest_uncommitted_age
                 .with_label_values(&labels)
-                .set(oldest.map_or(0.0, |t| (now - t).as_secs_f64()));
+                .set(age.as_secs_f64());
             self.metrics
                 .seconds_since_commit
                 .with_label_values(&labels)
@@ -820,6 +938,52 @@ mod tests {
 
     fn key(p: i32) -> Key {
         (Arc::from("t"), p)
+    }
+
+    #[test]
+    fn lag_in_seconds_is_the_age_of_the_last_message_read_while_behind() {
+        let ten_s = Duration::from_secs(10);
+        assert_eq!(lag_seconds(None, Some(1_000), 5_000, ten_s), None);
+        assert_eq!(lag_seconds(Some(0), Some(1_000), 5_000, ten_s), Some(0.0));
+        assert_eq!(lag_seconds(Some(40), Some(1_000), 5_500, ten_s), Some(4.5));
+        assert_eq!(
+            lag_seconds(Some(40), None, 5_500, ten_s),
+            Some(10.0),
+            "nothing read yet: how long the partition has been owned"
+        );
+        assert_eq!(
+            lag_seconds(Some(1), Some(9_000), 5_000, ten_s),
+            Some(0.0),
+            "a timestamp ahead of this clock is not negative lag"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_that_reads_nothing_while_behind_ages() {
+        let started = Instant::now();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let now = Instant::now();
+        let pending = now - Duration::from_secs(7);
+        assert_eq!(
+            oldest_uncommitted_age(now, Some(pending), true, None, started),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            oldest_uncommitted_age(now, None, false, None, started),
+            Duration::ZERO,
+            "caught up: nothing waits"
+        );
+        assert_eq!(
+            oldest_uncommitted_age(now, None, true, None, started),
+            Duration::from_secs(30),
+            "behind and never read: since it started"
+        );
+        let read = now - Duration::from_secs(12);
+        assert_eq!(
+            oldest_uncommitted_age(now, None, true, Some(read), started),
+            Duration::from_secs(12),
+            "behind and reading nothing: since the last read"
+        );
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Kafka: client configuration, the rebalance context, the partition coordinator, offset
-//! arithmetic, the resume position after a failure, commits and the dead-letter producer.
+//! arithmetic, the resume position after a failure, commits, the dead-letter producer, and the
+//! group view (every partition's committed and log-end offsets).
 
 pub mod commits;
 pub mod context;
 pub mod coordinator;
 pub mod dead_letter;
+pub mod group_view;
 pub mod offsets;
 pub mod resume;
 

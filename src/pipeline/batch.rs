@@ -4,10 +4,14 @@
 
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Event, EventError, Source};
+use crate::pipeline::deadline::RETRY_HOLD_TURN;
 use crate::pipeline::flush::FlushReason;
 
 /// A message that failed decoding, with everything needed to dead-letter it.
@@ -74,8 +78,9 @@ impl Record {
 pub enum BatchOutcome {
     /// Every event is in the store and every dead letter is acknowledged by Kafka.
     Durable,
-    /// The batch was abandoned (shutdown or revoke deadline passed, or a permanent failure the
-    /// policy does not allow to skip). Nothing at or after its first offset may be committed.
+    /// The batch was abandoned (shutdown or revoke deadline passed, a permanent failure the
+    /// policy does not allow to skip, a panic, or a failing batch giving its memory back to
+    /// partitions waiting for it). Nothing at or after its first offset may be committed.
     Abandoned(String),
 }
 
@@ -105,14 +110,16 @@ pub struct Batch {
 /// record's [`Record::footprint`] to the share of its open batch; the batch carries that share
 /// to the persister and gives it back when dropped.
 ///
-/// Batches whose writes fail may keep at most half of it while they retry (see
-/// [`Batch::hold_for_retry`]): the other half is always left to batches on their first
-/// attempt, so partitions whose writes fail, however many, cannot stop the others reading.
+/// While partitions wait for room, batches whose writes fail keep their memory only within
+/// half of it (see [`Batch::may_keep_retrying`]): failing partitions, however many, cannot
+/// keep the others from reading.
 #[derive(Debug, Clone)]
 pub struct InFlightBudget {
     permits: Arc<Semaphore>,
     /// What failing batches may hold together, and that amount (half the budget).
     retrying: (Arc<Semaphore>, u32),
+    /// Partitions waiting for room right now.
+    waiting: Arc<AtomicUsize>,
     total: u32,
 }
 
@@ -121,13 +128,34 @@ pub struct InFlightBudget {
 pub struct Share {
     permits: Arc<Semaphore>,
     retrying: (Arc<Semaphore>, u32),
+    waiting: Arc<AtomicUsize>,
     bytes: u32,
 }
 
-/// A failing batch's claim on the half of the budget that retries may hold; given back when
-/// the batch stops retrying (durable or abandoned).
+/// A failing batch's claim on the half of the budget that failing batches may hold while
+/// partitions wait for room; given back when the batch stops retrying (durable or abandoned)
+/// or when its turn ([`RETRY_HOLD_TURN`]) is over.
 #[derive(Debug)]
-pub struct RetryHold(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+pub struct RetryHold {
+    _permit: Option<OwnedSemaphorePermit>,
+    since: Instant,
+}
+
+/// Counts a partition waiting for room while it waits (also when the wait is dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn begin(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 impl Drop for Share {
     fn drop(&mut self) {
@@ -142,6 +170,7 @@ impl InFlightBudget {
         InFlightBudget {
             permits: Arc::new(Semaphore::new(total as usize)),
             retrying: (Arc::new(Semaphore::new(half as usize)), half),
+            waiting: Arc::default(),
             total,
         }
     }
@@ -151,6 +180,7 @@ impl InFlightBudget {
         Share {
             permits: self.permits.clone(),
             retrying: self.retrying.clone(),
+            waiting: self.waiting.clone(),
             bytes: 0,
         }
     }
@@ -172,6 +202,7 @@ impl InFlightBudget {
     /// budget waits for all of it).
     pub async fn add(&self, share: &mut Share, bytes: usize) {
         let want = self.clamp(bytes);
+        let _waiting = Waiting::begin(&self.waiting);
         self.permits
             .acquire_many(want)
             .await
@@ -231,21 +262,39 @@ impl Batch {
         self.budget = Some(share);
     }
 
-    /// Claims room for this batch to keep its share while it retries a failed write: its bytes
-    /// (at most half the budget, so one batch can always retry) of the half of the budget that
-    /// failing batches may hold together. `None` when that half is spent: the batch must then
-    /// be abandoned, giving its memory back, and its partition restarts where it must resume.
-    /// A batch without a share (written outside a pipeline) always may.
-    pub fn hold_for_retry(&self) -> Option<RetryHold> {
+    /// Whether this batch, whose write just failed, may keep its memory and retry; `false`:
+    /// abandon it, giving its memory back (its partition restarts where it must resume and
+    /// reads it again). Called at each failure with the batch's `hold`.
+    ///
+    /// A failing batch claims its bytes (at most half the budget, so one batch can always
+    /// claim) of the half of the budget that failing batches may hold together, whenever there
+    /// is room. While no partition waits for memory it may retry without a claim; while one
+    /// does, only with a claim. A claim lasts [`RETRY_HOLD_TURN`]: then it is given back, and
+    /// under pressure the batch is abandoned, so a batch that keeps failing (a schema error, a
+    /// dead-letter topic that refuses) cannot keep memory from other failing partitions for
+    /// good. A batch without a share (written outside a pipeline) always may.
+    pub fn may_keep_retrying(&self, hold: &mut Option<RetryHold>) -> bool {
         let Some(share) = &self.budget else {
-            return Some(RetryHold(None));
+            return true;
         };
+        let pressure = share.waiting.load(Ordering::SeqCst) > 0;
+        if let Some(h) = hold {
+            if h.since.elapsed() < RETRY_HOLD_TURN {
+                return true;
+            }
+            *hold = None;
+            return !pressure;
+        }
         let (retrying, cap) = &share.retrying;
-        retrying
+        *hold = retrying
             .clone()
             .try_acquire_many_owned(share.bytes.clamp(1, *cap))
             .ok()
-            .map(|permit| RetryHold(Some(permit)))
+            .map(|permit| RetryHold {
+                _permit: Some(permit),
+                since: Instant::now(),
+            });
+        hold.is_some() || !pressure
     }
 
     pub fn len(&self) -> usize {
@@ -315,32 +364,56 @@ mod tests {
         batch
     }
 
-    #[test]
-    fn failing_batches_hold_at_most_half_of_the_budget() {
-        let budget = InFlightBudget::new(1000);
-        let (a, b, c) = (
-            batch_holding(&budget, 300),
-            batch_holding(&budget, 300),
-            batch_holding(&budget, 300),
-        );
-        let first = a.hold_for_retry().expect("room for one failing batch");
-        assert!(b.hold_for_retry().is_none(), "600 bytes would pass half");
-        drop(first);
-        let second = b.hold_for_retry().expect("room once the first stops retrying");
-        drop(a);
-        assert_eq!(budget.in_use(), 600, "a dropped batch gives its share back");
-        drop((second, b, c));
-        assert_eq!(budget.in_use(), 0);
+    /// A partition waiting for room, for as long as the returned task runs.
+    fn wait_for_room(budget: &InFlightBudget) -> tokio::task::JoinHandle<()> {
+        let budget = budget.clone();
+        tokio::spawn(async move {
+            let mut share = budget.share();
+            budget.add(&mut share, budget.total as usize).await;
+        })
     }
 
-    #[test]
-    fn a_batch_larger_than_half_the_budget_may_still_retry_alone() {
+    #[tokio::test(start_paused = true)]
+    async fn without_pressure_failing_batches_keep_retrying_with_or_without_a_claim() {
+        let budget = InFlightBudget::new(1000);
+        let (a, b) = (batch_holding(&budget, 300), batch_holding(&budget, 300));
+        let (mut ha, mut hb) = (None, None);
+        assert!(a.may_keep_retrying(&mut ha) && ha.is_some(), "a claims");
+        assert!(
+            b.may_keep_retrying(&mut hb),
+            "b retries unclaimed: nobody waits"
+        );
+        assert!(hb.is_none(), "600 bytes would pass half");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_pressure_failing_batches_hold_at_most_half_and_take_turns() {
+        let budget = InFlightBudget::new(1000);
+        let (a, b) = (batch_holding(&budget, 300), batch_holding(&budget, 300));
+        let waiter = wait_for_room(&budget);
+        tokio::task::yield_now().await;
+        let (mut ha, mut hb) = (None, None);
+        assert!(a.may_keep_retrying(&mut ha), "a claims");
+        assert!(!b.may_keep_retrying(&mut hb), "b must give its memory back");
+        assert!(a.may_keep_retrying(&mut ha), "within its turn");
+        tokio::time::advance(RETRY_HOLD_TURN).await;
+        assert!(!a.may_keep_retrying(&mut ha), "its turn is over");
+        assert!(ha.is_none());
+        drop((a, b));
+        waiter.await.unwrap();
+        assert_eq!(budget.in_use(), 0, "every share was given back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_larger_than_half_the_budget_may_still_claim_alone() {
         let budget = InFlightBudget::new(1000);
         let big = batch_holding(&budget, 900);
-        let hold = big.hold_for_retry().expect("one batch can always retry");
-        let small = batch_holding(&budget, 50);
-        assert!(small.hold_for_retry().is_none(), "the big one holds the half");
-        drop(hold);
-        assert!(small.hold_for_retry().is_some());
+        let _waiter = wait_for_room(&budget);
+        tokio::task::yield_now().await;
+        let mut hold = None;
+        assert!(
+            big.may_keep_retrying(&mut hold),
+            "one batch can always claim"
+        );
     }
 }

@@ -11,6 +11,11 @@
 //!
 //! Whoever waits on a stop from outside (the rebalance callback waiting for the coordinator)
 //! waits until give up plus one commit: [`Deadlines::revoke_reply_wait`].
+//!
+//! Liveness is bounded here too: the Kafka poll loop and the coordinator loop beat every
+//! [`HEARTBEAT_EVERY`], also while they wait on one of the bounded calls above (for as long as
+//! its bound, not longer), and `/healthz` fails once a beat is older than
+//! `pipeline.liveness_timeout` ([`DEFAULT_LIVENESS_TIMEOUT`]).
 
 use std::time::Duration;
 
@@ -32,6 +37,27 @@ pub const STARTUP_CONNECT_PATIENCE: Duration = Duration::from_secs(60);
 
 /// How long shutdown keeps re-sending a final commit the broker refuses during a rebalance.
 pub const FINAL_COMMIT_RETRY: Duration = Duration::from_secs(5);
+
+/// How long a failing batch keeps its claim on the retry half of the in-flight memory at a
+/// time (see `pipeline::batch::Batch::may_keep_retrying`): then, while partitions wait for
+/// memory, it gives its memory back and its partition restarts, so that batches that keep
+/// failing take turns rather than keep it for good.
+pub const RETRY_HOLD_TURN: Duration = Duration::from_secs(60);
+
+/// How often the Kafka poll loop and the coordinator loop beat (see
+/// [`crate::telemetry::health`]), also while they wait.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// The default of `pipeline.liveness_timeout`: how old the last beat of a loop may be before
+/// `/healthz` fails. Every wait of a loop beats up to its own bound, so a healthy loop is never
+/// silent for more than about [`HEARTBEAT_EVERY`]; the default is still six times the longest
+/// single Kafka call ([`KAFKA_CALL_TIMEOUT`]), so a slow machine is never restarted for being
+/// slow.
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The smallest `pipeline.liveness_timeout` accepted: a few beats, so one late beat never fails
+/// the check.
+pub const MIN_LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The two instants of one stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +89,13 @@ impl Deadlines {
     /// the periodic commit in flight and the revoke's own commit, each bounded.
     pub fn revoke_reply_wait(&self) -> Duration {
         self.revoke_timeout + DRAIN_GRACE + 2 * KAFKA_CALL_TIMEOUT
+    }
+
+    /// The longest shutdown's drain and final commits may take: the whole shutdown stop, the
+    /// commit in flight, and the final commit re-sent for up to [`FINAL_COMMIT_RETRY`] (each
+    /// try bounded).
+    pub fn shutdown_wait(&self) -> Duration {
+        self.shutdown_timeout + DRAIN_GRACE + FINAL_COMMIT_RETRY + 2 * KAFKA_CALL_TIMEOUT
     }
 }
 

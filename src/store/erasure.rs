@@ -136,6 +136,37 @@ pub async fn forget(
     Ok(report)
 }
 
+/// The latest instant (ms) through which `user_id` was erased, from the record of erasures;
+/// `None` when the user never was. `vault dlq replay` asks it before re-publishing a letter: a
+/// dead-lettered event never reached the store, so its `(user_id, day)` partition may not be
+/// in the day index the erasure read, and nothing there would shadow it.
+pub async fn erased_through(store: &ScyllaStore, user_id: &str) -> Result<Option<i64>, StoreError> {
+    let ks = store.keyspace();
+    let bad = |e: &dyn std::fmt::Display| {
+        StoreError::Invalid(format!("reading the user's erasures: {e}"))
+    };
+    let rows = store
+        .session()
+        .query_unpaged(
+            format!("SELECT erased_through FROM {ks}.{ERASURES} WHERE user_id = ?"),
+            (user_id,),
+        )
+        .await
+        .map_err(|e| classify(&e))?
+        .into_rows_result()
+        .map_err(|e| bad(&e))?;
+    let mut latest = None;
+    for row in rows
+        .rows::<(Option<CqlTimestamp>,)>()
+        .map_err(|e| bad(&e))?
+    {
+        if let (Some(t),) = row.map_err(|e| bad(&e))? {
+            latest = latest.max(Some(t.0));
+        }
+    }
+    Ok(latest)
+}
+
 /// A human summary of an erasure report, for the command line.
 pub fn summary(r: &ErasureReport) -> String {
     let days: Vec<String> = r

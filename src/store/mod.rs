@@ -5,9 +5,11 @@
 //! event it was given is durable. Writes must be idempotent (same event, same row), because the
 //! pipeline replays on crash, rebalance and retry.
 
+pub mod concurrency;
 pub mod erasure;
 pub mod memory;
 pub mod persister;
+pub mod read;
 pub mod retention;
 pub mod scylla;
 pub mod version;
@@ -15,6 +17,7 @@ pub mod version;
 use std::future::Future;
 
 use crate::event::Event;
+use crate::telemetry::Metrics;
 
 pub use memory::MemoryStore;
 
@@ -55,6 +58,17 @@ impl StoreError {
     pub fn is_row_error(&self) -> bool {
         matches!(self, StoreError::Invalid(_))
     }
+
+    /// Every [`StoreError::kind`], for metric series created before their first failure.
+    pub const KINDS: [&'static str; 7] = [
+        "timeout",
+        "overloaded",
+        "unavailable",
+        "connection",
+        "invalid",
+        "schema",
+        "auth",
+    ];
 
     /// Stable label for metrics and dead-letter headers.
     pub fn kind(&self) -> &'static str {
@@ -101,6 +115,12 @@ pub trait Store: Send + Sync + 'static {
         let _ = erasure;
         async { Err(StoreError::Invalid("this store cannot erase users".into())) }
     }
+
+    /// Exports the store's own figures (its write concurrency) through the pipeline's metrics;
+    /// the pipeline calls it once at start.
+    fn report_to(&self, metrics: &Metrics) {
+        let _ = metrics;
+    }
 }
 
 impl<S: Store> Store for std::sync::Arc<S> {
@@ -113,6 +133,10 @@ impl<S: Store> Store for std::sync::Arc<S> {
         erasure: &erasure::Erasure,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         (**self).erase(erasure)
+    }
+
+    fn report_to(&self, metrics: &Metrics) {
+        (**self).report_to(metrics)
     }
 }
 

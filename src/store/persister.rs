@@ -4,10 +4,12 @@
 //! Invariants kept here:
 //! - a batch is acknowledged [`BatchOutcome::Durable`] only when every event is written and every
 //!   dead letter is acknowledged by Kafka. Transient failures are retried with exponential
-//!   backoff and jitter for as long as it takes (visible in logs, metrics and readiness); only
-//!   cancellation (the process's abandon token, or the batch's own token: its partition's stop
-//!   deadline passed or its task was replaced) abandons a batch, and an abandoned batch is never
-//!   committed past;
+//!   backoff and jitter for as long as it takes (visible in logs, metrics and readiness). A
+//!   batch is abandoned only by cancellation (the process's abandon token, or the batch's own
+//!   token: its partition's stop deadline passed or its task was replaced), by a panic, or when
+//!   partitions wait for in-flight memory and failing batches hold their half of it (see
+//!   [`Batch::may_keep_retrying`]); an abandoned batch is never committed past, and its
+//!   partition restarts where it must resume;
 //! - a retry sends only what is still unwritten: rows the store did not acknowledge, letters
 //!   Kafka did not acknowledge;
 //! - a failing partition holds at most its share of write capacity. Each batch is its own task;
@@ -149,22 +151,21 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         BatchOutcome::Durable
     }
 
-    /// Lets a failed batch retry while it keeps its memory, if failing batches hold less than
-    /// half of the in-flight budget (see [`Batch::hold_for_retry`]). Otherwise the batch is
-    /// abandoned: its memory goes back to partitions whose writes succeed, and its own
-    /// partition restarts where it must resume (after the restart backoff), reading it again.
+    /// Lets a failed batch retry while it may keep its memory (see
+    /// [`Batch::may_keep_retrying`]: always, unless partitions wait for memory and failing
+    /// batches hold their half of it). Otherwise the batch is abandoned: its memory goes back to
+    /// the partitions waiting for it, and its own partition restarts where it must resume
+    /// (after the restart backoff), reading it again.
     fn may_retry(&self, batch: &Batch, hold: &mut Option<RetryHold>) -> Result<(), String> {
-        if hold.is_none() {
-            *hold = Some(batch.hold_for_retry().ok_or_else(|| {
-                self.metrics
-                    .retries_out_of_memory
-                    .with_label_values(&[&*batch.topic])
-                    .inc();
-                warn!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, "Failing batches hold half of the in-flight memory; this one is abandoned instead of retried, and its partition restarts where it must resume.");
-                "abandoned instead of retried: failing batches hold half of pipeline.max_in_flight_bytes".to_string()
-            })?);
+        if batch.may_keep_retrying(hold) {
+            return Ok(());
         }
-        Ok(())
+        self.metrics
+            .retries_out_of_memory
+            .with_label_values(&[&*batch.topic])
+            .inc();
+        warn!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, "Partitions wait for in-flight memory and failing batches hold their half of it: this failing batch is abandoned instead of retried, and its partition restarts where it must resume.");
+        Err("abandoned instead of retried: partitions wait for in-flight memory and failing batches hold their half of pipeline.max_in_flight_bytes".to_string())
     }
 
     /// Resolves when `batch` must be abandoned.
@@ -246,7 +247,6 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 );
                 break;
             }
-            self.may_retry(batch, hold)?;
             if failing.is_none() {
                 failing = Some(Failing::began(&self.health));
             }
@@ -254,6 +254,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 .store_retries
                 .with_label_values(&[failure.error.kind()])
                 .inc();
+            self.may_retry(batch, hold)?;
             let delay = backoff.next().unwrap_or(self.retry.max_backoff);
             if !failure.error.is_retryable() {
                 error!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, error = %failure.error, retry_in = ?delay, "Batch write failed with a non-transient error; the partition is stalled until it is fixed.");
@@ -316,7 +317,6 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                     }
                     Err(e) => e,
                 };
-                self.may_retry(batch, hold)?;
                 failing.get_or_insert_with(|| Failing::began(&self.health));
                 let delay = backoff.next().unwrap_or(self.retry.max_backoff);
                 // An erasure is never skipped: a permanent error stalls the partition, loudly.
@@ -325,6 +325,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                     .store_retries
                     .with_label_values(&["erase"])
                     .inc();
+                self.may_retry(batch, hold)?;
                 tokio::select! {
                     biased;
                     _ = self.cancelled(batch) => return Err(give_up(&error.to_string())),
@@ -460,13 +461,13 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
             } else {
                 warn!(topic = %batch.topic, partition = batch.partition, letters = pending.len(), error = %failure.error, retry_in = ?delay, "Dead-letter produce failed, retrying the letters not acknowledged.");
             }
+            self.metrics
+                .dead_letter_send_failures
+                .with_label_values(&[&*batch.topic])
+                .inc();
             if let Err(reason) = self.may_retry(batch, hold) {
                 break Err(reason);
             }
-            self.metrics
-                .store_retries
-                .with_label_values(&["dead_letter"])
-                .inc();
             tokio::select! {
                 biased;
                 _ = self.cancelled(batch) => break Err(format!("gave up dead-lettering: cancelled at its stop deadline ({})", failure.error)),
@@ -669,6 +670,17 @@ mod tests {
         for a in stuck {
             assert!(matches!(a.await.unwrap(), BatchOutcome::Abandoned(_)));
         }
+    }
+
+    #[test]
+    fn batches_that_fail_together_do_not_retry_together() {
+        let p = persister(MemoryStore::new(), MemoryDeadLetters::default());
+        let first: Vec<Vec<Duration>> = (0..8).map(|_| p.backoff().take(4).collect()).collect();
+        let distinct: std::collections::BTreeSet<_> = first.iter().collect();
+        assert!(
+            distinct.len() > 1,
+            "every backoff drew the same jitter: {first:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

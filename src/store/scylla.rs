@@ -3,7 +3,9 @@
 //! How a Kafka batch becomes CQL requests is decided here and nowhere else: events are grouped
 //! by partition key `(user_id, day)`; each group is sent as UNLOGGED batches of at most
 //! `max_batch_rows` rows and `max_batch_bytes` bytes (a single row as a plain EXECUTE); groups
-//! are written concurrently, bounded per process by `max_concurrent_requests`. The statement is
+//! are written concurrently, as many at once per process as the write concurrency limit allows
+//! ([`crate::store::concurrency`]: adaptive between `min_concurrent_requests` and
+//! `max_concurrent_requests`, or fixed at the maximum). The statement is
 //! prepared once, marked idempotent, and always binds the partition key, so the driver routes
 //! each request to a replica (token- and DC-aware) and may retry it safely. `write` returns `Ok`
 //! only when every group is written; on failure it names the rows still unwritten, so a retry
@@ -29,13 +31,14 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use scylla::value::{CqlDate, CqlTimestamp};
-use tokio::sync::Semaphore;
 use tracing::info;
 
 use crate::config::ScyllaConfig;
 use crate::event::Event;
+use crate::store::concurrency::{Answer, Limiter};
 use crate::store::retention::{Retention, Ttl};
 use crate::store::{version, Store, StoreError, WriteFailure};
+use crate::telemetry::Metrics;
 
 /// The table vault writes.
 pub const TABLE: &str = "user_activity";
@@ -372,7 +375,8 @@ pub struct ScyllaStore {
     default_ttl: i32,
     max_batch_rows: usize,
     max_batch_bytes: usize,
-    permits: Arc<Semaphore>,
+    /// Permits for write requests in flight, process-wide.
+    limiter: Limiter,
     per_batch_requests: usize,
 }
 
@@ -432,7 +436,11 @@ impl ScyllaStore {
             default_ttl: i32::try_from(c.default_ttl.as_secs()).unwrap_or(i32::MAX),
             max_batch_rows: c.max_batch_rows,
             max_batch_bytes: c.max_batch_bytes,
-            permits: Arc::new(Semaphore::new(c.max_concurrent_requests)),
+            limiter: if c.adaptive_concurrency {
+                Limiter::adaptive(c.min_concurrent_requests, c.max_concurrent_requests)
+            } else {
+                Limiter::fixed(c.max_concurrent_requests)
+            },
             per_batch_requests: c.max_concurrent_requests.clamp(1, PER_BATCH_REQUESTS),
         })
     }
@@ -498,12 +506,20 @@ impl ScyllaStore {
         requests
     }
 
+    /// Sends one group while holding a write permit, for the whole request (the driver's
+    /// retries of it included), and tells the limiter how it ended. A cancelled send gives the
+    /// permit back.
     async fn send(&self, events: &[&Event], rows: &[usize]) -> Result<(), ExecutionError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        let permit = self.limiter.acquire().await;
+        let result = self.send_group(events, rows).await;
+        permit.finish(match &result {
+            Ok(()) => Answer::Success,
+            Err(e) => Answer::of_error(&classify(e)),
+        });
+        result
+    }
+
+    async fn send_group(&self, events: &[&Event], rows: &[usize]) -> Result<(), ExecutionError> {
         // The day goes into the user's index, at the newest version it holds, together with
         // the rows: the request is acknowledged only when both are durable, so the days of
         // every durable batch are in the index (an erasure relies on nothing more: see
@@ -591,6 +607,13 @@ fn row_size(e: &Event) -> usize {
 }
 
 impl Store for ScyllaStore {
+    fn report_to(&self, metrics: &Metrics) {
+        self.limiter.report_to(
+            metrics.write_concurrency_limit.clone(),
+            metrics.write_requests_in_flight.clone(),
+        );
+    }
+
     async fn erase(&self, erasure: &crate::store::erasure::Erasure) -> Result<(), StoreError> {
         crate::store::erasure::forget(self, erasure, false)
             .await
@@ -608,10 +631,13 @@ impl Store for ScyllaStore {
         let mut unwritten = Vec::new();
         let mut first_retryable: Option<StoreError> = None;
         let mut first_permanent: Option<StoreError> = None;
+        let mut first_rejected: Option<StoreError> = None;
         let mut record = |rows: &[usize], err: StoreError| {
             unwritten.extend_from_slice(rows);
             let slot = if err.is_retryable() {
                 &mut first_retryable
+            } else if err.is_row_error() {
+                &mut first_rejected
             } else {
                 &mut first_permanent
             };
@@ -646,10 +672,13 @@ impl Store for ScyllaStore {
             return Ok(());
         }
         unwritten.sort_unstable();
-        // Mixed outcomes report the transient error: those rows are retried, and rows that are
-        // really rejected fail again alone and are then reported as such.
+        // Mixed outcomes report the error that is not about the rows themselves: a transient
+        // one (retried), else a permanent one such as a missing table (the partition stalls);
+        // rows that are really rejected fail again alone and are reported as rejected only
+        // when nothing else failed, so a valid row is never dead-lettered for another's sake.
         let error = first_retryable
             .or(first_permanent)
+            .or(first_rejected)
             .expect("a failed request recorded its error");
         Err(WriteFailure { error, unwritten })
     }

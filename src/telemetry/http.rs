@@ -1,5 +1,6 @@
-//! The operations HTTP server: `/metrics` (Prometheus text), `/healthz` (the process is alive and
-//! serving), `/readyz` (in the group and able to write; 503 with the reason otherwise).
+//! The operations HTTP server: `/metrics` (Prometheus text), `/healthz` (alive: the Kafka poll
+//! loop and the coordinator loop are beating; 503 with the reason otherwise), `/readyz` (in the
+//! group and able to write; 503 with the reason otherwise).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ struct AppState {
 pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(health_handler))
         .route("/readyz", get(ready_handler))
         .with_state(AppState { metrics, health })
 }
@@ -55,6 +56,16 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
         )],
         s.metrics.render(),
     )
+}
+
+async fn health_handler(State(s): State<AppState>) -> impl IntoResponse {
+    match s.health.not_alive_reason() {
+        None => (StatusCode::OK, "ok\n".to_string()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        ),
+    }
 }
 
 async fn ready_handler(State(s): State<AppState>) -> impl IntoResponse {

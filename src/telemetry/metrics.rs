@@ -3,9 +3,41 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    exponential_buckets, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    exponential_buckets, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
+
+/// Buckets of `vault_end_to_end_latency_seconds`: one edge at the 250 ms latency target (so
+/// the share of events within it is read exactly, not interpolated), fine below it, and up to
+/// an hour, so a catch-up after an outage of minutes lands in a bucket rather than +Inf.
+pub const END_TO_END_BUCKETS: [f64; 19] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.175, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0, 1200.0, 3600.0,
+];
+
+/// librdkafka's consumer group handler states (`cgrp.state` in its statistics).
+pub const GROUP_STATES: [&str; 7] = [
+    "init",
+    "term",
+    "query-coord",
+    "wait-coord",
+    "wait-broker",
+    "wait-broker-transport",
+    "up",
+];
+
+/// librdkafka's consumer group join states (`cgrp.join_state` in its statistics).
+pub const GROUP_JOIN_STATES: [&str; 9] = [
+    "init",
+    "wait-join",
+    "wait-metadata",
+    "wait-sync",
+    "wait-assign-call",
+    "wait-unassign-call",
+    "wait-unassign-to-complete",
+    "wait-incr-unassign-to-complete",
+    "steady",
+];
 
 /// The metrics of one pipeline. Each instance has its own registry, so tests can run several
 /// pipelines in one process.
@@ -36,8 +68,23 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     pub assigned_partitions: IntGauge,
     pub in_flight_batches: IntGauge,
+    pub write_concurrency_limit: IntGauge,
+    pub write_requests_in_flight: IntGauge,
     pub in_flight_bytes: IntGauge,
     pub prefetched_bytes: IntGauge,
+    pub consumer_lag_seconds: GaugeVec,
+    pub log_end_offset: IntGaugeVec,
+    pub group_state: IntGaugeVec,
+    pub group_join_state: IntGaugeVec,
+    pub group_generation: IntGauge,
+    pub group_rebalance_age: Gauge,
+    pub broker_rtt: GaugeVec,
+    pub broker_errors: IntCounterVec,
+    pub dead_letter_send_failures: IntCounterVec,
+    pub group_committed_offset: IntGaugeVec,
+    pub group_log_end_offset: IntGaugeVec,
+    pub group_lag: IntGaugeVec,
+    pub topic_partitions: IntGaugeVec,
     pub partition_restarts: IntCounterVec,
     pub restart_seek_failures: IntCounterVec,
     pub retries_out_of_memory: IntCounterVec,
@@ -95,7 +142,7 @@ impl Metrics {
             end_to_end_latency: b.histogram(
                 "vault_end_to_end_latency_seconds",
                 "From an event's Kafka timestamp to its write being acknowledged by the store.",
-                exponential_buckets(0.005, 2.0, 16).expect("valid buckets"),
+                END_TO_END_BUCKETS.to_vec(),
             ),
             store_retries: b.counter(
                 "vault_write_retries_total",
@@ -160,6 +207,14 @@ impl Metrics {
                 "vault_in_flight_batches",
                 "Batches being written right now.",
             ),
+            write_concurrency_limit: b.gauge(
+                "vault_write_concurrency_limit",
+                "Write requests the store may have in flight at once: adapted to the database's answers with scylla.adaptive_concurrency, else scylla.max_concurrent_requests.",
+            ),
+            write_requests_in_flight: b.gauge(
+                "vault_write_requests_in_flight",
+                "Write requests in flight to the store right now (each a group's rows and its day-index entry).",
+            ),
             in_flight_bytes: b.gauge(
                 "vault_in_flight_bytes",
                 "Memory of records read and not yet durable (open and flushed batches), of pipeline.max_in_flight_bytes.",
@@ -168,6 +223,69 @@ impl Metrics {
                 "vault_kafka_prefetched_bytes",
                 "Bytes of messages librdkafka has fetched and vault not yet read, of kafka.prefetch_bytes (from its statistics).",
             ),
+            consumer_lag_seconds: b.float_gauge_vec(
+                "vault_consumer_lag_seconds",
+                "Seconds behind, per partition this instance owns: 0 when nothing is left to read (vault_consumer_lag 0); else now minus the Kafka timestamp of the last message read, or, before the first read of the assignment, the seconds since the assignment.",
+                &["topic", "partition"],
+            ),
+            log_end_offset: b.gauge_vec(
+                "vault_log_end_offset",
+                "The partition's log-end offset (last stable offset), per partition this instance owns (from librdkafka statistics).",
+                &["topic", "partition"],
+            ),
+            group_state: b.gauge_vec(
+                "vault_kafka_group_state",
+                "1 for the consumer group handler's current state (librdkafka's cgrp state: up is a member), 0 for the others.",
+                &["state"],
+            ),
+            group_join_state: b.gauge_vec(
+                "vault_kafka_group_join_state",
+                "1 for the consumer group handler's current join state (steady: joined, not rebalancing), 0 for the others.",
+                &["state"],
+            ),
+            group_generation: b.gauge(
+                "vault_kafka_group_generation",
+                "The consumer group generation this member last joined (-1 before it joined); every rebalance of the group increments it.",
+            ),
+            group_rebalance_age: b.float_gauge(
+                "vault_kafka_group_seconds_since_rebalance",
+                "Seconds since this member's last rebalance (assign or revoke), from librdkafka statistics.",
+            ),
+            broker_rtt: b.float_gauge_vec(
+                "vault_kafka_broker_rtt_seconds",
+                "Round-trip time of requests to each broker over the last statistics interval (stat: avg or p99).",
+                &["broker", "stat"],
+            ),
+            broker_errors: b.counter(
+                "vault_kafka_broker_errors_total",
+                "Errors talking to each broker, by kind: tx and rx (request send and receive errors), timeout (requests timed out), disconnect.",
+                &["broker", "kind"],
+            ),
+            dead_letter_send_failures: b.counter(
+                "vault_dead_letter_send_failures_total",
+                "Dead-letter sends that failed and are retried (each attempt); permanent refusals also count in vault_dead_letters_refused_total.",
+                &["topic"],
+            ),
+            group_committed_offset: b.gauge_vec(
+                "vault_group_committed_offset",
+                "The consumer group's committed offset, for every partition of the subscribed topics, owned by anyone or by no one (read from the broker by every instance: aggregate with max by (topic, partition)).",
+                &["topic", "partition"],
+            ),
+            group_log_end_offset: b.gauge_vec(
+                "vault_group_log_end_offset",
+                "The log-end offset (last stable offset) of every partition of the subscribed topics (read from the broker by every instance: aggregate with max by (topic, partition)).",
+                &["topic", "partition"],
+            ),
+            group_lag: b.gauge_vec(
+                "vault_group_lag",
+                "Messages behind for every partition of the subscribed topics: log-end offset minus the group's committed offset (minus the log-start offset when nothing is committed). Aggregate with max by (topic, partition).",
+                &["topic", "partition"],
+            ),
+            topic_partitions: b.gauge_vec(
+                "vault_topic_partitions",
+                "Partitions of each subscribed topic (every instance reports it: aggregate with max by (topic)).",
+                &["topic"],
+            ),
             restart_seek_failures: b.counter(
                 "vault_restart_seek_failures_total",
                 "Restarts of a failed partition not started because the seek to where it must resume (or reading the committed offset) failed; each is tried again.",
@@ -175,7 +293,7 @@ impl Metrics {
             ),
             retries_out_of_memory: b.counter(
                 "vault_retries_out_of_memory_total",
-                "Failing batches abandoned instead of retried because failing batches already hold half of pipeline.max_in_flight_bytes; each one's partition restarts where it must resume.",
+                "Failing batches abandoned instead of retried because partitions were waiting for pipeline.max_in_flight_bytes and failing batches held their half of it; each one's partition restarts where it must resume.",
                 &["topic"],
             ),
             partition_restarts: b.counter(
@@ -185,16 +303,63 @@ impl Metrics {
             ),
             build_info: b.gauge_vec(
                 "vault_build_info",
-                "Build information; the value is always 1.",
-                &["version"],
+                "Build information; the value is always 1. commit: VAULT_GIT_COMMIT when the binary was built (unknown otherwise); librdkafka: the linked librdkafka's version.",
+                &["version", "commit", "librdkafka"],
             ),
             names: b.names,
             registry: b.registry,
         };
+        let (_, librdkafka) = rdkafka::util::get_rdkafka_version();
         m.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), GIT_COMMIT, &librdkafka])
             .set(1);
+        for state in GROUP_STATES {
+            m.group_state.with_label_values(&[state]).set(0);
+        }
+        for state in GROUP_JOIN_STATES {
+            m.group_join_state.with_label_values(&[state]).set(0);
+        }
+        m.group_generation.set(-1);
+        for reason in crate::pipeline::flush::FlushReason::ALL {
+            m.batches_flushed.with_label_values(&[reason.as_str()]);
+        }
+        for result in ["ok", "error"] {
+            m.commits.with_label_values(&[result]);
+        }
+        for kind in ["assign", "revoke", "lost"] {
+            m.rebalances.with_label_values(&[kind]);
+        }
+        for kind in crate::store::StoreError::KINDS.iter().chain(&["erase"]) {
+            m.store_retries.with_label_values(&[kind]);
+        }
+        if let Err(e) = m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )) {
+            tracing::warn!(error = %e, "The process_* metrics are not available.");
+        }
         m
+    }
+
+    /// Creates, at 0, the series of every counter labelled by topic (and by a known set of
+    /// reasons), so that the first increment shows in `rate()` and `increase()`.
+    pub fn precreate_topics(&self, topics: &[String]) {
+        for topic in topics {
+            let t = topic.as_str();
+            for c in [
+                &self.events_stored,
+                &self.erasures,
+                &self.events_expired,
+                &self.partition_restarts,
+                &self.restart_seek_failures,
+                &self.dead_letter_send_failures,
+            ] {
+                c.with_label_values(&[t]);
+            }
+            for kind in crate::event::EventError::KINDS {
+                self.events_dead_lettered.with_label_values(&[t, kind]);
+                self.events_skipped.with_label_values(&[t, kind]);
+            }
+        }
     }
 
     /// Drops the per-partition series of a partition this instance no longer owns, so that a
@@ -206,6 +371,8 @@ impl Metrics {
         let _ = self.oldest_uncommitted_age.remove_label_values(&labels);
         let _ = self.seconds_since_commit.remove_label_values(&labels);
         let _ = self.consumer_lag.remove_label_values(&labels);
+        let _ = self.consumer_lag_seconds.remove_label_values(&labels);
+        let _ = self.log_end_offset.remove_label_values(&labels);
     }
 
     /// The registry in Prometheus text format.
@@ -218,6 +385,14 @@ impl Metrics {
         out
     }
 }
+
+/// The commit vault was built from: `VAULT_GIT_COMMIT` in the build's environment (the
+/// Dockerfile and CI pass it), `unknown` otherwise. No build script asks git, so a build from a
+/// source archive works.
+pub const GIT_COMMIT: &str = match option_env!("VAULT_GIT_COMMIT") {
+    Some(c) if !c.is_empty() => c,
+    _ => "unknown",
+};
 
 /// Registers metric families and remembers their names.
 #[derive(Default)]
@@ -250,9 +425,26 @@ impl Builder {
         self.add(name, g)
     }
 
+    fn float_gauge(&mut self, name: &'static str, help: &str) -> Gauge {
+        let g = Gauge::new(name, help).expect("valid metric");
+        self.add(name, g)
+    }
+
     fn float_gauge_vec(&mut self, name: &'static str, help: &str, labels: &[&str]) -> GaugeVec {
         let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
         self.add(name, g)
+    }
+
+    fn histogram_vec(
+        &mut self,
+        name: &'static str,
+        help: &str,
+        buckets: Vec<f64>,
+        labels: &[&str],
+    ) -> HistogramVec {
+        let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+            .expect("valid metric");
+        self.add(name, h)
     }
 
     fn histogram(&mut self, name: &'static str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -263,6 +455,64 @@ impl Builder {
 }
 
 impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The metrics of `vault api`, a process of its own with its own registry: requests by route
+/// template (never the user id in the path) and status, and their latency by route.
+pub struct ApiMetrics {
+    pub registry: Registry,
+    pub names: Vec<&'static str>,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub build_info: IntGaugeVec,
+}
+
+impl ApiMetrics {
+    pub fn new() -> Self {
+        let mut b = Builder::default();
+        let requests = b.counter(
+            "vault_api_requests_total",
+            "Requests to vault api, by route template and HTTP status.",
+            &["route", "status"],
+        );
+        let request_duration = b.histogram_vec(
+            "vault_api_request_duration_seconds",
+            "Time from a request's arrival to its response headers (an export's body streams after), by route template.",
+            exponential_buckets(0.0005, 2.0, 16).expect("valid buckets"),
+            &["route"],
+        );
+        let build_info = b.gauge_vec(
+            "vault_build_info",
+            "Build information; the value is always 1.",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        ApiMetrics {
+            names: b.names,
+            registry: b.registry,
+            requests,
+            request_duration,
+            build_info,
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode_utf8(&self.registry.gather(), &mut out) {
+            out = format!("# encoding metrics failed: {e}\n");
+        }
+        out
+    }
+}
+
+impl Default for ApiMetrics {
     fn default() -> Self {
         Self::new()
     }
@@ -305,7 +555,102 @@ mod tests {
                 used += 1;
             }
             assert!(used > 5, "{file} uses vault metrics");
+            // The process collector's series (process_*) too.
+            let rendered = m.render();
+            for (i, _) in text.match_indices("process_") {
+                let name: String = text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                assert!(
+                    rendered.contains(&format!("\n{name} ")),
+                    "{file} uses {name}, which vault does not export"
+                );
+            }
         }
+    }
+
+    /// The kinds listed for pre-created series are every kind the errors report.
+    #[test]
+    fn the_listed_error_kinds_are_the_kinds_reported() {
+        use crate::event::EventError;
+        use crate::store::StoreError;
+        let s = String::new;
+        let store: Vec<_> = [
+            StoreError::Timeout(s()),
+            StoreError::Overloaded(s()),
+            StoreError::Unavailable(s()),
+            StoreError::Connection(s()),
+            StoreError::Invalid(s()),
+            StoreError::Schema(s()),
+            StoreError::Auth(s()),
+        ]
+        .iter()
+        .map(StoreError::kind)
+        .collect();
+        assert_eq!(store, StoreError::KINDS);
+        let event: Vec<_> = [
+            EventError::Tombstone,
+            EventError::TooLarge { size: 0, limit: 0 },
+            EventError::NotUtf8(s()),
+            EventError::Json(s()),
+            EventError::NotAnObject,
+            EventError::TooDeep { limit: 0, at: 0 },
+            EventError::BadUnicode { escape: s(), at: 0 },
+            EventError::FutureTimestamp {
+                timestamp: s(),
+                now: s(),
+            },
+            EventError::MissingField("f"),
+            EventError::InvalidField {
+                field: "f",
+                reason: s(),
+            },
+            EventError::Rejected(s()),
+        ]
+        .iter()
+        .map(EventError::kind)
+        .collect();
+        assert_eq!(event, EventError::KINDS);
+    }
+
+    /// What an operator expects before anything happened: process_* series, the build's
+    /// commit and librdkafka version, labelled counters at 0 (so a first increment shows in
+    /// rate()), and latency buckets with an edge at the 250 ms target reaching past 10 minutes.
+    #[test]
+    fn a_fresh_registry_shows_process_build_and_zeroed_counters() {
+        let m = Metrics::new();
+        m.precreate_topics(&["t".to_owned()]);
+        let text = m.render();
+        for series in [
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_start_time_seconds",
+            "vault_batches_flushed_total{reason=\"idle\"} 0",
+            "vault_commits_total{result=\"error\"} 0",
+            "vault_rebalances_total{kind=\"lost\"} 0",
+            "vault_write_retries_total{kind=\"timeout\"} 0",
+            "vault_events_stored_total{topic=\"t\"} 0",
+            "vault_events_dead_lettered_total{reason=\"bad_json\",topic=\"t\"} 0",
+            "vault_dead_letter_send_failures_total{topic=\"t\"} 0",
+            "vault_kafka_group_state{state=\"up\"} 0",
+            "vault_kafka_group_generation -1",
+            "vault_end_to_end_latency_seconds_bucket{le=\"0.25\"} 0",
+            "vault_end_to_end_latency_seconds_bucket{le=\"1200\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+        let (_, librdkafka) = rdkafka::util::get_rdkafka_version();
+        assert!(
+            text.contains(&format!(
+                "vault_build_info{{commit=\"{GIT_COMMIT}\",librdkafka=\"{librdkafka}\",version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        assert!(END_TO_END_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert!(END_TO_END_BUCKETS.iter().any(|b| *b > 600.0));
     }
 
     #[test]
@@ -320,6 +665,11 @@ mod tests {
             );
         }
         let rendered = m.render();
-        assert!(rendered.contains("vault_build_info{version="));
+        assert!(rendered.contains("vault_build_info{"));
+        let api = ApiMetrics::new();
+        for name in &api.names {
+            assert!(name.starts_with("vault_"), "{name}");
+        }
+        assert!(api.render().contains("vault_build_info{version="));
     }
 }

@@ -8,7 +8,7 @@
 //! skipped. A replayed message carries its original coordinates (`vault.source.*`), from which
 //! an event without `event_id` gets the same id, so the same row, as its first read would have.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::event::MAX_USER_ID_BYTES;
 use crate::kafka::dead_letter::headers;
 use crate::tools::progress::Progress;
 use crate::tools::query::escape;
@@ -34,6 +35,8 @@ pub struct LetterInfo {
     pub source_offset: Option<i64>,
     /// The source message's timestamp (ms), else the dead letter's own.
     pub timestamp_ms: Option<i64>,
+    /// The source message's timestamp (ms) only: `None` when the letter does not carry one.
+    pub source_timestamp_ms: Option<i64>,
 }
 
 impl LetterInfo {
@@ -56,6 +59,7 @@ impl LetterInfo {
                     headers::SOURCE_TIMESTAMP => {
                         if let Ok(t) = v.parse() {
                             info.timestamp_ms = Some(t);
+                            info.source_timestamp_ms = Some(t);
                         }
                     }
                     _ => {}
@@ -183,6 +187,9 @@ pub struct ReplaySummary {
     /// Selected letters whose `vault.source.topic` is not a source topic of this dead-letter
     /// topic, by the topic they name: never published.
     pub refused: BTreeMap<String, u64>,
+    /// Selected letters not re-published because their user was erased through a time at or
+    /// after the event's (or, for a letter without a timestamp, erased at all).
+    pub erased: u64,
     pub replayed: u64,
     pub dry_run: bool,
     pub elapsed: Duration,
@@ -216,6 +223,13 @@ impl fmt::Display for ReplaySummary {
                 writeln!(f, "  {} -> {n}", escape(topic))?;
             }
         }
+        if self.erased > 0 {
+            writeln!(
+                f,
+                "skipped              {} (their user was erased after they happened)",
+                self.erased
+            )?;
+        }
         if self.dry_run {
             write!(f, "replayed             0 (dry run)")
         } else {
@@ -237,12 +251,19 @@ impl fmt::Display for ReplaySummary {
 /// Kafka (`acks=all`, idempotent producer) before the summary is returned. Running it twice
 /// replays twice, onto the same rows: an event's `event_id`, or the id derived from its original
 /// coordinates, is the same each time.
+///
+/// A letter of a user erased after the event happened is skipped and counted in
+/// [`ReplaySummary::erased`]: `erased_through(user_id)` answers the latest erasure of a user (see
+/// [`crate::store::erasure::erased_through`]), asked once per user; an error stops the replay.
+/// Letters whose value names no user (not JSON, no `user_id` string) cannot become a row and go
+/// back as they are.
 pub async fn replay(
     base: &ClientConfig,
     dead_letter_topic: &str,
     sources: &[String],
     filter: &ReplayFilter,
     dry_run: bool,
+    mut erased_through: impl FnMut(&str) -> Result<Option<i64>, String> + Send + 'static,
 ) -> Result<ReplaySummary, String> {
     let started = std::time::Instant::now();
     let mut pcfg = base.clone();
@@ -266,6 +287,7 @@ pub async fn replay(
             ..Default::default()
         };
         let mut progress = Progress::new("replay", None);
+        let mut erasures: HashMap<String, Option<i64>> = HashMap::new();
         let scanned = scan(
             &base,
             &topic,
@@ -286,6 +308,26 @@ pub async fn replay(
                     };
                     *summary.refused.entry(named.to_owned()).or_default() += 1;
                     return Ok(());
+                }
+                if let Some(user) = m.payload().and_then(letter_user) {
+                    let through = match erasures.get(&user) {
+                        Some(t) => *t,
+                        None => {
+                            let t = erased_through(&user)
+                                .map_err(|e| format!("checking erasures before replaying: {e}"))?;
+                            erasures.insert(user, t);
+                            t
+                        }
+                    };
+                    let erased_after = match (through, info.source_timestamp_ms) {
+                        (Some(t), Some(ts)) => t >= ts,
+                        (Some(_), None) => true,
+                        (None, _) => false,
+                    };
+                    if erased_after {
+                        summary.erased += 1;
+                        return Ok(());
+                    }
                 }
                 *summary
                     .destinations
@@ -366,6 +408,20 @@ pub async fn replay(
     Ok(summary)
 }
 
+/// The user a letter's value names, if it is a JSON object with a `user_id` string the decoder
+/// would accept (not empty, at most [`MAX_USER_ID_BYTES`]): any other letter cannot become a
+/// row, and asking the store about its user could only fail.
+fn letter_user(value: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        user_id: String,
+    }
+    serde_json::from_slice::<Named>(value)
+        .ok()
+        .map(|n| n.user_id)
+        .filter(|u| !u.is_empty() && u.len() <= MAX_USER_ID_BYTES)
+}
+
 fn is_queue_full(e: &rdkafka::error::KafkaError) -> bool {
     matches!(
         e,
@@ -424,6 +480,31 @@ mod tests {
             "replayed             0 (dry run)",
         ] {
             assert!(text.contains(line), "{line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_letter_names_its_user_only_when_its_value_is_an_object_with_a_user_id_string() {
+        assert_eq!(
+            letter_user(br#"{"event_type":"t","user_id":"u-1","x":[1]}"#),
+            Some("u-1".into())
+        );
+        assert_eq!(letter_user(br#"{"user_id":"a\"b"}"#), Some("a\"b".into()));
+        let long = format!(r#"{{"user_id":"{}"}}"#, "u".repeat(MAX_USER_ID_BYTES + 1));
+        for value in [
+            &b"{not json"[..],
+            br#"{"user_id":7}"#,
+            br#"{"user_id":""}"#,
+            long.as_bytes(),
+            b"[1]",
+            b"",
+        ] {
+            assert_eq!(
+                letter_user(value),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(value)
+            );
         }
     }
 

@@ -1,21 +1,21 @@
-//! `vault query`: a user's activity over a time range, newest first, read page by page from the
-//! `(user_id, day)` partitions the range covers.
+//! `vault query`: a user's activity over a time range, newest first, read through the store's
+//! read path (the `(user_id, day)` partitions of the user's index of days in the range).
 //!
 //! Stored content never drives the operator's terminal: the table escapes control and
 //! bidirectional-override characters, the JSON lines escape the control characters JSON leaves
-//! raw. One request is sent per day of the range, so the range is first cut to the days an event
-//! can be stored on, then bounded to [`MAX_DAYS`].
+//! raw. The range is first cut to the days an event can be stored on, then bounded to
+//! [`MAX_DAYS`].
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use std::sync::Arc;
+
 use scylla::client::session::Session;
-use scylla::value::{CqlDate, CqlTimestamp};
 
 use crate::config::ScyllaConfig;
-use crate::store::scylla::TABLE;
+use crate::store::read::{EventReader, PageRequest};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ActivityRow {
@@ -26,69 +26,46 @@ pub struct ActivityRow {
     pub source: String,
 }
 
-/// Up to `limit` events of `user` with `from_ms <= occurred_at <= to_ms`, newest first.
+/// Up to `limit` events of `user` with `from_ms <= occurred_at <= to_ms`, newest first, read
+/// through the store's read path ([`crate::store::read`], the one owner of how rows are read).
 pub async fn user_activity(
-    session: &Session,
+    session: &Arc<Session>,
     c: &ScyllaConfig,
     user: &str,
     from_ms: i64,
     to_ms: i64,
     limit: usize,
 ) -> Result<Vec<ActivityRow>, String> {
-    let mut select = session
-        .prepare(format!(
-            "SELECT occurred_at, event_type, event_id, attributes, source_topic, source_partition, source_offset FROM {}.{TABLE} \
-             WHERE user_id = ? AND day = ? AND occurred_at >= ? AND occurred_at <= ?",
-            c.keyspace
-        ))
+    let reader = EventReader::new(session.clone(), &c.keyspace)
         .await
-        .map_err(|e| format!("cannot prepare the query: {e} (run `vault migrate`?)"))?;
-    select.set_page_size(limit.clamp(1, 1000) as i32);
-    let mut out = Vec::new();
-    let mut day = to_ms.div_euclid(DAY_MS);
-    let first_day = from_ms.div_euclid(DAY_MS);
-    while day >= first_day && out.len() < limit {
-        let values = (
-            user,
-            CqlDate(((1i64 << 31) + day) as u32),
-            CqlTimestamp(from_ms),
-            CqlTimestamp(to_ms),
-        );
-        type Row = (
-            CqlTimestamp,
-            String,
-            uuid::Uuid,
-            Option<String>,
-            String,
-            i32,
-            i64,
-        );
-        let mut rows = session
-            .execute_iter(select.clone(), values)
-            .await
-            .map_err(|e| e.to_string())?
-            .rows_stream::<Row>()
-            .map_err(|e| e.to_string())?;
-        while let Some((at, event_type, event_id, attributes, topic, partition, offset)) =
-            rows.try_next().await.map_err(|e| e.to_string())?
-        {
-            let occurred_at = chrono::DateTime::from_timestamp_millis(at.0)
+        .map_err(|e| format!("cannot prepare the query: {e}"))?;
+    let page = reader
+        .page(&PageRequest {
+            user_id: user,
+            from_ms,
+            to_ms,
+            event_types: &[],
+            limit,
+            after: None,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(page
+        .events
+        .into_iter()
+        .map(|e| ActivityRow {
+            occurred_at: chrono::DateTime::from_timestamp_millis(e.occurred_at_ms)
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-                .unwrap_or_else(|| at.0.to_string());
-            out.push(ActivityRow {
-                occurred_at,
-                event_type,
-                event_id,
-                attributes,
-                source: format!("{topic}/{partition}@{offset}"),
-            });
-            if out.len() >= limit {
-                break;
-            }
-        }
-        day -= 1;
-    }
-    Ok(out)
+                .unwrap_or_else(|| e.occurred_at_ms.to_string()),
+            event_type: e.event_type,
+            event_id: e.event_id,
+            attributes: e.attributes,
+            source: format!(
+                "{}/{}@{}",
+                e.source_topic, e.source_partition, e.source_offset
+            ),
+        })
+        .collect())
 }
 
 /// Renders rows as an aligned text table, every stored text passed through [`escape`].

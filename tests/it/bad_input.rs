@@ -8,9 +8,12 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use vault::config::ScyllaConfig;
 use vault::event::{derived_event_id, Source};
 use vault::kafka::dead_letter::{headers, KafkaDeadLetters, MemoryDeadLetters};
+use vault::store::scylla::ScyllaStore;
 use vault::store::MemoryStore;
+use vault_sandbox::cql::CqlNode;
 
 use crate::common::{event_json, read_all, settings, stored_positions, unique, Kafka, Running};
 
@@ -259,24 +262,10 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
     );
     vault.stop().await;
 
-    // After a fix, `vault dlq replay` re-publishes the chosen kinds to the source topic.
-    let replay = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault"))
-            .args(["dlq", "replay"])
-            .args(args)
-            .env("VAULT_KAFKA_BROKERS", &kafka.brokers)
-            .env("VAULT_KAFKA_TOPICS", &topic)
-            .env("VAULT_KAFKA_GROUP_ID", &group)
-            .output()
-            .expect("run vault dlq replay");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    };
+    // After a fix, `vault dlq replay` re-publishes the chosen kinds to the source topic (it
+    // reads the store's record of erasures: none here).
+    let (_node, scylla) = scylla_with_schema().await;
+    let replay = |args: &[&str]| dlq_replay(&kafka.brokers, &topic, &group, &scylla, args);
     // A forged letter naming a topic vault does not read: replay must not publish there.
     let payments = unique("payments");
     kafka.create_topic(&payments, 1).await;
@@ -413,6 +402,128 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
         "it was read as the replayed message"
     );
     assert_eq!(rows[0].event_id, derived_event_id(&original));
+}
+
+/// Runs `vault dlq replay ARGS` for `topic` (read by `group`) against Kafka and ScyllaDB;
+/// returns its output, which must end in success.
+fn dlq_replay(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    scylla: &ScyllaConfig,
+    args: &[&str],
+) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault"))
+        .args(["dlq", "replay"])
+        .args(args)
+        .env("VAULT_KAFKA_BROKERS", brokers)
+        .env("VAULT_KAFKA_TOPICS", topic)
+        .env("VAULT_KAFKA_GROUP_ID", group)
+        .env("VAULT_SCYLLA_NODES", &scylla.nodes[0])
+        .env("VAULT_SCYLLA_KEYSPACE", &scylla.keyspace)
+        .output()
+        .expect("run vault dlq replay");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A CQL stand-in node with vault's schema in a keyspace of its own.
+async fn scylla_with_schema() -> (CqlNode, ScyllaConfig) {
+    let node = CqlNode::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("CQL stand-in starts");
+    let c = ScyllaConfig {
+        nodes: vec![node.addr().to_string()],
+        keyspace: unique("dlq").replace('-', "_"),
+        ..ScyllaConfig::default()
+    };
+    ScyllaStore::connect(&c, true).await.expect("schema");
+    (node, c)
+}
+
+/// A dead-lettered event never reached the store, so an erasure of its user found no partition
+/// of its day to delete: replaying it after the erasure would store it again. `vault dlq
+/// replay` skips the letters of users erased after their event happened, and replays the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_never_brings_back_an_erased_users_events() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("replay-erased"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    let (_node, scylla) = scylla_with_schema().await;
+    let happened_ms = chrono::Utc::now().timestamp_millis() - 60_000;
+    let letter = |user: &str| {
+        format!(
+            r#"{{"user_id":"{user}","event_type":"t","occurred_at":"2025-11-24T10:00:00Z","attributes":[1]}}"#
+        )
+    };
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .create()
+        .expect("producer");
+    for user in ["erased-user", "kept-user", "erased-later-user"] {
+        let value = letter(user);
+        let ts = happened_ms.to_string();
+        producer
+            .send(
+                FutureRecord::to(&format!("{topic}.dlq"))
+                    .key(user)
+                    .payload(&value)
+                    .timestamp(happened_ms)
+                    .headers(
+                        OwnedHeaders::new()
+                            .insert(Header {
+                                key: headers::ERROR_KIND,
+                                value: Some("invalid_field"),
+                            })
+                            .insert(Header {
+                                key: headers::SOURCE_TOPIC,
+                                value: Some(&topic),
+                            })
+                            .insert(Header {
+                                key: headers::SOURCE_TIMESTAMP,
+                                value: Some(&ts),
+                            }),
+                    ),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("letter");
+    }
+    // One user erased through now (after the event), one erased only through a time before
+    // it: that erasure does not cover the event.
+    let store = ScyllaStore::connect(&scylla, false).await.unwrap();
+    for (user, through_ms) in [
+        ("erased-user", chrono::Utc::now().timestamp_millis()),
+        ("erased-later-user", happened_ms - 1),
+    ] {
+        let erasure = vault::store::erasure::Erasure {
+            user_id: user.into(),
+            through_ms,
+            requested_by: "cli:test".into(),
+            requested_at_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        vault::store::erasure::forget(&store, &erasure, false)
+            .await
+            .expect("erased");
+    }
+    let stdout = dlq_replay(&kafka.brokers, &topic, &group, &scylla, &[]);
+    assert!(
+        stdout.contains("skipped              1 (their user was erased after they happened)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("replayed             2 in"), "{stdout}");
+    let mut replayed: Vec<String> = read_all(&kafka.brokers, &topic)
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
+        .collect();
+    replayed.sort();
+    assert_eq!(replayed, ["erased-later-user", "kept-user"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

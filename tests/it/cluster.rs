@@ -382,3 +382,82 @@ async fn a_final_commit_refused_during_a_rebalance_is_sent_again() {
         "the refused final commit was sent again until accepted"
     );
 }
+
+/// A static member (`kafka.instance_id`) that stops: how long until the survivor owns its
+/// partitions, without and with `kafka.leave_group_on_shutdown`. librdkafka sends no LeaveGroup
+/// for a static member that closes, so the partitions wait for its session to expire; leaving
+/// first hands them over in one rebalance. Prints both times; nothing is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_member_that_leaves_on_shutdown_hands_its_partitions_over_sooner() {
+    let partitions = 4;
+    let ProcessRig {
+        kafka,
+        node: _node,
+        topic,
+        group,
+        keyspace: _,
+        dir,
+        env,
+    } = ProcessRig::start("static", partitions).await;
+    let member = |id: &str, leave: bool| {
+        let mut env = env.clone();
+        env.push(("VAULT_KAFKA_INSTANCE_ID".into(), id.into()));
+        env.push((
+            "VAULT_KAFKA_LEAVE_GROUP_ON_SHUTDOWN".into(),
+            leave.to_string(),
+        ));
+        env
+    };
+    let sharing = |addrs: Vec<String>| {
+        move || {
+            let counts: Result<Vec<i64>, String> = addrs.iter().map(|a| assigned(a)).collect();
+            async move {
+                let counts = counts?;
+                let all = counts.iter().sum::<i64>() == i64::from(partitions);
+                if all && counts.iter().all(|c| *c > 0) {
+                    Ok(())
+                } else {
+                    Err(format!("assigned {counts:?}"))
+                }
+            }
+        }
+    };
+    let (a, a_addr) = spawn_vault(&member("a", false), &dir.join("a.log"));
+    let mut moved = Vec::new();
+    for (round, leave) in [false, true].into_iter().enumerate() {
+        let (b, b_addr) = spawn_vault(&member("b", leave), &dir.join(format!("b-{round}.log")));
+        wait_until(
+            "a and b sharing the partitions",
+            Duration::from_secs(90),
+            sharing(vec![a_addr.clone(), b_addr]),
+        )
+        .await;
+        kafka
+            .produce_and_wait_committed(&topic, &group, partitions, round * 200, 200)
+            .await;
+        let stopped = tokio::time::Instant::now();
+        stop_gracefully(b, "b to drain and exit 0").await;
+        wait_until(
+            "a owning every partition",
+            Duration::from_secs(90),
+            sharing(vec![a_addr.clone()]),
+        )
+        .await;
+        moved.push(stopped.elapsed());
+    }
+    println!(
+        "static member stopped (session timeout 6 s): its partitions owned again after {:.1} s; \
+         with leave_group_on_shutdown after {:.1} s",
+        moved[0].as_secs_f64(),
+        moved[1].as_secs_f64()
+    );
+    kafka
+        .produce_and_wait_committed(&topic, &group, partitions, 400, 200)
+        .await;
+    stop_gracefully(a, "a to exit 0").await;
+    assert!(
+        moved[1] < moved[0],
+        "leaving is faster than waiting for the session to expire: {moved:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -77,12 +77,20 @@ fn the_demo_flow_verifies_every_event_and_stops_everything() {
         stderr.contains("event(s) of user-") && stdout.contains("occurred_at "),
         "the query step ran: {stdout}"
     );
+    assert!(
+        stdout.contains("5 event(s) over HTTP; next_page_token: yes"),
+        "one page of the user's events over HTTP: {stdout}"
+    );
     // Only the demo's own processes: other tests run vault binaries concurrently.
     let pids =
         std::fs::read_to_string(&pid_file).expect("the demo records the processes it starts");
     let _ = std::fs::remove_file(&pid_file);
     let pids: Vec<&str> = pids.split_whitespace().collect();
-    assert_eq!(pids.len(), 3, "sandbox and two vault processes: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        4,
+        "sandbox, vault api and two vault processes: {pids:?}"
+    );
     let left: Vec<&str> = pids
         .into_iter()
         .filter(|pid| {

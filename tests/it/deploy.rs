@@ -206,6 +206,61 @@ fn nothing_is_named_plain_vault() {
     }
 }
 
+/// Every alert the Alertmanager configuration names is one the rules raise, and a store
+/// outage's follow-on alerts are inhibited by VaultPartitionStuck on the same topic.
+#[test]
+fn the_alertmanager_config_names_real_alerts() {
+    let rules = yaml("deploy/prometheus/alerts.yml");
+    let names: BTreeSet<String> = rules["groups"][0]["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| s(&r["alert"]).to_owned())
+        .collect();
+    let text = read("deploy/alertmanager/alertmanager.yml");
+    let mut named = 0;
+    for (i, _) in text.match_indices("Vault") {
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        assert!(
+            names.contains(&name),
+            "alertmanager.yml names {name}, which no rule raises"
+        );
+        named += 1;
+    }
+    assert!(named >= 4);
+    let am = yaml("deploy/alertmanager/alertmanager.yml");
+    let outage = am["inhibit_rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|r| strings(&r["source_matchers"]) == ["alertname = \"VaultPartitionStuck\""])
+        .expect("an inhibit rule with VaultPartitionStuck as its source");
+    assert_eq!(strings(&outage["equal"]), ["topic"]);
+    let targets = strings(&outage["target_matchers"]).join(" ");
+    for follows in ["VaultCommitsStalled", "VaultPartitionNotCommitting"] {
+        assert!(targets.contains(follows), "{targets}");
+    }
+    // Alerts inhibited per topic carry a topic label: the rules aggregate by topic.
+    for r in rules["groups"][0]["rules"].as_sequence().unwrap() {
+        if [
+            "VaultPartitionStuck",
+            "VaultCommitsStalled",
+            "VaultPartitionNotCommitting",
+        ]
+        .contains(&s(&r["alert"]))
+        {
+            assert!(
+                s(&r["expr"]).contains("count by (topic)"),
+                "{}",
+                s(&r["alert"])
+            );
+        }
+    }
+}
+
 #[test]
 fn every_yaml_file_parses() {
     let mut files = vec![PathBuf::from("docker-compose.yml")];
@@ -269,8 +324,8 @@ fn the_compose_stack_hands_vault_only_settings_it_accepts() {
         );
     }
     assert_eq!(
-        vault_services, 3,
-        "init-schema, vault, producer use the image"
+        vault_services, 4,
+        "init-schema, vault, vault-api, producer use the image"
     );
 
     let vault_svc = &compose["services"]["vault"];
@@ -279,7 +334,9 @@ fn the_compose_stack_hands_vault_only_settings_it_accepts() {
     let metrics_port = port_of(&env["VAULT_METRICS_ADDR"]);
     let health = strings(&vault_svc["healthcheck"]["test"]).join(" ");
     assert!(
-        health.contains(&format!("--addr 127.0.0.1:{metrics_port} --path /readyz")),
+        health.contains(&format!(
+            "--addr 127.0.0.1:{metrics_port} --path /readyz --path /healthz"
+        )),
         "{health}"
     );
     let default_shutdown = vault::config::Config::default().pipeline.shutdown_timeout;
@@ -317,6 +374,35 @@ fn the_compose_stack_hands_vault_only_settings_it_accepts() {
     let prom_volumes = strings(&compose["services"]["prometheus"]["volumes"]);
     assert!(prom_volumes.contains(&"./deploy/prometheus:/etc/prometheus:ro".to_string()));
 
+    // Prometheus sends alerts to the compose Alertmanager, which runs the checked config.
+    let target = strings(&prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]);
+    assert_eq!(target.len(), 1, "{target:?}");
+    let (host, port) = target[0].split_once(':').expect("host:port");
+    let am = &compose["services"][host];
+    assert!(am.is_mapping(), "no compose service {host}");
+    assert!(
+        strings(&am["volumes"]).contains(&"./deploy/alertmanager:/etc/alertmanager:ro".to_string())
+    );
+    assert!(strings(&am["command"])
+        .contains(&"--config.file=/etc/alertmanager/alertmanager.yml".to_string()));
+    assert!(
+        strings(&am["ports"]).contains(&format!("127.0.0.1:{port}:{port}")),
+        "{:?}",
+        am["ports"]
+    );
+    assert!(strings(&compose["services"]["prometheus"]["depends_on"]).contains(&host.to_owned()));
+    // `make up` returns once every service is healthy.
+    let makefile = read("Makefile");
+    let up = makefile
+        .lines()
+        .skip_while(|l| !l.starts_with("up:"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        up.contains("docker compose up") && up.contains("--wait"),
+        "{up}"
+    );
+
     // Grafana finds the dashboard where its provisioning looks.
     let provider = yaml("deploy/grafana/provisioning/dashboards/vault.yml");
     let dash_path = s(&provider["providers"][0]["options"]["path"]).to_owned();
@@ -348,9 +434,16 @@ fn k8s_objects() -> BTreeMap<String, Value> {
             assert!(doc["apiVersion"].is_string(), "{file}: apiVersion");
             let kind = s(&doc["kind"]).to_owned();
             assert!(doc["metadata"]["name"].is_string(), "{file}: metadata.name");
+            // The consumers' object of a kind is keyed by the kind; another one (vault api's
+            // Service and NetworkPolicy, in vault-api.yaml, listed last) by kind/name.
+            let key = if objects.contains_key(&kind) {
+                format!("{kind}/{}", s(&doc["metadata"]["name"]))
+            } else {
+                kind.clone()
+            };
             assert!(
-                objects.insert(kind.clone(), doc).is_none(),
-                "one {kind} only"
+                objects.insert(key, doc).is_none(),
+                "one {kind} of each name only"
             );
         }
     }
@@ -482,10 +575,28 @@ fn the_kubernetes_manifests_agree_with_the_binary_and_each_other() {
         Some(u64::from(metrics_port))
     );
     let port_name = s(&port["name"]);
-    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+    for (probe, path) in [
+        ("readinessProbe", "/readyz"),
+        ("livenessProbe", "/healthz"),
+        ("startupProbe", "/healthz"),
+    ] {
         assert_eq!(s(&container[probe]["httpGet"]["path"]), path);
         assert_eq!(s(&container[probe]["httpGet"]["port"]), port_name);
     }
+    // The startup probe waits out the ScyllaDB connection retries (with room to spare); the
+    // liveness probe restarts a pod whose loops went quiet, not one that is merely slow.
+    let probe_budget = |probe: &str| {
+        Duration::from_secs(
+            container[probe]["periodSeconds"].as_u64().unwrap()
+                * container[probe]["failureThreshold"].as_u64().unwrap(),
+        )
+    };
+    assert!(
+        probe_budget("startupProbe")
+            > vault::pipeline::deadline::STARTUP_CONNECT_PATIENCE + Duration::from_secs(15)
+    );
+    assert!(probe_budget("livenessProbe") >= Duration::from_secs(10));
+    assert!(container["livenessProbe"]["initialDelaySeconds"].is_null());
     let svc = &objects["Service"];
     assert_eq!(s(&svc["spec"]["ports"][0]["targetPort"]), port_name);
     assert_eq!(s(&sts["spec"]["serviceName"]), s(&svc["metadata"]["name"]));

@@ -283,7 +283,8 @@ async fn the_binary_is_the_health_check() {
     let (addr, stop, server) = start(limits()).await;
     let check = |path: &str, addr: SocketAddr| {
         std::process::Command::new(env!("CARGO_BIN_EXE_vault"))
-            .args(["healthcheck", "--addr", &addr.to_string(), "--path", path])
+            .args(["healthcheck", "--addr", &addr.to_string()])
+            .args(path.split(' ').flat_map(|p| ["--path", p]))
             .env_clear()
             .output()
             .expect("run vault healthcheck")
@@ -300,6 +301,15 @@ async fn the_binary_is_the_health_check() {
     assert!(
         String::from_utf8_lossy(&ready.stderr).contains("503"),
         "{ready:?}"
+    );
+    // Both paths (compose's check): alive but not ready fails, naming the path that failed.
+    let both = tokio::task::spawn_blocking(move || check("/healthz /readyz", addr))
+        .await
+        .unwrap();
+    assert_eq!(both.status.code(), Some(1), "{both:?}");
+    assert!(
+        String::from_utf8_lossy(&both.stderr).contains("/readyz answered"),
+        "{both:?}"
     );
     stop.cancel();
     server.await.unwrap().unwrap();

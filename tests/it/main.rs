@@ -3,15 +3,20 @@
 
 #[cfg(feature = "failpoints")]
 mod adversarial;
+mod api;
 mod bad_input;
 #[cfg(feature = "failpoints")]
 mod chaos;
 mod cluster;
 mod common;
+mod concurrency;
 mod demo;
 mod deploy;
 mod faults;
+mod group_view;
 mod http;
+#[cfg(feature = "failpoints")]
+mod liveness;
 mod pipeline;
 mod secrets;
 mod store;

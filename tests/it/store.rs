@@ -392,6 +392,28 @@ async fn a_row_the_database_refuses_is_dead_lettered_alone_and_the_rest_of_its_g
     );
 }
 
+/// A row the database refuses, in a write that also fails for a reason that is not about its
+/// rows (here the day index is missing): the failure is reported as the latter, so the
+/// partition stalls and no valid row is dead-lettered with the refused one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_row_beside_a_schema_error_is_not_reported_as_refused() {
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let store = ScyllaStore::connect(&c, true).await.unwrap();
+    node.reject_values_containing(br#"{"i":7}"#);
+    node.execute(&format!("DROP TABLE {}.user_days", c.keyspace))
+        .unwrap();
+    let evs = events(4, 40, 0);
+    let refs: Vec<&Event> = evs.iter().collect();
+    let failure = store.write(&refs).await.expect_err("the index is gone");
+    assert!(
+        !failure.error.is_row_error() && !failure.error.is_retryable(),
+        "{:?}",
+        failure.error
+    );
+    assert_eq!(failure.unwritten, (0..40).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_error_is_reported_as_permanent() {
     let node = node().await;

@@ -222,3 +222,137 @@ async fn prometheus_scrapes_vault_and_sees_every_event_stored() {
     assert!(checked > 15, "dashboard queries checked: {checked}");
     vault.stop().await;
 }
+
+/// An Alertmanager process (Debian's `prometheus-alertmanager`, which `make test` installs)
+/// running deploy/alertmanager/alertmanager.yml, killed on drop.
+struct Alertmanager {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Alertmanager {
+    fn start() -> Alertmanager {
+        let binary = std::env::var("VAULT_IT_ALERTMANAGER")
+            .unwrap_or_else(|_| "prometheus-alertmanager".into());
+        let dir = std::env::temp_dir().join(unique("vault-alertmanager"));
+        std::fs::create_dir_all(&dir).expect("alertmanager work dir");
+        let config =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/alertmanager/alertmanager.yml");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.join("alertmanager.log")).expect("alertmanager log");
+        let child = Command::new(&binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            // A single instance: no gossip port to bind.
+            .arg("--cluster.listen-address=")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {binary} (apt-get install prometheus-alertmanager): {e}")
+            });
+        Alertmanager { child, addr, dir }
+    }
+
+    /// POSTs alerts (API v2) as Prometheus sends them.
+    fn post(&self, alerts: &Value) -> Result<(), String> {
+        use std::io::{Read, Write};
+        let body = alerts.to_string();
+        let mut s = std::net::TcpStream::connect(&self.addr).map_err(|e| e.to_string())?;
+        write!(
+            s,
+            "POST /api/v2/alerts HTTP/1.0\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).map_err(|e| e.to_string())?;
+        if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
+            Ok(())
+        } else {
+            Err(answer)
+        }
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a ScyllaDB outage raises (each rule once per topic, as alerts.test.yml shows) reaches
+/// Alertmanager, whose inhibit rule leaves one page: VaultPartitionStuck. A commit stall on
+/// another topic, with no stuck partition there, still pages.
+#[tokio::test]
+async fn a_store_outage_pages_once_through_alertmanager() {
+    let am = Alertmanager::start();
+    let alert = |name: &str, topic: &str| {
+        serde_json::json!({
+            "labels": {"alertname": name, "severity": "critical", "topic": topic},
+            "annotations": {"summary": format!("{name} on {topic}")},
+        })
+    };
+    let raised = serde_json::json!([
+        alert("VaultPartitionStuck", "user-activity"),
+        alert("VaultCommitsStalled", "user-activity"),
+        alert("VaultPartitionNotCommitting", "user-activity"),
+        alert("VaultCommitsStalled", "orders"),
+    ]);
+    wait_until(
+        "Alertmanager to take the alerts",
+        Duration::from_secs(30),
+        || {
+            let r = am.post(&raised);
+            async move { r }
+        },
+    )
+    .await;
+    let mut paging = Vec::new();
+    wait_until(
+        "Alertmanager to show all four, inhibitions applied",
+        Duration::from_secs(30),
+        || {
+            let got = http_get(&am.addr, "/api/v2/alerts");
+            paging.clear();
+            let seen = (|| {
+                let (status, body) = got?;
+                if status != 200 {
+                    return Err(format!("{status}: {body}"));
+                }
+                let alerts: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+                let alerts = alerts.as_array().ok_or("not a list")?.clone();
+                for a in &alerts {
+                    if a["status"]["state"] == "active" {
+                        paging.push(format!(
+                            "{}/{}",
+                            a["labels"]["alertname"].as_str().unwrap_or("?"),
+                            a["labels"]["topic"].as_str().unwrap_or("?")
+                        ));
+                    }
+                }
+                if alerts.len() == 4 {
+                    Ok(())
+                } else {
+                    Err(body)
+                }
+            })();
+            async move { seen }
+        },
+    )
+    .await;
+    paging.sort();
+    assert_eq!(
+        paging,
+        [
+            "VaultCommitsStalled/orders",
+            "VaultPartitionStuck/user-activity"
+        ],
+        "one page for the outage, and the unrelated stall still pages"
+    );
+}

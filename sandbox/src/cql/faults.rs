@@ -1,5 +1,7 @@
 //! Programmable faults of the stand-in node: an error, a delay or a dropped connection for the
-//! next n matching requests (or with a probability), matched by opcode and statement text.
+//! next n matching requests (or with a probability), matched by opcode and statement text; and
+//! a saturated node ([`Saturation`]), whose latency grows with the requests in flight and which
+//! sheds load with Overloaded above a threshold.
 
 use std::time::Duration;
 
@@ -97,5 +99,120 @@ impl Fault {
                 .statement_contains
                 .as_ref()
                 .is_none_or(|t| statement.to_ascii_lowercase().contains(t))
+    }
+}
+
+/// A node saturated by load, modelled on how one behaves: it serves up to `capacity` requests
+/// at once in `base_latency`; beyond that, requests queue (with `n` in flight, each takes
+/// `base_latency × n / capacity`, so the node's throughput stays `capacity / base_latency`
+/// however many are sent); above `overload_above` in flight it sheds load, answering
+/// Overloaded at once, as ScyllaDB does when a shard's queue of requests is full. It applies to
+/// QUERY, EXECUTE and BATCH requests, or only to those whose statement contains a text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saturation {
+    pub capacity: usize,
+    pub base_latency: Duration,
+    pub overload_above: usize,
+    /// Only requests whose statement text contains this (case-insensitive).
+    pub statement_contains: Option<String>,
+}
+
+impl Saturation {
+    pub fn new(capacity: usize, base_latency: Duration, overload_above: usize) -> Saturation {
+        Saturation {
+            capacity: capacity.max(1),
+            base_latency,
+            overload_above,
+            statement_contains: None,
+        }
+    }
+
+    pub fn matching(mut self, text: &str) -> Saturation {
+        self.statement_contains = Some(text.to_ascii_lowercase());
+        self
+    }
+
+    /// Parses the control port's `CAPACITY LATENCY OVERLOAD_ABOVE [match TEXT]`, e.g.
+    /// `16 2ms 64 match user_activity`.
+    pub fn parse(words: &[&str]) -> Result<Saturation, String> {
+        const USAGE: &str = "cql saturate CAPACITY LATENCY OVERLOAD_ABOVE [match TEXT], e.g. cql saturate 16 2ms 64 match user_activity";
+        let count = |w: Option<&&str>, what: &str| -> Result<usize, String> {
+            w.ok_or(format!("missing {what}: {USAGE}"))?
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or(format!("{what} must be a positive count: {USAGE}"))
+        };
+        let capacity = count(words.first(), "CAPACITY")?;
+        let latency = words
+            .get(1)
+            .ok_or(format!("missing LATENCY: {USAGE}"))
+            .and_then(|d| {
+                humantime::parse_duration(d).map_err(|e| format!("LATENCY {d}: {e}: {USAGE}"))
+            })?;
+        let overload_above = count(words.get(2), "OVERLOAD_ABOVE")?;
+        let mut s = Saturation::new(capacity, latency, overload_above);
+        match &words[3.min(words.len())..] {
+            [] => {}
+            ["match", text] => s = s.matching(text),
+            other => return Err(format!("unexpected '{}': {USAGE}", other.join(" "))),
+        }
+        Ok(s)
+    }
+
+    /// How long a request takes with `in_flight` requests in flight, itself included.
+    pub fn latency(&self, in_flight: usize) -> Duration {
+        let queued = in_flight.max(self.capacity) as f64 / self.capacity as f64;
+        self.base_latency.mul_f64(queued)
+    }
+
+    pub(crate) fn applies(&self, opcode: Opcode, statement: &str) -> bool {
+        matches!(opcode, Opcode::Query | Opcode::Execute | Opcode::Batch)
+            && self
+                .statement_contains
+                .as_ref()
+                .is_none_or(|t| statement.to_ascii_lowercase().contains(t))
+    }
+}
+
+/// What a saturated node did since it was saturated.
+#[derive(Debug, Clone, Default)]
+pub struct SaturationStats {
+    /// Requests served (after their queueing latency).
+    pub served: u64,
+    /// Requests answered Overloaded.
+    pub overloaded: u64,
+    /// The most requests in flight at once.
+    pub peak_in_flight: usize,
+    /// The latency of each served request, in arrival order.
+    pub latencies: Vec<Duration>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saturation_parses_and_latency_grows_past_the_capacity() {
+        let s = Saturation::parse(&["4", "10ms", "8", "match", "user_activity"]).unwrap();
+        assert_eq!(
+            s,
+            Saturation::new(4, Duration::from_millis(10), 8).matching("user_activity")
+        );
+        assert_eq!(s.latency(1), Duration::from_millis(10));
+        assert_eq!(s.latency(4), Duration::from_millis(10));
+        assert_eq!(s.latency(8), Duration::from_millis(20));
+        assert!(s.applies(Opcode::Execute, "INSERT INTO ks.user_activity"));
+        assert!(!s.applies(Opcode::Execute, "INSERT INTO ks.user_days"));
+        assert!(!s.applies(Opcode::Prepare, "INSERT INTO ks.user_activity"));
+        for bad in [
+            &["0", "1ms", "2"][..],
+            &["4", "soon", "8"],
+            &["4", "1ms"],
+            &["4", "1ms", "8", "x"],
+        ] {
+            let err = Saturation::parse(bad).unwrap_err();
+            assert!(err.contains("cql saturate CAPACITY"), "{err}");
+        }
     }
 }

@@ -19,7 +19,7 @@ use tokio_openssl::SslStream;
 use tracing::{debug, warn};
 
 use crate::cql::engine::{Database, EngineError, Outcome, Prepared, RowSet, Value};
-use crate::cql::faults::{Fault, FaultKind};
+use crate::cql::faults::{Fault, FaultKind, Saturation, SaturationStats};
 use crate::cql::frame::{self, consistency_name, error_code, Opcode, Reader, Writer};
 use crate::cql::parser;
 
@@ -38,6 +38,10 @@ struct Shared {
     db: Mutex<Database>,
     prepared: Mutex<HashMap<Vec<u8>, Arc<Prepared>>>,
     faults: Mutex<Vec<Fault>>,
+    /// The saturated-node mode, its requests in flight, and what it did.
+    saturation: Mutex<Option<Saturation>>,
+    saturated_in_flight: std::sync::atomic::AtomicUsize,
+    saturation_stats: Mutex<SaturationStats>,
     outage_until: Mutex<Option<Instant>>,
     log: Mutex<Vec<LoggedRequest>>,
     /// Bound values the node refuses as invalid (see [`CqlNode::reject_values_containing`]).
@@ -95,6 +99,9 @@ impl CqlNode {
             db: Mutex::new(Database::new(ip)),
             prepared: Mutex::new(HashMap::new()),
             faults: Mutex::new(Vec::new()),
+            saturation: Mutex::new(None),
+            saturated_in_flight: std::sync::atomic::AtomicUsize::new(0),
+            saturation_stats: Mutex::new(SaturationStats::default()),
             outage_until: Mutex::new(None),
             log: Mutex::new(Vec::new()),
             rejected_values: Mutex::new(Vec::new()),
@@ -153,7 +160,20 @@ impl CqlNode {
         lock(&self.shared.rejected_values).push(needle.to_vec());
     }
 
+    /// Makes the node behave as a saturated one (see [`Saturation`]) until faults are cleared;
+    /// its figures start again from zero.
+    pub fn saturate(&self, saturation: Saturation) {
+        *lock(&self.shared.saturation_stats) = SaturationStats::default();
+        *lock(&self.shared.saturation) = Some(saturation);
+    }
+
+    /// What the saturated-node mode did since [`CqlNode::saturate`].
+    pub fn saturation_stats(&self) -> SaturationStats {
+        lock(&self.shared.saturation_stats).clone()
+    }
+
     pub fn clear_faults(&self) {
+        *lock(&self.shared.saturation) = None;
         lock(&self.shared.rejected_values).clear();
         lock(&self.shared.faults).clear();
         *lock(&self.shared.outage_until) = None;
@@ -479,7 +499,7 @@ async fn gate(
     }
     let cl = consistency.unwrap_or(1);
     let Some(kind) = shared.pick_fault(opcode, statement) else {
-        return Ok(());
+        return saturated(shared, opcode, statement, stream).await;
     };
     let write_type = if opcode == Opcode::Batch {
         "UNLOGGED_BATCH"
@@ -528,12 +548,7 @@ async fn gate(
                 &extra,
             )
         }
-        FaultKind::Overloaded => error_frame(
-            stream,
-            error_code::OVERLOADED,
-            "Too many in flight hints (injected by the stand-in node)",
-            &[],
-        ),
+        FaultKind::Overloaded => overloaded(stream, "Too many in flight hints"),
         FaultKind::ServerError => error_frame(
             stream,
             error_code::SERVER_ERROR,
@@ -542,6 +557,46 @@ async fn gate(
         ),
     };
     Err(Err(frame))
+}
+
+fn overloaded(stream: i16, why: &str) -> Vec<u8> {
+    let message = format!("{why} (injected by the stand-in node)");
+    error_frame(stream, error_code::OVERLOADED, &message, &[])
+}
+
+/// The saturated-node mode: queues the request for its latency, or sheds it with Overloaded.
+async fn saturated(
+    shared: &Shared,
+    opcode: Opcode,
+    statement: &str,
+    stream: i16,
+) -> Result<(), Answer> {
+    use std::sync::atomic::Ordering;
+    let Some(s) = lock(&shared.saturation)
+        .as_ref()
+        .filter(|s| s.applies(opcode, statement))
+        .cloned()
+    else {
+        return Ok(());
+    };
+    let in_flight = shared.saturated_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    if in_flight > s.overload_above {
+        shared.saturated_in_flight.fetch_sub(1, Ordering::SeqCst);
+        lock(&shared.saturation_stats).overloaded += 1;
+        let why = format!("{in_flight} requests in flight, above {}", s.overload_above);
+        return Err(Err(overloaded(stream, &why)));
+    }
+    let latency = s.latency(in_flight);
+    {
+        let mut stats = lock(&shared.saturation_stats);
+        stats.peak_in_flight = stats.peak_in_flight.max(in_flight);
+    }
+    tokio::time::sleep(latency).await;
+    shared.saturated_in_flight.fetch_sub(1, Ordering::SeqCst);
+    let mut stats = lock(&shared.saturation_stats);
+    stats.served += 1;
+    stats.latencies.push(latency);
+    Ok(())
 }
 
 fn engine_error(stream: i16, e: EngineError) -> Vec<u8> {

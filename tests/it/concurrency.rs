@@ -1,0 +1,118 @@
+//! Adaptive write concurrency end to end: the real pipeline and the ScyllaDB store against a
+//! saturated CQL stand-in node (latency that grows with the requests in flight, Overloaded
+//! above a threshold).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vault::config::ScyllaConfig;
+use vault::kafka::dead_letter::MemoryDeadLetters;
+use vault::store::scylla::ScyllaStore;
+use vault_sandbox::cql::{CqlNode, Saturation};
+
+use crate::common::{settings, unique, wait_until, Kafka, Running};
+
+const MAX: i64 = 16;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_limit_backs_off_from_a_saturated_node_recovers_and_loses_nothing() {
+    let kafka = Kafka::start();
+    let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("CQL stand-in starts");
+    let (topic, group) = (unique("saturated"), unique("g"));
+    let partitions = 4;
+    kafka.create_source_topic(&topic, partitions).await;
+    let c = ScyllaConfig {
+        nodes: vec![node.addr().to_string()],
+        keyspace: unique("it").replace('-', "_"),
+        max_concurrent_requests: MAX as usize,
+        min_concurrent_requests: 1,
+        adaptive_concurrency: true,
+        ..ScyllaConfig::default()
+    };
+    let store = ScyllaStore::connect(&c, true).await.expect("migrate");
+    // Four CQL requests at once at full speed, Overloaded above eight. A write permit sends
+    // two (the rows and the day-index entry), so the fixed maximum of 16 permits overloads it.
+    node.saturate(Saturation::new(4, Duration::from_millis(5), 8).matching(&c.keyspace));
+
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    cfg.scylla = c.clone();
+    let vault = Running::start(cfg, store, MemoryDeadLetters::default());
+    let limit = vault.metrics.write_concurrency_limit.clone();
+    wait_until("the limit to be exported", Duration::from_secs(30), || {
+        let l = limit.get();
+        async move {
+            match l {
+                MAX => Ok(()),
+                l => Err(format!("limit {l}, expected the maximum to start with")),
+            }
+        }
+    })
+    .await;
+    let lowest = Arc::new(AtomicI64::new(MAX));
+
+    kafka.produce_events(&topic, partitions, 0, 3000).await;
+    wait_until("the limit to back off", Duration::from_secs(60), || {
+        let (limit, lowest) = (limit.clone(), lowest.clone());
+        async move {
+            lowest.fetch_min(limit.get(), Ordering::SeqCst);
+            match lowest.load(Ordering::SeqCst) {
+                l if l <= MAX / 2 => Ok(()),
+                l => Err(format!("lowest limit {l}")),
+            }
+        }
+    })
+    .await;
+    let probe = kafka.probe(&group);
+    probe
+        .wait_committed_to_end(&topic, partitions, Duration::from_secs(120))
+        .await;
+    assert_eq!(node.row_count(&c.keyspace, "user_activity"), 3000);
+    let stats = node.saturation_stats();
+    assert!(stats.overloaded > 0, "the node shed load: {stats:?}");
+    assert!(
+        vault.counter("vault_write_retries_total") > 0.0,
+        "shed writes were retried"
+    );
+
+    // Healthy again: the limit climbs back while there is demand at the limit.
+    node.clear_faults();
+    let mut produced = 3000;
+    wait_until(
+        "the limit to recover to its maximum",
+        Duration::from_secs(60),
+        || {
+            let limit = limit.get();
+            let more = (limit < MAX).then_some(produced);
+            if more.is_some() {
+                produced += 1000;
+            }
+            let kafka = &kafka;
+            let topic = &topic;
+            async move {
+                if let Some(first) = more {
+                    kafka.produce_events(topic, partitions, first, 1000).await;
+                }
+                match limit {
+                    MAX => Ok(()),
+                    l => Err(format!("limit {l}")),
+                }
+            }
+        },
+    )
+    .await;
+    probe
+        .wait_committed_to_end(&topic, partitions, Duration::from_secs(60))
+        .await;
+    assert_eq!(node.row_count(&c.keyspace, "user_activity"), produced);
+    assert_eq!(
+        vault.counter("vault_events_stored_total") as usize,
+        produced,
+        "every event stored once"
+    );
+    assert_eq!(vault.metrics.write_requests_in_flight.get(), 0);
+    vault.stop().await;
+}
