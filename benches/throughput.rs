@@ -792,47 +792,83 @@ fn plot_fault_runs(
     let root = BitMapBackend::new(path, (1000, 720)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(360);
+    let s = saturation("ks");
+    let caption = format!(
+        "Draining into a saturated node ({} requests at once in {} ms, Overloaded above {})",
+        s.capacity,
+        s.base_latency.as_millis(),
+        s.overload_above
+    );
+    // Each write permit sends two requests (the rows and the day-index entry).
+    let shed = s.overload_above as f64 / 2.0;
+    draw_panel(
+        &top,
+        runs,
+        |p| p.1,
+        "events stored per second (0.5 s window)",
+        Some(&caption),
+        None,
+        SeriesLabelPosition::LowerRight,
+    )?;
+    draw_panel(
+        &bottom,
+        runs,
+        |p| p.2,
+        "write concurrency limit",
+        None,
+        Some(shed),
+        SeriesLabelPosition::UpperRight,
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+/// One panel of the fault-run plot: `value` of each run's timeline over time, and optionally a
+/// horizontal line at `mark` (the permits at which the node sheds load).
+fn draw_panel<DB: plotters::prelude::DrawingBackend>(
+    area: &plotters::prelude::DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[&FaultRun],
+    value: impl Fn(&(f64, f64, f64)) -> f64,
+    y_desc: &str,
+    caption: Option<&str>,
+    mark: Option<f64>,
+    legend_at: plotters::prelude::SeriesLabelPosition,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
+    use plotters::prelude::*;
+    let colors = [RGBColor(31, 119, 180), RGBColor(214, 39, 40)];
     let t_max = runs
         .iter()
         .filter_map(|r| r.timeline.last().map(|s| s.0))
         .fold(1.0, f64::max);
-    let rate_max = runs
+    let y_max = runs
         .iter()
-        .flat_map(|r| r.timeline.iter().map(|s| s.1))
+        .flat_map(|r| r.timeline.iter().map(&value))
+        .chain(mark)
         .fold(1.0, f64::max)
         * 1.1;
-    let limit_max = runs
-        .iter()
-        .flat_map(|r| r.timeline.iter().map(|s| s.2))
-        .fold(1.0, f64::max)
-        * 1.1;
-    let colors = [RGBColor(31, 119, 180), RGBColor(214, 39, 40)];
-    let s = saturation("ks");
-    let mut chart = ChartBuilder::on(&top)
-        .caption(
-            format!(
-                "Draining into a saturated node ({} requests at once in {} ms, Overloaded above {})",
-                s.capacity,
-                s.base_latency.as_millis(),
-                s.overload_above
-            ),
-            ("sans-serif", 18),
-        )
+    let mut builder = ChartBuilder::on(area);
+    if let Some(c) = caption {
+        builder.caption(c, ("sans-serif", 18));
+    }
+    let mut chart = builder
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(72)
-        .build_cartesian_2d(0f64..t_max, 0f64..rate_max)?;
+        .build_cartesian_2d(0f64..t_max, 0f64..y_max)?;
     chart
         .configure_mesh()
         .x_desc("seconds")
-        .y_desc("events stored per second (0.5 s window)")
+        .y_desc(y_desc)
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     for (run, color) in runs.iter().zip(colors) {
         chart
             .draw_series(LineSeries::new(
-                run.timeline.iter().map(|s| (s.0, s.1)),
+                run.timeline.iter().map(|p| (p.0, value(p))),
                 color.stroke_width(2),
             ))?
             .label(format!("{} concurrency", run.label))
@@ -840,51 +876,21 @@ fn plot_fault_runs(
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
-    let mut chart = ChartBuilder::on(&bottom)
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(72)
-        .build_cartesian_2d(0f64..t_max, 0f64..limit_max)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds")
-        .y_desc("write concurrency limit")
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .draw()?;
-    for (run, color) in runs.iter().zip(colors) {
+    if let Some(at) = mark {
         chart
             .draw_series(LineSeries::new(
-                run.timeline.iter().map(|s| (s.0, s.2)),
-                color.stroke_width(2),
+                [(0.0, at), (t_max, at)],
+                BLACK.mix(0.5).stroke_width(1),
             ))?
-            .label(format!("{} concurrency", run.label))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .label("permits at which the node sheds load")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5)));
     }
-    // Each write permit sends two requests (the rows and the day-index entry).
-    let shed = s.overload_above as f64 / 2.0;
-    chart
-        .draw_series(LineSeries::new(
-            [(0.0, shed), (t_max, shed)],
-            BLACK.mix(0.5).stroke_width(1),
-        ))?
-        .label("permits at which the node sheds load")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5)));
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend_at)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()?;
-    root.present()?;
     Ok(())
 }
 

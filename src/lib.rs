@@ -196,7 +196,9 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             && !cfg.kafka.instance_id.is_empty()
             && matches!(coordinator_result, Ok(Ok(())))
         {
-            leave_group(&consumer).await;
+            // Blocking calls into librdkafka, awaited: the consumer is not closed before.
+            let leaving = consumer.clone();
+            let _ = tokio::task::spawn_blocking(move || leave_group(&leaving)).await;
         }
 
         poll_stop.cancel();
@@ -273,9 +275,11 @@ async fn poll_main_queue(
 
 /// Makes a static member leave the group (KIP-345: librdkafka sends no LeaveGroup for a static
 /// member that closes): unsubscribing revokes its partitions and sends the LeaveGroup, after
-/// which librdkafka holds no member id. Waits for that, at most [`pipeline::deadline::KAFKA_CALL_TIMEOUT`].
-async fn leave_group(consumer: &VaultConsumer) {
-    let since = tokio::time::Instant::now();
+/// which librdkafka holds no member id (it drops it when the LeaveGroup is sent, not when it is
+/// answered). Waits for that, at most [`pipeline::deadline::KAFKA_CALL_TIMEOUT`]. Blocking: each
+/// call waits on librdkafka's main thread.
+fn leave_group(consumer: &VaultConsumer) {
+    let since = std::time::Instant::now();
     consumer.unsubscribe();
     while since.elapsed() < pipeline::deadline::KAFKA_CALL_TIMEOUT {
         if consumer
@@ -283,10 +287,10 @@ async fn leave_group(consumer: &VaultConsumer) {
             .member_id()
             .is_none_or(|id| id.is_empty())
         {
-            info!(waited = ?since.elapsed(), "Left the consumer group (kafka.leave_group_on_shutdown).");
+            info!(waited = ?since.elapsed(), "LeaveGroup sent (kafka.leave_group_on_shutdown).");
             return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::thread::sleep(Duration::from_millis(100));
     }
     warn!(
         "The consumer group was not left in time; its partitions move after kafka.session_timeout."

@@ -299,12 +299,13 @@ impl ClientContext for VaultContext {
                 if p.desired {
                     prefetched += p.fetchq_size;
                 }
-                if p.desired && p.consumer_lag >= 0 {
+                let lag = lag_of(p.consumer_lag, p.ls_offset, p.app_offset, p.lo_offset);
+                if let (true, Some(lag)) = (p.desired, lag) {
                     self.metrics
                         .consumer_lag
                         .with_label_values(&labels)
-                        .set(p.consumer_lag);
-                    lags.insert((topic.clone(), partition), p.consumer_lag);
+                        .set(lag);
+                    lags.insert((topic.clone(), partition), lag);
                 } else if !p.desired {
                     let _ = self.metrics.consumer_lag.remove_label_values(&labels);
                     let _ = self.metrics.log_end_offset.remove_label_values(&labels);
@@ -358,11 +359,64 @@ fn describe(tpl: &TopicPartitionList) -> String {
     parts.join(",")
 }
 
+/// A partition's lag in messages, from its statistics: librdkafka's `consumer_lag` (log end
+/// minus the committed offset); with nothing committed yet (`consumer_lag` -1), the log end
+/// minus the position read (or the log start, before the first read), so that a partition
+/// never committed still reads as behind. `None` before the log end is known.
+fn lag_of(consumer_lag: i64, log_end: i64, read_position: i64, log_start: i64) -> Option<i64> {
+    if consumer_lag >= 0 {
+        return Some(consumer_lag);
+    }
+    if log_end < 0 {
+        return None;
+    }
+    let from = if read_position >= 0 {
+        read_position
+    } else {
+        log_start.max(0)
+    };
+    Some((log_end - from).max(0))
+}
+
 #[cfg(test)]
 mod tests {
     use rdkafka::statistics::{Partition, Topic};
 
     use super::*;
+
+    #[test]
+    fn a_partition_never_committed_still_reads_as_behind() {
+        assert_eq!(
+            lag_of(40, 100, 90, 0),
+            Some(40),
+            "librdkafka's, from the commit"
+        );
+        assert_eq!(
+            lag_of(-1, 100, 90, 0),
+            Some(10),
+            "nothing committed: from the read position"
+        );
+        assert_eq!(
+            lag_of(-1, 100, -1, 30),
+            Some(70),
+            "nothing read: from the log start"
+        );
+        assert_eq!(lag_of(-1, 100, -1, -1), Some(100));
+        assert_eq!(lag_of(-1, -1, -1, -1), None, "log end not known yet");
+    }
+
+    /// A context with metrics of its own, not bound to a consumer.
+    fn context() -> (Arc<Metrics>, VaultContext) {
+        let metrics = Arc::new(Metrics::new());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let deadlines = Deadlines {
+            revoke_timeout: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(1),
+        };
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        let context = VaultContext::new(tx, deadlines, metrics.clone(), health);
+        (metrics, context)
+    }
 
     fn partition(id: i32, desired: bool, lag: i64, fetchq_size: u64) -> (i32, Partition) {
         let p = Partition {
@@ -378,14 +432,7 @@ mod tests {
 
     #[test]
     fn statistics_give_lag_per_fetched_partition_and_the_bytes_fetched_ahead() {
-        let metrics = Arc::new(Metrics::new());
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let deadlines = Deadlines {
-            revoke_timeout: Duration::from_secs(1),
-            shutdown_timeout: Duration::from_secs(1),
-        };
-        let health = Arc::new(Health::new(Duration::from_secs(60)));
-        let context = VaultContext::new(tx, deadlines, metrics.clone(), health);
+        let (metrics, context) = context();
         let stats = |partitions: Vec<(i32, Partition)>| {
             let topic = Topic {
                 topic: "t".into(),
@@ -443,14 +490,7 @@ mod tests {
     #[test]
     fn statistics_give_the_group_state_and_each_brokers_round_trip_and_errors() {
         use rdkafka::statistics::{Broker, ConsumerGroup, Window};
-        let metrics = Arc::new(Metrics::new());
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let deadlines = Deadlines {
-            revoke_timeout: Duration::from_secs(1),
-            shutdown_timeout: Duration::from_secs(1),
-        };
-        let health = Arc::new(Health::new(Duration::from_secs(60)));
-        let context = VaultContext::new(tx, deadlines, metrics.clone(), health);
+        let (metrics, context) = context();
         let stats = |state: &str, txerrs: u64, rtt_avg: i64| {
             let broker = |nodeid: i32, name: &str| Broker {
                 name: name.into(),

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::kafka::context::VaultConsumer;
-use crate::pipeline::deadline::KAFKA_CALL_TIMEOUT;
+use crate::pipeline::deadline::GROUP_VIEW_CALL_TIMEOUT;
 use crate::telemetry::Metrics;
 
 /// What the brokers say about one partition.
@@ -42,13 +42,22 @@ impl PartitionView {
     }
 }
 
-/// Sets the `vault_group_*` series of one topic's partitions, and its partition count.
-pub fn export(metrics: &Metrics, topic: &str, partitions: &[(i32, PartitionView)]) {
+/// What the brokers said about one topic: its partition count (from metadata) and the view of
+/// each partition whose offsets they answered for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicView {
+    pub partitions: usize,
+    pub views: Vec<(i32, PartitionView)>,
+}
+
+/// Sets the `vault_group_*` series of one topic's partitions, and its partition count. A
+/// partition the brokers did not answer for keeps its previous values.
+pub fn export(metrics: &Metrics, topic: &str, view: &TopicView) {
     metrics
         .topic_partitions
         .with_label_values(&[topic])
-        .set(partitions.len() as i64);
-    for (partition, view) in partitions {
+        .set(view.partitions as i64);
+    for (partition, view) in &view.views {
         let p = partition.to_string();
         let labels = [topic, p.as_str()];
         metrics
@@ -63,22 +72,28 @@ pub fn export(metrics: &Metrics, topic: &str, partitions: &[(i32, PartitionView)
     }
 }
 
-/// Reads the view of every partition of `topic` (blocking: at most four bounded calls).
+/// Reads the view of every partition of `topic` (blocking: at most four calls, each bounded by
+/// [`GROUP_VIEW_CALL_TIMEOUT`]). A topic the metadata does not describe is an error, never a
+/// topic of 0 partitions: that would hide unowned partitions when the brokers are in trouble.
 pub fn read(
     consumer: &VaultConsumer,
     topic: &str,
-) -> Result<Vec<(i32, PartitionView)>, rdkafka::error::KafkaError> {
-    let md = consumer.fetch_metadata(Some(topic), KAFKA_CALL_TIMEOUT)?;
-    let mut ids: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+) -> Result<TopicView, rdkafka::error::KafkaError> {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+    let md = consumer.fetch_metadata(Some(topic), GROUP_VIEW_CALL_TIMEOUT)?;
+    let described = md.topics().iter().find(|t| t.name() == topic);
+    let mut ids: Vec<i32> = match described {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+            t.partitions().iter().map(|p| p.id()).collect()
+        }
+        _ => {
+            return Err(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+            ))
+        }
+    };
     ids.sort_unstable();
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
     let list = |at: Offset| -> Result<TopicPartitionList, rdkafka::error::KafkaError> {
         let mut tpl = TopicPartitionList::new();
         for id in &ids {
@@ -86,35 +101,43 @@ pub fn read(
         }
         Ok(tpl)
     };
-    let committed = consumer.committed_offsets(list(Offset::Invalid)?, KAFKA_CALL_TIMEOUT)?;
+    let committed = consumer.committed_offsets(list(Offset::Invalid)?, GROUP_VIEW_CALL_TIMEOUT)?;
     // A timestamp of -1 (End) asks for the log end, -2 (Beginning) for the log start.
-    let ends = consumer.offsets_for_times(list(Offset::End)?, KAFKA_CALL_TIMEOUT)?;
-    let starts = consumer.offsets_for_times(list(Offset::Beginning)?, KAFKA_CALL_TIMEOUT)?;
-    let offset_in =
-        |tpl: &TopicPartitionList, id: i32| match tpl.find_partition(topic, id).map(|e| e.offset())
-        {
-            Some(Offset::Offset(o)) => Some(o),
+    let ends = consumer.offsets_for_times(list(Offset::End)?, GROUP_VIEW_CALL_TIMEOUT)?;
+    let starts = consumer.offsets_for_times(list(Offset::Beginning)?, GROUP_VIEW_CALL_TIMEOUT)?;
+    // `None`: the brokers did not answer for this partition; `Some(None)`: no offset (for the
+    // group's, nothing committed).
+    let answered = |tpl: &TopicPartitionList, id: i32| {
+        let e = tpl.find_partition(topic, id)?;
+        e.error().ok()?;
+        Some(match e.offset() {
+            Offset::Offset(o) => Some(o),
             _ => None,
-        };
-    Ok(ids
+        })
+    };
+    let views = ids
         .iter()
         .filter_map(|&id| {
-            let log_end = offset_in(&ends, id)?;
             Some((
                 id,
                 PartitionView {
-                    committed: offset_in(&committed, id),
-                    log_start: offset_in(&starts, id).unwrap_or(0),
-                    log_end,
+                    committed: answered(&committed, id)?,
+                    log_start: answered(&starts, id)?.unwrap_or(0),
+                    log_end: answered(&ends, id)??,
                 },
             ))
         })
-        .collect())
+        .collect();
+    Ok(TopicView {
+        partitions: ids.len(),
+        views,
+    })
 }
 
 /// Refreshes the group view of `topics` every `every` until `stop`. A failed read is logged
 /// and leaves the previous values (Prometheus then sees them unchanged; the alerts built on
-/// them need minutes).
+/// them need minutes). A read under way when `stop` fires is awaited (it is bounded): it holds
+/// the consumer, whose close must not be left to the blocking pool.
 pub async fn run(
     consumer: Arc<VaultConsumer>,
     topics: Vec<String>,
@@ -131,11 +154,10 @@ pub async fn run(
         }
         for topic in &topics {
             let (consumer, t) = (consumer.clone(), topic.clone());
-            let reading = tokio::task::spawn_blocking(move || read(&consumer, &t));
-            let read = tokio::select! {
-                _ = stop.cancelled() => return,
-                read = reading => read,
-            };
+            let read = tokio::task::spawn_blocking(move || read(&consumer, &t)).await;
+            if stop.is_cancelled() {
+                return;
+            }
             match read {
                 Ok(Ok(view)) => export(&metrics, topic, &view),
                 Ok(Err(e)) => {
@@ -189,8 +211,19 @@ mod tests {
                 },
             ),
         ];
-        export(&m, "t", &view);
-        assert_eq!(m.topic_partitions.with_label_values(&["t"]).get(), 2);
+        export(
+            &m,
+            "t",
+            &TopicView {
+                partitions: 3,
+                views: view.to_vec(),
+            },
+        );
+        assert_eq!(
+            m.topic_partitions.with_label_values(&["t"]).get(),
+            3,
+            "a partition the brokers did not answer for still counts"
+        );
         assert_eq!(
             m.group_committed_offset
                 .with_label_values(&["t", "1"])

@@ -38,6 +38,10 @@ pub const STARTUP_CONNECT_PATIENCE: Duration = Duration::from_secs(60);
 /// How long shutdown keeps re-sending a final commit the broker refuses during a rebalance.
 pub const FINAL_COMMIT_RETRY: Duration = Duration::from_secs(5);
 
+/// Each broker call of the group view (see `kafka::group_view`): short, because shutdown
+/// waits for a view read under way before it closes the consumer.
+pub const GROUP_VIEW_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a failing batch keeps its claim on the retry half of the in-flight memory at a
 /// time (see `pipeline::batch::Batch::may_keep_retrying`): then, while partitions wait for
 /// memory, it gives its memory back and its partition restarts, so that batches that keep

@@ -31,6 +31,25 @@ async fn wait_restarted(vault: &Running) {
     wait_counter(vault, "vault_partition_restarts_total", 1.0).await;
 }
 
+/// Once its fault is gone, the one-partition `topic` is committed to its end within `secs`
+/// with every produced event stored, and the pipeline stops cleanly.
+async fn recovers(
+    kafka: &Kafka,
+    group: &str,
+    topic: &str,
+    vault: Running,
+    memory: &MemoryStore,
+    produced: &BTreeSet<(i32, i64)>,
+    secs: u64,
+) {
+    kafka
+        .probe(group)
+        .wait_committed_to_end(topic, 1, Duration::from_secs(secs))
+        .await;
+    assert_eq!(&stored_positions(memory), produced, "nothing lost");
+    vault.stop().await;
+}
+
 /// A one-partition source topic holding `n` events; returns the Kafka, topic, group and the
 /// events' positions.
 async fn one_partition(name: &str, n: usize) -> (Kafka, String, String, BTreeSet<(i32, i64)>) {
@@ -54,12 +73,7 @@ async fn a_partition_that_panics_before_its_first_durable_batch_loses_nothing() 
     let vault = Running::start(cfg, memory.clone(), MemoryDeadLetters::default());
     wait_restarted(&vault).await;
     fail::remove("kafka::decode");
-    kafka
-        .probe(&group)
-        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
-        .await;
-    assert_eq!(stored_positions(&memory), produced, "nothing lost");
-    vault.stop().await;
+    recovers(&kafka, &group, &topic, vault, &memory, &produced, 60).await;
 }
 
 /// A read error as the very first item of an assignment (records skipped, nothing read yet, no
@@ -78,12 +92,7 @@ async fn a_read_error_before_anything_was_read_resumes_at_the_committed_offset()
     );
     wait_restarted(&vault).await;
     fail::remove("kafka::read");
-    kafka
-        .probe(&group)
-        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
-        .await;
-    assert_eq!(stored_positions(&memory), produced, "nothing skipped");
-    vault.stop().await;
+    recovers(&kafka, &group, &topic, vault, &memory, &produced, 60).await;
 }
 
 /// A panic while adding to a batch and a failing seek before the restart: the partition is not
@@ -108,12 +117,7 @@ async fn a_restart_whose_seek_fails_starts_nothing_until_a_seek_succeeds() {
         "a partition whose seek failed was started anyway"
     );
     fail::remove("kafka::seek");
-    kafka
-        .probe(&group)
-        .wait_committed_to_end(&topic, 1, Duration::from_secs(90))
-        .await;
-    assert_eq!(stored_positions(&memory), produced, "nothing lost");
-    vault.stop().await;
+    recovers(&kafka, &group, &topic, vault, &memory, &produced, 90).await;
 }
 
 /// A fatal librdkafka error (as a fenced static member gets) ends the run with its cause, after

@@ -151,3 +151,64 @@ async fn a_pipeline_waiting_on_its_store_stays_alive() {
     );
     vault.stop().await;
 }
+
+/// A member draining a revoked partition whose write is held (its coordinator inside the
+/// revoke, its poll thread waiting in the rebalance callback) stays alive for as long as the
+/// drain may take, and loses nothing once the write goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_draining_a_revoked_partition_stays_alive() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("drains"), unique("g"));
+    kafka.create_source_topic(&topic, 2).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    cfg.metrics.addr = addr.clone();
+    cfg.pipeline.liveness_timeout = LIVENESS;
+    cfg.pipeline.revoke_timeout = Duration::from_secs(60);
+    let held = MemoryStore::new();
+    let store = Gated {
+        inner: held.clone(),
+        gate: Arc::new(Semaphore::new(0)),
+    };
+    let a = Running::start(cfg, store.clone(), MemoryDeadLetters::default());
+    let produced = kafka.produce_events(&topic, 2, 0, 400).await;
+    wait_until("writes held", Duration::from_secs(30), || async {
+        match a.metrics.in_flight_batches.get() {
+            n if n >= 2 => Ok(()),
+            n => Err(format!("{n} batches in flight")),
+        }
+    })
+    .await;
+    // A second member: `a` must hand over a partition, and drains it first.
+    let free = MemoryStore::new();
+    let b = Running::start(
+        settings(&kafka.brokers, &topic, &group),
+        free.clone(),
+        MemoryDeadLetters::default(),
+    );
+    wait_until("the revoke", Duration::from_secs(60), || {
+        let n = a.counter_with("vault_rebalances_total", "kind", "revoke");
+        async move { (n >= 1.0).then_some(()).ok_or(format!("{n}")) }
+    })
+    .await;
+    let until = tokio::time::Instant::now() + 3 * LIVENESS;
+    while tokio::time::Instant::now() < until {
+        assert_eq!(healthz(&addr).await, Ok((200, "ok\n".to_owned())));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        b.assigned(),
+        0,
+        "the drain was still under way: the revoked partition is not handed over yet"
+    );
+    store.gate.add_permits(Semaphore::MAX_PERMITS);
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 2, Duration::from_secs(60))
+        .await;
+    let mut stored = stored_positions(&held);
+    stored.extend(stored_positions(&free));
+    assert_eq!(stored, produced.into_iter().collect(), "nothing lost");
+    b.stop().await;
+    a.stop().await;
+}

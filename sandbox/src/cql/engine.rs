@@ -1249,6 +1249,20 @@ mod tests {
         db.execute(&st, &[], Some("ks"))
     }
 
+    /// A node with one (empty) keyspace.
+    fn with_keyspace(ks: &str) -> Database {
+        let mut db = Database::new(Ipv4Addr::LOCALHOST);
+        run(&mut db, &format!("CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}")).unwrap();
+        db
+    }
+
+    fn table_mut<'a>(db: &'a mut Database, ks: &str, table: &str) -> &'a mut Table {
+        db.keyspaces
+            .get_mut(ks)
+            .and_then(|k| k.tables.get_mut(table))
+            .expect("the table exists")
+    }
+
     fn rows(o: Outcome) -> Vec<Vec<Value>> {
         match o {
             Outcome::Rows(r) => r.rows,
@@ -1258,8 +1272,7 @@ mod tests {
 
     #[test]
     fn cells_are_last_write_wins_by_timestamp_whatever_the_arrival_order() {
-        let mut db = Database::new(Ipv4Addr::LOCALHOST);
-        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        let mut db = with_keyspace("k");
         run(
             &mut db,
             "CREATE TABLE k.t (a text PRIMARY KEY, b text, c text)",
@@ -1314,8 +1327,7 @@ mod tests {
 
     #[test]
     fn tombstones_shadow_older_writes_whenever_they_arrive() {
-        let mut db = Database::new(Ipv4Addr::LOCALHOST);
-        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        let mut db = with_keyspace("k");
         run(
             &mut db,
             "CREATE TABLE k.t (p text, c int, v text, PRIMARY KEY (p, c))",
@@ -1373,8 +1385,7 @@ mod tests {
 
     #[test]
     fn cells_written_with_a_ttl_expire() {
-        let mut db = Database::new(Ipv4Addr::LOCALHOST);
-        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        let mut db = with_keyspace("k");
         run(&mut db, "CREATE TABLE k.t (a text PRIMARY KEY, b text)").unwrap();
         run(
             &mut db,
@@ -1393,11 +1404,7 @@ mod tests {
         assert!((99..=100).contains(&left), "{left}");
         assert_eq!(got[0][2], Some(5i64.to_be_bytes().to_vec()));
         // Expire as of a later clock: the row goes; the row without a TTL stays.
-        let t = db
-            .keyspaces
-            .get_mut("k")
-            .and_then(|k| k.tables.get_mut("t"))
-            .unwrap();
+        let t = table_mut(&mut db, "k", "t");
         t.expire(now_secs() + 101);
         assert_eq!(t.row_count(), 1);
         let got = rows(run(&mut db, "SELECT ttl(b) FROM k.t WHERE a = 'y'").unwrap());
@@ -1406,8 +1413,7 @@ mod tests {
 
     #[test]
     fn a_tie_goes_to_the_expiring_cell_then_the_later_expiry_then_the_greater_value() {
-        let mut db = Database::new(Ipv4Addr::LOCALHOST);
-        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        let mut db = with_keyspace("k");
         run(&mut db, "CREATE TABLE k.t (a text PRIMARY KEY, b text)").unwrap();
         let ttl = |db: &mut Database| {
             rows(run(db, "SELECT b, ttl(b) FROM k.t WHERE a = 'x'").unwrap())[0]
@@ -1458,8 +1464,7 @@ mod tests {
 
     #[test]
     fn a_table_default_ttl_applies_to_writes_that_name_none() {
-        let mut db = Database::new(Ipv4Addr::LOCALHOST);
-        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        let mut db = with_keyspace("k");
         run(
             &mut db,
             "CREATE TABLE k.t (a text PRIMARY KEY, b text) WITH default_time_to_live = 100",
@@ -1488,8 +1493,7 @@ mod tests {
 
     #[test]
     fn a_row_whose_insert_expired_keeps_its_key_while_an_updated_cell_lives() {
-        let mut db = Database::new(Ipv4Addr::LOCALHOST);
-        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        let mut db = with_keyspace("k");
         run(
             &mut db,
             "CREATE TABLE k.t (a text PRIMARY KEY, b text, c text)",
@@ -1501,11 +1505,7 @@ mod tests {
         )
         .unwrap();
         run(&mut db, "UPDATE k.t SET c = 'kept' WHERE a = 'x'").unwrap();
-        let t = db
-            .keyspaces
-            .get_mut("k")
-            .and_then(|k| k.tables.get_mut("t"))
-            .unwrap();
+        let t = table_mut(&mut db, "k", "t");
         t.expire(now_secs() + 101);
         let got = rows(run(&mut db, "SELECT a, b, c FROM k.t").unwrap());
         assert_eq!(
@@ -1516,8 +1516,7 @@ mod tests {
 
     #[test]
     fn clustering_order_ranges_limits_and_counts() {
-        let mut db = Database::new(Ipv4Addr::LOCALHOST);
-        run(&mut db, "CREATE KEYSPACE ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        let mut db = with_keyspace("ks");
         run(&mut db, "CREATE TABLE t (u text, ts timestamp, v int, PRIMARY KEY (u, ts)) WITH CLUSTERING ORDER BY (ts DESC)").unwrap();
         for (ts, v) in [(10, 1), (30, 3), (20, 2)] {
             run(
@@ -1550,8 +1549,7 @@ mod tests {
 
     #[test]
     fn schema_tables_follow_ddl() {
-        let mut db = Database::new(Ipv4Addr::LOCALHOST);
-        run(&mut db, "CREATE KEYSPACE ks WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        let mut db = with_keyspace("ks");
         run(
             &mut db,
             "CREATE TABLE IF NOT EXISTS ks.t (a text PRIMARY KEY, b int)",
