@@ -110,15 +110,15 @@ pub struct Batch {
 /// record's [`Record::footprint`] to the share of its open batch; the batch carries that share
 /// to the persister and gives it back when dropped.
 ///
-/// While partitions wait for room, batches whose writes fail keep their memory only within
-/// half of it (see [`Batch::may_keep_retrying`]): failing partitions, however many, cannot
-/// keep the others from reading.
+/// While partitions whose writes succeed wait for room, batches whose writes fail keep their
+/// memory only within half of it (see [`Batch::may_keep_retrying`]): failing partitions,
+/// however many, cannot keep the others from reading.
 #[derive(Debug, Clone)]
 pub struct InFlightBudget {
     permits: Arc<Semaphore>,
     /// What failing batches may hold together, and that amount (half the budget).
     retrying: (Arc<Semaphore>, u32),
-    /// Partitions waiting for room right now.
+    /// Partitions waiting for room right now that have no failing batch.
     waiting: Arc<AtomicUsize>,
     total: u32,
 }
@@ -129,16 +129,36 @@ pub struct Share {
     permits: Arc<Semaphore>,
     retrying: (Arc<Semaphore>, u32),
     waiting: Arc<AtomicUsize>,
+    /// Batches of this share's partition that are failing right now.
+    failing: Arc<AtomicUsize>,
     bytes: u32,
 }
 
-/// A failing batch's claim on the half of the budget that failing batches may hold while
-/// partitions wait for room; given back when the batch stops retrying (durable or abandoned)
-/// or when its turn ([`RETRY_HOLD_TURN`]) is over.
+/// A failing batch's retry state, from its first failure until it stops retrying (durable or
+/// abandoned): it marks the batch's partition as failing, so that the partition's own waits
+/// for room do not count as pressure, and holds the batch's claim on the half of the budget
+/// that failing batches may hold while healthy partitions wait, if it has one, for a turn of
+/// [`RETRY_HOLD_TURN`].
 #[derive(Debug)]
 pub struct RetryHold {
-    _permit: Option<OwnedSemaphorePermit>,
-    since: Instant,
+    claim: Option<(OwnedSemaphorePermit, Instant)>,
+    failing: Arc<AtomicUsize>,
+}
+
+impl RetryHold {
+    fn began(failing: &Arc<AtomicUsize>) -> Self {
+        failing.fetch_add(1, Ordering::SeqCst);
+        RetryHold {
+            claim: None,
+            failing: failing.clone(),
+        }
+    }
+}
+
+impl Drop for RetryHold {
+    fn drop(&mut self) {
+        self.failing.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Counts a partition waiting for room while it waits (also when the wait is dropped).
@@ -154,6 +174,19 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Share {
+    /// A share holding nothing yet, of the same partition (for its next open batch).
+    pub fn sibling(&self) -> Share {
+        Share {
+            permits: self.permits.clone(),
+            retrying: self.retrying.clone(),
+            waiting: self.waiting.clone(),
+            failing: self.failing.clone(),
+            bytes: 0,
+        }
     }
 }
 
@@ -175,12 +208,13 @@ impl InFlightBudget {
         }
     }
 
-    /// A share holding nothing yet.
+    /// A share holding nothing yet, of a partition of its own.
     pub fn share(&self) -> Share {
         Share {
             permits: self.permits.clone(),
             retrying: self.retrying.clone(),
             waiting: self.waiting.clone(),
+            failing: Arc::default(),
             bytes: 0,
         }
     }
@@ -202,7 +236,10 @@ impl InFlightBudget {
     /// budget waits for all of it).
     pub async fn add(&self, share: &mut Share, bytes: usize) {
         let want = self.clamp(bytes);
-        let _waiting = Waiting::begin(&self.waiting);
+        // A partition whose own writes fail is not starved by the others: its wait is no
+        // reason to abandon their failing batches.
+        let _waiting =
+            (share.failing.load(Ordering::SeqCst) == 0).then(|| Waiting::begin(&self.waiting));
         self.permits
             .acquire_many(want)
             .await
@@ -268,33 +305,33 @@ impl Batch {
     ///
     /// A failing batch claims its bytes (at most half the budget, so one batch can always
     /// claim) of the half of the budget that failing batches may hold together, whenever there
-    /// is room. While no partition waits for memory it may retry without a claim; while one
-    /// does, only with a claim. A claim lasts [`RETRY_HOLD_TURN`]: then it is given back, and
-    /// under pressure the batch is abandoned, so a batch that keeps failing (a schema error, a
-    /// dead-letter topic that refuses) cannot keep memory from other failing partitions for
-    /// good. A batch without a share (written outside a pipeline) always may.
+    /// is room. While no healthy partition (one without a failing batch) waits for memory it
+    /// may retry without a claim, so an overloaded store, which fails every partition, makes
+    /// nothing be abandoned and read twice; while one does, only with a claim. A claim lasts
+    /// [`RETRY_HOLD_TURN`]: then it is given back, and under pressure the batch is abandoned, so
+    /// a batch that keeps failing (a schema error, a dead-letter topic that refuses) cannot keep
+    /// memory from others for good. A batch without a share (written outside a pipeline)
+    /// always may.
     pub fn may_keep_retrying(&self, hold: &mut Option<RetryHold>) -> bool {
         let Some(share) = &self.budget else {
             return true;
         };
+        let state = hold.get_or_insert_with(|| RetryHold::began(&share.failing));
         let pressure = share.waiting.load(Ordering::SeqCst) > 0;
-        if let Some(h) = hold {
-            if h.since.elapsed() < RETRY_HOLD_TURN {
+        if let Some((_, since)) = &state.claim {
+            if since.elapsed() < RETRY_HOLD_TURN {
                 return true;
             }
-            *hold = None;
+            state.claim = None;
             return !pressure;
         }
         let (retrying, cap) = &share.retrying;
-        *hold = retrying
+        state.claim = retrying
             .clone()
             .try_acquire_many_owned(share.bytes.clamp(1, *cap))
             .ok()
-            .map(|permit| RetryHold {
-                _permit: Some(permit),
-                since: Instant::now(),
-            });
-        hold.is_some() || !pressure
+            .map(|permit| (permit, Instant::now()));
+        state.claim.is_some() || !pressure
     }
 
     pub fn len(&self) -> usize {
@@ -378,12 +415,12 @@ mod tests {
         let budget = InFlightBudget::new(1000);
         let (a, b) = (batch_holding(&budget, 300), batch_holding(&budget, 300));
         let (mut ha, mut hb) = (None, None);
-        assert!(a.may_keep_retrying(&mut ha) && ha.is_some(), "a claims");
+        assert!(a.may_keep_retrying(&mut ha) && claimed(&ha), "a claims");
         assert!(
             b.may_keep_retrying(&mut hb),
             "b retries unclaimed: nobody waits"
         );
-        assert!(hb.is_none(), "600 bytes would pass half");
+        assert!(!claimed(&hb), "600 bytes would pass half");
     }
 
     #[tokio::test(start_paused = true)]
@@ -398,10 +435,34 @@ mod tests {
         assert!(a.may_keep_retrying(&mut ha), "within its turn");
         tokio::time::advance(RETRY_HOLD_TURN).await;
         assert!(!a.may_keep_retrying(&mut ha), "its turn is over");
-        assert!(ha.is_none());
+        assert!(!claimed(&ha));
         drop((a, b));
         waiter.await.unwrap();
         assert_eq!(budget.in_use(), 0, "every share was given back");
+    }
+
+    fn claimed(hold: &Option<RetryHold>) -> bool {
+        hold.as_ref().is_some_and(|h| h.claim.is_some())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_whose_own_writes_fail_puts_no_pressure_on_the_others() {
+        let budget = InFlightBudget::new(1000);
+        let (a, b) = (batch_holding(&budget, 300), batch_holding(&budget, 300));
+        let mut ha = None;
+        assert!(a.may_keep_retrying(&mut ha), "a fails and claims");
+        // `a`'s partition waits for room for its next batch: it is failing, so no pressure.
+        let mut next = a.budget.as_ref().expect("a share").sibling();
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.add(&mut next, 1000).await })
+        };
+        tokio::task::yield_now().await;
+        let mut hb = None;
+        assert!(b.may_keep_retrying(&mut hb), "b retries unclaimed");
+        assert!(!claimed(&hb));
+        drop((ha, hb, a, b));
+        waiter.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -292,7 +292,8 @@ impl PartitionTask {
         st.in_flight_opened.push_back(opened_at);
         let seq = st.next_seq;
         st.next_seq += 1;
-        let share = std::mem::replace(&mut st.share, self.budget.share());
+        let next = st.share.sibling();
+        let share = std::mem::replace(&mut st.share, next);
         let (mut batch, ack) = Batch::new(records, bytes, seq, reason);
         batch.hold(share);
         batch.cancel = self.cancel.clone();

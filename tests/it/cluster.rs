@@ -392,10 +392,10 @@ async fn a_static_member_that_leaves_on_shutdown_hands_its_partitions_over_soone
     let partitions = 4;
     let ProcessRig {
         kafka,
-        node: _node,
+        node,
         topic,
         group,
-        keyspace: _,
+        keyspace,
         dir,
         env,
     } = ProcessRig::start("static", partitions).await;
@@ -455,6 +455,11 @@ async fn a_static_member_that_leaves_on_shutdown_hands_its_partitions_over_soone
         .produce_and_wait_committed(&topic, &group, partitions, 400, 200)
         .await;
     stop_gracefully(a, "a to exit 0").await;
+    assert_eq!(
+        node.row_count(&keyspace, "user_activity"),
+        600,
+        "every event produced is stored, whichever member wrote it"
+    );
     assert!(
         moved[1] < moved[0],
         "leaving is faster than waiting for the session to expire: {moved:?}"
