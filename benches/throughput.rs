@@ -215,6 +215,13 @@ struct Bench {
     scale: f64,
 }
 
+/// A store run: the vault run, and CQL requests per event to the table and the day index.
+struct StoreRun {
+    run: VaultRun,
+    rows: f64,
+    index: f64,
+}
+
 /// What one vault run measured.
 struct VaultRun {
     events: u64,
@@ -242,8 +249,16 @@ impl Bench {
         ]
     }
 
-    /// A topic holding `count` events made by `vault produce`.
+    /// A topic holding `count` events made by `vault produce`, users spread evenly.
     fn topic_with(&self, name: &str, partitions: i32, count: u64) {
+        // Users spread evenly, so partitions fill evenly and none outgrows the mock broker's
+        // ~5 MiB retention (a Zipf-skewed key would lose its oldest events).
+        self.topic_with_skew(name, partitions, count, 0.01);
+    }
+
+    /// A topic holding `count` events of 100,000 users whose activity is Zipf-distributed with
+    /// exponent `skew`.
+    fn topic_with_skew(&self, name: &str, partitions: i32, count: u64, skew: f64) {
         self.mock
             .create_topic(name, partitions, 1)
             .expect("create topic");
@@ -261,10 +276,8 @@ impl Bench {
                 &count.to_string(),
                 "--users",
                 "100000",
-                // Users spread evenly, so partitions fill evenly and none outgrows the mock
-                // broker's ~5 MiB retention (a Zipf-skewed key would lose its oldest events).
                 "--skew",
-                "0.01",
+                &skew.to_string(),
             ])
             .envs(self.env(name))
             .stdout(Stdio::inherit())
@@ -372,6 +385,37 @@ impl Bench {
             run.peak_rss_mib
         );
         run
+    }
+
+    /// vault with the ScyllaDB store on a fresh topic of `count` events with user skew `skew`:
+    /// the run, and the CQL requests per event it sent to the main table and to the day index.
+    async fn store_run(&self, what: &str, topic: &str, count: u64, skew: f64) -> StoreRun {
+        self.topic_with_skew(topic, 64, count, skew);
+        self.node.clear_requests();
+        let run = self
+            .vault(
+                &format!("ScyllaDB store (CQL stand-in), {what}"),
+                topic,
+                count,
+                &[],
+            )
+            .await;
+        let requests = self.node.requests();
+        let count_of = |table: &str| {
+            requests
+                .iter()
+                .filter(|r| {
+                    matches!(r.opcode, "EXECUTE" | "BATCH")
+                        && r.statement.contains(&format!("INSERT INTO bench.{table}"))
+                })
+                .count() as f64
+                / count as f64
+        };
+        let (rows, index) = (count_of("user_activity"), count_of("user_days"));
+        eprintln!(
+            "    CQL requests per event: {rows:.4} to the table, {index:.4} to the day index"
+        );
+        StoreRun { run, rows, index }
     }
 
     /// vault with the null store (acknowledges without storing) on `topic`.
@@ -1017,6 +1061,18 @@ async fn run() {
         );
         return;
     }
+    if std::env::var_os("BENCH_STORE_ONLY").is_some() {
+        let n = bench.n(200_000);
+        let uniform = bench
+            .store_run("users uniform", "bench-scylla", n, 0.01)
+            .await;
+        let zipf = bench
+            .store_run("users Zipf 1.1", "bench-scylla-zipf", n / 2, 1.1)
+            .await;
+        say("Store runs");
+        println!("{}", store_lines(&uniform, &zipf));
+        return;
+    }
     if std::env::var_os("BENCH_READ_ONLY").is_some() {
         let read = read_page_latency(&bench.node).await;
         say("The read side (vault api)");
@@ -1074,31 +1130,13 @@ async fn run() {
     bench.topic_with("bench-500k", partitions, half);
     let null_half = bench.vault_null("bench-500k", half).await;
     let b = bench.baseline_b(bench.n(100_000), 256).await;
-    bench.topic_with("bench-scylla", partitions, scylla_n);
-    bench.node.clear_requests();
-    let scylla = bench
-        .vault(
-            "ScyllaDB store (CQL stand-in)",
-            "bench-scylla",
-            scylla_n,
-            &[],
-        )
+    let store = bench
+        .store_run("users uniform", "bench-scylla", scylla_n, 0.01)
         .await;
-    let requests = bench
-        .node
-        .requests()
-        .iter()
-        .filter(|r| {
-            matches!(r.opcode, "EXECUTE" | "BATCH")
-                && r.statement.contains("INSERT INTO bench.user_activity")
-        })
-        .count();
-    let index_requests = bench
-        .node
-        .requests()
-        .iter()
-        .filter(|r| r.opcode == "EXECUTE" && r.statement.contains("user_days"))
-        .count();
+    let store_zipf = bench
+        .store_run("users Zipf 1.1", "bench-scylla-zipf", scylla_n / 2, 1.1)
+        .await;
+    let scylla = &store.run;
     let linger_ms = 250.0;
     let fixed = bench.latency(1000, 15, &fixed_linger_env).await;
     let latencies = bench.latency(1000, 15, &latency_env).await;
@@ -1127,10 +1165,12 @@ async fn run() {
                           "ratio_to_a": rate(&null_big) / a_rate, "cpu_ratio_to_a": cpu_us(&null_big) / a_cpu_us},
         "vault_null_100k": {"events_per_s": rate(&null_small), "peak_rss_mib": null_small.peak_rss_mib},
         "vault_null_500k": {"events_per_s": rate(&null_half), "peak_rss_mib": null_half.peak_rss_mib},
-        "vault_scylla": {"events_per_s": rate(&scylla), "drain_events_per_s": drain(&scylla), "cpu_us_per_event": cpu_us(&scylla),
-                         "peak_rss_mib": scylla.peak_rss_mib, "ratio_to_b": rate(&scylla) / b_rate,
-                         "cql_requests_per_event": requests as f64 / scylla_n as f64,
-                         "index_requests_per_event": index_requests as f64 / scylla_n as f64},
+        "vault_scylla": {"events_per_s": rate(scylla), "drain_events_per_s": drain(scylla), "cpu_us_per_event": cpu_us(scylla),
+                         "peak_rss_mib": scylla.peak_rss_mib, "ratio_to_b": rate(scylla) / b_rate,
+                         "cql_requests_per_event": store.rows,
+                         "index_requests_per_event": store.index,
+                         "zipf": {"events": scylla_n / 2, "events_per_s": rate(&store_zipf.run), "cpu_us_per_event": cpu_us(&store_zipf.run),
+                                  "cql_requests_per_event": store_zipf.rows, "index_requests_per_event": store_zipf.index}},
         "latency_1k_per_s": {"events": latencies.len(), "p50_ms": p50, "p99_ms": p99,
                              "fixed_linger_p50_ms": fixed_p50, "fixed_linger_p99_ms": fixed_p99,
                              "p99_ratio_to_fixed_linger": p99 / fixed_p99,
@@ -1142,6 +1182,7 @@ async fn run() {
             "rss_1m_le_1.2_100k": null_big.peak_rss_mib <= 1.2 * null_small.peak_rss_mib,
             "p99_le_linger_plus_25ms": p99 <= linger_ms + 25.0,
             "p99_idle_flush_le_50ms": p99 <= 50.0,
+            "store_cpu_per_event_le_4us": cpu_us(scylla) <= 4.0,
         }
     });
     let mut results = results;
@@ -1189,18 +1230,9 @@ async fn run() {
         md,
         "| B: prepared inserts to the CQL stand-in (256 concurrent) | {b_rate:.0} | 1.00× B | | | |"
     );
-    let _ = writeln!(md, "| vault, ScyllaDB store (stand-in), {scylla_n} events | {:.0} | {:.2}× B | {:.0} | {:.2} | {:.1} |", rate(&scylla), rate(&scylla) / b_rate, drain(&scylla), cpu_us(&scylla), scylla.peak_rss_mib);
+    let _ = writeln!(md, "| vault, ScyllaDB store (stand-in), {scylla_n} events | {:.0} | {:.2}× B | {:.0} | {:.2} | {:.1} |", rate(scylla), rate(scylla) / b_rate, drain(scylla), cpu_us(scylla), scylla.peak_rss_mib);
     let _ = writeln!(md);
-    let _ = writeln!(
-        md,
-        "CQL requests per event (ScyllaDB store): {:.3}",
-        requests as f64 / scylla_n as f64
-    );
-    let _ = writeln!(
-        md,
-        "CQL requests per event to the day index (one per (user_id, day) group, for erasure): {:.3}",
-        index_requests as f64 / scylla_n as f64
-    );
+    let _ = writeln!(md, "{}", store_lines(&store, &store_zipf));
     let _ = writeln!(md, "produce → commit latency at 1,000 events/s (linger 250 ms, commit_interval 10 ms, fetch.wait.max.ms 5 for the mock broker, ScyllaDB store): idle flush (default) p50 {p50:.0} ms, p99 {p99:.0} ms over {} events; fixed linger p50 {fixed_p50:.0} ms, p99 {fixed_p99:.0} ms; p99 {:.2}× fixed linger", latencies.len(), p99 / fixed_p99);
     let _ = writeln!(md, "{}", read_line(&read));
     let _ = writeln!(md);
@@ -1235,6 +1267,25 @@ async fn run() {
     std::fs::write(dir.join("results.md"), &md).unwrap();
     say("Summary (target/bench/results.md, target/bench/results.json)");
     println!("{md}");
+}
+
+/// The store runs' CPU per event and CQL requests per event, users uniform and Zipf-skewed.
+fn store_lines(uniform: &StoreRun, zipf: &StoreRun) -> String {
+    let mut md = String::from(
+        "| ScyllaDB store (stand-in) | events | events/s (steady state) | CPU µs/event | CQL requests/event, table | to the day index |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for (what, r) in [("users uniform", uniform), ("users Zipf 1.1", zipf)] {
+        let _ = writeln!(
+            md,
+            "| {what} | {} | {:.0} | {:.2} | {:.4} | {:.4} |",
+            r.run.events,
+            r.run.steady_events as f64 / r.run.steady_seconds,
+            r.run.cpu_seconds * 1e6 / r.run.events as f64,
+            r.rows,
+            r.index
+        );
+    }
+    md
 }
 
 /// Events of the read-side user, and the days they span.

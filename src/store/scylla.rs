@@ -1,32 +1,39 @@
 //! The ScyllaDB store: schema management (`vault migrate`) and Scylla-shaped, idempotent writes.
 //!
-//! How a Kafka batch becomes CQL requests is decided here and nowhere else: events are grouped
-//! by partition key `(user_id, day)`; each group is sent as UNLOGGED batches of at most
-//! `max_batch_rows` rows and `max_batch_bytes` bytes (a single row as a plain EXECUTE); groups
-//! are written concurrently, as many at once per process as the write concurrency limit allows
-//! ([`crate::store::concurrency`]: adaptive between `min_concurrent_requests` and
-//! `max_concurrent_requests`, or fixed at the maximum). The statement is
-//! prepared once, marked idempotent, and always binds the partition key, so the driver routes
-//! each request to a replica (token- and DC-aware) and may retry it safely. `write` returns `Ok`
-//! only when every group is written; on failure it names the rows still unwritten, so a retry
-//! re-sends only the groups that failed.
+//! How a Kafka batch becomes CQL requests is decided here and nowhere else ([`plan`]): rows are
+//! grouped by partition `(user_id, day)` and the partitions by the replicas and shard that own
+//! them; each group is sent as UNLOGGED batches of at most `max_batch_rows` rows and
+//! `max_batch_bytes` bytes (a single row as a plain EXECUTE), and the day index's entries
+//! likewise. Requests are written concurrently, as many at once per process as the write
+//! concurrency limit allows ([`crate::store::concurrency`]: adaptive between
+//! `min_concurrent_requests` and `max_concurrent_requests`, or fixed at the maximum). The
+//! statements are prepared once, marked idempotent, and always bind the partition key, so the
+//! driver routes each request to a replica that owns every row in it (token-, shard- and
+//! DC-aware) and may retry it safely. `write` returns `Ok` only when every request is written;
+//! on failure it names the rows still unwritten, so a retry re-sends only those.
 //!
 //! Every cell is written `USING TIMESTAMP` its row's version ([`version`]), a function of the
 //! Kafka record alone: a replay writes the same cells at the same timestamps, and of two writes of
 //! one row the later message wins, whichever arrives last.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use foldhash::HashMap;
 use futures::stream::StreamExt;
 use openssl::error::ErrorStack;
 use openssl::ssl::{SslContext, SslContextBuilder, SslFiletype, SslMethod, SslVerifyMode};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::cluster::metadata::Keyspace;
+use scylla::cluster::ClusterState;
 use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+use scylla::frame::response::result::TableSpec;
 use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::routing::partitioner::{Murmur3Partitioner, Partitioner, PartitionerHasher};
+use scylla::routing::Token;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
@@ -378,6 +385,9 @@ pub struct ScyllaStore {
     /// Permits for write requests in flight, process-wide.
     limiter: Limiter,
     per_batch_requests: usize,
+    /// The UNLOGGED batches of `insert` and of `index`, by size.
+    rows_batches: Batches,
+    index_batches: Batches,
 }
 
 /// Requests of one batch in flight at once, at most (the process-wide bound is
@@ -442,6 +452,8 @@ impl ScyllaStore {
                 Limiter::fixed(c.max_concurrent_requests)
             },
             per_batch_requests: c.max_concurrent_requests.clamp(1, PER_BATCH_REQUESTS),
+            rows_batches: Batches::new(c.max_batch_rows),
+            index_batches: Batches::new(c.max_batch_rows),
         })
     }
 
@@ -469,49 +481,42 @@ impl ScyllaStore {
         }
     }
 
-    /// Splits events into requests: one group per `(user_id, day)`, cut by the row and byte caps.
-    /// Returns indices into `events`.
-    pub fn plan(&self, events: &[&Event]) -> Vec<Vec<usize>> {
-        let mut groups: HashMap<(&str, i64), Vec<usize>> = HashMap::new();
-        let mut order = Vec::new();
-        for (i, e) in events.iter().enumerate() {
-            let key = (e.user_id(), e.day());
-            groups
-                .entry(key)
-                .or_insert_with(|| {
-                    order.push(key);
-                    Vec::new()
-                })
-                .push(i);
-        }
-        let mut requests = Vec::new();
-        for key in order {
-            let mut current: Vec<usize> = Vec::new();
-            let mut bytes = 0;
-            for i in groups.remove(&key).unwrap_or_default() {
-                let size = row_size(events[i]);
-                if !current.is_empty()
-                    && (current.len() >= self.max_batch_rows || bytes + size > self.max_batch_bytes)
-                {
-                    requests.push(std::mem::take(&mut current));
-                    bytes = 0;
-                }
-                current.push(i);
-                bytes += size;
-            }
-            if !current.is_empty() {
-                requests.push(current);
-            }
-        }
-        requests
+    /// Splits events into requests (see [`plan`]): rows and day-index entries are each grouped
+    /// by the replicas (and shard) that own them, so one request carries many partitions to a
+    /// coordinator that owns every one of them.
+    pub fn plan(&self, events: &[&Event]) -> Vec<Request> {
+        let cluster = self.session.get_cluster_state();
+        let rows_at = Placement::of(&cluster, &self.keyspace, TABLE);
+        let index_at = Placement::of(&cluster, &self.keyspace, USER_DAYS);
+        plan(
+            events,
+            self.max_batch_rows,
+            self.max_batch_bytes,
+            |e| match &rows_at {
+                Some(at) => at.key(&[e.user_id().as_bytes(), &cql_day(e.day()).0.to_be_bytes()]),
+                None => fallback_key(&(e.user_id(), e.day())),
+            },
+            |e| match &index_at {
+                Some(at) => at.key(&[e.user_id().as_bytes()]),
+                None => fallback_key(&e.user_id()),
+            },
+        )
     }
 
-    /// Sends one group while holding a write permit, for the whole request (the driver's
+    /// Sends one request while holding a write permit, for the whole request (the driver's
     /// retries of it included), and tells the limiter how it ended. A cancelled send gives the
     /// permit back.
-    async fn send(&self, events: &[&Event], rows: &[usize]) -> Result<(), ExecutionError> {
+    async fn send(
+        &self,
+        events: &[&Event],
+        request: &Request,
+        now_ms: i64,
+    ) -> Result<(), ExecutionError> {
         let permit = self.limiter.acquire().await;
-        let result = self.send_group(events, rows).await;
+        let result = match request {
+            Request::Rows(rows) => self.send_rows(events, rows, now_ms).await,
+            Request::Index { entries, .. } => self.send_index(events, entries).await,
+        };
         permit.finish(match &result {
             Ok(()) => Answer::Success,
             Err(e) => Answer::of_error(&classify(e)),
@@ -519,40 +524,280 @@ impl ScyllaStore {
         result
     }
 
-    async fn send_group(&self, events: &[&Event], rows: &[usize]) -> Result<(), ExecutionError> {
-        // The day goes into the user's index, at the newest version it holds, together with
-        // the rows: the request is acknowledged only when both are durable, so the days of
-        // every durable batch are in the index (an erasure relies on nothing more: see
-        // store::erasure).
-        let first = events[rows[0]];
-        let version = rows.iter().map(|&i| version::of(events[i])).max();
-        let index = self.session.execute_unpaged(
-            &self.index,
-            (first.user_id(), cql_day(first.day()), version.unwrap_or(0)),
-        );
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let rows_written = async {
-            if let [i] = rows {
-                let e = events[*i];
-                self.session
-                    .execute_unpaged(&self.insert, values(e, self.ttl(e, now_ms)))
-                    .await?;
-            } else {
-                let mut batch = Batch::new(BatchType::Unlogged);
-                for _ in rows {
-                    batch.append_statement(self.insert.clone());
-                }
-                batch.set_is_idempotent(true);
-                let vals: Vec<_> = rows
-                    .iter()
-                    .map(|&i| values(events[i], self.ttl(events[i], now_ms)))
-                    .collect();
-                self.session.batch(&batch, vals).await?;
-            }
-            Ok::<(), ExecutionError>(())
-        };
-        futures::try_join!(index, rows_written)?;
+    async fn send_rows(
+        &self,
+        events: &[&Event],
+        rows: &[usize],
+        now_ms: i64,
+    ) -> Result<(), ExecutionError> {
+        if let [i] = rows {
+            let e = events[*i];
+            self.session
+                .execute_unpaged(&self.insert, values(e, self.ttl(e, now_ms)))
+                .await?;
+        } else {
+            let vals: Vec<_> = rows
+                .iter()
+                .map(|&i| values(events[i], self.ttl(events[i], now_ms)))
+                .collect();
+            let batch = self.rows_batches.get(rows.len(), &self.insert);
+            self.session.batch(batch, vals).await?;
+        }
         Ok(())
+    }
+
+    /// Writes day-index entries: each is `(user_id, day)` of the row `first` at `version`, the
+    /// newest version of that day's rows in the write (so an erasure's index delete at a lower
+    /// version never removes the entry of a row it does not shadow).
+    async fn send_index(
+        &self,
+        events: &[&Event],
+        entries: &[IndexEntry],
+    ) -> Result<(), ExecutionError> {
+        let value = |x: &IndexEntry| {
+            let e = events[x.first];
+            (e.user_id(), cql_day(e.day()), x.version)
+        };
+        if let [x] = entries {
+            self.session.execute_unpaged(&self.index, value(x)).await?;
+        } else {
+            let vals: Vec<_> = entries.iter().map(value).collect();
+            let batch = self.index_batches.get(entries.len(), &self.index);
+            self.session.batch(batch, vals).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes one row alone, with its day-index entry: how the rows of a refused request are
+    /// tried again, so that only a row the database refuses on its own is reported as refused.
+    async fn send_alone(
+        &self,
+        events: &[&Event],
+        i: usize,
+        now_ms: i64,
+    ) -> Result<(), ExecutionError> {
+        let rows = Request::Rows(vec![i]);
+        let index = Request::Index {
+            entries: vec![IndexEntry {
+                first: i,
+                version: version::of(events[i]),
+            }],
+            covers: vec![i],
+        };
+        futures::try_join!(
+            self.send(events, &rows, now_ms),
+            self.send(events, &index, now_ms)
+        )?;
+        Ok(())
+    }
+}
+
+/// One CQL request of a write: an UNLOGGED batch (or, for one statement, a plain EXECUTE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Rows of the main table (indices into the write's events).
+    Rows(Vec<usize>),
+    /// Day-index entries, and the rows they index: when the request fails, those rows count
+    /// as unwritten, so that a retry writes their index entries again.
+    Index {
+        entries: Vec<IndexEntry>,
+        covers: Vec<usize>,
+    },
+}
+
+impl Request {
+    /// The rows that are not durable when this request fails.
+    pub fn rows(&self) -> &[usize] {
+        match self {
+            Request::Rows(rows) => rows,
+            Request::Index { covers, .. } => covers,
+        }
+    }
+}
+
+/// One `(user_id, day)` entry of the day index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// A row of that day (index into the write's events): its user and day are the entry's.
+    pub first: usize,
+    /// The newest version among the write's rows of that day.
+    pub version: i64,
+}
+
+/// Splits a write's events into requests, with where each row and index entry lives given by
+/// `row_key` and `index_key` (equal keys: the same replicas and shard).
+///
+/// Rows are grouped by partition `(user_id, day)`, and the partitions by `row_key`; each group
+/// of partitions with one key is cut into UNLOGGED batches of at most `max_rows` rows and
+/// `max_bytes` bytes, a partition's rows kept together and in order where they fit. The day
+/// index gets one entry per partition, grouped by `index_key` and cut at `max_rows`. So with
+/// three replicas for every token, a batch of 500 events from 500 users costs about ten
+/// requests rather than a thousand, and every request goes to a coordinator that owns each
+/// partition in it (the driver routes a batch by its first statement): a multi-partition batch
+/// whose partitions live elsewhere would only move work to the coordinator, so there are none.
+pub fn plan(
+    events: &[&Event],
+    max_rows: usize,
+    max_bytes: usize,
+    row_key: impl Fn(&Event) -> u64,
+    index_key: impl Fn(&Event) -> u64,
+) -> Vec<Request> {
+    // Partitions in order of first appearance, each with its rows in order.
+    let mut partitions: Vec<Vec<usize>> = Vec::new();
+    let mut seen: HashMap<(&str, i64), usize> =
+        HashMap::with_capacity_and_hasher(events.len(), Default::default());
+    for (i, e) in events.iter().enumerate() {
+        let n = partitions.len();
+        let p = *seen.entry((e.user_id(), e.day())).or_insert(n);
+        if p == n {
+            partitions.push(Vec::new());
+        }
+        partitions[p].push(i);
+    }
+    let mut requests = Vec::new();
+    for (_, group) in by_key(&partitions, |rows| row_key(events[rows[0]])) {
+        let mut current: Vec<usize> = Vec::new();
+        let mut bytes = 0;
+        for i in group.into_iter().flatten().copied() {
+            let size = row_size(events[i]);
+            if !current.is_empty() && (current.len() >= max_rows || bytes + size > max_bytes) {
+                requests.push(Request::Rows(std::mem::take(&mut current)));
+                bytes = 0;
+            }
+            current.push(i);
+            bytes += size;
+        }
+        if !current.is_empty() {
+            requests.push(Request::Rows(current));
+        }
+    }
+    for (_, group) in by_key(&partitions, |rows| index_key(events[rows[0]])) {
+        for chunk in group.chunks(max_rows) {
+            let entries = chunk
+                .iter()
+                .map(|rows| IndexEntry {
+                    first: rows[0],
+                    version: rows
+                        .iter()
+                        .map(|&i| version::of(events[i]))
+                        .max()
+                        .unwrap_or(0),
+                })
+                .collect();
+            let mut covers: Vec<usize> =
+                chunk.iter().flat_map(|rows| rows.iter().copied()).collect();
+            covers.sort_unstable();
+            requests.push(Request::Index { entries, covers });
+        }
+    }
+    requests
+}
+
+/// `items` grouped by `key`, groups in order of their first item, items in order.
+fn by_key<T>(items: &[T], key: impl Fn(&T) -> u64) -> Vec<(u64, Vec<&T>)> {
+    let mut groups: Vec<(u64, Vec<&T>)> = Vec::new();
+    let mut at: HashMap<u64, usize> = HashMap::default();
+    for item in items {
+        let k = key(item);
+        let n = groups.len();
+        let g = *at.entry(k).or_insert(n);
+        if g == n {
+            groups.push((k, Vec::new()));
+        }
+        groups[g].1.push(item);
+    }
+    groups
+}
+
+/// Where the partitions of one table live, as the driver knows it now: [`plan`]'s key of a
+/// partition is a hash of its replicas (host id and shard, in the driver's order).
+struct Placement<'a> {
+    cluster: &'a ClusterState,
+    keyspace: &'a Keyspace,
+    table: TableSpec<'a>,
+}
+
+impl<'a> Placement<'a> {
+    /// `None` when the driver has no metadata for the table yet, or the table is not placed by
+    /// Murmur3 (the default partitioner, the only one whose tokens are computed here): then
+    /// every partition is its own group, one request per partition, as correct and only slower.
+    fn of(cluster: &'a ClusterState, keyspace: &'a str, table: &'a str) -> Option<Self> {
+        let ks = cluster.get_keyspace(keyspace)?;
+        let meta = ks.tables.get(table)?;
+        if !meta
+            .partitioner
+            .as_deref()
+            .is_none_or(|p| p.ends_with("Murmur3Partitioner"))
+        {
+            return None;
+        }
+        Some(Placement {
+            cluster,
+            keyspace: ks,
+            table: TableSpec::borrowed(keyspace, table),
+        })
+    }
+
+    /// The key of the partition whose serialized key columns are `parts`: its replicas.
+    fn key(&self, parts: &[&[u8]]) -> u64 {
+        let token = token(parts);
+        let mut h = KEY_HASH.build_hasher();
+        for (node, shard) in self.cluster.replica_locator().replicas_for_token(
+            token,
+            &self.keyspace.strategy,
+            None,
+            &self.table,
+        ) {
+            (node.host_id, shard).hash(&mut h);
+        }
+        h.finish()
+    }
+}
+
+/// The Murmur3 token of the partition whose serialized key columns are `parts` (a compound key
+/// hashed as CQL composes it), as the driver and the database compute it.
+pub fn token(parts: &[&[u8]]) -> Token {
+    let mut token = Murmur3Partitioner.build_hasher();
+    if let [one] = parts {
+        token.write(one);
+    } else {
+        for part in parts {
+            // Partition key columns are under 64 KiB (the database refuses longer ones).
+            let len = u16::try_from(part.len()).unwrap_or(u16::MAX);
+            token.write(&len.to_be_bytes());
+            token.write(part);
+            token.write(&[0]);
+        }
+    }
+    token.finish()
+}
+
+/// The key of a partition without placement: the partition key itself, so it groups alone.
+fn fallback_key(partition_key: &impl Hash) -> u64 {
+    KEY_HASH.hash_one((1u8, partition_key))
+}
+
+/// The hasher of planning keys (fixed: keys are compared within one write only).
+const KEY_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5ca1ab1e);
+
+/// UNLOGGED batches of `n` copies of one prepared statement, built once for each `n` used:
+/// a write binds its values to the cached batch, so no statement is cloned per row.
+struct Batches(Vec<OnceLock<Batch>>);
+
+impl Batches {
+    fn new(max: usize) -> Self {
+        Batches((0..=max).map(|_| OnceLock::new()).collect())
+    }
+
+    fn get(&self, n: usize, statement: &PreparedStatement) -> &Batch {
+        self.0[n].get_or_init(|| {
+            let mut batch = Batch::new(BatchType::Unlogged);
+            for _ in 0..n {
+                batch.append_statement(statement.clone());
+            }
+            batch.set_is_idempotent(true);
+            batch
+        })
     }
 }
 
@@ -622,11 +867,12 @@ impl Store for ScyllaStore {
 
     async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
         let plan = self.plan(events);
-        // The process-wide bound is the semaphore in `send`; this one keeps a large batch from
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        // The process-wide bound is the limiter in `send`; this one keeps a large batch from
         // queueing hundreds of request futures at once.
         let plan = &plan;
         let mut inflight = futures::stream::iter(0..plan.len())
-            .map(|k| async move { (&plan[k], self.send(events, &plan[k]).await) })
+            .map(|k| async move { (&plan[k], self.send(events, &plan[k], now_ms).await) })
             .buffer_unordered(self.per_batch_requests);
         let mut unwritten = Vec::new();
         let mut first_retryable: Option<StoreError> = None;
@@ -643,24 +889,29 @@ impl Store for ScyllaStore {
             };
             slot.get_or_insert(err);
         };
-        // Groups the database rejects as such (one bad row rejects its whole UNLOGGED batch).
-        let mut rejected: Vec<&[usize]> = Vec::new();
-        while let Some((rows, result)) = inflight.next().await {
+        // Requests the database refuses as such (one bad row refuses its whole UNLOGGED batch).
+        let mut rejected: Vec<usize> = Vec::new();
+        while let Some((request, result)) = inflight.next().await {
             if let Err(e) = result {
                 let err = classify(&e);
-                if err.is_row_error() && rows.len() > 1 {
-                    rejected.push(rows);
+                let rows = request.rows();
+                if err.is_row_error()
+                    && (rows.len() > 1 || matches!(request, Request::Index { .. }))
+                {
+                    rejected.extend_from_slice(rows);
                 } else {
                     record(rows, err);
                 }
             }
         }
         drop(inflight);
-        // Each row of a rejected group is tried alone, so only the rows the database rejects
-        // on their own are reported as rejected (and dead-lettered); the others are stored.
-        let rows: Vec<usize> = rejected.into_iter().flatten().copied().collect();
-        let mut alone = futures::stream::iter(rows)
-            .map(|i| async move { (i, self.send(events, &[i]).await) })
+        // Each row of a refused request is tried alone, with its index entry, so only the rows
+        // the database refuses on their own are reported as refused (and dead-lettered); the
+        // others are stored.
+        rejected.sort_unstable();
+        rejected.dedup();
+        let mut alone = futures::stream::iter(rejected)
+            .map(|i| async move { (i, self.send_alone(events, i, now_ms).await) })
             .buffer_unordered(self.per_batch_requests);
         while let Some((i, result)) = alone.next().await {
             if let Err(e) = result {
@@ -672,6 +923,7 @@ impl Store for ScyllaStore {
             return Ok(());
         }
         unwritten.sort_unstable();
+        unwritten.dedup();
         // Mixed outcomes report the error that is not about the rows themselves: a transient
         // one (retried), else a permanent one such as a missing table (the partition stalls);
         // rows that are really rejected fail again alone and are reported as rejected only
@@ -687,6 +939,130 @@ impl Store for ScyllaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `n` events of `users` users (user `i % users`), on `days` days (day `i % days`), of
+    /// ~150 bytes each, offsets `0..n`.
+    fn events(users: usize, days: usize, n: usize) -> Vec<Event> {
+        (0..n)
+            .map(|i| {
+                let json = format!(
+                    r#"{{"user_id":"u{}","event_type":"click","occurred_at":"2025-11-{:02}T10:00:00Z","attributes":{{"i":{i}}}}}"#,
+                    i % users,
+                    1 + i % days,
+                );
+                let source = crate::event::Source {
+                    topic: Arc::from("t"),
+                    partition: 0,
+                    offset: i as i64,
+                    timestamp_ms: Some(1_764_000_000_000 + i as i64),
+                };
+                crate::event::decode(None, Some(json.as_bytes()), source, None, Default::default())
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn rows_of(plan: &[Request]) -> Vec<&Vec<usize>> {
+        plan.iter()
+            .filter_map(|r| match r {
+                Request::Rows(rows) => Some(rows),
+                Request::Index { .. } => None,
+            })
+            .collect()
+    }
+
+    fn index_of(plan: &[Request]) -> Vec<(&Vec<IndexEntry>, &Vec<usize>)> {
+        plan.iter()
+            .filter_map(|r| match r {
+                Request::Index { entries, covers } => Some((entries, covers)),
+                Request::Rows(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn partitions_on_the_same_replicas_share_requests_and_others_do_not() {
+        let evs = events(500, 1, 500);
+        let refs: Vec<&Event> = evs.iter().collect();
+        // Two replica sets: users with an even number, and the others.
+        let parity = |e: &Event| e.user_id()[1..].parse::<u64>().unwrap() % 2;
+        let plan = plan(&refs, 100, 1 << 20, parity, parity);
+        let rows = rows_of(&plan);
+        assert_eq!(
+            rows.iter().map(|r| r.len()).collect::<Vec<_>>(),
+            [100, 100, 50, 100, 100, 50],
+            "250 partitions per replica set, 100 rows a request"
+        );
+        for r in &rows {
+            assert!(
+                r.iter().all(|&i| i % 2 == r[0] % 2),
+                "one replica set per request"
+            );
+        }
+        let index = index_of(&plan);
+        assert_eq!(index.len(), 6);
+        for (entries, covers) in &index {
+            assert_eq!(
+                entries.len(),
+                covers.len(),
+                "one entry per day, one row each here"
+            );
+            assert!(entries.iter().all(|x| x.first % 2 == entries[0].first % 2));
+        }
+        let mut every: Vec<usize> = rows.into_iter().flatten().copied().collect();
+        every.sort_unstable();
+        assert_eq!(every, (0..500).collect::<Vec<_>>(), "every row once");
+    }
+
+    #[test]
+    fn a_partition_keeps_its_rows_together_in_order_and_one_index_entry_at_its_newest_version() {
+        // 3 users on 2 days: 6 partitions; all on one replica set.
+        let evs = events(3, 2, 60);
+        let refs: Vec<&Event> = evs.iter().collect();
+        let plan = plan(&refs, 1000, 1 << 20, |_| 7, |_| 7);
+        let rows = rows_of(&plan);
+        assert_eq!(rows.len(), 1, "one request for all 60 rows");
+        // Partitions in order of first appearance, each partition's rows in order.
+        let mut expected = Vec::new();
+        for p in 0..6 {
+            expected.extend((0..60).filter(|i| i % 6 == p));
+        }
+        assert_eq!(*rows[0], expected);
+        let index = index_of(&plan);
+        assert_eq!(index.len(), 1);
+        let (entries, covers) = index[0];
+        assert_eq!(entries.len(), 6, "one entry per (user, day)");
+        for x in entries.iter() {
+            let newest = (0..60)
+                .filter(|i| i % 6 == x.first % 6)
+                .map(|i| version::of(&evs[i]))
+                .max()
+                .unwrap();
+            assert_eq!(
+                x.version, newest,
+                "the entry's version covers every row of its day"
+            );
+        }
+        assert_eq!(*covers, (0..60).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn requests_are_cut_at_the_byte_cap_and_every_partition_alone_without_placement() {
+        let evs = events(1, 1, 40);
+        let refs: Vec<&Event> = evs.iter().collect();
+        let size = evs.iter().map(row_size).max().unwrap();
+        let plan_capped = plan(&refs, 1000, 10 * size, |_| 0, |_| 0);
+        assert!(rows_of(&plan_capped).iter().all(|r| r.len() <= 10));
+        assert_eq!(rows_of(&plan_capped).len(), 4);
+        // A distinct key per partition (no placement known): one request per partition.
+        let evs = events(20, 1, 40);
+        let refs: Vec<&Event> = evs.iter().collect();
+        let key = |e: &Event| e.user_id()[1..].parse::<u64>().unwrap();
+        let plan = plan(&refs, 1000, 1 << 20, key, key);
+        assert_eq!(rows_of(&plan).len(), 20);
+        assert_eq!(index_of(&plan).len(), 20);
+        assert!(rows_of(&plan).iter().all(|r| r.len() == 2));
+    }
 
     #[test]
     fn deploy_schema_file_is_what_migrate_runs_for_the_defaults() {

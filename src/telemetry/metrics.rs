@@ -352,6 +352,7 @@ impl Metrics {
                 &self.partition_restarts,
                 &self.restart_seek_failures,
                 &self.dead_letter_send_failures,
+                &self.retries_out_of_memory,
             ] {
                 c.with_label_values(&[t]);
             }
@@ -634,6 +635,8 @@ mod tests {
             "vault_events_stored_total{topic=\"t\"} 0",
             "vault_events_dead_lettered_total{reason=\"bad_json\",topic=\"t\"} 0",
             "vault_dead_letter_send_failures_total{topic=\"t\"} 0",
+            "vault_retries_out_of_memory_total{topic=\"t\"} 0",
+            "vault_partition_restarts_total{topic=\"t\"} 0",
             "vault_kafka_group_state{state=\"up\"} 0",
             "vault_kafka_group_generation -1",
             "vault_end_to_end_latency_seconds_bucket{le=\"0.25\"} 0",

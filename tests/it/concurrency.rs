@@ -31,11 +31,13 @@ async fn the_write_limit_backs_off_from_a_saturated_node_recovers_and_loses_noth
         max_concurrent_requests: MAX as usize,
         min_concurrent_requests: 1,
         adaptive_concurrency: true,
+        // Small requests, so that a batch is many of them and demand exceeds the limit.
+        max_batch_rows: 5,
         ..ScyllaConfig::default()
     };
     let store = ScyllaStore::connect(&c, true).await.expect("migrate");
-    // Four CQL requests at once at full speed, Overloaded above eight. A write permit sends
-    // two (the rows and the day-index entry), so the fixed maximum of 16 permits overloads it.
+    // Four CQL requests at once at full speed, Overloaded above eight: the fixed maximum of 16
+    // (a write permit is one request) overloads it.
     node.saturate(Saturation::new(4, Duration::from_millis(5), 8).matching(&c.keyspace));
 
     let mut cfg = settings(&kafka.brokers, &topic, &group);

@@ -261,6 +261,47 @@ fn the_alertmanager_config_names_real_alerts() {
     }
 }
 
+/// The README lists every alert the rules raise, and the README, DESIGN and the dashboard name
+/// only alerts that exist.
+#[test]
+fn the_docs_list_every_alert_and_name_only_real_ones() {
+    let rules = yaml("deploy/prometheus/alerts.yml");
+    let names: BTreeSet<String> = rules["groups"][0]["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| s(&r["alert"]).to_owned())
+        .collect();
+    let readme = read("README.md");
+    for name in &names {
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "README.md does not list the alert {name}"
+        );
+    }
+    for file in [
+        "README.md",
+        "docs/DESIGN.md",
+        "deploy/grafana/dashboards/vault.json",
+    ] {
+        let text = read(file);
+        for (i, _) in text.match_indices("Vault") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect();
+            let boundary = i == 0 || !text.as_bytes()[i - 1].is_ascii_alphanumeric();
+            let alert_like = name.chars().nth(5).is_some_and(|c| c.is_ascii_uppercase());
+            if boundary && alert_like {
+                assert!(
+                    names.contains(&name),
+                    "{file} names {name}, which no rule raises"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn every_yaml_file_parses() {
     let mut files = vec![PathBuf::from("docker-compose.yml")];

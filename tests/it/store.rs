@@ -264,8 +264,10 @@ async fn against_a_real_scylladb_when_configured() {
     }
 }
 
+/// One node owns every token, so the rows of 500 users share their requests: 1,500 rows in
+/// batches of `max_batch_rows` (100), and their 500 day-index entries likewise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_of_500_users_costs_one_request_per_user_and_day() {
+async fn a_batch_of_500_users_on_one_replica_set_costs_one_request_per_100_rows() {
     let node = node().await;
     let c = scylla_config(&node.addr().to_string());
     let store = ScyllaStore::connect(&c, true).await.unwrap();
@@ -280,17 +282,41 @@ async fn a_batch_of_500_users_costs_one_request_per_user_and_day() {
             matches!(r.opcode, "BATCH" | "EXECUTE") && r.statement.contains("user_activity")
         })
         .collect();
-    assert_eq!(writes.len(), 500, "one request per (user_id, day) group");
-    let index = node
+    assert_eq!(
+        writes.iter().map(|r| r.rows).collect::<Vec<_>>(),
+        [100; 15],
+        "15 UNLOGGED batches of 100 rows"
+    );
+    let index: Vec<usize> = node
         .requests()
         .into_iter()
-        .filter(|r| r.opcode == "EXECUTE" && r.statement.contains("user_days"))
-        .count();
-    assert_eq!(index, 500, "and one to the user's index of days");
-    assert!(writes
-        .iter()
-        .all(|r| r.rows == 3 && r.consistency == Some("LOCAL_QUORUM")));
+        .filter(|r| matches!(r.opcode, "BATCH" | "EXECUTE") && r.statement.contains("user_days"))
+        .map(|r| r.rows)
+        .collect();
+    assert_eq!(
+        index, [100; 5],
+        "and 5 of 100 entries to the users' index of days"
+    );
+    assert!(writes.iter().all(|r| r.consistency == Some("LOCAL_QUORUM")));
     assert_eq!(node.row_count(&c.keyspace, "user_activity"), 1500);
+    assert_eq!(node.row_count(&c.keyspace, "user_days"), 500);
+    // The planner's tokens are the driver's.
+    let cluster = store.session().get_cluster_state();
+    for e in &batch[..20] {
+        let day = vault::store::scylla::cql_day(e.day());
+        assert_eq!(
+            vault::store::scylla::token(&[e.user_id().as_bytes(), &day.0.to_be_bytes()]),
+            cluster
+                .compute_token(&c.keyspace, "user_activity", &(e.user_id(), day))
+                .unwrap()
+        );
+        assert_eq!(
+            vault::store::scylla::token(&[e.user_id().as_bytes()]),
+            cluster
+                .compute_token(&c.keyspace, "user_days", &(e.user_id(),))
+                .unwrap()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

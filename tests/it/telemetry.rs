@@ -206,6 +206,7 @@ async fn prometheus_scrapes_vault_and_sees_every_event_stored() {
     )
     .unwrap();
     let mut checked = 0;
+    let mut concurrency = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"]
@@ -213,13 +214,29 @@ async fn prometheus_scrapes_vault_and_sees_every_event_stored() {
                 .unwrap()
                 .replace("$__rate_interval", "1m")
                 .replace("$instance", ".*");
-            if let Err(e) = prometheus.query(&expr) {
-                panic!("dashboard panel {}: {e}", panel["title"]);
+            let series = match prometheus.query(&expr) {
+                Ok(series) => series,
+                Err(e) => panic!("dashboard panel {}: {e}", panel["title"]),
+            };
+            if expr.contains("vault_write_concurrency_limit")
+                || expr.contains("vault_write_requests_in_flight")
+            {
+                concurrency.push((expr, series));
             }
             checked += 1;
         }
     }
     assert!(checked > 15, "dashboard queries checked: {checked}");
+    // The write concurrency panel: the limit and the requests in flight, one line per instance
+    // (the gauges exist from the start, whatever the store).
+    assert_eq!(concurrency.len(), 2, "{concurrency:?}");
+    for (expr, series) in &concurrency {
+        let instances: Vec<&str> = series
+            .iter()
+            .map(|s| s["metric"]["instance"].as_str().unwrap_or("?"))
+            .collect();
+        assert_eq!(instances, [metrics_addr.as_str()], "{expr}: {series:?}");
+    }
     vault.stop().await;
 }
 
@@ -288,7 +305,9 @@ impl Drop for Alertmanager {
 
 /// What a ScyllaDB outage raises (each rule once per topic, as alerts.test.yml shows) reaches
 /// Alertmanager, whose inhibit rule leaves one page: VaultPartitionStuck. A commit stall on
-/// another topic, with no stuck partition there, still pages.
+/// another topic, with no stuck partition there, still pages. The warnings that say why (writes
+/// retried, the write concurrency limit held down, failing batches abandoned for memory) are
+/// shown on the vault-ui receiver: not inhibited, and never a page.
 #[tokio::test]
 async fn a_store_outage_pages_once_through_alertmanager() {
     let am = Alertmanager::start();
@@ -298,11 +317,21 @@ async fn a_store_outage_pages_once_through_alertmanager() {
             "annotations": {"summary": format!("{name} on {topic}")},
         })
     };
+    let warning = |name: &str, labels: &[(&str, &str)]| {
+        let mut l = serde_json::json!({"alertname": name, "severity": "warning", "instance": "vault-0:9898"});
+        for (k, v) in labels {
+            l[*k] = Value::from(*v);
+        }
+        serde_json::json!({"labels": l, "annotations": {"summary": name}})
+    };
     let raised = serde_json::json!([
         alert("VaultPartitionStuck", "user-activity"),
         alert("VaultCommitsStalled", "user-activity"),
         alert("VaultPartitionNotCommitting", "user-activity"),
         alert("VaultCommitsStalled", "orders"),
+        warning("VaultWriteErrors", &[("kind", "overloaded")]),
+        warning("VaultWriteConcurrencyLow", &[]),
+        warning("VaultRetriesOutOfMemory", &[("topic", "user-activity")]),
     ]);
     wait_until(
         "Alertmanager to take the alerts",
@@ -313,13 +342,14 @@ async fn a_store_outage_pages_once_through_alertmanager() {
         },
     )
     .await;
-    let mut paging = Vec::new();
+    // (alert/topic, receiver) of every alert that is active, not inhibited.
+    let mut active = Vec::new();
     wait_until(
-        "Alertmanager to show all four, inhibitions applied",
+        "Alertmanager to show all seven, inhibitions applied",
         Duration::from_secs(30),
         || {
             let got = http_get(&am.addr, "/api/v2/alerts");
-            paging.clear();
+            active.clear();
             let seen = (|| {
                 let (status, body) = got?;
                 if status != 200 {
@@ -329,14 +359,23 @@ async fn a_store_outage_pages_once_through_alertmanager() {
                 let alerts = alerts.as_array().ok_or("not a list")?.clone();
                 for a in &alerts {
                     if a["status"]["state"] == "active" {
-                        paging.push(format!(
-                            "{}/{}",
-                            a["labels"]["alertname"].as_str().unwrap_or("?"),
-                            a["labels"]["topic"].as_str().unwrap_or("?")
+                        let receivers: Vec<&str> = a["receivers"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|r| r["name"].as_str())
+                            .collect();
+                        active.push((
+                            format!(
+                                "{}/{}",
+                                a["labels"]["alertname"].as_str().unwrap_or("?"),
+                                a["labels"]["topic"].as_str().unwrap_or("-")
+                            ),
+                            receivers.join(","),
                         ));
                     }
                 }
-                if alerts.len() == 4 {
+                if alerts.len() == 7 {
                     Ok(())
                 } else {
                     Err(body)
@@ -346,13 +385,30 @@ async fn a_store_outage_pages_once_through_alertmanager() {
         },
     )
     .await;
-    paging.sort();
+    active.sort();
+    let on = |receiver: &str| -> Vec<&str> {
+        active
+            .iter()
+            .filter(|(_, r)| r == receiver)
+            .map(|(a, _)| a.as_str())
+            .collect()
+    };
     assert_eq!(
-        paging,
+        on("vault-pages"),
         [
             "VaultCommitsStalled/orders",
             "VaultPartitionStuck/user-activity"
         ],
-        "one page for the outage, and the unrelated stall still pages"
+        "one page for the outage, and the unrelated stall still pages: {active:?}"
     );
+    assert_eq!(
+        on("vault-ui"),
+        [
+            "VaultRetriesOutOfMemory/user-activity",
+            "VaultWriteConcurrencyLow/-",
+            "VaultWriteErrors/-"
+        ],
+        "the warnings are shown, not paged: {active:?}"
+    );
+    assert_eq!(active.len(), 5, "{active:?}");
 }

@@ -175,6 +175,10 @@ impl Saturation {
     }
 }
 
+/// The most latencies [`SaturationStats`] keeps (1 MiB of them): a sandbox saturated for
+/// hours serves millions of requests, and its figures must not grow with them.
+pub const LATENCY_SAMPLES: usize = 1 << 16;
+
 /// What a saturated node did since it was saturated.
 #[derive(Debug, Clone, Default)]
 pub struct SaturationStats {
@@ -184,8 +188,42 @@ pub struct SaturationStats {
     pub overloaded: u64,
     /// The most requests in flight at once.
     pub peak_in_flight: usize,
-    /// The latency of each served request, in arrival order.
+    /// Served requests' latencies, a uniform sample of at most [`LATENCY_SAMPLES`]: every one,
+    /// in arrival order, up to that many; beyond, each served request has the same chance to
+    /// be in it (reservoir sampling), so its percentiles estimate those of the whole run, not of
+    /// its end.
     pub latencies: Vec<Duration>,
+    /// The state of the reservoir's random choices (splitmix64, from a fixed seed: a run's
+    /// sample is reproducible).
+    rng: u64,
+}
+
+impl SaturationStats {
+    /// Counts a served request and offers its latency to the sample (Algorithm R).
+    pub(crate) fn record_served(&mut self, latency: Duration) {
+        self.served += 1;
+        if self.latencies.len() < LATENCY_SAMPLES {
+            self.latencies.push(latency);
+            return;
+        }
+        // The n-th request replaces a random sample with probability LATENCY_SAMPLES / n.
+        let slot = self.next_random() % self.served;
+        if let Some(kept) = usize::try_from(slot)
+            .ok()
+            .and_then(|i| self.latencies.get_mut(i))
+        {
+            *kept = latency;
+        }
+    }
+
+    /// splitmix64: small, fast, and good enough to pick reservoir slots.
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
 }
 
 #[cfg(test)]
@@ -214,5 +252,64 @@ mod tests {
             let err = Saturation::parse(bad).unwrap_err();
             assert!(err.contains("cql saturate CAPACITY"), "{err}");
         }
+    }
+
+    /// The nearest-rank percentile of sorted latencies, as benches/throughput.rs reads them.
+    fn percentile(sorted: &[Duration], q: f64) -> Duration {
+        sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+    }
+
+    #[test]
+    fn latency_samples_stay_bounded_and_represent_the_whole_run() {
+        let ms = Duration::from_millis;
+        // Under the bound: every latency, in arrival order.
+        let mut stats = SaturationStats::default();
+        for i in 0..100 {
+            stats.record_served(ms(i));
+        }
+        assert_eq!(stats.latencies, (0..100).map(ms).collect::<Vec<_>>());
+
+        // A long session: 16 times the bound, in three phases (80% at 2 ms, then 18% at 4 ms,
+        // then 2% at 40 ms, as a node that grows slower), so a sample of the last requests
+        // would see only the slow end.
+        let total = 16 * LATENCY_SAMPLES as u64;
+        let (fast, slow) = (total * 80 / 100, total * 18 / 100);
+        let mut stats = SaturationStats::default();
+        for i in 0..total {
+            stats.record_served(match i {
+                i if i < fast => ms(2),
+                i if i < fast + slow => ms(4),
+                _ => ms(40),
+            });
+        }
+        assert_eq!(stats.served, total, "every request is counted");
+        assert_eq!(
+            stats.latencies.len(),
+            LATENCY_SAMPLES,
+            "the sample is bounded"
+        );
+        assert!(
+            stats.latencies.capacity() < 2 * LATENCY_SAMPLES,
+            "{}",
+            stats.latencies.capacity()
+        );
+        // Each phase's share of the sample is its share of the run, within 1%.
+        let share = |l: Duration| {
+            stats.latencies.iter().filter(|&&x| x == l).count() as f64 / LATENCY_SAMPLES as f64
+        };
+        for (latency, expected) in [(ms(2), 0.80), (ms(4), 0.18), (ms(40), 0.02)] {
+            let got = share(latency);
+            assert!(
+                (got - expected).abs() < 0.01,
+                "{latency:?}: {got} of the sample, {expected} of the run"
+            );
+        }
+        // So the percentiles callers read are the run's: p50 2 ms, p90 4 ms, p99 40 ms.
+        let mut sorted = stats.latencies.clone();
+        sorted.sort();
+        assert_eq!(percentile(&sorted, 0.5), ms(2));
+        assert_eq!(percentile(&sorted, 0.9), ms(4));
+        assert_eq!(percentile(&sorted, 0.99), ms(40));
+        assert_eq!(sorted.last(), Some(&ms(40)));
     }
 }

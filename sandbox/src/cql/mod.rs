@@ -7,5 +7,5 @@ pub mod parser;
 pub mod server;
 pub mod types;
 
-pub use faults::{Fault, FaultKind, Saturation, SaturationStats};
+pub use faults::{Fault, FaultKind, Saturation, SaturationStats, LATENCY_SAMPLES};
 pub use server::{CqlNode, LoggedRequest};

@@ -593,9 +593,7 @@ async fn saturated(
     }
     tokio::time::sleep(latency).await;
     shared.saturated_in_flight.fetch_sub(1, Ordering::SeqCst);
-    let mut stats = lock(&shared.saturation_stats);
-    stats.served += 1;
-    stats.latencies.push(latency);
+    lock(&shared.saturation_stats).record_served(latency);
     Ok(())
 }
 
