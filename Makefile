@@ -3,7 +3,7 @@ CARGO ?= cargo
 JOBS  ?= 2
 export CARGO_BUILD_JOBS ?= $(JOBS)
 
-.PHONY: help build test lint fmt fuzz faults chaos demo bench up down build-deps python-deps prometheus-deps chromium-deps rules k8s-deps k8s compose-deps compose
+.PHONY: help build test lint fmt fuzz faults chaos demo bench tansu up down build-deps python-deps prometheus-deps chromium-deps rules k8s-deps k8s compose-deps compose
 
 help: ## List the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -95,8 +95,14 @@ fmt: ## Format the code
 demo: build-deps ## The whole pipeline on this machine: sandbox, two vault processes, 100K events, verify, report
 	bash scripts/demo.sh
 
-bench: build-deps ## Benchmarks: vault vs a raw rdkafka consumer and direct CQL inserts (BENCH_SCALE=0.1 for a quick run)
+bench: build-deps ## Benchmarks: vault vs a raw rdkafka consumer and direct CQL inserts (BENCH_SCALE=0.1 for a quick run); with tansu installed (`make tansu`), also against a slow-answering broker
 	$(CARGO) bench --bench throughput
+
+# tansu: a Kafka-compatible broker that answers each fetch after fetch.wait.max.ms, like a remote
+# or loaded one; the bench's slow-answering-broker run uses it when it is on PATH. About 12
+# minutes to build on 2 cores, so neither CI nor `make test` needs it.
+tansu: ## Install tansu (cargo install, when missing), the bench's slow-answering broker
+	@command -v tansu >/dev/null || $(CARGO) install tansu --locked --features dynostore
 
 # --wait: returns once every service is healthy (vault: ready and alive) or has completed, and
 # fails if one does not get there.

@@ -215,6 +215,31 @@ struct Bench {
     scale: f64,
 }
 
+/// A child process killed when dropped (a broker started for one run).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The slow-answering broker's line for the summary.
+fn slow_broker_line(v: &Value) -> String {
+    format!(
+        "Slow-answering broker (tansu, {} events, 12 partitions, default budget): raw consumer {:.0} events/s ({:.2} s, {:.1} MiB), vault null store {:.0} events/s ({:.2} s, {:.1} MiB), **{:.2}× the raw consumer**",
+        v["events"],
+        v["raw_consumer"]["drain_events_per_s"].as_f64().unwrap(),
+        v["raw_consumer"]["seconds"].as_f64().unwrap(),
+        v["raw_consumer"]["peak_rss_mib"].as_f64().unwrap(),
+        v["vault_null"]["drain_events_per_s"].as_f64().unwrap(),
+        v["vault_null"]["seconds"].as_f64().unwrap(),
+        v["vault_null"]["peak_rss_mib"].as_f64().unwrap(),
+        v["ratio_to_raw"].as_f64().unwrap()
+    )
+}
+
 /// A store run: the vault run, and CQL requests per event to the table and the day index.
 struct StoreRun {
     run: VaultRun,
@@ -308,11 +333,16 @@ impl Bench {
     }
 
     fn baseline_a(&self, topic: &str, count: u64) -> Value {
+        self.raw_consumer_on(&self.brokers, topic, count)
+    }
+
+    /// A raw rdkafka consumer (see [`raw_consume`]) draining `topic` on `brokers`.
+    fn raw_consumer_on(&self, brokers: &str, topic: &str, count: u64) -> Value {
         say(&format!(
             "Baseline A: raw rdkafka consumer draining {topic}"
         ));
         let out = Command::new(std::env::current_exe().unwrap())
-            .args(["raw-consume", &self.brokers, topic, &count.to_string()])
+            .args(["raw-consume", brokers, topic, &count.to_string()])
             .output()
             .expect("raw consumer");
         assert!(out.status.success(), "raw consumer failed");
@@ -416,6 +446,99 @@ impl Bench {
             "    CQL requests per event: {rows:.4} to the table, {index:.4} to the day index"
         );
         StoreRun { run, rows, index }
+    }
+
+    /// The slow-answering-broker run: `tansu` (a Kafka-compatible broker that answers every
+    /// fetch after `fetch.wait.max.ms`, as a remote or loaded broker does) with `count` events
+    /// over 12 partitions, drained by the raw consumer and by vault with the null store, both
+    /// with vault's default prefetch budget. `None` when `tansu` is not installed (`make tansu`).
+    async fn slow_broker(&self, count: u64) -> Option<Value> {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{addr}");
+        let broker = match Command::new("tansu")
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => KillOnDrop(child),
+            Err(_) => {
+                say("Slow-answering broker: skipped (tansu is not installed; `make tansu` installs it)");
+                return None;
+            }
+        };
+        say(&format!(
+            "Slow-answering broker (tansu, pid {}): {count} events over 12 partitions",
+            broker.0.id()
+        ));
+        let topic = "slow";
+        for (name, partitions) in [(topic, "12"), ("slow.dlq", "1")] {
+            let mut tries = 0;
+            while !Command::new("tansu")
+                .args([
+                    "topic",
+                    "create",
+                    "--broker",
+                    &url,
+                    "--partitions",
+                    partitions,
+                    name,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                tries += 1;
+                assert!(tries < 50, "tansu did not take the topic {name}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let status = Command::new(VAULT)
+            .args([
+                "produce",
+                "--count",
+                &count.to_string(),
+                "--users",
+                "100000",
+                "--skew",
+                "0.01",
+            ])
+            .envs(self.env(topic))
+            .env("VAULT_KAFKA_BROKERS", &addr)
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .status()
+            .expect("vault produce");
+        assert!(status.success(), "vault produce into tansu failed");
+        let raw = self.raw_consumer_on(&addr, topic, count);
+        let drained = self
+            .vault(
+                "null store, slow-answering broker (tansu)",
+                topic,
+                count,
+                &[
+                    ("VAULT_PIPELINE_STORE", "null"),
+                    ("VAULT_KAFKA_BROKERS", &addr),
+                ],
+            )
+            .await;
+        let raw_drain = raw["events"].as_f64().unwrap() / raw["seconds"].as_f64().unwrap();
+        let drain = drained.events as f64 / drained.seconds;
+        Some(json!({
+            "events": count, "partitions": 12,
+            "raw_consumer": {"drain_events_per_s": raw_drain, "seconds": raw["seconds"], "cpu_seconds": raw["cpu_seconds"], "peak_rss_mib": raw["peak_rss_mib"]},
+            "vault_null": {"drain_events_per_s": drain, "seconds": drained.seconds, "cpu_seconds": drained.cpu_seconds, "peak_rss_mib": drained.peak_rss_mib},
+            "ratio_to_raw": drain / raw_drain,
+        }))
     }
 
     /// vault with the null store (acknowledges without storing) on `topic`.
@@ -1061,6 +1184,13 @@ async fn run() {
         );
         return;
     }
+    if std::env::var_os("BENCH_SLOW_BROKER_ONLY").is_some() {
+        if let Some(v) = bench.slow_broker(bench.n(1_000_000)).await {
+            say("Slow-answering broker");
+            println!("{}", slow_broker_line(&v));
+        }
+        return;
+    }
     if std::env::var_os("BENCH_STORE_ONLY").is_some() {
         let n = bench.n(200_000);
         let uniform = bench
@@ -1143,6 +1273,7 @@ async fn run() {
     let (fixed_p50, fixed_p99) = (percentile(&fixed, 0.5), percentile(&fixed, 0.99));
     let (fault_adaptive, fault_fixed, fault, healthy) = bench.fault_runs(bench.n(200_000)).await;
     let read = read_page_latency(&bench.node).await;
+    let slow = bench.slow_broker(big).await;
 
     // Figures and ratios.
     // Rates are steady-state rates (see `window`); whole-drain rates are reported beside them.
@@ -1188,6 +1319,13 @@ async fn run() {
     let mut results = results;
     results["fault_run"] = fault;
     results["read_api_page_100"] = read.clone();
+    if let Some(slow) = &slow {
+        results["slow_broker"] = slow.clone();
+        results["targets"]["slow_broker_null_ge_0.8_raw"] =
+            json!(slow["ratio_to_raw"].as_f64().unwrap() >= 0.8);
+        results["targets"]["slow_broker_rss_le_100_mib"] =
+            json!(slow["vault_null"]["peak_rss_mib"].as_f64().unwrap() <= 100.0);
+    }
     if let (Some(targets), Value::Object(more)) = (
         results["targets"].as_object_mut(),
         fault_targets(&fault_adaptive, &fault_fixed, healthy),
@@ -1235,6 +1373,9 @@ async fn run() {
     let _ = writeln!(md, "{}", store_lines(&store, &store_zipf));
     let _ = writeln!(md, "produce → commit latency at 1,000 events/s (linger 250 ms, commit_interval 10 ms, fetch.wait.max.ms 5 for the mock broker, ScyllaDB store): idle flush (default) p50 {p50:.0} ms, p99 {p99:.0} ms over {} events; fixed linger p50 {fixed_p50:.0} ms, p99 {fixed_p99:.0} ms; p99 {:.2}× fixed linger", latencies.len(), p99 / fixed_p99);
     let _ = writeln!(md, "{}", read_line(&read));
+    if let Some(slow) = &slow {
+        let _ = writeln!(md, "\n{}", slow_broker_line(slow));
+    }
     let _ = writeln!(md);
     let _ = writeln!(
         md,

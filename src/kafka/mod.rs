@@ -44,12 +44,21 @@ pub const FETCH_WAIT_MAX_MS: u32 = 100;
 /// librdkafka waits 1 s by default, which starves a small prefetch during catch-up.
 pub const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
 
+/// librdkafka's default `message.max.bytes`: the least `fetch.max.bytes` it accepts.
+const MESSAGE_MAX_BYTES_DEFAULT: usize = 1_000_000;
+
 /// The consumer's configuration. Offsets are committed explicitly by the coordinator, only for
 /// durable batches; librdkafka never commits or stores an offset on its own.
 ///
 /// `partitions` is how many partitions the subscribed topics have in all: librdkafka's prefetch
 /// limits apply per partition, so `kafka.prefetch_bytes` is shared out among them and the
 /// memory held in fetched-but-unread messages stays bounded however many partitions there are.
+///
+/// One fetch may carry the whole budget (`fetch.max.bytes`), each partition at most its share.
+/// Left unset, librdkafka lowers `fetch.max.bytes` to the per-partition queue limit (or 1 MB,
+/// `message.max.bytes`), so every fetch would carry one share in all, whatever the number of
+/// partitions: on a broker that answers each fetch after ~100 ms (a remote or loaded one),
+/// that starves the drain at about 10 MB/s.
 pub fn consumer_config(settings: &Settings, partitions: usize) -> ClientConfig {
     let k = &settings.config.kafka;
     let mut cfg = base_client_config(settings);
@@ -73,6 +82,7 @@ pub fn consumer_config(settings: &Settings, partitions: usize) -> ClientConfig {
             "max.partition.fetch.bytes",
             (queued_kbytes * 1024).to_string(),
         ),
+        ("fetch.max.bytes", fetch_max_bytes(k).to_string()),
         ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string()),
         ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string()),
         // Feeds vault_consumer_lag (see the context's stats callback).
@@ -86,6 +96,17 @@ pub fn consumer_config(settings: &Settings, partitions: usize) -> ClientConfig {
         cfg.set("group.instance.id", &k.instance_id);
     }
     cfg
+}
+
+/// The most one fetch carries for all its partitions: the prefetch budget, and at least
+/// `message.max.bytes` (librdkafka refuses less).
+fn fetch_max_bytes(k: &crate::config::KafkaConfig) -> usize {
+    let message_max = k
+        .options
+        .get("message.max.bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MESSAGE_MAX_BYTES_DEFAULT);
+    k.prefetch_bytes.max(message_max)
 }
 
 /// librdkafka's per-partition prefetch limit (`queued.max.messages.kbytes`) for a total budget:
@@ -223,6 +244,33 @@ mod tests {
 
     /// librdkafka is built with OpenSSL, so TLS and SASL/SCRAM options are accepted (a build
     /// without it refuses `security.protocol = SASL_SSL` when the client is created).
+    #[test]
+    fn one_fetch_may_carry_the_whole_prefetch_budget() {
+        let mut config = crate::config::Config::default();
+        let settings = config.clone().validate().unwrap();
+        let cfg = consumer_config(&settings, 12);
+        assert_eq!(cfg.get("fetch.max.bytes"), Some("8388608"));
+        assert_eq!(cfg.get("max.partition.fetch.bytes"), Some("698368"));
+        // librdkafka refuses a fetch.max.bytes below message.max.bytes.
+        config
+            .kafka
+            .options
+            .insert("message.max.bytes".into(), "10000000".into());
+        let settings = config.clone().validate().unwrap();
+        assert_eq!(
+            consumer_config(&settings, 12).get("fetch.max.bytes"),
+            Some("10000000")
+        );
+        // The consumer librdkafka builds from it accepts it and keeps it as set (left unset,
+        // it would lower it to one partition's share).
+        config.kafka.options.remove("message.max.bytes");
+        let settings = config.validate().unwrap();
+        let consumer: rdkafka::consumer::BaseConsumer = consumer_config(&settings, 12)
+            .create()
+            .expect("librdkafka accepts the configuration");
+        drop(consumer);
+    }
+
     #[test]
     fn the_prefetch_budget_is_shared_among_partitions() {
         assert_eq!(queued_kbytes_per_partition(256 << 20, 64), 4096);
