@@ -46,6 +46,12 @@ use vault_sandbox::cql::{CqlNode, Saturation};
 
 const VAULT: &str = env!("CARGO_BIN_EXE_vault");
 
+/// The setting that turns shard-aware batching on.
+const BY_REPLICA: (&str, &str) = ("VAULT_SCYLLA_BATCH_BY_REPLICA", "true");
+
+/// The setting that turns idle flushing off: batches wait for size, bytes or linger only.
+const FIXED_LINGER: (&str, &str) = ("VAULT_BATCH_FLUSH_WHEN_IDLE", "false");
+
 /// Repetitions of the headline runs (baseline A, vault with the null store); the median counts.
 const RUNS: usize = 3;
 
@@ -419,7 +425,14 @@ impl Bench {
 
     /// vault with the ScyllaDB store on a fresh topic of `count` events with user skew `skew`:
     /// the run, and the CQL requests per event it sent to the main table and to the day index.
-    async fn store_run(&self, what: &str, topic: &str, count: u64, skew: f64) -> StoreRun {
+    async fn store_run(
+        &self,
+        what: &str,
+        topic: &str,
+        count: u64,
+        skew: f64,
+        extra: &[(&str, &str)],
+    ) -> StoreRun {
         self.topic_with_skew(topic, 64, count, skew);
         self.node.clear_requests();
         let run = self
@@ -427,7 +440,7 @@ impl Bench {
                 &format!("ScyllaDB store (CQL stand-in), {what}"),
                 topic,
                 count,
-                &[],
+                extra,
             )
             .await;
         let requests = self.node.requests();
@@ -735,12 +748,17 @@ impl Bench {
     }
 }
 
-/// The saturated node of the fault run: 16 CQL requests at once are served in 2 ms, more queue
-/// (latency grows with the requests in flight), and above 64 in flight it answers Overloaded.
-/// vault at its fixed maximum (256 write permits, two CQL requests each) sends far more.
+/// The saturated node of the fault run: 100 statements (rows or day-index entries) at once are
+/// served in 2 ms (50,000 a second), more queue (latency grows with the statements in flight),
+/// and above 400 in flight it answers Overloaded. vault at its fixed maximum (256 write permits,
+/// one request of up to `max_batch_rows`, 100, statements each) sends far more.
 fn saturation(keyspace: &str) -> Saturation {
-    Saturation::new(16, Duration::from_millis(2), 64).matching(&format!("{keyspace}."))
+    Saturation::new(100, Duration::from_millis(2), 400).matching(&format!("{keyspace}."))
 }
+
+/// Statements in one full request (`scylla.max_batch_rows`' default): the fault run's shedding
+/// threshold in write permits is about `overload_above / FULL_REQUEST`.
+const FULL_REQUEST: usize = 100;
 
 /// What one fault run measured.
 struct FaultRun {
@@ -963,13 +981,13 @@ fn plot_fault_runs(
     let (top, bottom) = root.split_vertically(360);
     let s = saturation("ks");
     let caption = format!(
-        "Draining into a saturated node ({} requests at once in {} ms, Overloaded above {})",
+        "Draining into a saturated node ({} statements at once in {} ms, Overloaded above {})",
         s.capacity,
         s.base_latency.as_millis(),
         s.overload_above
     );
-    // Each write permit sends two requests (the rows and the day-index entry).
-    let shed = s.overload_above as f64 / 2.0;
+    // A write permit is one request of up to FULL_REQUEST statements.
+    let shed = s.overload_above as f64 / FULL_REQUEST as f64;
     draw_panel(
         &top,
         runs,
@@ -1081,7 +1099,7 @@ fn fault_targets(adaptive: &FaultRun, fixed: &FaultRun, healthy_ratio: f64) -> V
 fn fault_table(adaptive: &FaultRun, fixed: &FaultRun, healthy: &Value) -> String {
     let s = saturation("ks");
     let mut md = format!(
-        "Fault run: {} events into a saturated stand-in ({} CQL requests at once in {} ms, more queue, Overloaded above {} in flight)\n\n\
+        "Fault run: {} events into a saturated stand-in ({} statements at once in {} ms, more queue, Overloaded above {} statements in flight)\n\n\
          | concurrency | events/s (steady) | vs fixed | events/s (whole drain) | p50 / p99 write ms (at the node) | failed attempts per stored event | Overloaded per stored event | limit: lowest / mean | rows stored |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         adaptive.events,
@@ -1159,11 +1177,7 @@ async fn run() {
         ("VAULT_KAFKA_OPTION_FETCH_WAIT_MAX_MS", "5"),
     ];
     // The baseline of the latency run: a fixed linger (no flush when the writer is idle).
-    let fixed_linger_env = [
-        latency_env[0],
-        latency_env[1],
-        ("VAULT_BATCH_FLUSH_WHEN_IDLE", "false"),
-    ];
+    let fixed_linger_env = [latency_env[0], latency_env[1], FIXED_LINGER];
     if std::env::var_os("BENCH_FAULT_ONLY").is_some() {
         let (adaptive, fixed, value, healthy) = bench.fault_runs(bench.n(200_000)).await;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
@@ -1194,13 +1208,22 @@ async fn run() {
     if std::env::var_os("BENCH_STORE_ONLY").is_some() {
         let n = bench.n(200_000);
         let uniform = bench
-            .store_run("users uniform", "bench-scylla", n, 0.01)
+            .store_run("users uniform", "bench-scylla", n, 0.01, &[])
             .await;
         let zipf = bench
-            .store_run("users Zipf 1.1", "bench-scylla-zipf", n / 2, 1.1)
+            .store_run("users Zipf 1.1", "bench-scylla-zipf", n / 2, 1.1, &[])
+            .await;
+        let replica = bench
+            .store_run(
+                "users uniform, batch_by_replica",
+                "bench-scylla-replica",
+                n,
+                0.01,
+                &[BY_REPLICA],
+            )
             .await;
         say("Store runs");
-        println!("{}", store_lines(&uniform, &zipf));
+        println!("{}", store_lines(&uniform, &zipf, &replica));
         return;
     }
     if std::env::var_os("BENCH_READ_ONLY").is_some() {
@@ -1254,6 +1277,25 @@ async fn run() {
             .total_cmp(&(y.steady_events as f64 / y.steady_seconds))
     });
     let null_big = runs.swap_remove(RUNS / 2);
+    // The same drain with a fixed linger (no flush when the writer is idle), median of as many.
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        runs.push(
+            bench
+                .vault(
+                    "null store, fixed linger",
+                    "bench-1m",
+                    big,
+                    &[("VAULT_PIPELINE_STORE", "null"), FIXED_LINGER],
+                )
+                .await,
+        );
+    }
+    runs.sort_by(|x, y| {
+        (x.steady_events as f64 / x.steady_seconds)
+            .total_cmp(&(y.steady_events as f64 / y.steady_seconds))
+    });
+    let null_fixed = runs.swap_remove(RUNS / 2);
     bench.topic_with("bench-100k", partitions, small);
     let null_small = bench.vault_null("bench-100k", small).await;
     // A third backlog size, to show where peak memory stops growing with the backlog.
@@ -1261,10 +1303,35 @@ async fn run() {
     let null_half = bench.vault_null("bench-500k", half).await;
     let b = bench.baseline_b(bench.n(100_000), 256).await;
     let store = bench
-        .store_run("users uniform", "bench-scylla", scylla_n, 0.01)
+        .store_run("users uniform", "bench-scylla", scylla_n, 0.01, &[])
         .await;
     let store_zipf = bench
-        .store_run("users Zipf 1.1", "bench-scylla-zipf", scylla_n / 2, 1.1)
+        .store_run(
+            "users Zipf 1.1",
+            "bench-scylla-zipf",
+            scylla_n / 2,
+            1.1,
+            &[],
+        )
+        .await;
+    let store_replica = bench
+        .store_run(
+            "users uniform, batch_by_replica",
+            "bench-scylla-replica",
+            scylla_n,
+            0.01,
+            &[BY_REPLICA],
+        )
+        .await;
+    // Idle flush against fixed linger when behind: the same store run with a fixed linger.
+    let store_fixed = bench
+        .store_run(
+            "users uniform, fixed linger",
+            "bench-scylla-fixed",
+            scylla_n,
+            0.01,
+            &[FIXED_LINGER],
+        )
         .await;
     let scylla = &store.run;
     let linger_ms = 250.0;
@@ -1300,6 +1367,8 @@ async fn run() {
                          "peak_rss_mib": scylla.peak_rss_mib, "ratio_to_b": rate(scylla) / b_rate,
                          "cql_requests_per_event": store.rows,
                          "index_requests_per_event": store.index,
+                         "batch_by_replica": {"events": scylla_n, "events_per_s": rate(&store_replica.run), "cpu_us_per_event": cpu_us(&store_replica.run),
+                                  "cql_requests_per_event": store_replica.rows, "index_requests_per_event": store_replica.index, "ratio_to_b": rate(&store_replica.run) / b_rate},
                          "zipf": {"events": scylla_n / 2, "events_per_s": rate(&store_zipf.run), "cpu_us_per_event": cpu_us(&store_zipf.run),
                                   "cql_requests_per_event": store_zipf.rows, "index_requests_per_event": store_zipf.index}},
         "latency_1k_per_s": {"events": latencies.len(), "p50_ms": p50, "p99_ms": p99,
@@ -1319,6 +1388,17 @@ async fn run() {
     let mut results = results;
     results["fault_run"] = fault;
     results["read_api_page_100"] = read.clone();
+    results["idle_flush_vs_fixed_linger"] = json!({
+        "null_1m": {"idle_events_per_s": rate(&null_big), "fixed_events_per_s": rate(&null_fixed),
+                    "drain_ratio": rate(&null_big) / rate(&null_fixed),
+                    "idle_cpu_us_per_event": cpu_us(&null_big), "fixed_cpu_us_per_event": cpu_us(&null_fixed)},
+        "store": {"idle_requests_per_event": store.rows + store.index,
+                  "fixed_requests_per_event": store_fixed.rows + store_fixed.index},
+    });
+    results["targets"]["idle_flush_drain_ge_0.95_fixed_linger"] =
+        json!(rate(&null_big) / rate(&null_fixed) >= 0.95);
+    results["targets"]["idle_flush_requests_le_fixed_linger"] =
+        json!(store.rows + store.index <= 1.05 * (store_fixed.rows + store_fixed.index));
     if let Some(slow) = &slow {
         results["slow_broker"] = slow.clone();
         results["targets"]["slow_broker_null_ge_0.8_raw"] =
@@ -1370,7 +1450,18 @@ async fn run() {
     );
     let _ = writeln!(md, "| vault, ScyllaDB store (stand-in), {scylla_n} events | {:.0} | {:.2}× B | {:.0} | {:.2} | {:.1} |", rate(scylla), rate(scylla) / b_rate, drain(scylla), cpu_us(scylla), scylla.peak_rss_mib);
     let _ = writeln!(md);
-    let _ = writeln!(md, "{}", store_lines(&store, &store_zipf));
+    let _ = writeln!(md, "{}", store_lines(&store, &store_zipf, &store_replica));
+    let _ = writeln!(
+        md,
+        "Idle flush against fixed linger, when behind: null-store 1M drain {:.0} vs {:.0} events/s ({:.2}×), CPU {:.2} vs {:.2} µs/event; ScyllaDB store CQL requests per event {:.4} vs {:.4}\n",
+        rate(&null_big),
+        rate(&null_fixed),
+        rate(&null_big) / rate(&null_fixed),
+        cpu_us(&null_big),
+        cpu_us(&null_fixed),
+        store.rows + store.index,
+        store_fixed.rows + store_fixed.index
+    );
     let _ = writeln!(md, "produce → commit latency at 1,000 events/s (linger 250 ms, commit_interval 10 ms, fetch.wait.max.ms 5 for the mock broker, ScyllaDB store): idle flush (default) p50 {p50:.0} ms, p99 {p99:.0} ms over {} events; fixed linger p50 {fixed_p50:.0} ms, p99 {fixed_p99:.0} ms; p99 {:.2}× fixed linger", latencies.len(), p99 / fixed_p99);
     let _ = writeln!(md, "{}", read_line(&read));
     if let Some(slow) = &slow {
@@ -1410,12 +1501,17 @@ async fn run() {
     println!("{md}");
 }
 
-/// The store runs' CPU per event and CQL requests per event, users uniform and Zipf-skewed.
-fn store_lines(uniform: &StoreRun, zipf: &StoreRun) -> String {
+/// The store runs' CPU per event and CQL requests per event: users uniform and Zipf-skewed, and
+/// users uniform with shard-aware batching (`scylla.batch_by_replica`).
+fn store_lines(uniform: &StoreRun, zipf: &StoreRun, replica: &StoreRun) -> String {
     let mut md = String::from(
         "| ScyllaDB store (stand-in) | events | events/s (steady state) | CPU µs/event | CQL requests/event, table | to the day index |\n|---|---:|---:|---:|---:|---:|\n",
     );
-    for (what, r) in [("users uniform", uniform), ("users Zipf 1.1", zipf)] {
+    for (what, r) in [
+        ("users uniform", uniform),
+        ("users Zipf 1.1", zipf),
+        ("users uniform, batch_by_replica", replica),
+    ] {
         let _ = writeln!(
             md,
             "| {what} | {} | {:.0} | {:.2} | {:.4} | {:.4} |",

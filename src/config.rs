@@ -283,6 +283,9 @@ pub struct ScyllaConfig {
     pub max_batch_rows: usize,
     /// Bytes of payload in one UNLOGGED batch, at most (keep below the cluster's batch_size_fail_threshold).
     pub max_batch_bytes: usize,
+    /// Also batch rows of different partitions that live on the same replicas and shard
+    /// (shard-aware batching, see `store::scylla::plan`); off: a batch holds one partition's rows.
+    pub batch_by_replica: bool,
     /// Write requests in flight at once, per process, at most (one batch sends at most 32 at
     /// once). With `adaptive_concurrency`, the most the adaptive limit goes up to.
     pub max_concurrent_requests: usize,
@@ -316,6 +319,10 @@ pub struct ScyllaConfig {
     pub allow_cleartext_password: bool,
 }
 
+/// The largest `scylla.max_batch_bytes`: ScyllaDB's default batch_size_warn_threshold_in_kb.
+/// Its estimate of a batch is larger than vault's, and it refuses batches above 1 MiB.
+const MAX_BATCH_BYTES: usize = 128 * 1024;
+
 impl fmt::Debug for ScyllaConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ScyllaConfig")
@@ -333,6 +340,7 @@ impl fmt::Debug for ScyllaConfig {
             .field("default_ttl", &self.default_ttl)
             .field("max_batch_rows", &self.max_batch_rows)
             .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("batch_by_replica", &self.batch_by_replica)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("adaptive_concurrency", &self.adaptive_concurrency)
             .field("min_concurrent_requests", &self.min_concurrent_requests)
@@ -495,6 +503,7 @@ impl Default for ScyllaConfig {
             default_ttl: Duration::ZERO,
             max_batch_rows: 100,
             max_batch_bytes: 64 * 1024,
+            batch_by_replica: false,
             max_concurrent_requests: 256,
             adaptive_concurrency: true,
             min_concurrent_requests: 1,
@@ -1295,11 +1304,11 @@ impl Config {
         if s.max_batch_rows == 0 || s.max_batch_rows > 1000 {
             return Err(bad("scylla.max_batch_rows", s.max_batch_rows, "1 to 1000"));
         }
-        if s.max_batch_bytes < 1024 {
+        if !(1024..=MAX_BATCH_BYTES).contains(&s.max_batch_bytes) {
             return Err(bad(
                 "scylla.max_batch_bytes",
                 s.max_batch_bytes,
-                "at least 1024 (bytes)",
+                "1024 to 131072 bytes (ScyllaDB warns about batches above 128 KiB, its batch_size_warn_threshold_in_kb, and refuses those above 1 MiB)",
             ));
         }
         if s.max_concurrent_requests == 0 {
@@ -1925,6 +1934,23 @@ mod tests {
         );
         assert!(outputs[1].1.contains("argument 1"), "{:?}", outputs[1]);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_batch_larger_than_scylla_warns_about_is_refused_with_the_reason() {
+        let err = set(&["scylla.max_batch_bytes=262144"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("scylla.max_batch_bytes") && err.contains("128 KiB"),
+            "{err}"
+        );
+        let ok = set(&[
+            "scylla.max_batch_bytes=131072",
+            "scylla.batch_by_replica=true",
+        ])
+        .unwrap();
+        assert!(ok.config.scylla.batch_by_replica);
     }
 
     #[test]

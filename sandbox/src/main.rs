@@ -63,8 +63,9 @@ const HELP: &str = "commands:
                                    ERROR: not-coordinator coordinator-not-available rebalance-in-progress unknown-member-id request-timed-out not-leader
   cql KIND [COUNT] [match TEXT] [p=PROB]   KIND: write-timeout read-timeout unavailable overloaded server-error drop delay:DURATION
   cql outage DURATION | cql drop-connections | cql clear | cql stats
-  cql saturate CAPACITY LATENCY OVERLOAD_ABOVE [match TEXT]   a saturated node: CAPACITY requests at once take LATENCY,
-                                   more queue (latency grows with the requests in flight), above OVERLOAD_ABOVE: Overloaded
+  cql saturate CAPACITY LATENCY OVERLOAD_ABOVE [match TEXT]   a saturated node: CAPACITY statements at once take LATENCY
+                                   (a BATCH of k weighs k), more queue (latency grows with the statements in flight),
+                                   above OVERLOAD_ABOVE statements in flight: Overloaded
   help";
 
 fn main() -> anyhow::Result<()> {

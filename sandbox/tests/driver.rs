@@ -310,6 +310,29 @@ async fn a_saturated_node_queues_requests_and_sheds_load_above_its_threshold() {
         "every served request is stored, no shed one is"
     );
 
+    // A BATCH weighs its statements: 6 rows alone are 3 times the capacity (2), so it takes
+    // three times the base latency, and is served although it is above the threshold (4),
+    // since nothing else is in flight.
+    let mut batch =
+        scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Unlogged);
+    for _ in 0..6 {
+        batch.append_statement(insert.clone());
+    }
+    let rows: Vec<_> = (100..106)
+        .map(|i: i64| {
+            let id = uuid::Uuid::from_u128(1000 + i as u128);
+            let at = scylla::value::CqlTimestamp(1_700_000_000_000 + i);
+            ("sat", day, at, id, "click", i, vec![0u8])
+        })
+        .collect();
+    session
+        .batch(&batch, rows)
+        .await
+        .expect("a lone batch is served");
+    let stats = node.saturation_stats();
+    assert_eq!(stats.latencies.last(), Some(&(base * 3)), "{stats:?}");
+    assert_eq!(stats.peak_in_flight, 6, "{stats:?}");
+
     node.clear_faults();
     let t0 = std::time::Instant::now();
     let results = futures::future::join_all((13..=24).map(write)).await;

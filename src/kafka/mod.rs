@@ -98,15 +98,17 @@ pub fn consumer_config(settings: &Settings, partitions: usize) -> ClientConfig {
     cfg
 }
 
-/// The most one fetch carries for all its partitions: the prefetch budget, and at least
-/// `message.max.bytes` (librdkafka refuses less).
+/// The most one fetch carries for all its partitions: the prefetch budget, at least
+/// `message.max.bytes` (librdkafka refuses less), and at most what librdkafka takes: 512 bytes
+/// of framing below `receive.message.max.bytes` when that is set, and below `i32::MAX`.
 fn fetch_max_bytes(k: &crate::config::KafkaConfig) -> usize {
-    let message_max = k
-        .options
-        .get("message.max.bytes")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(MESSAGE_MAX_BYTES_DEFAULT);
-    k.prefetch_bytes.max(message_max)
+    let option = |key: &str| k.options.get(key).and_then(|v| v.parse::<usize>().ok());
+    let message_max = option("message.max.bytes").unwrap_or(MESSAGE_MAX_BYTES_DEFAULT);
+    let ceiling = option("receive.message.max.bytes")
+        .unwrap_or(i32::MAX as usize)
+        .min(i32::MAX as usize)
+        .saturating_sub(512);
+    k.prefetch_bytes.min(ceiling).max(message_max)
 }
 
 /// librdkafka's per-partition prefetch limit (`queued.max.messages.kbytes`) for a total budget:
@@ -242,8 +244,6 @@ mod tests {
         }
     }
 
-    /// librdkafka is built with OpenSSL, so TLS and SASL/SCRAM options are accepted (a build
-    /// without it refuses `security.protocol = SASL_SSL` when the client is created).
     #[test]
     fn one_fetch_may_carry_the_whole_prefetch_budget() {
         let mut config = crate::config::Config::default();
@@ -261,9 +261,20 @@ mod tests {
             consumer_config(&settings, 12).get("fetch.max.bytes"),
             Some("10000000")
         );
+        // And at most 512 bytes below receive.message.max.bytes, which librdkafka requires.
+        config.kafka.options.remove("message.max.bytes");
+        config
+            .kafka
+            .options
+            .insert("receive.message.max.bytes".into(), "4000000".into());
+        let settings = config.clone().validate().unwrap();
+        assert_eq!(
+            consumer_config(&settings, 12).get("fetch.max.bytes"),
+            Some("3999488")
+        );
+        config.kafka.options.remove("receive.message.max.bytes");
         // The consumer librdkafka builds from it accepts it and keeps it as set (left unset,
         // it would lower it to one partition's share).
-        config.kafka.options.remove("message.max.bytes");
         let settings = config.validate().unwrap();
         let consumer: rdkafka::consumer::BaseConsumer = consumer_config(&settings, 12)
             .create()
@@ -287,6 +298,8 @@ mod tests {
         assert_eq!(queued_kbytes_per_partition(1 << 20, 0), 1024);
     }
 
+    /// librdkafka is built with OpenSSL, so TLS and SASL/SCRAM options are accepted (a build
+    /// without it refuses `security.protocol = SASL_SSL` when the client is created).
     #[test]
     fn tls_and_sasl_scram_are_built_in() {
         let mut cfg = ClientConfig::new();

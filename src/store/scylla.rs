@@ -1,22 +1,24 @@
 //! The ScyllaDB store: schema management (`vault migrate`) and Scylla-shaped, idempotent writes.
 //!
 //! How a Kafka batch becomes CQL requests is decided here and nowhere else ([`plan`]): rows are
-//! grouped by partition `(user_id, day)` and the partitions by the replicas and shard that own
-//! them; each group is sent as UNLOGGED batches of at most `max_batch_rows` rows and
-//! `max_batch_bytes` bytes (a single row as a plain EXECUTE), and the day index's entries
-//! likewise. Requests are written concurrently, as many at once per process as the write
-//! concurrency limit allows ([`crate::store::concurrency`]: adaptive between
-//! `min_concurrent_requests` and `max_concurrent_requests`, or fixed at the maximum). The
-//! statements are prepared once, marked idempotent, and always bind the partition key, so the
-//! driver routes each request to a replica that owns every row in it (token-, shard- and
-//! DC-aware) and may retry it safely. `write` returns `Ok` only when every request is written;
-//! on failure it names the rows still unwritten, so a retry re-sends only those.
+//! grouped by partition `(user_id, day)` (and, with `scylla.batch_by_replica`, partitions by
+//! the replicas and shard that own them); each group is sent as UNLOGGED batches of at most
+//! `max_batch_rows` rows and `max_batch_bytes` bytes (a single row as a plain EXECUTE), and the
+//! day index's entries likewise, at most `max_batch_rows` a request. Requests are written
+//! concurrently, as many at once per process as the write concurrency limit allows
+//! ([`crate::store::concurrency`]: adaptive between `min_concurrent_requests` and
+//! `max_concurrent_requests`, or fixed at the maximum). The statements are prepared once,
+//! marked idempotent, and always bind the partition key, so the driver routes each request to
+//! a replica that owns every row in it (token-, shard- and DC-aware) and may retry it safely.
+//! `write` returns `Ok` only when every request is written; on failure it names the rows still
+//! unwritten, so a retry re-sends only those.
 //!
 //! Every cell is written `USING TIMESTAMP` its row's version ([`version`]), a function of the
 //! Kafka record alone: a replay writes the same cells at the same timestamps, and of two writes of
 //! one row the later message wins, whichever arrives last.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::borrow::Cow;
+use std::hash::BuildHasher;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -33,7 +35,7 @@ use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
 use scylla::frame::response::result::TableSpec;
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::routing::partitioner::{Murmur3Partitioner, Partitioner, PartitionerHasher};
-use scylla::routing::Token;
+use scylla::routing::{Shard, Token};
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
@@ -388,6 +390,10 @@ pub struct ScyllaStore {
     /// The UNLOGGED batches of `insert` and of `index`, by size.
     rows_batches: Batches,
     index_batches: Batches,
+    /// Batch partitions that live on the same replicas and shard together (`plan`).
+    batch_by_replica: bool,
+    /// The datacenter whose replicas decide where a partition lives, when set.
+    local_dc: Option<String>,
 }
 
 /// Requests of one batch in flight at once, at most (the process-wide bound is
@@ -454,6 +460,8 @@ impl ScyllaStore {
             per_batch_requests: c.max_concurrent_requests.clamp(1, PER_BATCH_REQUESTS),
             rows_batches: Batches::new(c.max_batch_rows),
             index_batches: Batches::new(c.max_batch_rows),
+            batch_by_replica: c.batch_by_replica,
+            local_dc: (!c.local_dc.is_empty()).then(|| c.local_dc.clone()),
         })
     }
 
@@ -486,19 +494,29 @@ impl ScyllaStore {
     /// coordinator that owns every one of them.
     pub fn plan(&self, events: &[&Event]) -> Vec<Request> {
         let cluster = self.session.get_cluster_state();
-        let rows_at = Placement::of(&cluster, &self.keyspace, TABLE);
-        let index_at = Placement::of(&cluster, &self.keyspace, USER_DAYS);
+        let dc = self.local_dc.as_deref();
+        let placed = |table| {
+            Placement::of(&cluster, &self.keyspace, table, dc).filter(|_| self.batch_by_replica)
+        };
+        let (rows_at, index_at) = (placed(TABLE), placed(USER_DAYS));
         plan(
             events,
             self.max_batch_rows,
             self.max_batch_bytes,
-            |e| match &rows_at {
-                Some(at) => at.key(&[e.user_id().as_bytes(), &cql_day(e.day()).0.to_be_bytes()]),
-                None => fallback_key(&(e.user_id(), e.day())),
+            |e| {
+                let day = cql_day(e.day()).0.to_be_bytes();
+                let parts: [&[u8]; 2] = [e.user_id().as_bytes(), &day];
+                match &rows_at {
+                    Some(at) => at.key(&parts),
+                    None => alone(&parts),
+                }
             },
-            |e| match &index_at {
-                Some(at) => at.key(&[e.user_id().as_bytes()]),
-                None => fallback_key(&e.user_id()),
+            |e| {
+                let parts = [e.user_id().as_bytes()];
+                match &index_at {
+                    Some(at) => at.key(&parts),
+                    None => alone(&parts),
+                }
             },
         )
     }
@@ -506,15 +524,10 @@ impl ScyllaStore {
     /// Sends one request while holding a write permit, for the whole request (the driver's
     /// retries of it included), and tells the limiter how it ended. A cancelled send gives the
     /// permit back.
-    async fn send(
-        &self,
-        events: &[&Event],
-        request: &Request,
-        now_ms: i64,
-    ) -> Result<(), ExecutionError> {
+    async fn send(&self, events: &[&Event], request: &Request) -> Result<(), ExecutionError> {
         let permit = self.limiter.acquire().await;
         let result = match request {
-            Request::Rows(rows) => self.send_rows(events, rows, now_ms).await,
+            Request::Rows(rows) => self.send_rows(events, rows).await,
             Request::Index { entries, .. } => self.send_index(events, entries).await,
         };
         permit.finish(match &result {
@@ -524,12 +537,10 @@ impl ScyllaStore {
         result
     }
 
-    async fn send_rows(
-        &self,
-        events: &[&Event],
-        rows: &[usize],
-        now_ms: i64,
-    ) -> Result<(), ExecutionError> {
+    /// Writes rows, each with the TTL its retention leaves it at this moment (after the wait for
+    /// a permit, so a queued write never outlives its retention by the wait).
+    async fn send_rows(&self, events: &[&Event], rows: &[usize]) -> Result<(), ExecutionError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
         if let [i] = rows {
             let e = events[*i];
             self.session
@@ -541,7 +552,7 @@ impl ScyllaStore {
                 .map(|&i| values(events[i], self.ttl(events[i], now_ms)))
                 .collect();
             let batch = self.rows_batches.get(rows.len(), &self.insert);
-            self.session.batch(batch, vals).await?;
+            self.session.batch(&batch, vals).await?;
         }
         Ok(())
     }
@@ -563,19 +574,14 @@ impl ScyllaStore {
         } else {
             let vals: Vec<_> = entries.iter().map(value).collect();
             let batch = self.index_batches.get(entries.len(), &self.index);
-            self.session.batch(batch, vals).await?;
+            self.session.batch(&batch, vals).await?;
         }
         Ok(())
     }
 
     /// Writes one row alone, with its day-index entry: how the rows of a refused request are
     /// tried again, so that only a row the database refuses on its own is reported as refused.
-    async fn send_alone(
-        &self,
-        events: &[&Event],
-        i: usize,
-        now_ms: i64,
-    ) -> Result<(), ExecutionError> {
+    async fn send_alone(&self, events: &[&Event], i: usize) -> Result<(), ExecutionError> {
         let rows = Request::Rows(vec![i]);
         let index = Request::Index {
             entries: vec![IndexEntry {
@@ -584,10 +590,7 @@ impl ScyllaStore {
             }],
             covers: vec![i],
         };
-        futures::try_join!(
-            self.send(events, &rows, now_ms),
-            self.send(events, &index, now_ms)
-        )?;
+        futures::try_join!(self.send(events, &index), self.send(events, &rows))?;
         Ok(())
     }
 }
@@ -624,17 +627,23 @@ pub struct IndexEntry {
     pub version: i64,
 }
 
-/// Splits a write's events into requests, with where each row and index entry lives given by
-/// `row_key` and `index_key` (equal keys: the same replicas and shard).
+/// Splits a write's events into requests, with the batching keys of each row's partition and
+/// of its day-index partition given by `row_key` and `index_key`: partitions with equal keys
+/// may share a batch.
 ///
 /// Rows are grouped by partition `(user_id, day)`, and the partitions by `row_key`; each group
-/// of partitions with one key is cut into UNLOGGED batches of at most `max_rows` rows and
-/// `max_bytes` bytes, a partition's rows kept together and in order where they fit. The day
-/// index gets one entry per partition, grouped by `index_key` and cut at `max_rows`. So with
-/// three replicas for every token, a batch of 500 events from 500 users costs about ten
-/// requests rather than a thousand, and every request goes to a coordinator that owns each
-/// partition in it (the driver routes a batch by its first statement): a multi-partition batch
-/// whose partitions live elsewhere would only move work to the coordinator, so there are none.
+/// is cut into UNLOGGED batches of at most `max_rows` rows and `max_bytes` bytes, a partition's
+/// rows kept together and in order where they fit. The day index gets one entry per partition,
+/// at the newest version of its rows in the write, grouped by `index_key` and cut at `max_rows`
+/// entries; its requests come first, so a day is never left unindexed behind its rows for
+/// longer than the write (an entry without rows is only a stale entry).
+///
+/// By default the keys are the partitions themselves (`alone`): a batch holds one partition's
+/// rows, or one user's index entries. With `scylla.batch_by_replica` they are where the
+/// partitions live ([`Placement`]): with three nodes and a replication factor of 3, a batch of
+/// 500 events from 500 users costs a few requests per shard rather than a thousand, each sent
+/// to a coordinator that owns every partition in it (the driver routes a batch by its first
+/// statement).
 pub fn plan(
     events: &[&Event],
     max_rows: usize,
@@ -654,23 +663,8 @@ pub fn plan(
         }
         partitions[p].push(i);
     }
+    let max_rows = max_rows.max(1);
     let mut requests = Vec::new();
-    for (_, group) in by_key(&partitions, |rows| row_key(events[rows[0]])) {
-        let mut current: Vec<usize> = Vec::new();
-        let mut bytes = 0;
-        for i in group.into_iter().flatten().copied() {
-            let size = row_size(events[i]);
-            if !current.is_empty() && (current.len() >= max_rows || bytes + size > max_bytes) {
-                requests.push(Request::Rows(std::mem::take(&mut current)));
-                bytes = 0;
-            }
-            current.push(i);
-            bytes += size;
-        }
-        if !current.is_empty() {
-            requests.push(Request::Rows(current));
-        }
-    }
     for (_, group) in by_key(&partitions, |rows| index_key(events[rows[0]])) {
         for chunk in group.chunks(max_rows) {
             let entries = chunk
@@ -688,6 +682,22 @@ pub fn plan(
                 chunk.iter().flat_map(|rows| rows.iter().copied()).collect();
             covers.sort_unstable();
             requests.push(Request::Index { entries, covers });
+        }
+    }
+    for (_, group) in by_key(&partitions, |rows| row_key(events[rows[0]])) {
+        let mut current: Vec<usize> = Vec::new();
+        let mut bytes = 0;
+        for i in group.into_iter().flatten().copied() {
+            let size = row_size(events[i]);
+            if !current.is_empty() && (current.len() >= max_rows || bytes + size > max_bytes) {
+                requests.push(Request::Rows(std::mem::take(&mut current)));
+                bytes = 0;
+            }
+            current.push(i);
+            bytes += size;
+        }
+        if !current.is_empty() {
+            requests.push(Request::Rows(current));
         }
     }
     requests
@@ -709,48 +719,62 @@ fn by_key<T>(items: &[T], key: impl Fn(&T) -> u64) -> Vec<(u64, Vec<&T>)> {
     groups
 }
 
-/// Where the partitions of one table live, as the driver knows it now: [`plan`]'s key of a
-/// partition is a hash of its replicas (host id and shard, in the driver's order).
+/// Where the partitions of one table live, as the driver knows it now: with
+/// `scylla.batch_by_replica`, [`plan`]'s key of a partition is a hash of its replicas in
+/// `scylla.local_dc` (all of them without one), as (host id, shard) pairs in a fixed order.
 struct Placement<'a> {
     cluster: &'a ClusterState,
     keyspace: &'a Keyspace,
     table: TableSpec<'a>,
+    datacenter: Option<&'a str>,
 }
 
 impl<'a> Placement<'a> {
-    /// `None` when the driver has no metadata for the table yet, or the table is not placed by
-    /// Murmur3 (the default partitioner, the only one whose tokens are computed here): then
-    /// every partition is its own group, one request per partition, as correct and only slower.
-    fn of(cluster: &'a ClusterState, keyspace: &'a str, table: &'a str) -> Option<Self> {
+    /// `None` where every partition must be its own group (one request per partition, as
+    /// correct and only slower): the driver has no metadata for the table yet; the table is not
+    /// placed by Murmur3 (the default partitioner, the only one whose tokens are computed here);
+    /// or the keyspace uses tablets, whose placement the driver learns only from single-statement
+    /// requests, so that grouping by its partial knowledge would group by nothing.
+    fn of(
+        cluster: &'a ClusterState,
+        keyspace: &'a str,
+        table: &'a str,
+        datacenter: Option<&'a str>,
+    ) -> Option<Self> {
         let ks = cluster.get_keyspace(keyspace)?;
         let meta = ks.tables.get(table)?;
-        if !meta
+        let murmur3 = meta
             .partitioner
             .as_deref()
-            .is_none_or(|p| p.ends_with("Murmur3Partitioner"))
-        {
-            return None;
-        }
-        Some(Placement {
+            .is_none_or(|p| p.ends_with("Murmur3Partitioner"));
+        (murmur3 && !ks.tablet_based).then(|| Placement {
             cluster,
             keyspace: ks,
             table: TableSpec::borrowed(keyspace, table),
+            datacenter,
         })
     }
 
-    /// The key of the partition whose serialized key columns are `parts`: its replicas.
+    /// The key of the partition whose serialized key columns are `parts`: its replicas, or the
+    /// partition itself when the driver knows none.
     fn key(&self, parts: &[&[u8]]) -> u64 {
-        let token = token(parts);
-        let mut h = KEY_HASH.build_hasher();
-        for (node, shard) in self.cluster.replica_locator().replicas_for_token(
-            token,
-            &self.keyspace.strategy,
-            None,
-            &self.table,
-        ) {
-            (node.host_id, shard).hash(&mut h);
+        let mut replicas: Vec<(uuid::Uuid, Shard)> = self
+            .cluster
+            .replica_locator()
+            .replicas_for_token(
+                token(parts),
+                &self.keyspace.strategy,
+                self.datacenter,
+                &self.table,
+            )
+            .into_iter()
+            .map(|(node, shard)| (node.host_id, shard))
+            .collect();
+        if replicas.is_empty() {
+            return alone(parts);
         }
-        h.finish()
+        replicas.sort_unstable();
+        KEY_HASH.hash_one(&replicas)
     }
 }
 
@@ -772,32 +796,46 @@ pub fn token(parts: &[&[u8]]) -> Token {
     token.finish()
 }
 
-/// The key of a partition without placement: the partition key itself, so it groups alone.
-fn fallback_key(partition_key: &impl Hash) -> u64 {
-    KEY_HASH.hash_one((1u8, partition_key))
+/// The key of a partition that is batched alone: the partition key itself (`parts`, its
+/// serialized key columns).
+fn alone(parts: &[&[u8]]) -> u64 {
+    KEY_HASH.hash_one((1u8, parts))
 }
 
 /// The hasher of planning keys (fixed: keys are compared within one write only).
 const KEY_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5ca1ab1e);
 
-/// UNLOGGED batches of `n` copies of one prepared statement, built once for each `n` used:
-/// a write binds its values to the cached batch, so no statement is cloned per row.
+/// UNLOGGED batches of `n` copies of one prepared statement, built once for each `n` up to
+/// [`CACHED_BATCH`] used: a write binds its values to the cached batch, so no statement is
+/// cloned per row. (Larger ones are built for each request: the cache holds at most
+/// `CACHED_BATCH`² / 2 statement handles, a few MB.)
 struct Batches(Vec<OnceLock<Batch>>);
+
+/// The largest batch size [`Batches`] keeps.
+const CACHED_BATCH: usize = 128;
 
 impl Batches {
     fn new(max: usize) -> Self {
-        Batches((0..=max).map(|_| OnceLock::new()).collect())
+        Batches(
+            (0..=max.min(CACHED_BATCH))
+                .map(|_| OnceLock::new())
+                .collect(),
+        )
     }
 
-    fn get(&self, n: usize, statement: &PreparedStatement) -> &Batch {
-        self.0[n].get_or_init(|| {
+    fn get(&self, n: usize, statement: &PreparedStatement) -> Cow<'_, Batch> {
+        let build = || {
             let mut batch = Batch::new(BatchType::Unlogged);
             for _ in 0..n {
                 batch.append_statement(statement.clone());
             }
             batch.set_is_idempotent(true);
             batch
-        })
+        };
+        match self.0.get(n) {
+            Some(cached) => Cow::Borrowed(cached.get_or_init(build)),
+            None => Cow::Owned(build()),
+        }
     }
 }
 
@@ -867,12 +905,11 @@ impl Store for ScyllaStore {
 
     async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
         let plan = self.plan(events);
-        let now_ms = chrono::Utc::now().timestamp_millis();
         // The process-wide bound is the limiter in `send`; this one keeps a large batch from
         // queueing hundreds of request futures at once.
         let plan = &plan;
         let mut inflight = futures::stream::iter(0..plan.len())
-            .map(|k| async move { (&plan[k], self.send(events, &plan[k], now_ms).await) })
+            .map(|k| async move { (&plan[k], self.send(events, &plan[k]).await) })
             .buffer_unordered(self.per_batch_requests);
         let mut unwritten = Vec::new();
         let mut first_retryable: Option<StoreError> = None;
@@ -911,7 +948,7 @@ impl Store for ScyllaStore {
         rejected.sort_unstable();
         rejected.dedup();
         let mut alone = futures::stream::iter(rejected)
-            .map(|i| async move { (i, self.send_alone(events, i, now_ms).await) })
+            .map(|i| async move { (i, self.send_alone(events, i).await) })
             .buffer_unordered(self.per_batch_requests);
         while let Some((i, result)) = alone.next().await {
             if let Err(e) = result {

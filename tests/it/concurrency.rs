@@ -36,8 +36,8 @@ async fn the_write_limit_backs_off_from_a_saturated_node_recovers_and_loses_noth
         ..ScyllaConfig::default()
     };
     let store = ScyllaStore::connect(&c, true).await.expect("migrate");
-    // Four CQL requests at once at full speed, Overloaded above eight: the fixed maximum of 16
-    // (a write permit is one request) overloads it.
+    // Four statements at once at full speed, Overloaded above eight in flight: the fixed
+    // maximum of 16 (a write permit is one request, of 1 to 5 statements) overloads it.
     node.saturate(Saturation::new(4, Duration::from_millis(5), 8).matching(&c.keyspace));
 
     let mut cfg = settings(&kafka.brokers, &topic, &group);

@@ -264,45 +264,37 @@ async fn against_a_real_scylladb_when_configured() {
     }
 }
 
-/// One node owns every token, so the rows of 500 users share their requests: 1,500 rows in
-/// batches of `max_batch_rows` (100), and their 500 day-index entries likewise.
+/// By default a batch holds one partition's rows: 500 users with 3 rows each on one day cost
+/// 500 batches of 3 rows, and 500 day-index entries (one user each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_500_users_costs_one_request_per_partition_by_default() {
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let (rows, index) = requests_for_500_users(&node, &c).await;
+    assert_eq!(rows, [3; 500], "one UNLOGGED batch per (user_id, day)");
+    assert_eq!(index, [1; 500], "one index entry per user");
+}
+
+/// With `scylla.batch_by_replica`, one node owns every token, so the rows of 500 users share
+/// their requests: 1,500 rows in batches of `max_batch_rows` (100), and their 500 day-index
+/// entries likewise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_500_users_on_one_replica_set_costs_one_request_per_100_rows() {
     let node = node().await;
-    let c = scylla_config(&node.addr().to_string());
-    let store = ScyllaStore::connect(&c, true).await.unwrap();
-    let batch = events(500, 1500, 0);
-    let refs: Vec<&Event> = batch.iter().collect();
-    node.clear_requests();
-    store.write(&refs).await.unwrap();
-    let writes: Vec<_> = node
-        .requests()
-        .into_iter()
-        .filter(|r| {
-            matches!(r.opcode, "BATCH" | "EXECUTE") && r.statement.contains("user_activity")
-        })
-        .collect();
-    assert_eq!(
-        writes.iter().map(|r| r.rows).collect::<Vec<_>>(),
-        [100; 15],
-        "15 UNLOGGED batches of 100 rows"
-    );
-    let index: Vec<usize> = node
-        .requests()
-        .into_iter()
-        .filter(|r| matches!(r.opcode, "BATCH" | "EXECUTE") && r.statement.contains("user_days"))
-        .map(|r| r.rows)
-        .collect();
+    let c = ScyllaConfig {
+        batch_by_replica: true,
+        ..scylla_config(&node.addr().to_string())
+    };
+    let (rows, index) = requests_for_500_users(&node, &c).await;
+    assert_eq!(rows, [100; 15], "15 UNLOGGED batches of 100 rows");
     assert_eq!(
         index, [100; 5],
         "and 5 of 100 entries to the users' index of days"
     );
-    assert!(writes.iter().all(|r| r.consistency == Some("LOCAL_QUORUM")));
-    assert_eq!(node.row_count(&c.keyspace, "user_activity"), 1500);
-    assert_eq!(node.row_count(&c.keyspace, "user_days"), 500);
     // The planner's tokens are the driver's.
+    let store = ScyllaStore::connect(&c, false).await.unwrap();
     let cluster = store.session().get_cluster_state();
-    for e in &batch[..20] {
+    for e in &events(500, 20, 0) {
         let day = vault::store::scylla::cql_day(e.day());
         assert_eq!(
             vault::store::scylla::token(&[e.user_id().as_bytes(), &day.0.to_be_bytes()]),
@@ -317,6 +309,35 @@ async fn a_batch_of_500_users_on_one_replica_set_costs_one_request_per_100_rows(
                 .unwrap()
         );
     }
+}
+
+/// Writes 1,500 events of 500 users (one day) and returns the statements in each request to
+/// the table and to the day index, index requests first as they are sent.
+async fn requests_for_500_users(node: &CqlNode, c: &ScyllaConfig) -> (Vec<usize>, Vec<usize>) {
+    let store = ScyllaStore::connect(c, true).await.unwrap();
+    let batch = events(500, 1500, 0);
+    let refs: Vec<&Event> = batch.iter().collect();
+    node.clear_requests();
+    store.write(&refs).await.unwrap();
+    let requests = node.requests();
+    let writes = |table: &str| -> Vec<usize> {
+        requests
+            .iter()
+            .filter(|r| {
+                matches!(r.opcode, "BATCH" | "EXECUTE")
+                    && r.statement
+                        .contains(&format!("INSERT INTO {}.{table}", c.keyspace))
+            })
+            .map(|r| r.rows)
+            .collect()
+    };
+    assert!(requests
+        .iter()
+        .filter(|r| r.opcode == "BATCH")
+        .all(|r| r.consistency == Some("LOCAL_QUORUM")));
+    assert_eq!(node.row_count(&c.keyspace, "user_activity"), 1500);
+    assert_eq!(node.row_count(&c.keyspace, "user_days"), 500);
+    (writes("user_activity"), writes("user_days"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! Programmable faults of the stand-in node: an error, a delay or a dropped connection for the
 //! next n matching requests (or with a probability), matched by opcode and statement text; and
-//! a saturated node ([`Saturation`]), whose latency grows with the requests in flight and which
+//! a saturated node ([`Saturation`]), whose latency grows with the statements in flight and which
 //! sheds load with Overloaded above a threshold.
 
 use std::time::Duration;
@@ -102,11 +102,14 @@ impl Fault {
     }
 }
 
-/// A node saturated by load, modelled on how one behaves: it serves up to `capacity` requests
-/// at once in `base_latency`; beyond that, requests queue (with `n` in flight, each takes
+/// A node saturated by load, modelled on how one behaves. Its work is counted in statements
+/// (rows) in flight, since a node's cost is per mutation: a BATCH of `k` statements weighs `k`,
+/// any other request 1. It serves up to `capacity` statements at once in `base_latency`;
+/// beyond that, requests queue (with `n` statements in flight, each request takes
 /// `base_latency × n / capacity`, so the node's throughput stays `capacity / base_latency`
-/// however many are sent); above `overload_above` in flight it sheds load, answering
-/// Overloaded at once, as ScyllaDB does when a shard's queue of requests is full. It applies to
+/// statements a second however they are sent); above `overload_above` statements in flight it
+/// sheds load, answering Overloaded at once, as ScyllaDB does when a shard's queue is full (a
+/// request that finds nothing else in flight is always served, however large). It applies to
 /// QUERY, EXECUTE and BATCH requests, or only to those whose statement contains a text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Saturation {
@@ -186,7 +189,7 @@ pub struct SaturationStats {
     pub served: u64,
     /// Requests answered Overloaded.
     pub overloaded: u64,
-    /// The most requests in flight at once.
+    /// The most statements in flight at once.
     pub peak_in_flight: usize,
     /// Served requests' latencies, a uniform sample of at most [`LATENCY_SAMPLES`]: every one,
     /// in arrival order, up to that many; beyond, each served request has the same chance to

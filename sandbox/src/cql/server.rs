@@ -499,7 +499,7 @@ async fn gate(
     }
     let cl = consistency.unwrap_or(1);
     let Some(kind) = shared.pick_fault(opcode, statement) else {
-        return saturated(shared, opcode, statement, stream).await;
+        return saturated(shared, opcode, statement, rows, stream).await;
     };
     let write_type = if opcode == Opcode::Batch {
         "UNLOGGED_BATCH"
@@ -564,11 +564,13 @@ fn overloaded(stream: i16, why: &str) -> Vec<u8> {
     error_frame(stream, error_code::OVERLOADED, &message, &[])
 }
 
-/// The saturated-node mode: queues the request for its latency, or sheds it with Overloaded.
+/// The saturated-node mode: queues the request (`rows` statements) for its latency, or sheds it
+/// with Overloaded.
 async fn saturated(
     shared: &Shared,
     opcode: Opcode,
     statement: &str,
+    rows: usize,
     stream: i16,
 ) -> Result<(), Answer> {
     use std::sync::atomic::Ordering;
@@ -579,11 +581,20 @@ async fn saturated(
     else {
         return Ok(());
     };
-    let in_flight = shared.saturated_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    if in_flight > s.overload_above {
-        shared.saturated_in_flight.fetch_sub(1, Ordering::SeqCst);
+    let weight = rows.max(1);
+    let in_flight = shared
+        .saturated_in_flight
+        .fetch_add(weight, Ordering::SeqCst)
+        + weight;
+    if in_flight > s.overload_above && in_flight > weight {
+        shared
+            .saturated_in_flight
+            .fetch_sub(weight, Ordering::SeqCst);
         lock(&shared.saturation_stats).overloaded += 1;
-        let why = format!("{in_flight} requests in flight, above {}", s.overload_above);
+        let why = format!(
+            "{in_flight} statements in flight, above {}",
+            s.overload_above
+        );
         return Err(Err(overloaded(stream, &why)));
     }
     let latency = s.latency(in_flight);
@@ -592,7 +603,9 @@ async fn saturated(
         stats.peak_in_flight = stats.peak_in_flight.max(in_flight);
     }
     tokio::time::sleep(latency).await;
-    shared.saturated_in_flight.fetch_sub(1, Ordering::SeqCst);
+    shared
+        .saturated_in_flight
+        .fetch_sub(weight, Ordering::SeqCst);
     lock(&shared.saturation_stats).record_served(latency);
     Ok(())
 }
