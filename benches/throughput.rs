@@ -300,22 +300,22 @@ impl Bench {
         say(&format!(
             "Producing {count} events into {name} ({partitions} partitions) with vault produce"
         ));
+        self.produce(&self.brokers, name, count, skew);
+    }
+
+    /// `vault produce`: `count` events of 100,000 users, Zipf exponent `skew`, into `topic` on
+    /// `brokers`.
+    fn produce(&self, brokers: &str, topic: &str, count: u64, skew: f64) {
         let status = Command::new(VAULT)
-            .args([
-                "produce",
-                "--count",
-                &count.to_string(),
-                "--users",
-                "100000",
-                "--skew",
-                &skew.to_string(),
-            ])
-            .envs(self.env(name))
+            .args(["produce", "--count", &count.to_string()])
+            .args(["--users", "100000", "--skew", &skew.to_string()])
+            .envs(self.env(topic))
+            .env("VAULT_KAFKA_BROKERS", brokers)
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
             .status()
             .expect("vault produce");
-        assert!(status.success(), "vault produce failed");
+        assert!(status.success(), "vault produce into {topic} failed");
     }
 
     /// Starts `vault run` on `topic` in `group`, serving metrics on `metrics`.
@@ -515,23 +515,7 @@ impl Bench {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let status = Command::new(VAULT)
-            .args([
-                "produce",
-                "--count",
-                &count.to_string(),
-                "--users",
-                "100000",
-                "--skew",
-                "0.01",
-            ])
-            .envs(self.env(topic))
-            .env("VAULT_KAFKA_BROKERS", &addr)
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .status()
-            .expect("vault produce");
-        assert!(status.success(), "vault produce into tansu failed");
+        self.produce(&addr, topic, count, 0.01);
         let raw = self.raw_consumer_on(&addr, topic, count);
         let drained = self
             .vault(

@@ -206,17 +206,21 @@ fn nothing_is_named_plain_vault() {
     }
 }
 
-/// Every alert the Alertmanager configuration names is one the rules raise, and a store
-/// outage's follow-on alerts are inhibited by VaultPartitionStuck on the same topic.
-#[test]
-fn the_alertmanager_config_names_real_alerts() {
-    let rules = yaml("deploy/prometheus/alerts.yml");
-    let names: BTreeSet<String> = rules["groups"][0]["rules"]
+/// The alerts the rules raise.
+fn alert_names() -> BTreeSet<String> {
+    yaml("deploy/prometheus/alerts.yml")["groups"][0]["rules"]
         .as_sequence()
         .unwrap()
         .iter()
         .map(|r| s(&r["alert"]).to_owned())
-        .collect();
+        .collect()
+}
+
+/// Every alert the Alertmanager configuration names is one the rules raise, and a store
+/// outage's follow-on alerts are inhibited by VaultPartitionStuck on the same topic.
+#[test]
+fn the_alertmanager_config_names_real_alerts() {
+    let names = alert_names();
     let text = read("deploy/alertmanager/alertmanager.yml");
     let mut named = 0;
     for (i, _) in text.match_indices("Vault") {
@@ -244,6 +248,7 @@ fn the_alertmanager_config_names_real_alerts() {
         assert!(targets.contains(follows), "{targets}");
     }
     // Alerts inhibited per topic carry a topic label: the rules aggregate by topic.
+    let rules = yaml("deploy/prometheus/alerts.yml");
     for r in rules["groups"][0]["rules"].as_sequence().unwrap() {
         if [
             "VaultPartitionStuck",
@@ -265,13 +270,7 @@ fn the_alertmanager_config_names_real_alerts() {
 /// only alerts that exist.
 #[test]
 fn the_docs_list_every_alert_and_name_only_real_ones() {
-    let rules = yaml("deploy/prometheus/alerts.yml");
-    let names: BTreeSet<String> = rules["groups"][0]["rules"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|r| s(&r["alert"]).to_owned())
-        .collect();
+    let names = alert_names();
     let readme = read("README.md");
     for name in &names {
         assert!(
