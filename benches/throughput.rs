@@ -221,6 +221,21 @@ struct Bench {
     scale: f64,
 }
 
+/// Creates vault's schema in `keyspace` on the stand-in, as `vault migrate` does.
+async fn migrate(node: &CqlNode, keyspace: &str) {
+    let schema = vault::config::ScyllaConfig {
+        nodes: vec![node.addr().to_string()],
+        keyspace: keyspace.into(),
+        ..Default::default()
+    };
+    let session = vault::store::scylla::connect(&schema)
+        .await
+        .expect("session");
+    vault::store::scylla::migrate(&session, &schema)
+        .await
+        .expect("migrate");
+}
+
 /// A child process killed when dropped (a broker started for one run).
 struct KillOnDrop(Child);
 
@@ -783,18 +798,7 @@ impl Bench {
             "Fault run, {label}: {count} events into a saturated stand-in"
         ));
         let keyspace = format!("bench_fault_{}", label.replace(' ', "_"));
-        let schema = vault::config::ScyllaConfig {
-            nodes: vec![self.node.addr().to_string()],
-            keyspace: keyspace.clone(),
-            ..Default::default()
-        };
-        let session = vault::store::scylla::connect(&schema)
-            .await
-            .expect("session");
-        vault::store::scylla::migrate(&session, &schema)
-            .await
-            .expect("migrate");
-        drop(session);
+        migrate(&self.node, &keyspace).await;
         self.node.saturate(saturation(&keyspace));
         let metrics = format!("127.0.0.1:{}", free_port());
         let group = format!("bench-fault-{}", free_port());
@@ -1143,17 +1147,7 @@ async fn run() {
         node,
         scale,
     };
-    let schema = vault::config::ScyllaConfig {
-        nodes: vec![bench.node.addr().to_string()],
-        keyspace: "bench".into(),
-        ..Default::default()
-    };
-    let session = vault::store::scylla::connect(&schema)
-        .await
-        .expect("session");
-    vault::store::scylla::migrate(&session, &schema)
-        .await
-        .expect("migrate");
+    migrate(&bench.node, "bench").await;
     // librdkafka's mock broker answers a fetch with no data only after fetch.wait.max.ms
     // (500 ms by default), even when data arrives meanwhile; a real broker answers as soon as
     // data is there. The latency run lowers the wait so that it measures vault, not the mock.
