@@ -112,11 +112,15 @@ struct Running {
 }
 
 /// The last message a partition task read: when, and its Kafka timestamp. Written for every
-/// message read, read by the per-partition gauges once a second.
+/// message read (two relaxed atomic stores, no lock, no clock), read by the per-partition
+/// gauges once a second, which date the reads they find: so "when" is to within one look.
 #[derive(Default)]
 struct LastRead {
     /// Kafka timestamp (ms since the epoch) of the last message read that had one; 0: none.
     kafka_ms: std::sync::atomic::AtomicI64,
+    /// A message was read since the gauges last looked.
+    read_since_look: std::sync::atomic::AtomicBool,
+    /// When the gauges last found a read (only they touch it).
     at: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -126,15 +130,25 @@ impl LastRead {
             self.kafka_ms
                 .store(ms, std::sync::atomic::Ordering::Relaxed);
         }
-        *self.at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.read_since_look
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn kafka_ms(&self) -> Option<i64> {
         Some(self.kafka_ms.load(std::sync::atomic::Ordering::Relaxed)).filter(|ms| *ms > 0)
     }
 
-    fn at(&self) -> Option<Instant> {
-        *self.at.lock().unwrap_or_else(|e| e.into_inner())
+    /// When the last read happened, as of a look at `now`: `now` if one happened since the
+    /// previous look.
+    fn at(&self, now: Instant) -> Option<Instant> {
+        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        if self
+            .read_since_look
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            *at = Some(now);
+        }
+        *at
     }
 }
 
@@ -855,7 +869,8 @@ impl Coordinator {
                     .with_label_values(&labels)
                     .set(seconds);
             }
-            let age = oldest_uncommitted_age(now, oldest, behind, r.last_read.at(), r.started_at);
+            let age =
+                oldest_uncommitted_age(now, oldest, behind, r.last_read.at(now), r.started_at);
             self.metrics
                 .oldest_uncommitted_age
                 .with_label_values(&labels)
@@ -983,6 +998,24 @@ mod tests {
             oldest_uncommitted_age(now, None, true, Some(read), started),
             Duration::from_secs(12),
             "behind and reading nothing: since the last read"
+        );
+    }
+
+    #[test]
+    fn a_read_is_dated_by_the_first_look_after_it() {
+        let r = LastRead::default();
+        let t0 = Instant::now();
+        let t = |s| t0 + Duration::from_secs(s);
+        assert_eq!(r.at(t(1)), None, "nothing read yet");
+        r.note(Some(1_000));
+        assert_eq!(r.at(t(2)), Some(t(2)));
+        assert_eq!(r.at(t(3)), Some(t(2)), "no read since: the last one stands");
+        r.note(None);
+        assert_eq!(r.at(t(4)), Some(t(4)));
+        assert_eq!(
+            r.kafka_ms(),
+            Some(1_000),
+            "a read without a timestamp keeps the last one"
         );
     }
 
