@@ -213,7 +213,7 @@ impl Metrics {
             ),
             write_requests_in_flight: b.gauge(
                 "vault_write_requests_in_flight",
-                "Write requests in flight to the store right now (each a group's rows and its day-index entry).",
+                "Write requests in flight to the store right now (each an UNLOGGED batch, or one statement, of rows or of day-index entries).",
             ),
             in_flight_bytes: b.gauge(
                 "vault_in_flight_bytes",
