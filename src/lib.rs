@@ -196,9 +196,15 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             && !cfg.kafka.instance_id.is_empty()
             && matches!(coordinator_result, Ok(Ok(())))
         {
-            // Blocking calls into librdkafka, awaited: the consumer is not closed before.
+            // Blocking calls into librdkafka, awaited (the consumer is not closed before), for
+            // at most the bound of its wait plus one more Kafka call: `unsubscribe` itself has
+            // no timeout. Past that, shutdown goes on; the session expiry moves the partitions.
             let leaving = consumer.clone();
-            let _ = tokio::task::spawn_blocking(move || leave_group(&leaving)).await;
+            let bound = 2 * pipeline::deadline::KAFKA_CALL_TIMEOUT;
+            let left = tokio::task::spawn_blocking(move || leave_group(&leaving));
+            if tokio::time::timeout(bound, left).await.is_err() {
+                warn!("Leaving the consumer group did not finish in time; shutting down anyway.");
+            }
         }
 
         poll_stop.cancel();

@@ -429,6 +429,11 @@ mod tests {
         let (a, b) = (batch_holding(&budget, 300), batch_holding(&budget, 300));
         let waiter = wait_for_room(&budget);
         tokio::task::yield_now().await;
+        assert_eq!(
+            budget.waiting.load(Ordering::SeqCst),
+            1,
+            "a healthy partition waits"
+        );
         let (mut ha, mut hb) = (None, None);
         assert!(a.may_keep_retrying(&mut ha), "a claims");
         assert!(!b.may_keep_retrying(&mut hb), "b must give its memory back");
@@ -458,6 +463,12 @@ mod tests {
             tokio::spawn(async move { budget.add(&mut next, 1000).await })
         };
         tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "a's partition waits for room");
+        assert_eq!(
+            budget.waiting.load(Ordering::SeqCst),
+            0,
+            "and its wait is not counted as pressure"
+        );
         let mut hb = None;
         assert!(b.may_keep_retrying(&mut hb), "b retries unclaimed");
         assert!(!claimed(&hb));
@@ -471,6 +482,7 @@ mod tests {
         let big = batch_holding(&budget, 900);
         let _waiter = wait_for_room(&budget);
         tokio::task::yield_now().await;
+        assert_eq!(budget.waiting.load(Ordering::SeqCst), 1, "under pressure");
         let mut hold = None;
         assert!(
             big.may_keep_retrying(&mut hold),
