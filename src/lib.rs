@@ -192,19 +192,31 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
 
         // Everything durable is committed: a static member asked to leave does so now, while
         // the poll thread still serves the rebalance this starts (closing would not leave).
+        let mut leaving = None;
         if cfg.kafka.leave_group_on_shutdown
             && !cfg.kafka.instance_id.is_empty()
             && matches!(coordinator_result, Ok(Ok(())))
         {
-            // Blocking calls into librdkafka, awaited (the consumer is not closed before), for
-            // at most the bound of its wait plus one more Kafka call: `unsubscribe` itself has
-            // no timeout. Past that, shutdown goes on; the session expiry moves the partitions.
-            let leaving = consumer.clone();
+            // Blocking calls into librdkafka (`unsubscribe` has no timeout), on a thread of its
+            // own: the close below joins it before dropping the consumer, so the last handle is
+            // dropped there and the close stays bounded, and a thread stuck in librdkafka never
+            // holds the runtime's shutdown (which waits for its blocking pool). Waited for at
+            // most the bound of its own wait plus one more Kafka call; past that, shutdown goes
+            // on and the session expiry moves the partitions.
+            let consumer = consumer.clone();
+            let (left_tx, left) = tokio::sync::oneshot::channel();
+            let thread = std::thread::Builder::new()
+                .name("vault-kafka-leave".into())
+                .spawn(move || {
+                    leave_group(&consumer);
+                    let _ = left_tx.send(());
+                })
+                .map_err(|e| Error::Task(format!("cannot start the leave-group thread: {e}")))?;
             let bound = 2 * pipeline::deadline::KAFKA_CALL_TIMEOUT;
-            let left = tokio::task::spawn_blocking(move || leave_group(&leaving));
             if tokio::time::timeout(bound, left).await.is_err() {
                 warn!("Leaving the consumer group did not finish in time; shutting down anyway.");
             }
+            leaving = Some(thread);
         }
 
         poll_stop.cancel();
@@ -218,6 +230,9 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             .name("vault-kafka-close".into())
             .spawn(move || {
                 let _ = poller.join();
+                if let Some(leaving) = leaving {
+                    let _ = leaving.join();
+                }
                 drop(consumer);
                 let _ = closed_tx.send(());
             })

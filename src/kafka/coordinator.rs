@@ -113,7 +113,9 @@ struct Running {
 
 /// The last message a partition task read: when, and its Kafka timestamp. Written for every
 /// message read (two relaxed atomic stores, no lock, no clock), read by the per-partition
-/// gauges once a second, which date the reads they find: so "when" is to within one look.
+/// gauges, which date the reads they find: "when" is the first look after the read. The gauges
+/// look once a second from the coordinator's loop, between its commands, so a read made while
+/// a command (a revoke's drain) runs is dated when the command ends.
 #[derive(Default)]
 struct LastRead {
     /// Kafka timestamp (ms since the epoch) of the last message read that had one; 0: none.

@@ -406,6 +406,12 @@ async fn a_static_member_that_leaves_on_shutdown_hands_its_partitions_over_soone
             "VAULT_KAFKA_LEAVE_GROUP_ON_SHUTDOWN".into(),
             leave.to_string(),
         ));
+        // Heartbeats every 500 ms: the session of a member that just closed has at most that
+        // much of its 6 s behind it, so waiting it out takes at least 5.5 s more than leaving.
+        env.push((
+            "VAULT_KAFKA_OPTION_HEARTBEAT_INTERVAL_MS".into(),
+            "500".into(),
+        ));
         env
     };
     let sharing = |addrs: Vec<String>| {
@@ -460,9 +466,10 @@ async fn a_static_member_that_leaves_on_shutdown_hands_its_partitions_over_soone
         600,
         "every event produced is stored, whichever member wrote it"
     );
-    // Without leaving, the partitions wait for the 6 s session to expire (about 11 s here);
-    // leaving hands them over in one rebalance (about 5 s, the mock's floor). The margin is
-    // above the runs' noise (under 1 s), so equal times, a broken leave, fail.
+    // Without leaving, the partitions wait for the 6 s session to expire, then for the mock's
+    // rebalance (about 5 s); leaving skips the session, so the two differ by the session left
+    // after the last heartbeat (5.5-6 s, see above) plus up to 1 s of the mock's session check.
+    // A broken leave makes them equal to within that check.
     assert!(
         moved[0] >= Duration::from_secs(6),
         "a static member that closes keeps its partitions for its session: {moved:?}"
