@@ -44,7 +44,7 @@ use crate::kafka::commits::{is_rebalance_refusal, Commits, Key};
 use crate::kafka::context::{VaultConsumer, VaultContext};
 use crate::kafka::resume::{self, Progress};
 use crate::kafka::to_record;
-use crate::pipeline::batch::{Batch, InFlightBudget};
+use crate::pipeline::batch::{Batch, InFlightBudget, PartitionHealth};
 use crate::pipeline::batcher::{Exit, OldestPending, PartitionTask};
 use crate::pipeline::deadline::{self, Deadlines, Stop};
 use crate::pipeline::flush::FlushReason;
@@ -109,6 +109,8 @@ struct Running {
     last_read: Arc<LastRead>,
     /// Consecutive failed restarts, for the restart backoff.
     failures: u32,
+    /// Whether the partition is failing, kept for as long as it is assigned here.
+    partition_health: PartitionHealth,
 }
 
 /// The last message a partition task read: when, and its Kafka timestamp. Written for every
@@ -190,11 +192,13 @@ fn oldest_uncommitted_age(
 }
 
 /// A failed partition waiting for its restart; still owned by this member.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 struct PendingRestart {
     ticket: u64,
     resume_at: Option<i64>,
     failures: u32,
+    /// Whether the partition is failing, carried to its next incarnation.
+    health: PartitionHealth,
 }
 
 /// The restarts on file: one per failed partition, under a ticket. Only the ticket on file
@@ -208,7 +212,13 @@ struct Restarts {
 
 impl Restarts {
     /// Files a restart of `key`, replacing any earlier one; returns its ticket.
-    fn schedule(&mut self, key: Key, resume_at: Option<i64>, failures: u32) -> u64 {
+    fn schedule(
+        &mut self,
+        key: Key,
+        resume_at: Option<i64>,
+        failures: u32,
+        health: PartitionHealth,
+    ) -> u64 {
         self.next_ticket += 1;
         let ticket = self.next_ticket;
         self.pending.insert(
@@ -217,6 +227,7 @@ impl Restarts {
                 ticket,
                 resume_at,
                 failures,
+                health,
             },
         );
         ticket
@@ -373,7 +384,7 @@ impl Coordinator {
                             }
                         }
                     }
-                    self.start(a, None, 0);
+                    self.start(a, None, 0, PartitionHealth::default());
                 }
                 self.health.set_in_group(true);
                 self.metrics
@@ -423,7 +434,7 @@ impl Coordinator {
                         r.progress.resume_at().or(self.commits.confirmed(&key)),
                         offset,
                     );
-                    self.schedule_restart(key, Some(resume_at), r.failures);
+                    self.schedule_restart(key, Some(resume_at), r.failures, r.partition_health);
                 }
             }
             Command::Restart {
@@ -465,7 +476,13 @@ impl Coordinator {
 
     /// Starts a new incarnation of a partition's task. `start` is where the partition was just
     /// sought to (`None`: where the assignment put it).
-    fn start(&mut self, a: Assigned, start: Option<i64>, failures: u32) {
+    fn start(
+        &mut self,
+        a: Assigned,
+        start: Option<i64>,
+        failures: u32,
+        partition_health: PartitionHealth,
+    ) {
         let key: Key = (a.topic.clone(), a.partition);
         let incarnation = self.next_id();
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -482,6 +499,7 @@ impl Coordinator {
             cancel: cancel.clone(),
             oldest_pending: oldest_pending.clone(),
             budget: self.budget.clone(),
+            health: partition_health.clone(),
             metrics: self.metrics.clone(),
         };
         let limits = self.settings.limits();
@@ -527,6 +545,7 @@ impl Coordinator {
                 started_at: Instant::now(),
                 last_read,
                 failures,
+                partition_health,
             },
         ) {
             old.abort.abort();
@@ -710,14 +729,22 @@ impl Coordinator {
             .partition_restarts
             .with_label_values(&[&key.0])
             .inc();
-        self.schedule_restart(key, resume_at, r.failures + 1);
+        self.schedule_restart(key, resume_at, r.failures + 1, r.partition_health);
     }
 
     /// Restarts a partition after a backoff that grows with consecutive failures (0.5 s doubling
     /// to 30 s), without holding up the coordinator meanwhile.
-    fn schedule_restart(&mut self, key: Key, resume_at: Option<i64>, failures: u32) {
+    fn schedule_restart(
+        &mut self,
+        key: Key,
+        resume_at: Option<i64>,
+        failures: u32,
+        health: PartitionHealth,
+    ) {
         let delay = Duration::from_millis(500u64 << failures.min(6)).min(Duration::from_secs(30));
-        let ticket = self.restarting.schedule(key.clone(), resume_at, failures);
+        let ticket = self
+            .restarting
+            .schedule(key.clone(), resume_at, failures, health);
         let commands = self.commands.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -745,7 +772,12 @@ impl Coordinator {
                 Err(e) => {
                     error!(topic = %key.0, partition = key.1, error = %e, "Cannot read the committed offset; the partition is not started, and the restart is tried again.");
                     self.seek_failed(&key);
-                    self.schedule_restart(key, pending.resume_at, pending.failures + 1);
+                    self.schedule_restart(
+                        key,
+                        pending.resume_at,
+                        pending.failures + 1,
+                        pending.health,
+                    );
                     return;
                 }
             },
@@ -768,13 +800,13 @@ impl Coordinator {
             Ok(Err(e)) => {
                 error!(topic = %key.0, partition = key.1, position = ?target, error = %e, "Seek failed; the partition is not started, and the restart is tried again.");
                 self.seek_failed(&key);
-                self.schedule_restart(key, pending.resume_at, pending.failures + 1);
+                self.schedule_restart(key, pending.resume_at, pending.failures + 1, pending.health);
                 return;
             }
             Err(e) => {
                 error!(topic = %key.0, partition = key.1, error = %e, "Seek task failed; the restart is tried again.");
                 self.seek_failed(&key);
-                self.schedule_restart(key, pending.resume_at, pending.failures + 1);
+                self.schedule_restart(key, pending.resume_at, pending.failures + 1, pending.health);
                 return;
             }
         }
@@ -791,10 +823,11 @@ impl Coordinator {
                 },
                 start,
                 pending.failures,
+                pending.health,
             ),
             None => {
                 error!(topic = %key.0, partition = key.1, "Cannot split the partition queue for a restart; tried again.");
-                self.schedule_restart(key, pending.resume_at, pending.failures + 1);
+                self.schedule_restart(key, pending.resume_at, pending.failures + 1, pending.health);
             }
         }
     }
@@ -1024,31 +1057,30 @@ mod tests {
     #[test]
     fn a_restart_scheduled_before_a_revocation_is_void_after_it() {
         let mut r = Restarts::default();
-        let stale = r.schedule(key(0), Some(100), 1);
+        let stale = r.schedule(key(0), Some(100), 1, PartitionHealth::default());
         // Revoked, assigned again, failed again: a new restart is on file.
         r.cancel(&key(0));
-        let fresh = r.schedule(key(0), Some(40), 1);
-        assert_eq!(
-            r.take_due(&key(0), stale),
-            None,
+        let fresh = r.schedule(key(0), Some(40), 1, PartitionHealth::default());
+        assert!(
+            r.take_due(&key(0), stale).is_none(),
             "the stale ticket starts nothing"
         );
         assert_eq!(
             r.take_due(&key(0), fresh).map(|p| p.resume_at),
             Some(Some(40))
         );
-        assert_eq!(r.take_due(&key(0), fresh), None, "due once");
+        assert!(r.take_due(&key(0), fresh).is_none(), "due once");
     }
 
     #[test]
     fn a_newer_failure_supersedes_the_restart_on_file() {
         let mut r = Restarts::default();
-        let first = r.schedule(key(1), Some(10), 1);
-        let second = r.schedule(key(1), Some(10), 2);
-        assert_eq!(r.take_due(&key(1), first), None);
+        let first = r.schedule(key(1), Some(10), 1, PartitionHealth::default());
+        let second = r.schedule(key(1), Some(10), 2, PartitionHealth::default());
+        assert!(r.take_due(&key(1), first).is_none(), "superseded");
         assert_eq!(r.take_due(&key(1), second).map(|p| p.failures), Some(2));
-        let cancelled = r.schedule(key(2), None, 1);
+        let cancelled = r.schedule(key(2), None, 1, PartitionHealth::default());
         r.clear();
-        assert_eq!(r.take_due(&key(2), cancelled), None);
+        assert!(r.take_due(&key(2), cancelled).is_none(), "cleared");
     }
 }

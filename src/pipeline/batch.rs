@@ -2,9 +2,8 @@
 //! it. Valid events go to the store; invalid ones travel in the same batch as dead letters so that
 //! the batch's offset range is only acknowledged when both are durable.
 
-use std::sync::Arc;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -110,17 +109,71 @@ pub struct Batch {
 /// record's [`Record::footprint`] to the share of its open batch; the batch carries that share
 /// to the persister and gives it back when dropped.
 ///
-/// While partitions whose writes succeed wait for room, batches whose writes fail keep their
-/// memory only within half of it (see [`Batch::may_keep_retrying`]): failing partitions,
-/// however many, cannot keep the others from reading.
+/// While healthy partitions (see [`PartitionHealth`]) wait for room, batches whose writes fail
+/// keep their memory only within half of it (see [`Batch::may_keep_retrying`]): failing
+/// partitions, however many, cannot keep the others from reading.
 #[derive(Debug, Clone)]
 pub struct InFlightBudget {
     permits: Arc<Semaphore>,
     /// What failing batches may hold together, and that amount (half the budget).
     retrying: (Arc<Semaphore>, u32),
-    /// Partitions waiting for room right now that have no failing batch.
-    waiting: Arc<AtomicUsize>,
+    /// Healthy partitions waiting for room right now: the pressure on failing batches.
+    pressing: Arc<AtomicUsize>,
     total: u32,
+}
+
+/// Whether a partition is failing, for as long as it is assigned to this member: from the first
+/// failed write of one of its batches until one of its batches is durable, across the restarts
+/// of its task, and while any of its batches is retrying. The coordinator keeps one per assigned
+/// partition and hands it to each of the partition's incarnations.
+///
+/// A healthy partition waiting for room presses failing batches to give memory back; a failing
+/// one does not, since its own writes are what holds it up. Its state is judged as it is now,
+/// not as it was when the wait began: a partition that starts failing while it waits stops
+/// pressing at once, and one whose batch was abandoned does not press again when its task
+/// restarts and waits for room to read that batch again.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionHealth(Arc<Mutex<Marks>>);
+
+#[derive(Debug, Default)]
+struct Marks {
+    /// Waits for room in progress.
+    waiting: usize,
+    /// Batches retrying right now.
+    retrying: usize,
+    /// A write failed, and no batch of the partition was durable since.
+    failed: bool,
+}
+
+impl Marks {
+    fn presses(&self) -> bool {
+        self.waiting > 0 && self.retrying == 0 && !self.failed
+    }
+}
+
+impl PartitionHealth {
+    /// Changes the marks, and the count of pressing partitions with them (under the lock, so the
+    /// count is always the sum of what each partition's marks say).
+    fn update(&self, pressing: &AtomicUsize, change: impl FnOnce(&mut Marks)) {
+        let mut marks = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = marks.presses();
+        change(&mut marks);
+        match (before, marks.presses()) {
+            (false, true) => {
+                pressing.fetch_add(1, Ordering::SeqCst);
+            }
+            (true, false) => {
+                pressing.fetch_sub(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the partition counts as failing right now.
+    pub fn is_failing(&self) -> bool {
+        let marks = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        marks.retrying > 0 || marks.failed
+    }
 }
 
 /// Bytes of the budget held by one open batch or batch; returned when dropped.
@@ -128,52 +181,58 @@ pub struct InFlightBudget {
 pub struct Share {
     permits: Arc<Semaphore>,
     retrying: (Arc<Semaphore>, u32),
-    waiting: Arc<AtomicUsize>,
-    /// Batches of this share's partition that are failing right now.
-    failing: Arc<AtomicUsize>,
+    pressing: Arc<AtomicUsize>,
+    health: PartitionHealth,
     bytes: u32,
 }
 
 /// A failing batch's retry state, from its first failure until it stops retrying (durable or
-/// abandoned): it marks the batch's partition as failing, so that the partition's own waits
-/// for room do not count as pressure, and holds the batch's claim on the half of the budget
-/// that failing batches may hold while healthy partitions wait, if it has one, for a turn of
-/// [`RETRY_HOLD_TURN`].
+/// abandoned): it marks the batch's partition as failing (see [`PartitionHealth`]), and holds
+/// the batch's claim on the half of the budget that failing batches may hold while healthy
+/// partitions wait, if it has one, for a turn of [`RETRY_HOLD_TURN`].
 #[derive(Debug)]
 pub struct RetryHold {
     claim: Option<(OwnedSemaphorePermit, Instant)>,
-    failing: Arc<AtomicUsize>,
+    health: PartitionHealth,
+    pressing: Arc<AtomicUsize>,
 }
 
 impl RetryHold {
-    fn began(failing: &Arc<AtomicUsize>) -> Self {
-        failing.fetch_add(1, Ordering::SeqCst);
+    fn began(share: &Share) -> Self {
+        share.health.update(&share.pressing, |m| {
+            m.retrying += 1;
+            m.failed = true;
+        });
         RetryHold {
             claim: None,
-            failing: failing.clone(),
+            health: share.health.clone(),
+            pressing: share.pressing.clone(),
         }
     }
 }
 
 impl Drop for RetryHold {
     fn drop(&mut self) {
-        self.failing.fetch_sub(1, Ordering::SeqCst);
+        self.health.update(&self.pressing, |m| m.retrying -= 1);
     }
 }
 
-/// Counts a partition waiting for room while it waits (also when the wait is dropped).
-struct Waiting<'a>(&'a AtomicUsize);
+/// Marks a partition as waiting for room while it waits (also when the wait is dropped).
+struct Waiting<'a> {
+    health: &'a PartitionHealth,
+    pressing: &'a AtomicUsize,
+}
 
 impl<'a> Waiting<'a> {
-    fn begin(n: &'a AtomicUsize) -> Self {
-        n.fetch_add(1, Ordering::SeqCst);
-        Waiting(n)
+    fn begin(health: &'a PartitionHealth, pressing: &'a AtomicUsize) -> Self {
+        health.update(pressing, |m| m.waiting += 1);
+        Waiting { health, pressing }
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.health.update(self.pressing, |m| m.waiting -= 1);
     }
 }
 
@@ -183,8 +242,8 @@ impl Share {
         Share {
             permits: self.permits.clone(),
             retrying: self.retrying.clone(),
-            waiting: self.waiting.clone(),
-            failing: self.failing.clone(),
+            pressing: self.pressing.clone(),
+            health: self.health.clone(),
             bytes: 0,
         }
     }
@@ -203,18 +262,18 @@ impl InFlightBudget {
         InFlightBudget {
             permits: Arc::new(Semaphore::new(total as usize)),
             retrying: (Arc::new(Semaphore::new(half as usize)), half),
-            waiting: Arc::default(),
+            pressing: Arc::default(),
             total,
         }
     }
 
-    /// A share holding nothing yet, of a partition of its own.
-    pub fn share(&self) -> Share {
+    /// A share holding nothing yet, of the partition whose health is `health`.
+    pub fn share(&self, health: &PartitionHealth) -> Share {
         Share {
             permits: self.permits.clone(),
             retrying: self.retrying.clone(),
-            waiting: self.waiting.clone(),
-            failing: Arc::default(),
+            pressing: self.pressing.clone(),
+            health: health.clone(),
             bytes: 0,
         }
     }
@@ -236,10 +295,8 @@ impl InFlightBudget {
     /// budget waits for all of it).
     pub async fn add(&self, share: &mut Share, bytes: usize) {
         let want = self.clamp(bytes);
-        // A partition whose own writes fail is not starved by the others: its wait is no
-        // reason to abandon their failing batches.
-        let _waiting =
-            (share.failing.load(Ordering::SeqCst) == 0).then(|| Waiting::begin(&self.waiting));
+        // Presses failing batches while the partition is healthy (see `PartitionHealth`).
+        let _waiting = Waiting::begin(&share.health, &self.pressing);
         self.permits
             .acquire_many(want)
             .await
@@ -252,6 +309,11 @@ impl InFlightBudget {
         u32::try_from(bytes)
             .unwrap_or(u32::MAX)
             .clamp(1, self.total)
+    }
+
+    /// Healthy partitions waiting for room right now.
+    pub fn pressing(&self) -> usize {
+        self.pressing.load(Ordering::SeqCst)
     }
 
     /// Bytes reserved right now.
@@ -305,19 +367,21 @@ impl Batch {
     ///
     /// A failing batch claims its bytes (at most half the budget, so one batch can always
     /// claim) of the half of the budget that failing batches may hold together, whenever there
-    /// is room. While no healthy partition (one without a failing batch) waits for memory it
+    /// is room. While no healthy partition (see [`PartitionHealth`]) waits for memory it
     /// may retry without a claim, so an overloaded store, which fails every partition, makes
-    /// nothing be abandoned and read twice; while one does, only with a claim. A claim lasts
+    /// nothing be abandoned and read twice once each partition has had a write fail; while one
+    /// does, only with a claim. A claim lasts
     /// [`RETRY_HOLD_TURN`]: then it is given back, and under pressure the batch is abandoned, so
     /// a batch that keeps failing (a schema error, a dead-letter topic that refuses) cannot keep
     /// memory from others for good. A batch without a share (written outside a pipeline)
-    /// always may.
+    /// always may. Pressure is judged now, by what the waiting partitions are now (see
+    /// [`PartitionHealth`]).
     pub fn may_keep_retrying(&self, hold: &mut Option<RetryHold>) -> bool {
         let Some(share) = &self.budget else {
             return true;
         };
-        let state = hold.get_or_insert_with(|| RetryHold::began(&share.failing));
-        let pressure = share.waiting.load(Ordering::SeqCst) > 0;
+        let state = hold.get_or_insert_with(|| RetryHold::began(share));
+        let pressure = share.pressing.load(Ordering::SeqCst) > 0;
         if let Some((_, since)) = &state.claim {
             if since.elapsed() < RETRY_HOLD_TURN {
                 return true;
@@ -367,8 +431,12 @@ impl Batch {
     }
 
     /// Reports the outcome to the partition task. A batch dropped without an ack reads as
-    /// abandoned on the other side, so a lost batch can never look durable.
+    /// abandoned on the other side, so a lost batch can never look durable. A durable batch
+    /// marks its partition healthy again (see [`PartitionHealth`]).
     pub fn ack(mut self, outcome: BatchOutcome) {
+        if let (BatchOutcome::Durable, Some(share)) = (&outcome, &self.budget) {
+            share.health.update(&share.pressing, |m| m.failed = false);
+        }
         if let Some(tx) = self.ack.take() {
             // The partition task may be gone (revoked and aborted); then nobody needs the answer.
             let _ = tx.send(outcome);
@@ -381,6 +449,10 @@ mod tests {
     use super::*;
 
     fn batch_holding(budget: &InFlightBudget, bytes: usize) -> Batch {
+        batch_of(&PartitionHealth::default(), budget, bytes)
+    }
+
+    fn batch_of(health: &PartitionHealth, budget: &InFlightBudget, bytes: usize) -> Batch {
         let event = crate::event::decode(
             Some(b"k"),
             Some(br#"{"user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z"}"#),
@@ -394,7 +466,7 @@ mod tests {
             crate::event::Limits::default(),
         )
         .expect("a valid event");
-        let mut share = budget.share();
+        let mut share = budget.share(health);
         assert!(budget.try_add(&mut share, bytes));
         let (mut batch, _ack) = Batch::new(vec![Record::Event(event)], bytes, 0, FlushReason::Size);
         batch.hold(share);
@@ -403,9 +475,18 @@ mod tests {
 
     /// A partition waiting for room, for as long as the returned task runs.
     fn wait_for_room(budget: &InFlightBudget) -> tokio::task::JoinHandle<()> {
-        let budget = budget.clone();
+        wait_for_room_as(&PartitionHealth::default(), budget)
+    }
+
+    /// The partition whose health is `health` waiting for room (a task of it, perhaps a new
+    /// incarnation), for as long as the returned task runs.
+    fn wait_for_room_as(
+        health: &PartitionHealth,
+        budget: &InFlightBudget,
+    ) -> tokio::task::JoinHandle<()> {
+        let (health, budget) = (health.clone(), budget.clone());
         tokio::spawn(async move {
-            let mut share = budget.share();
+            let mut share = budget.share(&health);
             budget.add(&mut share, budget.total as usize).await;
         })
     }
@@ -429,11 +510,7 @@ mod tests {
         let (a, b) = (batch_holding(&budget, 300), batch_holding(&budget, 300));
         let waiter = wait_for_room(&budget);
         tokio::task::yield_now().await;
-        assert_eq!(
-            budget.waiting.load(Ordering::SeqCst),
-            1,
-            "a healthy partition waits"
-        );
+        assert_eq!(budget.pressing(), 1, "a healthy partition waits");
         let (mut ha, mut hb) = (None, None);
         assert!(a.may_keep_retrying(&mut ha), "a claims");
         assert!(!b.may_keep_retrying(&mut hb), "b must give its memory back");
@@ -465,7 +542,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "a's partition waits for room");
         assert_eq!(
-            budget.waiting.load(Ordering::SeqCst),
+            budget.pressing(),
             0,
             "and its wait is not counted as pressure"
         );
@@ -482,11 +559,90 @@ mod tests {
         let big = batch_holding(&budget, 900);
         let _waiter = wait_for_room(&budget);
         tokio::task::yield_now().await;
-        assert_eq!(budget.waiting.load(Ordering::SeqCst), 1, "under pressure");
+        assert_eq!(budget.pressing(), 1, "under pressure");
         let mut hold = None;
         assert!(
             big.may_keep_retrying(&mut hold),
             "one batch can always claim"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_that_starts_failing_while_it_waits_stops_pressing_at_once() {
+        let budget = InFlightBudget::new(1000);
+        let health = PartitionHealth::default();
+        let (own, other, third) = (
+            batch_of(&health, &budget, 300),
+            batch_holding(&budget, 600),
+            batch_holding(&budget, 50),
+        );
+        let waiter = wait_for_room_as(&health, &budget);
+        tokio::task::yield_now().await;
+        assert_eq!(budget.pressing(), 1, "a healthy partition waits");
+        let mut other_hold = None;
+        assert!(
+            other.may_keep_retrying(&mut other_hold),
+            "other claims half"
+        );
+        let mut own_hold = None;
+        assert!(
+            own.may_keep_retrying(&mut own_hold) && !claimed(&own_hold),
+            "the claims are full, but the only waiter is its own partition, failing now"
+        );
+        assert!(health.is_failing(), "a write of it failed");
+        assert_eq!(
+            budget.pressing(),
+            0,
+            "its partition's wait, begun while it was healthy, presses no longer"
+        );
+        let mut third_hold = None;
+        assert!(
+            third.may_keep_retrying(&mut third_hold) && !claimed(&third_hold),
+            "without pressure a failing batch retries unclaimed"
+        );
+        drop((own, own_hold, other, other_hold, third, third_hold));
+        waiter.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_partition_presses_nobody_after_its_restart_until_a_batch_of_it_is_durable(
+    ) {
+        let budget = InFlightBudget::new(1000);
+        let health = PartitionHealth::default();
+        let abandoned = batch_of(&health, &budget, 300);
+        let mut hold = None;
+        assert!(abandoned.may_keep_retrying(&mut hold), "it fails");
+        // Abandoned: the batch and its retry state are gone, and its memory with them.
+        drop((abandoned, hold));
+        let elsewhere = batch_holding(&budget, 600);
+        let mut elsewhere_hold = None;
+        assert!(elsewhere.may_keep_retrying(&mut elsewhere_hold) && claimed(&elsewhere_hold));
+        let unclaimed = batch_holding(&budget, 300);
+        // A batch of the partition read before the restart, still being written.
+        let durable = batch_of(&health, &budget, 100);
+        // The partition's next incarnation waits for room to read the abandoned batch again.
+        let restarted = wait_for_room_as(&health, &budget);
+        tokio::task::yield_now().await;
+        assert!(!restarted.is_finished(), "it waits for room");
+        assert_eq!(
+            budget.pressing(),
+            0,
+            "a failing partition's new incarnation presses nobody"
+        );
+        let mut unclaimed_hold = None;
+        assert!(
+            unclaimed.may_keep_retrying(&mut unclaimed_hold) && !claimed(&unclaimed_hold),
+            "so a failing batch without a claim keeps retrying"
+        );
+        durable.ack(BatchOutcome::Durable);
+        assert!(!health.is_failing(), "a durable batch makes it healthy");
+        assert_eq!(budget.pressing(), 1, "and its wait presses from then on");
+        assert!(
+            !unclaimed.may_keep_retrying(&mut unclaimed_hold),
+            "a failing batch without a claim gives its memory back"
+        );
+        drop((unclaimed, unclaimed_hold, elsewhere, elsewhere_hold));
+        restarted.await.unwrap();
+        assert_eq!(budget.pressing(), 0);
     }
 }

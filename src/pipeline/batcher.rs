@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::failpoint;
 use crate::kafka::offsets::OffsetTracker;
 use crate::kafka::resume::Progress;
-use crate::pipeline::batch::{Batch, BatchOutcome, InFlightBudget, Record, Share};
+use crate::pipeline::batch::{Batch, BatchOutcome, InFlightBudget, PartitionHealth, Record, Share};
 use crate::pipeline::flush::{FlushPolicy, FlushReason};
 use crate::telemetry::Metrics;
 
@@ -86,6 +86,8 @@ pub struct PartitionTask {
     pub cancel: CancellationToken,
     pub oldest_pending: Arc<OldestPending>,
     pub budget: InFlightBudget,
+    /// Whether the partition is failing, kept by the coordinator across its incarnations.
+    pub health: PartitionHealth,
     pub metrics: Arc<Metrics>,
 }
 
@@ -124,7 +126,7 @@ impl PartitionTask {
             acks: FuturesUnordered::new(),
             open: Vec::new(),
             open_bytes: 0,
-            share: self.budget.share(),
+            share: self.budget.share(&self.health),
             opened_at: None,
             in_flight_opened: VecDeque::with_capacity(self.max_in_flight),
             next_seq: 0,
@@ -449,6 +451,7 @@ mod tests {
             cancel: CancellationToken::new(),
             oldest_pending: oldest_pending.clone(),
             budget,
+            health: PartitionHealth::default(),
             metrics: Arc::new(Metrics::new()),
         };
         let task = tokio::spawn(task.run(rx, stop_rx));

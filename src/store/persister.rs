@@ -7,7 +7,7 @@
 //!   backoff and jitter for as long as it takes (visible in logs, metrics and readiness). A
 //!   batch is abandoned only by cancellation (the process's abandon token, or the batch's own
 //!   token: its partition's stop deadline passed or its task was replaced), by a panic, or when
-//!   partitions without a failing batch wait for in-flight memory and failing batches hold their
+//!   healthy partitions wait for in-flight memory and failing batches hold their
 //!   half of it (see [`Batch::may_keep_retrying`]); an abandoned batch is never committed past, and its
 //!   partition restarts where it must resume;
 //! - a retry sends only what is still unwritten: rows the store did not acknowledge, letters
@@ -164,8 +164,8 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
             .retries_out_of_memory
             .with_label_values(&[&*batch.topic])
             .inc();
-        warn!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, "Partitions without a failing batch wait for in-flight memory and failing batches hold their half of it: this failing batch is abandoned instead of retried, and its partition restarts where it must resume.");
-        Err("abandoned instead of retried: partitions without a failing batch wait for in-flight memory and failing batches hold their half of pipeline.max_in_flight_bytes".to_string())
+        warn!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, "Healthy partitions wait for in-flight memory and failing batches hold their half of it: this failing batch is abandoned instead of retried, and its partition restarts where it must resume.");
+        Err("abandoned instead of retried: healthy partitions wait for in-flight memory and failing batches hold their half of pipeline.max_in_flight_bytes".to_string())
     }
 
     /// Resolves when `batch` must be abandoned.

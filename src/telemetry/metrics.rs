@@ -293,7 +293,7 @@ impl Metrics {
             ),
             retries_out_of_memory: b.counter(
                 "vault_retries_out_of_memory_total",
-                "Failing batches abandoned instead of retried because partitions without a failing batch were waiting for pipeline.max_in_flight_bytes and failing batches held their half of it; each one's partition restarts where it must resume.",
+                "Failing batches abandoned instead of retried because healthy partitions (no write failed since their last durable batch) were waiting for pipeline.max_in_flight_bytes and failing batches held their half of it; each one's partition restarts where it must resume.",
                 &["topic"],
             ),
             partition_restarts: b.counter(

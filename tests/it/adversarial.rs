@@ -11,7 +11,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use vault::kafka::dead_letter::{headers, KafkaDeadLetters, MemoryDeadLetters};
-use vault::store::MemoryStore;
+use vault::store::{MemoryStore, StoreError};
 
 use crate::common::{
     event_json, read_all, settings, stored_positions, unique, wait_until, Kafka, Running,
@@ -241,6 +241,82 @@ async fn poison_pills_larger_than_the_dead_letter_topic_accepts_are_cut_to_fit()
         vault.counter("vault_dead_letters_refused_total") == 0.0,
         "nothing was refused"
     );
+    vault.stop().await;
+}
+
+/// When the store fails every write (down or overloaded), failing partitions press nobody: once
+/// each partition has had a write fail, none of their batches is abandoned, not when a
+/// partition waits for memory and not when a partition whose batch was abandoned at the onset
+/// restarts and waits to read it again. So the outage costs retries, not re-reads. Then the
+/// store recovers with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_every_partition_fails_an_outage_abandons_nothing() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("outage"), unique("g"));
+    kafka.create_source_topic(&topic, 4).await;
+    let produced: BTreeSet<(i32, i64)> = kafka
+        .produce_events(&topic, 4, 0, 12_000)
+        .await
+        .into_iter()
+        .collect();
+    let memory = MemoryStore::new();
+    let failed = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let seen = failed.clone();
+    memory.fail_when(
+        move |e| {
+            seen.lock().unwrap().insert(e.source.partition);
+            true
+        },
+        None,
+        StoreError::Overloaded("injected".into()),
+    );
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    // Four partitions of 4 batches of 500 events (about 300 bytes each in memory) would hold
+    // several times this budget: they fill it and wait for room, failing.
+    let budget = 1 << 20;
+    cfg.pipeline.max_in_flight_bytes = budget;
+    cfg.batch.max_events = 500;
+    let vault = Running::start(cfg, memory.clone(), MemoryDeadLetters::default());
+    wait_until(
+        "every partition failing, the in-flight memory full",
+        Duration::from_secs(60),
+        || {
+            let (used, failing) = (
+                vault.metrics.in_flight_bytes.get(),
+                failed.lock().unwrap().len(),
+            );
+            async move {
+                (used >= budget as i64 * 3 / 4 && failing == 4)
+                    .then_some(())
+                    .ok_or(format!("{used} bytes, {failing} partitions failing"))
+            }
+        },
+    )
+    .await;
+    let abandoned = vault.counter("vault_retries_out_of_memory_total");
+    // Many retries of every failing batch later (each one a chance to be abandoned, and every
+    // restart scheduled at the onset long due: 0.5 s to 1 s).
+    let failed_then = memory.failed_requests();
+    wait_until("600 more failed writes", Duration::from_secs(60), || {
+        let n = memory.failed_requests();
+        async move {
+            (n >= failed_then + 600)
+                .then_some(())
+                .ok_or(format!("{}", n - failed_then))
+        }
+    })
+    .await;
+    assert_eq!(
+        vault.counter("vault_retries_out_of_memory_total"),
+        abandoned,
+        "no failing batch was abandoned once every partition was failing"
+    );
+    memory.clear_faults();
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 4, Duration::from_secs(120))
+        .await;
+    assert_eq!(stored_positions(&memory), produced, "nothing lost");
     vault.stop().await;
 }
 
