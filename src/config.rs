@@ -73,6 +73,48 @@ pub struct RetentionConfig {
     pub event_types: BTreeMap<String, String>,
 }
 
+/// When a static member (`kafka.instance_id`) leaves the consumer group as it stops. librdkafka
+/// sends no LeaveGroup for a static member that closes, so without one its partitions move
+/// only when its session expires; with one they move at once, and its restart costs a
+/// rebalance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeaveGroup {
+    /// Never: a restart within `session_timeout` keeps its partitions without a rebalance, and
+    /// a scale-down stalls them for `session_timeout`.
+    #[default]
+    Never,
+    /// At every stop: a scale-down moves the partitions at once, and every restart rebalances.
+    Always,
+    /// When the pod's StatefulSet no longer counts it (its ordinal is at or past the replicas,
+    /// or the StatefulSet is gone), read from the Kubernetes API as it stops: a scale-down
+    /// leaves, a restart, update or eviction does not (see [`crate::kubernetes`]).
+    ScaleDown,
+}
+
+impl<'de> Deserialize<'de> for LeaveGroup {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Flag(bool),
+            Name(String),
+        }
+        match Given::deserialize(d)? {
+            Given::Flag(true) => Ok(LeaveGroup::Always),
+            Given::Flag(false) => Ok(LeaveGroup::Never),
+            Given::Name(name) => match name.as_str() {
+                "never" | "false" => Ok(LeaveGroup::Never),
+                "always" | "true" => Ok(LeaveGroup::Always),
+                "scale-down" => Ok(LeaveGroup::ScaleDown),
+                other => Err(serde::de::Error::custom(format!(
+                    "{other:?}: give \"never\", \"always\" or \"scale-down\""
+                ))),
+            },
+        }
+    }
+}
+
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
@@ -87,10 +129,9 @@ pub struct KafkaConfig {
     /// Static membership (`group.instance.id`); empty disables it.
     #[serde(deserialize_with = "lenient_string")]
     pub instance_id: String,
-    /// A static member leaves the group when it stops (as a dynamic member always does), so its
-    /// partitions move at once instead of after `session_timeout`; its restart then rebalances
-    /// the group. For a stop that is a scale-down; leave it off for restarts.
-    pub leave_group_on_shutdown: bool,
+    /// When a static member leaves the group as it stops (a dynamic member always does), so its
+    /// partitions move at once instead of after `session_timeout` (see [`LeaveGroup`]).
+    pub leave_group_on_shutdown: LeaveGroup,
     /// Where a partition without a committed offset starts: `earliest` or `latest`.
     pub auto_offset_reset: String,
     #[serde(with = "humantime_serde")]
@@ -296,6 +337,9 @@ pub struct ScyllaConfig {
     pub adaptive_concurrency: bool,
     /// The fewest write requests in flight the adaptive limit goes down to.
     pub min_concurrent_requests: usize,
+    /// Event rows this instance writes per second, at most, across all persisters (a hard
+    /// limit for a cluster shared with others, see `store::rate`); 0: unlimited.
+    pub max_rows_per_second: u64,
     /// Connect to the nodes over TLS.
     pub tls: bool,
     /// PEM file of the certificate authorities that sign the nodes' certificates; empty: the
@@ -344,6 +388,7 @@ impl fmt::Debug for ScyllaConfig {
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("adaptive_concurrency", &self.adaptive_concurrency)
             .field("min_concurrent_requests", &self.min_concurrent_requests)
+            .field("max_rows_per_second", &self.max_rows_per_second)
             .field("tls", &self.tls)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
@@ -439,7 +484,7 @@ impl Default for KafkaConfig {
             topics: vec!["user-activity".into()],
             group_id: "vault".into(),
             instance_id: String::new(),
-            leave_group_on_shutdown: false,
+            leave_group_on_shutdown: LeaveGroup::Never,
             auto_offset_reset: "earliest".into(),
             session_timeout: Duration::from_secs(45),
             commit_interval: Duration::from_secs(1),
@@ -507,6 +552,7 @@ impl Default for ScyllaConfig {
             max_concurrent_requests: 256,
             adaptive_concurrency: true,
             min_concurrent_requests: 1,
+            max_rows_per_second: 0,
             tls: false,
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),
@@ -1058,6 +1104,18 @@ impl Config {
         }
         if k.group_id.trim().is_empty() {
             return Err(bad("kafka.group_id", &k.group_id, "must not be empty"));
+        }
+        // Without an instance id the member is dynamic and always leaves: nothing to check.
+        if k.leave_group_on_shutdown == LeaveGroup::ScaleDown
+            && !k.instance_id.is_empty()
+            && crate::kubernetes::StatefulPod::parse(&k.instance_id).is_none()
+        {
+            return Err(bad(
+                "kafka.instance_id",
+                &k.instance_id,
+                "with kafka.leave_group_on_shutdown = \"scale-down\", the pod's name, \
+                 <statefulset>-<ordinal> (deploy/k8s sets it from metadata.name)",
+            ));
         }
         if !["earliest", "latest"].contains(&k.auto_offset_reset.as_str()) {
             return Err(bad(
@@ -1788,6 +1846,53 @@ mod tests {
     }
 
     #[test]
+    fn leaving_the_group_is_never_always_or_on_a_scale_down_and_true_and_false_still_read() {
+        for (given, want) in [
+            ("true", LeaveGroup::Always),
+            ("false", LeaveGroup::Never),
+            ("always", LeaveGroup::Always),
+            ("never", LeaveGroup::Never),
+            ("scale-down", LeaveGroup::ScaleDown),
+        ] {
+            let c = load_with_env(
+                None,
+                &[],
+                env(&[("VAULT_KAFKA_LEAVE_GROUP_ON_SHUTDOWN", given)]),
+            )
+            .unwrap();
+            assert_eq!(c.kafka.leave_group_on_shutdown, want, "env {given}");
+            let c = load_with_env(
+                None,
+                &[format!("kafka.leave_group_on_shutdown={given}")],
+                env(&[]),
+            )
+            .unwrap();
+            assert_eq!(c.kafka.leave_group_on_shutdown, want, "--set {given}");
+        }
+        let err = load_with_env(
+            None,
+            &["kafka.leave_group_on_shutdown=sometimes".into()],
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("scale-down"), "says what to give: {err}");
+        let mut c = Config::default();
+        c.kafka.leave_group_on_shutdown = LeaveGroup::ScaleDown;
+        c.kafka.instance_id = "vault-a".into();
+        let err = c.clone().validate().unwrap_err().to_string();
+        assert!(
+            err.contains("kafka.instance_id") && err.contains("<statefulset>-<ordinal>"),
+            "{err}"
+        );
+        c.kafka.instance_id = "activity-vault-3".into();
+        c.clone().validate().expect("a StatefulSet pod's name");
+        c.kafka.instance_id.clear();
+        c.validate()
+            .expect("a dynamic member (vault migrate in the same pod) has nothing to check");
+    }
+
+    #[test]
     fn string_settings_keep_exactly_what_was_written() {
         let c = load_with_env(
             None,
@@ -2066,6 +2171,29 @@ mod tests {
         ])
         .unwrap();
         assert!(!s.config.scylla.adaptive_concurrency);
+    }
+
+    #[test]
+    fn the_write_rate_limit_is_off_by_default_and_set_from_the_environment() {
+        assert_eq!(set(&[]).unwrap().config.scylla.max_rows_per_second, 0);
+        let c = load_with_env(
+            None,
+            &[],
+            env(&[("VAULT_SCYLLA_MAX_ROWS_PER_SECOND", "20000")]),
+        )
+        .unwrap();
+        assert_eq!(c.scylla.max_rows_per_second, 20_000);
+        c.validate().unwrap();
+        for bad in ["-1", "fast", "1.5", "20k"] {
+            let err = load_with_env(None, &[], env(&[("VAULT_SCYLLA_MAX_ROWS_PER_SECOND", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("scylla.max_rows_per_second")
+                    && err.contains("VAULT_SCYLLA_MAX_ROWS_PER_SECOND"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum Error {
     Fatal(String),
     #[error("internal task failed: {0}")]
     Task(String),
+    #[error("kafka.leave_group_on_shutdown = \"scale-down\" reads the pod's StatefulSet from the Kubernetes API, and cannot: {0} (outside Kubernetes, set it to \"never\" or \"always\")")]
+    Kubernetes(String),
 }
 
 /// A Kafka error as text, without the option value rdkafka appends to a configuration error

@@ -12,6 +12,7 @@ pub mod event;
 pub mod failpoint;
 pub mod http;
 pub mod kafka;
+pub mod kubernetes;
 pub mod pipeline;
 pub mod store;
 pub mod telemetry;
@@ -28,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use config::Settings;
+
+use config::LeaveGroup;
 pub use error::Error;
 
 use kafka::context::{VaultConsumer, VaultContext};
@@ -82,6 +85,17 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             );
         }
 
+        // Checked at start-up, so that a pod without its token fails now, not when it stops.
+        let scale_check =
+            kubernetes::ScaleCheck::for_config(&cfg.kafka).map_err(Error::Kubernetes)?;
+        if let Some(check) = scale_check.clone() {
+            tokio::spawn(async move {
+                check
+                    .probe(pipeline::deadline::KUBERNETES_CALL_TIMEOUT)
+                    .await
+            });
+        }
+
         let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
             .await
             .map_err(|source| Error::Listen {
@@ -124,6 +138,7 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             on_invalid: cfg.pipeline.on_invalid,
             retention: settings.retention.clone(),
             retry: settings.retry(),
+            rate: crate::store::rate::RowRate::new(cfg.scylla.max_rows_per_second),
             metrics: metrics.clone(),
             health: health.clone(),
             cancel: abandon.clone(),
@@ -193,10 +208,14 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
         // Everything durable is committed: a static member asked to leave does so now, while
         // the poll thread still serves the rebalance this starts (closing would not leave).
         let mut leaving = None;
-        if cfg.kafka.leave_group_on_shutdown
-            && !cfg.kafka.instance_id.is_empty()
+        let leave = !cfg.kafka.instance_id.is_empty()
             && matches!(coordinator_result, Ok(Ok(())))
-        {
+            && match (cfg.kafka.leave_group_on_shutdown, &scale_check) {
+                (LeaveGroup::Always, _) => true,
+                (LeaveGroup::ScaleDown, Some(check)) => scaled_away(check).await,
+                _ => false,
+            };
+        if leave {
             // Blocking calls into librdkafka (`unsubscribe` has no timeout), on a thread of its
             // own: the close below joins it before dropping the consumer, so the last handle is
             // dropped there and the close stays bounded, and a thread stuck in librdkafka never
@@ -292,6 +311,40 @@ async fn poll_main_queue(
         }
     }
     health.loop_ended(Loop::KafkaPoll);
+}
+
+/// Whether this pod stops for good (`kafka.leave_group_on_shutdown = "scale-down"`): its
+/// StatefulSet no longer counts it. When the API cannot tell within
+/// [`pipeline::deadline::KUBERNETES_CALL_TIMEOUT`], yes: leaving needlessly costs a rebalance
+/// of seconds, staying needlessly stalls the pod's partitions for `kafka.session_timeout`.
+async fn scaled_away(check: &kubernetes::ScaleCheck) -> bool {
+    let pod = &check.pod;
+    match check
+        .cluster
+        .replicas(pod, pipeline::deadline::KUBERNETES_CALL_TIMEOUT)
+        .await
+    {
+        Ok(replicas) => {
+            let away = pod.is_scaled_away(replicas);
+            info!(
+                statefulset = %pod.statefulset,
+                ordinal = pod.ordinal,
+                replicas = ?replicas,
+                leave = away,
+                "{}",
+                if away {
+                    "The StatefulSet no longer counts this pod (a scale-down): leaving the consumer group."
+                } else {
+                    "The StatefulSet still counts this pod (a restart): keeping the group membership, so its partitions wait for it."
+                }
+            );
+            away
+        }
+        Err(e) => {
+            warn!(error = %e, "Cannot tell a scale-down from a restart; leaving the consumer group (a rebalance now rather than partitions stalled for kafka.session_timeout).");
+            true
+        }
+    }
 }
 
 /// Makes a static member leave the group (KIP-345: librdkafka sends no LeaveGroup for a static

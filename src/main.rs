@@ -587,6 +587,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn run(settings: vault::Settings, migrate: bool) -> anyhow::Result<()> {
+    // Before connecting to anything: a pod that cannot read its StatefulSet stops at once.
+    vault::kubernetes::ScaleCheck::for_config(&settings.config.kafka)
+        .map_err(vault::Error::Kubernetes)?;
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();

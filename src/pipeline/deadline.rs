@@ -27,6 +27,11 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// How long one synchronous commit or seek may take before it is treated as failed.
 pub const KAFKA_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a stopping static member with `kafka.leave_group_on_shutdown = "scale-down"` waits
+/// for the Kubernetes API to say whether its pod is scaled away (see `crate::kubernetes`); past
+/// it, the member leaves the group.
+pub const KUBERNETES_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long the run waits for the consumer to close after a fatal error (a fenced member
 /// cannot leave the group, and librdkafka's close may never complete).
 pub const FATAL_CLOSE_WAIT: Duration = Duration::from_secs(1);

@@ -9,6 +9,7 @@ pub mod concurrency;
 pub mod erasure;
 pub mod memory;
 pub mod persister;
+pub mod rate;
 pub mod read;
 pub mod retention;
 pub mod scylla;

@@ -16,7 +16,12 @@
 //!   a write attempt holds one of `pipeline.persisters` slots, a backoff sleep holds none, and
 //!   retries (attempts after a failure) also take one of half as many retry slots. So failing
 //!   batches, however many and however long they fail, leave at least half the slots to first
-//!   attempts, and healthy partitions keep flowing.
+//!   attempts, and healthy partitions keep flowing;
+//! - with `scylla.max_rows_per_second`, each write request of events first waits for its rows in
+//!   the instance's rate limit ([`RowRate`]), holding no slot (nor, in the store, any
+//!   concurrency permit) meanwhile; the wait is part of the attempt that cancellation drops, so
+//!   an abandoned batch stops waiting at once. The limit only delays writes: a batch is durable,
+//!   and committed past, only once the store acknowledged its rows, as without it.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -34,6 +39,7 @@ use crate::event::{Event, EventError};
 use crate::kafka::dead_letter::DeadLetterSink;
 use crate::pipeline::batch::{Batch, BatchOutcome, DeadLetter, RetryHold};
 use crate::store::erasure::Erasure;
+use crate::store::rate::RowRate;
 use crate::store::retention::{Retention, Ttl};
 use crate::store::{Store, StoreError};
 use crate::telemetry::{Health, Metrics};
@@ -46,6 +52,9 @@ pub struct Persister<S, D> {
     /// Events past their retention are not written (counted as expired).
     pub retention: Retention,
     pub retry: RetrySettings,
+    /// The instance's limit on event rows written per second (`scylla.max_rows_per_second`),
+    /// shared by every write request of every batch.
+    pub rate: RowRate,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     /// Fired when the shutdown deadline passes: retry loops give up and abandon their batch.
@@ -84,6 +93,10 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         workers: usize,
         batches: async_channel::Receiver<Batch>,
     ) -> JoinSet<()> {
+        self.rate.report_to(
+            self.metrics.write_rate_limit.clone(),
+            self.metrics.write_rate_limited_seconds.clone(),
+        );
         let mut set = JoinSet::new();
         set.spawn(async move {
             let slots = Arc::new(Slots::new(workers));
@@ -201,7 +214,12 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 let _slot = tokio::select! {
                     biased;
                     _ = self.cancelled(batch) => return Err(give_up("before writing")),
-                    slot = slots.acquire(failing.is_some()) => slot,
+                    slot = async {
+                        // The rate first, holding nothing: the slot (and the store's
+                        // concurrency permits) only once the rows may go.
+                        self.rate.admit(pending.len()).await;
+                        slots.acquire(failing.is_some()).await
+                    } => slot,
                 };
                 let started = Instant::now();
                 // Cancellation interrupts a write in progress too: its rows may land anyway,
@@ -602,6 +620,7 @@ mod tests {
                 initial_backoff: Duration::from_millis(100),
                 max_backoff: Duration::from_secs(30),
             },
+            rate: RowRate::unlimited(),
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new(Duration::from_secs(60))),
             cancel: CancellationToken::new(),
@@ -746,5 +765,118 @@ mod tests {
         assert_eq!(p.health.not_ready_reason(), None);
         let offsets: Vec<i64> = letters.letters().iter().map(|d| d.source.offset).collect();
         assert_eq!(offsets, [4, 5], "the acknowledged letter is not sent again");
+    }
+
+    /// `events` rows of partition `partition` from offset `from`, as one batch.
+    fn events_batch(
+        partition: i32,
+        from: i64,
+        events: i64,
+    ) -> (Batch, tokio::sync::oneshot::Receiver<BatchOutcome>) {
+        batch((from..from + events).map(|o| event(partition, o)).collect())
+    }
+
+    fn limited(
+        store: MemoryStore,
+        rows_per_second: u64,
+    ) -> Arc<Persister<MemoryStore, MemoryDeadLetters>> {
+        let mut p = Arc::into_inner(persister(store, MemoryDeadLetters::default())).unwrap();
+        p.rate = RowRate::new(rows_per_second);
+        Arc::new(p)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_paces_every_persister_together_and_every_row_is_stored() {
+        let memory = MemoryStore::new();
+        let p = limited(memory.clone(), 100);
+        let (tx, rx) = async_channel::bounded(64);
+        let mut pool = p.clone().spawn_pool(8, rx);
+        assert_eq!(p.metrics.write_rate_limit.get(), 100);
+        let t0 = tokio::time::Instant::now();
+        // 1,000 rows in 20 batches of 50 over 4 partitions, written by 8 persisters at once.
+        let mut acks = Vec::new();
+        for i in 0..20 {
+            let (b, ack) = events_batch(i % 4, i64::from(i / 4) * 50, 50);
+            tx.send(b).await.unwrap();
+            acks.push(ack);
+        }
+        for ack in acks {
+            assert_eq!(ack.await.unwrap(), BatchOutcome::Durable);
+        }
+        let took = t0.elapsed();
+        // At 100 rows a second with a burst of 100: at least (1,000 - 100) / 100 seconds.
+        assert!(
+            took >= Duration::from_secs(9) && took <= Duration::from_millis(9_100),
+            "{took:?}"
+        );
+        assert_eq!(memory.len(), 1000, "every row stored");
+        for partition in 0..4 {
+            for offset in 0..250 {
+                assert!(memory.contains_source("t", partition, offset));
+            }
+        }
+        let stored = p.metrics.events_stored.with_label_values(&["t"]).get();
+        assert_eq!(stored, 1000);
+        assert!(p.metrics.write_rate_limited_seconds.get() >= 9.0);
+        drop(tx);
+        while pool.join_next().await.is_some() {}
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_waiting_for_the_rate_holds_no_write_slot() {
+        let memory = MemoryStore::new();
+        let letters = MemoryDeadLetters::default();
+        let mut p = Arc::into_inner(persister(memory.clone(), letters.clone())).unwrap();
+        p.rate = RowRate::new(10);
+        let p = Arc::new(p);
+        let (tx, rx) = async_channel::bounded(8);
+        // One write slot.
+        let mut pool = p.clone().spawn_pool(1, rx);
+        let t0 = tokio::time::Instant::now();
+        let (first, first_ack) = events_batch(0, 0, 10);
+        let (second, second_ack) = events_batch(0, 10, 10);
+        let (letter, letter_ack) = batch(vec![invalid(20)]);
+        tx.send(first).await.unwrap();
+        assert_eq!(first_ack.await.unwrap(), BatchOutcome::Durable);
+        tx.send(second).await.unwrap();
+        tx.send(letter).await.unwrap();
+        assert_eq!(letter_ack.await.unwrap(), BatchOutcome::Durable);
+        assert_eq!(
+            t0.elapsed(),
+            Duration::ZERO,
+            "the dead letter took the only slot while the rows waited for the rate"
+        );
+        assert_eq!(second_ack.await.unwrap(), BatchOutcome::Durable);
+        assert_eq!(t0.elapsed(), Duration::from_secs(1));
+        assert_eq!((memory.len(), letters.letters().len()), (20, 1));
+        drop(tx);
+        while pool.join_next().await.is_some() {}
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waiting_for_the_rate_is_abandoned_at_once_and_takes_none_of_it() {
+        let memory = MemoryStore::new();
+        let p = limited(memory.clone(), 10);
+        let (first, _) = events_batch(0, 0, 10);
+        assert_eq!(p.persist(&first).await, BatchOutcome::Durable);
+        let (waiting, _) = events_batch(1, 0, 10);
+        let cancel = waiting.cancel.clone();
+        let writing = tokio::spawn({
+            let p = p.clone();
+            async move { p.persist(&waiting).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!writing.is_finished(), "waits a second for the rate");
+        let t0 = tokio::time::Instant::now();
+        cancel.cancel();
+        let outcome = writing.await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert!(matches!(outcome, BatchOutcome::Abandoned(r) if r.contains("before writing")));
+        assert!(!memory.contains_source("t", 1, 0), "nothing of it written");
+        // Half a second refilled 5 rows, and the abandoned batch took none of them.
+        let (next, _) = events_batch(2, 0, 5);
+        assert_eq!(p.persist(&next).await, BatchOutcome::Durable);
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert_eq!(memory.len(), 15);
     }
 }

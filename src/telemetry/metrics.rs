@@ -3,8 +3,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    exponential_buckets, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets, Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Buckets of `vault_end_to_end_latency_seconds`: one edge at the 250 ms latency target (so
@@ -70,6 +70,8 @@ pub struct Metrics {
     pub in_flight_batches: IntGauge,
     pub write_concurrency_limit: IntGauge,
     pub write_requests_in_flight: IntGauge,
+    pub write_rate_limit: IntGauge,
+    pub write_rate_limited_seconds: Counter,
     pub in_flight_bytes: IntGauge,
     pub prefetched_bytes: IntGauge,
     pub consumer_lag_seconds: GaugeVec,
@@ -214,6 +216,14 @@ impl Metrics {
             write_requests_in_flight: b.gauge(
                 "vault_write_requests_in_flight",
                 "Write requests in flight to the store right now (each an UNLOGGED batch, or one statement, of rows or of day-index entries).",
+            ),
+            write_rate_limit: b.gauge(
+                "vault_write_rate_limit_rows_per_second",
+                "Event rows this instance may write per second, across all persisters (scylla.max_rows_per_second); 0: unlimited.",
+            ),
+            write_rate_limited_seconds: b.float_counter(
+                "vault_write_rate_limited_seconds_total",
+                "Seconds write requests waited for scylla.max_rows_per_second before being sent, summed over requests (its rate is the mean number of requests held back by the limit).",
             ),
             in_flight_bytes: b.gauge(
                 "vault_in_flight_bytes",
@@ -413,6 +423,11 @@ impl Builder {
 
     fn counter(&mut self, name: &'static str, help: &str, labels: &[&str]) -> IntCounterVec {
         let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        self.add(name, c)
+    }
+
+    fn float_counter(&mut self, name: &'static str, help: &str) -> Counter {
+        let c = Counter::new(name, help).expect("valid metric");
         self.add(name, c)
     }
 
@@ -639,6 +654,8 @@ mod tests {
             "vault_partition_restarts_total{topic=\"t\"} 0",
             "vault_kafka_group_state{state=\"up\"} 0",
             "vault_kafka_group_generation -1",
+            "vault_write_rate_limit_rows_per_second 0",
+            "vault_write_rate_limited_seconds_total 0",
             "vault_end_to_end_latency_seconds_bucket{le=\"0.25\"} 0",
             "vault_end_to_end_latency_seconds_bucket{le=\"1200\"} 0",
         ] {

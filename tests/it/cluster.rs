@@ -9,6 +9,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use vault::kafka::dead_letter::MemoryDeadLetters;
 use vault::store::MemoryStore;
 
+use crate::common::k8s::{self, FakeKubernetes};
 use crate::common::{
     http_get, settings, spawn_vault, stop_gracefully, stored_positions, unique, wait_until, Kafka,
     ProcessRig, Running,
@@ -384,11 +385,13 @@ async fn a_final_commit_refused_during_a_rebalance_is_sent_again() {
 }
 
 /// A static member (`kafka.instance_id`) that stops: how long until the survivor owns its
-/// partitions, without and with `kafka.leave_group_on_shutdown`. librdkafka sends no LeaveGroup
-/// for a static member that closes, so the partitions wait for its session to expire; leaving
-/// first hands them over in one rebalance. Prints both times; nothing is lost either way.
+/// partitions, with `kafka.leave_group_on_shutdown = "scale-down"`, when the pod's StatefulSet
+/// still counts it (a restart: it keeps its membership) and when it no longer does (a
+/// scale-down: it leaves). librdkafka sends no LeaveGroup for a static member that closes, so
+/// on a restart the partitions wait for its session to expire; on a scale-down, leaving first
+/// hands them over in one rebalance. Prints both times; nothing is lost either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_static_member_that_leaves_on_shutdown_hands_its_partitions_over_sooner() {
+async fn a_static_member_leaves_the_group_on_a_scale_down_and_keeps_it_on_a_restart() {
     let partitions = 4;
     let ProcessRig {
         kafka,
@@ -399,13 +402,13 @@ async fn a_static_member_that_leaves_on_shutdown_hands_its_partitions_over_soone
         dir,
         env,
     } = ProcessRig::start("static", partitions).await;
-    let member = |id: &str, leave: bool| {
+    // The pods activity-vault-0 (a) and activity-vault-1 (b) of a StatefulSet of 2.
+    let api = FakeKubernetes::start(2).await;
+    let member = |id: &str, leave: &str| {
         let mut env = env.clone();
+        env.extend(api.env());
         env.push(("VAULT_KAFKA_INSTANCE_ID".into(), id.into()));
-        env.push((
-            "VAULT_KAFKA_LEAVE_GROUP_ON_SHUTDOWN".into(),
-            leave.to_string(),
-        ));
+        env.push(("VAULT_KAFKA_LEAVE_GROUP_ON_SHUTDOWN".into(), leave.into()));
         // Heartbeats every 500 ms: the session of a member that just closed has at most that
         // much of its 6 s behind it, so waiting it out takes at least 5.5 s more than leaving.
         env.push((
@@ -428,10 +431,15 @@ async fn a_static_member_that_leaves_on_shutdown_hands_its_partitions_over_soone
             }
         }
     };
-    let (a, a_addr) = spawn_vault(&member("a", false), &dir.join("a.log"));
+    let (a, a_addr) = spawn_vault(&member("activity-vault-0", "never"), &dir.join("a.log"));
     let mut moved = Vec::new();
-    for (round, leave) in [false, true].into_iter().enumerate() {
-        let (b, b_addr) = spawn_vault(&member("b", leave), &dir.join(format!("b-{round}.log")));
+    // b stops while the StatefulSet wants 2 replicas (a restart), then while it wants 1.
+    for (round, replicas) in [2, 1].into_iter().enumerate() {
+        api.set_replicas(replicas);
+        let (b, b_addr) = spawn_vault(
+            &member("activity-vault-1", "scale-down"),
+            &dir.join(format!("b-{round}.log")),
+        );
         wait_until(
             "a and b sharing the partitions",
             Duration::from_secs(90),
@@ -452,10 +460,19 @@ async fn a_static_member_that_leaves_on_shutdown_hands_its_partitions_over_soone
         moved.push(stopped.elapsed());
     }
     println!(
-        "static member stopped (session timeout 6 s): its partitions owned again after {:.1} s; \
-         with leave_group_on_shutdown after {:.1} s",
+        "static member stopped (session timeout 6 s, leave_group_on_shutdown = \"scale-down\"): \
+         its partitions owned again after {:.1} s on a restart, {:.1} s on a scale-down",
         moved[0].as_secs_f64(),
         moved[1].as_secs_f64()
+    );
+    let scale = format!(
+        "/apis/apps/v1/namespaces/{}/statefulsets/activity-vault/scale",
+        k8s::NAMESPACE
+    );
+    assert_eq!(
+        api.requests(),
+        vec![(scale, true); 2],
+        "b asked its StatefulSet's scale once per stop, with its token"
     );
     kafka
         .produce_and_wait_committed(&topic, &group, partitions, 400, 200)
@@ -466,17 +483,17 @@ async fn a_static_member_that_leaves_on_shutdown_hands_its_partitions_over_soone
         600,
         "every event produced is stored, whichever member wrote it"
     );
-    // Without leaving, the partitions wait for the 6 s session to expire, then for the mock's
+    // Without leaving (the restart), the partitions wait for the 6 s session to expire, then for the mock's
     // rebalance (about 5 s); leaving skips the session, so the two differ by the session left
     // after the last heartbeat (5.5-6 s, see above) plus up to 1 s of the mock's session check.
     // A broken leave makes them equal to within that check.
     assert!(
         moved[0] >= Duration::from_secs(6),
-        "a static member that closes keeps its partitions for its session: {moved:?}"
+        "a restarting static member keeps its partitions for its session: {moved:?}"
     );
     assert!(
         moved[1] + Duration::from_secs(3) <= moved[0],
-        "leaving is faster than waiting for the session to expire: {moved:?}"
+        "a member scaled away leaves, faster than waiting for the session to expire: {moved:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

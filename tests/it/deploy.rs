@@ -559,7 +559,10 @@ fn the_kubernetes_manifests_agree_with_the_binary_and_each_other() {
         .expect("an init container running `vault migrate`");
     assert_command_accepted(&strings(&migrate["args"]));
     assert_eq!(migrate["image"], container["image"]);
-    assert_eq!(migrate["volumeMounts"], container["volumeMounts"]);
+    assert_eq!(
+        migrate["volumeMounts"][0], container["volumeMounts"][0],
+        "the same configuration (the API token is the consumer's alone)"
+    );
     let scylla = |effective: &str| -> Vec<String> {
         effective
             .split("[scylla]")
@@ -845,9 +848,10 @@ fn the_image_is_multi_stage_non_root_and_serves_the_metrics_port() {
     );
 }
 
-/// Issue 19's hardening, as files: the pod mounts no service-account token, a NetworkPolicy
+/// Issue 19's hardening, as files: the pod mounts no service-account token but the vault
+/// container's, which may read its StatefulSet's scale and nothing else, a NetworkPolicy
 /// lets in only the monitoring namespace on the metrics port and lets out only Kafka's and
-/// ScyllaDB's namespaces and ports (as configured) and DNS, SASL credentials come from a Secret,
+/// ScyllaDB's namespaces and ports (as configured), the API server's ports and DNS, SASL credentials come from a Secret,
 /// the ScyllaDB password travels over TLS; compose's vault is read-only, without capabilities
 /// or privilege gain, and Grafana has no default admin.
 #[test]
@@ -883,6 +887,65 @@ fn the_deployment_is_hardened() {
         config["scylla"]["tls"].as_bool(),
         Some(true),
         "the password from the Secret crosses the network over TLS"
+    );
+
+    // The one Kubernetes API read (a stopping pod's StatefulSet scale): a ServiceAccount whose
+    // Role may `get` that scale and nothing else, its token in the vault container alone.
+    let account = s(&objects["ServiceAccount"]["metadata"]["name"]);
+    assert_eq!(s(&pod["spec"]["serviceAccountName"]), account);
+    assert_eq!(
+        objects["ServiceAccount"]["automountServiceAccountToken"].as_bool(),
+        Some(false)
+    );
+    let rules = objects["Role"]["rules"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(strings(&rules[0]["apiGroups"]), ["apps"]);
+    assert_eq!(strings(&rules[0]["resources"]), ["statefulsets/scale"]);
+    assert_eq!(
+        strings(&rules[0]["resourceNames"]),
+        [s(&sts["metadata"]["name"])]
+    );
+    assert_eq!(strings(&rules[0]["verbs"]), ["get"]);
+    let binding = &objects["RoleBinding"];
+    assert_eq!(
+        s(&binding["roleRef"]["name"]),
+        s(&objects["Role"]["metadata"]["name"])
+    );
+    assert_eq!(s(&binding["subjects"][0]["kind"]), "ServiceAccount");
+    assert_eq!(s(&binding["subjects"][0]["name"]), account);
+    let mounts_token = |c: &Value| {
+        c["volumeMounts"].as_sequence().is_some_and(|m| {
+            m.iter().any(|v| {
+                s(&v["mountPath"]) == "/var/run/secrets/kubernetes.io/serviceaccount"
+                    && v["readOnly"].as_bool() == Some(true)
+            })
+        })
+    };
+    assert!(mounts_token(container), "the vault container reads the API");
+    for init in pod["spec"]["initContainers"].as_sequence().unwrap() {
+        assert!(!mounts_token(init), "{} has no token", s(&init["name"]));
+    }
+    let token = pod["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|v| {
+            v["projected"]["sources"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+        })
+        .find(|source| source["serviceAccountToken"].is_mapping())
+        .expect("a projected service-account token");
+    assert!(
+        token["serviceAccountToken"]["expirationSeconds"]
+            .as_u64()
+            .is_some_and(|s| s <= 3600),
+        "short-lived"
+    );
+    assert_eq!(
+        config["kafka"]["leave_group_on_shutdown"].as_str(),
+        Some("scale-down")
     );
 
     let policy = &objects["NetworkPolicy"]["spec"];
@@ -936,6 +999,19 @@ fn the_deployment_is_hardened() {
             .any(|p| p["port"].as_u64() == Some(53))),
         "DNS"
     );
+    // Anywhere by address (the API server's depends on the cluster), on its ports alone.
+    let by_address: Vec<&Value> = egress
+        .iter()
+        .filter(|r| r["to"][0]["ipBlock"].is_mapping())
+        .collect();
+    assert_eq!(by_address.len(), 1, "{by_address:?}");
+    let api_ports: Vec<u64> = by_address[0]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(api_ports, [443, 6443], "the API server's ports only");
 
     let compose = yaml("docker-compose.yml");
     let vault = &compose["services"]["vault"];

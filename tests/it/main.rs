@@ -15,6 +15,7 @@ mod deploy;
 mod faults;
 mod group_view;
 mod http;
+mod kubernetes;
 #[cfg(feature = "failpoints")]
 mod liveness;
 mod pipeline;

@@ -19,7 +19,7 @@ use vault::telemetry::{Health, Metrics};
 use vault_sandbox::cql::frame::Opcode;
 use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
 
-use crate::common::unique;
+use crate::common::{self_signed, unique};
 
 async fn node() -> CqlNode {
     CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -355,6 +355,7 @@ async fn transient_errors_are_retried_and_the_batch_is_durable_only_after_succes
         dead_letters: MemoryDeadLetters::default(),
         on_invalid: InvalidPolicy::DeadLetter,
         retry: settings.retry(),
+        rate: Default::default(),
         metrics: Arc::new(Metrics::new()),
         health: Arc::new(Health::new(Duration::from_secs(60))),
         cancel: CancellationToken::new(),
@@ -406,6 +407,7 @@ async fn a_row_the_database_refuses_is_dead_lettered_alone_and_the_rest_of_its_g
         dead_letters: dead_letters.clone(),
         on_invalid: InvalidPolicy::DeadLetter,
         retry: settings.retry(),
+        rate: Default::default(),
         metrics: Arc::new(Metrics::new()),
         health: Arc::new(Health::new(Duration::from_secs(60))),
         cancel: CancellationToken::new(),
@@ -511,50 +513,6 @@ async fn the_pipeline_stores_every_event_in_scylla_through_write_timeouts() {
     assert_eq!(node.row_count(&c.keyspace, "user_activity"), 1500);
     assert_eq!(vault.counter("vault_events_stored_total"), 1500.0);
     vault.stop().await;
-}
-
-/// A self-signed certificate for 127.0.0.1 (also its own CA) and its key, as PEM files.
-fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    use openssl::asn1::Asn1Time;
-    use openssl::bn::BigNum;
-    use openssl::ec::{EcGroup, EcKey};
-    use openssl::hash::MessageDigest;
-    use openssl::nid::Nid;
-    use openssl::pkey::PKey;
-    use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
-    use openssl::x509::{X509NameBuilder, X509};
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
-    let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
-    let mut subject = X509NameBuilder::new().unwrap();
-    subject.append_entry_by_text("CN", name).unwrap();
-    let subject = subject.build();
-    let mut b = X509::builder().unwrap();
-    b.set_version(2).unwrap();
-    b.set_serial_number(&BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap())
-        .unwrap();
-    b.set_subject_name(&subject).unwrap();
-    b.set_issuer_name(&subject).unwrap();
-    b.set_pubkey(&key).unwrap();
-    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
-        .unwrap();
-    b.set_not_after(&Asn1Time::days_from_now(2).unwrap())
-        .unwrap();
-    b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
-        .unwrap();
-    let san = SubjectAlternativeName::new()
-        .ip("127.0.0.1")
-        .build(&b.x509v3_context(None, None))
-        .unwrap();
-    b.append_extension(san).unwrap();
-    b.sign(&key, MessageDigest::sha256()).unwrap();
-    let cert = b.build();
-    let (cert_path, key_path) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&cert_path, cert.to_pem().unwrap()).unwrap();
-    std::fs::write(&key_path, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
-    (cert_path, key_path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -787,6 +745,7 @@ async fn retention_expires_rows_at_occurred_at_plus_retention_whenever_written()
             initial_backoff: Duration::from_millis(5),
             max_backoff: Duration::from_millis(20),
         },
+        rate: Default::default(),
         metrics: Arc::new(Metrics::new()),
         health: Arc::new(Health::new(Duration::from_secs(60))),
         cancel: CancellationToken::new(),

@@ -1,0 +1,372 @@
+//! The write rate limit: at most `scylla.max_rows_per_second` event rows written per second by
+//! this instance, across all persisters (for a cluster shared with other tenants).
+//!
+//! One owner. [`Bucket`] is the pure decision, a token bucket kept as one instant (when it is
+//! full again; a GCRA): it holds one second's worth of rows, so a burst of that many goes at
+//! once, and a request larger than that goes when the bucket is full and pays for the rest
+//! afterwards (the next requests wait for it). So a request of any size passes eventually: the
+//! limit never deadlocks. [`RowRate`] wraps the bucket for the persisters, who ask it before
+//! each store write request (see `store::persister`), and exports
+//! `vault_write_rate_limit_rows_per_second` and `vault_write_rate_limited_seconds_total`.
+//!
+//! Requests are served in order: the one at the head of the line waits for its rows while
+//! holding the bucket (an async mutex, which is fair), and takes them only once they may go.
+//! A wait that is dropped (its batch was cancelled or abandoned) therefore takes nothing: the
+//! rows it did not send are not charged to anybody.
+//!
+//! Invariant kept: the limit only delays writes. It holds no write slot and no concurrency
+//! permit while it waits, it never answers for the store, and a batch is acknowledged only when
+//! the store acknowledges its rows, as without it; so what is committed does not change.
+//!
+//! Why not the `governor` crate: its clock is its own (`quanta`, or `std::time::Instant`), and
+//! its waits are `futures-timer` delays, not tokio's, so neither follows tokio's paused clock
+//! (`tokio::time::pause`): a test of the limit through it would have to sleep for real and hope.
+//! (It also refuses outright a request larger than its burst, `InsufficientCapacity`, where a
+//! batch's request must pass eventually.) Everything here reads [`tokio::time::Instant`] and
+//! sleeps with [`tokio::time::sleep_until`], so the tests below and those of the persisters run
+//! on the paused clock, exactly.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus::{Counter, IntGauge};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// What the bucket holds: one second's worth of rows.
+pub const BURST: Duration = Duration::from_secs(1);
+
+/// The token bucket, pure: told what is taken and when, it says when a request may go.
+///
+/// Its state is the instant it is full again once everything taken so far has been paid for
+/// at the rate; how far that lies ahead of now is the bucket's debt. A request of `rows` costs
+/// `rows / per_second` seconds, and may go once the debt plus its cost fits in [`BURST`], or,
+/// for a request costing more than [`BURST`], once the debt is zero (the bucket is full).
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    per_second: u64,
+    /// `None`: nothing taken yet, full.
+    full_at: Option<Instant>,
+}
+
+impl Bucket {
+    /// A full bucket refilling at `per_second` rows per second (at least 1).
+    pub fn new(per_second: u64) -> Bucket {
+        Bucket {
+            per_second: per_second.max(1),
+            full_at: None,
+        }
+    }
+
+    pub fn per_second(&self) -> u64 {
+        self.per_second
+    }
+
+    /// How long `rows` take to refill at the rate, rounded up to the nanosecond.
+    pub fn cost(&self, rows: u64) -> Duration {
+        let nanos = (u128::from(rows) * 1_000_000_000).div_ceil(u128::from(self.per_second));
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
+    /// The earliest instant, not before `now`, at which `rows` may go.
+    pub fn ready_at(&self, rows: u64, now: Instant) -> Instant {
+        let Some(full_at) = self.full_at else {
+            return now;
+        };
+        // The debt the request may find: what the bucket holds beyond its cost.
+        let allowed = BURST.saturating_sub(self.cost(rows));
+        full_at
+            .checked_sub(allowed)
+            .map_or(now, |ready| ready.max(now))
+    }
+
+    /// Takes `rows` at `now` (at or after [`Bucket::ready_at`]).
+    pub fn take(&mut self, rows: u64, now: Instant) {
+        let from = self.full_at.map_or(now, |full_at| full_at.max(now));
+        self.full_at = Some(from + self.cost(rows));
+    }
+}
+
+/// The instance's write rate limit, shared by every persister; unlimited when built with 0.
+#[derive(Default)]
+pub struct RowRate {
+    /// 0: unlimited.
+    per_second: u64,
+    /// `None`: unlimited.
+    bucket: Option<Mutex<Bucket>>,
+    metrics: OnceLock<Metrics>,
+}
+
+struct Metrics {
+    waited: Counter,
+}
+
+impl RowRate {
+    /// At most `rows_per_second` rows a second; 0 is unlimited.
+    pub fn new(rows_per_second: u64) -> RowRate {
+        RowRate {
+            per_second: rows_per_second,
+            bucket: (rows_per_second > 0).then(|| Mutex::new(Bucket::new(rows_per_second))),
+            metrics: OnceLock::new(),
+        }
+    }
+
+    /// No limit.
+    pub fn unlimited() -> RowRate {
+        RowRate::default()
+    }
+
+    /// The limit in rows per second; 0 when unlimited.
+    pub fn rows_per_second(&self) -> u64 {
+        self.per_second
+    }
+
+    /// Exports the limit (0: unlimited) through `limit`, and the time write requests wait for
+    /// it through `waited`, from now on.
+    pub fn report_to(&self, limit: IntGauge, waited: Counter) {
+        limit.set(i64::try_from(self.rows_per_second()).unwrap_or(i64::MAX));
+        let _ = self.metrics.set(Metrics { waited });
+    }
+
+    /// Waits until `rows` may be written, and takes them. Unlimited: at once.
+    ///
+    /// Cancellation-safe: a dropped wait has taken nothing, and the time it waited is counted.
+    pub async fn admit(&self, rows: usize) {
+        let Some(bucket) = &self.bucket else {
+            return;
+        };
+        let rows = u64::try_from(rows).unwrap_or(u64::MAX);
+        // At once when nobody is waiting and the bucket has the rows: nothing to count.
+        if let Ok(mut b) = bucket.try_lock() {
+            let now = Instant::now();
+            if b.ready_at(rows, now) <= now {
+                b.take(rows, now);
+                return;
+            }
+        }
+        let _waiting = Waiting {
+            since: Instant::now(),
+            metrics: self.metrics.get(),
+        };
+        let mut b = bucket.lock().await;
+        let ready = b.ready_at(rows, Instant::now());
+        tokio::time::sleep_until(ready).await;
+        b.take(rows, Instant::now());
+    }
+}
+
+/// Counts the time a write request waits for the rate, however the wait ends.
+struct Waiting<'a> {
+    since: Instant,
+    metrics: Option<&'a Metrics>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = self.metrics {
+            m.waited.inc_by(self.since.elapsed().as_secs_f64());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Sends requests of these sizes one after another, each as soon as the bucket lets it, from
+    /// `start`; returns when each went.
+    fn schedule(bucket: &mut Bucket, start: Instant, sizes: &[u64]) -> Vec<(Instant, u64)> {
+        let mut now = start;
+        sizes
+            .iter()
+            .map(|&rows| {
+                now = bucket.ready_at(rows, now);
+                bucket.take(rows, now);
+                (now, rows)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_bucket_lets_one_seconds_worth_through_at_once_then_paces_the_rest() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100);
+        assert_eq!(b.cost(1), 10 * MS);
+        let sent = schedule(&mut b, t0, &[60, 40, 1, 1, 50]);
+        let at: Vec<Duration> = sent.iter().map(|(t, _)| *t - t0).collect();
+        assert_eq!(
+            at,
+            [Duration::ZERO, Duration::ZERO, 10 * MS, 20 * MS, 520 * MS],
+            "the burst (100 rows) at once, then one row per 10 ms"
+        );
+    }
+
+    #[test]
+    fn the_rate_holds_over_every_window() {
+        let (rate, t0) = (250u64, Instant::now());
+        let mut b = Bucket::new(rate);
+        // Sizes from 1 to the rate, in an irregular order (a fixed LCG).
+        let mut x = 7u64;
+        let sizes: Vec<u64> = (0..400)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                1 + (x >> 33) % rate
+            })
+            .collect();
+        let sent = schedule(&mut b, t0, &sizes);
+        for i in 0..sent.len() {
+            let mut rows = 0u128;
+            for &(at, n) in &sent[i..] {
+                rows += u128::from(n);
+                let window = (at - sent[i].0).as_nanos();
+                // rows ≤ rate × window + burst, in whole numbers.
+                assert!(
+                    rows * 1_000_000_000 <= u128::from(rate) * (window + 1_000_000_000),
+                    "{rows} rows within {window} ns from request {i}"
+                );
+            }
+        }
+        let total: u64 = sizes.iter().sum();
+        let took = sent.last().unwrap().0 - t0;
+        let least = b.cost(total - rate);
+        assert!(
+            took >= least && took <= least + b.cost(rate),
+            "{total} rows took {took:?}, at least {least:?}"
+        );
+    }
+
+    #[test]
+    fn a_request_larger_than_the_burst_passes_and_the_next_ones_pay_for_it() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10);
+        // A full bucket lets it go at once: the burst is the request's size when that is larger.
+        let sent = schedule(&mut b, t0, &[50, 1]);
+        assert_eq!(sent[0].0, t0);
+        assert_eq!(
+            sent[1].0 - t0,
+            Duration::from_millis(4100),
+            "the next one waits for the 40 rows beyond the burst, then its own"
+        );
+        // After an empty bucket, it waits only until the bucket is full: never for ever.
+        let mut b = Bucket::new(10);
+        let sent = schedule(&mut b, t0, &[10, 1_000]);
+        assert_eq!(sent[1].0 - t0, Duration::from_secs(1));
+        let huge = Bucket::new(1).ready_at(u64::MAX, t0 + Duration::from_secs(5));
+        assert_eq!(huge, t0 + Duration::from_secs(5), "no overflow");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unlimited_never_waits() {
+        let rate = RowRate::new(0);
+        assert_eq!(rate.rows_per_second(), 0);
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            rate.admit(1_000_000).await;
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert_eq!(RowRate::unlimited().rows_per_second(), 0);
+    }
+
+    fn gauges() -> (IntGauge, Counter) {
+        (
+            IntGauge::new("limit", "l").unwrap(),
+            Counter::new("waited", "w").unwrap(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_writers_share_the_rate_and_the_waits_are_counted() {
+        let rate = Arc::new(RowRate::new(100));
+        let (limit, waited) = gauges();
+        rate.report_to(limit.clone(), waited.clone());
+        assert_eq!(limit.get(), 100);
+        let t0 = Instant::now();
+        // 8 writers of 25 requests of 10 rows: 2,000 rows, the first 100 at once.
+        let writers: Vec<_> = (0..8)
+            .map(|_| {
+                let rate = rate.clone();
+                tokio::spawn(async move {
+                    for _ in 0..25 {
+                        rate.admit(10).await;
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let took = t0.elapsed();
+        // (2,000 - 100) / 100 rows a second; each wait may end up to a millisecond late (tokio's
+        // timer resolution), and a late start is not made up for.
+        assert!(
+            took >= Duration::from_secs(19) && took <= Duration::from_millis(19_200),
+            "{took:?}"
+        );
+        assert!(
+            waited.get() > 19.0,
+            "summed over the writers: {}",
+            waited.get()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_wait_takes_nothing_and_its_wait_is_counted() {
+        let rate = Arc::new(RowRate::new(100));
+        let (limit, waited) = gauges();
+        rate.report_to(limit, waited.clone());
+        rate.admit(100).await; // The burst: the bucket is empty.
+        let t0 = Instant::now();
+        let cancelled = tokio::spawn({
+            let rate = rate.clone();
+            async move { rate.admit(100).await }
+        });
+        tokio::time::sleep(500 * MS).await;
+        assert!(!cancelled.is_finished(), "waits for a second's refill");
+        cancelled.abort();
+        assert!(cancelled.await.unwrap_err().is_cancelled());
+        assert!((waited.get() - 0.5).abs() < 1e-9, "{}", waited.get());
+        // Half a second refilled 50 rows, and the dropped wait took none of them.
+        rate.admit(50).await;
+        assert_eq!(t0.elapsed(), 500 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_are_served_in_order_so_a_large_one_is_not_starved() {
+        let rate = Arc::new(RowRate::new(10));
+        rate.admit(10).await;
+        let t0 = Instant::now();
+        let large = tokio::spawn({
+            let rate = rate.clone();
+            async move {
+                rate.admit(30).await;
+                t0.elapsed()
+            }
+        });
+        tokio::task::yield_now().await;
+        // Small requests behind it wait for it, however many.
+        let small: Vec<_> = (0..20)
+            .map(|_| {
+                let rate = rate.clone();
+                tokio::spawn(async move {
+                    rate.admit(1).await;
+                    t0.elapsed()
+                })
+            })
+            .collect();
+        let large = large.await.unwrap();
+        assert_eq!(
+            large,
+            Duration::from_secs(1),
+            "goes once the bucket is full"
+        );
+        for s in small {
+            assert!(s.await.unwrap() > large);
+        }
+    }
+}
