@@ -24,7 +24,9 @@
 //!
 //! BENCH_SCALE=0.1 runs everything on a tenth of the data (a quick check); BENCH_LATENCY_ONLY=1
 //! runs only the latency measurement; BENCH_FAULT_ONLY=1 only the fault run (figures in
-//! target/bench/fault-run.json).
+//! target/bench/fault-run.json); BENCH_DRAIN_ONLY=1 only the null-store drain with idle flush
+//! against fixed linger. A/B comparisons of one setting (idle flush, adaptive concurrency on
+//! the healthy node) run as interleaved pairs and report the median of the pairs' ratios.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -54,6 +56,8 @@ const FIXED_LINGER: (&str, &str) = ("VAULT_BATCH_FLUSH_WHEN_IDLE", "false");
 
 /// Repetitions of the headline runs (baseline A, vault with the null store); the median counts.
 const RUNS: usize = 3;
+/// Interleaved pairs of an A/B comparison (see `Bench::paired`).
+const PAIRS: usize = 5;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -277,6 +281,8 @@ struct VaultRun {
     steady_seconds: f64,
     cpu_seconds: f64,
     peak_rss_mib: f64,
+    /// Batches flushed (each one write request of the null store).
+    batches: f64,
 }
 
 impl Bench {
@@ -414,6 +420,7 @@ impl Bench {
         };
         let cpu = cpu_seconds(pid);
         let rss = peak_rss_mib(pid);
+        let batches = scrape(&metrics, "vault_batch_events_count").unwrap_or(f64::NAN);
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
@@ -427,13 +434,15 @@ impl Bench {
             steady_seconds: (t_to - t_from).as_secs_f64(),
             cpu_seconds: cpu - cpu0,
             peak_rss_mib: rss,
+            batches,
         };
         eprintln!(
-            "    {:.0} events/s (steady state), {:.0} events/s (whole drain), {:.2} µs CPU/event, peak RSS {:.1} MiB",
+            "    {:.0} events/s (steady state), {:.0} events/s (whole drain), {:.2} µs CPU/event, peak RSS {:.1} MiB, {:.0} events/batch",
             run.steady_events as f64 / run.steady_seconds,
             run.events as f64 / run.seconds,
             run.cpu_seconds * 1e6 / run.events as f64,
-            run.peak_rss_mib
+            run.peak_rss_mib,
+            run.events as f64 / run.batches
         );
         run
     }
@@ -551,6 +560,39 @@ impl Bench {
             "vault_null": {"drain_events_per_s": drain, "seconds": drained.seconds, "cpu_seconds": drained.cpu_seconds, "peak_rss_mib": drained.peak_rss_mib},
             "ratio_to_raw": drain / raw_drain,
         }))
+    }
+
+    /// `runs` runs each of two settings of the same drain, interleaved (a b, b a, a b, ...) so
+    /// that the machine's drift falls on both alike: the median run of each (by steady rate),
+    /// and the median of the pairs' rate ratios a / b, which is what the A/B targets judge.
+    async fn paired(
+        &self,
+        topic: &str,
+        count: u64,
+        runs: usize,
+        a: (&str, &[(&str, &str)]),
+        b: (&str, &[(&str, &str)]),
+    ) -> (VaultRun, VaultRun, f64) {
+        let rate = |r: &VaultRun| r.steady_events as f64 / r.steady_seconds;
+        let (mut a_runs, mut b_runs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..runs {
+            let (first, second) = if i % 2 == 0 { (a, b) } else { (b, a) };
+            let x = self.vault(first.0, topic, count, first.1).await;
+            let y = self.vault(second.0, topic, count, second.1).await;
+            let (ra, rb) = if i % 2 == 0 { (x, y) } else { (y, x) };
+            ratios.push(rate(&ra) / rate(&rb));
+            eprintln!("    pair {}: {:.3}×", i + 1, ratios[i]);
+            a_runs.push(ra);
+            b_runs.push(rb);
+        }
+        let median_run = |mut v: Vec<VaultRun>| {
+            v.sort_by(|x, y| rate(x).total_cmp(&rate(y)));
+            v.swap_remove(v.len() / 2)
+        };
+        ratios.sort_by(f64::total_cmp);
+        let ratio = ratios[ratios.len() / 2];
+        eprintln!("    median ratio of {runs} interleaved pairs: {ratio:.3}×");
+        (median_run(a_runs), median_run(b_runs), ratio)
     }
 
     /// vault with the null store (acknowledges without storing) on `topic`.
@@ -911,19 +953,19 @@ impl Bench {
         self.topic_with(topic, 16, count);
         let fixed = self.fault_run("fixed", topic, count, false).await;
         let adaptive = self.fault_run("adaptive", topic, count, true).await;
-        let healthy_fixed = self
-            .vault(
-                "healthy stand-in, fixed concurrency",
+        let (healthy_adaptive, healthy_fixed, healthy_ratio) = self
+            .paired(
                 topic,
                 count,
-                &[("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", "false")],
+                PAIRS,
+                ("healthy stand-in, adaptive concurrency", &[]),
+                (
+                    "healthy stand-in, fixed concurrency",
+                    &[("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", "false")],
+                ),
             )
             .await;
-        let healthy_adaptive = self
-            .vault("healthy stand-in, adaptive concurrency", topic, count, &[])
-            .await;
         let steady = |r: &VaultRun| r.steady_events as f64 / r.steady_seconds;
-        let healthy_ratio = steady(&healthy_adaptive) / steady(&healthy_fixed);
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
         std::fs::create_dir_all(&dir).unwrap();
         let png = dir.join("fault-run.png");
@@ -950,7 +992,7 @@ impl Bench {
             "failed_attempts_ratio_to_fixed": adaptive.failed_per_event / fixed.failed_per_event.max(f64::MIN_POSITIVE),
             "plot": "target/bench/fault-run.png",
             "healthy": {"fixed_events_per_s": steady(&healthy_fixed), "adaptive_events_per_s": steady(&healthy_adaptive),
-                        "rate_ratio_to_fixed": healthy_ratio},
+                        "rate_ratio_to_fixed": healthy_ratio, "interleaved_pairs": PAIRS},
         });
         (adaptive, fixed, value, healthy_ratio)
     }
@@ -1118,7 +1160,7 @@ fn fault_table(adaptive: &FaultRun, fixed: &FaultRun, healthy: &Value) -> String
     }
     let _ = writeln!(
         md,
-        "\nThe same backlog against the healthy stand-in: adaptive {:.0} events/s, fixed {:.0} (steady), {:.2}× fixed",
+        "\nThe same backlog against the healthy stand-in: adaptive {:.0} events/s, fixed {:.0} (steady, medians), {:.2}× fixed (the median ratio of {PAIRS} interleaved pairs)",
         healthy["adaptive_events_per_s"].as_f64().unwrap_or(f64::NAN),
         healthy["fixed_events_per_s"].as_f64().unwrap_or(f64::NAN),
         healthy["rate_ratio_to_fixed"].as_f64().unwrap_or(f64::NAN)
@@ -1174,6 +1216,32 @@ async fn run() {
         println!(
             "{}",
             serde_json::to_string_pretty(&value["targets"]).unwrap()
+        );
+        return;
+    }
+    if std::env::var_os("BENCH_DRAIN_ONLY").is_some() {
+        let n = bench.n(1_000_000);
+        bench.topic_with("bench-1m", 64, n);
+        let (idle, fixed, ratio) = bench
+            .paired(
+                "bench-1m",
+                n,
+                PAIRS,
+                ("null store", &[("VAULT_PIPELINE_STORE", "null")]),
+                (
+                    "null store, fixed linger",
+                    &[("VAULT_PIPELINE_STORE", "null"), FIXED_LINGER],
+                ),
+            )
+            .await;
+        say("Idle flush against fixed linger, null-store drain");
+        let rate = |r: &VaultRun| r.steady_events as f64 / r.steady_seconds;
+        println!(
+            "idle flush {:.0} events/s, {:.0} events/batch; fixed linger {:.0} events/s, {:.0} events/batch; {ratio:.3}× (median of {PAIRS} interleaved pairs)",
+            rate(&idle),
+            idle.events as f64 / idle.batches,
+            rate(&fixed),
+            fixed.events as f64 / fixed.batches
         );
         return;
     }
@@ -1247,34 +1315,19 @@ async fn run() {
         rate(x).total_cmp(&rate(y))
     });
     let a = runs.swap_remove(RUNS / 2);
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
-        runs.push(bench.vault_null("bench-1m", big).await);
-    }
-    runs.sort_by(|x, y| {
-        (x.steady_events as f64 / x.steady_seconds)
-            .total_cmp(&(y.steady_events as f64 / y.steady_seconds))
-    });
-    let null_big = runs.swap_remove(RUNS / 2);
-    // The same drain with a fixed linger (no flush when the writer is idle), median of as many.
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
-        runs.push(
-            bench
-                .vault(
-                    "null store, fixed linger",
-                    "bench-1m",
-                    big,
-                    &[("VAULT_PIPELINE_STORE", "null"), FIXED_LINGER],
-                )
-                .await,
-        );
-    }
-    runs.sort_by(|x, y| {
-        (x.steady_events as f64 / x.steady_seconds)
-            .total_cmp(&(y.steady_events as f64 / y.steady_seconds))
-    });
-    let null_fixed = runs.swap_remove(RUNS / 2);
+    // The drain with the default idle flush and with a fixed linger, in interleaved pairs.
+    let (null_big, null_fixed, idle_ratio) = bench
+        .paired(
+            "bench-1m",
+            big,
+            PAIRS,
+            ("null store", &[("VAULT_PIPELINE_STORE", "null")]),
+            (
+                "null store, fixed linger",
+                &[("VAULT_PIPELINE_STORE", "null"), FIXED_LINGER],
+            ),
+        )
+        .await;
     bench.topic_with("bench-100k", partitions, small);
     let null_small = bench.vault_null("bench-100k", small).await;
     // A third backlog size, to show where peak memory stops growing with the backlog.
@@ -1369,13 +1422,14 @@ async fn run() {
     results["read_api_page_100"] = read.clone();
     results["idle_flush_vs_fixed_linger"] = json!({
         "null_1m": {"idle_events_per_s": rate(&null_big), "fixed_events_per_s": rate(&null_fixed),
-                    "drain_ratio": rate(&null_big) / rate(&null_fixed),
+                    "drain_ratio": idle_ratio, "interleaved_pairs": PAIRS,
+                    "idle_events_per_batch": null_big.events as f64 / null_big.batches,
+                    "fixed_events_per_batch": null_fixed.events as f64 / null_fixed.batches,
                     "idle_cpu_us_per_event": cpu_us(&null_big), "fixed_cpu_us_per_event": cpu_us(&null_fixed)},
         "store": {"idle_requests_per_event": store.rows + store.index,
                   "fixed_requests_per_event": store_fixed.rows + store_fixed.index},
     });
-    results["targets"]["idle_flush_drain_ge_0.95_fixed_linger"] =
-        json!(rate(&null_big) / rate(&null_fixed) >= 0.95);
+    results["targets"]["idle_flush_drain_ge_0.95_fixed_linger"] = json!(idle_ratio >= 0.95);
     results["targets"]["idle_flush_requests_le_fixed_linger"] =
         json!(store.rows + store.index <= 1.05 * (store_fixed.rows + store_fixed.index));
     if let Some(slow) = &slow {
@@ -1432,10 +1486,12 @@ async fn run() {
     let _ = writeln!(md, "{}", store_lines(&store, &store_zipf, &store_replica));
     let _ = writeln!(
         md,
-        "Idle flush against fixed linger, when behind: null-store 1M drain {:.0} vs {:.0} events/s ({:.2}×), CPU {:.2} vs {:.2} µs/event; ScyllaDB store CQL requests per event {:.4} vs {:.4}\n",
+        "Idle flush against fixed linger, when behind: null-store 1M drain {:.0} vs {:.0} events/s (medians; {:.2}×, the median ratio of {PAIRS} interleaved pairs), {:.0} vs {:.0} events per batch, CPU {:.2} vs {:.2} µs/event; ScyllaDB store CQL requests per event {:.4} vs {:.4}\n",
         rate(&null_big),
         rate(&null_fixed),
-        rate(&null_big) / rate(&null_fixed),
+        idle_ratio,
+        null_big.events as f64 / null_big.batches,
+        null_fixed.events as f64 / null_fixed.batches,
         cpu_us(&null_big),
         cpu_us(&null_fixed),
         store.rows + store.index,

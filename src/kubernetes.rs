@@ -100,6 +100,10 @@ impl ScaleCheck {
     /// knowing (RBAC, a NetworkPolicy, the token): then every stop leaves the group.
     pub async fn probe(&self, timeout: Duration) {
         match self.cluster.replicas(&self.pod, timeout).await {
+            Ok(None) => tracing::warn!(
+                statefulset = %self.pod.statefulset,
+                "The Kubernetes API finds no StatefulSet of this pod's name (is kafka.instance_id the pod's name?): every stop will leave the consumer group, so each restart costs a rebalance."
+            ),
             Ok(replicas) => tracing::info!(
                 statefulset = %self.pod.statefulset,
                 ordinal = self.pod.ordinal,
@@ -207,7 +211,7 @@ impl InCluster {
             }
             404 => Ok(None),
             _ => Err(format!(
-                "GET {path}: HTTP {status}: {}",
+                "GET {path}: HTTP {status}: {:?}",
                 String::from_utf8_lossy(&body[..body.len().min(512)])
             )),
         }
@@ -232,26 +236,44 @@ impl InCluster {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("HTTP handshake: {e}"))?;
-        let connection = tokio::spawn(connection);
+        let mut authorization = hyper::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| "the service-account token is not a valid header value".to_owned())?;
+        authorization.set_sensitive(true);
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
         let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, &self.host)
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(hyper::header::HOST, host)
+            .header(hyper::header::AUTHORIZATION, authorization)
             .header(hyper::header::ACCEPT, "application/json")
             .body(Empty::<bytes::Bytes>::new())
             .map_err(|e| format!("request: {e}"))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("GET {path}: {e}"))?;
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("GET {path}: reading the answer: {e}"))?
-            .to_bytes()
-            .to_vec();
-        connection.abort();
-        Ok((status, body))
+        let exchange = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| format!("GET {path}: {e}"))?;
+            let status = response.status().as_u16();
+            let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("GET {path}: reading the answer: {e}"))?
+                .to_bytes()
+                .to_vec();
+            Ok::<_, String>((status, body))
+        };
+        tokio::pin!(exchange);
+        // The connection is driven here, not spawned: nothing outlives the call.
+        tokio::select! {
+            biased;
+            answer = &mut exchange => answer,
+            ended = connection => match ended {
+                Ok(()) => exchange.await,
+                Err(e) => Err(format!("GET {path}: {e}")),
+            },
+        }
     }
 
     fn connector(&self) -> Result<SslConnector, String> {

@@ -131,7 +131,10 @@ pub struct InFlightBudget {
 /// one does not, since its own writes are what holds it up. Its state is judged as it is now,
 /// not as it was when the wait began: a partition that starts failing while it waits stops
 /// pressing at once, and one whose batch was abandoned does not press again when its task
-/// restarts and waits for room to read that batch again.
+/// restarts and waits for room to read that batch again. But a failed partition with no batch
+/// retrying whose wait has lasted [`RETRY_HOLD_TURN`] presses too: batches that keep failing
+/// elsewhere cannot keep it from reading for good, and in an outage this costs at most one
+/// abandonment per such partition per turn.
 #[derive(Debug, Clone, Default)]
 pub struct PartitionHealth(Arc<Mutex<Marks>>);
 
@@ -139,6 +142,8 @@ pub struct PartitionHealth(Arc<Mutex<Marks>>);
 struct Marks {
     /// Waits for room in progress.
     waiting: usize,
+    /// Of those, waits that have lasted [`RETRY_HOLD_TURN`].
+    overdue: usize,
     /// Batches retrying right now.
     retrying: usize,
     /// A write failed, and no batch of the partition was durable since.
@@ -147,7 +152,7 @@ struct Marks {
 
 impl Marks {
     fn presses(&self) -> bool {
-        self.waiting > 0 && self.retrying == 0 && !self.failed
+        self.waiting > 0 && self.retrying == 0 && (!self.failed || self.overdue > 0)
     }
 }
 
@@ -221,18 +226,33 @@ impl Drop for RetryHold {
 struct Waiting<'a> {
     health: &'a PartitionHealth,
     pressing: &'a AtomicUsize,
+    overdue: bool,
 }
 
 impl<'a> Waiting<'a> {
     fn begin(health: &'a PartitionHealth, pressing: &'a AtomicUsize) -> Self {
         health.update(pressing, |m| m.waiting += 1);
-        Waiting { health, pressing }
+        Waiting {
+            health,
+            pressing,
+            overdue: false,
+        }
+    }
+
+    /// The wait has lasted [`RETRY_HOLD_TURN`].
+    fn overdue(&mut self) {
+        self.overdue = true;
+        self.health.update(self.pressing, |m| m.overdue += 1);
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.health.update(self.pressing, |m| m.waiting -= 1);
+        let overdue = self.overdue;
+        self.health.update(self.pressing, |m| {
+            m.waiting -= 1;
+            m.overdue -= usize::from(overdue);
+        });
     }
 }
 
@@ -295,13 +315,23 @@ impl InFlightBudget {
     /// budget waits for all of it).
     pub async fn add(&self, share: &mut Share, bytes: usize) {
         let want = self.clamp(bytes);
-        // Presses failing batches while the partition is healthy (see `PartitionHealth`).
-        let _waiting = Waiting::begin(&share.health, &self.pressing);
-        self.permits
-            .acquire_many(want)
-            .await
+        // Presses failing batches while the partition is healthy, or once the wait has lasted
+        // a turn (see `PartitionHealth`).
+        let mut waiting = Waiting::begin(&share.health, &self.pressing);
+        let acquire = self.permits.acquire_many(want);
+        tokio::pin!(acquire);
+        let permit = tokio::select! {
+            biased;
+            permit = &mut acquire => permit,
+            () = tokio::time::sleep(RETRY_HOLD_TURN) => {
+                waiting.overdue();
+                acquire.await
+            }
+        };
+        permit
             .expect("the in-flight budget is never closed")
             .forget();
+        drop(waiting);
         share.bytes += want;
     }
 
@@ -368,9 +398,9 @@ impl Batch {
     /// A failing batch claims its bytes (at most half the budget, so one batch can always
     /// claim) of the half of the budget that failing batches may hold together, whenever there
     /// is room. While no healthy partition (see [`PartitionHealth`]) waits for memory it
-    /// may retry without a claim, so an overloaded store, which fails every partition, makes
-    /// nothing be abandoned and read twice once each partition has had a write fail; while one
-    /// does, only with a claim. A claim lasts
+    /// may retry without a claim, so a store that fails every write (down, or too overloaded
+    /// to take any) makes nothing be abandoned and read twice once each partition has had a
+    /// write fail; while one does, only with a claim. A claim lasts
     /// [`RETRY_HOLD_TURN`]: then it is given back, and under pressure the batch is abandoned, so
     /// a batch that keeps failing (a schema error, a dead-letter topic that refuses) cannot keep
     /// memory from others for good. A batch without a share (written outside a pipeline)
@@ -644,5 +674,38 @@ mod tests {
         drop((unclaimed, unclaimed_hold, elsewhere, elsewhere_hold));
         restarted.await.unwrap();
         assert_eq!(budget.pressing(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_partition_that_has_waited_a_turn_presses_again() {
+        let budget = InFlightBudget::new(1000);
+        let health = PartitionHealth::default();
+        let abandoned = batch_of(&health, &budget, 100);
+        let mut hold = None;
+        assert!(abandoned.may_keep_retrying(&mut hold), "it fails");
+        drop((abandoned, hold));
+        // Elsewhere, batches that keep failing hold the whole budget.
+        let (claimed_one, unclaimed) = (batch_holding(&budget, 500), batch_holding(&budget, 500));
+        let (mut claim, mut unclaimed_hold) = (None, None);
+        assert!(claimed_one.may_keep_retrying(&mut claim) && claimed(&claim));
+        let waiter = wait_for_room_as(&health, &budget);
+        tokio::task::yield_now().await;
+        assert_eq!(
+            budget.pressing(),
+            0,
+            "the failed partition waits, pressing nobody"
+        );
+        assert!(unclaimed.may_keep_retrying(&mut unclaimed_hold));
+        tokio::time::advance(RETRY_HOLD_TURN).await;
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "still waiting");
+        assert_eq!(budget.pressing(), 1, "after a whole turn it presses");
+        assert!(
+            !unclaimed.may_keep_retrying(&mut unclaimed_hold),
+            "so a failing batch without a claim gives its memory back"
+        );
+        drop((unclaimed, unclaimed_hold, claimed_one, claim));
+        waiter.await.unwrap();
+        assert_eq!(budget.pressing(), 0, "the wait is over");
     }
 }

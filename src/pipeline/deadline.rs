@@ -108,6 +108,20 @@ impl Deadlines {
     }
 }
 
+/// The longest the steps after shutdown's final commit may take, with `topics` subscribed:
+/// reading the StatefulSet's scale ([`KUBERNETES_CALL_TIMEOUT`]), leaving the group (two Kafka
+/// calls), a group-view read under way (four calls of [`GROUP_VIEW_CALL_TIMEOUT`] per topic)
+/// and closing the consumer ([`KAFKA_CALL_TIMEOUT`]). With [`Deadlines::shutdown_wait`], what a
+/// pod's termination grace period must cover for a stop to end in exit 0 rather than a kill
+/// (deploy/k8s/statefulset.yaml); a kill there is harmless to the guarantee, as everything
+/// durable is committed by then.
+pub fn after_final_commit(topics: usize) -> Duration {
+    KUBERNETES_CALL_TIMEOUT
+        + 2 * KAFKA_CALL_TIMEOUT
+        + 4 * GROUP_VIEW_CALL_TIMEOUT * u32::try_from(topics).unwrap_or(u32::MAX)
+        + KAFKA_CALL_TIMEOUT
+}
+
 fn stop(now: Instant, timeout: Duration) -> Stop {
     let abandon_at = now + timeout;
     Stop {

@@ -246,56 +246,97 @@ async fn poison_pills_larger_than_the_dead_letter_topic_accepts_are_cut_to_fit()
 
 /// When the store fails every write (down or overloaded), failing partitions press nobody: once
 /// each partition has had a write fail, none of their batches is abandoned, not when a
-/// partition waits for memory and not when a partition whose batch was abandoned at the onset
-/// restarts and waits to read it again. So the outage costs retries, not re-reads. Then the
-/// store recovers with nothing lost.
+/// partition waits for memory and not when a partition whose batch was abandoned earlier
+/// restarts and waits to read it again (its task's next incarnation inherits its health). So
+/// the outage costs retries, not re-reads. Then the store recovers with nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_every_partition_fails_an_outage_abandons_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
     let kafka = Kafka::start();
     let (topic, group) = (unique("outage"), unique("g"));
     kafka.create_source_topic(&topic, 4).await;
-    let produced: BTreeSet<(i32, i64)> = kafka
-        .produce_events(&topic, 4, 0, 12_000)
+    // Partitions 0-2 hold a backlog whose writes fail from the start; partition 3's writes go
+    // through until the outage.
+    let mut produced: BTreeSet<(i32, i64)> = kafka
+        .produce_events(&topic, 3, 0, 9_000)
         .await
         .into_iter()
         .collect();
     let memory = MemoryStore::new();
-    let failed = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-    let seen = failed.clone();
+    let outage = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(Mutex::new(BTreeSet::new()));
+    let (seen, everything) = (failed.clone(), outage.clone());
     memory.fail_when(
         move |e| {
-            seen.lock().unwrap().insert(e.source.partition);
-            true
+            let fails = e.source.partition != 3 || everything.load(Ordering::SeqCst);
+            if fails {
+                seen.lock().unwrap().insert(e.source.partition);
+            }
+            fails
         },
         None,
         StoreError::Overloaded("injected".into()),
     );
     let mut cfg = settings(&kafka.brokers, &topic, &group);
-    // Four partitions of 4 batches of 500 events (about 300 bytes each in memory) would hold
+    // Three partitions of 4 batches of 500 events (about 300 bytes each in memory) would hold
     // several times this budget: they fill it and wait for room, failing.
     let budget = 1 << 20;
     cfg.pipeline.max_in_flight_bytes = budget;
     cfg.batch.max_events = 500;
     let vault = Running::start(cfg, memory.clone(), MemoryDeadLetters::default());
     wait_until(
-        "every partition failing, the in-flight memory full",
+        "failing batches filling the in-flight memory",
         Duration::from_secs(60),
         || {
-            let (used, failing) = (
-                vault.metrics.in_flight_bytes.get(),
-                failed.lock().unwrap().len(),
-            );
+            let used = vault.metrics.in_flight_bytes.get();
             async move {
-                (used >= budget as i64 * 3 / 4 && failing == 4)
+                (used >= budget as i64 * 3 / 4)
                     .then_some(())
-                    .ok_or(format!("{used} bytes, {failing} partitions failing"))
+                    .ok_or(format!("{used} bytes"))
             }
         },
     )
     .await;
+    let partition_3 = |first: usize, n: usize| -> Vec<(i32, String, Vec<u8>)> {
+        (first..first + n)
+            .map(|i| {
+                let user = format!("user-{}", i % 97);
+                let value = event_json(&user, i).into_bytes();
+                (3, user, value)
+            })
+            .collect()
+    };
+    // Partition 3, healthy, waits for memory: failing batches without a claim are abandoned
+    // for it, and their partitions restart.
+    produced.extend(kafka.produce(&topic, &partition_3(9_000, 500)).await);
+    wait_counter(&vault, "vault_retries_out_of_memory_total", 1.0).await;
+    wait_counter(&vault, "vault_partition_restarts_total", 1.0).await;
+    // The outage: from now on every write fails, partition 3's too.
+    outage.store(true, Ordering::SeqCst);
+    failed.lock().unwrap().clear();
+    produced.extend(kafka.produce(&topic, &partition_3(9_500, 2_000)).await);
+    // Partitions 0-2 have failed all along (one whose batch was abandoned may wait for memory
+    // without writing again: it is failing, and presses nobody); partition 3 fails now.
+    wait_until("partition 3 failing", Duration::from_secs(60), || {
+        let failing = failed.lock().unwrap().contains(&3);
+        async move { failing.then_some(()).ok_or("not yet".to_owned()) }
+    })
+    .await;
+    // A few more failed writes, so that partition 3's first failure has marked it failing.
+    let failed_then = memory.failed_requests();
+    wait_until("50 more failed writes", Duration::from_secs(60), || {
+        let n = memory.failed_requests();
+        async move {
+            (n >= failed_then + 50)
+                .then_some(())
+                .ok_or(format!("{}", n - failed_then))
+        }
+    })
+    .await;
     let abandoned = vault.counter("vault_retries_out_of_memory_total");
     // Many retries of every failing batch later (each one a chance to be abandoned, and every
-    // restart scheduled at the onset long due: 0.5 s to 1 s).
+    // restart scheduled before the outage long due: 0.5 s to a few seconds).
     let failed_then = memory.failed_requests();
     wait_until("600 more failed writes", Duration::from_secs(60), || {
         let n = memory.failed_requests();

@@ -433,6 +433,10 @@ async fn a_static_member_leaves_the_group_on_a_scale_down_and_keeps_it_on_a_rest
     };
     let (a, a_addr) = spawn_vault(&member("activity-vault-0", "never"), &dir.join("a.log"));
     let mut moved = Vec::new();
+    let scale = format!(
+        "/apis/apps/v1/namespaces/{}/statefulsets/activity-vault/scale",
+        k8s::NAMESPACE
+    );
     // b stops while the StatefulSet wants 2 replicas (a restart), then while it wants 1.
     for (round, replicas) in [2, 1].into_iter().enumerate() {
         api.set_replicas(replicas);
@@ -449,8 +453,24 @@ async fn a_static_member_leaves_the_group_on_a_scale_down_and_keeps_it_on_a_rest
         kafka
             .produce_and_wait_committed(&topic, &group, partitions, round * 200, 200)
             .await;
+        // b read its StatefulSet's scale once as it started (the start-up check).
+        let started_reads = 2 * round + 1;
+        wait_until("b's start-up read", Duration::from_secs(10), || {
+            let n = api.requests().len();
+            async move {
+                (n == started_reads)
+                    .then_some(())
+                    .ok_or(format!("{n} reads"))
+            }
+        })
+        .await;
         let stopped = tokio::time::Instant::now();
         stop_gracefully(b, "b to drain and exit 0").await;
+        assert_eq!(
+            api.requests().len(),
+            started_reads + 1,
+            "b read the scale once as it stopped"
+        );
         wait_until(
             "a owning every partition",
             Duration::from_secs(90),
@@ -465,14 +485,10 @@ async fn a_static_member_leaves_the_group_on_a_scale_down_and_keeps_it_on_a_rest
         moved[0].as_secs_f64(),
         moved[1].as_secs_f64()
     );
-    let scale = format!(
-        "/apis/apps/v1/namespaces/{}/statefulsets/activity-vault/scale",
-        k8s::NAMESPACE
-    );
     assert_eq!(
         api.requests(),
-        vec![(scale, true); 2],
-        "b asked its StatefulSet's scale once per stop, with its token"
+        vec![(scale, true); 4],
+        "b read its StatefulSet's scale at each start and stop, with its token"
     );
     kafka
         .produce_and_wait_committed(&topic, &group, partitions, 400, 200)

@@ -663,14 +663,23 @@ fn the_kubernetes_manifests_agree_with_the_binary_and_each_other() {
         }
     }
 
-    // The grace period covers the drain.
+    // The grace period covers the whole stop, every step at its bound.
     let shutdown = duration(config["pipeline"]["shutdown_timeout"].as_str().unwrap());
     let grace = pod["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
         .unwrap();
+    let topics = config["kafka"]["topics"].as_array().unwrap().len();
+    let worst = {
+        use vault::pipeline::deadline::*;
+        shutdown
+            + DRAIN_GRACE
+            + FINAL_COMMIT_RETRY
+            + 2 * KAFKA_CALL_TIMEOUT
+            + after_final_commit(topics)
+    };
     assert!(
-        Duration::from_secs(grace) >= shutdown + Duration::from_secs(10),
-        "grace {grace}s vs shutdown_timeout {shutdown:?}"
+        Duration::from_secs(grace) >= worst,
+        "grace {grace}s vs the longest stop {worst:?}"
     );
     for kind in ["requests", "limits"] {
         for r in ["cpu", "memory"] {
@@ -999,12 +1008,24 @@ fn the_deployment_is_hardened() {
             .any(|p| p["port"].as_u64() == Some(53))),
         "DNS"
     );
-    // Anywhere by address (the API server's depends on the cluster), on its ports alone.
+    // The API server by address (its address depends on the cluster): private ranges only,
+    // on its ports alone.
     let by_address: Vec<&Value> = egress
         .iter()
         .filter(|r| r["to"][0]["ipBlock"].is_mapping())
         .collect();
     assert_eq!(by_address.len(), 1, "{by_address:?}");
+    let cidrs: Vec<&str> = by_address[0]["to"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|t| s(&t["ipBlock"]["cidr"]))
+        .collect();
+    assert_eq!(
+        cidrs,
+        ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+        "never the internet"
+    );
     let api_ports: Vec<u64> = by_address[0]["ports"]
         .as_sequence()
         .unwrap()

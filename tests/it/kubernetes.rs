@@ -60,6 +60,37 @@ async fn an_api_server_the_cluster_ca_did_not_sign_or_a_refused_token_is_an_erro
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test]
+async fn a_server_whose_certificate_names_another_address_is_refused() {
+    let api = FakeKubernetes::start_certified_for(3, "127.0.0.2").await;
+    let err = cluster(&api).replicas(&pod(), WAIT).await.unwrap_err();
+    assert!(err.contains("TLS handshake"), "{err}");
+    assert!(api.requests().is_empty(), "nothing was sent to it");
+}
+
+#[tokio::test]
+async fn an_api_server_that_never_answers_is_given_up_on_in_time() {
+    let api = FakeKubernetes::start(3).await;
+    // Accepts connections and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let cluster = InCluster::new("127.0.0.1".into(), port, api.dir.clone()).unwrap();
+    let started = std::time::Instant::now();
+    let err = cluster
+        .replicas(&pod(), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(err.contains("did not answer within"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3), "bounded");
+    held.abort();
+}
+
 /// `vault run` with `leave_group_on_shutdown = "scale-down"` outside a pod, or with a member
 /// name that is no pod's, stops at once with what to fix, before connecting to anything.
 #[test]

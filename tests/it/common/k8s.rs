@@ -11,7 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
 
-use super::{self_signed, unique};
+use super::{self_signed_for, unique};
 
 pub const NAMESPACE: &str = "streaming";
 pub const TOKEN: &str = "pod-token";
@@ -37,9 +37,15 @@ impl Drop for FakeKubernetes {
 
 impl FakeKubernetes {
     pub async fn start(replicas: i64) -> FakeKubernetes {
+        Self::start_certified_for(replicas, "127.0.0.1").await
+    }
+
+    /// A stand-in on 127.0.0.1 whose certificate names `ip` instead (a server that is not the
+    /// one the client asked for).
+    pub async fn start_certified_for(replicas: i64, ip: &str) -> FakeKubernetes {
         let dir = std::env::temp_dir().join(unique("vault-k8s"));
         std::fs::create_dir_all(&dir).unwrap();
-        let (cert, key) = self_signed(&dir, "apiserver");
+        let (cert, key) = self_signed_for(&dir, "apiserver", ip);
         std::fs::copy(&cert, dir.join("ca.crt")).unwrap();
         std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
         std::fs::write(dir.join("namespace"), NAMESPACE).unwrap();

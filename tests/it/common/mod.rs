@@ -674,6 +674,15 @@ impl ProcessRig {
 
 /// A self-signed certificate for 127.0.0.1 (also its own CA) and its key, as PEM files.
 pub fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    self_signed_for(dir, name, "127.0.0.1")
+}
+
+/// A self-signed certificate for `ip` (also its own CA) and its key, as PEM files.
+pub fn self_signed_for(
+    dir: &std::path::Path,
+    name: &str,
+    ip: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     use openssl::asn1::Asn1Time;
     use openssl::bn::BigNum;
     use openssl::ec::{EcGroup, EcKey};
@@ -701,7 +710,7 @@ pub fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, st
     b.append_extension(BasicConstraints::new().critical().ca().build().unwrap())
         .unwrap();
     let san = SubjectAlternativeName::new()
-        .ip("127.0.0.1")
+        .ip(ip)
         .build(&b.x509v3_context(None, None))
         .unwrap();
     b.append_extension(san).unwrap();
