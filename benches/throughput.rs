@@ -25,7 +25,8 @@
 //! BENCH_SCALE=0.1 runs everything on a tenth of the data (a quick check); BENCH_LATENCY_ONLY=1
 //! runs only the latency measurement; BENCH_FAULT_ONLY=1 only the fault run (figures in
 //! target/bench/fault-run.json); BENCH_DRAIN_ONLY=1 only the null-store drain with idle flush
-//! against fixed linger. A/B comparisons of one setting (idle flush, adaptive concurrency on
+//! against fixed linger; BENCH_HEALTHY_ONLY=1 only adaptive against fixed concurrency on the
+//! healthy stand-in. A/B comparisons of one setting (idle flush, adaptive concurrency on
 //! the healthy node) run as interleaved pairs and report the median of the pairs' ratios.
 
 use std::collections::BTreeMap;
@@ -283,6 +284,8 @@ struct VaultRun {
     peak_rss_mib: f64,
     /// Batches flushed (each one write request of the null store).
     batches: f64,
+    /// The write concurrency limit, averaged over the run's samples.
+    mean_limit: f64,
 }
 
 impl Bench {
@@ -393,6 +396,7 @@ impl Bench {
         let mut start = None;
         let (from, to) = window(count);
         let (mut mark_from, mut mark_to) = (None, None);
+        let mut limits = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut last_report = Instant::now();
         let (end, stored) = loop {
@@ -403,6 +407,11 @@ impl Bench {
                 start = Some((Instant::now(), cpu_seconds(pid)));
             }
             let stored = scrape(&metrics, "vault_events_stored_total").unwrap_or(0.0) as u64;
+            if start.is_some() {
+                if let Some(l) = scrape(&metrics, "vault_write_concurrency_limit") {
+                    limits.push(l);
+                }
+            }
             if mark_from.is_none() && stored >= from {
                 mark_from = Some((Instant::now(), stored));
             }
@@ -435,14 +444,16 @@ impl Bench {
             cpu_seconds: cpu - cpu0,
             peak_rss_mib: rss,
             batches,
+            mean_limit: limits.iter().sum::<f64>() / limits.len().max(1) as f64,
         };
         eprintln!(
-            "    {:.0} events/s (steady state), {:.0} events/s (whole drain), {:.2} µs CPU/event, peak RSS {:.1} MiB, {:.0} events/batch",
+            "    {:.0} events/s (steady state), {:.0} events/s (whole drain), {:.2} µs CPU/event, peak RSS {:.1} MiB, {:.0} events/batch, write limit {:.0} on average",
             run.steady_events as f64 / run.steady_seconds,
             run.events as f64 / run.seconds,
             run.cpu_seconds * 1e6 / run.events as f64,
             run.peak_rss_mib,
-            run.events as f64 / run.batches
+            run.events as f64 / run.batches,
+            run.mean_limit
         );
         run
     }
@@ -1216,6 +1227,31 @@ async fn run() {
         println!(
             "{}",
             serde_json::to_string_pretty(&value["targets"]).unwrap()
+        );
+        return;
+    }
+    if std::env::var_os("BENCH_HEALTHY_ONLY").is_some() {
+        let n = bench.n(200_000);
+        bench.topic_with("bench-healthy", 16, n);
+        let (adaptive, fixed, ratio) = bench
+            .paired(
+                "bench-healthy",
+                n,
+                PAIRS,
+                ("healthy stand-in, adaptive concurrency", &[]),
+                (
+                    "healthy stand-in, fixed concurrency",
+                    &[("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", "false")],
+                ),
+            )
+            .await;
+        say("Adaptive against fixed concurrency, healthy stand-in");
+        let rate = |r: &VaultRun| r.steady_events as f64 / r.steady_seconds;
+        println!(
+            "adaptive {:.0} events/s (limit {:.0} on average); fixed {:.0} events/s; {ratio:.3}× (median of {PAIRS} interleaved pairs)",
+            rate(&adaptive),
+            adaptive.mean_limit,
+            rate(&fixed)
         );
         return;
     }
