@@ -43,8 +43,9 @@ pub const RTT_DEVIATION_SCALE: f64 = 2.5;
 /// The shortest window: decisions are made at most this often, and on enough answers that a
 /// window's mean response time tells queueing from noise. Measured against the stand-in on a
 /// contended machine, 10 ms windows held so few answers that noise read as queueing often
-/// enough to keep the limit at about half its maximum on a healthy node (0.80× the fixed
-/// limit's throughput); at 50 ms, 1.02×. The price is a slower climb back, one per window.
+/// enough to keep the limit at about half its maximum on a healthy node (0.78-0.80× the fixed
+/// limit's throughput); at 50 ms, 0.94-1.02× in three runs. The price is a slower climb back,
+/// one per window.
 pub const MIN_WINDOW: Duration = Duration::from_millis(50);
 /// How soon a window with back pressure in it ends: a timeout or `Overloaded` is a signal no
 /// noise fakes, so it is acted on this soon rather than at the window's end.
