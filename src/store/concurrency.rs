@@ -4,10 +4,11 @@
 //! One owner. [`Controller`] is the pure decision, modelled on Vector's adaptive request
 //! concurrency: it keeps an EWMA of the response time of successful requests (the baseline) and
 //! its deviation, and at the end of each window of about one response time (at least
-//! [`MIN_WINDOW`]; a window with back pressure in it ends after [`BACK_PRESSURE_WINDOW`]) it
-//! does AIMD on the limit:
+//! [`MIN_WINDOW`]; a window with back pressure in it ends at the first answer
+//! [`BACK_PRESSURE_WINDOW`] or more into it) it does AIMD on the limit:
 //! - a back-pressure answer in the window (a timeout, `Overloaded`) decreases the limit
-//!   multiplicatively (× [`DECREASE_RATIO`]);
+//!   multiplicatively (× [`DECREASE_RATIO`]), unless its request was sent before the last
+//!   decrease, which already answered it (one cut per generation of requests, as TCP does);
 //! - so does a window whose mean response time rose above the baseline by more than
 //!   [`RTT_DEVIATION_SCALE`] deviations (the database is queueing);
 //! - a window in which the limit was reached, with no back pressure and a response time not
@@ -40,15 +41,17 @@ pub const EWMA_ALPHA: f64 = 0.4;
 /// How many deviations above the baseline a window's response time may rise before it counts as
 /// the database queueing.
 pub const RTT_DEVIATION_SCALE: f64 = 2.5;
-/// The shortest window: decisions are made at most this often, and on enough answers that a
-/// window's mean response time tells queueing from noise. Measured against the stand-in on a
+/// The shortest window: response-time decisions are made at most this often, and on enough
+/// answers that a window's mean tells queueing from noise (back pressure closes a window
+/// sooner, see [`BACK_PRESSURE_WINDOW`]). Measured against the stand-in on a
 /// contended machine, 10 ms windows held so few answers that noise read as queueing often
 /// enough to keep the limit at about half its maximum on a healthy node (0.78-0.80× the fixed
 /// limit's throughput); at 50 ms, 0.94-1.02× in three runs. The price is a slower climb back,
 /// one per window.
 pub const MIN_WINDOW: Duration = Duration::from_millis(50);
-/// How soon a window with back pressure in it ends: a timeout or `Overloaded` is a signal no
-/// noise fakes, so it is acted on this soon rather than at the window's end.
+/// How soon a window with back pressure in it may end: a timeout or `Overloaded` is a signal no
+/// noise fakes, so it is acted on at the first answer this far into the window rather than at
+/// the window's end. Such a short window does not move the response-time baseline.
 pub const BACK_PRESSURE_WINDOW: Duration = Duration::from_millis(10);
 /// Relative change of the response time that is measuring noise, not a change: the least
 /// rise that counts as queueing, and the most a window may be above the baseline and still
@@ -144,6 +147,9 @@ pub struct Controller {
     /// When this window began and when it ends; `None` before the first answer, which closes a
     /// window at once.
     window: Option<(Instant, Instant)>,
+    /// When the limit was last cut: back pressure on a request sent before it was already
+    /// answered by that cut (one cut per generation of requests).
+    cut_at: Option<Instant>,
 }
 
 impl Controller {
@@ -160,6 +166,7 @@ impl Controller {
             current: Mean::default(),
             past: Ewma::default(),
             window: None,
+            cut_at: None,
         }
     }
 
@@ -177,13 +184,20 @@ impl Controller {
     pub fn answered(&mut self, now: Instant, rtt: Duration, answer: Answer) -> Option<usize> {
         match answer {
             Answer::Success => self.current.add(rtt.as_secs_f64()),
+            // A request sent before the last cut tells of the load before it: a burst of
+            // timeouts of one generation cuts once, not once a window until they stop coming.
+            Answer::BackPressure
+                if self
+                    .cut_at
+                    .is_some_and(|cut| now.checked_sub(rtt).is_none_or(|sent| sent < cut)) => {}
             Answer::BackPressure => self.back_pressure = true,
             Answer::Other => {}
         }
         // The first answer closes the first window; back pressure closes one early.
+        let mut early = false;
         if let Some((start, end)) = self.window {
-            let early = self.back_pressure && now >= start + BACK_PRESSURE_WINDOW;
-            if now < end && !early {
+            early = now < end;
+            if early && !(self.back_pressure && now >= start + BACK_PRESSURE_WINDOW) {
                 return None;
             }
         }
@@ -201,10 +215,12 @@ impl Controller {
         if self.back_pressure || queueing {
             let decreased = (self.limit as f64 * DECREASE_RATIO) as usize;
             self.limit = decreased.clamp(self.min, self.limit.saturating_sub(1).max(self.min));
+            self.cut_at = Some(now);
         } else if self.reached_limit && steady {
             self.limit = (self.limit + 1).min(self.max);
         }
-        if let Some(c) = current {
+        // A window closed early holds too few answers to move the baseline.
+        if let (Some(c), false) = (current, early) {
             self.past.update(c);
         }
         let window = self
@@ -426,6 +442,21 @@ mod tests {
             c.answered(Instant::now(), 200 * MS, Answer::Success),
             None,
             "a success does not end the new window early"
+        );
+        // Timeouts of requests sent before the cut keep coming: the cut answered them.
+        for _ in 0..5 {
+            tokio::time::advance(BACK_PRESSURE_WINDOW).await;
+            assert_eq!(
+                c.answered(Instant::now(), 200 * MS, Answer::BackPressure),
+                None,
+                "one cut per generation of requests"
+            );
+        }
+        assert_eq!(c.limit(), 90);
+        // Back pressure on a request sent after the cut cuts again.
+        assert_eq!(
+            c.answered(Instant::now(), MS, Answer::BackPressure),
+            Some(81)
         );
     }
 

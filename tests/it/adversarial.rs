@@ -244,8 +244,9 @@ async fn poison_pills_larger_than_the_dead_letter_topic_accepts_are_cut_to_fit()
     vault.stop().await;
 }
 
-/// When the store fails every write (down or overloaded), failing partitions press nobody: once
-/// each partition has had a write fail, none of their batches is abandoned, not when a
+/// When the store fails every write (down or overloaded), failing partitions press nobody for a
+/// turn (`RETRY_HOLD_TURN`): once each partition has had a write fail, none of their batches is
+/// abandoned, not when a
 /// partition waits for memory and not when a partition whose batch was abandoned earlier
 /// restarts and waits to read it again (its task's next incarnation inherits its health). So
 /// the outage costs retries, not re-reads. Then the store recovers with nothing lost.
@@ -312,6 +313,9 @@ async fn once_every_partition_fails_an_outage_abandons_nothing() {
     produced.extend(kafka.produce(&topic, &partition_3(9_000, 500)).await);
     wait_counter(&vault, "vault_retries_out_of_memory_total", 1.0).await;
     wait_counter(&vault, "vault_partition_restarts_total", 1.0).await;
+    // From here the restarted partitions wait for memory, failing; a wait of theirs that lasts
+    // RETRY_HOLD_TURN (60 s) would press again by design, so the check must end before that.
+    let restarted = std::time::Instant::now();
     // The outage: from now on every write fails, partition 3's too.
     outage.store(true, Ordering::SeqCst);
     failed.lock().unwrap().clear();
@@ -335,18 +339,28 @@ async fn once_every_partition_fails_an_outage_abandons_nothing() {
     })
     .await;
     let abandoned = vault.counter("vault_retries_out_of_memory_total");
-    // Many retries of every failing batch later (each one a chance to be abandoned, and every
-    // restart scheduled before the outage long due: 0.5 s to a few seconds).
+    // Many retries of every failing batch later (each one a chance to be abandoned), and at
+    // least 4 s after the restarts were scheduled (their backoff: 1 s, then 2 s), so that the
+    // restarted incarnations are running and waiting for memory.
     let failed_then = memory.failed_requests();
-    wait_until("600 more failed writes", Duration::from_secs(60), || {
-        let n = memory.failed_requests();
-        async move {
-            (n >= failed_then + 600)
-                .then_some(())
-                .ok_or(format!("{}", n - failed_then))
-        }
-    })
+    wait_until(
+        "600 more failed writes, 4 s after the restarts",
+        Duration::from_secs(60),
+        || {
+            let (n, since) = (memory.failed_requests(), restarted.elapsed());
+            async move {
+                (n >= failed_then + 600 && since >= Duration::from_secs(4))
+                    .then_some(())
+                    .ok_or(format!("{} after {since:?}", n - failed_then))
+            }
+        },
+    )
     .await;
+    assert!(
+        restarted.elapsed() < Duration::from_secs(50),
+        "the check took {:?}: too slow to tell (failed partitions press again after 60 s of waiting)",
+        restarted.elapsed()
+    );
     assert_eq!(
         vault.counter("vault_retries_out_of_memory_total"),
         abandoned,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vault::kubernetes::{InCluster, StatefulPod};
 
-use crate::common::k8s::{FakeKubernetes, NAMESPACE};
+use crate::common::k8s::{FakeKubernetes, NAMESPACE, NEVER_ANSWERS};
 use crate::common::{self_signed, unique};
 
 fn pod() -> StatefulPod {
@@ -89,6 +89,19 @@ async fn an_api_server_that_never_answers_is_given_up_on_in_time() {
     assert!(err.contains("did not answer within"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3), "bounded");
     held.abort();
+}
+
+#[tokio::test]
+async fn an_api_server_that_takes_the_request_and_never_answers_is_given_up_on_in_time() {
+    let api = FakeKubernetes::start(NEVER_ANSWERS).await;
+    let started = std::time::Instant::now();
+    let err = cluster(&api)
+        .replicas(&pod(), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(err.contains("did not answer within"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3), "bounded");
+    assert_eq!(api.requests().len(), 1, "the request was sent and read");
 }
 
 /// `vault run` with `leave_group_on_shutdown = "scale-down"` outside a pod, or with a member

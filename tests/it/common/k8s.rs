@@ -15,6 +15,9 @@ use super::{self_signed_for, unique};
 
 pub const NAMESPACE: &str = "streaming";
 pub const TOKEN: &str = "pod-token";
+/// What [`FakeKubernetes::set_replicas`] takes for a server that reads a request and never
+/// answers it.
+pub const NEVER_ANSWERS: i64 = -2;
 
 /// The API stand-in; it stops serving when dropped.
 pub struct FakeKubernetes {
@@ -92,6 +95,9 @@ impl FakeKubernetes {
                             _ => (404, r#"{"kind":"Status","code":404}"#.to_owned()),
                         };
                         async move {
+                            if replicas == NEVER_ANSWERS {
+                                std::future::pending::<()>().await;
+                            }
                             hyper::Response::builder()
                                 .status(status)
                                 .header("content-type", "application/json")
@@ -113,7 +119,8 @@ impl FakeKubernetes {
         }
     }
 
-    /// The replicas answered from now on; -1: the StatefulSet is not found.
+    /// The replicas answered from now on; -1: the StatefulSet is not found;
+    /// [`NEVER_ANSWERS`]: the request is read and never answered.
     pub fn set_replicas(&self, replicas: i64) {
         self.replicas.store(replicas, Ordering::SeqCst);
     }
