@@ -732,7 +732,7 @@ impl Coordinator {
         self.schedule_restart(key, resume_at, r.failures + 1, r.partition_health);
     }
 
-    /// Restarts a partition after a backoff that grows with consecutive failures (0.5 s doubling
+    /// Restarts a partition after a backoff that grows with consecutive failures (1 s doubling
     /// to 30 s), without holding up the coordinator meanwhile.
     fn schedule_restart(
         &mut self,

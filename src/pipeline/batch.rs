@@ -133,7 +133,7 @@ pub struct InFlightBudget {
 /// pressing at once, and one whose batch was abandoned does not press again when its task
 /// restarts and waits for room to read that batch again. But a failed partition with no batch
 /// retrying whose wait has lasted [`RETRY_HOLD_TURN`] presses too: batches that keep failing
-/// elsewhere cannot keep it from reading for good, and in an outage this costs at most one
+/// elsewhere cannot keep it from reading for good, and in an outage this costs about one
 /// abandonment per such partition per turn.
 #[derive(Debug, Clone, Default)]
 pub struct PartitionHealth(Arc<Mutex<Marks>>);
