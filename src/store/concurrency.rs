@@ -46,7 +46,7 @@ pub const RTT_DEVIATION_SCALE: f64 = 2.5;
 /// sooner, see [`BACK_PRESSURE_WINDOW`]). Measured against the stand-in on a
 /// contended machine, 10 ms windows held so few answers that noise read as queueing often
 /// enough to keep the limit at about half its maximum on a healthy node (0.78-0.80× the fixed
-/// limit's throughput); at 50 ms, 0.94-1.02× in three runs. The price is a slower climb back,
+/// limit's throughput); at 50 ms, 0.94-1.02× in four runs. The price is a slower climb back,
 /// one per window.
 pub const MIN_WINDOW: Duration = Duration::from_millis(50);
 /// How soon a window with back pressure in it may end: a timeout or `Overloaded` is a signal no
