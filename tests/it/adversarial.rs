@@ -26,6 +26,31 @@ async fn wait_counter(vault: &Running, name: &str, at_least: f64) {
     .await;
 }
 
+/// The in-flight budget of the memory tests: 1 MiB, with batches of 500 events.
+const TIGHT_BUDGET: usize = 1 << 20;
+
+fn with_tight_memory(cfg: &mut vault::config::Config) {
+    cfg.pipeline.max_in_flight_bytes = TIGHT_BUDGET;
+    cfg.batch.max_events = 500;
+}
+
+/// Waits until batches (failing ones, in the memory tests) hold most of [`TIGHT_BUDGET`].
+async fn wait_memory_filled(vault: &Running) {
+    wait_until(
+        "failing batches filling the in-flight memory",
+        Duration::from_secs(60),
+        || {
+            let used = vault.metrics.in_flight_bytes.get();
+            async move {
+                (used >= TIGHT_BUDGET as i64 * 3 / 4)
+                    .then_some(())
+                    .ok_or(format!("{used} bytes"))
+            }
+        },
+    )
+    .await;
+}
+
 /// Waits until the pipeline restarted a partition (a failpoint fired).
 async fn wait_restarted(vault: &Running) {
     wait_counter(vault, "vault_partition_restarts_total", 1.0).await;
@@ -282,23 +307,9 @@ async fn once_every_partition_fails_an_outage_abandons_nothing() {
     let mut cfg = settings(&kafka.brokers, &topic, &group);
     // Three partitions of 4 batches of 500 events (about 300 bytes each in memory) would hold
     // several times this budget: they fill it and wait for room, failing.
-    let budget = 1 << 20;
-    cfg.pipeline.max_in_flight_bytes = budget;
-    cfg.batch.max_events = 500;
+    with_tight_memory(&mut cfg);
     let vault = Running::start(cfg, memory.clone(), MemoryDeadLetters::default());
-    wait_until(
-        "failing batches filling the in-flight memory",
-        Duration::from_secs(60),
-        || {
-            let used = vault.metrics.in_flight_bytes.get();
-            async move {
-                (used >= budget as i64 * 3 / 4)
-                    .then_some(())
-                    .ok_or(format!("{used} bytes"))
-            }
-        },
-    )
-    .await;
+    wait_memory_filled(&vault).await;
     let partition_3 = |first: usize, n: usize| -> Vec<(i32, String, Vec<u8>)> {
         (first..first + n)
             .map(|i| {
@@ -398,23 +409,9 @@ async fn partitions_whose_writes_keep_failing_leave_memory_to_healthy_ones() {
     // Six partitions of 4 batches of 500 events (about 300 bytes each in memory) would hold
     // several times this budget: they fill it (their own waits for room are no reason to give
     // any of it back) and stop reading.
-    let budget = 1 << 20;
-    cfg.pipeline.max_in_flight_bytes = budget;
-    cfg.batch.max_events = 500;
+    with_tight_memory(&mut cfg);
     let vault = Running::start(cfg, memory.clone(), MemoryDeadLetters::default());
-    wait_until(
-        "failing batches filling the in-flight memory",
-        Duration::from_secs(60),
-        || {
-            let used = vault.metrics.in_flight_bytes.get();
-            async move {
-                (used >= budget as i64 * 3 / 4)
-                    .then_some(())
-                    .ok_or(format!("{used} bytes"))
-            }
-        },
-    )
-    .await;
+    wait_memory_filled(&vault).await;
     let healthy_produced: BTreeSet<(i32, i64)> = kafka
         .produce_events(&healthy, 1, 0, 500)
         .await
