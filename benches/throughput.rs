@@ -288,6 +288,13 @@ struct VaultRun {
     mean_limit: f64,
 }
 
+impl VaultRun {
+    /// The steady-state rate (see [`window`]).
+    fn rate(&self) -> f64 {
+        self.steady_events as f64 / self.steady_seconds
+    }
+}
+
 impl Bench {
     fn n(&self, full: u64) -> u64 {
         ((full as f64 * self.scale) as u64).max(1000)
@@ -448,7 +455,7 @@ impl Bench {
         };
         eprintln!(
             "    {:.0} events/s (steady state), {:.0} events/s (whole drain), {:.2} µs CPU/event, peak RSS {:.1} MiB, {:.0} events/batch, write limit {:.0} on average",
-            run.steady_events as f64 / run.steady_seconds,
+            run.rate(),
             run.events as f64 / run.seconds,
             run.cpu_seconds * 1e6 / run.events as f64,
             run.peak_rss_mib,
@@ -584,7 +591,7 @@ impl Bench {
         a: (&str, &[(&str, &str)]),
         b: (&str, &[(&str, &str)]),
     ) -> (VaultRun, VaultRun, f64) {
-        let rate = |r: &VaultRun| r.steady_events as f64 / r.steady_seconds;
+        let rate = VaultRun::rate;
         let (mut a_runs, mut b_runs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..runs {
             let (first, second) = if i % 2 == 0 { (a, b) } else { (b, a) };
@@ -604,6 +611,46 @@ impl Bench {
         let ratio = ratios[ratios.len() / 2];
         eprintln!("    median ratio of {runs} interleaved pairs: {ratio:.3}×");
         (median_run(a_runs), median_run(b_runs), ratio)
+    }
+
+    /// The null-store drain of `topic` with the default idle flush against a fixed linger
+    /// (`batch.flush_when_idle = false`), in interleaved pairs.
+    async fn idle_against_fixed_linger(
+        &self,
+        topic: &str,
+        count: u64,
+    ) -> (VaultRun, VaultRun, f64) {
+        self.paired(
+            topic,
+            count,
+            PAIRS,
+            ("null store", &[("VAULT_PIPELINE_STORE", "null")]),
+            (
+                "null store, fixed linger",
+                &[("VAULT_PIPELINE_STORE", "null"), FIXED_LINGER],
+            ),
+        )
+        .await
+    }
+
+    /// The ScyllaDB-store drain of `topic` into the healthy stand-in with adaptive against fixed
+    /// write concurrency, in interleaved pairs.
+    async fn adaptive_against_fixed_healthy(
+        &self,
+        topic: &str,
+        count: u64,
+    ) -> (VaultRun, VaultRun, f64) {
+        self.paired(
+            topic,
+            count,
+            PAIRS,
+            ("healthy stand-in, adaptive concurrency", &[]),
+            (
+                "healthy stand-in, fixed concurrency",
+                &[("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", "false")],
+            ),
+        )
+        .await
     }
 
     /// vault with the null store (acknowledges without storing) on `topic`.
@@ -964,19 +1011,9 @@ impl Bench {
         self.topic_with(topic, 16, count);
         let fixed = self.fault_run("fixed", topic, count, false).await;
         let adaptive = self.fault_run("adaptive", topic, count, true).await;
-        let (healthy_adaptive, healthy_fixed, healthy_ratio) = self
-            .paired(
-                topic,
-                count,
-                PAIRS,
-                ("healthy stand-in, adaptive concurrency", &[]),
-                (
-                    "healthy stand-in, fixed concurrency",
-                    &[("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", "false")],
-                ),
-            )
-            .await;
-        let steady = |r: &VaultRun| r.steady_events as f64 / r.steady_seconds;
+        let (healthy_adaptive, healthy_fixed, healthy_ratio) =
+            self.adaptive_against_fixed_healthy(topic, count).await;
+        let steady = VaultRun::rate;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
         std::fs::create_dir_all(&dir).unwrap();
         let png = dir.join("fault-run.png");
@@ -1234,19 +1271,10 @@ async fn run() {
         let n = bench.n(200_000);
         bench.topic_with("bench-healthy", 16, n);
         let (adaptive, fixed, ratio) = bench
-            .paired(
-                "bench-healthy",
-                n,
-                PAIRS,
-                ("healthy stand-in, adaptive concurrency", &[]),
-                (
-                    "healthy stand-in, fixed concurrency",
-                    &[("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", "false")],
-                ),
-            )
+            .adaptive_against_fixed_healthy("bench-healthy", n)
             .await;
         say("Adaptive against fixed concurrency, healthy stand-in");
-        let rate = |r: &VaultRun| r.steady_events as f64 / r.steady_seconds;
+        let rate = VaultRun::rate;
         println!(
             "adaptive {:.0} events/s (limit {:.0} on average); fixed {:.0} events/s; {ratio:.3}× (median of {PAIRS} interleaved pairs)",
             rate(&adaptive),
@@ -1258,20 +1286,9 @@ async fn run() {
     if std::env::var_os("BENCH_DRAIN_ONLY").is_some() {
         let n = bench.n(1_000_000);
         bench.topic_with("bench-1m", 64, n);
-        let (idle, fixed, ratio) = bench
-            .paired(
-                "bench-1m",
-                n,
-                PAIRS,
-                ("null store", &[("VAULT_PIPELINE_STORE", "null")]),
-                (
-                    "null store, fixed linger",
-                    &[("VAULT_PIPELINE_STORE", "null"), FIXED_LINGER],
-                ),
-            )
-            .await;
+        let (idle, fixed, ratio) = bench.idle_against_fixed_linger("bench-1m", n).await;
         say("Idle flush against fixed linger, null-store drain");
-        let rate = |r: &VaultRun| r.steady_events as f64 / r.steady_seconds;
+        let rate = VaultRun::rate;
         println!(
             "idle flush {:.0} events/s, {:.0} events/batch; fixed linger {:.0} events/s, {:.0} events/batch; {ratio:.3}× (median of {PAIRS} interleaved pairs)",
             rate(&idle),
@@ -1352,18 +1369,7 @@ async fn run() {
     });
     let a = runs.swap_remove(RUNS / 2);
     // The drain with the default idle flush and with a fixed linger, in interleaved pairs.
-    let (null_big, null_fixed, idle_ratio) = bench
-        .paired(
-            "bench-1m",
-            big,
-            PAIRS,
-            ("null store", &[("VAULT_PIPELINE_STORE", "null")]),
-            (
-                "null store, fixed linger",
-                &[("VAULT_PIPELINE_STORE", "null"), FIXED_LINGER],
-            ),
-        )
-        .await;
+    let (null_big, null_fixed, idle_ratio) = bench.idle_against_fixed_linger("bench-1m", big).await;
     bench.topic_with("bench-100k", partitions, small);
     let null_small = bench.vault_null("bench-100k", small).await;
     // A third backlog size, to show where peak memory stops growing with the backlog.
@@ -1416,7 +1422,7 @@ async fn run() {
     let a_drain = a["events"].as_f64().unwrap() / a["seconds"].as_f64().unwrap();
     let a_cpu_us = a["cpu_seconds"].as_f64().unwrap() * 1e6 / a["events"].as_f64().unwrap();
     let b_rate = b["events"].as_f64().unwrap() / b["seconds"].as_f64().unwrap();
-    let rate = |r: &VaultRun| r.steady_events as f64 / r.steady_seconds;
+    let rate = VaultRun::rate;
     let drain = |r: &VaultRun| r.events as f64 / r.seconds;
     let cpu_us = |r: &VaultRun| r.cpu_seconds * 1e6 / r.events as f64;
     let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
@@ -1587,7 +1593,7 @@ fn store_lines(uniform: &StoreRun, zipf: &StoreRun, replica: &StoreRun) -> Strin
             md,
             "| {what} | {} | {:.0} | {:.2} | {:.4} | {:.4} |",
             r.run.events,
-            r.run.steady_events as f64 / r.run.steady_seconds,
+            r.run.rate(),
             r.run.cpu_seconds * 1e6 / r.run.events as f64,
             r.rows,
             r.index
