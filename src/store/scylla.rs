@@ -635,8 +635,10 @@ pub struct IndexEntry {
 /// is cut into UNLOGGED batches of at most `max_rows` rows and `max_bytes` bytes, a partition's
 /// rows kept together and in order where they fit. The day index gets one entry per partition,
 /// at the newest version of its rows in the write, grouped by `index_key` and cut at `max_rows`
-/// entries; its requests come first, so a day is never left unindexed behind its rows for
-/// longer than the write (an entry without rows is only a stale entry).
+/// entries; its requests are planned first. Requests run concurrently, so that order is no
+/// guarantee: what keeps a day from staying unindexed behind its rows is the commit rule (the
+/// write is durable only when every request of it is, and an abandoned one is replayed), and an
+/// entry without rows is only a stale entry.
 ///
 /// By default the keys are the partitions themselves (`alone`): a batch holds one partition's
 /// rows, or one user's index entries. With `scylla.batch_by_replica` they are where the
