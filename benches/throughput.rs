@@ -154,6 +154,18 @@ fn window(count: u64) -> (u64, u64) {
     (count / 10, count - count / 10)
 }
 
+/// When a count sampled as `previous` and then `now` passed `mark`, at the rate between the two
+/// samples (`now`'s time without an earlier sample).
+fn crossing(previous: Option<(Instant, u64)>, now: (Instant, u64), mark: u64) -> Instant {
+    match previous {
+        Some((t0, n0)) if n0 < mark && now.1 > n0 => {
+            let share = (mark - n0) as f64 / (now.1 - n0) as f64;
+            t0 + (now.0 - t0).mul_f64(share.min(1.0))
+        }
+        _ => now.0,
+    }
+}
+
 /// user + system CPU seconds of a process, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -199,21 +211,39 @@ fn free_port() -> u16 {
 
 /// The sum of a metric over its series, scraped from a vault process.
 fn scrape(addr: &str, name: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(
-        body.lines()
+    Scrape::of(addr)?.sum(name)
+}
+
+/// One read of a vault process's `/metrics`. A scrape costs the process a registry walk and an
+/// encoding (a few hundred µs with its per-partition series), which it would count as its own
+/// CPU: a loop that watches several metrics reads them all from one scrape.
+struct Scrape(String);
+
+impl Scrape {
+    fn of(addr: &str) -> Option<Scrape> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        Some(Scrape(body))
+    }
+
+    /// The sum of a metric over its series; `None` when it has none.
+    fn sum(&self, name: &str) -> Option<f64> {
+        let mut values = self
+            .0
+            .lines()
             .filter(|l| {
                 l.strip_prefix(name)
                     .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
+            .peekable();
+        values.peek()?;
+        Some(values.sum())
+    }
 }
 
 /// Per partition, each committed offset seen and when it was first seen.
@@ -403,36 +433,46 @@ impl Bench {
         let mut start = None;
         let (from, to) = window(count);
         let (mut mark_from, mut mark_to) = (None, None);
+        let mut previous: Option<(Instant, u64)> = None;
         let mut limits = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut last_report = Instant::now();
         let (end, stored) = loop {
             assert!(Instant::now() < deadline, "vault did not finish in time");
             assert!(child.try_wait().unwrap().is_none(), "vault exited early");
-            let consumed = scrape(&metrics, "vault_events_consumed_total").unwrap_or(0.0);
+            let seen = Scrape::of(&metrics);
+            let metric = |name| seen.as_ref().and_then(|s| s.sum(name));
+            let consumed = metric("vault_events_consumed_total").unwrap_or(0.0);
             if start.is_none() && consumed > 0.0 {
                 start = Some((Instant::now(), cpu_seconds(pid)));
             }
-            let stored = scrape(&metrics, "vault_events_stored_total").unwrap_or(0.0) as u64;
+            let stored = metric("vault_events_stored_total").unwrap_or(0.0) as u64;
             if start.is_some() {
-                if let Some(l) = scrape(&metrics, "vault_write_concurrency_limit") {
+                if let Some(l) = metric("vault_write_concurrency_limit") {
                     limits.push(l);
                 }
             }
+            // Each mark is placed where the count crossed it between two scrapes, at the rate
+            // between them, so the scrapes can be sparse (each costs vault CPU) and the marks
+            // still exact to a few ms.
+            let now = (Instant::now(), stored);
+            let crossed = |mark: u64| crossing(previous, now, mark);
             if mark_from.is_none() && stored >= from {
-                mark_from = Some((Instant::now(), stored));
+                mark_from = Some((crossed(from), from));
             }
             if mark_to.is_none() && stored >= to {
-                mark_to = Some((Instant::now(), stored));
+                mark_to = Some((crossed(to), to));
             }
             if stored >= count {
-                break (Instant::now(), stored);
+                break (crossed(count), stored);
             }
+            previous = Some(now);
             if last_report.elapsed() > Duration::from_secs(2) {
                 eprintln!("    stored {stored}/{count}");
                 last_report = Instant::now();
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            // 20 scrapes a second: about 1% of a core.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let cpu = cpu_seconds(pid);
         let rss = peak_rss_mib(pid);
@@ -924,15 +964,15 @@ impl Bench {
             assert!(Instant::now() < deadline, "vault did not finish in time");
             assert!(child.try_wait().unwrap().is_none(), "vault exited early");
             let now = Instant::now();
-            if start.is_none()
-                && scrape(&metrics, "vault_events_consumed_total").unwrap_or(0.0) > 0.0
-            {
+            let seen = Scrape::of(&metrics);
+            let metric = |name| seen.as_ref().and_then(|s| s.sum(name)).unwrap_or(0.0);
+            if start.is_none() && metric("vault_events_consumed_total") > 0.0 {
                 start = Some(now);
             }
             // Distinct rows in the table, not vault_events_stored_total, which also counts the
             // rows a restarted partition writes again.
             let stored = self.node.row_count(&keyspace, "user_activity") as f64;
-            let limit = scrape(&metrics, "vault_write_concurrency_limit").unwrap_or(0.0);
+            let limit = metric("vault_write_concurrency_limit");
             if start.is_some() {
                 samples.push((now, stored, limit));
             }

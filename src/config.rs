@@ -363,6 +363,11 @@ pub struct ScyllaConfig {
     pub allow_cleartext_password: bool,
 }
 
+/// The largest `scylla.max_batch_rows`. The store builds the UNLOGGED batch of each size up to
+/// it once and reuses it (`store::scylla::Batches`), so no request clones a statement per row;
+/// past ~100 rows a request's fixed cost is a small share of it anyway.
+pub const MAX_BATCH_ROWS: usize = 128;
+
 /// The largest `scylla.max_batch_bytes`: ScyllaDB's default batch_size_warn_threshold_in_kb.
 /// Its estimate of a batch is larger than vault's, and it refuses batches above 1 MiB.
 const MAX_BATCH_BYTES: usize = 128 * 1024;
@@ -1359,8 +1364,12 @@ impl Config {
                 "whole seconds up to 20 years (630720000s, the most ScyllaDB accepts), e.g. \"30days\", or \"0s\" for none",
             ));
         }
-        if s.max_batch_rows == 0 || s.max_batch_rows > 1000 {
-            return Err(bad("scylla.max_batch_rows", s.max_batch_rows, "1 to 1000"));
+        if !(1..=MAX_BATCH_ROWS).contains(&s.max_batch_rows) {
+            return Err(bad(
+                "scylla.max_batch_rows",
+                s.max_batch_rows,
+                "1 to 128 rows (past ~100 rows a request's fixed cost is a small share of it)",
+            ));
         }
         if !(1024..=MAX_BATCH_BYTES).contains(&s.max_batch_bytes) {
             return Err(bad(
@@ -2056,6 +2065,21 @@ mod tests {
         ])
         .unwrap();
         assert!(ok.config.scylla.batch_by_replica);
+    }
+
+    #[test]
+    fn batches_hold_at_most_128_rows_and_a_larger_setting_says_so() {
+        for rows in ["0", "129", "1000"] {
+            let err = set(&[&format!("scylla.max_batch_rows={rows}")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("scylla.max_batch_rows") && err.contains("1 to 128"),
+                "{rows}: {err}"
+            );
+        }
+        let ok = set(&["scylla.max_batch_rows=128"]).unwrap();
+        assert_eq!(ok.config.scylla.max_batch_rows, MAX_BATCH_ROWS);
     }
 
     #[test]

@@ -17,7 +17,6 @@
 //! Kafka record alone: a replay writes the same cells at the same timestamps, and of two writes of
 //! one row the later message wins, whichever arrives last.
 
-use std::borrow::Cow;
 use std::hash::BuildHasher;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -35,14 +34,14 @@ use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
 use scylla::frame::response::result::TableSpec;
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::routing::partitioner::{Murmur3Partitioner, Partitioner, PartitionerHasher};
-use scylla::routing::{Shard, Token};
+use scylla::routing::Token;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 use scylla::value::{CqlDate, CqlTimestamp};
 use tracing::info;
 
-use crate::config::ScyllaConfig;
+use crate::config::{ScyllaConfig, MAX_BATCH_ROWS};
 use crate::event::Event;
 use crate::store::concurrency::{Answer, Limiter};
 use crate::store::retention::{Retention, Ttl};
@@ -450,7 +449,8 @@ impl ScyllaStore {
             keyspace: c.keyspace.clone(),
             retention: Retention::default(),
             default_ttl: i32::try_from(c.default_ttl.as_secs()).unwrap_or(i32::MAX),
-            max_batch_rows: c.max_batch_rows,
+            // Validated so already; clamped so that `Batches` always has the size.
+            max_batch_rows: c.max_batch_rows.clamp(1, MAX_BATCH_ROWS),
             max_batch_bytes: c.max_batch_bytes,
             limiter: if c.adaptive_concurrency {
                 Limiter::adaptive(c.min_concurrent_requests, c.max_concurrent_requests)
@@ -526,9 +526,11 @@ impl ScyllaStore {
     /// permit back.
     async fn send(&self, events: &[&Event], request: &Request) -> Result<(), ExecutionError> {
         let permit = self.limiter.acquire().await;
+        // Boxed: the driver's request future is several KB, and this one is moved through the
+        // write's `buffer_unordered` into its task set; boxed, those moves copy a pointer.
         let result = match request {
-            Request::Rows(rows) => self.send_rows(events, rows).await,
-            Request::Index { entries, .. } => self.send_index(events, entries).await,
+            Request::Rows(rows) => Box::pin(self.send_rows(events, rows)).await,
+            Request::Index { entries, .. } => Box::pin(self.send_index(events, entries)).await,
         };
         permit.finish(match &result {
             Ok(()) => Answer::Success,
@@ -552,7 +554,7 @@ impl ScyllaStore {
                 .map(|&i| values(events[i], self.ttl(events[i], now_ms)))
                 .collect();
             let batch = self.rows_batches.get(rows.len(), &self.insert);
-            self.session.batch(&batch, vals).await?;
+            self.session.batch(batch, vals).await?;
         }
         Ok(())
     }
@@ -574,7 +576,7 @@ impl ScyllaStore {
         } else {
             let vals: Vec<_> = entries.iter().map(value).collect();
             let batch = self.index_batches.get(entries.len(), &self.index);
-            self.session.batch(&batch, vals).await?;
+            self.session.batch(batch, vals).await?;
         }
         Ok(())
     }
@@ -759,24 +761,29 @@ impl<'a> Placement<'a> {
 
     /// The key of the partition whose serialized key columns are `parts`: its replicas, or the
     /// partition itself when the driver knows none.
+    ///
+    /// The replicas are combined by a sum of their hashes, which does not depend on the order the
+    /// ring lists them in, so two partitions on the same replicas get the same key without a
+    /// sorted copy of the set. Two different sets summing alike (odds about 2⁻⁶⁴) would only
+    /// share a batch whose coordinator forwards some of it, as correct as any batch.
     fn key(&self, parts: &[&[u8]]) -> u64 {
-        let mut replicas: Vec<(uuid::Uuid, Shard)> = self
-            .cluster
-            .replica_locator()
-            .replicas_for_token(
-                token(parts),
-                &self.keyspace.strategy,
-                self.datacenter,
-                &self.table,
-            )
-            .into_iter()
-            .map(|(node, shard)| (node.host_id, shard))
-            .collect();
-        if replicas.is_empty() {
-            return alone(parts);
+        let replicas = self.cluster.replica_locator().replicas_for_token(
+            token(parts),
+            &self.keyspace.strategy,
+            self.datacenter,
+            &self.table,
+        );
+        let mut key = 0u64;
+        let mut any = false;
+        for (node, shard) in replicas {
+            key = key.wrapping_add(KEY_HASH.hash_one((node.host_id, shard)));
+            any = true;
         }
-        replicas.sort_unstable();
-        KEY_HASH.hash_one(&replicas)
+        if any {
+            key
+        } else {
+            alone(parts)
+        }
     }
 }
 
@@ -807,37 +814,32 @@ fn alone(parts: &[&[u8]]) -> u64 {
 /// The hasher of planning keys (fixed: keys are compared within one write only).
 const KEY_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5ca1ab1e);
 
-/// UNLOGGED batches of `n` copies of one prepared statement, built once for each `n` up to
-/// [`CACHED_BATCH`] used: a write binds its values to the cached batch, so no statement is
-/// cloned per row. (Larger ones are built for each request: the cache holds at most
-/// `CACHED_BATCH`² / 2 statement handles, a few MB.)
+/// UNLOGGED batches of `n` copies of one prepared statement, built once for each `n` used (up
+/// to `scylla.max_batch_rows`, at most [`MAX_BATCH_ROWS`]): a write binds its values to the
+/// cached batch, so no statement is cloned per row. At most `MAX_BATCH_ROWS`² / 2 statement
+/// handles, a few MB.
 struct Batches(Vec<OnceLock<Batch>>);
-
-/// The largest batch size [`Batches`] keeps.
-const CACHED_BATCH: usize = 128;
 
 impl Batches {
     fn new(max: usize) -> Self {
         Batches(
-            (0..=max.min(CACHED_BATCH))
+            (0..=max.min(MAX_BATCH_ROWS))
                 .map(|_| OnceLock::new())
                 .collect(),
         )
     }
 
-    fn get(&self, n: usize, statement: &PreparedStatement) -> Cow<'_, Batch> {
-        let build = || {
+    /// The batch of `n` statements; `n` is at most the `max` this was built with (the planner
+    /// cuts batches there).
+    fn get(&self, n: usize, statement: &PreparedStatement) -> &Batch {
+        self.0[n].get_or_init(|| {
             let mut batch = Batch::new(BatchType::Unlogged);
             for _ in 0..n {
                 batch.append_statement(statement.clone());
             }
             batch.set_is_idempotent(true);
             batch
-        };
-        match self.0.get(n) {
-            Some(cached) => Cow::Borrowed(cached.get_or_init(build)),
-            None => Cow::Owned(build()),
-        }
+        })
     }
 }
 
@@ -978,6 +980,21 @@ impl Store for ScyllaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<T>(_: impl Fn(&'static ScyllaStore) -> T) -> usize {
+        std::mem::size_of::<T>()
+    }
+
+    /// A write's requests are futures moved through its `buffer_unordered` and into its task
+    /// set: the driver's request future (several KB) is boxed inside them, so each of those moves
+    /// copies a few hundred bytes, not the driver's whole state machine.
+    #[test]
+    fn a_request_in_flight_is_a_small_future() {
+        static ROWS: Request = Request::Rows(Vec::new());
+        let size = future_size(|s| s.send(&[], &ROWS));
+        assert!(size <= 1024, "{size} bytes");
+    }
 
     /// `n` events of `users` users (user `i % users`), on `days` days (day `i % days`), of
     /// ~150 bytes each, offsets `0..n`.
