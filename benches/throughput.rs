@@ -168,6 +168,12 @@ fn crossing(previous: Option<(Instant, u64)>, now: (Instant, u64), mark: u64) ->
 
 /// user + system CPU seconds of a process, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// User and system (kernel) CPU seconds of a process, from /proc.
+fn cpu_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -180,7 +186,8 @@ fn cpu_seconds(pid: u32) -> f64 {
             .unwrap_or(0.0)
     };
     // utime and stime are fields 14 and 15 of stat; after the ")" they are the 12th and 13th.
-    (ticks(11) + ticks(12)) / clock_ticks()
+    let hz = clock_ticks();
+    (ticks(11) / hz, ticks(12) / hz)
 }
 
 fn clock_ticks() -> f64 {
@@ -311,6 +318,8 @@ struct VaultRun {
     steady_events: u64,
     steady_seconds: f64,
     cpu_seconds: f64,
+    /// Of `cpu_seconds`, those spent in the kernel (system calls, wake-ups, page faults).
+    system_seconds: f64,
     peak_rss_mib: f64,
     /// Batches flushed (each one write request of the null store).
     batches: f64,
@@ -444,7 +453,7 @@ impl Bench {
             let metric = |name| seen.as_ref().and_then(|s| s.sum(name));
             let consumed = metric("vault_events_consumed_total").unwrap_or(0.0);
             if start.is_none() && consumed > 0.0 {
-                start = Some((Instant::now(), cpu_seconds(pid)));
+                start = Some((Instant::now(), cpu_split(pid)));
             }
             let stored = metric("vault_events_stored_total").unwrap_or(0.0) as u64;
             if start.is_some() {
@@ -474,7 +483,7 @@ impl Bench {
             // 20 scrapes a second: about 1% of a core.
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let cpu = cpu_seconds(pid);
+        let (user, system) = cpu_split(pid);
         let rss = peak_rss_mib(pid);
         let batches = scrape(&metrics, "vault_batch_events_count").unwrap_or(f64::NAN);
         let _ = Command::new("kill")
@@ -488,7 +497,8 @@ impl Bench {
             seconds: (end - t0).as_secs_f64(),
             steady_events: n_to - n_from,
             steady_seconds: (t_to - t_from).as_secs_f64(),
-            cpu_seconds: cpu - cpu0,
+            cpu_seconds: user + system - cpu0.0 - cpu0.1,
+            system_seconds: system - cpu0.1,
             peak_rss_mib: rss,
             batches,
             mean_limit: limits.iter().sum::<f64>() / limits.len().max(1) as f64,
@@ -1478,6 +1488,7 @@ async fn run() {
         "vault_null_100k": {"events_per_s": rate(&null_small), "peak_rss_mib": null_small.peak_rss_mib},
         "vault_null_500k": {"events_per_s": rate(&null_half), "peak_rss_mib": null_half.peak_rss_mib},
         "vault_scylla": {"events_per_s": rate(scylla), "drain_events_per_s": drain(scylla), "cpu_us_per_event": cpu_us(scylla),
+                         "kernel_cpu_share": scylla.system_seconds / scylla.cpu_seconds,
                          "peak_rss_mib": scylla.peak_rss_mib, "ratio_to_b": rate(scylla) / b_rate,
                          "cql_requests_per_event": store.rows,
                          "index_requests_per_event": store.index,
@@ -1622,7 +1633,7 @@ async fn run() {
 /// users uniform with shard-aware batching (`scylla.batch_by_replica`).
 fn store_lines(uniform: &StoreRun, zipf: &StoreRun, replica: &StoreRun) -> String {
     let mut md = String::from(
-        "| ScyllaDB store (stand-in) | events | events/s (steady state) | CPU µs/event | CQL requests/event, table | to the day index |\n|---|---:|---:|---:|---:|---:|\n",
+        "| ScyllaDB store (stand-in) | events | events/s (steady state) | CPU µs/event | of which kernel | CQL requests/event, table | to the day index |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for (what, r) in [
         ("users uniform", uniform),
@@ -1631,10 +1642,11 @@ fn store_lines(uniform: &StoreRun, zipf: &StoreRun, replica: &StoreRun) -> Strin
     ] {
         let _ = writeln!(
             md,
-            "| {what} | {} | {:.0} | {:.2} | {:.4} | {:.4} |",
+            "| {what} | {} | {:.0} | {:.2} | {:.0}% | {:.4} | {:.4} |",
             r.run.events,
             r.run.rate(),
             r.run.cpu_seconds * 1e6 / r.run.events as f64,
+            100.0 * r.run.system_seconds / r.run.cpu_seconds,
             r.rows,
             r.index
         );

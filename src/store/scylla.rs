@@ -34,7 +34,7 @@ use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
 use scylla::frame::response::result::TableSpec;
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::routing::partitioner::{Murmur3Partitioner, Partitioner, PartitionerHasher};
-use scylla::routing::Token;
+use scylla::routing::{Shard, Token};
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
@@ -759,13 +759,8 @@ impl<'a> Placement<'a> {
         })
     }
 
-    /// The key of the partition whose serialized key columns are `parts`: its replicas, or the
-    /// partition itself when the driver knows none.
-    ///
-    /// The replicas are combined by a sum of their hashes, which does not depend on the order the
-    /// ring lists them in, so two partitions on the same replicas get the same key without a
-    /// sorted copy of the set. Two different sets summing alike (odds about 2⁻⁶⁴) would only
-    /// share a batch whose coordinator forwards some of it, as correct as any batch.
+    /// The key of the partition whose serialized key columns are `parts`: its replicas (see
+    /// [`replica_key`]), or the partition itself when the driver knows none.
     fn key(&self, parts: &[&[u8]]) -> u64 {
         let replicas = self.cluster.replica_locator().replicas_for_token(
             token(parts),
@@ -773,18 +768,26 @@ impl<'a> Placement<'a> {
             self.datacenter,
             &self.table,
         );
-        let mut key = 0u64;
-        let mut any = false;
-        for (node, shard) in replicas {
-            key = key.wrapping_add(KEY_HASH.hash_one((node.host_id, shard)));
-            any = true;
-        }
-        if any {
-            key
-        } else {
-            alone(parts)
-        }
+        replica_key(
+            replicas
+                .into_iter()
+                .map(|(node, shard)| (node.host_id, shard)),
+        )
+        .unwrap_or_else(|| alone(parts))
     }
+}
+
+/// The planning key of a replica set, as (host id, shard) pairs; `None` for an empty one.
+///
+/// The pairs' hashes are summed, which does not depend on the order the ring lists them in, so
+/// two partitions on the same replicas get the same key without a sorted copy of the set. Two
+/// different sets summing alike (odds about 2⁻⁶⁴) would only share a batch whose coordinator
+/// forwards some of it, as correct as any batch.
+fn replica_key(replicas: impl IntoIterator<Item = (uuid::Uuid, Shard)>) -> Option<u64> {
+    replicas
+        .into_iter()
+        .map(|replica| KEY_HASH.hash_one(replica))
+        .reduce(u64::wrapping_add)
 }
 
 /// The Murmur3 token of the partition whose serialized key columns are `parts` (a compound key
@@ -980,6 +983,29 @@ impl Store for ScyllaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_set_has_one_key_in_any_order_and_each_set_its_own() {
+        let [a, b, c] = [1u128, 2, 3].map(uuid::Uuid::from_u128);
+        let key = |set: &[(uuid::Uuid, Shard)]| replica_key(set.iter().copied());
+        assert_eq!(
+            key(&[(a, 0), (b, 1), (c, 2)]),
+            key(&[(c, 2), (a, 0), (b, 1)])
+        );
+        assert_ne!(
+            key(&[(a, 0), (b, 1)]),
+            key(&[(a, 0), (c, 1)]),
+            "another node"
+        );
+        assert_ne!(
+            key(&[(a, 0), (b, 1)]),
+            key(&[(a, 1), (b, 1)]),
+            "another shard"
+        );
+        assert_ne!(key(&[(a, 0), (b, 1)]), key(&[(a, 0)]), "a subset");
+        assert_ne!(key(&[(a, 0)]), key(&[(a, 0), (a, 0)]));
+        assert_eq!(key(&[]), None, "no replica known: the partition goes alone");
+    }
 
     /// The size of the future `f` returns, without calling it.
     fn future_size<T>(_: impl Fn(&'static ScyllaStore) -> T) -> usize {
