@@ -35,6 +35,9 @@ use scylla::frame::response::result::TableSpec;
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::routing::partitioner::{Murmur3Partitioner, Partitioner, PartitionerHasher};
 use scylla::routing::{Shard, Token};
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::writers::RowWriter;
+use scylla::serialize::SerializationError;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
@@ -386,9 +389,11 @@ pub struct ScyllaStore {
     /// Permits for write requests in flight, process-wide.
     limiter: Limiter,
     per_batch_requests: usize,
-    /// The UNLOGGED batches of `insert` and of `index`, by size.
+    /// The UNLOGGED batches of `insert` and of `index`, by size, and of a partition's rows
+    /// with its index entry ([`Request::Partition`]).
     rows_batches: Batches,
     index_batches: Batches,
+    partition_batches: Batches,
     /// Batch partitions that live on the same replicas and shard together (`plan`).
     batch_by_replica: bool,
     /// The datacenter whose replicas decide where a partition lives, when set.
@@ -442,6 +447,7 @@ impl ScyllaStore {
                 other => other,
             })?;
         index.set_is_idempotent(true);
+        let partition_batches = Batches::new(c.max_batch_rows, Some(index.clone()));
         Ok(ScyllaStore {
             session,
             insert,
@@ -458,8 +464,9 @@ impl ScyllaStore {
                 Limiter::fixed(c.max_concurrent_requests)
             },
             per_batch_requests: c.max_concurrent_requests.clamp(1, PER_BATCH_REQUESTS),
-            rows_batches: Batches::new(c.max_batch_rows),
-            index_batches: Batches::new(c.max_batch_rows),
+            rows_batches: Batches::new(c.max_batch_rows, None),
+            index_batches: Batches::new(c.max_batch_rows, None),
+            partition_batches,
             batch_by_replica: c.batch_by_replica,
             local_dc: (!c.local_dc.is_empty()).then(|| c.local_dc.clone()),
         })
@@ -489,36 +496,29 @@ impl ScyllaStore {
         }
     }
 
-    /// Splits events into requests (see [`plan`]): rows and day-index entries are each grouped
-    /// by the replicas (and shard) that own them, so one request carries many partitions to a
-    /// coordinator that owns every one of them.
+    /// Splits events into requests: one per partition, with its day-index entry
+    /// ([`plan_by_partition`]); with `scylla.batch_by_replica`, once the driver knows where both
+    /// tables' partitions live, partitions on the same replicas and shard share requests
+    /// ([`plan`]).
     pub fn plan(&self, events: &[&Event]) -> Vec<Request> {
-        let cluster = self.session.get_cluster_state();
-        let dc = self.local_dc.as_deref();
-        let placed = |table| {
-            Placement::of(&cluster, &self.keyspace, table, dc).filter(|_| self.batch_by_replica)
-        };
-        let (rows_at, index_at) = (placed(TABLE), placed(USER_DAYS));
-        plan(
-            events,
-            self.max_batch_rows,
-            self.max_batch_bytes,
-            |e| {
-                let day = cql_day(e.day()).0.to_be_bytes();
-                let parts: [&[u8]; 2] = [e.user_id().as_bytes(), &day];
-                match &rows_at {
-                    Some(at) => at.key(&parts),
-                    None => alone(&parts),
-                }
-            },
-            |e| {
-                let parts = [e.user_id().as_bytes()];
-                match &index_at {
-                    Some(at) => at.key(&parts),
-                    None => alone(&parts),
-                }
-            },
-        )
+        if self.batch_by_replica {
+            let cluster = self.session.get_cluster_state();
+            let dc = self.local_dc.as_deref();
+            let placed = |table| Placement::of(&cluster, &self.keyspace, table, dc);
+            if let (Some(rows_at), Some(index_at)) = (placed(TABLE), placed(USER_DAYS)) {
+                return plan(
+                    events,
+                    self.max_batch_rows,
+                    self.max_batch_bytes,
+                    |e| {
+                        let day = cql_day(e.day()).0.to_be_bytes();
+                        rows_at.key(&[e.user_id().as_bytes(), &day])
+                    },
+                    |e| index_at.key(&[e.user_id().as_bytes()]),
+                );
+            }
+        }
+        plan_by_partition(events, self.max_batch_rows, self.max_batch_bytes)
     }
 
     /// Sends one request while holding a write permit, for the whole request (the driver's
@@ -529,6 +529,9 @@ impl ScyllaStore {
         // Boxed: the driver's request future is several KB, and this one is moved through the
         // write's `buffer_unordered` into its task set; boxed, those moves copy a pointer.
         let result = match request {
+            Request::Partition { rows, entry } => {
+                Box::pin(self.send_partition(events, rows, *entry)).await
+            }
             Request::Rows(rows) => Box::pin(self.send_rows(events, rows)).await,
             Request::Index { entries, .. } => Box::pin(self.send_index(events, entries)).await,
         };
@@ -537,6 +540,27 @@ impl ScyllaStore {
             Err(e) => Answer::of_error(&classify(e)),
         });
         result
+    }
+
+    /// Writes one partition's rows and, last in the same UNLOGGED batch, its day-index entry;
+    /// each row with the TTL its retention leaves it at this moment (after the wait for a
+    /// permit, so a queued write never outlives its retention by the wait).
+    async fn send_partition(
+        &self,
+        events: &[&Event],
+        rows: &[usize],
+        entry: IndexEntry,
+    ) -> Result<(), ExecutionError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let e = events[entry.first];
+        let vals: Vec<Bound<'_>> = rows
+            .iter()
+            .map(|&i| Bound::Row(values(events[i], self.ttl(events[i], now_ms))))
+            .chain([Bound::Entry((e.user_id(), cql_day(e.day()), entry.version))])
+            .collect();
+        let batch = self.partition_batches.get(rows.len(), &self.insert);
+        self.session.batch(batch, vals).await?;
+        Ok(())
     }
 
     /// Writes rows, each with the TTL its retention leaves it at this moment (after the wait for
@@ -600,7 +624,13 @@ impl ScyllaStore {
 /// One CQL request of a write: an UNLOGGED batch (or, for one statement, a plain EXECUTE).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    /// Rows of the main table (indices into the write's events).
+    /// Rows of one partition `(user_id, day)` (indices into the write's events, in order), and
+    /// last the partition's day-index entry at the newest version among them: how rows go by
+    /// default ([`plan_by_partition`]). The batch is routed by its first row, to a replica of
+    /// the partition, which forwards the entry to the index's replicas.
+    Partition { rows: Vec<usize>, entry: IndexEntry },
+    /// Rows of the main table (indices into the write's events), of partitions that share
+    /// replicas (`scylla.batch_by_replica`, [`plan`]); their index entries go apart.
     Rows(Vec<usize>),
     /// Day-index entries, and the rows they index: when the request fails, those rows count
     /// as unwritten, so that a retry writes their index entries again.
@@ -614,7 +644,7 @@ impl Request {
     /// The rows that are not durable when this request fails.
     pub fn rows(&self) -> &[usize] {
         match self {
-            Request::Rows(rows) => rows,
+            Request::Partition { rows, .. } | Request::Rows(rows) => rows,
             Request::Index { covers, .. } => covers,
         }
     }
@@ -629,25 +659,63 @@ pub struct IndexEntry {
     pub version: i64,
 }
 
+/// Splits a write's events into requests by partition `(user_id, day)`, in order of first
+/// appearance: each partition's rows, in order, cut into UNLOGGED batches of at most `max_rows`
+/// rows and `max_bytes` bytes, and to each batch its partition's day-index entry, last, at the
+/// newest version among that batch's rows ([`Request::Partition`]).
+///
+/// So a request that is acknowledged has made its rows and their day durable together, and a
+/// request that fails leaves its rows unwritten, to be sent again with their entry: every
+/// durable row has an index entry at or above its version, which is what an erasure relies on
+/// (DESIGN, Erasure). A second request of a large partition writes the entry again, at its own
+/// rows' newest version; the entry keeps the newest of them.
+///
+/// Why one request per partition, with its entry: a request's fixed cost (on both sides) is
+/// most of what a small row costs, and users' activity seldom puts many rows of one day in one
+/// Kafka batch; one request then carries the row and its index entry, where separate requests
+/// would double them. The entry's partition is another (the index is keyed by user), so the
+/// coordinator forwards that one small mutation, as it would replicate it anyway; that is as far
+/// as vault goes across partitions by default (see [`plan`] for `batch_by_replica`).
+pub fn plan_by_partition(events: &[&Event], max_rows: usize, max_bytes: usize) -> Vec<Request> {
+    let mut requests = Vec::new();
+    for rows in partitions(events) {
+        let e = events[rows[0]];
+        // The entry's own bytes count against the batch's.
+        let room = max_bytes.saturating_sub(e.user_id().len() + 32);
+        for rows in cut(rows.into_iter(), events, max_rows, room) {
+            let version = rows
+                .iter()
+                .map(|&i| version::of(events[i]))
+                .max()
+                .unwrap_or(0);
+            let entry = IndexEntry {
+                first: rows[0],
+                version,
+            };
+            requests.push(Request::Partition { rows, entry });
+        }
+    }
+    requests
+}
+
 /// Splits a write's events into requests, with the batching keys of each row's partition and
 /// of its day-index partition given by `row_key` and `index_key`: partitions with equal keys
-/// may share a batch.
+/// may share a batch. (What `scylla.batch_by_replica` does; [`plan_by_partition`] otherwise.)
 ///
 /// Rows are grouped by partition `(user_id, day)`, and the partitions by `row_key`; each group
 /// is cut into UNLOGGED batches of at most `max_rows` rows and `max_bytes` bytes, a partition's
 /// rows kept together and in order where they fit. The day index gets one entry per partition,
 /// at the newest version of its rows in the write, grouped by `index_key` and cut at `max_rows`
-/// entries; its requests are planned first. Requests run concurrently, so that order is no
-/// guarantee: what keeps a day from staying unindexed behind its rows is the commit rule (the
-/// write is durable only when every request of it is, and an abandoned one is replayed), and an
-/// entry without rows is only a stale entry.
+/// entries; its requests are planned first, and an index request that fails leaves every row it
+/// covers unwritten. Requests run concurrently, so that order is no guarantee: what keeps a day
+/// from staying unindexed behind its rows is the commit rule (the write is durable only when
+/// every request of it is, and an abandoned one is replayed), and an entry without rows is only
+/// a stale entry.
 ///
-/// By default the keys are the partitions themselves (`alone`): a batch holds one partition's
-/// rows, or one user's index entries. With `scylla.batch_by_replica` they are where the
-/// partitions live ([`Placement`]): with three nodes and a replication factor of 3, a batch of
-/// 500 events from 500 users costs a few requests per shard rather than a thousand, each sent
-/// to a coordinator that owns every partition in it (the driver routes a batch by its first
-/// statement).
+/// The keys are where the partitions live ([`Placement`]): with three nodes and a replication
+/// factor of 3, a batch of 500 events from 500 users costs a few requests per shard rather than
+/// 500, each sent to a coordinator that owns every partition in it (the driver routes a batch
+/// by its first statement).
 pub fn plan(
     events: &[&Event],
     max_rows: usize,
@@ -655,18 +723,7 @@ pub fn plan(
     row_key: impl Fn(&Event) -> u64,
     index_key: impl Fn(&Event) -> u64,
 ) -> Vec<Request> {
-    // Partitions in order of first appearance, each with its rows in order.
-    let mut partitions: Vec<Vec<usize>> = Vec::new();
-    let mut seen: HashMap<(&str, i64), usize> =
-        HashMap::with_capacity_and_hasher(events.len(), Default::default());
-    for (i, e) in events.iter().enumerate() {
-        let n = partitions.len();
-        let p = *seen.entry((e.user_id(), e.day())).or_insert(n);
-        if p == n {
-            partitions.push(Vec::new());
-        }
-        partitions[p].push(i);
-    }
+    let partitions = partitions(events);
     let max_rows = max_rows.max(1);
     let mut requests = Vec::new();
     for (_, group) in by_key(&partitions, |rows| index_key(events[rows[0]])) {
@@ -689,22 +746,53 @@ pub fn plan(
         }
     }
     for (_, group) in by_key(&partitions, |rows| row_key(events[rows[0]])) {
-        let mut current: Vec<usize> = Vec::new();
-        let mut bytes = 0;
-        for i in group.into_iter().flatten().copied() {
-            let size = row_size(events[i]);
-            if !current.is_empty() && (current.len() >= max_rows || bytes + size > max_bytes) {
-                requests.push(Request::Rows(std::mem::take(&mut current)));
-                bytes = 0;
-            }
-            current.push(i);
-            bytes += size;
-        }
-        if !current.is_empty() {
-            requests.push(Request::Rows(current));
-        }
+        let rows = group.into_iter().flatten().copied();
+        requests.extend(cut(rows, events, max_rows, max_bytes).map(Request::Rows));
     }
     requests
+}
+
+/// The write's partitions `(user_id, day)` in order of first appearance, each with its rows in
+/// order.
+fn partitions(events: &[&Event]) -> Vec<Vec<usize>> {
+    let mut partitions: Vec<Vec<usize>> = Vec::new();
+    let mut seen: HashMap<(&str, i64), usize> =
+        HashMap::with_capacity_and_hasher(events.len(), Default::default());
+    for (i, e) in events.iter().enumerate() {
+        let n = partitions.len();
+        let p = *seen.entry((e.user_id(), e.day())).or_insert(n);
+        if p == n {
+            partitions.push(Vec::new());
+        }
+        partitions[p].push(i);
+    }
+    partitions
+}
+
+/// `rows`, in order, cut into batches of at most `max_rows` rows (at least 1) and `max_bytes`
+/// bytes (a row larger than that goes alone).
+fn cut<'a>(
+    rows: impl Iterator<Item = usize> + 'a,
+    events: &'a [&Event],
+    max_rows: usize,
+    max_bytes: usize,
+) -> impl Iterator<Item = Vec<usize>> + 'a {
+    let max_rows = max_rows.max(1);
+    let mut rows = rows.peekable();
+    std::iter::from_fn(move || {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(&i) = rows.peek() {
+            let size = row_size(events[i]);
+            if !batch.is_empty() && (batch.len() >= max_rows || bytes + size > max_bytes) {
+                break;
+            }
+            batch.push(i);
+            bytes += size;
+            rows.next();
+        }
+        (!batch.is_empty()).then_some(batch)
+    })
 }
 
 /// `items` grouped by `key`, groups in order of their first item, items in order.
@@ -817,28 +905,35 @@ fn alone(parts: &[&[u8]]) -> u64 {
 /// The hasher of planning keys (fixed: keys are compared within one write only).
 const KEY_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5ca1ab1e);
 
-/// UNLOGGED batches of `n` copies of one prepared statement, built once for each `n` used (up
-/// to `scylla.max_batch_rows`, at most [`MAX_BATCH_ROWS`]): a write binds its values to the
-/// cached batch, so no statement is cloned per row. At most `MAX_BATCH_ROWS`² / 2 statement
-/// handles, a few MB.
-struct Batches(Vec<OnceLock<Batch>>);
+/// UNLOGGED batches of `n` copies of one prepared statement, and then the `tail` statement if
+/// there is one, built once for each `n` used (up to `scylla.max_batch_rows`, at most
+/// [`MAX_BATCH_ROWS`]): a write binds its values to the cached batch, so no statement is cloned
+/// per row. At most `MAX_BATCH_ROWS`² / 2 statement handles, a few MB.
+struct Batches {
+    sizes: Vec<OnceLock<Batch>>,
+    tail: Option<PreparedStatement>,
+}
 
 impl Batches {
-    fn new(max: usize) -> Self {
-        Batches(
-            (0..=max.min(MAX_BATCH_ROWS))
+    fn new(max: usize, tail: Option<PreparedStatement>) -> Self {
+        Batches {
+            sizes: (0..=max.min(MAX_BATCH_ROWS))
                 .map(|_| OnceLock::new())
                 .collect(),
-        )
+            tail,
+        }
     }
 
-    /// The batch of `n` statements; `n` is at most the `max` this was built with (the planner
-    /// cuts batches there).
+    /// The batch of `n` statements (and the tail); `n` is at most the `max` this was built
+    /// with (the planners cut batches there).
     fn get(&self, n: usize, statement: &PreparedStatement) -> &Batch {
-        self.0[n].get_or_init(|| {
+        self.sizes[n].get_or_init(|| {
             let mut batch = Batch::new(BatchType::Unlogged);
             for _ in 0..n {
                 batch.append_statement(statement.clone());
+            }
+            if let Some(tail) = &self.tail {
+                batch.append_statement(tail.clone());
             }
             batch.set_is_idempotent(true);
             batch
@@ -881,6 +976,30 @@ fn values(e: &Event, ttl: i32) -> Row<'_> {
         version::of(e),
         ttl,
     )
+}
+
+/// The bound values of one statement of a [`Request::Partition`]'s batch: a row, or (last) the
+/// partition's day-index entry.
+enum Bound<'a> {
+    Row(Row<'a>),
+    Entry((&'a str, CqlDate, i64)),
+}
+
+impl SerializeRow for Bound<'_> {
+    fn serialize(
+        &self,
+        ctx: &RowSerializationContext<'_>,
+        writer: &mut RowWriter,
+    ) -> Result<(), SerializationError> {
+        match self {
+            Bound::Row(row) => row.serialize(ctx, writer),
+            Bound::Entry(entry) => entry.serialize(ctx, writer),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
 }
 
 /// A day (days since 1970-01-01) as CQL's `date`.
@@ -939,9 +1058,9 @@ impl Store for ScyllaStore {
             if let Err(e) = result {
                 let err = classify(&e);
                 let rows = request.rows();
-                if err.is_row_error()
-                    && (rows.len() > 1 || matches!(request, Request::Index { .. }))
-                {
+                // Only a plain one-row request is the row's own refusal: another request may be
+                // refused for any of its statements, an index entry included.
+                if err.is_row_error() && (rows.len() > 1 || !matches!(request, Request::Rows(_))) {
                     rejected.extend_from_slice(rows);
                 } else {
                     record(rows, err);
@@ -1048,7 +1167,7 @@ mod tests {
         plan.iter()
             .filter_map(|r| match r {
                 Request::Rows(rows) => Some(rows),
-                Request::Index { .. } => None,
+                Request::Index { .. } | Request::Partition { .. } => None,
             })
             .collect()
     }
@@ -1057,7 +1176,7 @@ mod tests {
         plan.iter()
             .filter_map(|r| match r {
                 Request::Index { entries, covers } => Some((entries, covers)),
-                Request::Rows(_) => None,
+                Request::Rows(_) | Request::Partition { .. } => None,
             })
             .collect()
     }
@@ -1144,6 +1263,69 @@ mod tests {
         assert_eq!(rows_of(&plan).len(), 20);
         assert_eq!(index_of(&plan).len(), 20);
         assert!(rows_of(&plan).iter().all(|r| r.len() == 2));
+    }
+
+    /// The partition requests of a plan: each one's rows and index entry.
+    fn partitions_of(plan: &[Request]) -> Vec<(&Vec<usize>, IndexEntry)> {
+        plan.iter()
+            .map(|r| match r {
+                Request::Partition { rows, entry } => (rows, *entry),
+                other => panic!("by partition, every request is one partition's: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn by_default_each_partition_is_one_request_with_its_rows_in_order_and_its_index_entry() {
+        // 3 users on 2 days: 6 partitions of 10 rows.
+        let evs = events(3, 2, 60);
+        let refs: Vec<&Event> = evs.iter().collect();
+        let plan = plan_by_partition(&refs, 100, 1 << 20);
+        let requests = partitions_of(&plan);
+        assert_eq!(requests.len(), 6, "one request per (user, day)");
+        for (p, (rows, entry)) in requests.iter().enumerate() {
+            let expected: Vec<usize> = (0..60).filter(|i| i % 6 == p).collect();
+            assert_eq!(**rows, expected, "partitions in order, their rows in order");
+            assert_eq!(entry.first, rows[0], "the entry is its partition's");
+            let newest = rows.iter().map(|&i| version::of(&evs[i])).max().unwrap();
+            assert_eq!(
+                entry.version, newest,
+                "at the newest version among its rows"
+            );
+        }
+    }
+
+    #[test]
+    fn a_partition_cut_in_several_requests_indexes_its_day_in_each_at_that_requests_newest_version()
+    {
+        // One partition of 40 rows, at most 10 rows, or about the bytes of 8 rows and an entry.
+        let evs = events(1, 1, 40);
+        let refs: Vec<&Event> = evs.iter().collect();
+        let size = evs.iter().map(row_size).max().unwrap();
+        let entry = evs[0].user_id().len() + 32;
+        for (max_rows, max_bytes) in [(10, 1 << 20), (1000, 8 * size + entry)] {
+            let plan = plan_by_partition(&refs, max_rows, max_bytes);
+            let requests = partitions_of(&plan);
+            assert!(requests.len() >= 4, "{} requests", requests.len());
+            let mut every = Vec::new();
+            for (rows, x) in &requests {
+                let bytes: usize = rows.iter().map(|&i| row_size(&evs[i])).sum();
+                assert!(rows.len() <= max_rows && bytes + entry <= max_bytes);
+                assert_eq!(x.first, rows[0]);
+                let newest = rows.iter().map(|&i| version::of(&evs[i])).max().unwrap();
+                assert_eq!(
+                    x.version, newest,
+                    "each request's entry covers every row in it, so a request that lands alone \
+                     leaves no row it holds without an entry at or above its version"
+                );
+                every.extend(rows.iter().copied());
+            }
+            assert_eq!(
+                every,
+                (0..40).collect::<Vec<_>>(),
+                "every row once, in order"
+            );
+        }
     }
 
     #[test]
