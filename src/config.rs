@@ -325,7 +325,8 @@ pub struct ScyllaConfig {
     /// Bytes of payload in one UNLOGGED batch, at most (keep below the cluster's batch_size_fail_threshold).
     pub max_batch_bytes: usize,
     /// Also batch rows of different partitions that live on the same replicas and shard
-    /// (shard-aware batching, see `store::scylla::plan`); off: a batch holds one partition's rows.
+    /// (shard-aware batching, see `store::scylla::plan`); off: a batch holds one partition's rows
+    /// and its day-index entry (`store::scylla::plan_by_partition`).
     pub batch_by_replica: bool,
     /// Write requests in flight at once, per process, at most (one batch sends at most 32 at
     /// once). With `adaptive_concurrency`, the most the adaptive limit goes up to.

@@ -1,15 +1,17 @@
 //! The ScyllaDB store: schema management (`vault migrate`) and Scylla-shaped, idempotent writes.
 //!
-//! How a Kafka batch becomes CQL requests is decided here and nowhere else ([`plan`]): rows are
-//! grouped by partition `(user_id, day)` (and, with `scylla.batch_by_replica`, partitions by
-//! the replicas and shard that own them); each group is sent as UNLOGGED batches of at most
-//! `max_batch_rows` rows and `max_batch_bytes` bytes (a single row as a plain EXECUTE), and the
-//! day index's entries likewise, at most `max_batch_rows` a request. Requests are written
-//! concurrently, as many at once per process as the write concurrency limit allows
-//! ([`crate::store::concurrency`]: adaptive between `min_concurrent_requests` and
+//! How a Kafka batch becomes CQL requests is decided here and nowhere else: by default
+//! ([`plan_by_partition`]) each partition `(user_id, day)` is one UNLOGGED batch of its rows
+//! (at most `max_batch_rows` rows and `max_batch_bytes` bytes a request) ending with its
+//! day-index entry; with `scylla.batch_by_replica` ([`plan`]) partitions that live on the same
+//! replicas and shard share batches, and the day index's entries go apart, grouped likewise.
+//! Requests are written concurrently, as many at once per process as the write concurrency
+//! limit allows ([`crate::store::concurrency`]: adaptive between `min_concurrent_requests` and
 //! `max_concurrent_requests`, or fixed at the maximum). The statements are prepared once,
 //! marked idempotent, and always bind the partition key, so the driver routes each request to
-//! a replica that owns every row in it (token-, shard- and DC-aware) and may retry it safely.
+//! a replica of the partition of its first row (token-, shard- and DC-aware) and may retry it
+//! safely.
+//! A plain EXECUTE carries one row alone: how the rows of a refused batch are tried again.
 //! `write` returns `Ok` only when every request is written; on failure it names the rows still
 //! unwritten, so a retry re-sends only those.
 //!
