@@ -449,7 +449,9 @@ impl ScyllaStore {
                 other => other,
             })?;
         index.set_is_idempotent(true);
-        let partition_batches = Batches::new(c.max_batch_rows, Some(index.clone()));
+        // Validated so already; clamped so that the batch caches always hold the sizes planned.
+        let max_batch_rows = c.max_batch_rows.clamp(1, MAX_BATCH_ROWS);
+        let partition_batches = Batches::new(max_batch_rows, Some(index.clone()));
         Ok(ScyllaStore {
             session,
             insert,
@@ -457,8 +459,7 @@ impl ScyllaStore {
             keyspace: c.keyspace.clone(),
             retention: Retention::default(),
             default_ttl: i32::try_from(c.default_ttl.as_secs()).unwrap_or(i32::MAX),
-            // Validated so already; clamped so that `Batches` always has the size.
-            max_batch_rows: c.max_batch_rows.clamp(1, MAX_BATCH_ROWS),
+            max_batch_rows,
             max_batch_bytes: c.max_batch_bytes,
             limiter: if c.adaptive_concurrency {
                 Limiter::adaptive(c.min_concurrent_requests, c.max_concurrent_requests)
@@ -466,8 +467,8 @@ impl ScyllaStore {
                 Limiter::fixed(c.max_concurrent_requests)
             },
             per_batch_requests: c.max_concurrent_requests.clamp(1, PER_BATCH_REQUESTS),
-            rows_batches: Batches::new(c.max_batch_rows, None),
-            index_batches: Batches::new(c.max_batch_rows, None),
+            rows_batches: Batches::new(max_batch_rows, None),
+            index_batches: Batches::new(max_batch_rows, None),
             partition_batches,
             batch_by_replica: c.batch_by_replica,
             local_dc: (!c.local_dc.is_empty()).then(|| c.local_dc.clone()),
@@ -498,29 +499,42 @@ impl ScyllaStore {
         }
     }
 
-    /// Splits events into requests: one per partition, with its day-index entry
-    /// ([`plan_by_partition`]); with `scylla.batch_by_replica`, once the driver knows where both
-    /// tables' partitions live, partitions on the same replicas and shard share requests
-    /// ([`plan`]).
+    /// Splits events into requests, as [`batching`] decides from the setting and what the driver
+    /// knows of the keyspace.
     pub fn plan(&self, events: &[&Event]) -> Vec<Request> {
-        if self.batch_by_replica {
-            let cluster = self.session.get_cluster_state();
-            let dc = self.local_dc.as_deref();
-            let placed = |table| Placement::of(&cluster, &self.keyspace, table, dc);
-            if let (Some(rows_at), Some(index_at)) = (placed(TABLE), placed(USER_DAYS)) {
-                return plan(
-                    events,
-                    self.max_batch_rows,
-                    self.max_batch_bytes,
-                    |e| {
-                        let day = cql_day(e.day()).0.to_be_bytes();
-                        rows_at.key(&[e.user_id().as_bytes(), &day])
-                    },
-                    |e| index_at.key(&[e.user_id().as_bytes()]),
-                );
+        let cluster = self.session.get_cluster_state();
+        let tablets = cluster
+            .get_keyspace(&self.keyspace)
+            .map(|ks| ks.tablet_based);
+        let (rows, bytes) = (self.max_batch_rows, self.max_batch_bytes);
+        match batching(self.batch_by_replica, tablets) {
+            Batching::Replicas => {
+                let dc = self.local_dc.as_deref();
+                let placed = |table| Placement::of(&cluster, &self.keyspace, table, dc);
+                match (placed(TABLE), placed(USER_DAYS)) {
+                    (Some(rows_at), Some(index_at)) => plan(
+                        events,
+                        rows,
+                        bytes,
+                        |e| {
+                            let day = cql_day(e.day()).0.to_be_bytes();
+                            rows_at.key(&[e.user_id().as_bytes(), &day])
+                        },
+                        |e| index_at.key(&[e.user_id().as_bytes()]),
+                    ),
+                    // A table the driver has no metadata for yet, or not placed by Murmur3.
+                    _ => plan_by_partition(events, rows, bytes),
+                }
             }
+            Batching::Partition => plan_by_partition(events, rows, bytes),
+            Batching::PartitionIndexApart => plan(
+                events,
+                rows,
+                bytes,
+                |e| alone(&[e.user_id().as_bytes(), &cql_day(e.day()).0.to_be_bytes()]),
+                |e| alone(&[e.user_id().as_bytes()]),
+            ),
         }
-        plan_by_partition(events, self.max_batch_rows, self.max_batch_bytes)
     }
 
     /// Sends one request while holding a write permit, for the whole request (the driver's
@@ -623,6 +637,33 @@ impl ScyllaStore {
     }
 }
 
+/// How a write is cut into requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batching {
+    /// Partitions on the same replicas and shard together, index entries apart ([`plan`]).
+    Replicas,
+    /// Each partition with its day-index entry ([`plan_by_partition`]).
+    Partition,
+    /// Each partition alone and each user's index entries alone, a lone row or entry as a plain
+    /// EXECUTE ([`plan`] with every partition its own key).
+    PartitionIndexApart,
+}
+
+/// The batching for `scylla.batch_by_replica` and a keyspace that uses tablets (`Some(true)`),
+/// vnodes (`Some(false)`) or that the driver has no metadata for yet (`None`).
+///
+/// The driver learns where tablets live only from the answers to plain EXECUTEs (a batch is
+/// routed by its first statement's replicas, and an unknown tablet has none), so a tablet
+/// keyspace, or one not known yet, keeps the requests that teach it: lone rows and entries go
+/// as EXECUTEs, and batches of a partition go to its replicas once the driver has learned them.
+fn batching(by_replica: bool, tablets: Option<bool>) -> Batching {
+    match tablets {
+        Some(false) if by_replica => Batching::Replicas,
+        Some(false) => Batching::Partition,
+        Some(true) | None => Batching::PartitionIndexApart,
+    }
+}
+
 /// One CQL request of a write: an UNLOGGED batch (or, for one statement, a plain EXECUTE).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -664,7 +705,8 @@ pub struct IndexEntry {
 /// Splits a write's events into requests by partition `(user_id, day)`, in order of first
 /// appearance: each partition's rows, in order, cut into UNLOGGED batches of at most `max_rows`
 /// rows and `max_bytes` bytes, and to each batch its partition's day-index entry, last, at the
-/// newest version among that batch's rows ([`Request::Partition`]).
+/// newest version among that batch's rows ([`Request::Partition`]). A row larger than a batch
+/// may hold goes alone, its entry in a request of its own.
 ///
 /// So a request that is acknowledged has made its rows and their day durable together, and a
 /// request that fails leaves its rows unwritten, to be sent again with their entry: every
@@ -694,6 +736,19 @@ pub fn plan_by_partition(events: &[&Event], max_rows: usize, max_bytes: usize) -
                 first: rows[0],
                 version,
             };
+            if let [i] = rows[..] {
+                if row_size(events[i]) > room {
+                    // A row too large to share a batch: the database checks the size of every
+                    // batch of two partitions or more (it warns above 128 KiB and refuses above
+                    // 1 MiB), not of a lone statement. The row and its entry go as two EXECUTEs.
+                    requests.push(Request::Index {
+                        entries: vec![entry],
+                        covers: vec![i],
+                    });
+                    requests.push(Request::Rows(rows));
+                    continue;
+                }
+            }
             requests.push(Request::Partition { rows, entry });
         }
     }
@@ -1327,6 +1382,80 @@ mod tests {
                 (0..40).collect::<Vec<_>>(),
                 "every row once, in order"
             );
+        }
+    }
+
+    #[test]
+    fn a_row_too_large_to_share_a_batch_goes_alone_and_its_entry_apart() {
+        let evs = events(2, 1, 6);
+        let refs: Vec<&Event> = evs.iter().collect();
+        // Room for the smaller rows with their entry, not for row 3 (of user u1, like 1 and 5).
+        let small = [0, 1, 2, 4, 5].map(|i| row_size(&evs[i])).into_iter().max();
+        let max_bytes = 3 * small.unwrap() + 40;
+        let mut big = evs.clone();
+        big[3] = {
+            let json = format!(
+                r#"{{"user_id":"u1","event_type":"click","occurred_at":"2025-11-01T10:00:00Z","attributes":{{"pad":"{}"}}}}"#,
+                "x".repeat(max_bytes)
+            );
+            crate::event::decode(
+                None,
+                Some(json.as_bytes()),
+                evs[3].source.clone(),
+                None,
+                Default::default(),
+            )
+            .unwrap()
+        };
+        let refs_big: Vec<&Event> = big.iter().collect();
+        assert_eq!(
+            plan_by_partition(&refs, 100, max_bytes).len(),
+            2,
+            "two users' rows fit"
+        );
+        let plan = plan_by_partition(&refs_big, 100, max_bytes);
+        let version = version::of(&big[3]);
+        assert_eq!(
+            plan,
+            [
+                Request::Partition {
+                    rows: vec![0, 2, 4],
+                    entry: IndexEntry {
+                        first: 0,
+                        version: version::of(&big[4])
+                    },
+                },
+                Request::Partition {
+                    rows: vec![1],
+                    entry: IndexEntry {
+                        first: 1,
+                        version: version::of(&big[1])
+                    },
+                },
+                Request::Index {
+                    entries: vec![IndexEntry { first: 3, version }],
+                    covers: vec![3],
+                },
+                Request::Rows(vec![3]),
+                Request::Partition {
+                    rows: vec![5],
+                    entry: IndexEntry {
+                        first: 5,
+                        version: version::of(&big[5])
+                    },
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_tablet_keyspace_or_an_unknown_one_keeps_the_requests_that_teach_the_driver_its_tablets() {
+        assert_eq!(batching(false, Some(false)), Batching::Partition);
+        assert_eq!(batching(true, Some(false)), Batching::Replicas);
+        for by_replica in [false, true] {
+            for tablets in [Some(true), None] {
+                assert_eq!(batching(by_replica, tablets), Batching::PartitionIndexApart);
+            }
         }
     }
 
