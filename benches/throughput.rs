@@ -906,11 +906,6 @@ fn saturation(keyspace: &str) -> Saturation {
     Saturation::new(16, Duration::from_millis(2), 64).matching(&format!("{keyspace}."))
 }
 
-/// Statements in one write request of the fault run, on average: a partition's rows (1.3 with
-/// the bench's users spread evenly: 0.78 row requests per event) or one user's day-index entry.
-/// The node sheds load above about `overload_above / STATEMENTS_PER_REQUEST` write permits.
-const STATEMENTS_PER_REQUEST: f64 = 1.15;
-
 /// What one fault run measured.
 struct FaultRun {
     label: &'static str,
@@ -928,6 +923,9 @@ struct FaultRun {
     p99_ms: f64,
     /// Rows in the run's table after the drain.
     rows: usize,
+    /// Statements in one write request, on average (the node sheds load above about
+    /// `overload_above` statements in flight, so above `overload_above / this` write permits).
+    statements_per_request: f64,
     /// vault exited 0 on SIGTERM.
     clean_exit: bool,
     /// (seconds since the first event was read, events stored per second over the last 0.5 s,
@@ -951,6 +949,7 @@ impl Bench {
         let keyspace = format!("bench_fault_{}", label.replace(' ', "_"));
         migrate(&self.node, &keyspace).await;
         self.node.saturate(saturation(&keyspace));
+        self.node.clear_requests();
         let metrics = format!("127.0.0.1:{}", free_port());
         let group = format!("bench-fault-{}", free_port());
         let adaptive_env = adaptive.to_string();
@@ -1033,6 +1032,12 @@ impl Bench {
             .collect();
         latencies.sort_by(f64::total_cmp);
         let ((t_from, n_from), (t_to, n_to)) = (mark_from.unwrap(), mark_to.unwrap());
+        let (requests, statements) = self
+            .node
+            .requests()
+            .iter()
+            .filter(|r| matches!(r.opcode, "EXECUTE" | "BATCH") && r.statement.contains("INSERT"))
+            .fold((0, 0), |(n, k), r| (n + 1, k + r.rows));
         let run = FaultRun {
             label,
             adaptive,
@@ -1044,12 +1049,13 @@ impl Bench {
             p50_ms: percentile(&latencies, 0.5),
             p99_ms: percentile(&latencies, 0.99),
             rows,
+            statements_per_request: statements as f64 / requests.max(1) as f64,
             clean_exit,
             timeline,
         };
         eprintln!(
-            "    {:.0} events/s (steady state), {:.0} events/s (whole drain), p99 write {:.1} ms, {:.3} failed attempts and {:.3} Overloaded answers per stored event, {} of {count} rows stored",
-            run.rate, run.drain, run.p99_ms, run.failed_per_event, run.overloaded_per_event, run.rows
+            "    {:.0} events/s (steady state), {:.0} events/s (whole drain), p99 write {:.1} ms, {:.3} failed attempts and {:.3} Overloaded answers per stored event, {:.2} statements per write request, {} of {count} rows stored",
+            run.rate, run.drain, run.p99_ms, run.failed_per_event, run.overloaded_per_event, run.statements_per_request, run.rows
         );
         run
     }
@@ -1116,8 +1122,10 @@ fn plot_fault_runs(
         s.base_latency.as_millis(),
         s.overload_above
     );
-    // A write permit is one request, of STATEMENTS_PER_REQUEST statements on average.
-    let shed = s.overload_above as f64 / STATEMENTS_PER_REQUEST;
+    // A write permit is one request, of the runs' statements per request on average.
+    let per_request =
+        runs.iter().map(|r| r.statements_per_request).sum::<f64>() / runs.len() as f64;
+    let shed = s.overload_above as f64 / per_request;
     draw_panel(
         &top,
         runs,
