@@ -449,21 +449,24 @@ impl Bench {
         let (end, stored) = loop {
             assert!(Instant::now() < deadline, "vault did not finish in time");
             assert!(child.try_wait().unwrap().is_none(), "vault exited early");
-            let seen = Scrape::of(&metrics);
-            let metric = |name| seen.as_ref().and_then(|s| s.sum(name));
-            let consumed = metric("vault_events_consumed_total").unwrap_or(0.0);
+            // A failed scrape is no sample (its zeros would drag the interpolation back).
+            let Some(seen) = Scrape::of(&metrics) else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let consumed = seen.sum("vault_events_consumed_total").unwrap_or(0.0);
             if start.is_none() && consumed > 0.0 {
                 start = Some((Instant::now(), cpu_split(pid)));
             }
-            let stored = metric("vault_events_stored_total").unwrap_or(0.0) as u64;
+            let stored = seen.sum("vault_events_stored_total").unwrap_or(0.0) as u64;
             if start.is_some() {
-                if let Some(l) = metric("vault_write_concurrency_limit") {
+                if let Some(l) = seen.sum("vault_write_concurrency_limit") {
                     limits.push(l);
                 }
             }
             // Each mark is placed where the count crossed it between two scrapes, at the rate
             // between them, so the scrapes can be sparse (each costs vault CPU) and the marks
-            // still exact to a few ms.
+            // still exact to a few ms. Samples before consumption started are not used.
             let now = (Instant::now(), stored);
             let crossed = |mark: u64| crossing(previous, now, mark);
             if mark_from.is_none() && stored >= from {
@@ -473,15 +476,19 @@ impl Bench {
                 mark_to = Some((crossed(to), to));
             }
             if stored >= count {
-                break (crossed(count), stored);
+                break (crossed(count), count);
             }
-            previous = Some(now);
+            if start.is_some() {
+                previous = Some(now);
+            }
             if last_report.elapsed() > Duration::from_secs(2) {
                 eprintln!("    stored {stored}/{count}");
                 last_report = Instant::now();
             }
-            // 20 scrapes a second: about 1% of a core.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Until consumption starts, every 10 ms (the start is not interpolated); then 20
+            // scrapes a second: about 1% of a core.
+            let every = if start.is_some() { 50 } else { 10 };
+            tokio::time::sleep(Duration::from_millis(every)).await;
         };
         let (user, system) = cpu_split(pid);
         let rss = peak_rss_mib(pid);
@@ -1083,6 +1090,7 @@ impl Bench {
                    "p50_write_ms": r.p50_ms, "p99_write_ms": r.p99_ms,
                    "failed_attempts_per_event": r.failed_per_event, "overloaded_per_event": r.overloaded_per_event,
                    "rows_stored": r.rows, "clean_exit": r.clean_exit,
+                   "statements_per_request": r.statements_per_request,
                    "lowest_limit": r.timeline.iter().map(|s| s.2).fold(f64::INFINITY, f64::min),
                    "mean_limit": r.timeline.iter().map(|s| s.2).sum::<f64>() / r.timeline.len().max(1) as f64})
         };
@@ -1122,10 +1130,12 @@ fn plot_fault_runs(
         s.base_latency.as_millis(),
         s.overload_above
     );
-    // A write permit is one request, of the runs' statements per request on average.
-    let per_request =
-        runs.iter().map(|r| r.statements_per_request).sum::<f64>() / runs.len() as f64;
-    let shed = s.overload_above as f64 / per_request;
+    // A write permit is one request, of the adaptive run's statements per request on average
+    // (the fixed run's requests are mostly shed attempts); no line without one.
+    let shed = runs
+        .iter()
+        .find(|r| r.adaptive && r.statements_per_request > 0.0)
+        .map(|r| s.overload_above as f64 / r.statements_per_request);
     draw_panel(
         &top,
         runs,
@@ -1141,7 +1151,7 @@ fn plot_fault_runs(
         |p| p.2,
         "write concurrency limit",
         None,
-        Some(shed),
+        shed,
         SeriesLabelPosition::UpperRight,
     )?;
     root.present()?;

@@ -1,17 +1,20 @@
 //! The ScyllaDB store: schema management (`vault migrate`) and Scylla-shaped, idempotent writes.
 //!
-//! How a Kafka batch becomes CQL requests is decided here and nowhere else: by default
-//! ([`plan_by_partition`]) each partition `(user_id, day)` is one UNLOGGED batch of its rows
-//! (at most `max_batch_rows` rows and `max_batch_bytes` bytes a request) ending with its
+//! How a Kafka batch becomes CQL requests is decided here and nowhere else ([`batching`]): by
+//! default ([`plan_by_partition`]) each partition `(user_id, day)` is one UNLOGGED batch of its
+//! rows (at most `max_batch_rows` rows and `max_batch_bytes` bytes a request) ending with its
 //! day-index entry; with `scylla.batch_by_replica` ([`plan`]) partitions that live on the same
 //! replicas and shard share batches, and the day index's entries go apart, grouped likewise.
+//! On a keyspace with tablets (or not known yet) each partition's rows and each user's entries
+//! go in requests of their own, as does a row too large to share a batch.
 //! Requests are written concurrently, as many at once per process as the write concurrency
 //! limit allows ([`crate::store::concurrency`]: adaptive between `min_concurrent_requests` and
 //! `max_concurrent_requests`, or fixed at the maximum). The statements are prepared once,
 //! marked idempotent, and always bind the partition key, so the driver routes each request to
 //! a replica of the partition of its first row (token-, shard- and DC-aware) and may retry it
 //! safely.
-//! A plain EXECUTE carries one row alone: how the rows of a refused batch are tried again.
+//! A lone row or entry goes as a plain EXECUTE (as do the rows of a refused batch, each
+//! alone, to find which the database refuses).
 //! `write` returns `Ok` only when every request is written; on failure it names the rows still
 //! unwritten, so a retry re-sends only those.
 //!
