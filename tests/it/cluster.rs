@@ -249,12 +249,7 @@ async fn a_group_scaled_from_one_to_three_processes_and_back_loses_nothing() {
         .expect("rows")
         .rows
         .len();
-    let written: usize = node
-        .requests()
-        .iter()
-        .filter(|r| matches!(r.opcode, "EXECUTE" | "BATCH") && r.statement.contains("INSERT INTO"))
-        .map(|r| r.rows)
-        .sum();
+    let written = crate::faults::rows_written(&node);
     report("scale 1 -> 3 -> 1", sent, rows, written);
     stop_gracefully(first, "the last process to exit 0").await;
     assert_eq!(

@@ -37,12 +37,10 @@ pub fn stored(node: &CqlNode, keyspace: &str) -> BTreeSet<(i32, i64)> {
 pub fn rows_written(node: &CqlNode) -> usize {
     node.requests()
         .iter()
-        .filter(|r| {
-            matches!(r.opcode, "EXECUTE" | "BATCH")
-                && r.statement.contains("INSERT INTO")
-                && r.statement.contains("user_activity")
-        })
-        .map(|r| r.rows)
+        .filter(|r| matches!(r.opcode, "EXECUTE" | "BATCH") && r.statement.contains("INSERT INTO"))
+        .flat_map(|r| &r.tables)
+        .filter(|(table, _)| table.ends_with(".user_activity"))
+        .map(|(_, n)| n)
         .sum()
 }
 

@@ -31,6 +31,9 @@ pub struct LoggedRequest {
     pub consistency: Option<&'static str>,
     /// Statements in a BATCH (1 otherwise).
     pub rows: usize,
+    /// Statements per table (`keyspace.table`), in order of first appearance: one entry for an
+    /// EXECUTE, one per table a BATCH writes; empty for QUERY and PREPARE.
+    pub tables: Vec<(String, usize)>,
     pub at: Instant,
 }
 
@@ -485,6 +488,7 @@ async fn gate(
     statement: &str,
     consistency: Option<u16>,
     rows: usize,
+    tables: Vec<(String, usize)>,
     stream: i16,
 ) -> Result<(), Answer> {
     lock(&shared.log).push(LoggedRequest {
@@ -492,6 +496,7 @@ async fn gate(
         statement: statement.to_owned(),
         consistency: consistency.map(consistency_name),
         rows,
+        tables,
         at: Instant::now(),
     });
     if shared.in_outage() {
@@ -642,6 +647,7 @@ async fn request_query(
         &query,
         Some(params.consistency),
         1,
+        Vec::new(),
         stream,
     )
     .await
@@ -672,7 +678,7 @@ async fn request_prepare(
     let query = r
         .long_string()
         .map_err(|e| error_frame(stream, error_code::PROTOCOL_ERROR, &e, &[]))?;
-    if let Err(a) = gate(shared, Opcode::Prepare, &query, None, 1, stream).await {
+    if let Err(a) = gate(shared, Opcode::Prepare, &query, None, 1, Vec::new(), stream).await {
         return a;
     }
     let st = parser::parse(&query).map_err(|e| {
@@ -741,6 +747,11 @@ fn statement_text(p: &Prepared) -> String {
     p.text.clone()
 }
 
+/// The table a prepared statement reads or writes, as `keyspace.table`.
+fn qualified(p: &Prepared) -> String {
+    format!("{}.{}", p.keyspace, p.table)
+}
+
 async fn request_execute(
     shared: &Shared,
     r: &mut Reader<'_>,
@@ -760,6 +771,7 @@ async fn request_execute(
         &statement_text(&prepared),
         Some(params.consistency),
         1,
+        vec![(qualified(&prepared), 1)],
         stream,
     )
     .await
@@ -826,12 +838,21 @@ async fn request_batch(
         .first()
         .map(|(p, _)| statement_text(p))
         .unwrap_or_default();
+    let mut tables: Vec<(String, usize)> = Vec::new();
+    for (p, _) in &items {
+        let table = qualified(p);
+        match tables.iter_mut().find(|(t, _)| *t == table) {
+            Some((_, n)) => *n += 1,
+            None => tables.push((table, 1)),
+        }
+    }
     if let Err(a) = gate(
         shared,
         Opcode::Batch,
         &text,
         Some(consistency),
         items.len(),
+        tables,
         stream,
     )
     .await
