@@ -20,7 +20,8 @@
 //! - with `scylla.max_rows_per_second`, each write request of events first waits for its rows in
 //!   the instance's rate limit ([`RowRate`]), holding no slot (nor, in the store, any
 //!   concurrency permit) meanwhile; the wait is part of the attempt that cancellation drops, so
-//!   an abandoned batch stops waiting at once. The limit only delays writes: a batch is durable,
+//!   an abandoned batch stops waiting at once, and rows admitted but cancelled before their slot
+//!   is taken are given back to the rate. The limit only delays writes: a batch is durable,
 //!   and committed past, only once the store acknowledged its rows, as without it.
 
 use std::panic::AssertUnwindSafe;
@@ -216,9 +217,12 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                     _ = self.cancelled(batch) => return Err(give_up("before writing")),
                     slot = async {
                         // The rate first, holding nothing: the slot (and the store's
-                        // concurrency permits) only once the rows may go.
-                        self.rate.admit(pending.len()).await;
-                        slots.acquire(failing.is_some()).await
+                        // concurrency permits) only once the rows may go. Rows admitted and
+                        // cancelled while they wait for the slot are given back.
+                        let admitted = self.rate.admit(pending.len()).await;
+                        let slot = slots.acquire(failing.is_some()).await;
+                        admitted.sent();
+                        slot
                     } => slot,
                 };
                 let started = Instant::now();

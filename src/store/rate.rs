@@ -11,8 +11,11 @@
 //!
 //! Requests are served in order: the one at the head of the line waits for its rows while
 //! holding the bucket (an async mutex, which is fair), and takes them only once they may go.
-//! A wait that is dropped (its batch was cancelled or abandoned) therefore takes nothing: the
-//! rows it did not send are not charged to anybody.
+//! A wait that is dropped (its batch was cancelled or abandoned) therefore takes nothing. Rows
+//! taken are held by an [`Admitted`] until the request is sent ([`Admitted::sent`], once it has
+//! its write slot); rows admitted and then dropped unsent (the batch was cancelled while it
+//! waited for a slot) are given back, as much of their cost as the bucket has not refilled
+//! yet, so that nobody is charged for rows that were never written.
 //!
 //! Invariant kept: the limit only delays writes. It holds no write slot and no concurrency
 //! permit while it waits, it never answers for the store, and a batch is acknowledged only when
@@ -30,7 +33,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::{Counter, IntGauge};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
 /// What the bucket holds: one second's worth of rows.
@@ -80,10 +83,24 @@ impl Bucket {
             .map_or(now, |ready| ready.max(now))
     }
 
-    /// Takes `rows` at `now` (at or after [`Bucket::ready_at`]).
-    pub fn take(&mut self, rows: u64, now: Instant) {
+    /// Takes `rows` at `now` (at or after [`Bucket::ready_at`]); returns when their cost is
+    /// refilled, what a [`Bucket::give_back`] of them needs.
+    pub fn take(&mut self, rows: u64, now: Instant) -> Instant {
         let from = self.full_at.map_or(now, |full_at| full_at.max(now));
-        self.full_at = Some(from + self.cost(rows));
+        let paid_at = from + self.cost(rows);
+        self.full_at = Some(paid_at);
+        paid_at
+    }
+
+    /// Gives back, at `now`, rows taken with [`Bucket::take`] that were not sent: the part of
+    /// their `cost` not refilled yet. Their cost is refilled from `paid_at - cost` to
+    /// `paid_at` (the debt is paid in the order it was taken), so the part still owed is what
+    /// lies ahead of `now`, at most `cost`. Rows taken after them keep their own debt.
+    pub fn give_back(&mut self, cost: Duration, paid_at: Instant, now: Instant) {
+        let owed = paid_at.saturating_duration_since(now).min(cost);
+        if let Some(full_at) = self.full_at {
+            self.full_at = Some(full_at.checked_sub(owed).map_or(now, |t| t.max(now)));
+        }
     }
 }
 
@@ -94,6 +111,11 @@ pub struct RowRate {
     per_second: u64,
     /// `None`: unlimited.
     bucket: Option<Mutex<Bucket>>,
+    /// Rows admitted and dropped unsent, as (cost, paid_at): given back by whoever holds the
+    /// bucket next ([`RowRate::settle`]), since a drop cannot wait for the bucket's lock.
+    unsent: std::sync::Mutex<Vec<(Duration, Instant)>>,
+    /// Wakes the request at the head of the line when rows are given back.
+    given_back: Notify,
     metrics: OnceLock<Metrics>,
 }
 
@@ -107,7 +129,7 @@ impl RowRate {
         RowRate {
             per_second: rows_per_second,
             bucket: (rows_per_second > 0).then(|| Mutex::new(Bucket::new(rows_per_second))),
-            metrics: OnceLock::new(),
+            ..RowRate::default()
         }
     }
 
@@ -128,20 +150,21 @@ impl RowRate {
         let _ = self.metrics.set(Metrics { waited });
     }
 
-    /// Waits until `rows` may be written, and takes them. Unlimited: at once.
+    /// Waits until `rows` may be written, and takes them. Unlimited: at once. The rows are
+    /// charged once [`Admitted::sent`] is called; dropped before, they are given back.
     ///
     /// Cancellation-safe: a dropped wait has taken nothing, and the time it waited is counted.
-    pub async fn admit(&self, rows: usize) {
+    pub async fn admit(&self, rows: usize) -> Admitted<'_> {
         let Some(bucket) = &self.bucket else {
-            return;
+            return Admitted::nothing();
         };
         let rows = u64::try_from(rows).unwrap_or(u64::MAX);
         // At once when nobody is waiting and the bucket has the rows: nothing to count.
         if let Ok(mut b) = bucket.try_lock() {
             let now = Instant::now();
+            self.settle(&mut b, now);
             if b.ready_at(rows, now) <= now {
-                b.take(rows, now);
-                return;
+                return self.admitted(&mut b, rows, now);
             }
         }
         let _waiting = Waiting {
@@ -149,9 +172,76 @@ impl RowRate {
             metrics: self.metrics.get(),
         };
         let mut b = bucket.lock().await;
-        let ready = b.ready_at(rows, Instant::now());
-        tokio::time::sleep_until(ready).await;
-        b.take(rows, Instant::now());
+        loop {
+            // Registered before the rows given back are read, so none is missed.
+            let given_back = self.given_back.notified();
+            tokio::pin!(given_back);
+            given_back.as_mut().enable();
+            let now = Instant::now();
+            self.settle(&mut b, now);
+            let ready = b.ready_at(rows, now);
+            if ready <= now {
+                return self.admitted(&mut b, rows, now);
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(ready) => {}
+                () = given_back => {}
+            }
+        }
+    }
+
+    fn admitted(&self, b: &mut Bucket, rows: u64, now: Instant) -> Admitted<'_> {
+        let paid_at = b.take(rows, now);
+        Admitted {
+            rate: Some(self),
+            cost: b.cost(rows),
+            paid_at,
+        }
+    }
+
+    /// Gives back the rows dropped unsent since the last holder of the bucket.
+    fn settle(&self, b: &mut Bucket, now: Instant) {
+        let unsent = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|e| e.into_inner()));
+        for (cost, paid_at) in unsent {
+            b.give_back(cost, paid_at, now);
+        }
+    }
+}
+
+/// Rows taken from the bucket for one write request: charged once [`Admitted::sent`] is
+/// called, given back if dropped before (see the module doc).
+#[must_use = "rows admitted and dropped unsent are given back: call `sent` once the request goes"]
+pub struct Admitted<'a> {
+    /// `None`: unlimited, or already sent.
+    rate: Option<&'a RowRate>,
+    cost: Duration,
+    paid_at: Instant,
+}
+
+impl Admitted<'_> {
+    fn nothing() -> Self {
+        Admitted {
+            rate: None,
+            cost: Duration::ZERO,
+            paid_at: Instant::now(),
+        }
+    }
+
+    /// The request is going: its rows stay charged.
+    pub fn sent(mut self) {
+        self.rate = None;
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if let Some(rate) = self.rate.take() {
+            rate.unsent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((self.cost, self.paid_at));
+            rate.given_back.notify_waiters();
+        }
     }
 }
 
@@ -261,13 +351,85 @@ mod tests {
         assert_eq!(huge, t0 + Duration::from_secs(5), "no overflow");
     }
 
+    #[test]
+    fn rows_given_back_free_only_what_is_still_owed() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        // Given back at once: as if never taken.
+        let mut b = Bucket::new(100);
+        let paid_at = b.take(100, t0);
+        b.give_back(b.cost(100), paid_at, t0);
+        assert_eq!(b.ready_at(100, t0), t0);
+        // Half refilled already: half is given back, and the bucket is full again.
+        let mut b = Bucket::new(100);
+        let paid_at = b.take(100, t0);
+        b.give_back(b.cost(100), paid_at, t0 + s / 2);
+        assert_eq!(b.ready_at(100, t0 + s / 2), t0 + s / 2);
+        // Rows taken after them keep their debt: 50 rows queued behind the 100 given back.
+        let mut b = Bucket::new(100);
+        let a = b.take(100, t0);
+        let ready = b.ready_at(50, t0);
+        assert_eq!(ready, t0 + s / 2);
+        b.take(50, ready);
+        b.give_back(b.cost(100), a, ready);
+        // As if only the 50 had been taken, at t0 + 0.5 s: full again at t0 + 1 s.
+        assert_eq!(b.ready_at(100, ready), t0 + s);
+        // Paid off long ago: nothing is owed, so nothing is given back from later debt.
+        let mut b = Bucket::new(100);
+        let a = b.take(100, t0);
+        b.take(10, t0 + 2 * s);
+        b.give_back(b.cost(100), a, t0 + 2 * s + 50 * MS);
+        assert_eq!(b.ready_at(100, t0 + 2 * s + 50 * MS), t0 + 2 * s + 100 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rows_admitted_and_dropped_unsent_are_given_back() {
+        let rate = RowRate::new(100);
+        let t0 = Instant::now();
+        drop(rate.admit(100).await);
+        rate.admit(100).await.sent();
+        assert_eq!(
+            t0.elapsed(),
+            Duration::ZERO,
+            "the dropped rows cost nothing"
+        );
+        rate.admit(100).await.sent();
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_secs(1),
+            "sent rows are charged"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rows_given_back_let_the_request_at_the_head_of_the_line_go_at_once() {
+        let rate = Arc::new(RowRate::new(100));
+        let t0 = Instant::now();
+        let held = rate.admit(100).await;
+        let next = tokio::spawn({
+            let rate = rate.clone();
+            async move {
+                rate.admit(100).await.sent();
+                t0.elapsed()
+            }
+        });
+        tokio::time::sleep(200 * MS).await;
+        assert!(!next.is_finished(), "waits for the rows held");
+        drop(held);
+        assert_eq!(
+            next.await.unwrap(),
+            200 * MS,
+            "woken when they are given back"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn unlimited_never_waits() {
         let rate = RowRate::new(0);
         assert_eq!(rate.rows_per_second(), 0);
         let t0 = Instant::now();
         for _ in 0..1000 {
-            rate.admit(1_000_000).await;
+            rate.admit(1_000_000).await.sent();
         }
         assert_eq!(t0.elapsed(), Duration::ZERO);
         assert_eq!(RowRate::unlimited().rows_per_second(), 0);
@@ -293,7 +455,7 @@ mod tests {
                 let rate = rate.clone();
                 tokio::spawn(async move {
                     for _ in 0..25 {
-                        rate.admit(10).await;
+                        rate.admit(10).await.sent();
                     }
                 })
             })
@@ -320,11 +482,11 @@ mod tests {
         let rate = Arc::new(RowRate::new(100));
         let (limit, waited) = gauges();
         rate.report_to(limit, waited.clone());
-        rate.admit(100).await; // The burst: the bucket is empty.
+        rate.admit(100).await.sent(); // The burst: the bucket is empty.
         let t0 = Instant::now();
         let cancelled = tokio::spawn({
             let rate = rate.clone();
-            async move { rate.admit(100).await }
+            async move { rate.admit(100).await.sent() }
         });
         tokio::time::sleep(500 * MS).await;
         assert!(!cancelled.is_finished(), "waits for a second's refill");
@@ -332,19 +494,19 @@ mod tests {
         assert!(cancelled.await.unwrap_err().is_cancelled());
         assert!((waited.get() - 0.5).abs() < 1e-9, "{}", waited.get());
         // Half a second refilled 50 rows, and the dropped wait took none of them.
-        rate.admit(50).await;
+        rate.admit(50).await.sent();
         assert_eq!(t0.elapsed(), 500 * MS);
     }
 
     #[tokio::test(start_paused = true)]
     async fn requests_are_served_in_order_so_a_large_one_is_not_starved() {
         let rate = Arc::new(RowRate::new(10));
-        rate.admit(10).await;
+        rate.admit(10).await.sent();
         let t0 = Instant::now();
         let large = tokio::spawn({
             let rate = rate.clone();
             async move {
-                rate.admit(30).await;
+                rate.admit(30).await.sent();
                 t0.elapsed()
             }
         });
@@ -354,7 +516,7 @@ mod tests {
             .map(|_| {
                 let rate = rate.clone();
                 tokio::spawn(async move {
-                    rate.admit(1).await;
+                    rate.admit(1).await.sent();
                     t0.elapsed()
                 })
             })
