@@ -14,8 +14,9 @@
 //! A wait that is dropped (its batch was cancelled or abandoned) therefore takes nothing. Rows
 //! taken are held by an [`Admitted`] until the request is sent ([`Admitted::sent`], once it has
 //! its write slot); rows admitted and then dropped unsent (the batch was cancelled while it
-//! waited for a slot) are given back, as much of their cost as the bucket has not refilled
-//! yet, so that nobody is charged for rows that were never written.
+//! waited for a slot) are given back, as much of their cost as the bucket had not refilled
+//! when they were dropped ([`Bucket::give_back`]), so that nobody is charged for rows that
+//! were never written and nobody is let through on the debt of rows that were.
 //!
 //! Invariant kept: the limit only delays writes. It holds no write slot and no concurrency
 //! permit while it waits, it never answers for the store, and a batch is acknowledged only when
@@ -50,6 +51,17 @@ pub struct Bucket {
     per_second: u64,
     /// `None`: nothing taken yet, full.
     full_at: Option<Instant>,
+    /// Everything given back so far ([`Bucket::give_back`]): each give-back moves the debt
+    /// taken after it earlier by what it gave.
+    given_back: Duration,
+}
+
+/// What a [`Bucket::take`] left: when its rows are refilled, as of that take.
+#[derive(Debug, Clone, Copy)]
+pub struct Taken {
+    paid_at: Instant,
+    /// The bucket's `given_back` at the take.
+    given_back: Duration,
 }
 
 impl Bucket {
@@ -58,6 +70,7 @@ impl Bucket {
         Bucket {
             per_second: per_second.max(1),
             full_at: None,
+            given_back: Duration::ZERO,
         }
     }
 
@@ -83,23 +96,38 @@ impl Bucket {
             .map_or(now, |ready| ready.max(now))
     }
 
-    /// Takes `rows` at `now` (at or after [`Bucket::ready_at`]); returns when their cost is
-    /// refilled, what a [`Bucket::give_back`] of them needs.
-    pub fn take(&mut self, rows: u64, now: Instant) -> Instant {
+    /// Takes `rows` at `now` (at or after [`Bucket::ready_at`]); returns what a
+    /// [`Bucket::give_back`] of them needs.
+    pub fn take(&mut self, rows: u64, now: Instant) -> Taken {
         let from = self.full_at.map_or(now, |full_at| full_at.max(now));
         let paid_at = from + self.cost(rows);
         self.full_at = Some(paid_at);
-        paid_at
+        Taken {
+            paid_at,
+            given_back: self.given_back,
+        }
     }
 
-    /// Gives back, at `now`, rows taken with [`Bucket::take`] that were not sent: the part of
-    /// their `cost` not refilled yet. Their cost is refilled from `paid_at - cost` to
-    /// `paid_at` (the debt is paid in the order it was taken), so the part still owed is what
-    /// lies ahead of `now`, at most `cost`. Rows taken after them keep their own debt.
-    pub fn give_back(&mut self, cost: Duration, paid_at: Instant, now: Instant) {
-        let owed = paid_at.saturating_duration_since(now).min(cost);
+    /// Gives back, at `now`, rows of `cost` that were `taken` and dropped unsent at `dropped`
+    /// (nothing has been taken since: every take settles what was dropped first): the part of
+    /// their cost not refilled by then.
+    ///
+    /// The debt is paid in the order it was taken, so their cost was being refilled up to
+    /// `paid_at`, moved earlier by what was given back since their take (rows given back ahead
+    /// of them; counting those given back behind them too only gives back less). What lay ahead
+    /// of `dropped`, at most `cost`, is theirs alone: rows taken after them keep their debt.
+    pub fn give_back(&mut self, cost: Duration, taken: Taken, dropped: Instant, now: Instant) {
+        let moved = self.given_back.saturating_sub(taken.given_back);
+        let owed = taken
+            .paid_at
+            .checked_sub(moved)
+            .map_or(Duration::ZERO, |paid_at| {
+                paid_at.saturating_duration_since(dropped)
+            })
+            .min(cost);
         if let Some(full_at) = self.full_at {
             self.full_at = Some(full_at.checked_sub(owed).map_or(now, |t| t.max(now)));
+            self.given_back += owed;
         }
     }
 }
@@ -111,9 +139,10 @@ pub struct RowRate {
     per_second: u64,
     /// `None`: unlimited.
     bucket: Option<Mutex<Bucket>>,
-    /// Rows admitted and dropped unsent, as (cost, paid_at): given back by whoever holds the
-    /// bucket next ([`RowRate::settle`]), since a drop cannot wait for the bucket's lock.
-    unsent: std::sync::Mutex<Vec<(Duration, Instant)>>,
+    /// Rows admitted and dropped unsent, as (cost, their take, when dropped): given back by
+    /// whoever holds the bucket next ([`RowRate::settle`]), since a drop cannot wait for the
+    /// bucket's lock.
+    unsent: std::sync::Mutex<Vec<(Duration, Taken, Instant)>>,
     /// Wakes the request at the head of the line when rows are given back.
     given_back: Notify,
     metrics: OnceLock<Metrics>,
@@ -191,19 +220,19 @@ impl RowRate {
     }
 
     fn admitted(&self, b: &mut Bucket, rows: u64, now: Instant) -> Admitted<'_> {
-        let paid_at = b.take(rows, now);
+        let taken = b.take(rows, now);
         Admitted {
             rate: Some(self),
             cost: b.cost(rows),
-            paid_at,
+            taken: Some(taken),
         }
     }
 
     /// Gives back the rows dropped unsent since the last holder of the bucket.
     fn settle(&self, b: &mut Bucket, now: Instant) {
         let unsent = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|e| e.into_inner()));
-        for (cost, paid_at) in unsent {
-            b.give_back(cost, paid_at, now);
+        for (cost, taken, dropped) in unsent {
+            b.give_back(cost, taken, dropped, now);
         }
     }
 }
@@ -215,7 +244,7 @@ pub struct Admitted<'a> {
     /// `None`: unlimited, or already sent.
     rate: Option<&'a RowRate>,
     cost: Duration,
-    paid_at: Instant,
+    taken: Option<Taken>,
 }
 
 impl Admitted<'_> {
@@ -223,7 +252,7 @@ impl Admitted<'_> {
         Admitted {
             rate: None,
             cost: Duration::ZERO,
-            paid_at: Instant::now(),
+            taken: None,
         }
     }
 
@@ -235,11 +264,12 @@ impl Admitted<'_> {
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        if let Some(rate) = self.rate.take() {
-            rate.unsent
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((self.cost, self.paid_at));
+        if let (Some(rate), Some(taken)) = (self.rate.take(), self.taken) {
+            rate.unsent.lock().unwrap_or_else(|e| e.into_inner()).push((
+                self.cost,
+                taken,
+                Instant::now(),
+            ));
             rate.given_back.notify_waiters();
         }
     }
@@ -355,15 +385,16 @@ mod tests {
     fn rows_given_back_free_only_what_is_still_owed() {
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
+        let cost = |rows| Bucket::new(100).cost(rows);
         // Given back at once: as if never taken.
         let mut b = Bucket::new(100);
-        let paid_at = b.take(100, t0);
-        b.give_back(b.cost(100), paid_at, t0);
+        let a = b.take(100, t0);
+        b.give_back(cost(100), a, t0, t0);
         assert_eq!(b.ready_at(100, t0), t0);
         // Half refilled already: half is given back, and the bucket is full again.
         let mut b = Bucket::new(100);
-        let paid_at = b.take(100, t0);
-        b.give_back(b.cost(100), paid_at, t0 + s / 2);
+        let a = b.take(100, t0);
+        b.give_back(cost(100), a, t0 + s / 2, t0 + s / 2);
         assert_eq!(b.ready_at(100, t0 + s / 2), t0 + s / 2);
         // Rows taken after them keep their debt: 50 rows queued behind the 100 given back.
         let mut b = Bucket::new(100);
@@ -371,15 +402,51 @@ mod tests {
         let ready = b.ready_at(50, t0);
         assert_eq!(ready, t0 + s / 2);
         b.take(50, ready);
-        b.give_back(b.cost(100), a, ready);
+        b.give_back(cost(100), a, ready, ready);
         // As if only the 50 had been taken, at t0 + 0.5 s: full again at t0 + 1 s.
         assert_eq!(b.ready_at(100, ready), t0 + s);
         // Paid off long ago: nothing is owed, so nothing is given back from later debt.
         let mut b = Bucket::new(100);
         let a = b.take(100, t0);
         b.take(10, t0 + 2 * s);
-        b.give_back(b.cost(100), a, t0 + 2 * s + 50 * MS);
-        assert_eq!(b.ready_at(100, t0 + 2 * s + 50 * MS), t0 + 2 * s + 100 * MS);
+        let late = t0 + 2 * s + 50 * MS;
+        b.give_back(cost(100), a, late, late);
+        assert_eq!(b.ready_at(100, late), t0 + 2 * s + 100 * MS);
+    }
+
+    #[test]
+    fn a_give_back_moves_the_debt_behind_it_so_a_later_one_gives_no_more_than_its_own() {
+        let t0 = Instant::now();
+        let cost = |rows| Bucket::new(100).cost(rows);
+        let mut b = Bucket::new(100);
+        // Two requests of 50 rows each take their rows at t0; the first is dropped at once.
+        let first = b.take(50, t0);
+        let second = b.take(50, t0);
+        b.give_back(cost(50), first, t0, t0);
+        // Others take 1 row at t0 and 50 at t0 + 0.4 s; the second is dropped at t0 + 0.45 s,
+        // when 0.05 s of its refill is left (its refill moved 0.5 s earlier with the first's).
+        b.take(1, t0);
+        b.take(50, t0 + 400 * MS);
+        b.give_back(cost(50), second, t0 + 450 * MS, t0 + 450 * MS);
+        // Full again at t0 + 0.96 s: the 51 rows taken by others are still owed (0.9 s after
+        // t0 had the dropped rows never been taken, so this errs on the slow side only).
+        assert_eq!(b.ready_at(100, t0 + 450 * MS), t0 + 960 * MS);
+    }
+
+    #[test]
+    fn what_is_owed_is_counted_when_the_rows_are_dropped_not_when_given_back() {
+        let t0 = Instant::now();
+        let cost = |rows| Bucket::new(100).cost(rows);
+        let mut b = Bucket::new(100);
+        b.take(50, t0);
+        let ready = b.ready_at(100, t0);
+        let dropped = b.take(100, ready); // Refilled from t0 + 0.5 s to t0 + 1.5 s.
+        let later = b.ready_at(10, ready);
+        b.take(10, later);
+        // Dropped at t0 + 0.7 s with 0.8 s owed; given back, by the next request, at t0 + 1 s.
+        b.give_back(cost(100), dropped, t0 + 700 * MS, t0 + 1000 * MS);
+        // Had they never been taken the bucket would be full by t0 + 0.7 s.
+        assert_eq!(b.ready_at(100, t0 + 1000 * MS), t0 + 1000 * MS);
     }
 
     #[tokio::test(start_paused = true)]
