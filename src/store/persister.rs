@@ -883,4 +883,36 @@ mod tests {
         assert_eq!(t0.elapsed(), Duration::ZERO);
         assert_eq!(memory.len(), 15);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn rows_admitted_by_the_rate_and_abandoned_while_waiting_for_a_slot_are_given_back() {
+        let memory = MemoryStore::new();
+        let p = limited(memory.clone(), 10);
+        let slots = Arc::new(Slots::new(1));
+        let held = slots.acquire(false).await;
+        // A second's worth of rows: admitted at once, then waiting for the only slot.
+        let (waiting, _) = events_batch(0, 0, 10);
+        let cancel = waiting.cancel.clone();
+        let writing = tokio::spawn({
+            let (p, slots) = (p.clone(), slots.clone());
+            async move { p.persist_with(&waiting, &slots).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!writing.is_finished(), "waits for the slot");
+        cancel.cancel();
+        let outcome = writing.await.unwrap();
+        assert!(matches!(outcome, BatchOutcome::Abandoned(r) if r.contains("before writing")));
+        drop(held);
+        // Its rows were never written, so they are given back: a second's worth goes at once
+        // (0.9 s later without the give-back).
+        let t0 = tokio::time::Instant::now();
+        let (next, _) = events_batch(1, 0, 10);
+        assert_eq!(p.persist(&next).await, BatchOutcome::Durable);
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert_eq!(memory.len(), 10);
+        assert!(
+            !memory.contains_source("t", 0, 0),
+            "nothing of the abandoned batch written"
+        );
+    }
 }
