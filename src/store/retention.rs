@@ -35,9 +35,6 @@ pub enum Ttl {
 impl Retention {
     /// The retention of an event type.
     pub fn of(&self, event_type: &str) -> Option<Duration> {
-        if self.by_type.is_empty() {
-            return self.default;
-        }
         self.by_type.get(event_type).copied().or(self.default)
     }
 

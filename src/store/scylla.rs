@@ -571,11 +571,10 @@ impl ScyllaStore {
         entry: IndexEntry,
     ) -> Result<(), ExecutionError> {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let e = events[entry.first];
         let vals: Vec<Bound<'_>> = rows
             .iter()
             .map(|&i| Bound::Row(values(events[i], self.ttl(events[i], now_ms))))
-            .chain([Bound::Entry((e.user_id(), cql_day(e.day()), entry.version))])
+            .chain([Bound::Entry(entry.values(events))])
             .collect();
         let batch = self.partition_batches.get(rows.len(), &self.insert);
         self.session.batch(batch, vals).await?;
@@ -610,14 +609,12 @@ impl ScyllaStore {
         events: &[&Event],
         entries: &[IndexEntry],
     ) -> Result<(), ExecutionError> {
-        let value = |x: &IndexEntry| {
-            let e = events[x.first];
-            (e.user_id(), cql_day(e.day()), x.version)
-        };
         if let [x] = entries {
-            self.session.execute_unpaged(&self.index, value(x)).await?;
+            self.session
+                .execute_unpaged(&self.index, x.values(events))
+                .await?;
         } else {
-            let vals: Vec<_> = entries.iter().map(value).collect();
+            let vals: Vec<_> = entries.iter().map(|x| x.values(events)).collect();
             let batch = self.index_batches.get(entries.len(), &self.index);
             self.session.batch(batch, vals).await?;
         }
@@ -629,10 +626,7 @@ impl ScyllaStore {
     async fn send_alone(&self, events: &[&Event], i: usize) -> Result<(), ExecutionError> {
         let rows = Request::Rows(vec![i]);
         let index = Request::Index {
-            entries: vec![IndexEntry {
-                first: i,
-                version: version::of(events[i]),
-            }],
+            entries: vec![IndexEntry::of(events, &[i])],
             covers: vec![i],
         };
         futures::try_join!(self.send(events, &index), self.send(events, &rows))?;
@@ -705,16 +699,36 @@ pub struct IndexEntry {
     pub version: i64,
 }
 
+impl IndexEntry {
+    /// The entry of the day of `rows` (of one partition, at least one), at their newest version.
+    fn of(events: &[&Event], rows: &[usize]) -> IndexEntry {
+        IndexEntry {
+            first: rows[0],
+            version: rows
+                .iter()
+                .map(|&i| version::of(events[i]))
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// The bound values of the index's insert: `(user_id, day, version)`.
+    fn values<'a>(&self, events: &[&'a Event]) -> (&'a str, CqlDate, i64) {
+        let e = events[self.first];
+        (e.user_id(), cql_day(e.day()), self.version)
+    }
+}
+
 /// Splits a write's events into requests by partition `(user_id, day)`, in order of first
 /// appearance: each partition's rows, in order, cut into UNLOGGED batches of at most `max_rows`
 /// rows and `max_bytes` bytes, and to each batch its partition's day-index entry, last, at the
 /// newest version among that batch's rows ([`Request::Partition`]). A row larger than a batch
 /// may hold goes alone, its entry in a request of its own.
 ///
-/// So a request that is acknowledged has made its rows and their day durable together, and a
-/// request that fails leaves its rows unwritten, to be sent again with their entry: every
-/// durable row has an index entry at or above its version, which is what an erasure relies on
-/// (DESIGN, Erasure). A second request of a large partition writes the entry again, at its own
+/// So a request that is acknowledged has made its rows and their day durable together, and the
+/// rows of a request that fails count as unwritten and are sent again with their entry: every
+/// row of an acknowledged write has an index entry at or above its version, which is what an
+/// erasure relies on (DESIGN, Erasure). A second request of a large partition writes the entry again, at its own
 /// rows' newest version; the entry keeps the newest of them.
 ///
 /// Why one request per partition, with its entry: a request's fixed cost (on both sides) is
@@ -730,15 +744,7 @@ pub fn plan_by_partition(events: &[&Event], max_rows: usize, max_bytes: usize) -
         // The entry's own bytes count against the batch's.
         let room = max_bytes.saturating_sub(e.user_id().len() + 32);
         for rows in cut(rows.into_iter(), events, max_rows, room) {
-            let version = rows
-                .iter()
-                .map(|&i| version::of(events[i]))
-                .max()
-                .unwrap_or(0);
-            let entry = IndexEntry {
-                first: rows[0],
-                version,
-            };
+            let entry = IndexEntry::of(events, &rows);
             if let [i] = rows[..] {
                 if row_size(events[i]) > room {
                     // A row too large to share a batch: the database checks the size of every
@@ -772,10 +778,11 @@ pub fn plan_by_partition(events: &[&Event], max_rows: usize, max_bytes: usize) -
 /// every request of it is, and an abandoned one is replayed), and an entry without rows is only
 /// a stale entry.
 ///
-/// The keys are where the partitions live ([`Placement`]): with three nodes and a replication
-/// factor of 3, a batch of 500 events from 500 users costs a few requests per shard rather than
-/// 500, each sent to a coordinator that owns every partition in it (the driver routes a batch
-/// by its first statement).
+/// With `batch_by_replica` the keys are where the partitions live ([`Placement`]); on a keyspace
+/// with tablets they are the partitions themselves (`alone`, see [`batching`]). By replica, with
+/// three nodes and a replication factor of 3, a batch of 500 events from 500 users costs a few
+/// requests per shard rather than 500, each sent to a coordinator that owns every partition in
+/// it (the driver routes a batch by its first statement).
 pub fn plan(
     events: &[&Event],
     max_rows: usize,
@@ -790,14 +797,7 @@ pub fn plan(
         for chunk in group.chunks(max_rows) {
             let entries = chunk
                 .iter()
-                .map(|rows| IndexEntry {
-                    first: rows[0],
-                    version: rows
-                        .iter()
-                        .map(|&i| version::of(events[i]))
-                        .max()
-                        .unwrap_or(0),
-                })
+                .map(|rows| IndexEntry::of(events, rows))
                 .collect();
             let mut covers: Vec<usize> =
                 chunk.iter().flat_map(|rows| rows.iter().copied()).collect();
