@@ -1,10 +1,13 @@
 //! `vault-sandbox`: TEST AND DEMO INFRASTRUCTURE, NOT A DATABASE OR A BROKER.
 //!
-//! Hosts librdkafka's mock Kafka cluster and the in-memory CQL stand-in node on loopback ports,
-//! prints `VAULT_KAFKA_BROKERS=...`, `VAULT_SCYLLA_NODES=...` and `VAULT_SANDBOX_CONTROL=...`
-//! lines (usable with `eval`/`env`), and runs until SIGTERM/SIGINT. Faults are triggered while it
-//! runs through a line-based control port (`vault-sandbox ctl ADDR COMMAND...`).
+//! Hosts librdkafka's mock Kafka cluster and the in-memory CQL stand-in (one node, or with
+//! `--cql-nodes N` a cluster of N on 127.0.0.1..N sharing one port) on loopback ports, prints
+//! `VAULT_KAFKA_BROKERS=...`, `VAULT_SCYLLA_NODES=...` (every CQL node, comma-separated) and
+//! `VAULT_SANDBOX_CONTROL=...` lines (usable with `eval`/`env`), and runs until SIGTERM/SIGINT.
+//! Faults are triggered while it runs through a line-based control port
+//! (`vault-sandbox ctl ADDR COMMAND...`).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,9 +19,9 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
-use vault_sandbox::cql::{CqlNode, Fault, FaultKind, Saturation};
+use vault_sandbox::cql::{CqlCluster, Fault, FaultKind, Saturation};
 
 #[derive(Parser)]
 #[command(
@@ -34,9 +37,14 @@ struct Cli {
     /// Topics to create, as NAME:PARTITIONS (repeatable). Each also gets NAME.dlq with 1 partition.
     #[arg(long = "topic", default_value = "user-activity:12")]
     topics: Vec<String>,
-    /// CQL node address (loopback only).
+    /// CQL node address (loopback only); with --cql-nodes N, the first node's, the others on the
+    /// next addresses up and the same port.
     #[arg(long, default_value = "127.0.0.1:0")]
     cql: SocketAddr,
+    /// CQL stand-in nodes, 1 to 8: a cluster with vnode tokens, SimpleStrategy and
+    /// NetworkTopologyStrategy placement, and one shared store.
+    #[arg(long, default_value_t = 1)]
+    cql_nodes: usize,
     /// Control port address (loopback only).
     #[arg(long, default_value = "127.0.0.1:0")]
     control: SocketAddr,
@@ -63,6 +71,9 @@ const HELP: &str = "commands:
                                    ERROR: not-coordinator coordinator-not-available rebalance-in-progress unknown-member-id request-timed-out not-leader
   cql KIND [COUNT] [match TEXT] [p=PROB]   KIND: write-timeout read-timeout unavailable overloaded server-error drop delay:DURATION
   cql outage DURATION | cql drop-connections | cql clear | cql stats
+  cql routing                      write statements (EXECUTE, BATCH) served so far, how many by a node that
+                                   is not a replica of their partition, and per node:
+                                   writes=N non_replica=M by_node=A,B,...
   cql saturate CAPACITY LATENCY OVERLOAD_ABOVE [match TEXT]   a saturated node: CAPACITY statements at once take LATENCY
                                    (a BATCH of k weighs k), more queue (latency grows with the statements in flight),
                                    above OVERLOAD_ABOVE statements in flight: Overloaded
@@ -117,9 +128,9 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         cluster.create_topic(name, parts, 1)?;
         cluster.create_topic(&format!("{name}.dlq"), 1, 1)?;
     }
-    let node = CqlNode::start(cli.cql)
+    let node = CqlCluster::start_on(cli.cql, cli.cql_nodes)
         .await
-        .context("cannot start the CQL stand-in node")?;
+        .context("cannot start the CQL stand-in")?;
     let control = TcpListener::bind(cli.control)
         .await
         .context("cannot open the control port")?;
@@ -127,7 +138,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     let lines = format!(
         "VAULT_KAFKA_BROKERS={}\nVAULT_SCYLLA_NODES={}\nVAULT_SANDBOX_CONTROL={}\n",
         cluster.bootstrap_servers(),
-        node.addr(),
+        join(node.addrs()),
         control.local_addr()?
     );
     if let Some(path) = &cli.env_file {
@@ -135,7 +146,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     }
     print!("{lines}");
     std::io::stdout().flush()?;
-    eprintln!("vault-sandbox: test stand-ins running (mock Kafka, in-memory CQL node; nothing is durable). Ctrl-C to stop.");
+    eprintln!("vault-sandbox: test stand-ins running (mock Kafka, in-memory CQL nodes; nothing is durable). Ctrl-C to stop.");
 
     let (tx, mut rx) = mpsc::channel::<Request>(16);
     tokio::spawn(async move {
@@ -163,11 +174,12 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     // The mock cluster is driven from this task only; commands reach it over the channel.
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let mut held = HashMap::new();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             Some((line, reply)) = rx.recv() => {
-                let answer = match command(&cluster, &node, &line) {
+                let answer = match command(&cluster, &node, &mut held, &line) {
                     Ok(s) => format!("ok {s}"),
                     Err(e) => format!("error: {e}"),
                 };
@@ -179,9 +191,36 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn join(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Holds the port of a mock broker just taken down: the one bootstrap port that binds, with a
+/// socket that is bound but not listening.
+///
+/// librdkafka's mock broker closes its listener while down, listens on the same port again when
+/// brought up, and aborts the process when it cannot. Held, the port still refuses connections
+/// as a down broker's does, but the kernel gives it to no bind to port 0 (a vault's metrics
+/// server, say) and no outgoing connection meanwhile. `None` when no port binds (the broker's
+/// connections holding it are then what keeps it from others).
+fn hold_free_port(cluster: &MockCluster<'static, DefaultProducerContext>) -> Option<TcpSocket> {
+    cluster.bootstrap_servers().split(',').find_map(|server| {
+        let socket = TcpSocket::new_v4().ok()?;
+        // The broker's connections, closed from its side, leave the port in TIME_WAIT.
+        socket.set_reuseaddr(true).ok()?;
+        socket.bind(server.parse().ok()?).ok()?;
+        Some(socket)
+    })
+}
+
 fn command(
     cluster: &MockCluster<'static, DefaultProducerContext>,
-    node: &CqlNode,
+    node: &CqlCluster,
+    held: &mut HashMap<i32, TcpSocket>,
     line: &str,
 ) -> Result<String, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -195,14 +234,22 @@ fn command(
     };
     match words.as_slice() {
         ["help"] | [] => Ok(HELP.replace('\n', " | ")),
-        ["broker", "down", n] => cluster
-            .broker_down(num(Some(n))?)
-            .map(|_| format!("broker {n} down"))
-            .map_err(|e| e.to_string()),
-        ["broker", "up", n] => cluster
-            .broker_up(num(Some(n))?)
-            .map(|_| format!("broker {n} up"))
-            .map_err(|e| e.to_string()),
+        ["broker", "down", n] => {
+            let broker = num(Some(n))?;
+            cluster.broker_down(broker).map_err(|e| e.to_string())?;
+            if let Some(port) = hold_free_port(cluster) {
+                held.insert(broker, port);
+            }
+            Ok(format!("broker {n} down"))
+        }
+        ["broker", "up", n] => {
+            let broker = num(Some(n))?;
+            drop(held.remove(&broker));
+            cluster
+                .broker_up(broker)
+                .map(|_| format!("broker {n} up"))
+                .map_err(|e| e.to_string())
+        }
         ["broker", "rtt", n, d] => cluster
             .broker_round_trip_time(num(Some(n))?, dur(Some(d))?)
             .map(|_| format!("broker {n} rtt {d}"))
@@ -265,6 +312,16 @@ fn command(
                 count("EXECUTE"),
                 count("BATCH"),
                 count("QUERY")
+            ))
+        }
+        ["cql", "routing"] => {
+            let r = node.routing();
+            let by_node: Vec<String> = r.writes_by_node.iter().map(usize::to_string).collect();
+            Ok(format!(
+                "writes={} non_replica={} by_node={}",
+                r.writes,
+                r.non_replica,
+                by_node.join(",")
             ))
         }
         ["cql", kind, rest @ ..] => {

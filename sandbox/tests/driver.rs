@@ -1,5 +1,5 @@
 //! Conformance: the real `scylla` driver, with default options (schema metadata fetched),
-//! against the stand-in node.
+//! against the stand-in node, and against a stand-in cluster that it routes to token-aware.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::batch::{Batch, BatchType};
 use vault_sandbox::cql::frame::Opcode;
-use vault_sandbox::cql::{CqlNode, Fault, FaultKind, Saturation};
+use vault_sandbox::cql::{CqlCluster, CqlNode, Fault, FaultKind, LoggedRequest, Saturation};
 
 async fn node_and_session() -> (CqlNode, Session) {
     let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -338,4 +338,214 @@ async fn a_saturated_node_queues_requests_and_sheds_load_above_its_threshold() {
     let results = futures::future::join_all((13..=24).map(write)).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     assert!(t0.elapsed() < base, "cleared: {:?}", t0.elapsed());
+}
+
+/// A session on a stand-in cluster, once the driver knows every node.
+async fn cluster_and_session(nodes: usize) -> (CqlCluster, Session) {
+    let cluster = CqlCluster::start(nodes).await.unwrap();
+    let session = tokio::time::timeout(
+        Duration::from_secs(20),
+        SessionBuilder::new()
+            .known_node(cluster.addrs()[0].to_string())
+            .build(),
+    )
+    .await
+    .expect("driver connects within 20s")
+    .expect("driver connects");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while session.get_cluster_state().get_nodes_info().len() < nodes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the driver did not discover {nodes} nodes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (cluster, session)
+}
+
+/// The EXECUTE requests of an INSERT the log holds.
+fn inserts(cluster: &CqlCluster) -> Vec<LoggedRequest> {
+    cluster
+        .requests()
+        .into_iter()
+        .filter(|r| r.opcode == "EXECUTE" && r.statement.starts_with("INSERT"))
+        .collect()
+}
+
+/// Three nodes seen through the driver: it discovers each at its own address on the one port,
+/// its token map names the same replicas as the stand-in's own Murmur3 and ring (SimpleStrategy
+/// RF 1, NetworkTopologyStrategy RF 2), its token-aware writes all land on a replica, spread
+/// over the nodes, and a write pinned to a node that is not a replica is counted as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_routes_prepared_writes_to_replicas_and_counts_those_that_are_not() {
+    use scylla::client::execution_profile::ExecutionProfile;
+    use scylla::policies::load_balancing::{NodeIdentifier, SingleTargetLoadBalancingPolicy};
+
+    let (cluster, session) = cluster_and_session(3).await;
+    let state = session.get_cluster_state();
+    let mut seen: Vec<SocketAddr> = state
+        .get_nodes_info()
+        .iter()
+        .map(|n| SocketAddr::new(n.address.ip(), n.address.port()))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        cluster.addrs(),
+        "every node, on the contact point's port"
+    );
+
+    for (ks, replication) in [
+        (
+            "routed",
+            "'class': 'SimpleStrategy', 'replication_factor': 1",
+        ),
+        (
+            "routed2",
+            "'class': 'NetworkTopologyStrategy', 'datacenter1': 2",
+        ),
+    ] {
+        session
+            .query_unpaged(
+                format!("CREATE KEYSPACE {ks} WITH replication = {{{replication}}}"),
+                &[],
+            )
+            .await
+            .unwrap();
+        session
+            .query_unpaged(
+                format!("CREATE TABLE {ks}.events (user_id text, day int, at bigint, v text, PRIMARY KEY ((user_id, day), at))"),
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+    session.refresh_metadata().await.unwrap();
+    let state = session.get_cluster_state();
+    for ks in ["routed", "routed2"] {
+        for i in 0..30 {
+            // 18-byte keys whose 2-byte tail is the day's low byte (above 0x7f for about half)
+            // and 0x00: Murmur3's sign quirk counts.
+            let user = format!("user-{i:03}");
+            let day = i32::MIN + i * 7919;
+            let mut driver: Vec<SocketAddr> = state
+                .get_endpoints(ks, "events", &(user.as_str(), day))
+                .unwrap()
+                .iter()
+                .map(|(n, _)| SocketAddr::new(n.address.ip(), n.address.port()))
+                .collect();
+            driver.sort();
+            let mut ours: Vec<SocketAddr> = cluster
+                .replicas(ks, &[user.as_bytes(), &day.to_be_bytes()])
+                .into_iter()
+                .map(|n| cluster.addrs()[n])
+                .collect();
+            ours.sort();
+            assert_eq!(driver, ours, "replicas of ({user}, {day}) in {ks}");
+        }
+    }
+
+    let day = 20_000i32;
+    let insert = session
+        .prepare("INSERT INTO routed.events (user_id, day, at, v) VALUES (?, ?, ?, ?)")
+        .await
+        .unwrap();
+    cluster.clear_requests();
+    for i in 0..40i64 {
+        session
+            .execute_unpaged(&insert, (format!("user-{i}"), day, i, "x"))
+            .await
+            .unwrap();
+    }
+    let writes = inserts(&cluster);
+    assert_eq!(writes.len(), 40);
+    for w in &writes {
+        assert_eq!(w.writes, 1, "{w:?}");
+        assert_eq!(w.non_replica, [("routed.events".to_string(), 0)], "{w:?}");
+    }
+    let routing = cluster.routing();
+    assert_eq!(
+        (routing.writes, routing.non_replica),
+        (40, 0),
+        "{routing:?}"
+    );
+    assert!(
+        routing.writes_by_node.iter().filter(|n| **n > 0).count() > 1,
+        "more than one node served writes: {routing:?}"
+    );
+
+    // Pinned to a node that does not own user-0's partition: served there, and counted.
+    let key = [b"user-0".as_slice(), &day.to_be_bytes()];
+    let owner = cluster.replicas("routed", &key);
+    assert_eq!(owner.len(), 1);
+    let pinned = |node: usize| {
+        let target = NodeIdentifier::NodeAddress(cluster.addrs()[node]);
+        let profile = ExecutionProfile::builder()
+            .load_balancing_policy(SingleTargetLoadBalancingPolicy::new(target, None))
+            .build();
+        let mut statement = insert.clone();
+        statement.set_execution_profile_handle(Some(profile.into_handle()));
+        statement
+    };
+    let stranger = (0..3).find(|n| !owner.contains(n)).unwrap();
+    cluster.clear_requests();
+    session
+        .execute_unpaged(&pinned(stranger), ("user-0", day, 1000i64, "y"))
+        .await
+        .unwrap();
+    session
+        .execute_unpaged(&pinned(owner[0]), ("user-0", day, 1001i64, "y"))
+        .await
+        .unwrap();
+    let writes = inserts(&cluster);
+    let got: Vec<(usize, usize)> = writes
+        .iter()
+        .map(|w| (w.node, w.non_replica[0].1))
+        .collect();
+    assert_eq!(got, [(stranger, 1), (owner[0], 0)]);
+    assert_eq!(cluster.routing().non_replica, 1);
+    assert_eq!(
+        cluster.row_count("routed", "events"),
+        42,
+        "one store: every write is there whichever node took it"
+    );
+
+    // A BATCH on the stranger: its statements for user-0 are counted, one for a partition it
+    // owns is not.
+    let mine = (1..100)
+        .map(|i| format!("user-{i}"))
+        .find(|u| cluster.replicas("routed", &[u.as_bytes(), &day.to_be_bytes()]) == [stranger])
+        .expect("a partition the stranger owns");
+    let mut batch = Batch::new(BatchType::Unlogged);
+    for _ in 0..3 {
+        batch.append_statement(insert.clone());
+    }
+    let profile = ExecutionProfile::builder()
+        .load_balancing_policy(SingleTargetLoadBalancingPolicy::new(
+            NodeIdentifier::NodeAddress(cluster.addrs()[stranger]),
+            None,
+        ))
+        .build();
+    batch.set_execution_profile_handle(Some(profile.into_handle()));
+    cluster.clear_requests();
+    session
+        .batch(
+            &batch,
+            (
+                ("user-0", day, 2000i64, "b"),
+                ("user-0", day, 2001i64, "b"),
+                (mine.as_str(), day, 2002i64, "b"),
+            ),
+        )
+        .await
+        .unwrap();
+    let logged: Vec<_> = cluster
+        .requests()
+        .into_iter()
+        .filter(|r| r.opcode == "BATCH")
+        .collect();
+    assert_eq!(logged.len(), 1);
+    assert_eq!(logged[0].node, stranger);
+    assert_eq!(logged[0].writes, 3);
+    assert_eq!(logged[0].non_replica, [("routed.events".to_string(), 2)]);
 }

@@ -1,6 +1,7 @@
 //! The ScyllaDB store: the real `scylla` driver against the CQL stand-in node (or a real
 //! ScyllaDB with VAULT_IT_SCYLLA_NODES=host:port for the opt-in test).
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use vault::store::scylla::ScyllaStore;
 use vault::store::{version, Store};
 use vault::telemetry::{Health, Metrics};
 use vault_sandbox::cql::frame::Opcode;
-use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
+use vault_sandbox::cql::{CqlCluster, CqlNode, Fault, FaultKind};
 
 use crate::common::{self_signed, unique};
 
@@ -311,6 +312,80 @@ async fn a_batch_of_500_users_on_one_replica_set_costs_one_request_per_100_rows(
                 .compute_token(&c.keyspace, "user_days", &(e.user_id(),))
                 .unwrap()
         );
+    }
+}
+
+/// On three nodes (RF 1, then 2), each request goes to a replica of its partitions: by
+/// default the driver routes a partition's batch by its first row, to one of the partition's
+/// replicas, which forwards the day-index entry riding with it; with `batch_by_replica`, every
+/// partition in a batch lives on the node it is sent to, index entries included, and the 500
+/// users' rows share a few requests per replica set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_three_nodes_every_request_goes_to_a_replica_of_its_rows() {
+    let cluster = CqlCluster::start(3)
+        .await
+        .expect("CQL stand-in cluster starts");
+    for (rf, by_replica) in [(1, false), (1, true), (2, false), (2, true)] {
+        let c = ScyllaConfig {
+            nodes: vec![cluster.addrs()[0].to_string()],
+            replication_factor: rf,
+            batch_by_replica: by_replica,
+            ..scylla_config("")
+        };
+        let case = format!("RF {rf}, batch_by_replica {by_replica}");
+        let store = ScyllaStore::connect(&c, true).await.unwrap();
+        let batch = events(500, 1500, 0);
+        let refs: Vec<&Event> = batch.iter().collect();
+        cluster.clear_requests();
+        store.write(&refs).await.unwrap();
+        assert_eq!(
+            cluster.row_count(&c.keyspace, "user_activity"),
+            1500,
+            "{case}"
+        );
+        assert_eq!(cluster.row_count(&c.keyspace, "user_days"), 500, "{case}");
+
+        let requests = cluster.requests();
+        let table = |name: &str| format!("{}.{name}", c.keyspace);
+        let (rows, index) = (table("user_activity"), table("user_days"));
+        let writing = |t: &str| -> Vec<_> {
+            requests
+                .iter()
+                .filter(|r| r.tables.iter().any(|(name, _)| name == t))
+                .collect()
+        };
+        let off_replica = |t: &str| -> usize {
+            writing(t)
+                .iter()
+                .flat_map(|r| &r.non_replica)
+                .filter(|(name, _)| name == t)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        assert_eq!(
+            off_replica(&rows),
+            0,
+            "{case}: rows sent to a node that holds them"
+        );
+        let nodes: BTreeSet<usize> = writing(&rows).iter().map(|r| r.node).collect();
+        assert_eq!(nodes.len(), 3, "{case}: the rows spread over every node");
+        if by_replica {
+            assert_eq!(
+                off_replica(&index),
+                0,
+                "{case}: index entries grouped likewise"
+            );
+            // RF 1: three replica sets; RF 2: at most three pairs. Each set's rows are cut
+            // into requests of at most 100, so 1,500 rows take at most 15 + 3.
+            let requests = writing(&rows).len();
+            assert!((15..=18).contains(&requests), "{case}: {requests} requests");
+        } else {
+            assert_eq!(
+                writing(&rows).len(),
+                500,
+                "{case}: one request per partition"
+            );
+        }
     }
 }
 

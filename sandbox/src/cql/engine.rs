@@ -1,6 +1,8 @@
 //! The stand-in node's in-memory tables and statement execution. System tables (system.local,
 //! system.peers, system_schema.*) are ordinary tables created from DDL at start and updated by
-//! every CREATE/DROP, so drivers that read schema metadata see a consistent picture.
+//! every CREATE/DROP, so drivers that read schema metadata see a consistent picture. The nodes
+//! of a cluster share one database; system.local and system.peers are rendered from the ring
+//! for the node a statement runs on.
 //!
 //! Values are kept in their protocol encoding. Rows of a partition are ordered by an
 //! order-preserving encoding of the clustering key, so CLUSTERING ORDER follows type and direction.
@@ -17,7 +19,9 @@ use std::net::Ipv4Addr;
 use uuid::Uuid;
 
 use crate::cql::frame::Writer;
+use crate::cql::murmur3;
 use crate::cql::parser::{self, Op, RelValue, Relation, Selection, Statement, TableRef, Term};
+use crate::cql::ring::{self, Replication, Ring};
 use crate::cql::types::CqlType;
 
 pub type Value = Option<Vec<u8>>;
@@ -241,9 +245,17 @@ pub struct Prepared {
     pub result: Option<Vec<(String, CqlType)>>,
 }
 
+/// The stand-in's data: every keyspace, the system ones included, shared by all the nodes of a
+/// cluster as if replication were instant. What differs per node is only its identity in
+/// `system.local` and `system.peers`, rendered from the [`Ring`] for the node a statement runs on.
 pub struct Database {
     pub keyspaces: BTreeMap<String, Keyspace>,
-    host_id: Uuid,
+    ring: Ring,
+    /// The schema version every node reports (drivers wait for all to agree after DDL); a new
+    /// one after each schema change.
+    schema_version: Uuid,
+    /// The node whose identity `system.local` and `system.peers` hold now.
+    shown: usize,
 }
 
 const SYSTEM_DDL: &[&str] = &[
@@ -263,47 +275,23 @@ const SYSTEM_DDL: &[&str] = &[
 ];
 
 impl Database {
-    /// A database with the system tables a driver reads at connect time.
+    /// A one-node database at `address` with the system tables a driver reads at connect time.
     pub fn new(address: Ipv4Addr) -> Database {
+        Database::with_ring(Ring::new(&[address]))
+    }
+
+    /// A database for the nodes of `ring`.
+    pub fn with_ring(ring: Ring) -> Database {
         let mut db = Database {
             keyspaces: BTreeMap::new(),
-            host_id: Uuid::new_v4(),
+            ring,
+            schema_version: Uuid::new_v4(),
+            shown: 0,
         };
         for ddl in SYSTEM_DDL {
             let st = parser::parse(ddl).expect("system DDL parses");
             db.execute(&st, &[], None).expect("system DDL executes");
         }
-        let ip = Some(address.octets().to_vec());
-        let text = |s: &str| Some(s.as_bytes().to_vec());
-        let mut tokens = Vec::new();
-        tokens.int(1);
-        tokens.bytes(Some(b"0"));
-        db.put(
-            "system",
-            "local",
-            &[
-                ("key", text("local")),
-                ("host_id", Some(db.host_id.as_bytes().to_vec())),
-                ("rpc_address", ip.clone()),
-                ("broadcast_address", ip.clone()),
-                ("listen_address", ip),
-                ("data_center", text("datacenter1")),
-                ("rack", text("rack1")),
-                ("tokens", Some(tokens)),
-                (
-                    "cluster_name",
-                    text("vault-sandbox (test stand-in, in memory)"),
-                ),
-                ("release_version", text("3.0.8")),
-                (
-                    "partitioner",
-                    text("org.apache.cassandra.dht.Murmur3Partitioner"),
-                ),
-                ("cql_version", text("3.3.1")),
-                ("native_protocol_version", text("4")),
-                ("bootstrapped", text("COMPLETED")),
-            ],
-        );
         db.bump_schema_version();
         db
     }
@@ -312,13 +300,82 @@ impl Database {
         self.keyspaces.get(keyspace)?.tables.get(table)
     }
 
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
     fn bump_schema_version(&mut self) {
-        let v = Some(Uuid::new_v4().as_bytes().to_vec());
-        self.put(
-            "system",
-            "local",
-            &[("key", Some(b"local".to_vec())), ("schema_version", v)],
-        );
+        self.schema_version = Uuid::new_v4();
+        self.render_identity(self.shown);
+    }
+
+    /// Makes `system.local` and `system.peers` those of `node`, unless they are already.
+    fn show(&mut self, node: usize) {
+        if node != self.shown {
+            self.render_identity(node);
+        }
+    }
+
+    /// Rewrites `system.local` (the node itself) and `system.peers` (every other node) as
+    /// `node` answers them, with the one schema version all nodes share.
+    fn render_identity(&mut self, node: usize) {
+        self.shown = node;
+        for t in ["local", "peers"] {
+            match self
+                .keyspaces
+                .get_mut("system")
+                .and_then(|k| k.tables.get_mut(t))
+            {
+                Some(t) => {
+                    t.rows.clear();
+                    t.tombstones.clear();
+                }
+                // Still creating the system tables.
+                None => return,
+            }
+        }
+        let text = |s: &str| Some(s.as_bytes().to_vec());
+        let schema = Some(self.schema_version.as_bytes().to_vec());
+        let nodes = self.ring.nodes().to_vec();
+        for (i, n) in nodes.iter().enumerate() {
+            let ip = Some(n.address.octets().to_vec());
+            let mut tokens = Vec::new();
+            tokens.int(n.tokens.len() as i32);
+            for t in &n.tokens {
+                tokens.bytes(Some(t.to_string().as_bytes()));
+            }
+            let common = [
+                ("host_id", Some(n.host_id.as_bytes().to_vec())),
+                ("rpc_address", ip.clone()),
+                ("data_center", text(ring::DATACENTER)),
+                ("rack", text(ring::RACK)),
+                ("tokens", Some(tokens)),
+                ("release_version", text("3.0.8")),
+                ("schema_version", schema.clone()),
+            ];
+            if i != node {
+                let peer = [("peer", ip)];
+                self.put("system", "peers", &[&peer[..], &common].concat());
+                continue;
+            }
+            let local = [
+                ("key", text("local")),
+                ("broadcast_address", ip.clone()),
+                ("listen_address", ip),
+                (
+                    "cluster_name",
+                    text("vault-sandbox (test stand-in, in memory)"),
+                ),
+                (
+                    "partitioner",
+                    text("org.apache.cassandra.dht.Murmur3Partitioner"),
+                ),
+                ("cql_version", text("3.3.1")),
+                ("native_protocol_version", text("4")),
+                ("bootstrapped", text("COMPLETED")),
+            ];
+            self.put("system", "local", &[&local[..], &common].concat());
+        }
     }
 
     /// Inserts (merging) one row by column name; used for system tables.
@@ -465,13 +522,56 @@ impl Database {
         })
     }
 
-    /// Executes a statement with bound values; `current` is the connection's keyspace.
+    /// Whether `node` holds a copy of every partition a write (INSERT, UPDATE, DELETE) touches
+    /// with these bound values, by its keyspace's replication. `None` for a statement that
+    /// writes no user keyspace, or whose partition key does not evaluate (the write then fails
+    /// anyway). The key is read from the statement's own terms rather than from the bind markers
+    /// announced as the partition key (`pk_indexes`), so that what drivers route by is checked,
+    /// not trusted.
+    pub fn write_on_replica(&self, node: usize, p: &Prepared, bound: &[Value]) -> Option<bool> {
+        if p.keyspace.starts_with("system") {
+            return None;
+        }
+        if self.ring.nodes().len() == 1 {
+            // A lone node holds every partition: no hashing on the benchmarks' hot path.
+            return self.table(&p.keyspace, &p.table).map(|_| true);
+        }
+        let ks = self.keyspaces.get(&p.keyspace)?;
+        let t = ks.tables.get(&p.table)?;
+        let partitions = written_partitions(t, &p.statement, bound)?;
+        let replication = Replication::parse(&ks.replication);
+        Some(partitions.iter().all(|key| {
+            let parts: Vec<&[u8]> = key.iter().map(Vec::as_slice).collect();
+            let token = murmur3::partition_token(&parts);
+            self.ring.is_replica(node, token, replication)
+        }))
+    }
+
+    /// Executes a statement with bound values as node 0 answers it (see [`Self::execute_on`]).
     pub fn execute(
         &mut self,
         st: &Statement,
         bound: &[Value],
         current: Option<&str>,
     ) -> Result<Outcome, EngineError> {
+        self.execute_on(0, st, bound, current)
+    }
+
+    /// Executes a statement with bound values on `node` of the ring; `current` is the
+    /// connection's keyspace. Only a read of the `system` keyspace (the node's identity) depends
+    /// on the node.
+    pub fn execute_on(
+        &mut self,
+        node: usize,
+        st: &Statement,
+        bound: &[Value],
+        current: Option<&str>,
+    ) -> Result<Outcome, EngineError> {
+        if let Statement::Select { table, .. } = st {
+            if table.keyspace.as_deref().or(current) == Some("system") {
+                self.show(node);
+            }
+        }
         if bound.len() < st.bind_count() {
             return Err(EngineError::Invalid(format!(
                 "expected {} bound values, got {}",
@@ -1013,6 +1113,43 @@ fn partition_keys(
     Ok(keys)
 }
 
+/// The partition keys a write touches, each as its key columns' values in key order: an INSERT
+/// (or UPDATE) names one, a DELETE one per combination of its `=` and `IN` values. `None` for
+/// any other statement, or a key column without a value.
+fn written_partitions(t: &Table, st: &Statement, bound: &[Value]) -> Option<Vec<Vec<Vec<u8>>>> {
+    let mut keys: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
+    for &c in &t.pk {
+        let col = &t.columns[c];
+        let values = match st {
+            Statement::Insert {
+                columns, values, ..
+            } => {
+                let i = columns.iter().position(|n| *n == col.name)?;
+                vec![term_value(&col.ty, values.get(i)?, bound).ok()?]
+            }
+            Statement::Delete { relations, .. } => {
+                let r = relations
+                    .iter()
+                    .find(|r| r.column == col.name && matches!(r.op, Op::Eq | Op::In))?;
+                relation_values(col, r, bound).ok()?
+            }
+            _ => return None,
+        };
+        let values: Vec<Vec<u8>> = values.into_iter().collect::<Option<_>>()?;
+        keys = keys
+            .iter()
+            .flat_map(|k| {
+                values.iter().map(move |v| {
+                    let mut k = k.clone();
+                    k.push(v.clone());
+                    k
+                })
+            })
+            .collect();
+    }
+    Some(keys)
+}
+
 /// The server clock in seconds since the epoch (cell expiry).
 fn now_secs() -> i64 {
     now_micros() / 1_000_000
@@ -1545,6 +1682,81 @@ mod tests {
         run(&mut db, "DELETE FROM t WHERE u = 'a' AND ts = 30").unwrap();
         run(&mut db, "TRUNCATE t").unwrap();
         assert!(rows(run(&mut db, "SELECT * FROM t").unwrap()).is_empty());
+    }
+
+    /// A write's partition is read from its own terms, bound or literal, and judged by its
+    /// keyspace's replication on the ring; reads and system tables are not writes.
+    #[test]
+    fn a_write_is_on_a_replica_when_the_node_owns_its_partitions() {
+        let ip = |n| Ipv4Addr::new(127, 0, 0, n);
+        let ring = Ring::with_tokens(vec![
+            (ip(1), vec![i64::MIN / 2]),
+            (ip(2), vec![0]),
+            (ip(3), vec![i64::MAX / 2]),
+        ]);
+        let mut db = Database::with_ring(ring);
+        run(&mut db, "CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}").unwrap();
+        run(
+            &mut db,
+            "CREATE TABLE k.t (a text, b int, c int, v text, PRIMARY KEY ((a, b), c))",
+        )
+        .unwrap();
+        let owner = |db: &Database, a: &str| {
+            let token = murmur3::partition_token(&[a.as_bytes(), &1i32.to_be_bytes()]);
+            db.ring().replicas(token, 1)[0]
+        };
+        let prepare = |db: &Database, q: &str| db.prepare(parser::parse(q).unwrap(), None).unwrap();
+        let keys: Vec<String> = (0..100).map(|i| format!("key{i}")).collect();
+        let x = &keys[0];
+        let y = keys
+            .iter()
+            .find(|k| owner(&db, k) != owner(&db, x))
+            .expect("two keys on different nodes");
+        let one = Some(1i32.to_be_bytes().to_vec());
+        let insert = prepare(&db, "INSERT INTO k.t (a, b, c) VALUES (?, ?, ?)");
+        let update = prepare(
+            &db,
+            &format!("UPDATE k.t SET v = 'z' WHERE a = '{x}' AND b = 1 AND c = ?"),
+        );
+        let delete_both = prepare(&db, "DELETE FROM k.t WHERE a IN ? AND b = ?");
+        let mut both = Vec::new();
+        both.int(2);
+        for k in [x, y] {
+            both.bytes(Some(k.as_bytes()));
+        }
+        for node in 0..3 {
+            for k in [x, y] {
+                let bound = [Some(k.as_bytes().to_vec()), one.clone(), one.clone()];
+                let want = Some(node == owner(&db, k));
+                assert_eq!(
+                    db.write_on_replica(node, &insert, &bound),
+                    want,
+                    "{k} on {node}"
+                );
+            }
+            let want = Some(node == owner(&db, x));
+            assert_eq!(
+                db.write_on_replica(node, &update, std::slice::from_ref(&one)),
+                want,
+                "literal key"
+            );
+            let bound = [Some(both.clone()), one.clone()];
+            assert_eq!(
+                db.write_on_replica(node, &delete_both, &bound),
+                Some(false),
+                "no node holds both partitions"
+            );
+        }
+        let read = prepare(&db, "SELECT v FROM k.t WHERE a = ? AND b = ?");
+        let bound = [Some(x.as_bytes().to_vec()), one.clone()];
+        assert_eq!(db.write_on_replica(0, &read, &bound), None, "a read");
+        let system = prepare(&db, "INSERT INTO system.peers (peer) VALUES (?)");
+        let bound = [Some(vec![127, 0, 0, 9])];
+        assert_eq!(
+            db.write_on_replica(0, &system, &bound),
+            None,
+            "a system table"
+        );
     }
 
     #[test]

@@ -1,16 +1,15 @@
-//! The stand-in node's server: accepts connections on a loopback port, serves many stream ids
-//! per connection concurrently, and applies injected faults. TEST INFRASTRUCTURE: in memory,
-//! single node, no durability.
+//! The stand-in's protocol server: accepts connections for each node of a cluster on its
+//! loopback listener, serves many stream ids per connection concurrently against the store the
+//! nodes share, logs every request with the node that served it, and applies injected faults.
+//! TEST INFRASTRUCTURE: in memory, no durability. The handles tests hold are in `cluster`.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::BytesMut;
-use openssl::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod};
+use openssl::ssl::{Ssl, SslAcceptor};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -18,14 +17,21 @@ use tokio::sync::{mpsc, watch};
 use tokio_openssl::SslStream;
 use tracing::{debug, warn};
 
-use crate::cql::engine::{Database, EngineError, Outcome, Prepared, RowSet, Value};
+use crate::cql::engine::{Database, EngineError, Outcome, Prepared, Value};
 use crate::cql::faults::{Fault, FaultKind, Saturation, SaturationStats};
 use crate::cql::frame::{self, consistency_name, error_code, Opcode, Reader, Writer};
 use crate::cql::parser;
+use crate::cql::ring::Ring;
 
-/// One request as seen by the node, for tests to assert on.
+// The node handle, also reachable under this module where code names it so.
+pub use crate::cql::cluster::CqlNode;
+
+/// One request as seen by the node that served it, for tests to assert on.
 #[derive(Debug, Clone)]
 pub struct LoggedRequest {
+    /// The node that served it: its index in [`crate::cql::CqlCluster::addrs`] (0 on a
+    /// single node).
+    pub node: usize,
     pub opcode: &'static str,
     pub statement: String,
     pub consistency: Option<&'static str>,
@@ -34,72 +40,84 @@ pub struct LoggedRequest {
     /// Statements per table (`keyspace.table`), in order of first appearance: one entry for an
     /// EXECUTE, one per table a BATCH writes; empty for QUERY and PREPARE.
     pub tables: Vec<(String, usize)>,
+    /// Write statements (INSERT, UPDATE, DELETE) of user keyspaces in an EXECUTE or BATCH.
+    pub writes: usize,
+    /// Per table, in the order of `tables`: how many of its write statements touch a partition
+    /// that `node` is not a replica of (by the keyspace's replication). Always 0 on one node.
+    pub non_replica: Vec<(String, usize)>,
     pub at: Instant,
 }
 
-struct Shared {
-    db: Mutex<Database>,
+/// What the nodes of a cluster share.
+pub(crate) struct Shared {
+    pub(crate) db: Mutex<Database>,
     prepared: Mutex<HashMap<Vec<u8>, Arc<Prepared>>>,
-    faults: Mutex<Vec<Fault>>,
+    pub(crate) faults: Mutex<Vec<Fault>>,
     /// The saturated-node mode, its requests in flight, and what it did.
-    saturation: Mutex<Option<Saturation>>,
+    pub(crate) saturation: Mutex<Option<Saturation>>,
     saturated_in_flight: std::sync::atomic::AtomicUsize,
-    saturation_stats: Mutex<SaturationStats>,
-    outage_until: Mutex<Option<Instant>>,
-    log: Mutex<Vec<LoggedRequest>>,
-    /// Bound values the node refuses as invalid (see [`CqlNode::reject_values_containing`]).
-    rejected_values: Mutex<Vec<Vec<u8>>>,
+    pub(crate) saturation_stats: Mutex<SaturationStats>,
+    pub(crate) outage_until: Mutex<Option<Instant>>,
+    pub(crate) log: Mutex<Vec<LoggedRequest>>,
+    /// Bound values the nodes refuse as invalid (see
+    /// [`crate::cql::CqlCluster::reject_values_containing`]).
+    pub(crate) rejected_values: Mutex<Vec<Vec<u8>>>,
     /// Bumped to make every open connection close (outage, drop-all).
-    generation: watch::Sender<u64>,
+    pub(crate) generation: watch::Sender<u64>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A running stand-in node. Dropping it stops the server.
-pub struct CqlNode {
-    addr: SocketAddr,
+/// Accepts connections for node `node` on `listener` (over TLS when `tls` is set) until
+/// `stopped` turns.
+pub(crate) fn spawn_node(
+    listener: TcpListener,
+    node: usize,
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
+    tls: Option<Arc<SslAcceptor>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((sock, _)) => {
+                        if shared.in_outage() {
+                            drop(sock);
+                            continue;
+                        }
+                        let _ = sock.set_nodelay(true);
+                        let (s, stopped) = (shared.clone(), stopped.clone());
+                        match &tls {
+                            None => {
+                                tokio::spawn(serve(sock, node, s, stopped));
+                            }
+                            Some(acceptor) => {
+                                let acceptor = acceptor.clone();
+                                tokio::spawn(async move {
+                                    match tls_accept(&acceptor, sock).await {
+                                        Ok(stream) => serve(stream, node, s, stopped).await,
+                                        Err(e) => debug!(error = %e, "TLS handshake failed."),
+                                    }
+                                });
+                            }
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "CQL stand-in accept failed."),
+                }
+            }
+        }
+    });
 }
 
-impl CqlNode {
-    /// Starts a node on `addr` (use port 0 for an ephemeral port on 127.0.0.1).
-    pub async fn start(addr: SocketAddr) -> std::io::Result<CqlNode> {
-        Self::start_with(addr, None).await
-    }
-
-    /// Starts a node that speaks CQL over TLS only, with this certificate chain and key (PEM).
-    pub async fn start_tls(
-        addr: SocketAddr,
-        cert_chain: &Path,
-        key: &Path,
-    ) -> std::io::Result<CqlNode> {
-        let tls = || -> Result<SslAcceptor, openssl::error::ErrorStack> {
-            let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
-            b.set_certificate_chain_file(cert_chain)?;
-            b.set_private_key_file(key, SslFiletype::PEM)?;
-            b.check_private_key()?;
-            Ok(b.build())
-        };
-        let acceptor = tls().map_err(std::io::Error::other)?;
-        Self::start_with(addr, Some(Arc::new(acceptor))).await
-    }
-
-    async fn start_with(
-        addr: SocketAddr,
-        tls: Option<Arc<SslAcceptor>>,
-    ) -> std::io::Result<CqlNode> {
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let ip = match addr.ip() {
-            std::net::IpAddr::V4(v4) => v4,
-            std::net::IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
-        };
+impl Shared {
+    pub(crate) fn new(ring: Ring) -> Shared {
         let (generation, _) = watch::channel(0);
-        let shared = Arc::new(Shared {
-            db: Mutex::new(Database::new(ip)),
+        Shared {
+            db: Mutex::new(Database::with_ring(ring)),
             prepared: Mutex::new(HashMap::new()),
             faults: Mutex::new(Vec::new()),
             saturation: Mutex::new(None),
@@ -109,127 +127,9 @@ impl CqlNode {
             log: Mutex::new(Vec::new()),
             rejected_values: Mutex::new(Vec::new()),
             generation,
-        });
-        let (stop, mut stopped) = watch::channel(false);
-        let s = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stopped.changed() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok((sock, _)) => {
-                            if s.in_outage() {
-                                drop(sock);
-                                continue;
-                            }
-                            let _ = sock.set_nodelay(true);
-                            match &tls {
-                                None => {
-                                    tokio::spawn(serve(sock, s.clone(), stopped.clone()));
-                                }
-                                Some(acceptor) => {
-                                    let (acceptor, s, stopped) = (acceptor.clone(), s.clone(), stopped.clone());
-                                    tokio::spawn(async move {
-                                        match tls_accept(&acceptor, sock).await {
-                                            Ok(stream) => serve(stream, s, stopped).await,
-                                            Err(e) => debug!(error = %e, "TLS handshake failed."),
-                                        }
-                                    });
-                                }
-                            }
-                        }
-                        Err(e) => warn!(error = %e, "CQL stand-in accept failed."),
-                    }
-                }
-            }
-        });
-        Ok(CqlNode { addr, shared, stop })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Adds a fault rule.
-    pub fn inject(&self, fault: Fault) {
-        lock(&self.shared.faults).push(fault);
-    }
-
-    /// Answers Invalid to every EXECUTE or BATCH with a bound value that contains `needle`, as
-    /// Scylla refuses a row it cannot accept. A BATCH is refused whole, before any of it is
-    /// applied, as Scylla validates every statement of a batch first. Cleared by
-    /// [`Self::clear_faults`].
-    pub fn reject_values_containing(&self, needle: &[u8]) {
-        lock(&self.shared.rejected_values).push(needle.to_vec());
-    }
-
-    /// Makes the node behave as a saturated one (see [`Saturation`]) until faults are cleared;
-    /// its figures start again from zero.
-    pub fn saturate(&self, saturation: Saturation) {
-        *lock(&self.shared.saturation_stats) = SaturationStats::default();
-        *lock(&self.shared.saturation) = Some(saturation);
-    }
-
-    /// What the saturated-node mode did since [`CqlNode::saturate`].
-    pub fn saturation_stats(&self) -> SaturationStats {
-        lock(&self.shared.saturation_stats).clone()
-    }
-
-    pub fn clear_faults(&self) {
-        *lock(&self.shared.saturation) = None;
-        lock(&self.shared.rejected_values).clear();
-        lock(&self.shared.faults).clear();
-        *lock(&self.shared.outage_until) = None;
-    }
-
-    /// Drops every connection and refuses to serve for `duration`.
-    pub fn outage(&self, duration: Duration) {
-        *lock(&self.shared.outage_until) = Some(Instant::now() + duration);
-        self.shared.generation.send_modify(|g| *g += 1);
-    }
-
-    /// Closes every open connection now.
-    pub fn drop_connections(&self) {
-        self.shared.generation.send_modify(|g| *g += 1);
-    }
-
-    /// Every request received so far.
-    pub fn requests(&self) -> Vec<LoggedRequest> {
-        lock(&self.shared.log).clone()
-    }
-
-    pub fn clear_requests(&self) {
-        lock(&self.shared.log).clear();
-    }
-
-    /// Rows stored in a table.
-    pub fn row_count(&self, keyspace: &str, table: &str) -> usize {
-        lock(&self.shared.db)
-            .table(keyspace, table)
-            .map_or(0, |t| t.row_count())
-    }
-
-    /// Runs one CQL statement directly (no protocol), e.g. to inspect data in a test.
-    pub fn execute(&self, cql: &str) -> Result<Option<RowSet>, String> {
-        let st = parser::parse(cql)?;
-        match lock(&self.shared.db)
-            .execute(&st, &[], None)
-            .map_err(|e| e.message())?
-        {
-            Outcome::Rows(r) => Ok(Some(r)),
-            _ => Ok(None),
         }
     }
-}
 
-impl Drop for CqlNode {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        self.shared.generation.send_modify(|g| *g += 1);
-    }
-}
-
-impl Shared {
     fn in_outage(&self) -> bool {
         let mut o = lock(&self.outage_until);
         match *o {
@@ -295,7 +195,8 @@ async fn tls_accept(
     Ok(stream)
 }
 
-async fn serve<S>(sock: S, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>)
+/// Serves one connection to node `node`.
+async fn serve<S>(sock: S, node: usize, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -333,7 +234,7 @@ where
                             let (shared, tx, ks) = (shared.clone(), tx.clone(), keyspace.clone());
                             tokio::spawn(async move {
                                 let stream = f.stream;
-                                match handle(&shared, f, &ks).await {
+                                match handle(&shared, node, f, &ks).await {
                                     Some(bytes) => { let _ = tx.send(Out::Frame(bytes)); }
                                     None => { let _ = tx.send(Out::Close); }
                                 }
@@ -413,6 +314,7 @@ fn prepared_id(keyspace: Option<&str>, query: &str) -> Vec<u8> {
 /// Handles one request; `None` closes the connection.
 async fn handle(
     shared: &Shared,
+    node: usize,
     f: frame::Frame,
     keyspace: &Mutex<Option<String>>,
 ) -> Option<Vec<u8>> {
@@ -460,10 +362,10 @@ async fn handle(
             return Some(frame::encode(stream, Opcode::Ready, &[]));
         }
         Opcode::Register => return Some(frame::encode(stream, Opcode::Ready, &[])),
-        Opcode::Query => request_query(shared, &mut r, keyspace, stream).await,
-        Opcode::Prepare => request_prepare(shared, &mut r, keyspace, stream).await,
-        Opcode::Execute => request_execute(shared, &mut r, keyspace, stream).await,
-        Opcode::Batch => request_batch(shared, &mut r, keyspace, stream).await,
+        Opcode::Query => request_query(shared, node, &mut r, keyspace, stream).await,
+        Opcode::Prepare => request_prepare(shared, node, &mut r, keyspace, stream).await,
+        Opcode::Execute => request_execute(shared, node, &mut r, keyspace, stream).await,
+        Opcode::Batch => request_batch(shared, node, &mut r, keyspace, stream).await,
         other => Err(error_frame(
             stream,
             error_code::PROTOCOL_ERROR,
@@ -480,23 +382,64 @@ async fn handle(
 
 type Answer = Result<Option<Vec<u8>>, Vec<u8>>;
 
+/// A request's statements per table, and where its writes went, for the log.
+#[derive(Default)]
+struct Tally {
+    tables: Vec<(String, usize)>,
+    writes: usize,
+    /// Per table, in the order of `tables`.
+    non_replica: Vec<(String, usize)>,
+}
+
+impl Tally {
+    /// Counts one statement on `table`; `on_replica` is `None` for one that writes no user
+    /// keyspace (see [`Database::write_on_replica`]).
+    fn add(&mut self, table: String, on_replica: Option<bool>) {
+        let i = match self.tables.iter().position(|(t, _)| *t == table) {
+            Some(i) => i,
+            None => {
+                self.tables.push((table.clone(), 0));
+                self.non_replica.push((table, 0));
+                self.tables.len() - 1
+            }
+        };
+        self.tables[i].1 += 1;
+        if let Some(on_replica) = on_replica {
+            self.writes += 1;
+            self.non_replica[i].1 += usize::from(!on_replica);
+        }
+    }
+
+    fn statements(&self) -> usize {
+        self.tables.iter().map(|(_, n)| n).sum()
+    }
+}
+
 /// Logs the request and applies a matching fault. `Err` is the fault's answer (or `Ok(None)`
 /// in it for a dropped connection).
 async fn gate(
     shared: &Shared,
+    node: usize,
     opcode: Opcode,
     statement: &str,
     consistency: Option<u16>,
-    rows: usize,
-    tables: Vec<(String, usize)>,
+    tally: Tally,
     stream: i16,
 ) -> Result<(), Answer> {
+    // A BATCH counts its statements; any other request is one.
+    let rows = match opcode {
+        Opcode::Batch => tally.statements(),
+        _ => 1,
+    };
     lock(&shared.log).push(LoggedRequest {
+        node,
         opcode: opcode.name(),
         statement: statement.to_owned(),
         consistency: consistency.map(consistency_name),
         rows,
-        tables,
+        tables: tally.tables,
+        writes: tally.writes,
+        non_replica: tally.non_replica,
         at: Instant::now(),
     });
     if shared.in_outage() {
@@ -634,6 +577,7 @@ fn current(keyspace: &Mutex<Option<String>>) -> Option<String> {
 
 async fn request_query(
     shared: &Shared,
+    node: usize,
     r: &mut Reader<'_>,
     keyspace: &Mutex<Option<String>>,
     stream: i16,
@@ -643,11 +587,11 @@ async fn request_query(
     let params = read_params(r).map_err(bad)?;
     if let Err(a) = gate(
         shared,
+        node,
         Opcode::Query,
         &query,
         Some(params.consistency),
-        1,
-        Vec::new(),
+        Tally::default(),
         stream,
     )
     .await
@@ -664,13 +608,14 @@ async fn request_query(
     })?;
     let ks = current(keyspace);
     let outcome = lock(&shared.db)
-        .execute(&st, &params.values, ks.as_deref())
+        .execute_on(node, &st, &params.values, ks.as_deref())
         .map_err(|e| engine_error(stream, e))?;
     Ok(Some(encode_outcome(outcome, keyspace, &params, None)))
 }
 
 async fn request_prepare(
     shared: &Shared,
+    node: usize,
     r: &mut Reader<'_>,
     keyspace: &Mutex<Option<String>>,
     stream: i16,
@@ -678,7 +623,8 @@ async fn request_prepare(
     let query = r
         .long_string()
         .map_err(|e| error_frame(stream, error_code::PROTOCOL_ERROR, &e, &[]))?;
-    if let Err(a) = gate(shared, Opcode::Prepare, &query, None, 1, Vec::new(), stream).await {
+    let tally = Tally::default();
+    if let Err(a) = gate(shared, node, Opcode::Prepare, &query, None, tally, stream).await {
         return a;
     }
     let st = parser::parse(&query).map_err(|e| {
@@ -754,6 +700,7 @@ fn qualified(p: &Prepared) -> String {
 
 async fn request_execute(
     shared: &Shared,
+    node: usize,
     r: &mut Reader<'_>,
     keyspace: &Mutex<Option<String>>,
     stream: i16,
@@ -765,13 +712,16 @@ async fn request_execute(
         .get(&id)
         .cloned()
         .ok_or_else(|| unprepared(stream, &id))?;
+    let mut tally = Tally::default();
+    let on_replica = lock(&shared.db).write_on_replica(node, &prepared, &params.values);
+    tally.add(qualified(&prepared), on_replica);
     if let Err(a) = gate(
         shared,
+        node,
         Opcode::Execute,
         &statement_text(&prepared),
         Some(params.consistency),
-        1,
-        vec![(qualified(&prepared), 1)],
+        tally,
         stream,
     )
     .await
@@ -781,7 +731,7 @@ async fn request_execute(
     shared.validate(&params.values, stream)?;
     let ks = current(keyspace);
     let outcome = lock(&shared.db)
-        .execute(&prepared.statement, &params.values, ks.as_deref())
+        .execute_on(node, &prepared.statement, &params.values, ks.as_deref())
         .map_err(|e| engine_error(stream, e))?;
     Ok(Some(encode_outcome(
         outcome,
@@ -793,6 +743,7 @@ async fn request_execute(
 
 async fn request_batch(
     shared: &Shared,
+    node: usize,
     r: &mut Reader<'_>,
     keyspace: &Mutex<Option<String>>,
     stream: i16,
@@ -838,21 +789,20 @@ async fn request_batch(
         .first()
         .map(|(p, _)| statement_text(p))
         .unwrap_or_default();
-    let mut tables: Vec<(String, usize)> = Vec::new();
-    for (p, _) in &items {
-        let table = qualified(p);
-        match tables.iter_mut().find(|(t, _)| *t == table) {
-            Some((_, n)) => *n += 1,
-            None => tables.push((table, 1)),
+    let mut tally = Tally::default();
+    {
+        let db = lock(&shared.db);
+        for (p, values) in &items {
+            tally.add(qualified(p), db.write_on_replica(node, p, values));
         }
     }
     if let Err(a) = gate(
         shared,
+        node,
         Opcode::Batch,
         &text,
         Some(consistency),
-        items.len(),
-        tables,
+        tally,
         stream,
     )
     .await
@@ -864,7 +814,7 @@ async fn request_batch(
     }
     let mut db = lock(&shared.db);
     for (p, values) in &items {
-        db.execute(&p.statement, values, ks.as_deref())
+        db.execute_on(node, &p.statement, values, ks.as_deref())
             .map_err(|e| engine_error(stream, e))?;
     }
     let mut body = Vec::new();

@@ -1,0 +1,403 @@
+//! The handles tests hold on a running stand-in: [`CqlCluster`], N nodes on 127.0.0.1 ..
+//! 127.0.0.N that all listen on ONE port (drivers reach a peer at its `rpc_address` with the
+//! contact point's port), and [`CqlNode`], a cluster of one on an address the caller picks.
+//! TEST INFRASTRUCTURE: in memory, no durability.
+//!
+//! The nodes share one store (data, prepared statements, faults, saturation, request log), as if
+//! replication were instant: a write on any node is readable on every node. What differs per
+//! node is its identity (host id, address, vnode tokens: see [`Ring`]) and so which partitions
+//! it replicates, which the request log records for every write it serves.
+
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Deref;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::cql::engine::{Outcome, RowSet};
+use crate::cql::faults::{Fault, Saturation, SaturationStats};
+use crate::cql::ring::{Replication, Ring};
+use crate::cql::server::{lock, spawn_node, LoggedRequest, Shared};
+use crate::cql::{murmur3, parser};
+
+/// How many times [`CqlCluster::start`] picks a new port when another process holds the one
+/// the first node got on a later node's address.
+const BIND_ATTEMPTS: usize = 5;
+
+/// A running stand-in cluster. Dropping it stops every node.
+pub struct CqlCluster {
+    addrs: Vec<SocketAddr>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+}
+
+/// Write statements served, from the request log (see [`CqlCluster::routing`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingStats {
+    /// INSERT, UPDATE and DELETE statements of user keyspaces, in EXECUTE and BATCH requests.
+    pub writes: usize,
+    /// Those served by a node that is not a replica of a partition they write.
+    pub non_replica: usize,
+    /// Write statements served by each node.
+    pub writes_by_node: Vec<usize>,
+}
+
+impl CqlCluster {
+    /// The most nodes a cluster has: one loopback address each.
+    pub const MAX_NODES: usize = 8;
+
+    /// Starts `nodes` nodes (1..=[`Self::MAX_NODES`]) on 127.0.0.1, 127.0.0.2, ... on one free
+    /// port (another one, a few times over, if a later address has the first one taken).
+    pub async fn start(nodes: usize) -> std::io::Result<CqlCluster> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), nodes).await
+    }
+
+    /// Starts `nodes` nodes on `first`'s address and the next ones up, all on `first`'s port (a
+    /// free one if it is 0). Loopback addresses only (IPv4 for more than one node).
+    pub async fn start_on(first: SocketAddr, nodes: usize) -> std::io::Result<CqlCluster> {
+        let listeners = bind_same_port(first, nodes).await?;
+        Self::serve(listeners, None)
+    }
+
+    /// Serves one node on each listener, node `i` on `listeners[i]`, sharing one store.
+    fn serve(
+        listeners: Vec<TcpListener>,
+        tls: Option<Arc<SslAcceptor>>,
+    ) -> std::io::Result<CqlCluster> {
+        let addrs = listeners
+            .iter()
+            .map(TcpListener::local_addr)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let ips: Vec<Ipv4Addr> = addrs
+            .iter()
+            .map(|a| match a.ip() {
+                IpAddr::V4(v4) => v4,
+                IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
+            })
+            .collect();
+        let shared = Arc::new(Shared::new(Ring::new(&ips)));
+        let (stop, stopped) = watch::channel(false);
+        for (node, listener) in listeners.into_iter().enumerate() {
+            spawn_node(listener, node, shared.clone(), tls.clone(), stopped.clone());
+        }
+        Ok(CqlCluster {
+            addrs,
+            shared,
+            stop,
+        })
+    }
+
+    /// Each node's address, node `i` at index `i` (the index [`LoggedRequest::node`] names).
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Each node's host id, as `system.local` and `system.peers` report it.
+    pub fn host_ids(&self) -> Vec<Uuid> {
+        let db = lock(&self.shared.db);
+        db.ring().nodes().iter().map(|n| n.host_id).collect()
+    }
+
+    /// The nodes that replicate a partition of `keyspace`, primary first, by the keyspace's
+    /// replication; `key` is its partition key columns' serialized values, in key order. Empty
+    /// for a keyspace that does not exist; every node for one that is not placed by token
+    /// (LocalStrategy, EverywhereStrategy).
+    pub fn replicas(&self, keyspace: &str, key: &[&[u8]]) -> Vec<usize> {
+        let db = lock(&self.shared.db);
+        let Some(ks) = db.keyspaces.get(keyspace) else {
+            return Vec::new();
+        };
+        let ring = db.ring();
+        match Replication::parse(&ks.replication) {
+            Replication::Factor(n) => ring.replicas(murmur3::partition_token(key), n),
+            Replication::EveryNode => (0..ring.nodes().len()).collect(),
+        }
+    }
+
+    /// Write statements served so far, how many on a node not a replica of their partition,
+    /// and per node (from the request log: [`Self::clear_requests`] starts them again).
+    pub fn routing(&self) -> RoutingStats {
+        let mut stats = RoutingStats {
+            writes_by_node: vec![0; self.addrs.len()],
+            ..RoutingStats::default()
+        };
+        for r in lock(&self.shared.log).iter() {
+            stats.writes += r.writes;
+            stats.non_replica += r.non_replica.iter().map(|(_, n)| n).sum::<usize>();
+            if let Some(n) = stats.writes_by_node.get_mut(r.node) {
+                *n += r.writes;
+            }
+        }
+        stats
+    }
+
+    /// Adds a fault rule (for every node).
+    pub fn inject(&self, fault: Fault) {
+        lock(&self.shared.faults).push(fault);
+    }
+
+    /// Answers Invalid to every EXECUTE or BATCH with a bound value that contains `needle`, as
+    /// Scylla refuses a row it cannot accept. A BATCH is refused whole, before any of it is
+    /// applied, as Scylla validates every statement of a batch first. Cleared by
+    /// [`Self::clear_faults`].
+    pub fn reject_values_containing(&self, needle: &[u8]) {
+        lock(&self.shared.rejected_values).push(needle.to_vec());
+    }
+
+    /// Makes the nodes behave as a saturated one (see [`Saturation`]; one count of requests in
+    /// flight for all) until faults are cleared; its figures start again from zero.
+    pub fn saturate(&self, saturation: Saturation) {
+        *lock(&self.shared.saturation_stats) = SaturationStats::default();
+        *lock(&self.shared.saturation) = Some(saturation);
+    }
+
+    /// What the saturated-node mode did since [`Self::saturate`].
+    pub fn saturation_stats(&self) -> SaturationStats {
+        lock(&self.shared.saturation_stats).clone()
+    }
+
+    pub fn clear_faults(&self) {
+        *lock(&self.shared.saturation) = None;
+        lock(&self.shared.rejected_values).clear();
+        lock(&self.shared.faults).clear();
+        *lock(&self.shared.outage_until) = None;
+    }
+
+    /// Drops every connection and refuses to serve for `duration` (every node).
+    pub fn outage(&self, duration: Duration) {
+        *lock(&self.shared.outage_until) = Some(Instant::now() + duration);
+        self.shared.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Closes every open connection now (every node).
+    pub fn drop_connections(&self) {
+        self.shared.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Every request received so far, by any node.
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        lock(&self.shared.log).clone()
+    }
+
+    pub fn clear_requests(&self) {
+        lock(&self.shared.log).clear();
+    }
+
+    /// Rows stored in a table.
+    pub fn row_count(&self, keyspace: &str, table: &str) -> usize {
+        lock(&self.shared.db)
+            .table(keyspace, table)
+            .map_or(0, |t| t.row_count())
+    }
+
+    /// Runs one CQL statement directly (no protocol, as node 0), e.g. to inspect data in a test.
+    pub fn execute(&self, cql: &str) -> Result<Option<RowSet>, String> {
+        let st = parser::parse(cql)?;
+        match lock(&self.shared.db)
+            .execute(&st, &[], None)
+            .map_err(|e| e.message())?
+        {
+            Outcome::Rows(r) => Ok(Some(r)),
+            _ => Ok(None),
+        }
+    }
+}
+
+impl Drop for CqlCluster {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.shared.generation.send_modify(|g| *g += 1);
+    }
+}
+
+/// Binds `nodes` listeners on consecutive loopback addresses from `first`'s, on one port. With
+/// port 0 the first gets a free port, which another process may hold on a later address: then
+/// all are let go and the whole is tried again on a new port.
+async fn bind_same_port(first: SocketAddr, nodes: usize) -> std::io::Result<Vec<TcpListener>> {
+    let invalid = |why: String| std::io::Error::new(ErrorKind::InvalidInput, why);
+    if !(1..=CqlCluster::MAX_NODES).contains(&nodes) {
+        return Err(invalid(format!(
+            "a stand-in cluster has 1 to {} nodes, not {nodes}",
+            CqlCluster::MAX_NODES
+        )));
+    }
+    let loopback_only = || {
+        invalid(format!(
+            "{first}: the stand-in listens on loopback addresses only"
+        ))
+    };
+    if !first.ip().is_loopback() {
+        return Err(loopback_only());
+    }
+    if nodes == 1 {
+        return Ok(vec![TcpListener::bind(first).await?]);
+    }
+    let IpAddr::V4(ip) = first.ip() else {
+        return Err(invalid(format!(
+            "{first}: a cluster of several needs an IPv4 address"
+        )));
+    };
+    let base = u32::from(ip);
+    let addr = |i: usize| Ipv4Addr::from(base + i as u32);
+    if !addr(nodes - 1).is_loopback() {
+        return Err(loopback_only());
+    }
+    let attempts = if first.port() == 0 { BIND_ATTEMPTS } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let head = TcpListener::bind(first).await?;
+        let port = head.local_addr()?.port();
+        let mut listeners = vec![head];
+        for i in 1..nodes {
+            match TcpListener::bind(SocketAddr::from((addr(i), port))).await {
+                Ok(l) => listeners.push(l),
+                Err(e) if e.kind() == ErrorKind::AddrInUse => {
+                    last = Some(e);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if listeners.len() == nodes {
+            return Ok(listeners);
+        }
+    }
+    Err(last.unwrap_or_else(|| invalid("no port free on every node's address".into())))
+}
+
+/// A running stand-in node: a [`CqlCluster`] of one (owning the single token 0) on the address
+/// the caller chose, with every control of the cluster. Dropping it stops the server.
+pub struct CqlNode {
+    cluster: CqlCluster,
+}
+
+impl CqlNode {
+    /// Starts a node on `addr` (use port 0 for an ephemeral port on 127.0.0.1).
+    pub async fn start(addr: SocketAddr) -> std::io::Result<CqlNode> {
+        Self::start_with(addr, None).await
+    }
+
+    /// Starts a node that speaks CQL over TLS only, with this certificate chain and key (PEM).
+    pub async fn start_tls(
+        addr: SocketAddr,
+        cert_chain: &Path,
+        key: &Path,
+    ) -> std::io::Result<CqlNode> {
+        let tls = || -> Result<SslAcceptor, openssl::error::ErrorStack> {
+            let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
+            b.set_certificate_chain_file(cert_chain)?;
+            b.set_private_key_file(key, SslFiletype::PEM)?;
+            b.check_private_key()?;
+            Ok(b.build())
+        };
+        let acceptor = tls().map_err(std::io::Error::other)?;
+        Self::start_with(addr, Some(Arc::new(acceptor))).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        tls: Option<Arc<SslAcceptor>>,
+    ) -> std::io::Result<CqlNode> {
+        let listener = TcpListener::bind(addr).await?;
+        let cluster = CqlCluster::serve(vec![listener], tls)?;
+        Ok(CqlNode { cluster })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.cluster.addrs[0]
+    }
+}
+
+/// A node is a cluster of one: faults, the log and data are the cluster's.
+impl Deref for CqlNode {
+    type Target = CqlCluster;
+
+    fn deref(&self) -> &CqlCluster {
+        &self.cluster
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cluster_listens_on_consecutive_loopback_addresses_on_one_port() {
+        let c = CqlCluster::start(3).await.unwrap();
+        let ips: Vec<String> = c.addrs().iter().map(|a| a.ip().to_string()).collect();
+        assert_eq!(ips, ["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
+        assert!(c.addrs().iter().all(|a| a.port() == c.addrs()[0].port()));
+        for a in c.addrs() {
+            tokio::net::TcpStream::connect(a)
+                .await
+                .expect("each node accepts");
+        }
+        assert_eq!(c.host_ids().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_cluster_refuses_a_bad_size_or_address() {
+        for n in [0, CqlCluster::MAX_NODES + 1] {
+            assert!(CqlCluster::start(n).await.is_err(), "{n} nodes");
+        }
+        let public = SocketAddr::from(([10, 0, 0, 1], 0));
+        assert!(CqlCluster::start_on(public, 2).await.is_err());
+        let last = SocketAddr::from(([127, 255, 255, 255], 0));
+        assert!(
+            CqlCluster::start_on(last, 2).await.is_err(),
+            "past the loopback range"
+        );
+    }
+
+    /// Every node answers `system.local` as itself and `system.peers` as the others, with the
+    /// one schema version, which moves with DDL on all of them at once.
+    #[tokio::test]
+    async fn each_node_reports_itself_and_its_peers_with_one_schema_version() {
+        let c = CqlCluster::start(3).await.unwrap();
+        let version = |node: usize, table: &str| -> Vec<Vec<u8>> {
+            let mut db = lock(&c.shared.db);
+            let st = parser::parse(&format!(
+                "SELECT host_id, schema_version FROM system.{table}"
+            ))
+            .unwrap();
+            match db.execute_on(node, &st, &[], None).unwrap() {
+                Outcome::Rows(r) => r
+                    .rows
+                    .into_iter()
+                    .map(|row| [row[0].clone().unwrap(), row[1].clone().unwrap()].concat())
+                    .collect(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let ids = c.host_ids();
+        let before = version(1, "local")[0][16..].to_vec();
+        for node in 0..3 {
+            let local = version(node, "local");
+            assert_eq!(local.len(), 1);
+            assert_eq!(&local[0][..16], ids[node].as_bytes());
+            let peers = version(node, "peers");
+            let mut peer_ids: Vec<&[u8]> = peers.iter().map(|p| &p[..16]).collect();
+            peer_ids.sort();
+            let mut others: Vec<&[u8]> = (0..3)
+                .filter(|n| *n != node)
+                .map(|n| &ids[n].as_bytes()[..])
+                .collect();
+            others.sort();
+            assert_eq!(peer_ids, others, "node {node}'s peers");
+            for row in local.iter().chain(&peers) {
+                assert_eq!(row[16..], before[..], "one schema version");
+            }
+        }
+        c.execute("CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
+            .unwrap();
+        let after = version(2, "local")[0][16..].to_vec();
+        assert_ne!(after, before, "DDL moves the schema version");
+        assert!(version(0, "peers").iter().all(|p| p[16..] == after[..]));
+    }
+}
