@@ -975,6 +975,7 @@ impl Bench {
         let (from, to) = window(count);
         let (mut start, mut mark_from, mut mark_to) = (None, None, None);
         let mut samples: Vec<(Instant, f64, f64)> = Vec::new();
+        let mut gauges: Vec<[f64; FAULT_SERIES.len()]> = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(900);
         let mut last_report = Instant::now();
         let (end, stored) = loop {
@@ -992,6 +993,7 @@ impl Bench {
             let limit = metric("vault_write_concurrency_limit");
             if start.is_some() {
                 samples.push((now, stored, limit));
+                gauges.push(FAULT_SERIES.map(metric));
             }
             let n = stored as u64;
             if mark_from.is_none() && n >= from {
@@ -1018,7 +1020,7 @@ impl Bench {
         self.node.clear_faults();
         let rows = self.node.row_count(&keyspace, "user_activity");
         let t0 = start.expect("consumption started");
-        let timeline = samples
+        let timeline: Vec<(f64, f64, f64)> = samples
             .iter()
             .enumerate()
             .map(|(i, &(t, stored, limit))| {
@@ -1032,6 +1034,7 @@ impl Bench {
                 ((t - t0).as_secs_f64(), rate, limit)
             })
             .collect();
+        write_series(label, &timeline, &gauges);
         let mut latencies: Vec<f64> = stats
             .latencies
             .iter()
@@ -1156,6 +1159,37 @@ fn plot_fault_runs(
     )?;
     root.present()?;
     Ok(())
+}
+
+/// What the fault run records of vault at each sample besides the limit, into
+/// `target/bench/fault-run-<label>.csv` (for reading what throughput did and why, beside the
+/// plot).
+const FAULT_SERIES: [&str; 7] = [
+    "vault_write_requests_in_flight",
+    "vault_in_flight_batches",
+    "vault_in_flight_bytes",
+    "vault_kafka_prefetched_bytes",
+    "vault_write_retries_total",
+    "vault_events_consumed_total",
+    "vault_events_stored_total",
+];
+
+/// Writes a fault run's samples: its timeline and [`FAULT_SERIES`], one line per sample.
+fn write_series(label: &str, timeline: &[(f64, f64, f64)], gauges: &[[f64; FAULT_SERIES.len()]]) {
+    let mut csv = format!(
+        "seconds,stored_per_second,write_concurrency_limit,{}\n",
+        FAULT_SERIES.join(",")
+    );
+    for ((t, rate, limit), g) in timeline.iter().zip(gauges) {
+        let g: Vec<String> = g.iter().map(|v| format!("{v:.0}")).collect();
+        let _ = writeln!(csv, "{t:.3},{rate:.0},{limit:.0},{}", g.join(","));
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(format!("fault-run-{}.csv", label.replace(' ', "-")));
+    if let Err(e) = std::fs::write(&path, csv) {
+        eprintln!("    could not write {}: {e}", path.display());
+    }
 }
 
 /// One panel of the fault-run plot: `value` of each run's timeline over time, and optionally a
