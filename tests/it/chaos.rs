@@ -17,9 +17,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use vault_sandbox::cql::{Fault, FaultKind};
 
-use crate::common::{
-    broker_down, env_or, read_all, spawn_vault, stop_gracefully, ProcessRig, VaultProcess,
-};
+use crate::common::{env_or, read_all, spawn_vault, stop_gracefully, ProcessRig, VaultProcess};
 use crate::faults::{rows_written, stored};
 
 /// A bad message of one of the shapes the chaos run sends, by number.
@@ -178,9 +176,9 @@ async fn a_seeded_chaos_run_loses_nothing_and_dead_letters_every_bad_message() {
                 if let Some(mock) = kafka.mock() {
                     let broker = rng.random_range(1..=3);
                     println!("  broker {broker} down for 2s");
-                    let down = broker_down(mock, broker);
+                    mock.broker_down(broker).expect("broker down");
                     tokio::time::sleep(Duration::from_secs(2)).await;
-                    down.up();
+                    mock.broker_up(broker).expect("broker up");
                 }
             }
         }

@@ -11,8 +11,8 @@ use vault::store::MemoryStore;
 
 use crate::common::k8s::{self, FakeKubernetes};
 use crate::common::{
-    broker_down, http_get, settings, spawn_vault, stop_gracefully, stored_positions, unique,
-    wait_until, Kafka, ProcessRig, Running,
+    http_get, settings, spawn_vault, stop_gracefully, stored_positions, unique, wait_until, Kafka,
+    ProcessRig, Running,
 };
 
 fn report(what: &str, sent: usize, stored: usize, written: usize) {
@@ -115,7 +115,7 @@ async fn broker_faults_lose_nothing_and_commit_only_what_is_stored() {
     // then resume. The events are produced first: produce to a down leader would block.
     produced.extend(kafka.produce_events(&topic, partitions, next, 300).await);
     next += 300;
-    let down = broker_down(mock, 2);
+    mock.broker_down(2).expect("broker down");
     let down_until = tokio::time::Instant::now() + Duration::from_secs(3);
     while tokio::time::Instant::now() < down_until {
         // When broker 2 is the group coordinator, committed offsets cannot be read (nor
@@ -128,7 +128,7 @@ async fn broker_faults_lose_nothing_and_commit_only_what_is_stored() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    down.up();
+    mock.broker_up(2).expect("broker up");
     println!("phase broker 2 down for 3s: invariant held");
     produced.extend(kafka.produce_events(&topic, partitions, next, 300).await);
 
@@ -292,7 +292,9 @@ async fn readiness_drops_while_the_group_is_lost_and_returns_after_rejoining() {
 
     // Every broker down for longer than the session timeout (6 s): the member loses its
     // assignment and must say so.
-    let down: Vec<_> = (1..=3).map(|b| broker_down(mock, b)).collect();
+    for b in 1..=3 {
+        mock.broker_down(b).expect("broker down");
+    }
     wait_until(
         "not ready once the assignment is lost",
         Duration::from_secs(30),
@@ -301,8 +303,8 @@ async fn readiness_drops_while_the_group_is_lost_and_returns_after_rejoining() {
     .await;
     let (_, why) = http_get(&addr, "/readyz").unwrap();
     assert!(why.contains("not in the consumer group"), "{why}");
-    for broker in down {
-        broker.up();
+    for b in 1..=3 {
+        mock.broker_up(b).expect("broker up");
     }
     wait_until(
         "ready again after rejoining",

@@ -73,63 +73,6 @@ pub struct Kafka {
     producer: FutureProducer,
 }
 
-/// A mock broker taken down ([`broker_down`]), its port held until [`BrokerDown::up`].
-///
-/// librdkafka's mock broker closes its listener while down, listens on the same port again when
-/// brought up, and aborts the whole test process when it cannot ("Failed to create mock broker
-/// listener"). While it is down its port is free: a stand-in, a metrics server or a vault child
-/// binding port 0, or any outgoing connection, could be given it. The port is held by a socket
-/// that is bound but not listening, so the broker still refuses connections as a down one does,
-/// and the kernel gives the port to no bind to port 0 and no outgoing connection; it is released
-/// just before the broker listens again, leaving a window of microseconds instead of the whole
-/// outage.
-pub struct BrokerDown<'a> {
-    mock: &'a MockCluster<'static, DefaultProducerContext>,
-    broker: i32,
-    held: Option<tokio::net::TcpSocket>,
-}
-
-/// Takes mock broker `broker` down, holding its port (see [`BrokerDown`]).
-pub fn broker_down<'a>(
-    mock: &'a MockCluster<'static, DefaultProducerContext>,
-    broker: i32,
-) -> BrokerDown<'a> {
-    mock.broker_down(broker).expect("broker down");
-    // The port that binds is the one the broker stopped listening on: the others' listeners
-    // (and ports already held for other down brokers) refuse the bind.
-    let servers = mock.bootstrap_servers();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let held = loop {
-        let held = servers.split(',').find_map(|server| {
-            let socket = tokio::net::TcpSocket::new_v4().ok()?;
-            // The broker's connections, closed from its side, leave the port in TIME_WAIT.
-            socket.set_reuseaddr(true).ok()?;
-            socket.bind(server.parse().ok()?).ok()?;
-            Some(socket)
-        });
-        match held {
-            Some(socket) => break socket,
-            None if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1))
-            }
-            None => panic!("broker {broker} is down but none of {servers} is free to hold"),
-        }
-    };
-    BrokerDown {
-        mock,
-        broker,
-        held: Some(held),
-    }
-}
-
-impl BrokerDown<'_> {
-    /// Releases the port and brings the broker up on it.
-    pub fn up(mut self) {
-        drop(self.held.take());
-        self.mock.broker_up(self.broker).expect("broker up");
-    }
-}
-
 /// Installs a log subscriber for the test binary once (RUST_LOG selects what is shown).
 pub fn init_logging() {
     static ONCE: std::sync::Once = std::sync::Once::new();
