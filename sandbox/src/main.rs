@@ -7,7 +7,6 @@
 //! Faults are triggered while it runs through a line-based control port
 //! (`vault-sandbox ctl ADDR COMMAND...`).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +18,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use vault_sandbox::cql::{CqlCluster, Fault, FaultKind, Saturation};
 
@@ -71,7 +70,7 @@ const HELP: &str = "commands:
                                    ERROR: not-coordinator coordinator-not-available rebalance-in-progress unknown-member-id request-timed-out not-leader
   cql KIND [COUNT] [match TEXT] [p=PROB]   KIND: write-timeout read-timeout unavailable overloaded server-error drop delay:DURATION
   cql outage DURATION | cql drop-connections | cql clear | cql stats
-  cql routing                      write statements (EXECUTE, BATCH) served so far, how many by a node that
+  cql routing                      prepared write statements (EXECUTE, BATCH) served so far, how many by a node that
                                    is not a replica of their partition, and per node:
                                    writes=N non_replica=M by_node=A,B,...
   cql saturate CAPACITY LATENCY OVERLOAD_ABOVE [match TEXT]   a saturated node: CAPACITY statements at once take LATENCY
@@ -174,12 +173,11 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     // The mock cluster is driven from this task only; commands reach it over the channel.
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let mut held = HashMap::new();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             Some((line, reply)) = rx.recv() => {
-                let answer = match command(&cluster, &node, &mut held, &line) {
+                let answer = match command(&cluster, &node, &line) {
                     Ok(s) => format!("ok {s}"),
                     Err(e) => format!("error: {e}"),
                 };
@@ -199,28 +197,9 @@ fn join(addrs: &[SocketAddr]) -> String {
         .join(",")
 }
 
-/// Holds the port of a mock broker just taken down: the one bootstrap port that binds, with a
-/// socket that is bound but not listening.
-///
-/// librdkafka's mock broker closes its listener while down, listens on the same port again when
-/// brought up, and aborts the process when it cannot. Held, the port still refuses connections
-/// as a down broker's does, but the kernel gives it to no bind to port 0 (a vault's metrics
-/// server, say) and no outgoing connection meanwhile. `None` when no port binds (the broker's
-/// connections holding it are then what keeps it from others).
-fn hold_free_port(cluster: &MockCluster<'static, DefaultProducerContext>) -> Option<TcpSocket> {
-    cluster.bootstrap_servers().split(',').find_map(|server| {
-        let socket = TcpSocket::new_v4().ok()?;
-        // The broker's connections, closed from its side, leave the port in TIME_WAIT.
-        socket.set_reuseaddr(true).ok()?;
-        socket.bind(server.parse().ok()?).ok()?;
-        Some(socket)
-    })
-}
-
 fn command(
     cluster: &MockCluster<'static, DefaultProducerContext>,
     node: &CqlCluster,
-    held: &mut HashMap<i32, TcpSocket>,
     line: &str,
 ) -> Result<String, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -234,22 +213,14 @@ fn command(
     };
     match words.as_slice() {
         ["help"] | [] => Ok(HELP.replace('\n', " | ")),
-        ["broker", "down", n] => {
-            let broker = num(Some(n))?;
-            cluster.broker_down(broker).map_err(|e| e.to_string())?;
-            if let Some(port) = hold_free_port(cluster) {
-                held.insert(broker, port);
-            }
-            Ok(format!("broker {n} down"))
-        }
-        ["broker", "up", n] => {
-            let broker = num(Some(n))?;
-            drop(held.remove(&broker));
-            cluster
-                .broker_up(broker)
-                .map(|_| format!("broker {n} up"))
-                .map_err(|e| e.to_string())
-        }
+        ["broker", "down", n] => cluster
+            .broker_down(num(Some(n))?)
+            .map(|_| format!("broker {n} down"))
+            .map_err(|e| e.to_string()),
+        ["broker", "up", n] => cluster
+            .broker_up(num(Some(n))?)
+            .map(|_| format!("broker {n} up"))
+            .map_err(|e| e.to_string()),
         ["broker", "rtt", n, d] => cluster
             .broker_round_trip_time(num(Some(n))?, dur(Some(d))?)
             .map(|_| format!("broker {n} rtt {d}"))

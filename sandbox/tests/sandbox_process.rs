@@ -116,8 +116,7 @@ fn sandbox_serves_the_python_driver_takes_faults_and_stops_on_sigterm() {
         out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("ok"),
         "{out:?}"
     );
-    // Down, the broker refuses connections though its port is held (bound, not listening);
-    // up, it listens on it again.
+    // Down, the broker refuses connections; up, it listens on its port again.
     let broker = sandbox.get("VAULT_KAFKA_BROKERS");
     assert!(
         std::net::TcpStream::connect(&broker).is_err(),

@@ -362,6 +362,10 @@ async fn on_three_nodes_every_request_goes_to_a_replica_of_its_rows() {
                 .map(|(_, n)| n)
                 .sum()
         };
+        // Every statement was placed by the stand-in (none skipped as unreadable): 1,500 rows
+        // and 500 index entries.
+        let placed: usize = requests.iter().map(|r| r.writes).sum();
+        assert_eq!(placed, 2000, "{case}: statements the stand-in placed");
         assert_eq!(
             off_replica(&rows),
             0,

@@ -532,10 +532,6 @@ impl Database {
         if p.keyspace.starts_with("system") {
             return None;
         }
-        if self.ring.nodes().len() == 1 {
-            // A lone node holds every partition: no hashing on the benchmarks' hot path.
-            return self.table(&p.keyspace, &p.table).map(|_| true);
-        }
         let ks = self.keyspaces.get(&p.keyspace)?;
         let t = ks.tables.get(&p.table)?;
         let partitions = written_partitions(t, &p.statement, bound)?;
