@@ -198,6 +198,8 @@ pub struct Share {
 #[derive(Debug)]
 pub struct RetryHold {
     claim: Option<(OwnedSemaphorePermit, Instant)>,
+    /// The batch's failed writes so far.
+    failures: u32,
     health: PartitionHealth,
     pressing: Arc<AtomicUsize>,
 }
@@ -210,6 +212,7 @@ impl RetryHold {
         });
         RetryHold {
             claim: None,
+            failures: 0,
             health: share.health.clone(),
             pressing: share.pressing.clone(),
         }
@@ -395,6 +398,15 @@ impl Batch {
     /// abandon it, giving its memory back (its partition restarts where it must resume and
     /// reads it again). Called at each failure with the batch's `hold`.
     ///
+    /// A batch's first failure always retries, unclaimed: one more attempt is what a transient
+    /// error needs (an `Overloaded` answer, a timeout), and it costs what a first attempt waiting
+    /// for its write slot costs. Judging it at once made a database that sheds a little load
+    /// from every partition cost whole partitions' worth of replays: most batches of such a run
+    /// see one shed request, their retries wait for write slots behind first attempts, and
+    /// while the claims of those retries filled half the budget, the next batch to fail once
+    /// was abandoned, and its partition read again and rewrote what it had already written.
+    /// From its second failure on, a batch is failing, as follows.
+    ///
     /// A failing batch claims its bytes (at most half the budget, so one batch can always
     /// claim) of the half of the budget that failing batches may hold together, whenever there
     /// is room. While no healthy partition (see [`PartitionHealth`]) waits for memory it
@@ -411,6 +423,10 @@ impl Batch {
             return true;
         };
         let state = hold.get_or_insert_with(|| RetryHold::began(share));
+        state.failures += 1;
+        if state.failures == 1 {
+            return true;
+        }
         let pressure = share.pressing.load(Ordering::SeqCst) > 0;
         if let Some((_, since)) = &state.claim {
             if since.elapsed() < RETRY_HOLD_TURN {
@@ -526,9 +542,9 @@ mod tests {
         let budget = InFlightBudget::new(1000);
         let (a, b) = (batch_holding(&budget, 300), batch_holding(&budget, 300));
         let (mut ha, mut hb) = (None, None);
-        assert!(a.may_keep_retrying(&mut ha) && claimed(&ha), "a claims");
+        assert!(keeps_failing(&a, &mut ha) && claimed(&ha), "a claims");
         assert!(
-            b.may_keep_retrying(&mut hb),
+            keeps_failing(&b, &mut hb),
             "b retries unclaimed: nobody waits"
         );
         assert!(!claimed(&hb), "600 bytes would pass half");
@@ -542,15 +558,59 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(budget.pressing(), 1, "a healthy partition waits");
         let (mut ha, mut hb) = (None, None);
-        assert!(a.may_keep_retrying(&mut ha), "a claims");
-        assert!(!b.may_keep_retrying(&mut hb), "b must give its memory back");
-        assert!(a.may_keep_retrying(&mut ha), "within its turn");
+        assert!(keeps_failing(&a, &mut ha), "a claims");
+        assert!(!keeps_failing(&b, &mut hb), "b must give its memory back");
+        assert!(keeps_failing(&a, &mut ha), "within its turn");
         tokio::time::advance(RETRY_HOLD_TURN).await;
-        assert!(!a.may_keep_retrying(&mut ha), "its turn is over");
+        assert!(!keeps_failing(&a, &mut ha), "its turn is over");
         assert!(!claimed(&ha));
         drop((a, b));
         waiter.await.unwrap();
         assert_eq!(budget.in_use(), 0, "every share was given back");
+    }
+
+    /// The batch's write fails again: the first time (its free retry) when it has not failed
+    /// yet, then once more; what [`Batch::may_keep_retrying`] answers to the latest failure.
+    fn keeps_failing(batch: &Batch, hold: &mut Option<RetryHold>) -> bool {
+        if hold.is_none() {
+            assert!(
+                batch.may_keep_retrying(hold) && !claimed(hold),
+                "a first failure retries, unclaimed"
+            );
+        }
+        batch.may_keep_retrying(hold)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_failure_retries_unclaimed_even_under_pressure_and_the_second_is_judged() {
+        let budget = InFlightBudget::new(1000);
+        let (a, b) = (batch_holding(&budget, 500), batch_holding(&budget, 300));
+        let waiter = wait_for_room(&budget);
+        tokio::task::yield_now().await;
+        assert_eq!(budget.pressing(), 1, "a healthy partition waits");
+        let (mut ha, mut hb) = (None, None);
+        assert!(
+            keeps_failing(&a, &mut ha) && claimed(&ha),
+            "a fails twice and claims half"
+        );
+        assert!(
+            b.may_keep_retrying(&mut hb) && !claimed(&hb),
+            "b's first failure: one retry, though the claims are full and a partition waits"
+        );
+        assert!(
+            health_of(&b).is_failing(),
+            "its partition counts as failing from its first failure"
+        );
+        assert!(
+            !b.may_keep_retrying(&mut hb),
+            "b fails again: it gives its memory back"
+        );
+        drop((a, ha, b, hb));
+        waiter.await.unwrap();
+    }
+
+    fn health_of(batch: &Batch) -> &PartitionHealth {
+        &batch.budget.as_ref().expect("a share").health
     }
 
     fn claimed(hold: &Option<RetryHold>) -> bool {
@@ -562,7 +622,7 @@ mod tests {
         let budget = InFlightBudget::new(1000);
         let (a, b) = (batch_holding(&budget, 300), batch_holding(&budget, 300));
         let mut ha = None;
-        assert!(a.may_keep_retrying(&mut ha), "a fails and claims");
+        assert!(keeps_failing(&a, &mut ha), "a fails and claims");
         // `a`'s partition waits for room for its next batch: it is failing, so no pressure.
         let mut next = a.budget.as_ref().expect("a share").sibling();
         let waiter = {
@@ -577,7 +637,7 @@ mod tests {
             "and its wait is not counted as pressure"
         );
         let mut hb = None;
-        assert!(b.may_keep_retrying(&mut hb), "b retries unclaimed");
+        assert!(keeps_failing(&b, &mut hb), "b retries unclaimed");
         assert!(!claimed(&hb));
         drop((ha, hb, a, b));
         waiter.await.unwrap();
@@ -591,10 +651,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(budget.pressing(), 1, "under pressure");
         let mut hold = None;
-        assert!(
-            big.may_keep_retrying(&mut hold),
-            "one batch can always claim"
-        );
+        assert!(keeps_failing(&big, &mut hold), "one batch can always claim");
     }
 
     #[tokio::test(start_paused = true)]
@@ -610,13 +667,10 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(budget.pressing(), 1, "a healthy partition waits");
         let mut other_hold = None;
-        assert!(
-            other.may_keep_retrying(&mut other_hold),
-            "other claims half"
-        );
+        assert!(keeps_failing(&other, &mut other_hold), "other claims half");
         let mut own_hold = None;
         assert!(
-            own.may_keep_retrying(&mut own_hold) && !claimed(&own_hold),
+            keeps_failing(&own, &mut own_hold) && !claimed(&own_hold),
             "the claims are full, but the only waiter is its own partition, failing now"
         );
         assert!(health.is_failing(), "a write of it failed");
@@ -627,7 +681,7 @@ mod tests {
         );
         let mut third_hold = None;
         assert!(
-            third.may_keep_retrying(&mut third_hold) && !claimed(&third_hold),
+            keeps_failing(&third, &mut third_hold) && !claimed(&third_hold),
             "without pressure a failing batch retries unclaimed"
         );
         drop((own, own_hold, other, other_hold, third, third_hold));
@@ -641,12 +695,12 @@ mod tests {
         let health = PartitionHealth::default();
         let abandoned = batch_of(&health, &budget, 300);
         let mut hold = None;
-        assert!(abandoned.may_keep_retrying(&mut hold), "it fails");
+        assert!(keeps_failing(&abandoned, &mut hold), "it fails");
         // Abandoned: the batch and its retry state are gone, and its memory with them.
         drop((abandoned, hold));
         let elsewhere = batch_holding(&budget, 600);
         let mut elsewhere_hold = None;
-        assert!(elsewhere.may_keep_retrying(&mut elsewhere_hold) && claimed(&elsewhere_hold));
+        assert!(keeps_failing(&elsewhere, &mut elsewhere_hold) && claimed(&elsewhere_hold));
         let unclaimed = batch_holding(&budget, 300);
         // A batch of the partition read before the restart, still being written.
         let durable = batch_of(&health, &budget, 100);
@@ -661,14 +715,14 @@ mod tests {
         );
         let mut unclaimed_hold = None;
         assert!(
-            unclaimed.may_keep_retrying(&mut unclaimed_hold) && !claimed(&unclaimed_hold),
+            keeps_failing(&unclaimed, &mut unclaimed_hold) && !claimed(&unclaimed_hold),
             "so a failing batch without a claim keeps retrying"
         );
         durable.ack(BatchOutcome::Durable);
         assert!(!health.is_failing(), "a durable batch makes it healthy");
         assert_eq!(budget.pressing(), 1, "and its wait presses from then on");
         assert!(
-            !unclaimed.may_keep_retrying(&mut unclaimed_hold),
+            !keeps_failing(&unclaimed, &mut unclaimed_hold),
             "a failing batch without a claim gives its memory back"
         );
         drop((unclaimed, unclaimed_hold, elsewhere, elsewhere_hold));
@@ -682,12 +736,12 @@ mod tests {
         let health = PartitionHealth::default();
         let abandoned = batch_of(&health, &budget, 100);
         let mut hold = None;
-        assert!(abandoned.may_keep_retrying(&mut hold), "it fails");
+        assert!(keeps_failing(&abandoned, &mut hold), "it fails");
         drop((abandoned, hold));
         // Elsewhere, batches that keep failing hold the whole budget.
         let (claimed_one, unclaimed) = (batch_holding(&budget, 500), batch_holding(&budget, 500));
         let (mut claim, mut unclaimed_hold) = (None, None);
-        assert!(claimed_one.may_keep_retrying(&mut claim) && claimed(&claim));
+        assert!(keeps_failing(&claimed_one, &mut claim) && claimed(&claim));
         let waiter = wait_for_room_as(&health, &budget);
         tokio::task::yield_now().await;
         assert_eq!(
@@ -695,13 +749,13 @@ mod tests {
             0,
             "the failed partition waits, pressing nobody"
         );
-        assert!(unclaimed.may_keep_retrying(&mut unclaimed_hold));
+        assert!(keeps_failing(&unclaimed, &mut unclaimed_hold));
         tokio::time::advance(RETRY_HOLD_TURN).await;
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "still waiting");
         assert_eq!(budget.pressing(), 1, "after a whole turn it presses");
         assert!(
-            !unclaimed.may_keep_retrying(&mut unclaimed_hold),
+            !keeps_failing(&unclaimed, &mut unclaimed_hold),
             "so a failing batch without a claim gives its memory back"
         );
         drop((unclaimed, unclaimed_hold, claimed_one, claim));

@@ -7,9 +7,10 @@
 //!   backoff and jitter for as long as it takes (visible in logs, metrics and readiness). A
 //!   batch is abandoned only by cancellation (the process's abandon token, or the batch's own
 //!   token: its partition's stop deadline passed or its task was replaced), by a panic, or when
-//!   healthy partitions wait for in-flight memory and failing batches hold their
-//!   half of it (see [`Batch::may_keep_retrying`]); an abandoned batch is never committed past, and its
-//!   partition restarts where it must resume;
+//!   it fails again after a first failure while healthy partitions wait for in-flight memory
+//!   and failing batches hold their half of it (see [`Batch::may_keep_retrying`]: a first
+//!   failure always retries); an abandoned batch is never committed past, and its partition
+//!   restarts where it must resume;
 //! - a retry sends only what is still unwritten: rows the store did not acknowledge, letters
 //!   Kafka did not acknowledge;
 //! - a failing partition holds at most its share of write capacity. Each batch is its own task;
