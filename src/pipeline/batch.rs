@@ -109,9 +109,10 @@ pub struct Batch {
 /// record's [`Record::footprint`] to the share of its open batch; the batch carries that share
 /// to the persister and gives it back when dropped.
 ///
-/// While healthy partitions (see [`PartitionHealth`]) wait for room, batches whose writes fail
-/// keep their memory only within half of it (see [`Batch::may_keep_retrying`]): failing
-/// partitions, however many, cannot keep the others from reading.
+/// While healthy partitions (see [`PartitionHealth`]) wait for room, batches whose writes keep
+/// failing (past one retry of a transient failure) keep their memory only within half of it
+/// (see [`Batch::may_keep_retrying`]): failing partitions, however many, cannot keep the others
+/// from reading.
 #[derive(Debug, Clone)]
 pub struct InFlightBudget {
     permits: Arc<Semaphore>,
@@ -191,10 +192,12 @@ pub struct Share {
     bytes: u32,
 }
 
-/// A failing batch's retry state, from its first failure until it stops retrying (durable or
-/// abandoned): it marks the batch's partition as failing (see [`PartitionHealth`]), and holds
-/// the batch's claim on the half of the budget that failing batches may hold while healthy
-/// partitions wait, if it has one, for a turn of [`RETRY_HOLD_TURN`].
+/// A failed batch's retry state, from its first failure until it stops retrying (durable or
+/// abandoned): it marks the batch's partition as failing from that first failure (see
+/// [`PartitionHealth`]), counts the batch's failures (the first transient one retries
+/// unjudged, see [`Batch::may_keep_retrying`]), and holds the batch's claim on the half of
+/// the budget that failing batches may hold while healthy partitions wait, if it has one, for
+/// a turn of [`RETRY_HOLD_TURN`].
 #[derive(Debug)]
 pub struct RetryHold {
     claim: Option<(OwnedSemaphorePermit, Instant)>,
@@ -398,16 +401,18 @@ impl Batch {
     /// abandon it, giving its memory back (its partition restarts where it must resume and
     /// reads it again). Called at each failure with the batch's `hold`.
     ///
-    /// A batch's first failure always retries, unclaimed: one more attempt is what a transient
-    /// error needs (an `Overloaded` answer, a timeout), and it costs what a first attempt waiting
-    /// for its write slot costs. Judging it at once made a database that sheds a little load
-    /// from every partition cost whole partitions' worth of replays: most batches of such a run
-    /// see one shed request, their retries wait for write slots behind first attempts, and
-    /// while the claims of those retries filled half the budget, the next batch to fail once
-    /// was abandoned, and its partition read again and rewrote what it had already written.
-    /// From its second failure on, a batch is failing, as follows.
+    /// A batch's first failure, when `transient` (an `Overloaded` answer, a timeout: what one
+    /// more attempt may cure), always retries, unclaimed: the batch holds its memory through
+    /// one backoff and one more attempt (which waits for a retry slot and a write slot, behind
+    /// first attempts), outside the half below. Judging it at once made a database that sheds
+    /// a little load from every partition cost whole partitions' worth of replays: most
+    /// batches of such a run see one shed request, their retries wait for write slots behind
+    /// first attempts, and while the claims of those retries filled half the budget, the next
+    /// batch to fail once was abandoned, and its partition read again and rewrote what it had
+    /// already written. A batch that fails again, or whose failure is not transient (a
+    /// rejected schema, a dead-letter topic that refuses for good), is judged as follows.
     ///
-    /// A failing batch claims its bytes (at most half the budget, so one batch can always
+    /// A judged batch claims its bytes (at most half the budget, so one batch can always
     /// claim) of the half of the budget that failing batches may hold together, whenever there
     /// is room. While no healthy partition (see [`PartitionHealth`]) waits for memory it
     /// may retry without a claim, so a store that fails every write (down, or too overloaded
@@ -418,13 +423,13 @@ impl Batch {
     /// memory from others for good. A batch without a share (written outside a pipeline)
     /// always may. Pressure is judged now, by what the waiting partitions are now (see
     /// [`PartitionHealth`]).
-    pub fn may_keep_retrying(&self, hold: &mut Option<RetryHold>) -> bool {
+    pub fn may_keep_retrying(&self, hold: &mut Option<RetryHold>, transient: bool) -> bool {
         let Some(share) = &self.budget else {
             return true;
         };
         let state = hold.get_or_insert_with(|| RetryHold::began(share));
-        state.failures += 1;
-        if state.failures == 1 {
+        state.failures = state.failures.saturating_add(1);
+        if state.failures == 1 && transient {
             return true;
         }
         let pressure = share.pressing.load(Ordering::SeqCst) > 0;
@@ -574,17 +579,22 @@ mod tests {
     fn keeps_failing(batch: &Batch, hold: &mut Option<RetryHold>) -> bool {
         if hold.is_none() {
             assert!(
-                batch.may_keep_retrying(hold) && !claimed(hold),
+                batch.may_keep_retrying(hold, true) && !claimed(hold),
                 "a first failure retries, unclaimed"
             );
         }
-        batch.may_keep_retrying(hold)
+        batch.may_keep_retrying(hold, true)
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_first_failure_retries_unclaimed_even_under_pressure_and_the_second_is_judged() {
+    async fn a_first_transient_failure_retries_unclaimed_even_under_pressure_and_the_second_is_judged(
+    ) {
         let budget = InFlightBudget::new(1000);
-        let (a, b) = (batch_holding(&budget, 500), batch_holding(&budget, 300));
+        let (a, b, c) = (
+            batch_holding(&budget, 500),
+            batch_holding(&budget, 300),
+            batch_holding(&budget, 100),
+        );
         let waiter = wait_for_room(&budget);
         tokio::task::yield_now().await;
         assert_eq!(budget.pressing(), 1, "a healthy partition waits");
@@ -594,7 +604,7 @@ mod tests {
             "a fails twice and claims half"
         );
         assert!(
-            b.may_keep_retrying(&mut hb) && !claimed(&hb),
+            b.may_keep_retrying(&mut hb, true) && !claimed(&hb),
             "b's first failure: one retry, though the claims are full and a partition waits"
         );
         assert!(
@@ -602,10 +612,15 @@ mod tests {
             "its partition counts as failing from its first failure"
         );
         assert!(
-            !b.may_keep_retrying(&mut hb),
+            !b.may_keep_retrying(&mut hb, true),
             "b fails again: it gives its memory back"
         );
-        drop((a, ha, b, hb));
+        let mut hc = None;
+        assert!(
+            !c.may_keep_retrying(&mut hc, false),
+            "a first failure that is not transient is judged at once"
+        );
+        drop((a, ha, b, hb, c, hc));
         waiter.await.unwrap();
     }
 

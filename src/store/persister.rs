@@ -7,10 +7,10 @@
 //!   backoff and jitter for as long as it takes (visible in logs, metrics and readiness). A
 //!   batch is abandoned only by cancellation (the process's abandon token, or the batch's own
 //!   token: its partition's stop deadline passed or its task was replaced), by a panic, or when
-//!   it fails again after a first failure while healthy partitions wait for in-flight memory
-//!   and failing batches hold their half of it (see [`Batch::may_keep_retrying`]: a first
-//!   failure always retries); an abandoned batch is never committed past, and its partition
-//!   restarts where it must resume;
+//!   it fails again after a first, transient failure (or fails for good) while healthy
+//!   partitions wait for in-flight memory and failing batches hold their half of it (see
+//!   [`Batch::may_keep_retrying`]); an abandoned batch is never committed past, and its
+//!   partition restarts where it must resume;
 //! - a retry sends only what is still unwritten: rows the store did not acknowledge, letters
 //!   Kafka did not acknowledge;
 //! - a failing partition holds at most its share of write capacity. Each batch is its own task;
@@ -148,7 +148,8 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
 
     async fn persist_with(&self, batch: &Batch, slots: &Slots) -> BatchOutcome {
         let mut dead: Vec<DeadLetter> = Vec::new();
-        // Claimed at the batch's first failure, kept until it is durable or abandoned.
+        // Begun at the batch's first failure (a claim is tried from its second, or from a
+        // first that is not transient), kept until it is durable or abandoned.
         let mut hold: Option<RetryHold> = None;
         if let Err(reason) = self.write_events(batch, &mut dead, slots, &mut hold).await {
             return BatchOutcome::Abandoned(reason);
@@ -167,12 +168,17 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
     }
 
     /// Lets a failed batch retry while it may keep its memory (see
-    /// [`Batch::may_keep_retrying`]: always, unless partitions wait for memory and failing
-    /// batches hold their half of it). Otherwise the batch is abandoned: its memory goes back to
+    /// [`Batch::may_keep_retrying`]: always after a first, transient failure; after any other,
+    /// unless partitions wait for memory and failing batches hold their half of it). Otherwise the batch is abandoned: its memory goes back to
     /// the partitions waiting for it, and its own partition restarts where it must resume
     /// (after the restart backoff), reading it again.
-    fn may_retry(&self, batch: &Batch, hold: &mut Option<RetryHold>) -> Result<(), String> {
-        if batch.may_keep_retrying(hold) {
+    fn may_retry(
+        &self,
+        batch: &Batch,
+        hold: &mut Option<RetryHold>,
+        transient: bool,
+    ) -> Result<(), String> {
+        if batch.may_keep_retrying(hold, transient) {
             return Ok(());
         }
         self.metrics
@@ -277,7 +283,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 .store_retries
                 .with_label_values(&[failure.error.kind()])
                 .inc();
-            self.may_retry(batch, hold)?;
+            self.may_retry(batch, hold, failure.error.is_retryable())?;
             let delay = backoff.next().unwrap_or(self.retry.max_backoff);
             if !failure.error.is_retryable() {
                 error!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, error = %failure.error, retry_in = ?delay, "Batch write failed with a non-transient error; the partition is stalled until it is fixed.");
@@ -348,7 +354,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                     .store_retries
                     .with_label_values(&["erase"])
                     .inc();
-                self.may_retry(batch, hold)?;
+                self.may_retry(batch, hold, error.is_retryable())?;
                 tokio::select! {
                     biased;
                     _ = self.cancelled(batch) => return Err(give_up(&error.to_string())),
@@ -488,7 +494,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 .dead_letter_send_failures
                 .with_label_values(&[&*batch.topic])
                 .inc();
-            if let Err(reason) = self.may_retry(batch, hold) {
+            if let Err(reason) = self.may_retry(batch, hold, !permanent) {
                 break Err(reason);
             }
             tokio::select! {
@@ -573,6 +579,7 @@ mod tests {
     use super::*;
     use crate::event::{decode, Limits, Source};
     use crate::kafka::dead_letter::MemoryDeadLetters;
+    use crate::pipeline::batch::{InFlightBudget, PartitionHealth};
     use crate::pipeline::flush::FlushReason;
     use crate::store::{MemoryStore, WriteFailure};
 
@@ -694,6 +701,92 @@ mod tests {
         for a in stuck {
             assert!(matches!(a.await.unwrap(), BatchOutcome::Abandoned(_)));
         }
+    }
+
+    /// A batch of partition `partition`'s events at `offsets`, holding `bytes` of `budget` as a
+    /// batch of that partition (health `health`) does.
+    fn batch_in_budget(
+        budget: &InFlightBudget,
+        health: &PartitionHealth,
+        partition: i32,
+        bytes: usize,
+    ) -> (Batch, tokio::sync::oneshot::Receiver<BatchOutcome>) {
+        let mut share = budget.share(health);
+        assert!(budget.try_add(&mut share, bytes), "room for the batch");
+        let (mut b, ack) = batch(vec![event(partition, 0)]);
+        b.hold(share);
+        (b, ack)
+    }
+
+    /// Under memory pressure, with failing batches holding their whole half of the budget, a
+    /// batch whose first write is shed (`Overloaded`) retries and is durable: one shed request
+    /// costs a backoff, not its partition's replay. A batch that keeps failing is what gives
+    /// memory back.
+    #[tokio::test(start_paused = true)]
+    async fn under_pressure_a_batch_shed_once_retries_and_one_that_keeps_failing_gives_way() {
+        let store = MemoryStore::new();
+        // Partition 0's writes always fail; partition 1's first write fails, once.
+        store.fail_when(
+            |e| e.source.partition == 0,
+            None,
+            StoreError::Overloaded("shed".into()),
+        );
+        store.fail_when(
+            |e| e.source.partition == 1,
+            Some(1),
+            StoreError::Overloaded("shed".into()),
+        );
+        let p = persister(store.clone(), MemoryDeadLetters::default());
+        let budget = InFlightBudget::new(1000);
+        let (stuck, _stuck_ack) = batch_in_budget(&budget, &PartitionHealth::default(), 0, 500);
+        let writing = tokio::spawn({
+            let p = p.clone();
+            async move { p.persist(&stuck).await }
+        });
+        // The stuck batch fails twice (its free retry, then judged): it claims the half.
+        while store.failed_requests() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (shed, ack) = batch_in_budget(&budget, &PartitionHealth::default(), 1, 300);
+        // A healthy partition waits for room.
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move {
+                let mut share = budget.share(&PartitionHealth::default());
+                budget.add(&mut share, 1000).await;
+            }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(budget.pressing(), 1, "a healthy partition presses");
+        let outcome = p.persist(&shed).await;
+        assert_eq!(
+            outcome,
+            BatchOutcome::Durable,
+            "shed once, retried, durable"
+        );
+        assert!(store.contains_source("t", 1, 0));
+        assert_eq!(
+            p.metrics
+                .retries_out_of_memory
+                .with_label_values(&["t"])
+                .get(),
+            0
+        );
+        drop((shed, ack));
+        // The stuck batch is abandoned at a failure once its claim's turn is over.
+        let stuck_outcome = writing.await.unwrap();
+        assert!(
+            matches!(stuck_outcome, BatchOutcome::Abandoned(ref why) if why.contains("in-flight")),
+            "{stuck_outcome:?}"
+        );
+        assert_eq!(
+            p.metrics
+                .retries_out_of_memory
+                .with_label_values(&["t"])
+                .get(),
+            1
+        );
+        waiter.await.unwrap();
     }
 
     #[test]
