@@ -190,13 +190,17 @@ fn cpu_split(pid: u32) -> (f64, f64) {
     (ticks(11) / hz, ticks(12) / hz)
 }
 
+/// Clock ticks per second (asked once: the fault run reads CPU at every sample).
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Peak resident set size (VmHWM) of a process, in MiB.
@@ -976,6 +980,8 @@ impl Bench {
         let (mut start, mut mark_from, mut mark_to) = (None, None, None);
         let mut samples: Vec<(Instant, f64, f64)> = Vec::new();
         let mut gauges: Vec<[f64; FAULT_SERIES.len()]> = Vec::new();
+        // CPU seconds of vault and of this process (the stand-in node, the mock broker).
+        let mut cpu: Vec<(f64, f64)> = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(900);
         let mut last_report = Instant::now();
         let (end, stored) = loop {
@@ -994,6 +1000,7 @@ impl Bench {
             if start.is_some() {
                 samples.push((now, stored, limit));
                 gauges.push(FAULT_SERIES.map(metric));
+                cpu.push((cpu_seconds(child.id()), cpu_seconds(std::process::id())));
             }
             let n = stored as u64;
             if mark_from.is_none() && n >= from {
@@ -1034,7 +1041,7 @@ impl Bench {
                 ((t - t0).as_secs_f64(), rate, limit)
             })
             .collect();
-        write_series(label, &timeline, &gauges);
+        write_series(label, &timeline, &gauges, &cpu);
         let mut latencies: Vec<f64> = stats
             .latencies
             .iter()
@@ -1042,12 +1049,13 @@ impl Bench {
             .collect();
         latencies.sort_by(f64::total_cmp);
         let ((t_from, n_from), (t_to, n_to)) = (mark_from.unwrap(), mark_to.unwrap());
-        let (requests, statements) = self
-            .node
-            .requests()
+        let log = self.node.requests();
+        let writes: Vec<_> = log
             .iter()
             .filter(|r| matches!(r.opcode, "EXECUTE" | "BATCH") && r.statement.contains("INSERT"))
-            .fold((0, 0), |(n, k), r| (n + 1, k + r.rows));
+            .collect();
+        let (requests, statements) = writes.iter().fold((0, 0), |(n, k), r| (n + 1, k + r.rows));
+        write_node_series(label, t0, &writes);
         let run = FaultRun {
             label,
             adaptive,
@@ -1174,19 +1182,62 @@ const FAULT_SERIES: [&str; 7] = [
     "vault_events_stored_total",
 ];
 
-/// Writes a fault run's samples: its timeline and [`FAULT_SERIES`], one line per sample.
-fn write_series(label: &str, timeline: &[(f64, f64, f64)], gauges: &[[f64; FAULT_SERIES.len()]]) {
+/// Writes a fault run's samples: its timeline, [`FAULT_SERIES`] and the CPU seconds of vault
+/// and of the bench's own process (the stand-in node, the mock broker), one line per sample.
+fn write_series(
+    label: &str,
+    timeline: &[(f64, f64, f64)],
+    gauges: &[[f64; FAULT_SERIES.len()]],
+    cpu: &[(f64, f64)],
+) {
     let mut csv = format!(
-        "seconds,stored_per_second,write_concurrency_limit,{}\n",
+        "seconds,stored_per_second,write_concurrency_limit,{},vault_cpu_seconds,bench_cpu_seconds\n",
         FAULT_SERIES.join(",")
     );
-    for ((t, rate, limit), g) in timeline.iter().zip(gauges) {
+    for (((t, rate, limit), g), (vault, bench)) in timeline.iter().zip(gauges).zip(cpu) {
         let g: Vec<String> = g.iter().map(|v| format!("{v:.0}")).collect();
-        let _ = writeln!(csv, "{t:.3},{rate:.0},{limit:.0},{}", g.join(","));
+        let _ = writeln!(
+            csv,
+            "{t:.3},{rate:.0},{limit:.0},{},{vault:.2},{bench:.2}",
+            g.join(",")
+        );
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     let _ = std::fs::create_dir_all(&dir);
     let path = dir.join(format!("fault-run-{}.csv", label.replace(' ', "-")));
+    if let Err(e) = std::fs::write(&path, csv) {
+        eprintln!("    could not write {}: {e}", path.display());
+    }
+}
+
+/// Writes what the node received in a fault run, per half second since `t0`: write requests,
+/// their statements, and of those the rows of the main table, into
+/// `target/bench/fault-run-<label>-node.csv`.
+fn write_node_series(label: &str, t0: Instant, writes: &[&vault_sandbox::cql::LoggedRequest]) {
+    let mut buckets: Vec<(usize, usize, usize)> = Vec::new();
+    for r in writes {
+        let Some(since) = r.at.checked_duration_since(t0) else {
+            continue;
+        };
+        let i = (since.as_secs_f64() / 0.5) as usize;
+        if buckets.len() <= i {
+            buckets.resize(i + 1, (0, 0, 0));
+        }
+        let rows: usize = r
+            .tables
+            .iter()
+            .filter(|(t, _)| t.ends_with(".user_activity"))
+            .map(|(_, n)| n)
+            .sum();
+        let b = &mut buckets[i];
+        *b = (b.0 + 1, b.1 + r.rows, b.2 + rows);
+    }
+    let mut csv = String::from("seconds,write_requests,statements,user_activity_rows\n");
+    for (i, (n, k, rows)) in buckets.iter().enumerate() {
+        let _ = writeln!(csv, "{:.1},{n},{k},{rows}", i as f64 * 0.5);
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let path = dir.join(format!("fault-run-{}-node.csv", label.replace(' ', "-")));
     if let Err(e) = std::fs::write(&path, csv) {
         eprintln!("    could not write {}: {e}", path.display());
     }
