@@ -70,7 +70,7 @@ const HELP: &str = "commands:
                                    ERROR: not-coordinator coordinator-not-available rebalance-in-progress unknown-member-id request-timed-out not-leader
   cql KIND [COUNT] [match TEXT] [p=PROB]   KIND: write-timeout read-timeout unavailable overloaded server-error drop delay:DURATION
   cql outage DURATION | cql drop-connections | cql clear | cql stats
-  cql routing                      prepared write statements (EXECUTE, BATCH) served so far, how many by a node that
+  cql routing                      prepared write statements (EXECUTE, BATCH) received so far, how many by a node that
                                    is not a replica of their partition, and per node:
                                    writes=N non_replica=M by_node=A,B,...
   cql saturate CAPACITY LATENCY OVERLOAD_ABOVE [match TEXT]   a saturated node: CAPACITY statements at once take LATENCY

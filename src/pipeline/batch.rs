@@ -405,7 +405,7 @@ impl Batch {
     /// more attempt may cure), always retries, unclaimed: the batch holds its memory through
     /// one backoff and one more attempt (which waits for a retry slot and a write slot, behind
     /// first attempts), outside the half below. Judging it at once made a database that sheds
-    /// a little load from every partition cost whole partitions' worth of replays: most
+    /// a little load from every partition cost whole partitions' worth of replays: many
     /// batches of such a run see one shed request, their retries wait for write slots behind
     /// first attempts, and while the claims of those retries filled half the budget, the next
     /// batch to fail once was abandoned, and its partition read again and rewrote what it had
