@@ -6,7 +6,6 @@ node, VAULT_SANDBOX_CONTROL its control port (used to inject faults)."""
 import datetime
 import os
 import time
-import socket
 import sys
 import uuid
 
@@ -16,14 +15,7 @@ from cassandra.policies import FallthroughRetryPolicy, RoundRobinPolicy
 from cassandra.protocol import OverloadedErrorMessage, ServerError, SyntaxException
 from cassandra.query import BatchStatement, BatchType, SimpleStatement
 
-
-def control(command):
-    host, port = os.environ["VAULT_SANDBOX_CONTROL"].rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall((command + "\n").encode())
-        answer = s.makefile().readline()
-    assert answer.startswith("ok"), answer
-    return answer
+from sandbox_control import control
 
 
 def expect(exc_type, fn):

@@ -7,25 +7,17 @@ every node (one port), VAULT_SANDBOX_CONTROL the control port, whose `cql routin
 writes each node served and how many of them it is not a replica of."""
 
 import os
-import socket
 import sys
 
 from cassandra.cluster import Cluster, ExecutionProfile, EXEC_PROFILE_DEFAULT
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy, WhiteListRoundRobinPolicy
 
+from sandbox_control import control
+
 KEYSPACES = {
     "pyc1": ("{'class': 'SimpleStrategy', 'replication_factor': 1}", 1),
     "pyc2": ("{'class': 'NetworkTopologyStrategy', 'datacenter1': 2}", 2),
 }
-
-
-def control(command):
-    host, port = os.environ["VAULT_SANDBOX_CONTROL"].rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall((command + "\n").encode())
-        answer = s.makefile().readline()
-    assert answer.startswith("ok"), answer
-    return answer
 
 
 def routing():
