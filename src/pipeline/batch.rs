@@ -110,7 +110,7 @@ pub struct Batch {
 /// to the persister and gives it back when dropped.
 ///
 /// While healthy partitions (see [`PartitionHealth`]) wait for room, batches whose writes keep
-/// failing (past one retry of a transient failure) keep their memory only within half of it
+/// failing without progress (see [`Batch::may_keep_retrying`]) keep their memory only within half of it
 /// (see [`Batch::may_keep_retrying`]): failing partitions, however many, cannot keep the others
 /// from reading.
 #[derive(Debug, Clone)]
@@ -192,10 +192,20 @@ pub struct Share {
     bytes: u32,
 }
 
+/// What a failed attempt of a batch says about it (see [`Batch::may_keep_retrying`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedAttempt {
+    /// The failure is one that another attempt may cure (`StoreError::is_retryable`; for a
+    /// dead-letter send, any refusal but a permanent one).
+    pub transient: bool,
+    /// The attempt wrote part of what it sent: rows the store acknowledged, letters Kafka did.
+    pub progressed: bool,
+}
+
 /// A failed batch's retry state, from its first failure until it stops retrying (durable or
 /// abandoned): it marks the batch's partition as failing from that first failure (see
-/// [`PartitionHealth`]), counts the batch's failures (the first transient one retries
-/// unjudged, see [`Batch::may_keep_retrying`]), and holds the batch's claim on the half of
+/// [`PartitionHealth`]), counts the batch's failures (a transient first one, or one that made
+/// progress, retries unjudged, see [`Batch::may_keep_retrying`]), and holds the batch's claim on the half of
 /// the budget that failing batches may hold while healthy partitions wait, if it has one, for
 /// a turn of [`RETRY_HOLD_TURN`].
 #[derive(Debug)]
@@ -401,16 +411,18 @@ impl Batch {
     /// abandon it, giving its memory back (its partition restarts where it must resume and
     /// reads it again). Called at each failure with the batch's `hold`.
     ///
-    /// A batch's first failure, when `transient` (an `Overloaded` answer, a timeout: what one
-    /// more attempt may cure), always retries, unclaimed: the batch holds its memory through
-    /// one backoff and one more attempt (which waits for a retry slot and a write slot, behind
-    /// first attempts), outside the half below. Judging it at once made a database that sheds
-    /// a little load from every partition cost whole partitions' worth of replays: many
-    /// batches of such a run see one shed request, their retries wait for write slots behind
-    /// first attempts, and while the claims of those retries filled half the budget, the next
-    /// batch to fail once was abandoned, and its partition read again and rewrote what it had
-    /// already written. A batch that fails again, or whose failure is not transient (a
-    /// rejected schema, a dead-letter topic that refuses for good), is judged as follows.
+    /// A transient failure (an `Overloaded` answer, a timeout: what one more attempt may cure)
+    /// that is the batch's first, or whose attempt still wrote part of what it sent
+    /// (`failed.progressed`), always retries, unclaimed: the batch is being written, and holds
+    /// its memory through one backoff and one more attempt (which waits for a retry slot and a
+    /// write slot, behind first attempts), outside the half below. Judging such failures made
+    /// a database that sheds a little load from every partition cost whole partitions' worth of
+    /// replays: many batches of such a run see a shed request, their retries wait for write
+    /// slots behind first attempts, and while the claims of those retries filled half the
+    /// budget, the next batch to fail was abandoned, and its partition read again and rewrote
+    /// what it had already written. A batch whose attempt wrote nothing after a first failure,
+    /// or whose failure is not transient (a rejected schema, a dead-letter topic that refuses
+    /// for good), is stuck, and judged as follows.
     ///
     /// A judged batch claims its bytes (at most half the budget, so one batch can always
     /// claim) of the half of the budget that failing batches may hold together, whenever there
@@ -423,13 +435,13 @@ impl Batch {
     /// memory from others for good. A batch without a share (written outside a pipeline)
     /// always may. Pressure is judged now, by what the waiting partitions are now (see
     /// [`PartitionHealth`]).
-    pub fn may_keep_retrying(&self, hold: &mut Option<RetryHold>, transient: bool) -> bool {
+    pub fn may_keep_retrying(&self, hold: &mut Option<RetryHold>, failed: FailedAttempt) -> bool {
         let Some(share) = &self.budget else {
             return true;
         };
         let state = hold.get_or_insert_with(|| RetryHold::began(share));
         state.failures = state.failures.saturating_add(1);
-        if state.failures == 1 && transient {
+        if failed.transient && (state.failures == 1 || failed.progressed) {
             return true;
         }
         let pressure = share.pressing.load(Ordering::SeqCst) > 0;
@@ -574,26 +586,34 @@ mod tests {
         assert_eq!(budget.in_use(), 0, "every share was given back");
     }
 
+    /// A transient failure of an attempt that wrote nothing.
+    const SHED_ALL: FailedAttempt = FailedAttempt {
+        transient: true,
+        progressed: false,
+    };
+
     /// The batch's write fails again: the first time (its free retry) when it has not failed
-    /// yet, then once more; what [`Batch::may_keep_retrying`] answers to the latest failure.
+    /// yet, then once more, each attempt writing nothing; what [`Batch::may_keep_retrying`]
+    /// answers to the latest failure.
     fn keeps_failing(batch: &Batch, hold: &mut Option<RetryHold>) -> bool {
         if hold.is_none() {
             assert!(
-                batch.may_keep_retrying(hold, true) && !claimed(hold),
+                batch.may_keep_retrying(hold, SHED_ALL) && !claimed(hold),
                 "a first failure retries, unclaimed"
             );
         }
-        batch.may_keep_retrying(hold, true)
+        batch.may_keep_retrying(hold, SHED_ALL)
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_first_transient_failure_retries_unclaimed_even_under_pressure_and_the_second_is_judged(
     ) {
         let budget = InFlightBudget::new(1000);
-        let (a, b, c) = (
+        let (a, b, c, d) = (
             batch_holding(&budget, 500),
             batch_holding(&budget, 300),
             batch_holding(&budget, 100),
+            batch_holding(&budget, 50),
         );
         let waiter = wait_for_room(&budget);
         tokio::task::yield_now().await;
@@ -604,7 +624,7 @@ mod tests {
             "a fails twice and claims half"
         );
         assert!(
-            b.may_keep_retrying(&mut hb, true) && !claimed(&hb),
+            b.may_keep_retrying(&mut hb, SHED_ALL) && !claimed(&hb),
             "b's first failure: one retry, though the claims are full and a partition waits"
         );
         assert!(
@@ -612,15 +632,40 @@ mod tests {
             "its partition counts as failing from its first failure"
         );
         assert!(
-            !b.may_keep_retrying(&mut hb, true),
+            !b.may_keep_retrying(&mut hb, SHED_ALL),
             "b fails again: it gives its memory back"
         );
         let mut hc = None;
         assert!(
-            !c.may_keep_retrying(&mut hc, false),
+            !c.may_keep_retrying(
+                &mut hc,
+                FailedAttempt {
+                    transient: false,
+                    progressed: true
+                }
+            ),
             "a first failure that is not transient is judged at once"
         );
-        drop((a, ha, b, hb, c, hc));
+        let mut hd = None;
+        assert!(
+            d.may_keep_retrying(&mut hd, SHED_ALL),
+            "d's first failure: one retry"
+        );
+        assert!(
+            d.may_keep_retrying(
+                &mut hd,
+                FailedAttempt {
+                    transient: true,
+                    progressed: true
+                }
+            ) && !claimed(&hd),
+            "d fails again but wrote part of its rows: it is being written, and retries"
+        );
+        assert!(
+            !d.may_keep_retrying(&mut hd, SHED_ALL),
+            "d's next attempt writes nothing: it gives its memory back"
+        );
+        drop((a, ha, b, hb, c, hc, d, hd));
         waiter.await.unwrap();
     }
 

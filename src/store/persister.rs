@@ -7,10 +7,10 @@
 //!   backoff and jitter for as long as it takes (visible in logs, metrics and readiness). A
 //!   batch is abandoned only by cancellation (the process's abandon token, or the batch's own
 //!   token: its partition's stop deadline passed or its task was replaced), by a panic, or when
-//!   it fails again after a first, transient failure (or fails for good) while healthy
-//!   partitions wait for in-flight memory and failing batches hold their half of it (see
-//!   [`Batch::may_keep_retrying`]); an abandoned batch is never committed past, and its
-//!   partition restarts where it must resume;
+//!   it is stuck (an attempt wrote nothing after a first, transient failure, or failed for a
+//!   reason that is not transient) while healthy partitions wait for in-flight memory and
+//!   failing batches hold their half of it (see [`Batch::may_keep_retrying`]); an abandoned
+//!   batch is never committed past, and its partition restarts where it must resume;
 //! - a retry sends only what is still unwritten: rows the store did not acknowledge, letters
 //!   Kafka did not acknowledge;
 //! - a failing partition holds at most its share of write capacity. Each batch is its own task;
@@ -39,7 +39,7 @@ use tracing::{error, warn};
 use crate::config::{InvalidPolicy, RetrySettings};
 use crate::event::{Event, EventError};
 use crate::kafka::dead_letter::DeadLetterSink;
-use crate::pipeline::batch::{Batch, BatchOutcome, DeadLetter, RetryHold};
+use crate::pipeline::batch::{Batch, BatchOutcome, DeadLetter, FailedAttempt, RetryHold};
 use crate::store::erasure::Erasure;
 use crate::store::rate::RowRate;
 use crate::store::retention::{Retention, Ttl};
@@ -148,8 +148,9 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
 
     async fn persist_with(&self, batch: &Batch, slots: &Slots) -> BatchOutcome {
         let mut dead: Vec<DeadLetter> = Vec::new();
-        // Begun at the batch's first failure (a claim is tried from its second, or from a
-        // first that is not transient), kept until it is durable or abandoned.
+        // Begun at the batch's first failure (a claim is tried once the batch is stuck: an
+        // attempt wrote nothing after a first failure, or failed for a reason that is not
+        // transient), kept until it is durable or abandoned.
         let mut hold: Option<RetryHold> = None;
         if let Err(reason) = self.write_events(batch, &mut dead, slots, &mut hold).await {
             return BatchOutcome::Abandoned(reason);
@@ -168,17 +169,18 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
     }
 
     /// Lets a failed batch retry while it may keep its memory (see
-    /// [`Batch::may_keep_retrying`]: always after a first, transient failure; after any other,
-    /// unless partitions wait for memory and failing batches hold their half of it). Otherwise the batch is abandoned: its memory goes back to
+    /// [`Batch::may_keep_retrying`]: always after a transient failure that is the batch's first
+    /// or that made progress; after any other, unless partitions wait for memory and failing
+    /// batches hold their half of it). Otherwise the batch is abandoned: its memory goes back to
     /// the partitions waiting for it, and its own partition restarts where it must resume
     /// (after the restart backoff), reading it again.
     fn may_retry(
         &self,
         batch: &Batch,
         hold: &mut Option<RetryHold>,
-        transient: bool,
+        failed: FailedAttempt,
     ) -> Result<(), String> {
-        if batch.may_keep_retrying(hold, transient) {
+        if batch.may_keep_retrying(hold, failed) {
             return Ok(());
         }
         self.metrics
@@ -283,7 +285,11 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 .store_retries
                 .with_label_values(&[failure.error.kind()])
                 .inc();
-            self.may_retry(batch, hold, failure.error.is_retryable())?;
+            let failed = FailedAttempt {
+                transient: failure.error.is_retryable(),
+                progressed: unwritten.len() < pending.len(),
+            };
+            self.may_retry(batch, hold, failed)?;
             let delay = backoff.next().unwrap_or(self.retry.max_backoff);
             if !failure.error.is_retryable() {
                 error!(topic = %batch.topic, partition = batch.partition, first_offset = batch.first_offset, error = %failure.error, retry_in = ?delay, "Batch write failed with a non-transient error; the partition is stalled until it is fixed.");
@@ -354,7 +360,11 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                     .store_retries
                     .with_label_values(&["erase"])
                     .inc();
-                self.may_retry(batch, hold, error.is_retryable())?;
+                let failed = FailedAttempt {
+                    transient: error.is_retryable(),
+                    progressed: false,
+                };
+                self.may_retry(batch, hold, failed)?;
                 tokio::select! {
                     biased;
                     _ = self.cancelled(batch) => return Err(give_up(&error.to_string())),
@@ -494,7 +504,11 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 .dead_letter_send_failures
                 .with_label_values(&[&*batch.topic])
                 .inc();
-            if let Err(reason) = self.may_retry(batch, hold, !permanent) {
+            let failed = FailedAttempt {
+                transient: !permanent,
+                progressed: !acknowledged.is_empty(),
+            };
+            if let Err(reason) = self.may_retry(batch, hold, failed) {
                 break Err(reason);
             }
             tokio::select! {

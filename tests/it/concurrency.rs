@@ -118,3 +118,56 @@ async fn the_write_limit_backs_off_from_a_saturated_node_recovers_and_loses_noth
     assert_eq!(vault.metrics.write_requests_in_flight.get(), 0);
     vault.stop().await;
 }
+
+/// A saturated node sheds some requests of most batches while the partitions wait for
+/// in-flight memory: a batch shed once retries (its first, transient failure earns that), so
+/// nothing is abandoned for memory and nothing is read and written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_node_under_memory_pressure_costs_no_replay() {
+    let kafka = Kafka::start();
+    let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("CQL stand-in starts");
+    let (topic, group) = (unique("pressed"), unique("g"));
+    let partitions = 8;
+    kafka.create_source_topic(&topic, partitions).await;
+    let c = ScyllaConfig {
+        nodes: vec![node.addr().to_string()],
+        keyspace: unique("it").replace('-', "_"),
+        max_concurrent_requests: MAX as usize,
+        adaptive_concurrency: true,
+        max_batch_rows: 5,
+        ..ScyllaConfig::default()
+    };
+    let store = ScyllaStore::connect(&c, true).await.expect("migrate");
+    node.saturate(Saturation::new(4, Duration::from_millis(5), 8).matching(&c.keyspace));
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    cfg.scylla = c.clone();
+    // Eight partitions of 4 batches of 500 events (about 300 bytes each in memory) fill the
+    // smallest budget several times over: partitions wait for memory throughout.
+    cfg.pipeline.max_in_flight_bytes = 1 << 20;
+    cfg.batch.max_events = 500;
+    let vault = Running::start(cfg, store, MemoryDeadLetters::default());
+    let n = 8000;
+    kafka.produce_events(&topic, partitions, 0, n).await;
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, partitions, Duration::from_secs(180))
+        .await;
+    assert_eq!(node.row_count(&c.keyspace, "user_activity"), n as usize);
+    assert!(
+        vault.counter("vault_write_retries_total") > 0.0,
+        "the node shed writes, which were retried"
+    );
+    assert_eq!(
+        vault.counter("vault_retries_out_of_memory_total"),
+        0.0,
+        "no batch abandoned for memory"
+    );
+    assert_eq!(
+        vault.counter("vault_events_stored_total") as usize,
+        n as usize,
+        "every event written once"
+    );
+    vault.stop().await;
+}
