@@ -154,7 +154,7 @@ async fn a_saturated_node_under_memory_pressure_costs_no_replay() {
         .probe(&group)
         .wait_committed_to_end(&topic, partitions, Duration::from_secs(180))
         .await;
-    assert_eq!(node.row_count(&c.keyspace, "user_activity"), n as usize);
+    assert_eq!(node.row_count(&c.keyspace, "user_activity"), n);
     assert!(
         vault.counter("vault_write_retries_total") > 0.0,
         "the node shed writes, which were retried"
@@ -166,7 +166,7 @@ async fn a_saturated_node_under_memory_pressure_costs_no_replay() {
     );
     assert_eq!(
         vault.counter("vault_events_stored_total") as usize,
-        n as usize,
+        n,
         "every event written once"
     );
     vault.stop().await;
