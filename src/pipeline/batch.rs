@@ -110,7 +110,7 @@ pub struct Batch {
 /// to the persister and gives it back when dropped.
 ///
 /// While healthy partitions (see [`PartitionHealth`]) wait for room, batches whose writes keep
-/// failing without progress (see [`Batch::may_keep_retrying`]) keep their memory only within half of it
+/// failing, stuck (see [`Batch::may_keep_retrying`]), keep their memory only within half of it
 /// (see [`Batch::may_keep_retrying`]): failing partitions, however many, cannot keep the others
 /// from reading.
 #[derive(Debug, Clone)]
@@ -204,8 +204,9 @@ pub struct FailedAttempt {
 
 /// A failed batch's retry state, from its first failure until it stops retrying (durable or
 /// abandoned): it marks the batch's partition as failing from that first failure (see
-/// [`PartitionHealth`]), counts the batch's failures (a transient first one, or one that made
-/// progress, retries unjudged, see [`Batch::may_keep_retrying`]), and holds the batch's claim on the half of
+/// [`PartitionHealth`]), counts the batch's failures and when they began (a transient first
+/// one, or a transient one that made progress, retries unjudged within a turn, see
+/// [`Batch::may_keep_retrying`]), and holds the batch's claim on the half of
 /// the budget that failing batches may hold while healthy partitions wait, if it has one, for
 /// a turn of [`RETRY_HOLD_TURN`].
 #[derive(Debug)]
@@ -213,6 +214,8 @@ pub struct RetryHold {
     claim: Option<(OwnedSemaphorePermit, Instant)>,
     /// The batch's failed writes so far.
     failures: u32,
+    /// When the batch first failed.
+    since: Instant,
     health: PartitionHealth,
     pressing: Arc<AtomicUsize>,
 }
@@ -226,6 +229,7 @@ impl RetryHold {
         RetryHold {
             claim: None,
             failures: 0,
+            since: Instant::now(),
             health: share.health.clone(),
             pressing: share.pressing.clone(),
         }
@@ -413,16 +417,18 @@ impl Batch {
     ///
     /// A transient failure (an `Overloaded` answer, a timeout: what one more attempt may cure)
     /// that is the batch's first, or whose attempt still wrote part of what it sent
-    /// (`failed.progressed`), always retries, unclaimed: the batch is being written, and holds
-    /// its memory through one backoff and one more attempt (which waits for a retry slot and a
-    /// write slot, behind first attempts), outside the half below. Judging such failures made
+    /// (`failed.progressed`), retries unclaimed for the first [`RETRY_HOLD_TURN`] since the
+    /// batch first failed: the batch is being written, and holds its memory through one
+    /// backoff and one more attempt (which waits for a retry slot and a write slot, behind
+    /// first attempts), outside the half below. Judging such failures made
     /// a database that sheds a little load from every partition cost whole partitions' worth of
     /// replays: many batches of such a run see a shed request, their retries wait for write
     /// slots behind first attempts, and while the claims of those retries filled half the
     /// budget, the next batch to fail was abandoned, and its partition read again and rewrote
     /// what it had already written. A batch whose attempt wrote nothing after a first failure,
-    /// or whose failure is not transient (a rejected schema, a dead-letter topic that refuses
-    /// for good), is stuck, and judged as follows.
+    /// whose failure is not transient (a rejected schema, a dead-letter topic that refuses for
+    /// good), or that has been failing for a turn, is stuck, and judged as follows (a judged
+    /// batch whose next attempt makes progress within its first turn retries unjudged again).
     ///
     /// A judged batch claims its bytes (at most half the budget, so one batch can always
     /// claim) of the half of the budget that failing batches may hold together, whenever there
@@ -441,7 +447,8 @@ impl Batch {
         };
         let state = hold.get_or_insert_with(|| RetryHold::began(share));
         state.failures = state.failures.saturating_add(1);
-        if failed.transient && (state.failures == 1 || failed.progressed) {
+        let being_written = state.failures == 1 || failed.progressed;
+        if failed.transient && being_written && state.since.elapsed() < RETRY_HOLD_TURN {
             return true;
         }
         let pressure = share.pressing.load(Ordering::SeqCst) > 0;
@@ -609,10 +616,11 @@ mod tests {
     async fn a_first_transient_failure_retries_unclaimed_even_under_pressure_and_the_second_is_judged(
     ) {
         let budget = InFlightBudget::new(1000);
-        let (a, b, c, d) = (
+        let (a, b, c, d, e) = (
             batch_holding(&budget, 500),
             batch_holding(&budget, 300),
             batch_holding(&budget, 100),
+            batch_holding(&budget, 50),
             batch_holding(&budget, 50),
         );
         let waiter = wait_for_room(&budget);
@@ -665,7 +673,18 @@ mod tests {
             !d.may_keep_retrying(&mut hd, SHED_ALL),
             "d's next attempt writes nothing: it gives its memory back"
         );
-        drop((a, ha, b, hb, c, hc, d, hd));
+        let mut he = None;
+        let progressed = FailedAttempt {
+            transient: true,
+            progressed: true,
+        };
+        assert!(e.may_keep_retrying(&mut he, SHED_ALL), "e fails");
+        tokio::time::advance(RETRY_HOLD_TURN).await;
+        assert!(
+            !e.may_keep_retrying(&mut he, progressed),
+            "after failing for a turn, e is judged even while it makes progress"
+        );
+        drop((a, ha, b, hb, c, hc, d, hd, e, he));
         waiter.await.unwrap();
     }
 

@@ -7,8 +7,8 @@
 //!   backoff and jitter for as long as it takes (visible in logs, metrics and readiness). A
 //!   batch is abandoned only by cancellation (the process's abandon token, or the batch's own
 //!   token: its partition's stop deadline passed or its task was replaced), by a panic, or when
-//!   it is stuck (an attempt wrote nothing after a first, transient failure, or failed for a
-//!   reason that is not transient) while healthy partitions wait for in-flight memory and
+//!   it is stuck (an attempt after its first failure wrote nothing, it has been failing for a
+//!   turn, or it failed for a reason that is not transient) while healthy partitions wait for in-flight memory and
 //!   failing batches hold their half of it (see [`Batch::may_keep_retrying`]); an abandoned
 //!   batch is never committed past, and its partition restarts where it must resume;
 //! - a retry sends only what is still unwritten: rows the store did not acknowledge, letters

@@ -120,8 +120,9 @@ async fn the_write_limit_backs_off_from_a_saturated_node_recovers_and_loses_noth
 }
 
 /// A saturated node sheds some requests of most batches while the partitions wait for
-/// in-flight memory: a batch shed once retries (its first, transient failure earns that), so
-/// nothing is abandoned for memory and nothing is read and written twice.
+/// in-flight memory: a batch being written (its first, transient failure, or an attempt that
+/// wrote part of its rows) retries unjudged, so nothing is abandoned for memory and nothing is
+/// read and written twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_node_under_memory_pressure_costs_no_replay() {
     let kafka = Kafka::start();
@@ -148,12 +149,29 @@ async fn a_saturated_node_under_memory_pressure_costs_no_replay() {
     cfg.pipeline.max_in_flight_bytes = 1 << 20;
     cfg.batch.max_events = 500;
     let vault = Running::start(cfg, store, MemoryDeadLetters::default());
+    // The fullest the in-flight memory gets, sampled while the backlog drains.
+    let fullest = Arc::new(AtomicI64::new(0));
+    let sampler = tokio::spawn({
+        let (in_flight, fullest) = (vault.metrics.in_flight_bytes.clone(), fullest.clone());
+        async move {
+            loop {
+                fullest.fetch_max(in_flight.get(), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
     let n = 8000;
     kafka.produce_events(&topic, partitions, 0, n).await;
     kafka
         .probe(&group)
         .wait_committed_to_end(&topic, partitions, Duration::from_secs(180))
         .await;
+    sampler.abort();
+    assert!(
+        fullest.load(Ordering::SeqCst) >= (1 << 20) * 3 / 4,
+        "the partitions filled the in-flight memory: {} bytes at most",
+        fullest.load(Ordering::SeqCst)
+    );
     assert_eq!(node.row_count(&c.keyspace, "user_activity"), n);
     assert!(
         vault.counter("vault_write_retries_total") > 0.0,
