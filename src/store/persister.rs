@@ -257,6 +257,13 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 }
                 Err(f) => f,
             };
+            // A store names unwritten rows by their index in what it was sent; one outside it
+            // would leave a row neither retried nor written. That breaks the store's contract:
+            // the panic abandons the batch (caught above), so nothing is committed past it.
+            assert!(
+                failure.unwritten.iter().all(|&i| i < pending.len()),
+                "the store reported unwritten rows outside the request"
+            );
             let unwritten: Vec<&Event> = failure
                 .unwritten
                 .iter()
