@@ -109,10 +109,9 @@ pub struct Batch {
 /// record's [`Record::footprint`] to the share of its open batch; the batch carries that share
 /// to the persister and gives it back when dropped.
 ///
-/// While healthy partitions (see [`PartitionHealth`]) wait for room, batches whose writes keep
-/// failing, stuck (see [`Batch::may_keep_retrying`]), keep their memory only within half of it
-/// (see [`Batch::may_keep_retrying`]): failing partitions, however many, cannot keep the others
-/// from reading.
+/// While healthy partitions (see [`PartitionHealth`]) wait for room, batches whose writes are
+/// stuck (see [`Batch::may_keep_retrying`]) keep their memory only within half of it: failing
+/// partitions, however many, cannot keep the others from reading.
 #[derive(Debug, Clone)]
 pub struct InFlightBudget {
     permits: Arc<Semaphore>,
@@ -613,8 +612,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_first_transient_failure_retries_unclaimed_even_under_pressure_and_the_second_is_judged(
-    ) {
+    async fn a_transient_failure_retries_unclaimed_under_pressure_while_first_or_progressing() {
         let budget = InFlightBudget::new(1000);
         let (a, b, c, d, e) = (
             batch_holding(&budget, 500),

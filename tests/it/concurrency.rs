@@ -16,14 +16,26 @@ use crate::common::{settings, unique, wait_until, Kafka, Running};
 
 const MAX: i64 = 16;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_write_limit_backs_off_from_a_saturated_node_recovers_and_loses_nothing() {
+/// A Kafka topic of `partitions` partitions and a CQL stand-in node saturated as the tests
+/// here want it (four statements at once at full speed, Overloaded above eight in flight),
+/// with vault's settings for them: adaptive concurrency up to [`MAX`], and small requests (at
+/// most 5 rows), so that a batch is many of them and demand exceeds the limit.
+struct Saturated {
+    kafka: Kafka,
+    node: CqlNode,
+    topic: String,
+    group: String,
+    c: ScyllaConfig,
+    store: ScyllaStore,
+    cfg: vault::config::Config,
+}
+
+async fn saturated(name: &str, partitions: i32) -> Saturated {
     let kafka = Kafka::start();
     let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .expect("CQL stand-in starts");
-    let (topic, group) = (unique("saturated"), unique("g"));
-    let partitions = 4;
+    let (topic, group) = (unique(name), unique("g"));
     kafka.create_source_topic(&topic, partitions).await;
     let c = ScyllaConfig {
         nodes: vec![node.addr().to_string()],
@@ -31,17 +43,38 @@ async fn the_write_limit_backs_off_from_a_saturated_node_recovers_and_loses_noth
         max_concurrent_requests: MAX as usize,
         min_concurrent_requests: 1,
         adaptive_concurrency: true,
-        // Small requests, so that a batch is many of them and demand exceeds the limit.
         max_batch_rows: 5,
         ..ScyllaConfig::default()
     };
     let store = ScyllaStore::connect(&c, true).await.expect("migrate");
-    // Four statements at once at full speed, Overloaded above eight in flight: the fixed
-    // maximum of 16 (a write permit is one request, of 1 to 5 statements) overloads it.
+    // The fixed maximum of 16 (a write permit is one request, of 1 to 5 statements)
+    // overloads it.
     node.saturate(Saturation::new(4, Duration::from_millis(5), 8).matching(&c.keyspace));
-
     let mut cfg = settings(&kafka.brokers, &topic, &group);
     cfg.scylla = c.clone();
+    Saturated {
+        kafka,
+        node,
+        topic,
+        group,
+        c,
+        store,
+        cfg,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_limit_backs_off_from_a_saturated_node_recovers_and_loses_nothing() {
+    let partitions = 4;
+    let Saturated {
+        kafka,
+        node,
+        topic,
+        group,
+        c,
+        store,
+        cfg,
+    } = saturated("saturated", partitions).await;
     let vault = Running::start(cfg, store, MemoryDeadLetters::default());
     let limit = vault.metrics.write_concurrency_limit.clone();
     wait_until("the limit to be exported", Duration::from_secs(30), || {
@@ -125,25 +158,16 @@ async fn the_write_limit_backs_off_from_a_saturated_node_recovers_and_loses_noth
 /// read and written twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_node_under_memory_pressure_costs_no_replay() {
-    let kafka = Kafka::start();
-    let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .expect("CQL stand-in starts");
-    let (topic, group) = (unique("pressed"), unique("g"));
     let partitions = 8;
-    kafka.create_source_topic(&topic, partitions).await;
-    let c = ScyllaConfig {
-        nodes: vec![node.addr().to_string()],
-        keyspace: unique("it").replace('-', "_"),
-        max_concurrent_requests: MAX as usize,
-        adaptive_concurrency: true,
-        max_batch_rows: 5,
-        ..ScyllaConfig::default()
-    };
-    let store = ScyllaStore::connect(&c, true).await.expect("migrate");
-    node.saturate(Saturation::new(4, Duration::from_millis(5), 8).matching(&c.keyspace));
-    let mut cfg = settings(&kafka.brokers, &topic, &group);
-    cfg.scylla = c.clone();
+    let Saturated {
+        kafka,
+        node,
+        topic,
+        group,
+        c,
+        store,
+        mut cfg,
+    } = saturated("pressed", partitions).await;
     // Eight partitions of 4 batches of 500 events (about 300 bytes each in memory) fill the
     // smallest budget several times over: partitions wait for memory throughout.
     cfg.pipeline.max_in_flight_bytes = 1 << 20;
