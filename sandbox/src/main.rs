@@ -41,7 +41,8 @@ struct Cli {
     #[arg(long, default_value = "127.0.0.1:0")]
     cql: SocketAddr,
     /// CQL stand-in nodes, 1 to 8: a cluster with vnode tokens, SimpleStrategy and
-    /// NetworkTopologyStrategy placement, and one shared store.
+    /// NetworkTopologyStrategy placement, tablets for keyspaces created WITH tablets, and one
+    /// shared store.
     #[arg(long, default_value_t = 1)]
     cql_nodes: usize,
     /// Control port address (loopback only).
@@ -71,7 +72,7 @@ const HELP: &str = "commands:
   cql KIND [COUNT] [match TEXT] [p=PROB]   KIND: write-timeout read-timeout unavailable overloaded server-error drop delay:DURATION
   cql outage DURATION | cql drop-connections | cql clear | cql stats
   cql routing                      prepared write statements (EXECUTE, BATCH) received so far, how many by a node that
-                                   is not a replica of their partition, and per node:
+                                   is not a replica of their partition (by tablet in a tablet keyspace), and per node:
                                    writes=N non_replica=M by_node=A,B,...
   cql saturate CAPACITY LATENCY OVERLOAD_ABOVE [match TEXT]   a saturated node: CAPACITY statements at once take LATENCY
                                    (a BATCH of k weighs k), more queue (latency grows with the statements in flight),

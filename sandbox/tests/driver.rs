@@ -549,3 +549,182 @@ async fn a_cluster_routes_prepared_writes_to_replicas_and_counts_those_that_are_
     assert_eq!(logged[0].writes, 3);
     assert_eq!(logged[0].non_replica, [("routed.events".to_string(), 2)]);
 }
+
+/// The nodes the driver would route a token of `ks.events` to, by host id, sorted.
+fn driver_replicas(session: &Session, ks: &str, token: i64) -> Vec<uuid::Uuid> {
+    use scylla::frame::response::result::TableSpec;
+    let state = session.get_cluster_state();
+    let strategy = &state.get_keyspace(ks).expect("keyspace known").strategy;
+    let mut ids: Vec<uuid::Uuid> = state
+        .replica_locator()
+        .replicas_for_token(
+            scylla::routing::Token::new(token),
+            strategy,
+            None,
+            &TableSpec::borrowed(ks, "events"),
+        )
+        .into_iter()
+        .map(|(node, _)| node.host_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Tablets (ScyllaDB's TABLETS_ROUTING_V1) seen through the driver, on three nodes: it reads
+/// which keyspaces are tablet-based, knows no replica of their tables until an EXECUTE served
+/// by a node outside a partition's tablet answers with that tablet, then knows each tablet's
+/// range and replicas exactly as the stand-in places them (not as the vnode ring would), and
+/// routes every further write to a replica. A vnode keyspace beside them still routes by the
+/// ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_teaches_the_driver_its_tablets_and_the_driver_routes_by_them() {
+    let (cluster, session) = cluster_and_session(3).await;
+    let keyspaces = [("tablets1", 1), ("tablets2", 2), ("vnodes", 1)];
+    for (ks, rf) in keyspaces {
+        let tablets = match ks {
+            "vnodes" => "",
+            _ => " AND tablets = {'enabled': true, 'initial': 8}",
+        };
+        for ddl in [
+            format!("CREATE KEYSPACE {ks} WITH replication = {{'class': 'NetworkTopologyStrategy', 'datacenter1': {rf}}}{tablets}"),
+            format!("CREATE TABLE {ks}.events (user_id text, day int, at bigint, v text, PRIMARY KEY ((user_id, day), at))"),
+        ] {
+            session.query_unpaged(ddl, &[]).await.unwrap();
+        }
+    }
+    session.refresh_metadata().await.unwrap();
+    let state = session.get_cluster_state();
+    for (ks, _) in keyspaces {
+        let tablet_based = state.get_keyspace(ks).unwrap().tablet_based;
+        assert_eq!(tablet_based, ks != "vnodes", "{ks} tablet_based");
+    }
+
+    let day = 20_000i32;
+    let key = |user: &str| [user.as_bytes().to_vec(), day.to_be_bytes().to_vec()];
+    let token = |user: &str| {
+        let k = key(user);
+        vault_sandbox::cql::murmur3::partition_token(&[&k[0], &k[1]])
+    };
+    let host_ids = cluster.host_ids();
+    let ours = |ks: &str, user: &str| {
+        let k = key(user);
+        let mut ids: Vec<uuid::Uuid> = cluster
+            .replicas(ks, &[&k[0], &k[1]])
+            .into_iter()
+            .map(|n| host_ids[n])
+            .collect();
+        ids.sort();
+        ids
+    };
+    // A user in each of the eight tablets (all tables of a keyspace split alike).
+    let mut users: Vec<(String, vault_sandbox::cql::Tablet)> = Vec::new();
+    for i in 0.. {
+        let user = format!("user-{i}");
+        let k = key(&user);
+        let tablet = cluster.tablet("tablets1", &[&k[0], &k[1]]).unwrap();
+        if users.iter().all(|(_, t)| t.last != tablet.last) {
+            users.push((user, tablet));
+        }
+        if users.len() == 8 {
+            break;
+        }
+    }
+    assert!(
+        users.iter().any(|(u, _)| {
+            let mut ring = ours("vnodes", u);
+            ring.truncate(1);
+            ring != ours("tablets1", u)
+        }),
+        "the tablets are not where the ring puts the same tokens"
+    );
+    for (ks, _) in &keyspaces[..2] {
+        for (user, _) in &users {
+            assert!(
+                driver_replicas(&session, ks, token(user)).is_empty(),
+                "{ks}: no tablet known before an EXECUTE"
+            );
+        }
+    }
+    for (user, _) in &users {
+        assert_eq!(
+            driver_replicas(&session, "vnodes", token(user)),
+            ours("vnodes", user)
+        );
+    }
+
+    // Writes to each tablet until the driver knows them all: one served by a replica teaches
+    // nothing, one served elsewhere teaches the tablet.
+    let mut at = 0i64;
+    for (ks, _) in &keyspaces[..2] {
+        let insert = session
+            .prepare(format!(
+                "INSERT INTO {ks}.events (user_id, day, at, v) VALUES (?, ?, ?, ?)"
+            ))
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let unknown: Vec<&String> = users
+                .iter()
+                .map(|(u, _)| u)
+                .filter(|u| driver_replicas(&session, ks, token(u)) != ours(ks, u))
+                .collect();
+            if unknown.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{ks}: the driver did not learn the tablets of {unknown:?}"
+            );
+            for user in unknown {
+                at += 1;
+                session
+                    .execute_unpaged(&insert, (user, day, at, "learn"))
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Each tablet's whole range: its first token (the payload's first is exclusive) and its
+        // last.
+        for (user, tablet) in &users {
+            for edge in [tablet.first + 1, tablet.last] {
+                assert_eq!(
+                    driver_replicas(&session, ks, edge),
+                    ours(ks, user),
+                    "{ks}: token {edge} in the tablet of {user}"
+                );
+            }
+        }
+    }
+
+    // Token-aware from now on: every write on a replica, tablets and vnodes alike.
+    let before = cluster.routing();
+    for (ks, _) in keyspaces {
+        let insert = session
+            .prepare(format!(
+                "INSERT INTO {ks}.events (user_id, day, at, v) VALUES (?, ?, ?, ?)"
+            ))
+            .await
+            .unwrap();
+        for i in 0..40 {
+            session
+                .execute_unpaged(&insert, (format!("user-{i}"), day, 10_000i64 + i, "routed"))
+                .await
+                .unwrap();
+        }
+    }
+    let after = cluster.routing();
+    assert_eq!(after.writes - before.writes, 120, "{after:?}");
+    assert_eq!(
+        after.non_replica, before.non_replica,
+        "{before:?} -> {after:?}"
+    );
+    let busy = after
+        .writes_by_node
+        .iter()
+        .zip(&before.writes_by_node)
+        .filter(|(a, b)| a > b)
+        .count();
+    assert_eq!(busy, 3, "every node served writes: {before:?} -> {after:?}");
+}

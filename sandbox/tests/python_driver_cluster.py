@@ -1,6 +1,8 @@
 """Conformance of the CQL stand-in CLUSTER with the Python driver (scylla-driver): it discovers
 every node, agrees on the schema version, and its token map names the same replicas as the
-stand-in's own placement (Murmur3, vnodes, SimpleStrategy and NetworkTopologyStrategy).
+stand-in's own placement (Murmur3, vnodes, SimpleStrategy and NetworkTopologyStrategy); and in
+keyspaces created WITH tablets, it learns each tablet from the `tablets-routing-v1` payload of a
+write a node outside the tablet served (TABLETS_ROUTING_V1), then routes every write to a replica.
 
 Run by tests/sandbox_process.rs against `vault-sandbox --cql-nodes 3`: VAULT_SCYLLA_NODES names
 every node (one port), VAULT_SANDBOX_CONTROL the control port, whose `cql routing` says how many
@@ -18,6 +20,13 @@ KEYSPACES = {
     "pyc1": ("{'class': 'SimpleStrategy', 'replication_factor': 1}", 1),
     "pyc2": ("{'class': 'NetworkTopologyStrategy', 'datacenter1': 2}", 2),
 }
+
+# Tablet keyspaces: 8 tablets named, and the stand-in's default (8) when 'initial' is not.
+TABLET_KEYSPACES = {
+    "pyt1": ("{'class': 'NetworkTopologyStrategy', 'datacenter1': 1} AND tablets = {'enabled': true, 'initial': 8}", 1),
+    "pyt2": ("{'class': 'NetworkTopologyStrategy', 'datacenter1': 2} AND tablets = {'enabled': true}", 2),
+}
+TABLETS = 8
 
 
 def routing():
@@ -93,8 +102,70 @@ def main():
         for a in addresses:
             row = s.execute(f"SELECT v FROM {ks}.plain WHERE k = 'key-0'", execution_profile=a).one()
             assert row is not None and row.v == "p", (a, row)
+    learned = check_tablets(cluster, s, addresses)
     cluster.shutdown()
-    print(f"python driver cluster conformance: ok; {sent} token-aware writes, {checked} pinned writes checked")
+    print(f"python driver cluster conformance: ok; {sent} token-aware writes, {checked} pinned writes checked, "
+          f"{learned} tablets learned")
+
+
+def check_tablets(cluster, s, addresses):
+    """Tablet keyspaces: the driver learns every tablet from the payloads (token ranges that tile
+    the ring, replicas where the stand-in counts writes as on a replica), then routes by them."""
+    conn = cluster.control_connection._connection
+    assert conn.features.tablets_routing_v1 and not conn.features.tablets_routing_v2, "TABLETS_ROUTING_V1 negotiated"
+    tablets = cluster.metadata._tablets
+    host_ids = {h.address: h.host_id for h in cluster.metadata.all_hosts()}
+    learned = 0
+    for ks, (options, rf) in TABLET_KEYSPACES.items():
+        for ddl in (f"CREATE KEYSPACE {ks} WITH replication = {options}",
+                    f"CREATE TABLE {ks}.events (u text, day int, at bigint, v text, PRIMARY KEY ((u, day), at))"):
+            assert s.execute(ddl).response_future.is_schema_agreed, f"no schema agreement after {ddl}"
+        ins = s.prepare(f"INSERT INTO {ks}.events (u, day, at, v) VALUES (?, ?, ?, ?)")
+        # The driver knows a table has tablets once a payload taught it one.
+        assert not tablets.table_has_tablets(ks, "events"), f"{ks}: tablets before any write"
+
+        # Warm-up, token-aware: until a tablet is known the driver routes by its vnode token map,
+        # and a write the stand-in serves outside the partition's tablet answers with the tablet.
+        writes, misplaced, _ = routing()
+        bound = [ins.bind((f"warm-{i:03}", day(i), i, "w")) for i in range(200)]
+        for b in bound:
+            s.execute(b)
+        after, misplaced_after, _ = routing()
+        assert after - writes == len(bound), (writes, after)
+        assert misplaced_after > misplaced, f"{ks}: no warm-up write missed its tablet: nothing to learn from"
+        known = tablets._tablets.get((ks, "events"), [])
+        assert len(known) == TABLETS, f"{ks}: learned {known}"
+        # (first, last]: each tablet starts where the previous ends, from the minimum to the
+        # maximum token, in equal spans.
+        span = 2**64 // TABLETS
+        for i, t in enumerate(known):
+            assert t.first_token == (-2**63 if i == 0 else known[i - 1].last_token), (ks, i, known)
+            assert t.last_token == -2**63 + (i + 1) * span - 1, (ks, i, t)
+            assert len({h for h, _ in t.replicas}) == rf and all(sh == 0 for _, sh in t.replicas), (ks, t)
+        learned += len(known)
+
+        # Every learned tablet's replicas are where the stand-in counts a pinned write as placed.
+        token_of = cluster.metadata.token_map.token_class.from_key
+        for t in known:
+            b = next(b for b in bound if tablets.get_tablet_for_key(ks, "events", token_of(b.routing_key)) is t)
+            replicas = {h for h, _ in t.replicas}
+            for n, a in enumerate(addresses):
+                _, m0, _ = routing()
+                s.execute(b, execution_profile=a)
+                _, m1, _ = routing()
+                expected = 0 if host_ids[a] in replicas else 1
+                assert m1 - m0 == expected, f"{ks} tablet {t} on {a}: counted {m1 - m0}"
+
+        # Routed by tablet now: fresh keys, token-aware, all on a replica, on more than one node.
+        writes, misplaced, by_node = routing()
+        for i in range(60):
+            s.execute(ins, (f"fresh-{i:03}", day(i), i, "f"))
+        after, misplaced_after, by_node_after = routing()
+        assert after - writes == 60, (writes, after)
+        assert misplaced_after == misplaced, f"{ks}: tablet-aware writes on a non-replica: {misplaced_after - misplaced}"
+        busy = [b - a for a, b in zip(by_node, by_node_after)]
+        assert sum(1 for n in busy if n > 0) > 1, f"{ks}: writes per node: {busy}"
+    return learned
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
 //! rows (at most `max_batch_rows` rows and `max_batch_bytes` bytes a request) ending with its
 //! day-index entry; with `scylla.batch_by_replica` ([`plan`]) partitions that live on the same
 //! replicas and shard share batches, and the day index's entries go apart, grouped likewise.
-//! On a keyspace with tablets (or not known yet) each partition's rows and each user's entries
-//! go in requests of their own, as does a row too large to share a batch.
+//! On a keyspace with tablets, either way, a partition whose tablet the driver has not learned
+//! yet goes row by row, its entry alone, as plain EXECUTEs (their answers teach the driver), as
+//! does each write's first partition (so that a tablet that moved is learned again); a row too
+//! large to share a batch goes alone, its entry apart.
 //! Requests are written concurrently, as many at once per process as the write concurrency
 //! limit allows ([`crate::store::concurrency`]: adaptive between `min_concurrent_requests` and
 //! `max_concurrent_requests`, or fixed at the maximum). The statements are prepared once,
@@ -510,33 +512,40 @@ impl ScyllaStore {
             .get_keyspace(&self.keyspace)
             .map(|ks| ks.tablet_based);
         let (rows, bytes) = (self.max_batch_rows, self.max_batch_bytes);
+        let dc = self.local_dc.as_deref();
+        let placed = |table| Placement::of(&cluster, &self.keyspace, table, dc);
+        // On tablets the write's first partition goes as if its tablet were not learned: plain
+        // EXECUTEs, whose answers tell the driver where a tablet that moved lives now (it learns
+        // nothing from a batch). On vnodes the ring says where every partition lives.
+        let probe = |e: &Event| tablets != Some(false) && std::ptr::eq(e, events[0]);
         match batching(self.batch_by_replica, tablets) {
-            Batching::Replicas => {
-                let dc = self.local_dc.as_deref();
-                let placed = |table| Placement::of(&cluster, &self.keyspace, table, dc);
-                match (placed(TABLE), placed(USER_DAYS)) {
-                    (Some(rows_at), Some(index_at)) => plan(
-                        events,
-                        rows,
-                        bytes,
-                        |e| {
-                            let day = cql_day(e.day()).0.to_be_bytes();
-                            rows_at.key(&[e.user_id().as_bytes(), &day])
-                        },
-                        |e| index_at.key(&[e.user_id().as_bytes()]),
-                    ),
-                    // A table the driver has no metadata for yet, or not placed by Murmur3.
-                    _ => plan_by_partition(events, rows, bytes),
-                }
-            }
-            Batching::Partition => plan_by_partition(events, rows, bytes),
-            Batching::PartitionIndexApart => plan(
-                events,
-                rows,
-                bytes,
-                |e| alone(&[e.user_id().as_bytes(), &cql_day(e.day()).0.to_be_bytes()]),
-                |e| alone(&[e.user_id().as_bytes()]),
-            ),
+            Batching::Replicas => match (placed(TABLE), placed(USER_DAYS)) {
+                (Some(rows_at), Some(index_at)) => plan(
+                    events,
+                    rows,
+                    bytes,
+                    |e| {
+                        let (user, day) = row_key(e);
+                        rows_at.key(&[user, &day]).filter(|_| !probe(e))
+                    },
+                    |e| {
+                        index_at
+                            .key(&[e.user_id().as_bytes()])
+                            .filter(|_| !probe(e))
+                    },
+                ),
+                // On vnodes, a table not placed by Murmur3: by partition. On tablets, or a
+                // keyspace the driver has no metadata for yet: nothing is known, all alone.
+                _ => plan_by_partition(events, rows, bytes, |_| tablets == Some(false)),
+            },
+            Batching::Partition => plan_by_partition(events, rows, bytes, |_| true),
+            Batching::PartitionWhereLearned => match placed(TABLE) {
+                Some(rows_at) => plan_by_partition(events, rows, bytes, |e| {
+                    let (user, day) = row_key(e);
+                    !probe(e) && rows_at.key(&[user, &day]).is_some()
+                }),
+                None => plan_by_partition(events, rows, bytes, |_| false),
+            },
         }
     }
 
@@ -637,27 +646,30 @@ impl ScyllaStore {
 /// How a write is cut into requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Batching {
-    /// Partitions on the same replicas and shard together, index entries apart ([`plan`]).
+    /// Partitions on the same replicas and shard together, index entries apart ([`plan`]); a
+    /// partition whose replicas the driver does not know goes row by row.
     Replicas,
-    /// Each partition with its day-index entry ([`plan_by_partition`]).
+    /// Each partition with its day-index entry ([`plan_by_partition`]): on vnodes, where the
+    /// driver knows every partition's replicas from the ring.
     Partition,
-    /// Each partition alone and each user's index entries alone, a lone row or entry as a plain
-    /// EXECUTE ([`plan`] with every partition its own key).
-    PartitionIndexApart,
+    /// Each partition with its day-index entry where the driver has learned its tablet; any
+    /// other partition row by row, its entry alone ([`plan_by_partition`]).
+    PartitionWhereLearned,
 }
 
 /// The batching for `scylla.batch_by_replica` and a keyspace that uses tablets (`Some(true)`),
 /// vnodes (`Some(false)`) or that the driver has no metadata for yet (`None`).
 ///
-/// The driver learns where tablets live only from the answers to plain EXECUTEs (a batch is
-/// routed by its first statement's replicas, and an unknown tablet has none), so a tablet
-/// keyspace, or one not known yet, keeps the requests that teach it: lone rows and entries go
-/// as EXECUTEs, and batches of a partition go to its replicas once the driver has learned them.
+/// The driver learns where a tablet lives only from the answer to a plain EXECUTE that a node
+/// which is not its replica serves, and routes a batch by its first statement's replicas, which
+/// it does not know for a tablet not learned: so on tablets, a partition goes in a batch only
+/// once the driver has learned its tablet, and before that row by row as EXECUTEs, which teach
+/// it. (So does each write's first partition, see [`ScyllaStore::plan`].)
 fn batching(by_replica: bool, tablets: Option<bool>) -> Batching {
     match tablets {
-        Some(false) if by_replica => Batching::Replicas,
+        _ if by_replica => Batching::Replicas,
         Some(false) => Batching::Partition,
-        Some(true) | None => Batching::PartitionIndexApart,
+        Some(true) | None => Batching::PartitionWhereLearned,
     }
 }
 
@@ -723,7 +735,9 @@ impl IndexEntry {
 /// appearance: each partition's rows, in order, cut into UNLOGGED batches of at most `max_rows`
 /// rows and `max_bytes` bytes, and to each batch its partition's day-index entry, last, at the
 /// newest version among that batch's rows ([`Request::Partition`]). A row larger than a batch
-/// may hold goes alone, its entry in a request of its own.
+/// may hold goes alone, its entry in a request of its own. A partition whose first row is not
+/// `learned` (on tablets: the driver has not learned where it lives, see [`batching`]) goes row
+/// by row, each a plain EXECUTE, and its entry, at the newest version of its rows, alone.
 ///
 /// So a request that is acknowledged has made its rows and their day durable together, and the
 /// rows of a request that fails count as unwritten and are sent again with their entry: every
@@ -737,10 +751,23 @@ impl IndexEntry {
 /// would double them. The entry's partition is another (the index is keyed by user), so the
 /// coordinator forwards that one small mutation, as it would replicate it anyway; that is as far
 /// as vault goes across partitions by default (see [`plan`] for `batch_by_replica`).
-pub fn plan_by_partition(events: &[&Event], max_rows: usize, max_bytes: usize) -> Vec<Request> {
+pub fn plan_by_partition(
+    events: &[&Event],
+    max_rows: usize,
+    max_bytes: usize,
+    learned: impl Fn(&Event) -> bool,
+) -> Vec<Request> {
     let mut requests = Vec::new();
     for rows in partitions(events) {
         let e = events[rows[0]];
+        if !learned(e) {
+            requests.push(Request::Index {
+                entries: vec![IndexEntry::of(events, &rows)],
+                covers: rows.clone(),
+            });
+            requests.extend(rows.into_iter().map(|i| Request::Rows(vec![i])));
+            continue;
+        }
         // The entry's own bytes count against the batch's.
         let room = max_bytes.saturating_sub(e.user_id().len() + 32);
         for rows in cut(rows.into_iter(), events, max_rows, room) {
@@ -778,8 +805,11 @@ pub fn plan_by_partition(events: &[&Event], max_rows: usize, max_bytes: usize) -
 /// every request of it is, and an abandoned one is replayed), and an entry without rows is only
 /// a stale entry.
 ///
-/// With `batch_by_replica` the keys are where the partitions live ([`Placement`]); on a keyspace
-/// with tablets they are the partitions themselves (`alone`, see [`batching`]). By replica, with
+/// A key of `None` means the driver does not know where the partition lives (on tablets: a
+/// tablet it has not learned, see [`batching`]): such partitions go row by row, each a plain
+/// EXECUTE, and their entries one by one.
+///
+/// With `batch_by_replica` the keys are where the partitions live ([`Placement`]). By replica, with
 /// three nodes and a replication factor of 3, a batch of 500 events from 500 users costs a few
 /// requests per shard rather than 500, each sent to a coordinator that owns every partition in
 /// it (the driver routes a batch by its first statement).
@@ -787,14 +817,16 @@ pub fn plan(
     events: &[&Event],
     max_rows: usize,
     max_bytes: usize,
-    row_key: impl Fn(&Event) -> u64,
-    index_key: impl Fn(&Event) -> u64,
+    row_key: impl Fn(&Event) -> Option<u64>,
+    index_key: impl Fn(&Event) -> Option<u64>,
 ) -> Vec<Request> {
     let partitions = partitions(events);
     let max_rows = max_rows.max(1);
+    // Where the driver does not know the replicas, one statement a request.
+    let most = |key: Option<u64>| if key.is_some() { max_rows } else { 1 };
     let mut requests = Vec::new();
-    for (_, group) in by_key(&partitions, |rows| index_key(events[rows[0]])) {
-        for chunk in group.chunks(max_rows) {
+    for (key, group) in by_key(&partitions, |rows| index_key(events[rows[0]])) {
+        for chunk in group.chunks(most(key)) {
             let entries = chunk
                 .iter()
                 .map(|rows| IndexEntry::of(events, rows))
@@ -805,9 +837,9 @@ pub fn plan(
             requests.push(Request::Index { entries, covers });
         }
     }
-    for (_, group) in by_key(&partitions, |rows| row_key(events[rows[0]])) {
+    for (key, group) in by_key(&partitions, |rows| row_key(events[rows[0]])) {
         let rows = group.into_iter().flatten().copied();
-        requests.extend(cut(rows, events, max_rows, max_bytes).map(Request::Rows));
+        requests.extend(cut(rows, events, most(key), max_bytes).map(Request::Rows));
     }
     requests
 }
@@ -856,9 +888,12 @@ fn cut<'a>(
 }
 
 /// `items` grouped by `key`, groups in order of their first item, items in order.
-fn by_key<T>(items: &[T], key: impl Fn(&T) -> u64) -> Vec<(u64, Vec<&T>)> {
-    let mut groups: Vec<(u64, Vec<&T>)> = Vec::new();
-    let mut at: HashMap<u64, usize> = HashMap::default();
+fn by_key<T, K: Copy + Eq + std::hash::Hash>(
+    items: &[T],
+    key: impl Fn(&T) -> K,
+) -> Vec<(K, Vec<&T>)> {
+    let mut groups: Vec<(K, Vec<&T>)> = Vec::new();
+    let mut at: HashMap<K, usize> = HashMap::default();
     for item in items {
         let k = key(item);
         let n = groups.len();
@@ -871,9 +906,10 @@ fn by_key<T>(items: &[T], key: impl Fn(&T) -> u64) -> Vec<(u64, Vec<&T>)> {
     groups
 }
 
-/// Where the partitions of one table live, as the driver knows it now: with
-/// `scylla.batch_by_replica`, [`plan`]'s key of a partition is a hash of its replicas in
-/// `scylla.local_dc` (all of them without one), as (host id, shard) pairs in a fixed order.
+/// Where the partitions of one table live, as the driver knows it now (from the ring on vnodes,
+/// from the tablets it has learned on tablets): with `scylla.batch_by_replica`, [`plan`]'s key
+/// of a partition is a hash of its replicas in `scylla.local_dc` (all of them without one), as
+/// (host id, shard) pairs; on tablets, whether it knows them at all.
 struct Placement<'a> {
     cluster: &'a ClusterState,
     keyspace: &'a Keyspace,
@@ -882,11 +918,9 @@ struct Placement<'a> {
 }
 
 impl<'a> Placement<'a> {
-    /// `None` where every partition must be its own group (one request per partition, as
-    /// correct and only slower): the driver has no metadata for the table yet; the table is not
-    /// placed by Murmur3 (the default partitioner, the only one whose tokens are computed here);
-    /// or the keyspace uses tablets, whose placement the driver learns only from single-statement
-    /// requests, so that grouping by its partial knowledge would group by nothing.
+    /// `None` where no partition's replicas can be looked up: the driver has no metadata for the
+    /// table yet, or the table is not placed by Murmur3 (the default partitioner, the only one
+    /// whose tokens are computed here).
     fn of(
         cluster: &'a ClusterState,
         keyspace: &'a str,
@@ -899,7 +933,7 @@ impl<'a> Placement<'a> {
             .partitioner
             .as_deref()
             .is_none_or(|p| p.ends_with("Murmur3Partitioner"));
-        (murmur3 && !ks.tablet_based).then(|| Placement {
+        murmur3.then(|| Placement {
             cluster,
             keyspace: ks,
             table: TableSpec::borrowed(keyspace, table),
@@ -908,8 +942,8 @@ impl<'a> Placement<'a> {
     }
 
     /// The key of the partition whose serialized key columns are `parts`: its replicas (see
-    /// [`replica_key`]), or the partition itself when the driver knows none.
-    fn key(&self, parts: &[&[u8]]) -> u64 {
+    /// [`replica_key`]); `None` when the driver knows none (on tablets: a tablet not learned).
+    fn key(&self, parts: &[&[u8]]) -> Option<u64> {
         let replicas = self.cluster.replica_locator().replicas_for_token(
             token(parts),
             &self.keyspace.strategy,
@@ -921,7 +955,6 @@ impl<'a> Placement<'a> {
                 .into_iter()
                 .map(|(node, shard)| (node.host_id, shard)),
         )
-        .unwrap_or_else(|| alone(parts))
     }
 }
 
@@ -936,6 +969,11 @@ fn replica_key(replicas: impl IntoIterator<Item = (uuid::Uuid, Shard)>) -> Optio
         .into_iter()
         .map(|replica| KEY_HASH.hash_one(replica))
         .reduce(u64::wrapping_add)
+}
+
+/// The partition key of `e`'s row, `(user_id, day)`, with the day serialized as CQL does.
+fn row_key(e: &Event) -> (&[u8], [u8; 4]) {
+    (e.user_id().as_bytes(), cql_day(e.day()).0.to_be_bytes())
 }
 
 /// The Murmur3 token of the partition whose serialized key columns are `parts` (a compound key
@@ -954,12 +992,6 @@ pub fn token(parts: &[&[u8]]) -> Token {
         }
     }
     token.finish()
-}
-
-/// The key of a partition that is batched alone: the partition key itself (`parts`, its
-/// serialized key columns).
-fn alone(parts: &[&[u8]]) -> u64 {
-    KEY_HASH.hash_one((1u8, parts))
 }
 
 /// The hasher of planning keys (fixed: keys are compared within one write only).
@@ -1246,7 +1278,7 @@ mod tests {
         let evs = events(500, 1, 500);
         let refs: Vec<&Event> = evs.iter().collect();
         // Two replica sets: users with an even number, and the others.
-        let parity = |e: &Event| e.user_id()[1..].parse::<u64>().unwrap() % 2;
+        let parity = |e: &Event| Some(e.user_id()[1..].parse::<u64>().unwrap() % 2);
         let plan = plan(&refs, 100, 1 << 20, parity, parity);
         let rows = rows_of(&plan);
         assert_eq!(
@@ -1280,7 +1312,7 @@ mod tests {
         // 3 users on 2 days: 6 partitions; all on one replica set.
         let evs = events(3, 2, 60);
         let refs: Vec<&Event> = evs.iter().collect();
-        let plan = plan(&refs, 1000, 1 << 20, |_| 7, |_| 7);
+        let plan = plan(&refs, 1000, 1 << 20, |_| Some(7), |_| Some(7));
         let rows = rows_of(&plan);
         assert_eq!(rows.len(), 1, "one request for all 60 rows");
         // Partitions in order of first appearance, each partition's rows in order.
@@ -1308,17 +1340,17 @@ mod tests {
     }
 
     #[test]
-    fn requests_are_cut_at_the_byte_cap_and_every_partition_alone_without_placement() {
+    fn requests_are_cut_at_the_byte_cap_and_partitions_apart_on_distinct_replicas() {
         let evs = events(1, 1, 40);
         let refs: Vec<&Event> = evs.iter().collect();
         let size = evs.iter().map(row_size).max().unwrap();
-        let plan_capped = plan(&refs, 1000, 10 * size, |_| 0, |_| 0);
+        let plan_capped = plan(&refs, 1000, 10 * size, |_| Some(0), |_| Some(0));
         assert!(rows_of(&plan_capped).iter().all(|r| r.len() <= 10));
         assert_eq!(rows_of(&plan_capped).len(), 4);
-        // A distinct key per partition (no placement known): one request per partition.
+        // A distinct key per partition: one request per partition.
         let evs = events(20, 1, 40);
         let refs: Vec<&Event> = evs.iter().collect();
-        let key = |e: &Event| e.user_id()[1..].parse::<u64>().unwrap();
+        let key = |e: &Event| Some(e.user_id()[1..].parse::<u64>().unwrap());
         let plan = plan(&refs, 1000, 1 << 20, key, key);
         assert_eq!(rows_of(&plan).len(), 20);
         assert_eq!(index_of(&plan).len(), 20);
@@ -1340,7 +1372,7 @@ mod tests {
         // 3 users on 2 days: 6 partitions of 10 rows.
         let evs = events(3, 2, 60);
         let refs: Vec<&Event> = evs.iter().collect();
-        let plan = plan_by_partition(&refs, 100, 1 << 20);
+        let plan = plan_by_partition(&refs, 100, 1 << 20, |_| true);
         let requests = partitions_of(&plan);
         assert_eq!(requests.len(), 6, "one request per (user, day)");
         for (p, (rows, entry)) in requests.iter().enumerate() {
@@ -1364,7 +1396,7 @@ mod tests {
         let size = evs.iter().map(row_size).max().unwrap();
         let entry = evs[0].user_id().len() + 32;
         for (max_rows, max_bytes) in [(10, 1 << 20), (1000, 8 * size + entry)] {
-            let plan = plan_by_partition(&refs, max_rows, max_bytes);
+            let plan = plan_by_partition(&refs, max_rows, max_bytes, |_| true);
             let requests = partitions_of(&plan);
             assert!(requests.len() >= 4, "{} requests", requests.len());
             let mut every = Vec::new();
@@ -1412,11 +1444,11 @@ mod tests {
         };
         let refs_big: Vec<&Event> = big.iter().collect();
         assert_eq!(
-            plan_by_partition(&refs, 100, max_bytes).len(),
+            plan_by_partition(&refs, 100, max_bytes, |_| true).len(),
             2,
             "two users' rows fit"
         );
-        let plan = plan_by_partition(&refs_big, 100, max_bytes);
+        let plan = plan_by_partition(&refs_big, 100, max_bytes, |_| true);
         let version = version::of(&big[3]);
         assert_eq!(
             plan,
@@ -1452,14 +1484,60 @@ mod tests {
     }
 
     #[test]
-    fn a_tablet_keyspace_or_an_unknown_one_keeps_the_requests_that_teach_the_driver_its_tablets() {
+    fn on_tablets_or_an_unknown_keyspace_only_learned_partitions_are_batched() {
         assert_eq!(batching(false, Some(false)), Batching::Partition);
-        assert_eq!(batching(true, Some(false)), Batching::Replicas);
-        for by_replica in [false, true] {
-            for tablets in [Some(true), None] {
-                assert_eq!(batching(by_replica, tablets), Batching::PartitionIndexApart);
-            }
+        for tablets in [Some(true), None] {
+            assert_eq!(batching(false, tablets), Batching::PartitionWhereLearned);
         }
+        for tablets in [Some(false), Some(true), None] {
+            assert_eq!(batching(true, tablets), Batching::Replicas);
+        }
+    }
+
+    #[test]
+    fn a_partition_whose_replicas_are_not_known_goes_row_by_row_with_its_entry_alone() {
+        // 4 users on 3 days: 12 partitions of 4 rows; the odd users' 6 are not learned.
+        let evs = events(4, 3, 48);
+        let refs: Vec<&Event> = evs.iter().collect();
+        let user = |e: &Event| e.user_id()[1..].parse::<u64>().unwrap();
+        let learned = |e: &Event| user(e) % 2 == 0;
+        let check = |plan: &[Request], batched: usize| {
+            let mut rows: Vec<usize> = Vec::new();
+            let mut lone = 0;
+            for r in plan {
+                match r {
+                    Request::Rows(rs) if rs.len() == 1 && !learned(refs[rs[0]]) => lone += 1,
+                    Request::Rows(rs) | Request::Partition { rows: rs, .. } => {
+                        assert!(rs.iter().all(|&i| learned(refs[i])), "{r:?}");
+                    }
+                    Request::Index { entries, covers } if !learned(refs[covers[0]]) => {
+                        assert_eq!(entries.len(), 1, "an entry not learned goes alone");
+                        assert_eq!(covers.len(), 4, "covering its partition's rows");
+                        continue;
+                    }
+                    Request::Index { .. } => continue,
+                }
+                rows.extend(r.rows());
+            }
+            assert_eq!(lone, 24, "every row not learned alone");
+            rows.sort_unstable();
+            assert_eq!(rows, (0..48).collect::<Vec<_>>(), "every row once");
+            let together = plan
+                .iter()
+                .filter(|r| !matches!(r, Request::Index { .. }) && r.rows().len() > 1)
+                .count();
+            assert_eq!(together, batched);
+        };
+        // By partition: the 6 learned partitions one request each, with their entries.
+        let by_partition = plan_by_partition(&refs, 100, 1 << 20, learned);
+        check(&by_partition, 6);
+        assert_eq!(by_partition.len(), 6 + 24 + 6);
+        // By replica, all learned partitions on one replica set: one request of 24 rows, one
+        // of their 6 entries.
+        let key = |e: &Event| learned(e).then_some(7);
+        let by_replica = plan(&refs, 100, 1 << 20, key, key);
+        check(&by_replica, 1);
+        assert_eq!(by_replica.len(), 1 + 24 + 1 + 6);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use vault::telemetry::{Health, Metrics};
 use vault_sandbox::cql::frame::Opcode;
 use vault_sandbox::cql::{CqlCluster, CqlNode, Fault, FaultKind};
 
-use crate::common::{self_signed, unique};
+use crate::common::{self_signed, unique, wait_until};
 
 async fn node() -> CqlNode {
     CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -388,6 +388,137 @@ async fn on_three_nodes_every_request_goes_to_a_replica_of_its_rows() {
                 writing(&rows).len(),
                 500,
                 "{case}: one request per partition"
+            );
+        }
+    }
+}
+
+/// On tablets (ScyllaDB's default for new keyspaces) the driver learns where a tablet lives
+/// only from the answer to a plain EXECUTE served by a node that is not its replica. vault's
+/// first write to tablets it has not learned goes statement by statement as EXECUTEs, which
+/// teach it; once it has learned them, partitions are batched (by partition, with their
+/// entries; or by replica), every row goes to a replica of its partition, and only each write's
+/// first partition goes alone again (a probe for a tablet that moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_tablets_the_first_write_teaches_the_driver_and_later_ones_are_batched_to_replicas() {
+    let cluster = CqlCluster::start(3)
+        .await
+        .expect("CQL stand-in cluster starts");
+    for (rf, by_replica) in [(1, false), (1, true), (2, false), (2, true)] {
+        // Tablets are placed per datacenter (ScyllaDB refuses them with SimpleStrategy).
+        let c = ScyllaConfig {
+            nodes: vec![cluster.addrs()[0].to_string()],
+            replication_strategy: "NetworkTopologyStrategy".into(),
+            datacenters: [("datacenter1".to_owned(), rf)].into(),
+            batch_by_replica: by_replica,
+            ..scylla_config("")
+        };
+        let case = format!("tablets, RF {rf}, batch_by_replica {by_replica}");
+        cluster
+            .execute(&format!(
+                "CREATE KEYSPACE {} WITH replication = {{'class': 'NetworkTopologyStrategy', \
+                 'datacenter1': {rf}}} AND tablets = {{'enabled': true, 'initial': 8}}",
+                c.keyspace
+            ))
+            .expect("tablet keyspace");
+        let store = ScyllaStore::connect(&c, true).await.unwrap();
+        store.session().refresh_metadata().await.unwrap();
+        let tablet_based = store
+            .session()
+            .get_cluster_state()
+            .get_keyspace(&c.keyspace)
+            .map(|ks| ks.tablet_based);
+        assert_eq!(tablet_based, Some(true), "{case}: the driver sees tablets");
+        let table = |name: &str| format!("{}.{name}", c.keyspace);
+        let (rows, index) = (table("user_activity"), table("user_days"));
+
+        // The first write: no tablet learned, every statement a plain EXECUTE.
+        let first = events(500, 1500, 0);
+        let refs: Vec<&Event> = first.iter().collect();
+        cluster.clear_requests();
+        store.write(&refs).await.unwrap();
+        let requests = cluster.requests();
+        let writes: Vec<_> = requests.iter().filter(|r| r.writes > 0).collect();
+        assert_eq!(writes.len(), 2000, "{case}: 1,500 rows and 500 entries");
+        assert!(
+            writes.iter().all(|r| r.opcode == "EXECUTE"),
+            "{case}: EXECUTEs teach the driver"
+        );
+
+        // The driver learns from those answers (in the background): wait until a write of the
+        // same partitions plans batches.
+        let second = events(500, 1500, 1500);
+        let refs: Vec<&Event> = second.iter().collect();
+        wait_until(
+            &format!("{case}: the driver learns the tablets"),
+            Duration::from_secs(10),
+            || {
+                let lone = store
+                    .plan(&refs)
+                    .iter()
+                    .filter(|r| r.rows().len() == 1)
+                    .count();
+                async move {
+                    // The probe partition: 3 rows and its entry.
+                    (lone <= 4)
+                        .then_some(())
+                        .ok_or(format!("{lone} lone requests"))
+                }
+            },
+        )
+        .await;
+        cluster.clear_requests();
+        store.write(&refs).await.unwrap();
+        assert_eq!(
+            cluster.row_count(&c.keyspace, "user_activity"),
+            3000,
+            "{case}"
+        );
+        assert_eq!(cluster.row_count(&c.keyspace, "user_days"), 500, "{case}");
+        let requests = cluster.requests();
+        let placed: usize = requests.iter().map(|r| r.writes).sum();
+        assert_eq!(placed, 2000, "{case}: statements the stand-in placed");
+        let writing = |t: &str| -> Vec<_> {
+            requests
+                .iter()
+                .filter(|r| r.tables.iter().any(|(name, _)| name == t))
+                .collect()
+        };
+        let off_replica = |t: &str| -> usize {
+            writing(t)
+                .iter()
+                .flat_map(|r| &r.non_replica)
+                .filter(|(name, _)| name == t)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        assert_eq!(
+            off_replica(&rows),
+            0,
+            "{case}: rows sent to a node that holds them"
+        );
+        let nodes: BTreeSet<usize> = writing(&rows).iter().map(|r| r.node).collect();
+        assert_eq!(nodes.len(), 3, "{case}: the rows spread over every node");
+        let lone_rows = writing(&rows).iter().filter(|r| r.rows == 1).count();
+        assert_eq!(
+            lone_rows, 3,
+            "{case}: only the probe partition's rows alone"
+        );
+        if by_replica {
+            assert_eq!(
+                off_replica(&index),
+                0,
+                "{case}: index entries grouped likewise"
+            );
+            // Three replica sets (RF 1: a node; RF 2: a pair): 1,497 rows in requests of at
+            // most 100, and the probe's 3.
+            let requests = writing(&rows).len();
+            assert!((18..=21).contains(&requests), "{case}: {requests} requests");
+        } else {
+            assert_eq!(
+                writing(&rows).len(),
+                499 + 3,
+                "{case}: one request per partition, and the probe's rows"
             );
         }
     }

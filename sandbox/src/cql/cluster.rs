@@ -6,7 +6,8 @@
 //! The nodes share one store (data, prepared statements, faults, saturation, request log), as if
 //! replication were instant: a write on any node is readable on every node. What differs per
 //! node is its identity (host id, address, vnode tokens: see [`Ring`]) and so which partitions
-//! it replicates, which the request log records for every write it serves.
+//! it replicates (by the ring, or by tablet in a tablet keyspace: see
+//! [`crate::cql::tablets`]), which the request log records for every write it serves.
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -22,8 +23,9 @@ use uuid::Uuid;
 
 use crate::cql::engine::{Outcome, RowSet};
 use crate::cql::faults::{Fault, Saturation, SaturationStats};
-use crate::cql::ring::{Replication, Ring};
+use crate::cql::ring::Ring;
 use crate::cql::server::{lock, spawn_node, LoggedRequest, Shared};
+use crate::cql::tablets::Tablet;
 use crate::cql::{murmur3, parser};
 
 /// How many times [`CqlCluster::start`] picks a new port when another process holds the one
@@ -104,20 +106,20 @@ impl CqlCluster {
         db.ring().nodes().iter().map(|n| n.host_id).collect()
     }
 
-    /// The nodes that replicate a partition of `keyspace`, primary first, by the keyspace's
-    /// replication; `key` is its partition key columns' serialized values, in key order. Empty
-    /// for a keyspace that does not exist; every node for one that is not placed by token
-    /// (LocalStrategy, EverywhereStrategy).
+    /// The nodes that replicate a partition of `keyspace`, primary first: its tablet's replicas
+    /// in a tablet keyspace, else the ring's by the keyspace's replication; `key` is its
+    /// partition key columns' serialized values, in key order. Empty for a keyspace that does
+    /// not exist; every node for one that is not placed by token (LocalStrategy,
+    /// EverywhereStrategy).
     pub fn replicas(&self, keyspace: &str, key: &[&[u8]]) -> Vec<usize> {
-        let db = lock(&self.shared.db);
-        let Some(ks) = db.keyspaces.get(keyspace) else {
-            return Vec::new();
-        };
-        let ring = db.ring();
-        match Replication::parse(&ks.replication) {
-            Replication::Factor(n) => ring.replicas(murmur3::partition_token(key), n),
-            Replication::EveryNode => (0..ring.nodes().len()).collect(),
-        }
+        lock(&self.shared.db).replicas(keyspace, murmur3::partition_token(key))
+    }
+
+    /// The tablet that holds a partition of `keyspace` (`key` as for [`Self::replicas`]): its
+    /// token range and replicas, as a node that is not one of them reports it to a driver.
+    /// `None` unless `keyspace` was created `WITH ... AND tablets = {'enabled': true}`.
+    pub fn tablet(&self, keyspace: &str, key: &[&[u8]]) -> Option<Tablet> {
+        lock(&self.shared.db).tablet(keyspace, murmur3::partition_token(key))
     }
 
     /// Write statements served so far, how many on a node not a replica of their partition,
@@ -353,6 +355,85 @@ mod tests {
             CqlCluster::start_on(last, 2).await.is_err(),
             "past the loopback range"
         );
+    }
+
+    /// Sends a request frame (protocol v4); the answer's opcode, header flags and body.
+    async fn roundtrip(
+        sock: &mut tokio::net::TcpStream,
+        opcode: crate::cql::frame::Opcode,
+        body: &[u8],
+    ) -> (u8, u8, Vec<u8>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut req = vec![4, 0, 0, 1, opcode as u8];
+        req.extend_from_slice(&(body.len() as i32).to_be_bytes());
+        req.extend_from_slice(body);
+        sock.write_all(&req).await.unwrap();
+        let mut head = [0u8; crate::cql::frame::HEADER_LEN];
+        sock.read_exact(&mut head).await.unwrap();
+        let len = i32::from_be_bytes(head[5..9].try_into().unwrap()) as usize;
+        let mut out = vec![0; len];
+        sock.read_exact(&mut out).await.unwrap();
+        (head[4], head[1], out)
+    }
+
+    /// Only a connection whose STARTUP took TABLETS_ROUTING_V1 gets the tablet, and only from
+    /// an EXECUTE a node outside the partition's tablet served.
+    #[tokio::test]
+    async fn a_tablet_is_reported_only_on_a_connection_that_negotiated_it() {
+        use crate::cql::frame::{Opcode, Reader, Writer, FLAG_CUSTOM_PAYLOAD};
+        let c = CqlCluster::start(3).await.unwrap();
+        c.execute("CREATE KEYSPACE tk WITH replication = {'class': 'NetworkTopologyStrategy', 'datacenter1': 1} AND tablets = {'enabled': true}").unwrap();
+        c.execute("CREATE TABLE tk.t (k text PRIMARY KEY)").unwrap();
+        let tablet = c.tablet("tk", &[b"key"]).unwrap();
+        let (replica, stranger) = (tablet.replicas[0], (tablet.replicas[0] + 1) % 3);
+        // [long string] query, then [short bytes] id, consistency ONE, one value.
+        let mut prepare = Vec::new();
+        prepare.int(31);
+        prepare.extend_from_slice(b"INSERT INTO tk.t (k) VALUES (?)");
+        for (node, negotiated, reported) in [
+            (stranger, true, true),
+            (replica, true, false),
+            (stranger, false, false),
+        ] {
+            let mut sock = tokio::net::TcpStream::connect(c.addrs()[node])
+                .await
+                .unwrap();
+            let mut startup = Vec::new();
+            let mut opts = vec![("CQL_VERSION", "3.0.0")];
+            if negotiated {
+                opts.push((crate::cql::tablets::EXTENSION, ""));
+            }
+            startup.short(opts.len() as u16);
+            for (k, v) in opts {
+                startup.string(k);
+                startup.string(v);
+            }
+            let (ready, _, _) = roundtrip(&mut sock, Opcode::Startup, &startup).await;
+            assert_eq!(ready, Opcode::Ready as u8);
+            let (_, _, prepared) = roundtrip(&mut sock, Opcode::Prepare, &prepare).await;
+            let mut r = Reader(&prepared);
+            assert_eq!(r.int().unwrap(), 4, "a PREPARED result");
+            let id = r.short_bytes().unwrap();
+            let mut execute = Vec::new();
+            execute.short_bytes(&id);
+            execute.short(1);
+            execute.push(0x01);
+            execute.short(1);
+            execute.bytes(Some(b"key"));
+            let (result, flags, body) = roundtrip(&mut sock, Opcode::Execute, &execute).await;
+            assert_eq!(result, Opcode::Result as u8);
+            let case = format!("node {node}, negotiated {negotiated}");
+            assert_eq!(flags & FLAG_CUSTOM_PAYLOAD != 0, reported, "{case}");
+            if reported {
+                let mut r = Reader(&body);
+                assert_eq!(r.short().unwrap(), 1, "{case}");
+                assert_eq!(r.string().unwrap(), crate::cql::tablets::PAYLOAD_KEY);
+                let ids = c.host_ids();
+                let want = crate::cql::tablets::payload(&tablet, &ids);
+                assert_eq!(r.bytes().unwrap(), Some(want), "{case}");
+                assert_eq!(r.int().unwrap(), 1, "then a Void result");
+            }
+        }
     }
 
     /// Every node answers `system.local` as itself and `system.peers` as the others, with the

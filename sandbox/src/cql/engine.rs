@@ -22,6 +22,7 @@ use crate::cql::frame::Writer;
 use crate::cql::murmur3;
 use crate::cql::parser::{self, Op, RelValue, Relation, Selection, Statement, TableRef, Term};
 use crate::cql::ring::{self, Replication, Ring};
+use crate::cql::tablets::{self, Tablet, TabletsOption};
 use crate::cql::types::CqlType;
 
 pub type Value = Option<Vec<u8>>;
@@ -185,6 +186,9 @@ impl Table {
 #[derive(Debug, Clone)]
 pub struct Keyspace {
     pub replication: Vec<(String, String)>,
+    /// Set for a tablet keyspace (see [`tablets`]); its tables are placed by tablet, not by
+    /// the vnode ring.
+    pub tablets: Option<TabletsOption>,
     pub tables: BTreeMap<String, Table>,
 }
 
@@ -264,6 +268,8 @@ const SYSTEM_DDL: &[&str] = &[
     "CREATE TABLE system.local (key text PRIMARY KEY, host_id uuid, rpc_address inet, broadcast_address inet, listen_address inet, data_center text, rack text, tokens set<text>, cluster_name text, schema_version uuid, release_version text, partitioner text, cql_version text, native_protocol_version text, bootstrapped text)",
     "CREATE TABLE system.peers (peer inet PRIMARY KEY, host_id uuid, rpc_address inet, data_center text, rack text, tokens set<text>, release_version text, schema_version uuid, preferred_ip inet)",
     "CREATE TABLE system_schema.keyspaces (keyspace_name text PRIMARY KEY, durable_writes boolean, replication map<text, text>)",
+    // ScyllaDB's: a row, with `initial_tablets` set, for each tablet keyspace only.
+    "CREATE TABLE system_schema.scylla_keyspaces (keyspace_name text PRIMARY KEY, storage_type text, storage_options map<text, text>, initial_tablets int)",
     "CREATE TABLE system_schema.tables (keyspace_name text, table_name text, comment text, default_time_to_live int, flags set<text>, gc_grace_seconds int, id uuid, caching map<text, text>, compaction map<text, text>, compression map<text, text>, extensions map<text, blob>, speculative_retry text, bloom_filter_fp_chance double, crc_check_chance double, PRIMARY KEY (keyspace_name, table_name))",
     "CREATE TABLE system_schema.columns (keyspace_name text, table_name text, column_name text, clustering_order text, column_name_bytes blob, kind text, position int, type text, PRIMARY KEY (keyspace_name, table_name, column_name))",
     "CREATE TABLE system_schema.views (keyspace_name text, view_name text, base_table_id uuid, base_table_name text, include_all_columns boolean, where_clause text, id uuid, PRIMARY KEY (keyspace_name, view_name))",
@@ -523,24 +529,74 @@ impl Database {
     }
 
     /// Whether `node` holds a copy of every partition a write (INSERT, UPDATE, DELETE) touches
-    /// with these bound values, by its keyspace's replication. `None` for a statement that
+    /// with these bound values ([`Self::replicas`]). `None` for a statement that
     /// writes no user keyspace, or whose partition key does not evaluate (the write then fails
     /// anyway). The key is read from the statement's own terms rather than from the bind markers
     /// announced as the partition key (`pk_indexes`), so that what drivers route by is checked,
     /// not trusted.
     pub fn write_on_replica(&self, node: usize, p: &Prepared, bound: &[Value]) -> Option<bool> {
-        if p.keyspace.starts_with("system") {
+        let writes = matches!(
+            p.statement,
+            Statement::Insert { .. } | Statement::Delete { .. }
+        );
+        if !writes || p.keyspace.starts_with("system") {
             return None;
         }
         let ks = self.keyspaces.get(&p.keyspace)?;
         let t = ks.tables.get(&p.table)?;
-        let partitions = written_partitions(t, &p.statement, bound)?;
+        let tokens = partition_tokens(t, &p.statement, bound)?;
+        Some(
+            tokens
+                .into_iter()
+                .all(|token| self.placement(ks, token).contains(&node)),
+        )
+    }
+
+    /// The nodes that replicate the partition with this token in `keyspace`, primary first: its
+    /// tablet's for a tablet keyspace, else the ring's by the keyspace's replication. Empty for
+    /// a keyspace that does not exist.
+    pub fn replicas(&self, keyspace: &str, token: i64) -> Vec<usize> {
+        self.keyspaces
+            .get(keyspace)
+            .map_or_else(Vec::new, |ks| self.placement(ks, token))
+    }
+
+    fn placement(&self, ks: &Keyspace, token: i64) -> Vec<usize> {
+        match self.tablet_of(ks, token) {
+            Some(tablet) => tablet.replicas,
+            None => self
+                .ring
+                .holders(token, Replication::parse(&ks.replication)),
+        }
+    }
+
+    /// The tablet that holds the partition with this token in `keyspace`; `None` unless it is a
+    /// tablet keyspace.
+    pub fn tablet(&self, keyspace: &str, token: i64) -> Option<Tablet> {
+        self.tablet_of(self.keyspaces.get(keyspace)?, token)
+    }
+
+    fn tablet_of(&self, ks: &Keyspace, token: i64) -> Option<Tablet> {
+        let count = ks.tablets?.count();
         let replication = Replication::parse(&ks.replication);
-        Some(partitions.iter().all(|key| {
-            let parts: Vec<&[u8]> = key.iter().map(Vec::as_slice).collect();
-            let token = murmur3::partition_token(&parts);
-            self.ring.is_replica(node, token, replication)
-        }))
+        let nodes = self.ring.nodes().len();
+        Some(tablets::tablet_for(token, count, replication, nodes))
+    }
+
+    /// The `tablets-routing-v1` payload ScyllaDB adds to the answer to an EXECUTE of `p` with
+    /// these values on `node`: its tablet's, when the statement's table is in a tablet keyspace,
+    /// it names one partition, and `node` is not one of that tablet's replicas.
+    pub fn tablet_payload(&self, node: usize, p: &Prepared, bound: &[Value]) -> Option<Vec<u8>> {
+        let t = self.table(&p.keyspace, &p.table)?;
+        let [token] = partition_tokens(t, &p.statement, bound)?[..] else {
+            return None;
+        };
+        let tablet = self.tablet(&p.keyspace, token)?;
+        if tablet.replicas.is_empty() || tablet.replicas.contains(&node) {
+            return None;
+        }
+        let host_ids: Vec<Uuid> = self.ring.nodes().iter().map(|n| n.host_id).collect();
+        Some(tablets::payload(&tablet, &host_ids))
     }
 
     /// Executes a statement with bound values as node 0 answers it (see [`Self::execute_on`]).
@@ -588,7 +644,19 @@ impl Database {
                 name,
                 if_not_exists,
                 replication,
+                tablets,
             } => {
+                let tablets = TabletsOption::parse(tablets).map_err(EngineError::Invalid)?;
+                let simple = replication
+                    .iter()
+                    .any(|(k, v)| k == "class" && v.rsplit('.').next() == Some("SimpleStrategy"));
+                if tablets.is_some() && simple {
+                    // As ScyllaDB: tablets are placed per datacenter.
+                    return Err(EngineError::Invalid(
+                        "SimpleStrategy does not support tablets: use NetworkTopologyStrategy"
+                            .into(),
+                    ));
+                }
                 if self.keyspaces.contains_key(name) {
                     if *if_not_exists {
                         return Ok(Outcome::Void);
@@ -602,9 +670,20 @@ impl Database {
                     name.clone(),
                     Keyspace {
                         replication: replication.clone(),
+                        tablets,
                         tables: BTreeMap::new(),
                     },
                 );
+                if let Some(t) = tablets {
+                    self.put(
+                        "system_schema",
+                        "scylla_keyspaces",
+                        &[
+                            ("keyspace_name", Some(name.as_bytes().to_vec())),
+                            ("initial_tablets", Some(t.initial.to_be_bytes().to_vec())),
+                        ],
+                    );
+                }
                 if self.table("system_schema", "keyspaces").is_some() {
                     let mut map = Vec::new();
                     map.int(replication.len() as i32);
@@ -719,7 +798,7 @@ impl Database {
                     "keyspace {name} does not exist"
                 ))),
                 Some(_) => {
-                    for t in ["keyspaces", "tables", "columns"] {
+                    for t in ["keyspaces", "scylla_keyspaces", "tables", "columns"] {
                         self.delete_where("system_schema", t, "keyspace_name", name);
                     }
                     self.bump_schema_version();
@@ -1109,10 +1188,10 @@ fn partition_keys(
     Ok(keys)
 }
 
-/// The partition keys a write touches, each as its key columns' values in key order: an INSERT
-/// (or UPDATE) names one, a DELETE one per combination of its `=` and `IN` values. `None` for
-/// any other statement, or a key column without a value.
-fn written_partitions(t: &Table, st: &Statement, bound: &[Value]) -> Option<Vec<Vec<Vec<u8>>>> {
+/// The tokens of the partitions a statement names: an INSERT (or UPDATE) one, a DELETE or
+/// SELECT one per combination of its partition key's `=` and `IN` values. `None` for any other
+/// statement, or a key column without a value.
+fn partition_tokens(t: &Table, st: &Statement, bound: &[Value]) -> Option<Vec<i64>> {
     let mut keys: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
     for &c in &t.pk {
         let col = &t.columns[c];
@@ -1123,7 +1202,7 @@ fn written_partitions(t: &Table, st: &Statement, bound: &[Value]) -> Option<Vec<
                 let i = columns.iter().position(|n| *n == col.name)?;
                 vec![term_value(&col.ty, values.get(i)?, bound).ok()?]
             }
-            Statement::Delete { relations, .. } => {
+            Statement::Delete { relations, .. } | Statement::Select { relations, .. } => {
                 let r = relations
                     .iter()
                     .find(|r| r.column == col.name && matches!(r.op, Op::Eq | Op::In))?;
@@ -1143,7 +1222,14 @@ fn written_partitions(t: &Table, st: &Statement, bound: &[Value]) -> Option<Vec<
             })
             .collect();
     }
-    Some(keys)
+    Some(
+        keys.iter()
+            .map(|key| {
+                let parts: Vec<&[u8]> = key.iter().map(Vec::as_slice).collect();
+                murmur3::partition_token(&parts)
+            })
+            .collect(),
+    )
 }
 
 /// The server clock in seconds since the epoch (cell expiry).
@@ -1753,6 +1839,76 @@ mod tests {
             None,
             "a system table"
         );
+    }
+
+    /// A tablet keyspace has a `scylla_keyspaces` row while it exists; its partitions are
+    /// placed by tablet, not by the ring; an EXECUTE on a node outside a partition's tablet
+    /// answers with that tablet.
+    #[test]
+    fn a_tablet_keyspace_is_listed_placed_by_tablet_and_reports_its_tablets() {
+        let ip = |n| Ipv4Addr::new(127, 0, 0, n);
+        let mut db = Database::with_ring(Ring::new(&[ip(1), ip(2), ip(3)]));
+        let simple = "replication = {'class': 'SimpleStrategy', 'replication_factor': 1}";
+        let nts = "replication = {'class': 'NetworkTopologyStrategy', 'datacenter1': 1}";
+        let refused = format!("CREATE KEYSPACE s WITH {simple} AND tablets = {{'enabled': true}}");
+        assert!(matches!(
+            run(&mut db, &refused),
+            Err(EngineError::Invalid(_))
+        ));
+        for ddl in [
+            format!("CREATE KEYSPACE IF NOT EXISTS tk WITH {nts} AND tablets = {{'enabled': true, 'initial': 8}}"),
+            format!("CREATE KEYSPACE auto WITH {nts} AND tablets = {{'enabled': true}}"),
+            format!("CREATE KEYSPACE vn WITH {simple} AND tablets = {{'enabled': false}}"),
+            format!("CREATE KEYSPACE IF NOT EXISTS tk WITH {simple}"),
+            "CREATE TABLE tk.t (k text PRIMARY KEY, v text)".into(),
+        ] {
+            run(&mut db, &ddl).unwrap();
+        }
+        let bad = format!("CREATE KEYSPACE b WITH {nts} AND tablets = {{'initial': 'many'}}");
+        assert!(matches!(run(&mut db, &bad), Err(EngineError::Invalid(_))));
+        let listed = |db: &mut Database| {
+            let q = "SELECT keyspace_name, initial_tablets FROM system_schema.scylla_keyspaces";
+            let mut got: Vec<(String, i32)> = rows(run(db, q).unwrap())
+                .into_iter()
+                .map(|r| {
+                    let name = String::from_utf8(r[0].clone().unwrap()).unwrap();
+                    let n = i32::from_be_bytes(r[1].clone().unwrap().try_into().unwrap());
+                    (name, n)
+                })
+                .collect();
+            got.sort();
+            got
+        };
+        assert_eq!(listed(&mut db), [("auto".into(), 0), ("tk".into(), 8)]);
+
+        let prepare = |db: &Database, q: &str| db.prepare(parser::parse(q).unwrap(), None).unwrap();
+        let insert = prepare(&db, "INSERT INTO tk.t (k, v) VALUES (?, ?)");
+        let read = prepare(&db, "SELECT v FROM tk.t WHERE k = ?");
+        let ids: Vec<Uuid> = db.ring().nodes().iter().map(|n| n.host_id).collect();
+        let mut unlike_the_ring = 0;
+        for i in 0..50 {
+            let key = format!("k{i}");
+            let token = murmur3::token(key.as_bytes());
+            let tablet = tablets::tablet_for(token, 8, Replication::Factor(1), 3);
+            assert_eq!(db.replicas("tk", token), tablet.replicas);
+            unlike_the_ring += usize::from(db.ring().replicas(token, 1) != tablet.replicas);
+            let bound = [Some(key.into_bytes()), None];
+            for node in 0..3 {
+                let on = tablet.replicas.contains(&node);
+                assert_eq!(db.write_on_replica(node, &insert, &bound), Some(on));
+                let want = (!on).then(|| tablets::payload(&tablet, &ids));
+                assert_eq!(
+                    db.tablet_payload(node, &insert, &bound),
+                    want,
+                    "{i} on {node}"
+                );
+                assert_eq!(db.tablet_payload(node, &read, &bound[..1]), want, "a read");
+            }
+        }
+        assert!(unlike_the_ring > 0, "tablets are not the ring's placement");
+
+        run(&mut db, "DROP KEYSPACE tk").unwrap();
+        assert_eq!(listed(&mut db), [("auto".into(), 0)]);
     }
 
     #[test]

@@ -96,15 +96,39 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, String> {
     }))
 }
 
+/// The header flag of a response whose body starts with a custom payload.
+pub const FLAG_CUSTOM_PAYLOAD: u8 = 0x04;
+
 /// Serializes a response frame.
 pub fn encode(stream: i16, opcode: Opcode, body: &[u8]) -> Vec<u8> {
+    encode_with_payload(stream, opcode, &[], body)
+}
+
+/// Serializes a response frame with a custom payload (a `[bytes map]` before the body, and the
+/// [`FLAG_CUSTOM_PAYLOAD`] flag), unless `custom_payload` is empty.
+pub fn encode_with_payload(
+    stream: i16,
+    opcode: Opcode,
+    custom_payload: &[(&str, &[u8])],
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.push(RESPONSE_VERSION);
     out.push(0);
     out.extend_from_slice(&stream.to_be_bytes());
     out.push(opcode as u8);
-    out.extend_from_slice(&(body.len() as i32).to_be_bytes());
+    out.extend_from_slice(&[0; 4]);
+    if !custom_payload.is_empty() {
+        out[1] = FLAG_CUSTOM_PAYLOAD;
+        out.short(custom_payload.len() as u16);
+        for (key, value) in custom_payload {
+            out.string(key);
+            out.bytes(Some(value));
+        }
+    }
     out.extend_from_slice(body);
+    let len = (out.len() - HEADER_LEN) as i32;
+    out[5..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
     out
 }
 
@@ -248,5 +272,26 @@ pub fn consistency_name(c: u16) -> &'static str {
         0x0009 => "LOCAL_SERIAL",
         0x000A => "LOCAL_ONE",
         _ => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_custom_payload_comes_before_the_body_under_its_flag() {
+        let plain = encode(7, Opcode::Result, &[0, 0, 0, 1]);
+        assert_eq!(plain[1], 0);
+        assert_eq!(plain[HEADER_LEN..], [0, 0, 0, 1]);
+        let framed = encode_with_payload(7, Opcode::Result, &[("k", &[9, 9])], &[0, 0, 0, 1]);
+        assert_eq!(framed[1], FLAG_CUSTOM_PAYLOAD);
+        let mut r = Reader(&framed[HEADER_LEN..]);
+        assert_eq!(r.short().unwrap(), 1, "one entry");
+        assert_eq!(r.string().unwrap(), "k");
+        assert_eq!(r.bytes().unwrap(), Some(vec![9, 9]));
+        assert_eq!(r.int().unwrap(), 1, "then the body");
+        let len = i32::from_be_bytes(framed[5..HEADER_LEN].try_into().unwrap());
+        assert_eq!(len as usize, framed.len() - HEADER_LEN);
     }
 }

@@ -9,8 +9,10 @@ pub mod murmur3;
 pub mod parser;
 pub mod ring;
 pub mod server;
+pub mod tablets;
 pub mod types;
 
 pub use cluster::{CqlCluster, CqlNode, RoutingStats};
 pub use faults::{Fault, FaultKind, Saturation, SaturationStats, LATENCY_SAMPLES};
 pub use server::LoggedRequest;
+pub use tablets::Tablet;

@@ -1,6 +1,7 @@
 //! A parser for the CQL the stand-in node executes: USE, CREATE KEYSPACE/TABLE, DROP, INSERT,
 //! SELECT (columns, *, COUNT(*); WHERE with =, <, <=, >, >=, IN; ORDER BY; LIMIT), DELETE,
-//! TRUNCATE. Anything else is a syntax error naming what was found.
+//! TRUNCATE; ScyllaDB's `USING TIMEOUT` is read and ignored. Anything else is a syntax error
+//! naming what was found.
 
 use crate::cql::types::Literal;
 
@@ -192,6 +193,8 @@ pub enum Statement {
         name: String,
         if_not_exists: bool,
         replication: Vec<(String, String)>,
+        /// The `tablets` option's map (`'enabled'`, `'initial'`); empty when not given.
+        tablets: Vec<(String, String)>,
     },
     CreateTable {
         table: TableRef,
@@ -399,10 +402,9 @@ impl P {
             Tok::Ident(k) if k == "delete" => {
                 self.kw("from")?;
                 let table = self.table_ref()?;
-                let mut timestamp = None;
-                if self.eat_kw("using") {
-                    self.kw("timestamp")?;
-                    timestamp = Some(self.term()?);
+                let (timestamp, ttl) = self.using()?;
+                if ttl.is_some() {
+                    return Err("a DELETE takes no TTL".into());
                 }
                 self.kw("where")?;
                 Ok(Statement::Delete {
@@ -431,19 +433,24 @@ impl P {
         if self.eat_kw("keyspace") {
             let if_not_exists = self.if_not_exists()?;
             let name = self.ident()?;
-            let mut replication = Vec::new();
+            let (mut replication, mut tablets) = (Vec::new(), Vec::new());
             if self.eat_kw("with") {
                 loop {
                     let opt = self.ident()?;
                     self.sym("=")?;
-                    if opt == "replication" {
-                        if let Literal::Map(entries) = self.literal()? {
-                            for (k, v) in entries {
-                                replication.push((lit_text(&k), lit_text(&v)));
-                            }
+                    let into = match opt.as_str() {
+                        "replication" => Some(&mut replication),
+                        "tablets" => Some(&mut tablets),
+                        _ => None,
+                    };
+                    match (into, self.literal()?) {
+                        (Some(into), Literal::Map(entries)) => {
+                            into.extend(entries.iter().map(|(k, v)| (lit_text(k), lit_text(v))));
                         }
-                    } else {
-                        self.literal()?;
+                        (Some(_), other) => {
+                            return Err(format!("{opt} must be a map, not {other:?}"));
+                        }
+                        (None, _) => {}
                     }
                     if !self.eat_kw("and") {
                         break;
@@ -454,6 +461,7 @@ impl P {
                 name,
                 if_not_exists,
                 replication,
+                tablets,
             });
         }
         self.kw("table")?;
@@ -627,17 +635,17 @@ impl P {
         })
     }
 
-    /// An optional `USING TIMESTAMP t [AND TTL s]` (either order): the two terms.
+    /// An optional `USING TIMESTAMP t [AND TTL s] [AND TIMEOUT d]` (any order): the first two
+    /// terms (see [`Self::timeout`] for the third).
     fn using(&mut self) -> Result<(Option<Term>, Option<Term>), String> {
         let (mut timestamp, mut ttl) = (None, None);
         if self.eat_kw("using") {
             loop {
-                let option = self.ident()?;
-                let term = self.term()?;
-                if option.eq_ignore_ascii_case("timestamp") {
-                    timestamp = Some(term);
-                } else if option.eq_ignore_ascii_case("ttl") {
-                    ttl = Some(term);
+                match self.ident()?.as_str() {
+                    "timestamp" => timestamp = Some(self.term()?),
+                    "ttl" => ttl = Some(self.term()?),
+                    "timeout" => self.timeout()?,
+                    other => return Err(format!("USING {other} is not supported")),
                 }
                 if !self.eat_kw("and") {
                     break;
@@ -645,6 +653,22 @@ impl P {
             }
         }
         Ok((timestamp, ttl))
+    }
+
+    /// The duration of ScyllaDB's `USING TIMEOUT` (`30000ms`, `1h30m`), which drivers append
+    /// once they see a ScyllaDB node: read and ignored, as the stand-in answers at once.
+    fn timeout(&mut self) -> Result<(), String> {
+        match self.next()? {
+            Tok::Int(n) if n >= 0 => {}
+            t => return Err(format!("expected a duration after TIMEOUT, found {t:?}")),
+        }
+        // `30000ms` reads as 30000 then `ms`; `1h30m` as 1 then `h30m`.
+        match self.next()? {
+            Tok::Ident(unit) if unit.starts_with(|c: char| c.is_ascii_alphabetic()) => Ok(()),
+            t => Err(format!(
+                "expected a duration unit after TIMEOUT, found {t:?}"
+            )),
+        }
     }
 
     /// `UPDATE t [USING TIMESTAMP t] [AND TTL s] SET c = v, ... WHERE key = v AND ...`: an
@@ -731,6 +755,13 @@ impl P {
         };
         if self.eat_kw("allow") {
             self.kw("filtering")?;
+        }
+        if self.eat_kw("bypass") {
+            self.kw("cache")?;
+        }
+        if self.eat_kw("using") {
+            self.kw("timeout")?;
+            self.timeout()?;
         }
         Ok(Statement::Select {
             table,
@@ -909,6 +940,48 @@ mod tests {
         )
         .unwrap();
         assert_eq!(st.bind_count(), 1);
+    }
+
+    /// ScyllaDB's `USING TIMEOUT`, which drivers add on seeing a ScyllaDB node, reads (and is
+    /// ignored) after a SELECT and among a write's USING options.
+    #[test]
+    fn using_timeout_is_read_and_ignored() {
+        let plain = parse("SELECT a FROM t WHERE b = ?").unwrap();
+        let timed =
+            parse("SELECT a FROM t WHERE b = ? BYPASS CACHE USING TIMEOUT 30000ms").unwrap();
+        assert_eq!(timed, plain);
+        let st = parse("INSERT INTO t (a) VALUES (?) USING TIMEOUT 1h30m AND TTL ?").unwrap();
+        assert_eq!(st.bind_count(), 2);
+        let st = parse("DELETE FROM t USING TIMEOUT 5s AND TIMESTAMP 3 WHERE a = ?").unwrap();
+        assert!(matches!(
+            st,
+            Statement::Delete {
+                timestamp: Some(_),
+                ..
+            }
+        ));
+        assert!(parse("SELECT a FROM t USING TIMEOUT soon").is_err());
+        assert!(parse("DELETE FROM t USING TTL 5 WHERE a = 1").is_err());
+    }
+
+    /// `tablets = {...}` is read beside the replication map, in either order.
+    #[test]
+    fn create_keyspace_reads_the_tablets_option() {
+        let st = parse("CREATE KEYSPACE IF NOT EXISTS k WITH tablets = {'enabled': true, 'initial': 8} AND replication = {'class': 'SimpleStrategy', 'replication_factor': 2} AND durable_writes = true").unwrap();
+        let Statement::CreateKeyspace {
+            if_not_exists,
+            replication,
+            tablets,
+            ..
+        } = st
+        else {
+            panic!("{st:?}");
+        };
+        assert!(if_not_exists);
+        assert_eq!(replication.len(), 2);
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(tablets, [pair("enabled", "true"), pair("initial", "8")]);
+        assert!(parse("CREATE KEYSPACE k WITH tablets = 4").is_err());
     }
 
     #[test]

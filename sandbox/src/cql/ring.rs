@@ -1,9 +1,10 @@
 //! The stand-in cluster's token ring: each node's identity (address, host id, vnode tokens) and
-//! which nodes replicate a partition, placed as Cassandra and ScyllaDB place it (vnodes on the
-//! Murmur3 range; SimpleStrategy, and NetworkTopologyStrategy in the one datacenter, take the
-//! owners of the first distinct nodes walking the ring clockwise from the partition's token).
-//! This module is the only place that knows how data is placed; the nodes' `system.local` and
-//! `system.peers` rows are rendered from it.
+//! which nodes replicate a partition of a vnode keyspace, placed as Cassandra and ScyllaDB place
+//! it (vnodes on the Murmur3 range; SimpleStrategy, and NetworkTopologyStrategy in the one
+//! datacenter, take the owners of the first distinct nodes walking the ring clockwise from the
+//! partition's token). This module is the only place that knows how vnode keyspaces are placed
+//! (`tablets` places tablet keyspaces); the nodes' `system.local` and `system.peers` rows are
+//! rendered from it.
 
 use std::net::Ipv4Addr;
 
@@ -140,11 +141,12 @@ impl Ring {
         out
     }
 
-    /// Whether `node` holds a copy of the partition with this token.
-    pub fn is_replica(&self, node: usize, token: i64, replication: Replication) -> bool {
+    /// The nodes that hold a copy of the partition with this token, by a vnode keyspace's
+    /// replication: every node when it is not placed by token.
+    pub fn holders(&self, token: i64, replication: Replication) -> Vec<usize> {
         match replication {
-            Replication::EveryNode => true,
-            Replication::Factor(n) => self.replicas(token, n).contains(&node),
+            Replication::EveryNode => (0..self.nodes.len()).collect(),
+            Replication::Factor(n) => self.replicas(token, n),
         }
     }
 }
@@ -211,9 +213,8 @@ mod tests {
         assert_eq!(r.replicas(150, 2), [0, 1]);
         assert_eq!(r.replicas(150, 3), [0, 1, 2]);
         assert_eq!(r.replicas(150, 5), [0, 1, 2], "at most every node");
-        assert!(r.is_replica(1, 150, Replication::Factor(2)));
-        assert!(!r.is_replica(2, 150, Replication::Factor(2)));
-        assert!(r.is_replica(2, 150, Replication::EveryNode));
+        assert_eq!(r.holders(150, Replication::Factor(2)), [0, 1]);
+        assert_eq!(r.holders(150, Replication::EveryNode), [0, 1, 2]);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The stand-in's protocol server: accepts connections for each node of a cluster on its
 //! loopback listener, serves many stream ids per connection concurrently against the store the
 //! nodes share, logs every request with the node that served it, and applies injected faults.
+//! It offers ScyllaDB's TABLETS_ROUTING_V1 extension: a connection that takes it learns a
+//! tablet from the answer to an EXECUTE that a node not among the tablet's replicas served.
 //! TEST INFRASTRUCTURE: in memory, no durability. The handles tests hold are in `cluster`.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -22,6 +25,7 @@ use crate::cql::faults::{Fault, FaultKind, Saturation, SaturationStats};
 use crate::cql::frame::{self, consistency_name, error_code, Opcode, Reader, Writer};
 use crate::cql::parser;
 use crate::cql::ring::Ring;
+use crate::cql::tablets;
 
 // The node handle, also reachable under this module where code names it so.
 pub use crate::cql::cluster::CqlNode;
@@ -43,7 +47,8 @@ pub struct LoggedRequest {
     /// Write statements (INSERT, UPDATE, DELETE) of user keyspaces in an EXECUTE or BATCH.
     pub writes: usize,
     /// Per table, in the order of `tables`: how many of its write statements touch a partition
-    /// that `node` is not a replica of (by the keyspace's replication). Always 0 on one node.
+    /// that `node` is not a replica of (by tablet in a tablet keyspace, else by the ring and the
+    /// keyspace's replication). Always 0 on one node.
     pub non_replica: Vec<(String, usize)>,
     pub at: Instant,
 }
@@ -66,6 +71,17 @@ pub(crate) struct Shared {
     pub(crate) generation: watch::Sender<u64>,
     /// Nodes in the ring: on one, every write is on a replica, and requests skip the lookup.
     nodes: usize,
+}
+
+/// What one connection negotiated and chose.
+#[derive(Default)]
+struct Connection {
+    /// Its keyspace (USE).
+    keyspace: Mutex<Option<String>>,
+    /// Whether its STARTUP asked for TABLETS_ROUTING_V1: only then does an EXECUTE on a node
+    /// that is not its tablet's replica carry the tablet (as ScyllaDB skips the work for a
+    /// driver that does not read it).
+    tablets_routing: AtomicBool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -233,7 +249,7 @@ where
         }
         let _ = wr.shutdown().await;
     });
-    let keyspace: Arc<Mutex<Option<String>>> = Arc::default();
+    let connection: Arc<Connection> = Arc::default();
     let mut generation = shared.generation.subscribe();
     generation.borrow_and_update();
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -249,10 +265,10 @@ where
                 loop {
                     match frame::decode(&mut buf) {
                         Ok(Some(f)) => {
-                            let (shared, tx, ks) = (shared.clone(), tx.clone(), keyspace.clone());
+                            let (shared, tx, conn) = (shared.clone(), tx.clone(), connection.clone());
                             tokio::spawn(async move {
                                 let stream = f.stream;
-                                match handle(&shared, node, f, &ks).await {
+                                match handle(&shared, node, f, &conn).await {
                                     Some(bytes) => { let _ = tx.send(Out::Frame(bytes)); }
                                     None => { let _ = tx.send(Out::Close); }
                                 }
@@ -334,8 +350,9 @@ async fn handle(
     shared: &Shared,
     node: usize,
     f: frame::Frame,
-    keyspace: &Mutex<Option<String>>,
+    connection: &Connection,
 ) -> Option<Vec<u8>> {
+    let keyspace = &connection.keyspace;
     let stream = f.stream;
     let Some(opcode) = Opcode::from_u8(f.opcode) else {
         return Some(error_frame(
@@ -361,6 +378,7 @@ async fn handle(
                 ("CQL_VERSION", &["3.4.5"]),
                 ("COMPRESSION", &[]),
                 ("PROTOCOL_VERSIONS", &["4/v4"]),
+                (tablets::EXTENSION, &[""]),
             ]);
             return Some(frame::encode(stream, Opcode::Supported, &body));
         }
@@ -377,12 +395,19 @@ async fn handle(
                     &[],
                 ));
             }
+            let tablets_routing = opts.iter().any(|(k, _)| k == tablets::EXTENSION);
+            connection
+                .tablets_routing
+                .store(tablets_routing, Ordering::Relaxed);
             return Some(frame::encode(stream, Opcode::Ready, &[]));
         }
         Opcode::Register => return Some(frame::encode(stream, Opcode::Ready, &[])),
         Opcode::Query => request_query(shared, node, &mut r, keyspace, stream).await,
         Opcode::Prepare => request_prepare(shared, node, &mut r, keyspace, stream).await,
-        Opcode::Execute => request_execute(shared, node, &mut r, keyspace, stream).await,
+        Opcode::Execute => {
+            let tablets_routing = connection.tablets_routing.load(Ordering::Relaxed);
+            request_execute(shared, node, &mut r, keyspace, tablets_routing, stream).await
+        }
         Opcode::Batch => request_batch(shared, node, &mut r, keyspace, stream).await,
         other => Err(error_frame(
             stream,
@@ -392,13 +417,41 @@ async fn handle(
         )),
     };
     match result {
-        Ok(Some(body)) => Some(frame::encode(stream, Opcode::Result, &body)),
+        Ok(Some(reply)) => {
+            let payload: Vec<(&str, &[u8])> = reply
+                .custom_payload
+                .iter()
+                .map(|(k, v)| (*k, v.as_slice()))
+                .collect();
+            Some(frame::encode_with_payload(
+                stream,
+                Opcode::Result,
+                &payload,
+                &reply.body,
+            ))
+        }
         Ok(None) => None,
         Err(frame) => Some(frame),
     }
 }
 
-type Answer = Result<Option<Vec<u8>>, Vec<u8>>;
+/// A RESULT's body and custom payload.
+struct Reply {
+    body: Vec<u8>,
+    custom_payload: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl From<Vec<u8>> for Reply {
+    fn from(body: Vec<u8>) -> Reply {
+        Reply {
+            body,
+            custom_payload: Vec::new(),
+        }
+    }
+}
+
+/// A reply (`None`: close the connection), or an error frame.
+type Answer = Result<Option<Reply>, Vec<u8>>;
 
 /// A request's statements per table, and where its writes went, for the log.
 #[derive(Default)]
@@ -539,7 +592,6 @@ async fn saturated(
     rows: usize,
     stream: i16,
 ) -> Result<(), Answer> {
-    use std::sync::atomic::Ordering;
     let Some(s) = lock(&shared.saturation)
         .as_ref()
         .filter(|s| s.applies(opcode, statement))
@@ -628,7 +680,9 @@ async fn request_query(
     let outcome = lock(&shared.db)
         .execute_on(node, &st, &params.values, ks.as_deref())
         .map_err(|e| engine_error(stream, e))?;
-    Ok(Some(encode_outcome(outcome, keyspace, &params, None)))
+    Ok(Some(
+        encode_outcome(outcome, keyspace, &params, None).into(),
+    ))
 }
 
 async fn request_prepare(
@@ -693,7 +747,7 @@ async fn request_prepare(
         }
     }
     lock(&shared.prepared).insert(id, Arc::new(prepared));
-    Ok(Some(body))
+    Ok(Some(body.into()))
 }
 
 fn unprepared(stream: i16, id: &[u8]) -> Vec<u8> {
@@ -716,11 +770,15 @@ fn qualified(p: &Prepared) -> String {
     format!("{}.{}", p.keyspace, p.table)
 }
 
+/// Executes a prepared statement; with `tablets_routing` (negotiated), on a node that is not
+/// a replica of the one partition it names in a tablet keyspace, the answer carries its tablet
+/// ([`Database::tablet_payload`]).
 async fn request_execute(
     shared: &Shared,
     node: usize,
     r: &mut Reader<'_>,
     keyspace: &Mutex<Option<String>>,
+    tablets_routing: bool,
     stream: i16,
 ) -> Answer {
     let bad = |e: String| error_frame(stream, error_code::PROTOCOL_ERROR, &e, &[]);
@@ -748,15 +806,29 @@ async fn request_execute(
     }
     shared.validate(&params.values, stream)?;
     let ks = current(keyspace);
-    let outcome = lock(&shared.db)
-        .execute_on(node, &prepared.statement, &params.values, ks.as_deref())
-        .map_err(|e| engine_error(stream, e))?;
-    Ok(Some(encode_outcome(
+    let (outcome, tablet) = {
+        let mut db = lock(&shared.db);
+        let outcome = db
+            .execute_on(node, &prepared.statement, &params.values, ks.as_deref())
+            .map_err(|e| engine_error(stream, e))?;
+        // A lone node holds every tablet: it never answers with one.
+        let tablet = (tablets_routing && shared.nodes > 1)
+            .then(|| db.tablet_payload(node, &prepared, &params.values))
+            .flatten();
+        (outcome, tablet)
+    };
+    let body = encode_outcome(
         outcome,
         keyspace,
         &params,
         prepared.result.as_ref().map(|_| ()),
-    )))
+    );
+    Ok(Some(Reply {
+        body,
+        custom_payload: tablet
+            .map(|t| vec![(tablets::PAYLOAD_KEY, t)])
+            .unwrap_or_default(),
+    }))
 }
 
 async fn request_batch(
@@ -834,7 +906,7 @@ async fn request_batch(
     }
     let mut body = Vec::new();
     body.int(1);
-    Ok(Some(body))
+    Ok(Some(body.into()))
 }
 
 fn encode_outcome(

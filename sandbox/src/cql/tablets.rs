@@ -1,0 +1,231 @@
+//! Tablets, as ScyllaDB places the tables of a keyspace created `WITH tablets = {'enabled':
+//! true}`: each table's token range split evenly into a power of two of tablets, each tablet on
+//! its own replica set, and the `tablets-routing-v1` custom payload (protocol extension
+//! `TABLETS_ROUTING_V1`) that tells a driver which tablet a token is in and where it lives.
+//! This module is the only place that knows tablet boundaries and replicas; `ring` places vnode
+//! keyspaces.
+//!
+//! Stand-in choices: a keyspace that names no `'initial'` count gets [`DEFAULT_TABLETS`] per
+//! table (ScyllaDB sizes it from the cluster and the table's data); every table of a keyspace
+//! has the same tablets, which never split, merge or move; every replica is shard 0.
+
+use uuid::Uuid;
+
+use crate::cql::frame::Writer;
+use crate::cql::ring::Replication;
+
+/// The protocol extension's name in SUPPORTED and STARTUP.
+pub const EXTENSION: &str = "TABLETS_ROUTING_V1";
+
+/// The custom payload key of a RESULT that carries a tablet.
+pub const PAYLOAD_KEY: &str = "tablets-routing-v1";
+
+/// Tablets per table of a keyspace whose `tablets` option names no `'initial'` count.
+pub const DEFAULT_TABLETS: u64 = 8;
+
+/// A keyspace's `tablets` option, when it enables them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TabletsOption {
+    /// `'initial'` as given, 0 when not: what `system_schema.scylla_keyspaces.initial_tablets`
+    /// holds, as ScyllaDB writes it.
+    pub initial: u32,
+}
+
+impl TabletsOption {
+    /// Reads CREATE KEYSPACE's `tablets` map: `None` for vnodes (no map, or `'enabled':
+    /// false`).
+    pub fn parse(options: &[(String, String)]) -> Result<Option<TabletsOption>, String> {
+        let mut enabled = !options.is_empty();
+        let mut initial = 0;
+        for (k, v) in options {
+            match k.as_str() {
+                "enabled" => {
+                    enabled = v.parse().map_err(|_| {
+                        format!("tablets 'enabled' must be true or false, not '{v}'")
+                    })?
+                }
+                "initial" => {
+                    initial = v.parse().map_err(|_| {
+                        format!("tablets 'initial' must be a count of tablets, not '{v}'")
+                    })?
+                }
+                other => return Err(format!("unknown tablets option '{other}'")),
+            }
+        }
+        Ok(enabled.then_some(TabletsOption { initial }))
+    }
+
+    /// Tablets per table: `'initial'` rounded up to a power of two (ScyllaDB's tablet counts
+    /// are powers of two), or [`DEFAULT_TABLETS`].
+    pub fn count(self) -> u64 {
+        match self.initial {
+            0 => DEFAULT_TABLETS,
+            n => u64::from(n).next_power_of_two(),
+        }
+    }
+}
+
+/// One tablet: the tokens in `(first, last]` and the nodes that hold them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tablet {
+    /// Exclusive, as the payload carries it; `i64::MIN` for the first tablet (no partition has
+    /// that token).
+    pub first: i64,
+    pub last: i64,
+    /// Node indexes, in the order the payload lists them.
+    pub replicas: Vec<usize>,
+}
+
+/// The tablet holding `token` among `count` (a power of two) on a cluster of `nodes`: tablet
+/// `i` ends at `i64::MIN + (i + 1) * 2^64 / count - 1` and is on nodes `i, i + 1, ...` (modulo
+/// `nodes`), as many as the keyspace's replication factor: spread over the cluster, and unlike
+/// the vnode ring's placement of the same token.
+pub fn tablet_for(token: i64, count: u64, replication: Replication, nodes: usize) -> Tablet {
+    debug_assert!(count.is_power_of_two(), "{count} tablets");
+    let span = (1i128 << 64) / i128::from(count);
+    let offset = i128::from(token) - i128::from(i64::MIN);
+    let index = offset / span;
+    let end = |i: i128| (i128::from(i64::MIN) + i * span - 1) as i64;
+    let factor = match replication {
+        Replication::Factor(n) => n.min(nodes),
+        Replication::EveryNode => nodes,
+    };
+    Tablet {
+        first: if index == 0 { i64::MIN } else { end(index) },
+        last: end(index + 1),
+        replicas: (0..factor).map(|k| (index as usize + k) % nodes).collect(),
+    }
+}
+
+/// The `tablets-routing-v1` value: the CQL tuple `(bigint first, bigint last, list<tuple<uuid,
+/// int>> replicas)`, each element as `[int length][bytes]`, a replica as (host id, shard 0).
+pub fn payload(tablet: &Tablet, host_ids: &[Uuid]) -> Vec<u8> {
+    let mut replicas = Vec::new();
+    replicas.int(tablet.replicas.len() as i32);
+    for &node in &tablet.replicas {
+        let mut replica = Vec::new();
+        replica.bytes(Some(host_ids[node].as_bytes()));
+        replica.bytes(Some(&0i32.to_be_bytes()));
+        replicas.bytes(Some(&replica));
+    }
+    let mut out = Vec::new();
+    out.bytes(Some(&tablet.first.to_be_bytes()));
+    out.bytes(Some(&tablet.last.to_be_bytes()));
+    out.bytes(Some(&replicas));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cql::frame::Reader;
+
+    /// The first token of tablet `i` of `count`.
+    fn first_token_of(i: u64, count: u64) -> i64 {
+        let span = (1i128 << 64) / i128::from(count);
+        (i128::from(i64::MIN) + 1 + i128::from(i) * span) as i64
+    }
+
+    fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_tablets_option_enables_them_with_a_count_rounded_to_a_power_of_two() {
+        let parse = |pairs| TabletsOption::parse(&opts(pairs));
+        assert_eq!(parse(&[]), Ok(None), "no option: vnodes");
+        assert_eq!(parse(&[("enabled", "false")]), Ok(None));
+        let auto = parse(&[("enabled", "true")]).unwrap().unwrap();
+        assert_eq!((auto.initial, auto.count()), (0, DEFAULT_TABLETS));
+        let given = parse(&[("enabled", "true"), ("initial", "8")]).unwrap();
+        assert_eq!(given.map(|t| (t.initial, t.count())), Some((8, 8)));
+        let odd = parse(&[("initial", "5")]).unwrap().unwrap();
+        assert_eq!((odd.initial, odd.count()), (5, 8));
+        assert!(parse(&[("enabled", "yes")]).is_err());
+        assert!(parse(&[("initial", "-1")]).is_err());
+        assert!(parse(&[("enabled", "true"), ("splits", "2")]).is_err());
+    }
+
+    #[test]
+    fn tablets_split_the_token_range_evenly_and_end_at_the_largest_token() {
+        let one = |token| tablet_for(token, 4, Replication::Factor(1), 3);
+        let quarter = 1i64 << 62;
+        assert_eq!(
+            (one(i64::MIN + 1).first, one(i64::MIN + 1).last),
+            (i64::MIN, -quarter - 1)
+        );
+        assert_eq!(one(-quarter - 1), one(i64::MIN + 1), "the last token is in");
+        assert_eq!(
+            (one(-quarter).first, one(-quarter).last),
+            (-quarter - 1, -1)
+        );
+        assert_eq!((one(0).first, one(0).last), (-1, quarter - 1));
+        assert_eq!(
+            (one(i64::MAX).first, one(i64::MAX).last),
+            (i64::MAX - quarter, i64::MAX)
+        );
+        let whole = tablet_for(7, 1, Replication::Factor(1), 3);
+        assert_eq!((whole.first, whole.last), (i64::MIN, i64::MAX));
+        // Every token is in the tablet whose range holds it, tablets in order.
+        let mut last = i64::MIN;
+        for i in 0..64u64 {
+            let t = tablet_for(first_token_of(i, 64), 64, Replication::Factor(1), 3);
+            assert_eq!(t.first, last, "tablet {i} starts where the previous ends");
+            last = t.last;
+        }
+        assert_eq!(last, i64::MAX);
+    }
+
+    #[test]
+    fn replicas_are_distinct_consecutive_nodes_from_the_tablet_index() {
+        let at = |i, replication, nodes| {
+            tablet_for(first_token_of(i, 8), 8, replication, nodes).replicas
+        };
+        assert_eq!(at(0, Replication::Factor(1), 3), [0]);
+        assert_eq!(at(4, Replication::Factor(1), 3), [1]);
+        assert_eq!(at(2, Replication::Factor(2), 3), [2, 0]);
+        assert_eq!(
+            at(7, Replication::Factor(5), 3),
+            [1, 2, 0],
+            "at most every node"
+        );
+        assert_eq!(at(3, Replication::EveryNode, 2), [1, 0]);
+        assert_eq!(
+            at(5, Replication::Factor(3), 1),
+            [0],
+            "one node holds every tablet"
+        );
+        assert!(at(5, Replication::Factor(0), 3).is_empty());
+    }
+
+    /// The payload decoded as a driver decodes it: tuple elements, the list, its tuples.
+    #[test]
+    fn the_payload_is_a_cql_tuple_of_the_range_and_the_replicas() {
+        let ids = [Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3)];
+        let tablet = Tablet {
+            first: -5,
+            last: 70,
+            replicas: vec![2, 0],
+        };
+        let bytes = payload(&tablet, &ids);
+        let mut r = Reader(&bytes);
+        let element = |r: &mut Reader<'_>| r.bytes().unwrap().expect("not null");
+        assert_eq!(element(&mut r), (-5i64).to_be_bytes());
+        assert_eq!(element(&mut r), 70i64.to_be_bytes());
+        let list = element(&mut r);
+        assert!(r.0.is_empty(), "three elements");
+        let mut l = Reader(&list);
+        assert_eq!(l.int().unwrap(), 2);
+        for want in [ids[2], ids[0]] {
+            let replica = element(&mut l);
+            let mut t = Reader(&replica);
+            assert_eq!(element(&mut t), want.as_bytes());
+            assert_eq!(element(&mut t), 0i32.to_be_bytes(), "shard 0");
+            assert!(t.0.is_empty());
+        }
+        assert!(l.0.is_empty());
+    }
+}
