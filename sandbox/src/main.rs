@@ -74,6 +74,9 @@ const HELP: &str = "commands:
   cql routing                      prepared write statements (EXECUTE, BATCH) received so far, how many by a node that
                                    is not a replica of their partition (by tablet in a tablet keyspace), and per node:
                                    writes=N non_replica=M by_node=A,B,...
+  cql move-tablet KEYSPACE TOKEN NODE,NODE,...   moves the tablet that holds TOKEN (of every table of the tablet
+                                   keyspace KEYSPACE) to these nodes (indexes as in by_node, as many as the replication
+                                   factor), as ScyllaDB's load balancer does: drivers learn it from the next EXECUTE
   cql saturate CAPACITY LATENCY OVERLOAD_ABOVE [match TEXT]   a saturated node: CAPACITY statements at once take LATENCY
                                    (a BATCH of k weighs k), more queue (latency grows with the statements in flight),
                                    above OVERLOAD_ABOVE statements in flight: Overloaded
@@ -294,6 +297,24 @@ fn command(
                 r.writes,
                 r.non_replica,
                 by_node.join(",")
+            ))
+        }
+        ["cql", "move-tablet", keyspace, token, to] => {
+            let token: i64 = token
+                .parse()
+                .map_err(|_| format!("'{token}' is not a token (a bigint)"))?;
+            let to = to
+                .split(',')
+                .map(|n| n.parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| format!("'{to}' is not a list of node indexes (e.g. 0,2)"))?;
+            let t = node.move_tablet_at(keyspace, token, to)?;
+            let replicas: Vec<String> = t.replicas.iter().map(usize::to_string).collect();
+            Ok(format!(
+                "tablet ({},{}] of {keyspace} on nodes {}",
+                t.first,
+                t.last,
+                replicas.join(",")
             ))
         }
         ["cql", kind, rest @ ..] => {

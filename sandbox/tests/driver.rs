@@ -728,3 +728,130 @@ async fn a_cluster_teaches_the_driver_its_tablets_and_the_driver_routes_by_them(
         .count();
     assert_eq!(busy, 3, "every node served writes: {before:?} -> {after:?}");
 }
+
+/// Polls `ready` every 20 ms until it holds or `within` has passed: whether it held.
+async fn wait_until(mut ready: impl FnMut() -> bool, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while !ready() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// A tablet moved (as ScyllaDB's load balancer moves one) after the driver learned it, on three
+/// nodes at RF 1: the driver keeps routing to the old replica, which serves its BATCHes as a
+/// non-replica and answers them with no tablet, so batches never teach the move; the next
+/// EXECUTE, also served there as a non-replica, answers with the moved tablet, the driver
+/// learns its new replica and routes every further EXECUTE there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_tablet_is_learned_from_the_next_execute_and_never_from_a_batch() {
+    let (cluster, session) = cluster_and_session(3).await;
+    for ddl in [
+        "CREATE KEYSPACE moving WITH replication = {'class': 'NetworkTopologyStrategy', 'datacenter1': 1} AND tablets = {'enabled': true, 'initial': 8}",
+        "CREATE TABLE moving.events (user_id text, day int, at bigint, v text, PRIMARY KEY ((user_id, day), at))",
+    ] {
+        session.query_unpaged(ddl, &[]).await.unwrap();
+    }
+    session.refresh_metadata().await.unwrap();
+    let insert = session
+        .prepare("INSERT INTO moving.events (user_id, day, at, v) VALUES (?, ?, ?, ?)")
+        .await
+        .unwrap();
+    let (user, day) = ("mover", 20_000i32);
+    let (user_key, day_key) = (user.as_bytes().to_vec(), day.to_be_bytes().to_vec());
+    let key: [&[u8]; 2] = [&user_key, &day_key];
+    let token = vault_sandbox::cql::murmur3::partition_token(&key);
+    let host_ids = cluster.host_ids();
+    let driver_knows = |node: usize| driver_replicas(&session, "moving", token) == [host_ids[node]];
+    let mut at = 0i64;
+
+    // The driver learns the tablet where it was placed.
+    let placed = cluster.tablet("moving", &key).unwrap();
+    let old = placed.replicas[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !driver_knows(old) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the driver did not learn the tablet"
+        );
+        at += 1;
+        session
+            .execute_unpaged(&insert, (user, day, at, "learn"))
+            .await
+            .unwrap();
+        wait_until(|| driver_knows(old), Duration::from_millis(200)).await;
+    }
+
+    let new = (old + 1) % 3;
+    let moved = cluster.move_tablet("moving", &key, vec![new]).unwrap();
+    assert_eq!(
+        (moved.first, moved.last, &moved.replicas[..]),
+        (placed.first, placed.last, &[new][..])
+    );
+    assert_eq!(cluster.tablet("moving", &key), Some(moved.clone()));
+    assert_eq!(cluster.replicas("moving", &key), [new]);
+    assert!(driver_knows(old), "nothing told the driver yet");
+
+    // BATCHes: to the old replica, each of its statements a non-replica write, and no lesson.
+    let mut batch = Batch::new(BatchType::Unlogged);
+    batch.append_statement(insert.clone());
+    batch.append_statement(insert.clone());
+    for i in 0..5 {
+        let before = cluster.routing();
+        at += 2;
+        session
+            .batch(
+                &batch,
+                ((user, day, at - 1, "batch"), (user, day, at, "batch")),
+            )
+            .await
+            .unwrap();
+        let after = cluster.routing();
+        assert_eq!(after.non_replica - before.non_replica, 2, "batch {i}");
+        assert_eq!(
+            after.writes_by_node[old] - before.writes_by_node[old],
+            2,
+            "batch {i} on the old replica"
+        );
+        assert!(driver_knows(old), "batch {i} taught the move");
+    }
+
+    // The next EXECUTE: on the old replica, a non-replica now, which teaches the move.
+    let before = cluster.routing();
+    at += 1;
+    session
+        .execute_unpaged(&insert, (user, day, at, "taught"))
+        .await
+        .unwrap();
+    let after = cluster.routing();
+    assert_eq!(after.non_replica - before.non_replica, 1, "{after:?}");
+    assert_eq!(after.writes_by_node[old] - before.writes_by_node[old], 1);
+    assert!(
+        wait_until(|| driver_knows(new), Duration::from_secs(10)).await,
+        "the driver did not learn the move: {:?}",
+        driver_replicas(&session, "moving", token)
+    );
+    for edge in [moved.first + 1, moved.last] {
+        assert_eq!(
+            driver_replicas(&session, "moving", edge),
+            [host_ids[new]],
+            "token {edge}: the whole tablet moved"
+        );
+    }
+
+    // Routed to the new replica from now on.
+    let before = cluster.routing();
+    for _ in 0..10 {
+        at += 1;
+        session
+            .execute_unpaged(&insert, (user, day, at, "routed"))
+            .await
+            .unwrap();
+    }
+    let after = cluster.routing();
+    assert_eq!(after.non_replica, before.non_replica, "{after:?}");
+    assert_eq!(after.writes_by_node[new] - before.writes_by_node[new], 10);
+}

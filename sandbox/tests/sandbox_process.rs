@@ -156,8 +156,8 @@ fn sandbox_serves_the_python_driver_takes_faults_and_stops_on_sigterm() {
 }
 
 /// `--cql-nodes 3`: three CQL nodes on one port, listed in VAULT_SCYLLA_NODES; `cql routing`
-/// reports where writes went, and the Python driver's token map agrees with the stand-in's
-/// placement (tests/python_driver_cluster.py).
+/// reports where writes went, `cql move-tablet` moves a tablet, and the Python driver's token
+/// map agrees with the stand-in's placement (tests/python_driver_cluster.py).
 #[test]
 fn sandbox_runs_a_cql_cluster_whose_placement_the_python_driver_agrees_with() {
     let sandbox = Sandbox::start(&["--topic", "cluster:1", "--brokers", "1", "--cql-nodes", "3"]);
@@ -183,7 +183,21 @@ fn sandbox_runs_a_cql_cluster_whose_placement_the_python_driver_agrees_with() {
         String::from_utf8_lossy(&out.stdout).contains("cql routing"),
         "{out:?}"
     );
+    let answer = |words: &[&str]| String::from_utf8_lossy(&sandbox.ctl(words).stdout).into_owned();
+    assert_eq!(
+        answer(&["cql", "move-tablet", "nowhere", "0", "1"]).trim(),
+        "error: keyspace 'nowhere' does not exist"
+    );
+    let refused = answer(&["cql", "move-tablet", "nowhere", "0", "one"]);
+    assert!(refused.contains("not a list of node indexes"), "{refused}");
     sandbox.python("python_driver_cluster.py");
+    if python_has_driver() {
+        // pyt1 (8 tablets, RF 1): token 0 is in the fifth, (-1, 2^61 - 1].
+        assert_eq!(
+            answer(&["cql", "move-tablet", "pyt1", "0", "2"]).trim(),
+            "ok tablet (-1,2305843009213693951] of pyt1 on nodes 2"
+        );
+    }
     sandbox.stop();
 }
 

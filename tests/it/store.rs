@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use scylla::frame::response::result::TableSpec;
 use scylla::value::{CqlDate, CqlTimestamp};
 use tokio_util::sync::CancellationToken;
 use vault::config::{Config, InvalidPolicy, ScyllaConfig};
@@ -14,7 +15,7 @@ use vault::kafka::dead_letter::MemoryDeadLetters;
 use vault::pipeline::batch::{Batch, BatchOutcome, Record};
 use vault::pipeline::flush::FlushReason;
 use vault::store::persister::Persister;
-use vault::store::scylla::ScyllaStore;
+use vault::store::scylla::{token as scylla_token, ScyllaStore};
 use vault::store::{version, Store};
 use vault::telemetry::{Health, Metrics};
 use vault_sandbox::cql::frame::Opcode;
@@ -521,6 +522,123 @@ async fn on_tablets_the_first_write_teaches_the_driver_and_later_ones_are_batche
                 "{case}: one request per partition, and the probe's rows"
             );
         }
+    }
+}
+
+/// ScyllaDB moves tablets (load balancing, nodes joining and leaving). A driver that learned a
+/// tablet before the move keeps routing to its old replicas, and learns the move only from the
+/// answer to a plain EXECUTE (a batch teaches it nothing): each write's first partition goes
+/// as EXECUTEs, so the next write after a move teaches the driver, and the one after it sends
+/// every row to a replica again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_tablets_a_moved_tablet_is_learned_again_from_a_writes_probe() {
+    let cluster = CqlCluster::start(3)
+        .await
+        .expect("CQL stand-in cluster starts");
+    for by_replica in [false, true] {
+        let c = ScyllaConfig {
+            nodes: vec![cluster.addrs()[0].to_string()],
+            replication_strategy: "NetworkTopologyStrategy".into(),
+            datacenters: [("datacenter1".to_owned(), 1)].into(),
+            batch_by_replica: by_replica,
+            ..scylla_config("")
+        };
+        let case = format!("batch_by_replica {by_replica}");
+        cluster
+            .execute(&format!(
+                "CREATE KEYSPACE {} WITH replication = {{'class': 'NetworkTopologyStrategy', \
+                 'datacenter1': 1}} AND tablets = {{'enabled': true, 'initial': 8}}",
+                c.keyspace
+            ))
+            .expect("tablet keyspace");
+        let store = ScyllaStore::connect(&c, true).await.unwrap();
+        let rows_table = format!("{}.user_activity", c.keyspace);
+        let off_replica = || -> usize {
+            cluster
+                .requests()
+                .iter()
+                .flat_map(|r| &r.non_replica)
+                .filter(|(name, _)| *name == rows_table)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        // Every write's first event is user-0's, on 2025-11-24: the probe's partition.
+        let day = chrono::NaiveDate::from_ymd_opt(2025, 11, 24).unwrap();
+        let days = day
+            .signed_duration_since(chrono::NaiveDate::default())
+            .num_days();
+        let day = (u32::try_from(days).unwrap() + (1 << 31)).to_be_bytes();
+        let key: [&[u8]; 2] = [b"user-0", &day];
+        // Where the driver routes that partition now: a node index.
+        let routed = || {
+            let state = store.session().get_cluster_state();
+            let ks = state.get_keyspace(&c.keyspace).unwrap();
+            let table = TableSpec::borrowed(&c.keyspace, "user_activity");
+            let replicas: Vec<_> = state
+                .replica_locator()
+                .replicas_for_token(scylla_token(&key), &ks.strategy, None, &table)
+                .into_iter()
+                .map(|(node, _)| node.host_id)
+                .collect();
+            let ids = cluster.host_ids();
+            replicas
+                .iter()
+                .map(|id| ids.iter().position(|x| x == id).unwrap())
+                .collect::<Vec<usize>>()
+        };
+
+        // The first write teaches the driver every tablet.
+        let write = |first: i64| {
+            let batch = events(500, 1500, first);
+            let store = &store;
+            async move {
+                let refs: Vec<&Event> = batch.iter().collect();
+                store.write(&refs).await.unwrap();
+            }
+        };
+        write(0).await;
+        let home = cluster.tablet(&c.keyspace, &key).unwrap().replicas;
+        wait_until(
+            &format!("{case}: the driver learns the probe's tablet"),
+            Duration::from_secs(10),
+            || {
+                let now = routed();
+                let home = home.clone();
+                async move { (now == home).then_some(()).ok_or(format!("{now:?}")) }
+            },
+        )
+        .await;
+        let to = vec![(home[0] + 1) % 3];
+        cluster.move_tablet(&c.keyspace, &key, to.clone()).unwrap();
+
+        // The next write: the moved tablet's partitions still go to the old node; its probe
+        // teaches the driver the move.
+        cluster.clear_requests();
+        write(1500).await;
+        assert!(
+            off_replica() > 0,
+            "{case}: rows of the moved tablet sent to its old node"
+        );
+        wait_until(
+            &format!("{case}: the driver learns the move"),
+            Duration::from_secs(10),
+            || {
+                let now = routed();
+                let to = to.clone();
+                async move { (now == to).then_some(()).ok_or(format!("{now:?}")) }
+            },
+        )
+        .await;
+
+        // And the one after it sends every row to a replica.
+        cluster.clear_requests();
+        write(3000).await;
+        assert_eq!(off_replica(), 0, "{case}: every row to its replica");
+        assert_eq!(
+            cluster.row_count(&c.keyspace, "user_activity"),
+            4500,
+            "{case}"
+        );
     }
 }
 

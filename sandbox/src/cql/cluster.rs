@@ -7,7 +7,8 @@
 //! replication were instant: a write on any node is readable on every node. What differs per
 //! node is its identity (host id, address, vnode tokens: see [`Ring`]) and so which partitions
 //! it replicates (by the ring, or by tablet in a tablet keyspace: see
-//! [`crate::cql::tablets`]), which the request log records for every write it serves.
+//! [`crate::cql::tablets`]; a test moves a tablet with [`CqlCluster::move_tablet`]), which the
+//! request log records for every write it serves.
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -120,6 +121,34 @@ impl CqlCluster {
     /// `None` unless `keyspace` was created `WITH ... AND tablets = {'enabled': true}`.
     pub fn tablet(&self, keyspace: &str, key: &[&[u8]]) -> Option<Tablet> {
         lock(&self.shared.db).tablet(keyspace, murmur3::partition_token(key))
+    }
+
+    /// Moves the tablet of `keyspace` that holds a partition (`key` as for [`Self::replicas`])
+    /// to the nodes `to` (node indexes, primary first: distinct, as many as the keyspace's
+    /// replication factor), as ScyllaDB's load balancer moves a tablet; returns the tablet
+    /// after the move. That tablet of every table of the keyspace moves (see
+    /// [`crate::cql::tablets`]). From now on writes to it are served as replicas by `to` only,
+    /// [`Self::replicas`] and [`Self::tablet`] name `to`, and an EXECUTE to it on another node
+    /// answers with the moved tablet, from which a driver learns the move (a BATCH does not).
+    /// Refused (nothing moves) for a keyspace that does not exist or is not a tablet keyspace,
+    /// and for a bad `to`.
+    pub fn move_tablet(
+        &self,
+        keyspace: &str,
+        key: &[&[u8]],
+        to: Vec<usize>,
+    ) -> Result<Tablet, String> {
+        self.move_tablet_at(keyspace, murmur3::partition_token(key), to)
+    }
+
+    /// [`Self::move_tablet`] for the tablet that holds `token`.
+    pub fn move_tablet_at(
+        &self,
+        keyspace: &str,
+        token: i64,
+        to: Vec<usize>,
+    ) -> Result<Tablet, String> {
+        lock(&self.shared.db).move_tablet(keyspace, token, to)
     }
 
     /// Write statements served so far, how many on a node not a replica of their partition,

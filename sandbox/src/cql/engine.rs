@@ -22,7 +22,7 @@ use crate::cql::frame::Writer;
 use crate::cql::murmur3;
 use crate::cql::parser::{self, Op, RelValue, Relation, Selection, Statement, TableRef, Term};
 use crate::cql::ring::{self, Replication, Ring};
-use crate::cql::tablets::{self, Tablet, TabletsOption};
+use crate::cql::tablets::{self, Tablet, Tablets, TabletsOption};
 use crate::cql::types::CqlType;
 
 pub type Value = Option<Vec<u8>>;
@@ -186,9 +186,9 @@ impl Table {
 #[derive(Debug, Clone)]
 pub struct Keyspace {
     pub replication: Vec<(String, String)>,
-    /// Set for a tablet keyspace (see [`tablets`]); its tables are placed by tablet, not by
-    /// the vnode ring.
-    pub tablets: Option<TabletsOption>,
+    /// Set for a tablet keyspace (see [`tablets`]): its tables are placed by tablet, not by
+    /// the vnode ring, and its tablets move with [`Database::move_tablet`].
+    pub tablets: Option<Tablets>,
     pub tables: BTreeMap<String, Table>,
 }
 
@@ -577,10 +577,31 @@ impl Database {
     }
 
     fn tablet_of(&self, ks: &Keyspace, token: i64) -> Option<Tablet> {
-        let count = ks.tablets?.count();
+        let tablets = ks.tablets.as_ref()?;
         let replication = Replication::parse(&ks.replication);
+        Some(tablets.tablet(token, replication, self.ring.nodes().len()))
+    }
+
+    /// Moves the tablet of `keyspace` that holds `token` to the nodes `to`, as ScyllaDB's load
+    /// balancer moves one (see [`Tablets::move_tablet`]); the tablet after the move. Every
+    /// placement follows it from now on: [`Self::replicas`], [`Self::tablet`],
+    /// [`Self::write_on_replica`] and [`Self::tablet_payload`].
+    pub fn move_tablet(
+        &mut self,
+        keyspace: &str,
+        token: i64,
+        to: Vec<usize>,
+    ) -> Result<Tablet, String> {
         let nodes = self.ring.nodes().len();
-        Some(tablets::tablet_for(token, count, replication, nodes))
+        let ks = self
+            .keyspaces
+            .get_mut(keyspace)
+            .ok_or_else(|| format!("keyspace '{keyspace}' does not exist"))?;
+        let replication = Replication::parse(&ks.replication);
+        let tablets = ks.tablets.as_mut().ok_or_else(|| {
+            format!("keyspace '{keyspace}' is not a tablet keyspace: create it WITH tablets")
+        })?;
+        tablets.move_tablet(token, to, replication, nodes)
     }
 
     /// The `tablets-routing-v1` payload ScyllaDB adds to the answer to an EXECUTE of `p` with
@@ -670,7 +691,7 @@ impl Database {
                     name.clone(),
                     Keyspace {
                         replication: replication.clone(),
-                        tablets,
+                        tablets: tablets.map(Tablets::new),
                         tables: BTreeMap::new(),
                     },
                 );
@@ -1909,6 +1930,82 @@ mod tests {
 
         run(&mut db, "DROP KEYSPACE tk").unwrap();
         assert_eq!(listed(&mut db), [("auto".into(), 0)]);
+    }
+
+    /// A moved tablet is placed on its new replicas by every placement, for every table of the
+    /// keyspace: replicas, tablet, which node serves a write as a replica, the payload; only
+    /// a tablet keyspace's tablets move; the move goes with the keyspace.
+    #[test]
+    fn a_moved_tablet_is_placed_on_its_new_replicas_everywhere() {
+        let ip = |n| Ipv4Addr::new(127, 0, 0, n);
+        let mut db = Database::with_ring(Ring::new(&[ip(1), ip(2), ip(3)]));
+        let nts = "replication = {'class': 'NetworkTopologyStrategy', 'datacenter1': 2}";
+        let create = format!("CREATE KEYSPACE tk WITH {nts} AND tablets = {{'enabled': true}}");
+        for ddl in [
+            create.as_str(),
+            "CREATE TABLE tk.a (k text PRIMARY KEY, v text)",
+            "CREATE TABLE tk.b (k text PRIMARY KEY, v text)",
+            "CREATE KEYSPACE vn WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 2}",
+        ] {
+            run(&mut db, ddl).unwrap();
+        }
+        let token = murmur3::token(b"moved");
+        let before = db.tablet("tk", token).unwrap();
+        let stranger = (0..3).find(|n| !before.replicas.contains(n)).unwrap();
+        let to = vec![stranger, before.replicas[0]];
+        let after = db.move_tablet("tk", token, to.clone()).unwrap();
+        assert_eq!(
+            after,
+            Tablet {
+                replicas: to.clone(),
+                ..before.clone()
+            }
+        );
+        assert_eq!(db.tablet("tk", token), Some(after.clone()));
+        assert_eq!(db.replicas("tk", token), to);
+        // A token of the next tablet, or of the previous one for the last.
+        let other = if after.last == i64::MAX {
+            after.first
+        } else {
+            after.last + 1
+        };
+        assert_eq!(
+            db.replicas("tk", other),
+            tablets::tablet_for(other, tablets::DEFAULT_TABLETS, Replication::Factor(2), 3)
+                .replicas,
+            "another tablet stays"
+        );
+        let ids: Vec<Uuid> = db.ring().nodes().iter().map(|n| n.host_id).collect();
+        let bound = [Some(b"moved".to_vec()), None];
+        for table in ["a", "b"] {
+            let q = format!("INSERT INTO tk.{table} (k, v) VALUES (?, ?)");
+            let insert = db.prepare(parser::parse(&q).unwrap(), None).unwrap();
+            for node in 0..3 {
+                let on = to.contains(&node);
+                assert_eq!(db.write_on_replica(node, &insert, &bound), Some(on));
+                let want = (!on).then(|| tablets::payload(&after, &ids));
+                assert_eq!(
+                    db.tablet_payload(node, &insert, &bound),
+                    want,
+                    "{table} on {node}"
+                );
+            }
+        }
+        assert!(db.move_tablet("vn", token, vec![0, 1]).is_err(), "vnodes");
+        assert!(db.move_tablet("none", token, vec![0, 1]).is_err());
+        assert!(db.move_tablet("tk", token, vec![0, 0]).is_err());
+        assert_eq!(
+            db.tablet("tk", token),
+            Some(after),
+            "a refused move moves nothing"
+        );
+        run(&mut db, "DROP KEYSPACE tk").unwrap();
+        run(&mut db, &create).unwrap();
+        assert_eq!(
+            db.tablet("tk", token),
+            Some(before),
+            "a new keyspace, placed anew"
+        );
     }
 
     #[test]

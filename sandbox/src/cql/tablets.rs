@@ -5,9 +5,17 @@
 //! This module is the only place that knows tablet boundaries and replicas; `ring` places vnode
 //! keyspaces.
 //!
+//! A keyspace's [`Tablets`] own where its tablets are: placed at creation ([`tablet_for`]), then
+//! moved as ScyllaDB's load balancer moves them ([`Tablets::move_tablet`]); every placement
+//! (the payload, which writes a node serves as a replica, the cluster's `replicas` and `tablet`)
+//! asks [`Tablets::tablet`].
+//!
 //! Stand-in choices: a keyspace that names no `'initial'` count gets [`DEFAULT_TABLETS`] per
 //! table (ScyllaDB sizes it from the cluster and the table's data); every table of a keyspace
-//! has the same tablets, which never split, merge or move; every replica is shard 0.
+//! has the same tablets, which never split or merge, and a move moves that tablet of every
+//! table of the keyspace (ScyllaDB moves one table's tablet); every replica is shard 0.
+
+use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
@@ -94,6 +102,79 @@ pub fn tablet_for(token: i64, count: u64, replication: Replication, nodes: usize
         first: if index == 0 { i64::MIN } else { end(index) },
         last: end(index + 1),
         replicas: (0..factor).map(|k| (index as usize + k) % nodes).collect(),
+    }
+}
+
+/// A tablet keyspace's tablets: how many per table, and which moved off the replicas
+/// [`tablet_for`] placed them on, to where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tablets {
+    option: TabletsOption,
+    /// The replicas of each moved tablet, by the tablet's last token.
+    moved: BTreeMap<i64, Vec<usize>>,
+}
+
+impl Tablets {
+    /// The tablets of a keyspace just created with this option: none moved.
+    pub fn new(option: TabletsOption) -> Tablets {
+        Tablets {
+            option,
+            moved: BTreeMap::new(),
+        }
+    }
+
+    pub fn option(&self) -> TabletsOption {
+        self.option
+    }
+
+    /// The tablet holding `token` (see [`tablet_for`]), on the replicas of its last move if it
+    /// moved.
+    pub fn tablet(&self, token: i64, replication: Replication, nodes: usize) -> Tablet {
+        let mut tablet = tablet_for(token, self.option.count(), replication, nodes);
+        if let Some(replicas) = self.moved.get(&tablet.last) {
+            tablet.replicas.clone_from(replicas);
+        }
+        tablet
+    }
+
+    /// Moves the tablet holding `token` to the nodes `to` (node indexes, primary first, as the
+    /// payload will list them): distinct nodes of the cluster, as many as the tablet has
+    /// replicas. Returns the tablet after the move; refuses a bad `to` and moves nothing.
+    pub fn move_tablet(
+        &mut self,
+        token: i64,
+        to: Vec<usize>,
+        replication: Replication,
+        nodes: usize,
+    ) -> Result<Tablet, String> {
+        let placed = tablet_for(token, self.option.count(), replication, nodes);
+        if to.len() != placed.replicas.len() {
+            return Err(format!(
+                "a tablet has {} replicas here, not {}: name as many nodes",
+                placed.replicas.len(),
+                to.len()
+            ));
+        }
+        if let Some(n) = to.iter().find(|n| **n >= nodes) {
+            return Err(format!(
+                "no node {n}: the cluster's nodes are 0 to {}",
+                nodes - 1
+            ));
+        }
+        if let Some((i, n)) = to.iter().enumerate().find(|(i, n)| to[..*i].contains(n)) {
+            return Err(format!(
+                "node {n} named twice (at {i}): replicas are distinct"
+            ));
+        }
+        if to == placed.replicas {
+            self.moved.remove(&placed.last);
+        } else {
+            self.moved.insert(placed.last, to.clone());
+        }
+        Ok(Tablet {
+            replicas: to,
+            ..placed
+        })
     }
 }
 
@@ -199,6 +280,57 @@ mod tests {
             "one node holds every tablet"
         );
         assert!(at(5, Replication::Factor(0), 3).is_empty());
+    }
+
+    /// A move changes the one tablet's replicas, in the order given, for every token in it and
+    /// no other; moving back to where it was placed undoes it; a bad move changes nothing.
+    #[test]
+    fn a_moved_tablet_is_on_its_new_replicas_and_no_other_tablet_moves() {
+        let option = TabletsOption { initial: 8 };
+        let (rf2, nodes) = (Replication::Factor(2), 3);
+        let mut tablets = Tablets::new(option);
+        let placed = |i| tablet_for(first_token_of(i, 8), 8, rf2, nodes);
+        for i in 0..8 {
+            assert_eq!(tablets.tablet(first_token_of(i, 8), rf2, nodes), placed(i));
+        }
+        let inside = first_token_of(3, 8) + 12_345;
+        assert_eq!(placed(3).replicas, [0, 1]);
+        let moved = tablets.move_tablet(inside, vec![2, 0], rf2, nodes).unwrap();
+        assert_eq!(
+            moved,
+            Tablet {
+                replicas: vec![2, 0],
+                ..placed(3)
+            }
+        );
+        for token in [moved.first + 1, inside, moved.last] {
+            assert_eq!(tablets.tablet(token, rf2, nodes), moved, "token {token}");
+        }
+        for i in (0..8).filter(|i| *i != 3) {
+            let token = first_token_of(i, 8);
+            assert_eq!(tablets.tablet(token, rf2, nodes), placed(i), "tablet {i}");
+        }
+        assert_eq!(
+            tablets.tablet(moved.first, rf2, nodes),
+            placed(2),
+            "the range's first token is the previous tablet's"
+        );
+        for bad in [vec![2], vec![1, 2, 0], vec![0, 3], vec![1, 1]] {
+            assert!(
+                tablets
+                    .move_tablet(inside, bad.clone(), rf2, nodes)
+                    .is_err(),
+                "{bad:?}"
+            );
+            assert_eq!(
+                tablets.tablet(inside, rf2, nodes),
+                moved,
+                "{bad:?} moves nothing"
+            );
+        }
+        let back = tablets.move_tablet(inside, vec![0, 1], rf2, nodes).unwrap();
+        assert_eq!(back, placed(3));
+        assert_eq!(tablets, Tablets::new(option), "back where it was placed");
     }
 
     /// The payload decoded as a driver decodes it: tuple elements, the list, its tuples.
