@@ -310,10 +310,12 @@ pub struct ScyllaConfig {
     pub local_dc: String,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// Keyspace replication used by `vault migrate`: SimpleStrategy (development) or
-    /// NetworkTopologyStrategy (production, with `datacenters`).
+    /// Keyspace replication used by `vault migrate`: NetworkTopologyStrategy (the default, the
+    /// only one ScyllaDB recommends and the one tablets need), or SimpleStrategy (Cassandra and
+    /// older ScyllaDB, development only).
     pub replication_strategy: String,
-    /// Replication factor for SimpleStrategy.
+    /// Replication factor for SimpleStrategy, and for NetworkTopologyStrategy without
+    /// `datacenters` (in every datacenter of the cluster: the server expands it).
     pub replication_factor: u32,
     /// Replication factor per datacenter for NetworkTopologyStrategy, e.g. { dc1 = 3 }.
     pub datacenters: BTreeMap<String, u32>,
@@ -548,7 +550,7 @@ impl Default for ScyllaConfig {
             consistency: "LOCAL_QUORUM".into(),
             local_dc: String::new(),
             request_timeout: Duration::from_secs(5),
-            replication_strategy: "SimpleStrategy".into(),
+            replication_strategy: "NetworkTopologyStrategy".into(),
             replication_factor: 1,
             datacenters: BTreeMap::new(),
             default_ttl: Duration::ZERO,
@@ -1351,9 +1353,13 @@ impl Config {
         match s.replication_strategy.as_str() {
             "SimpleStrategy" if s.replication_factor >= 1 => {}
             "SimpleStrategy" => return Err(bad("scylla.replication_factor", s.replication_factor, "at least 1")),
-            "NetworkTopologyStrategy" if !s.datacenters.is_empty() && s.datacenters.values().all(|rf| *rf >= 1) => {}
+            "NetworkTopologyStrategy" if s.datacenters.is_empty() && s.replication_factor >= 1 => {}
+            "NetworkTopologyStrategy" if s.datacenters.is_empty() => {
+                return Err(bad("scylla.replication_factor", s.replication_factor, "at least 1 (in every datacenter), or a factor per datacenter in scylla.datacenters, e.g. { dc1 = 3 }"))
+            }
+            "NetworkTopologyStrategy" if s.datacenters.values().all(|rf| *rf >= 1) => {}
             "NetworkTopologyStrategy" => {
-                return Err(bad("scylla.datacenters", format!("{:?}", s.datacenters), "NetworkTopologyStrategy needs a replication factor >= 1 per datacenter, e.g. { dc1 = 3 }"))
+                return Err(bad("scylla.datacenters", format!("{:?}", s.datacenters), "a replication factor >= 1 per datacenter, e.g. { dc1 = 3 }"))
             }
             other => return Err(bad("scylla.replication_strategy", other, "SimpleStrategy or NetworkTopologyStrategy")),
         }

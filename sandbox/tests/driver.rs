@@ -729,6 +729,58 @@ async fn a_cluster_teaches_the_driver_its_tablets_and_the_driver_routes_by_them(
     assert_eq!(busy, 3, "every node served writes: {before:?} -> {after:?}");
 }
 
+/// NetworkTopologyStrategy's `'replication_factor': 2` shorthand seen through the driver, on
+/// three nodes: the stand-in stores it expanded to `datacenter1` as ScyllaDB does (the driver
+/// would otherwise take `replication_factor` for a datacenter's name), so the driver's strategy
+/// is `datacenter1: 2` for a vnode and a tablet keyspace alike, and its token map names the
+/// same replicas as the stand-in's placement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_expands_the_nts_replication_factor_to_its_datacenter_for_the_driver() {
+    use scylla::cluster::metadata::Strategy;
+
+    let (cluster, session) = cluster_and_session(3).await;
+    let shorthand = "{'class': 'NetworkTopologyStrategy', 'replication_factor': 2}";
+    for (ks, tablets) in [
+        ("rf_vnodes", ""),
+        ("rf_tablets", " AND tablets = {'enabled': true}"),
+    ] {
+        for ddl in [
+            format!("CREATE KEYSPACE {ks} WITH replication = {shorthand}{tablets}"),
+            format!("CREATE TABLE {ks}.events (user_id text, day int, at bigint, v text, PRIMARY KEY ((user_id, day), at))"),
+        ] {
+            session.query_unpaged(ddl, &[]).await.unwrap();
+        }
+    }
+    session.refresh_metadata().await.unwrap();
+    let state = session.get_cluster_state();
+    let want = Strategy::NetworkTopologyStrategy {
+        datacenter_repfactors: [("datacenter1".to_string(), 2)].into(),
+    };
+    for ks in ["rf_vnodes", "rf_tablets"] {
+        let strategy = &state.get_keyspace(ks).expect("keyspace known").strategy;
+        assert_eq!(strategy, &want, "{ks}");
+    }
+
+    let host_ids = cluster.host_ids();
+    for i in 0..30 {
+        let (user, day) = (format!("user-{i:03}"), i32::MIN + i * 7919);
+        let key = [user.as_bytes(), &day.to_be_bytes()[..]];
+        let token = vault_sandbox::cql::murmur3::partition_token(&key);
+        let mut ours: Vec<uuid::Uuid> = cluster
+            .replicas("rf_vnodes", &key)
+            .into_iter()
+            .map(|n| host_ids[n])
+            .collect();
+        ours.sort();
+        assert_eq!(ours.len(), 2, "two replicas of ({user}, {day})");
+        assert_eq!(
+            driver_replicas(&session, "rf_vnodes", token),
+            ours,
+            "replicas of ({user}, {day})"
+        );
+    }
+}
+
 /// Polls `ready` every 20 ms until it holds or `within` has passed: whether it held.
 async fn wait_until(mut ready: impl FnMut() -> bool, within: Duration) -> bool {
     let deadline = std::time::Instant::now() + within;

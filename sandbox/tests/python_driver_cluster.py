@@ -19,6 +19,9 @@ from sandbox_control import control
 KEYSPACES = {
     "pyc1": ("{'class': 'SimpleStrategy', 'replication_factor': 1}", 1),
     "pyc2": ("{'class': 'NetworkTopologyStrategy', 'datacenter1': 2}", 2),
+    # The shorthand, stored expanded to datacenter1 as ScyllaDB stores it: the driver reads the
+    # stored map, and would take an unexpanded 'replication_factor' for a datacenter's name.
+    "pyc3": ("{'class': 'NetworkTopologyStrategy', 'replication_factor': 2}", 2),
 }
 
 # Tablet keyspaces: 8 tablets named, and the stand-in's default (8) when 'initial' is not.

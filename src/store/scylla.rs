@@ -67,19 +67,26 @@ pub const ERASURES: &str = "erasures";
 
 /// `CREATE KEYSPACE` for these settings.
 pub fn keyspace_cql(c: &ScyllaConfig) -> String {
-    let replication = if c.replication_strategy == "NetworkTopologyStrategy" {
-        let dcs: Vec<String> = c
-            .datacenters
-            .iter()
-            .map(|(dc, rf)| format!("'{dc}': {rf}"))
-            .collect();
-        format!("{{'class': 'NetworkTopologyStrategy', {}}}", dcs.join(", "))
-    } else {
-        format!(
-            "{{'class': 'SimpleStrategy', 'replication_factor': {}}}",
-            c.replication_factor
-        )
-    };
+    let replication =
+        if c.replication_strategy == "NetworkTopologyStrategy" && c.datacenters.is_empty() {
+            // The server expands it to every datacenter it has.
+            format!(
+                "{{'class': 'NetworkTopologyStrategy', 'replication_factor': {}}}",
+                c.replication_factor
+            )
+        } else if c.replication_strategy == "NetworkTopologyStrategy" {
+            let dcs: Vec<String> = c
+                .datacenters
+                .iter()
+                .map(|(dc, rf)| format!("'{dc}': {rf}"))
+                .collect();
+            format!("{{'class': 'NetworkTopologyStrategy', {}}}", dcs.join(", "))
+        } else {
+            format!(
+                "{{'class': 'SimpleStrategy', 'replication_factor': {}}}",
+                c.replication_factor
+            )
+        };
     format!(
         "CREATE KEYSPACE IF NOT EXISTS {} WITH replication = {replication};",
         c.keyspace

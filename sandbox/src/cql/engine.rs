@@ -687,6 +687,8 @@ impl Database {
                         table: String::new(),
                     });
                 }
+                // Stored as ScyllaDB stores it; placement and system_schema both read this.
+                let replication = Replication::stored(replication);
                 self.keyspaces.insert(
                     name.clone(),
                     Keyspace {
@@ -708,7 +710,7 @@ impl Database {
                 if self.table("system_schema", "keyspaces").is_some() {
                     let mut map = Vec::new();
                     map.int(replication.len() as i32);
-                    for (k, v) in replication {
+                    for (k, v) in &replication {
                         map.bytes(Some(k.as_bytes()));
                         map.bytes(Some(v.as_bytes()));
                     }
@@ -1860,6 +1862,60 @@ mod tests {
             None,
             "a system table"
         );
+    }
+
+    /// NetworkTopologyStrategy's `replication_factor` is stored as ScyllaDB stores it, expanded
+    /// to the one datacenter (a datacenter named beside it wins), for vnode and tablet
+    /// keyspaces alike, and the keyspace is placed by that factor.
+    #[test]
+    fn the_nts_replication_factor_shorthand_is_stored_expanded_and_placed_by() {
+        let ip = |n| Ipv4Addr::new(127, 0, 0, n);
+        let mut db = Database::with_ring(Ring::new(&[ip(1), ip(2), ip(3)]));
+        let nts = "'class': 'NetworkTopologyStrategy'";
+        for ddl in [
+            format!("CREATE KEYSPACE vn WITH replication = {{{nts}, 'replication_factor': 2}}"),
+            format!("CREATE KEYSPACE tk WITH replication = {{{nts}, 'replication_factor': 2}} AND tablets = {{'enabled': true}}"),
+            format!("CREATE KEYSPACE both WITH replication = {{'replication_factor': 3, {nts}, 'datacenter1': 1}}"),
+        ] {
+            run(&mut db, &ddl).unwrap();
+        }
+        let stored = |db: &mut Database, ks: &str| -> Vec<(String, String)> {
+            let q = format!(
+                "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = '{ks}'"
+            );
+            let got = rows(run(db, &q).unwrap());
+            let map = got[0][0].clone().expect("a replication map");
+            let int = |at: &mut usize| {
+                let n = i32::from_be_bytes(map[*at..*at + 4].try_into().unwrap()) as usize;
+                *at += 4;
+                n
+            };
+            let text = |at: &mut usize| {
+                let n = int(at);
+                *at += n;
+                String::from_utf8(map[*at - n..*at].to_vec()).unwrap()
+            };
+            let mut at = 0;
+            (0..int(&mut at))
+                .map(|_| (text(&mut at), text(&mut at)))
+                .collect()
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let class = pair(
+            "class",
+            "org.apache.cassandra.locator.NetworkTopologyStrategy",
+        );
+        let expanded = [class.clone(), pair("datacenter1", "2")];
+        assert_eq!(stored(&mut db, "vn"), expanded);
+        assert_eq!(stored(&mut db, "tk"), expanded, "a tablet keyspace");
+        assert_eq!(stored(&mut db, "both"), [class, pair("datacenter1", "1")]);
+        for i in 0..20 {
+            let token = murmur3::token(format!("k{i}").as_bytes());
+            assert_eq!(db.replicas("vn", token), db.ring().replicas(token, 2));
+            let tablet = tablets::tablet_for(token, 8, Replication::Factor(2), 3);
+            assert_eq!(db.replicas("tk", token), tablet.replicas);
+            assert_eq!(db.replicas("both", token), db.ring().replicas(token, 1));
+        }
     }
 
     /// A tablet keyspace has a `scylla_keyspaces` row while it exists; its partitions are

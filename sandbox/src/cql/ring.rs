@@ -3,8 +3,9 @@
 //! it (vnodes on the Murmur3 range; SimpleStrategy, and NetworkTopologyStrategy in the one
 //! datacenter, take the owners of the first distinct nodes walking the ring clockwise from the
 //! partition's token). This module is the only place that knows how vnode keyspaces are placed
-//! (`tablets` places tablet keyspaces); the nodes' `system.local` and `system.peers` rows are
-//! rendered from it.
+//! (`tablets` places tablet keyspaces), and the only one that knows how a keyspace's replication
+//! map is stored ([`Replication::stored`]), which every placement reads; the nodes'
+//! `system.local` and `system.peers` rows are rendered from it.
 
 use std::net::Ipv4Addr;
 
@@ -58,14 +59,33 @@ impl Replication {
         let class = get("class").unwrap_or_default();
         match class.rsplit('.').next().unwrap_or_default() {
             "SimpleStrategy" => Replication::Factor(factor("replication_factor").unwrap_or(1)),
-            // ScyllaDB expands a plain `replication_factor` to every datacenter.
-            "NetworkTopologyStrategy" => Replication::Factor(
-                factor(DATACENTER)
-                    .or_else(|| factor("replication_factor"))
-                    .unwrap_or(0),
-            ),
+            // Read from the stored map, where `replication_factor` is already expanded.
+            "NetworkTopologyStrategy" => Replication::Factor(factor(DATACENTER).unwrap_or(0)),
             _ => Replication::EveryNode,
         }
+    }
+
+    /// CREATE KEYSPACE's replication map as ScyllaDB stores it (`system_schema.keyspaces`),
+    /// which is what drivers and [`Replication::parse`] read: the class by its qualified name;
+    /// for NetworkTopologyStrategy a `replication_factor` expanded to every datacenter of the
+    /// cluster (here only [`DATACENTER`]), a datacenter named beside it keeping its own factor;
+    /// keys in a `map<text, text>`'s order.
+    pub fn stored(given: &[(String, String)]) -> Vec<(String, String)> {
+        let mut stored: std::collections::BTreeMap<String, String> =
+            given.iter().cloned().collect();
+        if let Some(class) = stored.get_mut("class") {
+            if !class.contains('.') {
+                *class = format!("org.apache.cassandra.locator.{class}");
+            }
+        }
+        let nts = stored.get("class").map(String::as_str)
+            == Some("org.apache.cassandra.locator.NetworkTopologyStrategy");
+        if nts {
+            if let Some(rf) = stored.remove("replication_factor") {
+                stored.entry(DATACENTER.to_string()).or_insert(rf);
+            }
+        }
+        stored.into_iter().collect()
     }
 }
 
@@ -238,6 +258,42 @@ mod tests {
         assert_eq!(Replication::parse(&elsewhere), Replication::Factor(0));
         let local = opts(&[("class", "LocalStrategy")]);
         assert_eq!(Replication::parse(&local), Replication::EveryNode);
+    }
+
+    /// NetworkTopologyStrategy's `replication_factor` is stored as a factor for the one
+    /// datacenter, which is what placement reads; a datacenter named beside it wins.
+    #[test]
+    fn the_stored_map_expands_replication_factor_to_the_datacenter() {
+        let opts = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let nts = "org.apache.cassandra.locator.NetworkTopologyStrategy";
+        let short = Replication::stored(&opts(&[
+            ("replication_factor", "3"),
+            ("class", "NetworkTopologyStrategy"),
+        ]));
+        assert_eq!(short, opts(&[("class", nts), ("datacenter1", "3")]));
+        assert_eq!(Replication::parse(&short), Replication::Factor(3));
+        let beside = Replication::stored(&opts(&[
+            ("class", nts),
+            ("replication_factor", "3"),
+            ("datacenter1", "1"),
+            ("dc2", "2"),
+        ]));
+        let want = opts(&[("class", nts), ("datacenter1", "1"), ("dc2", "2")]);
+        assert_eq!(beside, want, "datacenter1 named beside it wins");
+        let simple = Replication::stored(&opts(&[
+            ("class", "SimpleStrategy"),
+            ("replication_factor", "2"),
+        ]));
+        let want = opts(&[
+            ("class", "org.apache.cassandra.locator.SimpleStrategy"),
+            ("replication_factor", "2"),
+        ]);
+        assert_eq!(simple, want, "SimpleStrategy keeps its factor");
     }
 
     #[test]
