@@ -678,6 +678,25 @@ impl Settings {
     /// a warning at start-up; empty with the defaults. Validation refuses each of them unless its
     /// opt-in (`scylla.allow_weak_consistency`, `kafka.allow_read_uncommitted`) is set;
     /// `pipeline.on_invalid = "skip"` is listed too, being a choice to drop invalid input.
+    /// The LOCAL_* rule of validation, against the datacenters the cluster has (`dcs`, as the
+    /// driver sees them once connected): where `scylla.datacenters` does not name them (the
+    /// replication factor in every datacenter, or SimpleStrategy), validation could not tell.
+    /// `Err` with what to fix when it is refused; `Ok(Some)` with the weakening when allowed.
+    pub fn check_datacenters(&self, dcs: &[&str]) -> Result<Option<String>, String> {
+        let s = &self.config.scylla;
+        match local_consistency_without_local_dc(s, dcs, "the cluster has") {
+            None => Ok(None),
+            Some(w) if w.allowed => Ok(Some(format!(
+                "{} unset (allowed by {} = true): {}",
+                w.key, w.opt_in, w.cost
+            ))),
+            Some(w) => Err(format!(
+                "{}: {}; {}, or set {} = true to accept that",
+                w.key, w.cost, w.fix, w.opt_in
+            )),
+        }
+    }
+
     pub fn weakened_guarantees(&self) -> Vec<String> {
         let mut out: Vec<String> = weakenings(&self.config)
             .into_iter()
@@ -698,6 +717,31 @@ impl Settings {
         }
         out
     }
+}
+
+/// A LOCAL_* consistency without `local_dc` where there are several datacenters (`dcs`, as
+/// `source` names them): a write is counted in the datacenter of whichever node coordinates it.
+fn local_consistency_without_local_dc(
+    s: &ScyllaConfig,
+    dcs: &[&str],
+    source: &str,
+) -> Option<Weakening> {
+    let local = s.consistency.to_ascii_uppercase().starts_with("LOCAL_");
+    (local && s.local_dc.is_empty() && dcs.len() > 1).then(|| Weakening {
+        key: "scylla.local_dc",
+        value: String::new(),
+        opt_in: "scylla.allow_weak_consistency",
+        allowed: s.allow_weak_consistency,
+        cost: format!(
+            "scylla.consistency = {} is counted in the datacenter of whichever node coordinates \
+             a write, and {source} {} ({}): a write may be acknowledged by a datacenter other \
+             than the one vault runs in",
+            s.consistency,
+            dcs.len(),
+            dcs.join(", ")
+        ),
+        fix: "set scylla.local_dc to the datacenter vault runs in",
+    })
 }
 
 /// A setting that weakens the delivery guarantee: where it is, the opt-in that accepts it, and
@@ -734,24 +778,13 @@ fn weakenings(c: &Config) -> Vec<Weakening> {
             cost: cost.into(),
             fix: "use LOCAL_QUORUM (the default), QUORUM, EACH_QUORUM or ALL",
         });
-    } else if consistency.starts_with("LOCAL_") && s.local_dc.is_empty() && s.datacenters.len() > 1
-    {
+    } else {
         let dcs: Vec<&str> = s.datacenters.keys().map(String::as_str).collect();
-        out.push(Weakening {
-            key: "scylla.local_dc",
-            value: String::new(),
-            opt_in: "scylla.allow_weak_consistency",
-            allowed: s.allow_weak_consistency,
-            cost: format!(
-                "scylla.consistency = {} is counted in the datacenter of whichever node \
-                 coordinates a write, and scylla.datacenters names {} ({}): a write may be \
-                 acknowledged by a datacenter other than the one vault runs in",
-                s.consistency,
-                dcs.len(),
-                dcs.join(", ")
-            ),
-            fix: "set scylla.local_dc to the datacenter vault runs in",
-        });
+        out.extend(local_consistency_without_local_dc(
+            s,
+            &dcs,
+            "scylla.datacenters names",
+        ));
     }
     let read_uncommitted = c
         .kafka
@@ -1285,12 +1318,14 @@ impl Config {
             && s.keyspace.len() <= 48
             && s.keyspace
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !ks_ok {
+            // CQL folds an unquoted name to lower case: "Vault" would be created as "vault",
+            // and the driver's metadata, which vault looks the keyspace up in, names it so.
             return Err(bad(
                 "scylla.keyspace",
                 &s.keyspace,
-                "1-48 characters of [a-zA-Z0-9_]",
+                "1-48 characters of [a-z0-9_] (CQL folds unquoted names to lower case)",
             ));
         }
         const CONSISTENCIES: [&str; 9] = [
@@ -1775,6 +1810,7 @@ mod tests {
             ("kafka.auto_offset_reset=middle", "kafka.auto_offset_reset"),
             ("metrics.addr=localhost", "metrics.addr"),
             ("scylla.keyspace=bad-name", "scylla.keyspace"),
+            ("scylla.keyspace=Vault", "scylla.keyspace"),
             ("kafka.topics=a b", "kafka.topics"),
         ];
         for (set, key) in cases {
@@ -2300,6 +2336,36 @@ mod tests {
         // The opt-in alone weakens nothing.
         let s = set(&["scylla.allow_weak_consistency=true"]).unwrap();
         assert!(s.weakened_guarantees().is_empty());
+    }
+
+    #[test]
+    fn local_consistency_in_a_cluster_of_several_datacenters_needs_local_dc() {
+        // The default replication names no datacenter: the cluster's are checked once known.
+        let settings = Config::default().validate().unwrap();
+        assert_eq!(settings.check_datacenters(&["dc1"]), Ok(None));
+        let err = settings.check_datacenters(&["dc1", "dc2"]).unwrap_err();
+        assert!(
+            err.starts_with("scylla.local_dc") && err.contains("dc1, dc2"),
+            "{err}"
+        );
+        let mut c = Config::default();
+        c.scylla.local_dc = "dc1".into();
+        let local = c.validate().unwrap();
+        assert_eq!(local.check_datacenters(&["dc1", "dc2"]), Ok(None));
+        let mut c = Config::default();
+        c.scylla.allow_weak_consistency = true;
+        let allowed = c.validate().unwrap();
+        let warning = allowed.check_datacenters(&["dc1", "dc2"]).unwrap().unwrap();
+        assert!(
+            warning.contains("allowed by scylla.allow_weak_consistency"),
+            "{warning}"
+        );
+        let mut c = Config::default();
+        c.scylla.consistency = "QUORUM".into();
+        assert_eq!(
+            c.validate().unwrap().check_datacenters(&["dc1", "dc2"]),
+            Ok(None)
+        );
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! The ScyllaDB store: schema management (`vault migrate`) and Scylla-shaped, idempotent writes.
 //!
-//! How a Kafka batch becomes CQL requests is decided here and nowhere else ([`batching`]): by
-//! default ([`plan_by_partition`]) each partition `(user_id, day)` is one UNLOGGED batch of its
-//! rows (at most `max_batch_rows` rows and `max_batch_bytes` bytes a request) ending with its
-//! day-index entry; with `scylla.batch_by_replica` ([`plan`]) partitions that live on the same
-//! replicas and shard share batches, and the day index's entries go apart, grouped likewise.
-//! On a keyspace with tablets, either way, a partition whose tablet the driver has not learned
-//! yet goes row by row, its entry alone, as plain EXECUTEs (their answers teach the driver), as
-//! does each write's first partition (so that a tablet that moved is learned again); a row too
-//! large to share a batch goes alone, its entry apart.
+//! How a Kafka batch becomes CQL requests is decided here and nowhere else ([`plan`]): by
+//! default each partition `(user_id, day)` is one UNLOGGED batch of its rows (at most
+//! `max_batch_rows` rows and `max_batch_bytes` bytes a request) ending with its day-index
+//! entry; with `scylla.batch_by_replica` partitions that live on the same replicas and shard
+//! share batches, and the day index's entries go apart, grouped likewise (a partition the
+//! driver cannot place goes by partition). On a keyspace with tablets, either way, a few
+//! partitions of each write are probes ([`Probes`]): their first row and their entry go alone,
+//! as plain EXECUTEs, whose answers teach the driver where tablets live. A row too large to
+//! share a batch goes alone, its entry apart.
 //! Requests are written concurrently, as many at once per process as the write concurrency
 //! limit allows ([`crate::store::concurrency`]: adaptive between `min_concurrent_requests` and
 //! `max_concurrent_requests`, or fixed at the maximum). The statements are prepared once,
@@ -491,6 +491,20 @@ impl ScyllaStore {
         &self.session
     }
 
+    /// The datacenters of the cluster's nodes, as the driver sees them now.
+    pub fn datacenters(&self) -> Vec<String> {
+        let mut dcs: Vec<String> = self
+            .session
+            .get_cluster_state()
+            .get_nodes_info()
+            .iter()
+            .filter_map(|node| node.datacenter.clone())
+            .collect();
+        dcs.sort_unstable();
+        dcs.dedup();
+        dcs
+    }
+
     pub fn keyspace(&self) -> &str {
         &self.keyspace
     }
@@ -511,49 +525,37 @@ impl ScyllaStore {
         }
     }
 
-    /// Splits events into requests, as [`batching`] decides from the setting and what the driver
-    /// knows of the keyspace.
+    /// Splits events into requests ([`plan`]): by partition, or with `batch_by_replica` by
+    /// where partitions live, as far as the driver knows it now; on tablets, with probes that
+    /// teach it ([`Probes`]).
     pub fn plan(&self, events: &[&Event]) -> Vec<Request> {
         let cluster = self.session.get_cluster_state();
         let tablets = cluster
             .get_keyspace(&self.keyspace)
             .map(|ks| ks.tablet_based);
         let (rows, bytes) = (self.max_batch_rows, self.max_batch_bytes);
-        let dc = self.local_dc.as_deref();
-        let placed = |table| Placement::of(&cluster, &self.keyspace, table, dc);
-        // On tablets the write's first partition goes as if its tablet were not learned: plain
-        // EXECUTEs, whose answers tell the driver where a tablet that moved lives now (it learns
-        // nothing from a batch). On vnodes the ring says where every partition lives.
-        let probe = |e: &Event| tablets != Some(false) && std::ptr::eq(e, events[0]);
-        match batching(self.batch_by_replica, tablets) {
-            Batching::Replicas => match (placed(TABLE), placed(USER_DAYS)) {
-                (Some(rows_at), Some(index_at)) => plan(
-                    events,
-                    rows,
-                    bytes,
-                    |e| {
-                        let (user, day) = row_key(e);
-                        rows_at.key(&[user, &day]).filter(|_| !probe(e))
-                    },
-                    |e| {
-                        index_at
-                            .key(&[e.user_id().as_bytes()])
-                            .filter(|_| !probe(e))
-                    },
-                ),
-                // On vnodes, a table not placed by Murmur3: by partition. On tablets, or a
-                // keyspace the driver has no metadata for yet: nothing is known, all alone.
-                _ => plan_by_partition(events, rows, bytes, |_| tablets == Some(false)),
-            },
-            Batching::Partition => plan_by_partition(events, rows, bytes, |_| true),
-            Batching::PartitionWhereLearned => match placed(TABLE) {
-                Some(rows_at) => plan_by_partition(events, rows, bytes, |e| {
-                    let (user, day) = row_key(e);
-                    !probe(e) && rows_at.key(&[user, &day]).is_some()
-                }),
-                None => plan_by_partition(events, rows, bytes, |_| false),
-            },
+        // On vnodes the ring says where every partition lives: nothing to look up or teach.
+        if tablets == Some(false) && !self.batch_by_replica {
+            return plan_by_partition(events, rows, bytes);
         }
+        let dc = self.local_dc.as_deref();
+        let rows_at = Placement::of(&cluster, &self.keyspace, TABLE, dc);
+        let index_at = Placement::of(&cluster, &self.keyspace, USER_DAYS, dc);
+        let by_replica = self.batch_by_replica;
+        // Where a partition's rows and its entry live; by default only the rows matter (the
+        // entry rides with them).
+        let keys = |e: &Event| {
+            let (user, day) = row_key(e);
+            let rows = rows_at.as_ref()?.key(&[user, &day])?;
+            let index = if by_replica {
+                index_at.as_ref()?.key(&[e.user_id().as_bytes()])?
+            } else {
+                0
+            };
+            Some((rows, index))
+        };
+        let mut probes = Probes::new(tablets != Some(false));
+        plan(events, rows, bytes, |e| probes.shape(keys(e), by_replica))
     }
 
     /// Sends one request while holding a write permit, for the whole request (the driver's
@@ -650,36 +652,6 @@ impl ScyllaStore {
     }
 }
 
-/// How a write is cut into requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Batching {
-    /// Partitions on the same replicas and shard together, index entries apart ([`plan`]); a
-    /// partition whose replicas the driver does not know goes row by row.
-    Replicas,
-    /// Each partition with its day-index entry ([`plan_by_partition`]): on vnodes, where the
-    /// driver knows every partition's replicas from the ring.
-    Partition,
-    /// Each partition with its day-index entry where the driver has learned its tablet; any
-    /// other partition row by row, its entry alone ([`plan_by_partition`]).
-    PartitionWhereLearned,
-}
-
-/// The batching for `scylla.batch_by_replica` and a keyspace that uses tablets (`Some(true)`),
-/// vnodes (`Some(false)`) or that the driver has no metadata for yet (`None`).
-///
-/// The driver learns where a tablet lives only from the answer to a plain EXECUTE that a node
-/// which is not its replica serves, and routes a batch by its first statement's replicas, which
-/// it does not know for a tablet not learned: so on tablets, a partition goes in a batch only
-/// once the driver has learned its tablet, and before that row by row as EXECUTEs, which teach
-/// it. (So does each write's first partition, see [`ScyllaStore::plan`].)
-fn batching(by_replica: bool, tablets: Option<bool>) -> Batching {
-    match tablets {
-        _ if by_replica => Batching::Replicas,
-        Some(false) => Batching::Partition,
-        Some(true) | None => Batching::PartitionWhereLearned,
-    }
-}
-
 /// One CQL request of a write: an UNLOGGED batch (or, for one statement, a plain EXECUTE).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -738,117 +710,194 @@ impl IndexEntry {
     }
 }
 
-/// Splits a write's events into requests by partition `(user_id, day)`, in order of first
-/// appearance: each partition's rows, in order, cut into UNLOGGED batches of at most `max_rows`
-/// rows and `max_bytes` bytes, and to each batch its partition's day-index entry, last, at the
-/// newest version among that batch's rows ([`Request::Partition`]). A row larger than a batch
-/// may hold goes alone, its entry in a request of its own. A partition whose first row is not
-/// `learned` (on tablets: the driver has not learned where it lives, see [`batching`]) goes row
-/// by row, each a plain EXECUTE, and its entry, at the newest version of its rows, alone.
-///
-/// So a request that is acknowledged has made its rows and their day durable together, and the
-/// rows of a request that fails count as unwritten and are sent again with their entry: every
-/// row of an acknowledged write has an index entry at or above its version, which is what an
-/// erasure relies on (DESIGN, Erasure). A second request of a large partition writes the entry again, at its own
-/// rows' newest version; the entry keeps the newest of them.
-///
-/// Why one request per partition, with its entry: a request's fixed cost (on both sides) is
-/// most of what a small row costs, and users' activity seldom puts many rows of one day in one
-/// Kafka batch; one request then carries the row and its index entry, where separate requests
-/// would double them. The entry's partition is another (the index is keyed by user), so the
-/// coordinator forwards that one small mutation, as it would replicate it anyway; that is as far
-/// as vault goes across partitions by default (see [`plan`] for `batch_by_replica`).
-pub fn plan_by_partition(
-    events: &[&Event],
-    max_rows: usize,
-    max_bytes: usize,
-    learned: impl Fn(&Event) -> bool,
-) -> Vec<Request> {
-    let mut requests = Vec::new();
-    for rows in partitions(events) {
-        let e = events[rows[0]];
-        if !learned(e) {
-            requests.push(Request::Index {
-                entries: vec![IndexEntry::of(events, &rows)],
-                covers: rows.clone(),
-            });
-            requests.extend(rows.into_iter().map(|i| Request::Rows(vec![i])));
-            continue;
-        }
-        // The entry's own bytes count against the batch's.
-        let room = max_bytes.saturating_sub(e.user_id().len() + 32);
-        for rows in cut(rows.into_iter(), events, max_rows, room) {
-            let entry = IndexEntry::of(events, &rows);
-            if let [i] = rows[..] {
-                if row_size(events[i]) > room {
-                    // A row too large to share a batch: the database checks the size of every
-                    // batch of two partitions or more (it warns above 128 KiB and refuses above
-                    // 1 MiB), not of a lone statement. The row and its entry go as two EXECUTEs.
-                    requests.push(Request::Index {
-                        entries: vec![entry],
-                        covers: vec![i],
-                    });
-                    requests.push(Request::Rows(rows));
-                    continue;
-                }
-            }
-            requests.push(Request::Partition { rows, entry });
-        }
-    }
-    requests
+/// What [`plan`] does with one partition `(user_id, day)` of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Its rows, in order, in UNLOGGED batches of their own, each ending with the partition's
+    /// day-index entry ([`Request::Partition`]): by default, and wherever the driver does not
+    /// know where the partition or its entry lives.
+    Partition,
+    /// With `batch_by_replica`: its rows share batches with the write's other partitions of
+    /// the same `rows` key, and its entry with the entries of the same `index` key (the keys of
+    /// where they live, [`Placement`]).
+    Grouped { rows: u64, index: u64 },
+    /// A probe (on tablets, see [`Probes`]): its entry and its first row each alone, as plain
+    /// EXECUTEs, whose answers teach the driver where their tablets live; its other rows in
+    /// batches.
+    Probe,
 }
 
-/// Splits a write's events into requests, with the batching keys of each row's partition and
-/// of its day-index partition given by `row_key` and `index_key`: partitions with equal keys
-/// may share a batch. (What `scylla.batch_by_replica` does; [`plan_by_partition`] otherwise.)
+/// Splits a write's events into requests by partition `(user_id, day)`, each as `shape` says
+/// (called once per partition, in order of first appearance, with its first row).
 ///
-/// Rows are grouped by partition `(user_id, day)`, and the partitions by `row_key`; each group
-/// is cut into UNLOGGED batches of at most `max_rows` rows and `max_bytes` bytes, a partition's
-/// rows kept together and in order where they fit. The day index gets one entry per partition,
-/// at the newest version of its rows in the write, grouped by `index_key` and cut at `max_rows`
-/// entries; its requests are planned first, and an index request that fails leaves every row it
-/// covers unwritten. Requests run concurrently, so that order is no guarantee: what keeps a day
-/// from staying unindexed behind its rows is the commit rule (the write is durable only when
-/// every request of it is, and an abandoned one is replayed), and an entry without rows is only
-/// a stale entry.
+/// - [`Shape::Partition`]: the partition's rows, in order, cut into UNLOGGED batches of at most
+///   `max_rows` rows and `max_bytes` bytes, and to each batch the partition's day-index entry,
+///   last, at the newest version among that batch's rows ([`Request::Partition`]). A row larger
+///   than a batch may hold goes alone, its entry in a request of its own.
+/// - [`Shape::Grouped`]: partitions of equal `rows` keys are cut together into batches (a
+///   partition's rows kept together and in order where they fit); the day index gets one entry
+///   per partition, at the newest version of its rows in the write, grouped by `index` key and
+///   cut at `max_rows` entries ([`Request::Index`]); an index request that fails leaves every row
+///   it covers unwritten.
+/// - [`Shape::Probe`]: one entry request covering all the partition's rows, its first row
+///   alone, and its other rows cut into batches.
 ///
-/// A key of `None` means the driver does not know where the partition lives (on tablets: a
-/// tablet it has not learned, see [`batching`]): such partitions go row by row, each a plain
-/// EXECUTE, and their entries one by one.
+/// So every row of a write is in one request, and its day's entry, at or above its version, in
+/// a request whose failure leaves that row unwritten (the same one, or an index request that
+/// covers it): a request that is acknowledged has made its rows and their day durable, and the
+/// rows of one that fails are sent again with their entry. Every row of an acknowledged write
+/// has an index entry at or above its version, which is what an erasure relies on (DESIGN,
+/// Erasure). A second request of a large partition writes the entry again, at its own rows'
+/// newest version; the entry keeps the newest of them. Requests run concurrently, so their
+/// order is no guarantee: what keeps a day from staying unindexed behind its rows is the commit
+/// rule (the write is durable only when every request of it is, and an abandoned one is
+/// replayed), and an entry without rows is only a stale entry.
 ///
-/// With `batch_by_replica` the keys are where the partitions live ([`Placement`]). By replica, with
-/// three nodes and a replication factor of 3, a batch of 500 events from 500 users costs a few
-/// requests per shard rather than 500, each sent to a coordinator that owns every partition in
-/// it (the driver routes a batch by its first statement).
+/// Why one request per partition, with its entry, by default: a request's fixed cost (on both
+/// sides) is most of what a small row costs, and users' activity seldom puts many rows of one
+/// day in one Kafka batch; one request then carries the row and its index entry, where separate
+/// requests would double them. The entry's partition is another (the index is keyed by user),
+/// so the coordinator forwards that one small mutation, as it would replicate it anyway; that is
+/// as far as vault goes across partitions by default. With `batch_by_replica`, on three nodes
+/// with a replication factor of 3, a batch of 500 events from 500 users costs a few requests
+/// per shard rather than 500, each sent to a coordinator that owns every partition in it (the
+/// driver routes a batch by its first statement).
 pub fn plan(
     events: &[&Event],
     max_rows: usize,
     max_bytes: usize,
-    row_key: impl Fn(&Event) -> Option<u64>,
-    index_key: impl Fn(&Event) -> Option<u64>,
+    mut shape: impl FnMut(&Event) -> Shape,
 ) -> Vec<Request> {
-    let partitions = partitions(events);
     let max_rows = max_rows.max(1);
-    // Where the driver does not know the replicas, one statement a request.
-    let most = |key: Option<u64>| if key.is_some() { max_rows } else { 1 };
     let mut requests = Vec::new();
-    for (key, group) in by_key(&partitions, |rows| index_key(events[rows[0]])) {
-        for chunk in group.chunks(most(key)) {
-            let entries = chunk
-                .iter()
-                .map(|rows| IndexEntry::of(events, rows))
-                .collect();
-            let mut covers: Vec<usize> =
-                chunk.iter().flat_map(|rows| rows.iter().copied()).collect();
-            covers.sort_unstable();
-            requests.push(Request::Index { entries, covers });
+    let mut grouped: Vec<(Vec<usize>, u64, u64)> = Vec::new();
+    for rows in partitions(events) {
+        match shape(events[rows[0]]) {
+            Shape::Partition => by_partition(&mut requests, events, rows, max_rows, max_bytes),
+            Shape::Grouped { rows: key, index } => grouped.push((rows, key, index)),
+            Shape::Probe => {
+                requests.push(Request::Index {
+                    entries: vec![IndexEntry::of(events, &rows)],
+                    covers: rows.clone(),
+                });
+                requests.push(Request::Rows(vec![rows[0]]));
+                let rest = rows[1..].iter().copied();
+                requests.extend(cut(rest, events, max_rows, max_bytes).map(Request::Rows));
+            }
         }
     }
-    for (key, group) in by_key(&partitions, |rows| row_key(events[rows[0]])) {
-        let rows = group.into_iter().flatten().copied();
-        requests.extend(cut(rows, events, most(key), max_bytes).map(Request::Rows));
+    let mut index = Vec::new();
+    for (_, group) in by_key(&grouped, |(_, _, index)| *index) {
+        for chunk in group.chunks(max_rows) {
+            let entries = chunk
+                .iter()
+                .map(|(rows, _, _)| IndexEntry::of(events, rows))
+                .collect();
+            let mut covers: Vec<usize> = chunk
+                .iter()
+                .flat_map(|(rows, _, _)| rows.iter().copied())
+                .collect();
+            covers.sort_unstable();
+            index.push(Request::Index { entries, covers });
+        }
     }
-    requests
+    for (_, group) in by_key(&grouped, |(_, key, _)| *key) {
+        let rows = group
+            .into_iter()
+            .flat_map(|(rows, _, _)| rows.iter().copied());
+        index.extend(cut(rows, events, max_rows, max_bytes).map(Request::Rows));
+    }
+    index.extend(requests);
+    index
+}
+
+/// [`plan`] with every partition a [`Shape::Partition`]: how a write goes by default on vnodes.
+pub fn plan_by_partition(events: &[&Event], max_rows: usize, max_bytes: usize) -> Vec<Request> {
+    plan(events, max_rows, max_bytes, |_| Shape::Partition)
+}
+
+/// [`Shape::Partition`]'s requests for the partition of `rows`.
+fn by_partition(
+    requests: &mut Vec<Request>,
+    events: &[&Event],
+    rows: Vec<usize>,
+    max_rows: usize,
+    max_bytes: usize,
+) {
+    let e = events[rows[0]];
+    // The entry's own bytes count against the batch's.
+    let room = max_bytes.saturating_sub(e.user_id().len() + 32);
+    for rows in cut(rows.into_iter(), events, max_rows, room) {
+        let entry = IndexEntry::of(events, &rows);
+        if let [i] = rows[..] {
+            if row_size(events[i]) > room {
+                // A row too large to share a batch: the database checks the size of every
+                // batch of two partitions or more (it warns above 128 KiB and refuses above
+                // 1 MiB), not of a lone statement. The row and its entry go as two EXECUTEs.
+                requests.push(Request::Index {
+                    entries: vec![entry],
+                    covers: vec![i],
+                });
+                requests.push(Request::Rows(rows));
+                continue;
+            }
+        }
+        requests.push(Request::Partition { rows, entry });
+    }
+}
+
+/// Which partitions of a write are probes ([`Shape::Probe`]), on a keyspace with tablets or
+/// one the driver has no metadata for yet (`learning`); on vnodes, none.
+///
+/// The driver learns where a tablet lives only from the answer to a plain EXECUTE served by a
+/// node (or shard) that is not its replica (ScyllaDB's `TABLETS_ROUTING_V1`); a batch teaches
+/// it nothing. So each write's first partition is a probe, which tells the driver where a
+/// tablet that moved lives now, and so are the next [`Probes::UNKNOWN`] partitions whose
+/// rows' or entry's tablet it has not learned yet. The other partitions are batched as they
+/// would be on vnodes; one the driver cannot place goes by partition, to whichever node it
+/// picks, which forwards it. A probe costs one request more than its partition would (a
+/// handful a write): where every node is a replica of everything (as many nodes as the
+/// replication factor, one shard each) no answer ever teaches the driver, and that is all it
+/// costs there.
+#[derive(Debug)]
+pub struct Probes {
+    learning: bool,
+    seen: usize,
+    unknown: usize,
+}
+
+impl Probes {
+    /// Probes of partitions whose placement is unknown, after the first, a write at most.
+    pub const UNKNOWN: usize = 3;
+
+    pub fn new(learning: bool) -> Probes {
+        Probes {
+            learning,
+            seen: 0,
+            unknown: 0,
+        }
+    }
+
+    /// The shape of the write's next partition, given the keys of where its rows and its
+    /// entry live (`None` where the driver does not know) and whether partitions on the same
+    /// replicas share batches (`batch_by_replica`).
+    pub fn shape(&mut self, keys: Option<(u64, u64)>, by_replica: bool) -> Shape {
+        let first = self.seen == 0;
+        self.seen += 1;
+        if self.learning {
+            if first {
+                return Shape::Probe;
+            }
+            if keys.is_none() && self.unknown < Self::UNKNOWN {
+                self.unknown += 1;
+                return Shape::Probe;
+            }
+        }
+        match keys {
+            Some((rows, index)) if by_replica => Shape::Grouped { rows, index },
+            _ => Shape::Partition,
+        }
+    }
 }
 
 /// The write's partitions `(user_id, day)` in order of first appearance, each with its rows in
@@ -1285,8 +1334,11 @@ mod tests {
         let evs = events(500, 1, 500);
         let refs: Vec<&Event> = evs.iter().collect();
         // Two replica sets: users with an even number, and the others.
-        let parity = |e: &Event| Some(e.user_id()[1..].parse::<u64>().unwrap() % 2);
-        let plan = plan(&refs, 100, 1 << 20, parity, parity);
+        let parity = |e: &Event| {
+            let k = e.user_id()[1..].parse::<u64>().unwrap() % 2;
+            Shape::Grouped { rows: k, index: k }
+        };
+        let plan = plan(&refs, 100, 1 << 20, parity);
         let rows = rows_of(&plan);
         assert_eq!(
             rows.iter().map(|r| r.len()).collect::<Vec<_>>(),
@@ -1319,7 +1371,10 @@ mod tests {
         // 3 users on 2 days: 6 partitions; all on one replica set.
         let evs = events(3, 2, 60);
         let refs: Vec<&Event> = evs.iter().collect();
-        let plan = plan(&refs, 1000, 1 << 20, |_| Some(7), |_| Some(7));
+        let plan = plan(&refs, 1000, 1 << 20, |_| Shape::Grouped {
+            rows: 7,
+            index: 7,
+        });
         let rows = rows_of(&plan);
         assert_eq!(rows.len(), 1, "one request for all 60 rows");
         // Partitions in order of first appearance, each partition's rows in order.
@@ -1351,14 +1406,20 @@ mod tests {
         let evs = events(1, 1, 40);
         let refs: Vec<&Event> = evs.iter().collect();
         let size = evs.iter().map(row_size).max().unwrap();
-        let plan_capped = plan(&refs, 1000, 10 * size, |_| Some(0), |_| Some(0));
+        let plan_capped = plan(&refs, 1000, 10 * size, |_| Shape::Grouped {
+            rows: 0,
+            index: 0,
+        });
         assert!(rows_of(&plan_capped).iter().all(|r| r.len() <= 10));
         assert_eq!(rows_of(&plan_capped).len(), 4);
         // A distinct key per partition: one request per partition.
         let evs = events(20, 1, 40);
         let refs: Vec<&Event> = evs.iter().collect();
-        let key = |e: &Event| Some(e.user_id()[1..].parse::<u64>().unwrap());
-        let plan = plan(&refs, 1000, 1 << 20, key, key);
+        let key = |e: &Event| {
+            let k = e.user_id()[1..].parse::<u64>().unwrap();
+            Shape::Grouped { rows: k, index: k }
+        };
+        let plan = plan(&refs, 1000, 1 << 20, key);
         assert_eq!(rows_of(&plan).len(), 20);
         assert_eq!(index_of(&plan).len(), 20);
         assert!(rows_of(&plan).iter().all(|r| r.len() == 2));
@@ -1379,7 +1440,7 @@ mod tests {
         // 3 users on 2 days: 6 partitions of 10 rows.
         let evs = events(3, 2, 60);
         let refs: Vec<&Event> = evs.iter().collect();
-        let plan = plan_by_partition(&refs, 100, 1 << 20, |_| true);
+        let plan = plan_by_partition(&refs, 100, 1 << 20);
         let requests = partitions_of(&plan);
         assert_eq!(requests.len(), 6, "one request per (user, day)");
         for (p, (rows, entry)) in requests.iter().enumerate() {
@@ -1403,7 +1464,7 @@ mod tests {
         let size = evs.iter().map(row_size).max().unwrap();
         let entry = evs[0].user_id().len() + 32;
         for (max_rows, max_bytes) in [(10, 1 << 20), (1000, 8 * size + entry)] {
-            let plan = plan_by_partition(&refs, max_rows, max_bytes, |_| true);
+            let plan = plan_by_partition(&refs, max_rows, max_bytes);
             let requests = partitions_of(&plan);
             assert!(requests.len() >= 4, "{} requests", requests.len());
             let mut every = Vec::new();
@@ -1451,11 +1512,11 @@ mod tests {
         };
         let refs_big: Vec<&Event> = big.iter().collect();
         assert_eq!(
-            plan_by_partition(&refs, 100, max_bytes, |_| true).len(),
+            plan_by_partition(&refs, 100, max_bytes).len(),
             2,
             "two users' rows fit"
         );
-        let plan = plan_by_partition(&refs_big, 100, max_bytes, |_| true);
+        let plan = plan_by_partition(&refs_big, 100, max_bytes);
         let version = version::of(&big[3]);
         assert_eq!(
             plan,
@@ -1491,60 +1552,80 @@ mod tests {
     }
 
     #[test]
-    fn on_tablets_or_an_unknown_keyspace_only_learned_partitions_are_batched() {
-        assert_eq!(batching(false, Some(false)), Batching::Partition);
-        for tablets in [Some(true), None] {
-            assert_eq!(batching(false, tablets), Batching::PartitionWhereLearned);
-        }
-        for tablets in [Some(false), Some(true), None] {
-            assert_eq!(batching(true, tablets), Batching::Replicas);
+    fn on_tablets_the_first_partition_and_a_few_unplaced_ones_are_probes() {
+        let known = Some((1, 2));
+        // On vnodes: none; by partition, or grouped where placed.
+        let mut vnodes = Probes::new(false);
+        assert_eq!(vnodes.shape(known, false), Shape::Partition);
+        assert_eq!(vnodes.shape(None, true), Shape::Partition);
+        assert_eq!(
+            vnodes.shape(known, true),
+            Shape::Grouped { rows: 1, index: 2 }
+        );
+        // On tablets: the first partition, placed or not, then the next UNKNOWN unplaced ones.
+        for by_replica in [false, true] {
+            let mut tablets = Probes::new(true);
+            assert_eq!(tablets.shape(known, by_replica), Shape::Probe);
+            let placed = if by_replica {
+                Shape::Grouped { rows: 1, index: 2 }
+            } else {
+                Shape::Partition
+            };
+            assert_eq!(tablets.shape(known, by_replica), placed);
+            for _ in 0..Probes::UNKNOWN {
+                assert_eq!(tablets.shape(None, by_replica), Shape::Probe);
+                assert_eq!(tablets.shape(known, by_replica), placed);
+            }
+            assert_eq!(
+                tablets.shape(None, by_replica),
+                Shape::Partition,
+                "enough for a write"
+            );
         }
     }
 
     #[test]
-    fn a_partition_whose_replicas_are_not_known_goes_row_by_row_with_its_entry_alone() {
-        // 4 users on 3 days: 12 partitions of 4 rows; the odd users' 6 are not learned.
+    fn a_probe_sends_its_first_row_and_its_entry_alone_and_batches_the_rest() {
+        // 4 users on 3 days: 12 partitions of 4 rows; user 1's are probes, the others grouped
+        // on one replica set.
         let evs = events(4, 3, 48);
         let refs: Vec<&Event> = evs.iter().collect();
-        let user = |e: &Event| e.user_id()[1..].parse::<u64>().unwrap();
-        let learned = |e: &Event| user(e) % 2 == 0;
-        let check = |plan: &[Request], batched: usize| {
-            let mut rows: Vec<usize> = Vec::new();
-            let mut lone = 0;
-            for r in plan {
-                match r {
-                    Request::Rows(rs) if rs.len() == 1 && !learned(refs[rs[0]]) => lone += 1,
-                    Request::Rows(rs) | Request::Partition { rows: rs, .. } => {
-                        assert!(rs.iter().all(|&i| learned(refs[i])), "{r:?}");
-                    }
-                    Request::Index { entries, covers } if !learned(refs[covers[0]]) => {
-                        assert_eq!(entries.len(), 1, "an entry not learned goes alone");
-                        assert_eq!(covers.len(), 4, "covering its partition's rows");
-                        continue;
-                    }
-                    Request::Index { .. } => continue,
-                }
-                rows.extend(r.rows());
+        let user = |i: usize| refs[i].user_id()[1..].parse::<u64>().unwrap();
+        let plan = plan(&refs, 100, 1 << 20, |e| {
+            if e.user_id() == "u1" {
+                Shape::Probe
+            } else {
+                Shape::Grouped { rows: 7, index: 7 }
             }
-            assert_eq!(lone, 24, "every row not learned alone");
-            rows.sort_unstable();
-            assert_eq!(rows, (0..48).collect::<Vec<_>>(), "every row once");
-            let together = plan
-                .iter()
-                .filter(|r| !matches!(r, Request::Index { .. }) && r.rows().len() > 1)
-                .count();
-            assert_eq!(together, batched);
-        };
-        // By partition: the 6 learned partitions one request each, with their entries.
-        let by_partition = plan_by_partition(&refs, 100, 1 << 20, learned);
-        check(&by_partition, 6);
-        assert_eq!(by_partition.len(), 6 + 24 + 6);
-        // By replica, all learned partitions on one replica set: one request of 24 rows, one
-        // of their 6 entries.
-        let key = |e: &Event| learned(e).then_some(7);
-        let by_replica = plan(&refs, 100, 1 << 20, key, key);
-        check(&by_replica, 1);
-        assert_eq!(by_replica.len(), 1 + 24 + 1 + 6);
+        });
+        let mut rows: Vec<usize> = plan
+            .iter()
+            .flat_map(|r| match r {
+                Request::Rows(rs) | Request::Partition { rows: rs, .. } => rs.clone(),
+                Request::Index { .. } => Vec::new(),
+            })
+            .collect();
+        rows.sort_unstable();
+        assert_eq!(rows, (0..48).collect::<Vec<_>>(), "every row once");
+        // The 3 probes: an entry covering its partition's 4 rows, the first row alone, the
+        // other 3 in one batch.
+        let probes: Vec<&Request> = plan
+            .iter()
+            .filter(|r| r.rows().iter().all(|&i| user(i) == 1))
+            .collect();
+        assert_eq!(probes.len(), 9);
+        for chunk in probes.chunks(3) {
+            let Request::Index { entries, covers } = chunk[0] else {
+                panic!("{chunk:?}")
+            };
+            assert_eq!((entries.len(), covers.len()), (1, 4));
+            assert_eq!(chunk[1], &Request::Rows(vec![covers[0]]));
+            assert_eq!(chunk[2], &Request::Rows(covers[1..].to_vec()));
+            let newest = covers.iter().map(|&i| version::of(refs[i])).max().unwrap();
+            assert_eq!(entries[0].version, newest, "the entry covers every row");
+        }
+        // The 9 grouped partitions: one request of their 36 rows, one of their 9 entries.
+        assert_eq!(plan.len(), 9 + 2);
     }
 
     #[test]

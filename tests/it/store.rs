@@ -19,7 +19,7 @@ use vault::store::scylla::{token as scylla_token, ScyllaStore};
 use vault::store::{version, Store};
 use vault::telemetry::{Health, Metrics};
 use vault_sandbox::cql::frame::Opcode;
-use vault_sandbox::cql::{CqlCluster, CqlNode, Fault, FaultKind};
+use vault_sandbox::cql::{CqlCluster, CqlNode, Fault, FaultKind, LoggedRequest};
 
 use crate::common::{self_signed, unique, wait_until};
 
@@ -394,174 +394,207 @@ async fn on_three_nodes_every_request_goes_to_a_replica_of_its_rows() {
     }
 }
 
+/// A tablet keyspace on `cluster` (NetworkTopologyStrategy at `rf`, 8 tablets a table: ScyllaDB
+/// refuses tablets with SimpleStrategy) and a store on it.
+async fn tablet_store(
+    cluster: &CqlCluster,
+    rf: u32,
+    by_replica: bool,
+) -> (ScyllaConfig, ScyllaStore) {
+    let c = ScyllaConfig {
+        nodes: vec![cluster.addrs()[0].to_string()],
+        replication_strategy: "NetworkTopologyStrategy".into(),
+        datacenters: [("datacenter1".to_owned(), rf)].into(),
+        batch_by_replica: by_replica,
+        ..scylla_config("")
+    };
+    cluster
+        .execute(&format!(
+            "CREATE KEYSPACE {} WITH replication = {{'class': 'NetworkTopologyStrategy', \
+             'datacenter1': {rf}}} AND tablets = {{'enabled': true, 'initial': 8}}",
+            c.keyspace
+        ))
+        .expect("tablet keyspace");
+    let store = ScyllaStore::connect(&c, true).await.unwrap();
+    store.session().refresh_metadata().await.unwrap();
+    let tablet_based = store
+        .session()
+        .get_cluster_state()
+        .get_keyspace(&c.keyspace)
+        .map(|ks| ks.tablet_based);
+    assert_eq!(tablet_based, Some(true), "the driver sees tablets");
+    (c, store)
+}
+
+/// Writes 1,500 events of 500 users (3 a partition), from offset `first`.
+async fn write_500_users(store: &ScyllaStore, first: i64) {
+    let batch = events(500, 1500, first);
+    let refs: Vec<&Event> = batch.iter().collect();
+    store.write(&refs).await.unwrap();
+}
+
+/// Single-row requests to the table in the plan of a write of 500 users (3 rows a partition):
+/// only a probe sends a row alone.
+fn probes_planned(store: &ScyllaStore) -> usize {
+    let batch = events(500, 1500, 0);
+    let refs: Vec<&Event> = batch.iter().collect();
+    store
+        .plan(&refs)
+        .iter()
+        .filter(|r| matches!(r, vault::store::scylla::Request::Rows(rows) if rows.len() == 1))
+        .count()
+}
+
+/// Writes until the driver has learned every tablet the writes touch: until a write's only
+/// probe is its first partition. Returns the writes it took; the offsets used end at
+/// `1500 * writes`.
+async fn teach(store: &ScyllaStore, case: &str) -> i64 {
+    for writes in 1..=100 {
+        write_500_users(store, 1500 * (writes - 1)).await;
+        if probes_planned(store) == 1 {
+            return writes;
+        }
+    }
+    panic!("{case}: the driver did not learn the tablets in 100 writes");
+}
+
+/// Statements to `table` that the nodes serving them hold no replica of, in the request log.
+fn off_replica(cluster: &CqlCluster, table: &str) -> usize {
+    cluster
+        .requests()
+        .iter()
+        .flat_map(|r| &r.non_replica)
+        .filter(|(name, _)| name == table)
+        .map(|(_, n)| n)
+        .sum()
+}
+
 /// On tablets (ScyllaDB's default for new keyspaces) the driver learns where a tablet lives
-/// only from the answer to a plain EXECUTE served by a node that is not its replica. vault's
-/// first write to tablets it has not learned goes statement by statement as EXECUTEs, which
-/// teach it; once it has learned them, partitions are batched (by partition, with their
-/// entries; or by replica), every row goes to a replica of its partition, and only each write's
-/// first partition goes alone again (a probe for a tablet that moved).
+/// only from the answer to a plain EXECUTE served by a node that is not its replica. A few
+/// partitions of each write are probes (first row and entry alone, as EXECUTEs); the others
+/// are batched as on vnodes. Once the driver has learned the tablets, every row goes to a
+/// replica of its partition, in one request per partition by default and a few by replica,
+/// and only each write's first partition is a probe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_tablets_the_first_write_teaches_the_driver_and_later_ones_are_batched_to_replicas() {
+async fn on_tablets_probes_teach_the_driver_and_then_every_row_goes_to_a_replica() {
     let cluster = CqlCluster::start(3)
         .await
         .expect("CQL stand-in cluster starts");
     for (rf, by_replica) in [(1, false), (1, true), (2, false), (2, true)] {
-        // Tablets are placed per datacenter (ScyllaDB refuses them with SimpleStrategy).
-        let c = ScyllaConfig {
-            nodes: vec![cluster.addrs()[0].to_string()],
-            replication_strategy: "NetworkTopologyStrategy".into(),
-            datacenters: [("datacenter1".to_owned(), rf)].into(),
-            batch_by_replica: by_replica,
-            ..scylla_config("")
-        };
         let case = format!("tablets, RF {rf}, batch_by_replica {by_replica}");
-        cluster
-            .execute(&format!(
-                "CREATE KEYSPACE {} WITH replication = {{'class': 'NetworkTopologyStrategy', \
-                 'datacenter1': {rf}}} AND tablets = {{'enabled': true, 'initial': 8}}",
-                c.keyspace
-            ))
-            .expect("tablet keyspace");
-        let store = ScyllaStore::connect(&c, true).await.unwrap();
-        store.session().refresh_metadata().await.unwrap();
-        let tablet_based = store
-            .session()
-            .get_cluster_state()
-            .get_keyspace(&c.keyspace)
-            .map(|ks| ks.tablet_based);
-        assert_eq!(tablet_based, Some(true), "{case}: the driver sees tablets");
+        let (c, store) = tablet_store(&cluster, rf, by_replica).await;
         let table = |name: &str| format!("{}.{name}", c.keyspace);
         let (rows, index) = (table("user_activity"), table("user_days"));
 
-        // The first write: no tablet learned, every statement a plain EXECUTE.
-        let first = events(500, 1500, 0);
-        let refs: Vec<&Event> = first.iter().collect();
+        // The first write knows no tablet: probes, and batches by partition.
         cluster.clear_requests();
-        store.write(&refs).await.unwrap();
+        write_500_users(&store, 0).await;
         let requests = cluster.requests();
-        let writes: Vec<_> = requests.iter().filter(|r| r.writes > 0).collect();
-        assert_eq!(writes.len(), 2000, "{case}: 1,500 rows and 500 entries");
-        assert!(
-            writes.iter().all(|r| r.opcode == "EXECUTE"),
-            "{case}: EXECUTEs teach the driver"
+        let to_rows = |r: &&LoggedRequest| r.tables.iter().any(|(name, _)| *name == rows);
+        let lone = requests
+            .iter()
+            .filter(to_rows)
+            .filter(|r| r.rows == 1)
+            .count();
+        assert_eq!(lone, 4, "{case}: the first write's probes");
+        assert_eq!(
+            requests.iter().filter(to_rows).count(),
+            496 + 2 * 4,
+            "{case}: one request per partition, two per probe"
         );
 
-        // The driver learns from those answers (in the background): wait until a write of the
-        // same partitions plans batches.
-        let second = events(500, 1500, 1500);
-        let refs: Vec<&Event> = second.iter().collect();
-        wait_until(
-            &format!("{case}: the driver learns the tablets"),
-            Duration::from_secs(10),
-            || {
-                let lone = store
-                    .plan(&refs)
-                    .iter()
-                    .filter(|r| r.rows().len() == 1)
-                    .count();
-                async move {
-                    // The probe partition: 3 rows and its entry.
-                    (lone <= 4)
-                        .then_some(())
-                        .ok_or(format!("{lone} lone requests"))
-                }
-            },
-        )
-        .await;
+        let writes = teach(&store, &case).await;
         cluster.clear_requests();
-        store.write(&refs).await.unwrap();
-        assert_eq!(
-            cluster.row_count(&c.keyspace, "user_activity"),
-            3000,
-            "{case}"
-        );
+        write_500_users(&store, 1500 * writes).await;
+        let users = cluster.row_count(&c.keyspace, "user_activity");
+        assert_eq!(users, 1500 * (writes as usize + 1), "{case}");
         assert_eq!(cluster.row_count(&c.keyspace, "user_days"), 500, "{case}");
         let requests = cluster.requests();
         let placed: usize = requests.iter().map(|r| r.writes).sum();
         assert_eq!(placed, 2000, "{case}: statements the stand-in placed");
-        let writing = |t: &str| -> Vec<_> {
-            requests
-                .iter()
-                .filter(|r| r.tables.iter().any(|(name, _)| name == t))
-                .collect()
-        };
-        let off_replica = |t: &str| -> usize {
-            writing(t)
-                .iter()
-                .flat_map(|r| &r.non_replica)
-                .filter(|(name, _)| name == t)
-                .map(|(_, n)| n)
-                .sum()
-        };
         assert_eq!(
-            off_replica(&rows),
+            off_replica(&cluster, &rows),
             0,
             "{case}: rows sent to a node that holds them"
         );
-        let nodes: BTreeSet<usize> = writing(&rows).iter().map(|r| r.node).collect();
+        let writing: Vec<_> = requests
+            .iter()
+            .filter(|r| r.tables.iter().any(|(n, _)| *n == rows))
+            .collect();
+        let nodes: BTreeSet<usize> = writing.iter().map(|r| r.node).collect();
         assert_eq!(nodes.len(), 3, "{case}: the rows spread over every node");
-        let lone_rows = writing(&rows).iter().filter(|r| r.rows == 1).count();
-        assert_eq!(
-            lone_rows, 3,
-            "{case}: only the probe partition's rows alone"
-        );
+        let lone = writing.iter().filter(|r| r.rows == 1).count();
+        assert_eq!(lone, 1, "{case}: the first partition's probe alone");
         if by_replica {
             assert_eq!(
-                off_replica(&index),
+                off_replica(&cluster, &index),
                 0,
                 "{case}: index entries grouped likewise"
             );
             // Three replica sets (RF 1: a node; RF 2: a pair): 1,497 rows in requests of at
-            // most 100, and the probe's 3.
-            let requests = writing(&rows).len();
-            assert!((18..=21).contains(&requests), "{case}: {requests} requests");
+            // most 100, and the probe's 2.
+            assert!(
+                (17..=20).contains(&writing.len()),
+                "{case}: {} requests",
+                writing.len()
+            );
         } else {
             assert_eq!(
-                writing(&rows).len(),
-                499 + 3,
-                "{case}: one request per partition, and the probe's rows"
+                writing.len(),
+                499 + 2,
+                "{case}: one request per partition, and the probe's two"
             );
         }
     }
 }
 
+/// Where every node is a replica of everything (as many nodes as the replication factor, one
+/// shard each), no answer ever carries a tablet: the driver never learns one. Nothing is lost
+/// by that, as any node it picks holds every partition: writes go by partition, with a few
+/// probes each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_tablets_a_driver_that_never_learns_them_still_batches_by_partition() {
+    let cluster = CqlCluster::start(3)
+        .await
+        .expect("CQL stand-in cluster starts");
+    for by_replica in [false, true] {
+        let case = format!("RF 3 on 3 nodes, batch_by_replica {by_replica}");
+        let (c, store) = tablet_store(&cluster, 3, by_replica).await;
+        let rows = format!("{}.user_activity", c.keyspace);
+        for write in 0..3 {
+            cluster.clear_requests();
+            write_500_users(&store, 1500 * write).await;
+            let requests = cluster.requests();
+            let writing = requests
+                .iter()
+                .filter(|r| r.tables.iter().any(|(n, _)| *n == rows))
+                .count();
+            assert_eq!(writing, 496 + 2 * 4, "{case}, write {write}");
+            assert_eq!(off_replica(&cluster, &rows), 0, "{case}");
+        }
+        assert_eq!(probes_planned(&store), 4, "{case}: still nothing learned");
+        assert_eq!(
+            cluster.row_count(&c.keyspace, "user_activity"),
+            4500,
+            "{case}"
+        );
+    }
+}
+
 /// ScyllaDB moves tablets (load balancing, nodes joining and leaving). A driver that learned a
 /// tablet before the move keeps routing to its old replicas, and learns the move only from the
-/// answer to a plain EXECUTE (a batch teaches it nothing): each write's first partition goes
-/// as EXECUTEs, so the next write after a move teaches the driver, and the one after it sends
-/// every row to a replica again.
+/// answer to a plain EXECUTE (a batch teaches it nothing): each write's first partition is a
+/// probe, so the next write after a move teaches the driver, and the one after it sends every
+/// row to a replica again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_tablets_a_moved_tablet_is_learned_again_from_a_writes_probe() {
     let cluster = CqlCluster::start(3)
         .await
         .expect("CQL stand-in cluster starts");
     for by_replica in [false, true] {
-        let c = ScyllaConfig {
-            nodes: vec![cluster.addrs()[0].to_string()],
-            replication_strategy: "NetworkTopologyStrategy".into(),
-            datacenters: [("datacenter1".to_owned(), 1)].into(),
-            batch_by_replica: by_replica,
-            ..scylla_config("")
-        };
         let case = format!("batch_by_replica {by_replica}");
-        cluster
-            .execute(&format!(
-                "CREATE KEYSPACE {} WITH replication = {{'class': 'NetworkTopologyStrategy', \
-                 'datacenter1': 1}} AND tablets = {{'enabled': true, 'initial': 8}}",
-                c.keyspace
-            ))
-            .expect("tablet keyspace");
-        let store = ScyllaStore::connect(&c, true).await.unwrap();
-        let rows_table = format!("{}.user_activity", c.keyspace);
-        let off_replica = || -> usize {
-            cluster
-                .requests()
-                .iter()
-                .flat_map(|r| &r.non_replica)
-                .filter(|(name, _)| *name == rows_table)
-                .map(|(_, n)| n)
-                .sum()
-        };
+        let (c, store) = tablet_store(&cluster, 1, by_replica).await;
+        let rows = format!("{}.user_activity", c.keyspace);
         // Every write's first event is user-0's, on 2025-11-24: the probe's partition.
         let day = chrono::NaiveDate::from_ymd_opt(2025, 11, 24).unwrap();
         let days = day
@@ -569,54 +602,31 @@ async fn on_tablets_a_moved_tablet_is_learned_again_from_a_writes_probe() {
             .num_days();
         let day = (u32::try_from(days).unwrap() + (1 << 31)).to_be_bytes();
         let key: [&[u8]; 2] = [b"user-0", &day];
-        // Where the driver routes that partition now: a node index.
+        // Where the driver routes that partition now: node indexes.
         let routed = || {
             let state = store.session().get_cluster_state();
             let ks = state.get_keyspace(&c.keyspace).unwrap();
             let table = TableSpec::borrowed(&c.keyspace, "user_activity");
-            let replicas: Vec<_> = state
+            let ids = cluster.host_ids();
+            state
                 .replica_locator()
                 .replicas_for_token(scylla_token(&key), &ks.strategy, None, &table)
                 .into_iter()
-                .map(|(node, _)| node.host_id)
-                .collect();
-            let ids = cluster.host_ids();
-            replicas
-                .iter()
-                .map(|id| ids.iter().position(|x| x == id).unwrap())
+                .map(|(node, _)| ids.iter().position(|x| *x == node.host_id).unwrap())
                 .collect::<Vec<usize>>()
         };
-
-        // The first write teaches the driver every tablet.
-        let write = |first: i64| {
-            let batch = events(500, 1500, first);
-            let store = &store;
-            async move {
-                let refs: Vec<&Event> = batch.iter().collect();
-                store.write(&refs).await.unwrap();
-            }
-        };
-        write(0).await;
+        let writes = teach(&store, &case).await;
         let home = cluster.tablet(&c.keyspace, &key).unwrap().replicas;
-        wait_until(
-            &format!("{case}: the driver learns the probe's tablet"),
-            Duration::from_secs(10),
-            || {
-                let now = routed();
-                let home = home.clone();
-                async move { (now == home).then_some(()).ok_or(format!("{now:?}")) }
-            },
-        )
-        .await;
+        assert_eq!(routed(), home, "{case}: learned");
         let to = vec![(home[0] + 1) % 3];
         cluster.move_tablet(&c.keyspace, &key, to.clone()).unwrap();
 
         // The next write: the moved tablet's partitions still go to the old node; its probe
         // teaches the driver the move.
         cluster.clear_requests();
-        write(1500).await;
+        write_500_users(&store, 1500 * writes).await;
         assert!(
-            off_replica() > 0,
+            off_replica(&cluster, &rows) > 0,
             "{case}: rows of the moved tablet sent to its old node"
         );
         wait_until(
@@ -632,12 +642,11 @@ async fn on_tablets_a_moved_tablet_is_learned_again_from_a_writes_probe() {
 
         // And the one after it sends every row to a replica.
         cluster.clear_requests();
-        write(3000).await;
-        assert_eq!(off_replica(), 0, "{case}: every row to its replica");
+        write_500_users(&store, 1500 * (writes + 1)).await;
         assert_eq!(
-            cluster.row_count(&c.keyspace, "user_activity"),
-            4500,
-            "{case}"
+            off_replica(&cluster, &rows),
+            0,
+            "{case}: every row to its replica"
         );
     }
 }
