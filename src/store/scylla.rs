@@ -412,6 +412,8 @@ pub struct ScyllaStore {
     batch_by_replica: bool,
     /// The datacenter whose replicas decide where a partition lives, when set.
     local_dc: Option<String>,
+    /// `vault_write_unplaced_partitions_total`, once the pipeline's metrics are known.
+    unplaced: OnceLock<prometheus::IntCounter>,
 }
 
 /// Requests of one batch in flight at once, at most (the process-wide bound is
@@ -484,6 +486,7 @@ impl ScyllaStore {
             partition_batches,
             batch_by_replica: c.batch_by_replica,
             local_dc: (!c.local_dc.is_empty()).then(|| c.local_dc.clone()),
+            unplaced: OnceLock::new(),
         })
     }
 
@@ -554,8 +557,18 @@ impl ScyllaStore {
             };
             Some((rows, index))
         };
-        let mut probes = Probes::new(tablets != Some(false));
-        plan(events, rows, bytes, |e| probes.shape(keys(e), by_replica))
+        let learning = tablets != Some(false);
+        let mut probes = Probes::new(learning);
+        let mut unplaced = 0;
+        let requests = plan(events, rows, bytes, |e| {
+            let keys = keys(e);
+            unplaced += u64::from(learning && keys.is_none());
+            probes.shape(keys, by_replica)
+        });
+        if let Some(counter) = self.unplaced.get() {
+            counter.inc_by(unplaced);
+        }
+        requests
     }
 
     /// Sends one request while holding a write permit, for the whole request (the driver's
@@ -1169,6 +1182,7 @@ impl Store for ScyllaStore {
             metrics.write_concurrency_limit.clone(),
             metrics.write_requests_in_flight.clone(),
         );
+        let _ = self.unplaced.set(metrics.write_unplaced_partitions.clone());
     }
 
     async fn erase(&self, erasure: &crate::store::erasure::Erasure) -> Result<(), StoreError> {

@@ -4,7 +4,7 @@
 use prometheus::core::Collector;
 use prometheus::{
     exponential_buckets, Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Buckets of `vault_end_to_end_latency_seconds`: one edge at the 250 ms latency target (so
@@ -70,6 +70,7 @@ pub struct Metrics {
     pub in_flight_batches: IntGauge,
     pub write_concurrency_limit: IntGauge,
     pub write_requests_in_flight: IntGauge,
+    pub write_unplaced_partitions: IntCounter,
     pub write_rate_limit: IntGauge,
     pub write_rate_limited_seconds: Counter,
     pub in_flight_bytes: IntGauge,
@@ -216,6 +217,10 @@ impl Metrics {
             write_requests_in_flight: b.gauge(
                 "vault_write_requests_in_flight",
                 "Write requests in flight to the store right now (each an UNLOGGED batch, or one statement, of rows or of day-index entries).",
+            ),
+            write_unplaced_partitions: b.int_counter(
+                "vault_write_unplaced_partitions_total",
+                "Partitions written to a keyspace with tablets before the driver had learned where they live: each went by partition to a node the driver picked, which forwards it (a few probes a write teach the driver). Stays above zero where every node is a replica of everything, with nothing to learn.",
             ),
             write_rate_limit: b.gauge(
                 "vault_write_rate_limit_rows_per_second",
@@ -423,6 +428,11 @@ impl Builder {
 
     fn counter(&mut self, name: &'static str, help: &str, labels: &[&str]) -> IntCounterVec {
         let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        self.add(name, c)
+    }
+
+    fn int_counter(&mut self, name: &'static str, help: &str) -> IntCounter {
+        let c = IntCounter::new(name, help).expect("valid metric");
         self.add(name, c)
     }
 

@@ -504,8 +504,15 @@ async fn on_tablets_probes_teach_the_driver_and_then_every_row_goes_to_a_replica
         );
 
         let writes = teach(&store, &case).await;
+        let metrics = Metrics::new();
+        store.report_to(&metrics);
         cluster.clear_requests();
         write_500_users(&store, 1500 * writes).await;
+        assert_eq!(
+            metrics.write_unplaced_partitions.get(),
+            0,
+            "{case}: all placed"
+        );
         let users = cluster.row_count(&c.keyspace, "user_activity");
         assert_eq!(users, 1500 * (writes as usize + 1), "{case}");
         assert_eq!(cluster.row_count(&c.keyspace, "user_days"), 500, "{case}");
@@ -561,6 +568,8 @@ async fn on_tablets_a_driver_that_never_learns_them_still_batches_by_partition()
         let case = format!("RF 3 on 3 nodes, batch_by_replica {by_replica}");
         let (c, store) = tablet_store(&cluster, 3, by_replica).await;
         let rows = format!("{}.user_activity", c.keyspace);
+        let metrics = Metrics::new();
+        store.report_to(&metrics);
         for write in 0..3 {
             cluster.clear_requests();
             write_500_users(&store, 1500 * write).await;
@@ -573,6 +582,11 @@ async fn on_tablets_a_driver_that_never_learns_them_still_batches_by_partition()
             assert_eq!(off_replica(&cluster, &rows), 0, "{case}");
         }
         assert_eq!(probes_planned(&store), 4, "{case}: still nothing learned");
+        assert_eq!(
+            metrics.write_unplaced_partitions.get(),
+            3 * 500 + 500,
+            "{case}: every partition of the three writes and of the plan unplaced"
+        );
         assert_eq!(
             cluster.row_count(&c.keyspace, "user_activity"),
             4500,
