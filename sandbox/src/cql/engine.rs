@@ -59,6 +59,9 @@ pub struct Table {
     pub tombstones: BTreeMap<(Vec<u8>, Option<Vec<u8>>), i64>,
     /// `default_time_to_live` in seconds (0: none): the TTL of a write that names none.
     pub default_ttl: i64,
+    /// No cell expires before this (seconds since the epoch; `None`: none expires), so that
+    /// reads skip [`Table::expire`]'s walk over the table until one may.
+    pub next_expiry: Option<i64>,
 }
 
 impl Table {
@@ -76,6 +79,10 @@ impl Table {
     /// The key columns' cells stand for the row marker an INSERT writes: when it expires the
     /// row stays while a regular cell is live (written later, e.g. by an UPDATE), keys intact.
     fn expire(&mut self, now: i64) {
+        if self.next_expiry.is_none_or(|at| at > now) {
+            return;
+        }
+        let mut next: Option<i64> = None;
         let n = self.columns.len();
         let is_key: Vec<bool> = (0..n)
             .map(|i| self.pk.contains(&i) || self.ck.contains(&i))
@@ -83,11 +90,14 @@ impl Table {
         for part in self.rows.values_mut() {
             for row in part.values_mut() {
                 for i in 0..n {
-                    let expired = row[2 * n + i]
+                    let at = row[2 * n + i]
                         .as_deref()
                         .and_then(|b| b.try_into().ok())
-                        .map(i64::from_be_bytes)
-                        .is_some_and(|at| at <= now);
+                        .map(i64::from_be_bytes);
+                    let expired = at.is_some_and(|at| at <= now);
+                    if let Some(at) = at.filter(|&at| at > now) {
+                        next = Some(next.map_or(at, |next| next.min(at)));
+                    }
                     if expired {
                         if !is_key[i] {
                             row[i] = None;
@@ -103,6 +113,7 @@ impl Table {
             part.retain(|_, row| !row.is_empty());
         }
         self.rows.retain(|_, part| !part.is_empty());
+        self.next_expiry = next;
     }
 
     /// Drops the cells the tombstones shadow, and the rows left with no live cell.
@@ -1168,6 +1179,7 @@ fn build_table(
         rows: BTreeMap::new(),
         tombstones: BTreeMap::new(),
         default_ttl: 0,
+        next_expiry: None,
     })
 }
 
@@ -1280,6 +1292,9 @@ fn upsert(t: &mut Table, row: Vec<Value>, set: &[bool], ts: i64, expiry: Option<
     // A tombstone at or after this write shadows it (a delete wins a tie).
     if t.tombstone(&p, &c).is_some_and(|tomb| ts <= tomb) {
         return;
+    }
+    if let Some(at) = expiry {
+        t.next_expiry = Some(t.next_expiry.map_or(at, |next| next.min(at)));
     }
     let part = t.rows.entry(p).or_default();
     let existing = part.entry(c).or_insert_with(|| vec![None; 3 * n]);
