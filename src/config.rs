@@ -678,25 +678,6 @@ impl Settings {
     /// a warning at start-up; empty with the defaults. Validation refuses each of them unless its
     /// opt-in (`scylla.allow_weak_consistency`, `kafka.allow_read_uncommitted`) is set;
     /// `pipeline.on_invalid = "skip"` is listed too, being a choice to drop invalid input.
-    /// The LOCAL_* rule of validation, against the datacenters the cluster has (`dcs`, as the
-    /// driver sees them once connected): where `scylla.datacenters` does not name them (the
-    /// replication factor in every datacenter, or SimpleStrategy), validation could not tell.
-    /// `Err` with what to fix when it is refused; `Ok(Some)` with the weakening when allowed.
-    pub fn check_datacenters(&self, dcs: &[&str]) -> Result<Option<String>, String> {
-        let s = &self.config.scylla;
-        match local_consistency_without_local_dc(s, dcs, "the cluster has") {
-            None => Ok(None),
-            Some(w) if w.allowed => Ok(Some(format!(
-                "{} unset (allowed by {} = true): {}",
-                w.key, w.opt_in, w.cost
-            ))),
-            Some(w) => Err(format!(
-                "{}: {}; {}, or set {} = true to accept that",
-                w.key, w.cost, w.fix, w.opt_in
-            )),
-        }
-    }
-
     pub fn weakened_guarantees(&self) -> Vec<String> {
         let mut out: Vec<String> = weakenings(&self.config)
             .into_iter()
@@ -719,6 +700,27 @@ impl Settings {
     }
 }
 
+/// The LOCAL_* rule of validation against the datacenters the cluster has (`dcs`, as the driver
+/// sees them once connected), where `scylla.datacenters` names none (the replication factor in
+/// every datacenter, or SimpleStrategy) so that validation could not tell. `Err` with what to
+/// fix when it is refused; `Ok(Some)` with the weakening when it is allowed.
+pub fn check_cluster_datacenters(s: &ScyllaConfig, dcs: &[&str]) -> Result<Option<String>, String> {
+    if !s.datacenters.is_empty() {
+        return Ok(None);
+    }
+    match local_consistency_without_local_dc(s, dcs, "the cluster has") {
+        None => Ok(None),
+        Some(w) if w.allowed => Ok(Some(format!(
+            "{} unset (allowed by {} = true): {}",
+            w.key, w.opt_in, w.cost
+        ))),
+        Some(w) => Err(format!(
+            "{}: {}; {}, or set {} = true to accept that",
+            w.key, w.cost, w.fix, w.opt_in
+        )),
+    }
+}
+
 /// A LOCAL_* consistency without `local_dc` where there are several datacenters (`dcs`, as
 /// `source` names them): a write is counted in the datacenter of whichever node coordinates it.
 fn local_consistency_without_local_dc(
@@ -734,8 +736,8 @@ fn local_consistency_without_local_dc(
         allowed: s.allow_weak_consistency,
         cost: format!(
             "scylla.consistency = {} is counted in the datacenter of whichever node coordinates \
-             a write, and {source} {} ({}): a write may be acknowledged by a datacenter other \
-             than the one vault runs in",
+             a write, and {source} {} datacenters ({}): a write may be acknowledged by a \
+             datacenter other than the one vault runs in",
             s.consistency,
             dcs.len(),
             dcs.join(", ")
@@ -1314,8 +1316,8 @@ impl Config {
                 ));
             }
         }
-        let ks_ok = !s.keyspace.is_empty()
-            && s.keyspace.len() <= 48
+        let ks_ok = s.keyspace.len() <= 48
+            && s.keyspace.starts_with(|c: char| c.is_ascii_lowercase())
             && s.keyspace
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
@@ -1325,7 +1327,7 @@ impl Config {
             return Err(bad(
                 "scylla.keyspace",
                 &s.keyspace,
-                "1-48 characters of [a-z0-9_] (CQL folds unquoted names to lower case)",
+                "1-48 characters of [a-z0-9_], the first a letter (CQL folds unquoted names to lower case)",
             ));
         }
         const CONSISTENCIES: [&str; 9] = [
@@ -1811,6 +1813,7 @@ mod tests {
             ("metrics.addr=localhost", "metrics.addr"),
             ("scylla.keyspace=bad-name", "scylla.keyspace"),
             ("scylla.keyspace=Vault", "scylla.keyspace"),
+            ("scylla.keyspace=_vault", "scylla.keyspace"),
             ("kafka.topics=a b", "kafka.topics"),
         ];
         for (set, key) in cases {
@@ -2341,31 +2344,33 @@ mod tests {
     #[test]
     fn local_consistency_in_a_cluster_of_several_datacenters_needs_local_dc() {
         // The default replication names no datacenter: the cluster's are checked once known.
-        let settings = Config::default().validate().unwrap();
-        assert_eq!(settings.check_datacenters(&["dc1"]), Ok(None));
-        let err = settings.check_datacenters(&["dc1", "dc2"]).unwrap_err();
+        let check = |c: &Config, dcs: &[&str]| check_cluster_datacenters(&c.scylla, dcs);
+        let c = Config::default();
+        c.clone().validate().unwrap();
+        assert_eq!(check(&c, &["dc1"]), Ok(None));
+        let err = check(&c, &["dc1", "dc2"]).unwrap_err();
         assert!(
-            err.starts_with("scylla.local_dc") && err.contains("dc1, dc2"),
+            err.starts_with("scylla.local_dc")
+                && err.contains("the cluster has 2 datacenters (dc1, dc2)"),
             "{err}"
         );
-        let mut c = Config::default();
-        c.scylla.local_dc = "dc1".into();
-        let local = c.validate().unwrap();
-        assert_eq!(local.check_datacenters(&["dc1", "dc2"]), Ok(None));
-        let mut c = Config::default();
-        c.scylla.allow_weak_consistency = true;
-        let allowed = c.validate().unwrap();
-        let warning = allowed.check_datacenters(&["dc1", "dc2"]).unwrap().unwrap();
+        let mut local = c.clone();
+        local.scylla.local_dc = "dc1".into();
+        assert_eq!(check(&local, &["dc1", "dc2"]), Ok(None));
+        let mut allowed = c.clone();
+        allowed.scylla.allow_weak_consistency = true;
+        let warning = check(&allowed, &["dc1", "dc2"]).unwrap().unwrap();
         assert!(
             warning.contains("allowed by scylla.allow_weak_consistency"),
             "{warning}"
         );
-        let mut c = Config::default();
-        c.scylla.consistency = "QUORUM".into();
-        assert_eq!(
-            c.validate().unwrap().check_datacenters(&["dc1", "dc2"]),
-            Ok(None)
-        );
+        let mut quorum = c.clone();
+        quorum.scylla.consistency = "QUORUM".into();
+        assert_eq!(check(&quorum, &["dc1", "dc2"]), Ok(None));
+        // Named datacenters are validation's to check.
+        let mut named = c;
+        named.scylla.datacenters = BTreeMap::from([("dc1".into(), 3)]);
+        assert_eq!(check(&named, &["dc1", "dc2"]), Ok(None));
     }
 
     #[test]

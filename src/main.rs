@@ -659,19 +659,7 @@ async fn connect_store(
     let mut delay = retry.initial_backoff;
     loop {
         match ScyllaStore::connect(&settings.config.scylla, migrate).await {
-            Ok(store) => {
-                let dcs = store.datacenters();
-                let dcs: Vec<&str> = dcs.iter().map(String::as_str).collect();
-                match settings.check_datacenters(&dcs) {
-                    Ok(None) => {}
-                    Ok(Some(weakening)) => tracing::warn!(
-                        weakening,
-                        "The delivery guarantee is weakened by configuration (an explicit opt-in)."
-                    ),
-                    Err(fix) => anyhow::bail!("{fix}"),
-                }
-                return Ok(Some(store));
-            }
+            Ok(store) => return Ok(Some(store)),
             Err(e) if e.is_retryable() && tokio::time::Instant::now() + delay < give_up_at => {
                 tracing::warn!(error = %e, retry_in = ?delay, "ScyllaDB is not reachable yet; retrying.");
                 tokio::select! {

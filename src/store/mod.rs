@@ -39,6 +39,9 @@ pub enum StoreError {
     Schema(String),
     #[error("authentication failed (check scylla.username/password): {0}")]
     Auth(String),
+    /// The configuration, checked against the cluster once connected, is refused.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl StoreError {
@@ -61,7 +64,7 @@ impl StoreError {
     }
 
     /// Every [`StoreError::kind`], for metric series created before their first failure.
-    pub const KINDS: [&'static str; 7] = [
+    pub const KINDS: [&'static str; 8] = [
         "timeout",
         "overloaded",
         "unavailable",
@@ -69,6 +72,7 @@ impl StoreError {
         "invalid",
         "schema",
         "auth",
+        "config",
     ];
 
     /// Stable label for metrics and dead-letter headers.
@@ -81,6 +85,7 @@ impl StoreError {
             StoreError::Invalid(_) => "invalid",
             StoreError::Schema(_) => "schema",
             StoreError::Auth(_) => "auth",
+            StoreError::Config(_) => "config",
         }
     }
 }

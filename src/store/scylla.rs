@@ -193,7 +193,7 @@ pub async fn connect(c: &ScyllaConfig) -> Result<Session, StoreError> {
     if let Some(tls) = tls_context(c)? {
         builder = builder.tls_context(Some(tls));
     }
-    builder.build().await.map_err(|e| {
+    let session = builder.build().await.map_err(|e| {
         let msg = format!(
             "cannot connect to ScyllaDB at {} (check scylla.nodes / VAULT_SCYLLA_NODES): {e}",
             c.nodes.join(",")
@@ -203,7 +203,51 @@ pub async fn connect(c: &ScyllaConfig) -> Result<Session, StoreError> {
         } else {
             StoreError::Connection(msg)
         }
-    })
+    })?;
+    check_datacenters(&session, c).await?;
+    Ok(session)
+}
+
+/// Checks the consistency against the datacenters the cluster has, once at connection
+/// ([`crate::config::check_cluster_datacenters`]: validation checks what `scylla.datacenters`
+/// names; this, where it names none).
+async fn check_datacenters(session: &Session, c: &ScyllaConfig) -> Result<(), StoreError> {
+    // `None` while some node's datacenter is not known (the driver's first metadata read
+    // failed): read it again, once.
+    let datacenters = || -> Option<Vec<String>> {
+        let mut dcs = session
+            .get_cluster_state()
+            .get_nodes_info()
+            .iter()
+            .map(|node| node.datacenter.clone())
+            .collect::<Option<Vec<String>>>()?;
+        dcs.sort_unstable();
+        dcs.dedup();
+        Some(dcs)
+    };
+    let dcs = match datacenters() {
+        Some(dcs) => Some(dcs),
+        None => {
+            let _ = session.refresh_metadata().await;
+            datacenters()
+        }
+    };
+    let Some(dcs) = dcs else {
+        tracing::warn!("The cluster's datacenters are not known: scylla.consistency is not checked against them.");
+        return Ok(());
+    };
+    let dcs: Vec<&str> = dcs.iter().map(String::as_str).collect();
+    match crate::config::check_cluster_datacenters(c, &dcs) {
+        Ok(None) => Ok(()),
+        Ok(Some(weakening)) => {
+            tracing::warn!(
+                weakening,
+                "The delivery guarantee is weakened by configuration (an explicit opt-in)."
+            );
+            Ok(())
+        }
+        Err(fix) => Err(StoreError::Config(fix)),
+    }
 }
 
 /// The TLS context for `scylla.tls`: the nodes' CA (or the system's roots), an optional client
@@ -494,20 +538,6 @@ impl ScyllaStore {
         &self.session
     }
 
-    /// The datacenters of the cluster's nodes, as the driver sees them now.
-    pub fn datacenters(&self) -> Vec<String> {
-        let mut dcs: Vec<String> = self
-            .session
-            .get_cluster_state()
-            .get_nodes_info()
-            .iter()
-            .filter_map(|node| node.datacenter.clone())
-            .collect();
-        dcs.sort_unstable();
-        dcs.dedup();
-        dcs
-    }
-
     pub fn keyspace(&self) -> &str {
         &self.keyspace
     }
@@ -532,6 +562,12 @@ impl ScyllaStore {
     /// where partitions live, as far as the driver knows it now; on tablets, with probes that
     /// teach it ([`Probes`]).
     pub fn plan(&self, events: &[&Event]) -> Vec<Request> {
+        self.planned(events).0
+    }
+
+    /// [`Self::plan`], and how many of the partitions the driver could not place (on tablets,
+    /// or a keyspace it has no metadata for yet).
+    fn planned(&self, events: &[&Event]) -> (Vec<Request>, u64) {
         let cluster = self.session.get_cluster_state();
         let tablets = cluster
             .get_keyspace(&self.keyspace)
@@ -539,7 +575,7 @@ impl ScyllaStore {
         let (rows, bytes) = (self.max_batch_rows, self.max_batch_bytes);
         // On vnodes the ring says where every partition lives: nothing to look up or teach.
         if tablets == Some(false) && !self.batch_by_replica {
-            return plan_by_partition(events, rows, bytes);
+            return (plan_by_partition(events, rows, bytes), 0);
         }
         let dc = self.local_dc.as_deref();
         let rows_at = Placement::of(&cluster, &self.keyspace, TABLE, dc);
@@ -565,10 +601,7 @@ impl ScyllaStore {
             unplaced += u64::from(learning && keys.is_none());
             probes.shape(keys, by_replica)
         });
-        if let Some(counter) = self.unplaced.get() {
-            counter.inc_by(unplaced);
-        }
-        requests
+        (requests, unplaced)
     }
 
     /// Sends one request while holding a write permit, for the whole request (the driver's
@@ -868,10 +901,13 @@ fn by_partition(
 /// tablet that moved lives now, and so are the next [`Probes::UNKNOWN`] partitions whose
 /// rows' or entry's tablet it has not learned yet. The other partitions are batched as they
 /// would be on vnodes; one the driver cannot place goes by partition, to whichever node it
-/// picks, which forwards it. A probe costs one request more than its partition would (a
-/// handful a write): where every node is a replica of everything (as many nodes as the
-/// replication factor, one shard each) no answer ever teaches the driver, and that is all it
-/// costs there.
+/// picks, which forwards it. A probe costs one or two requests more than its partition would
+/// (its entry and its first row alone): a handful a write. Where every node is a replica of
+/// everything (as many nodes as the replication factor, one shard each) no answer ever teaches
+/// the driver, and that is all it costs there. A write's first partition is whichever user's
+/// event came first in the Kafka batch, so over the writes every tablet with traffic is probed,
+/// in proportion to its traffic: a tablet that moved is learned again at its first write after
+/// the move that leads with one of its partitions.
 #[derive(Debug)]
 pub struct Probes {
     learning: bool,
@@ -1192,7 +1228,10 @@ impl Store for ScyllaStore {
     }
 
     async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
-        let plan = self.plan(events);
+        let (plan, unplaced) = self.planned(events);
+        if let Some(counter) = self.unplaced.get() {
+            counter.inc_by(unplaced);
+        }
         // The process-wide bound is the limiter in `send`; this one keeps a large batch from
         // queueing hundreds of request futures at once.
         let plan = &plan;

@@ -220,7 +220,7 @@ impl Metrics {
             ),
             write_unplaced_partitions: b.int_counter(
                 "vault_write_unplaced_partitions_total",
-                "Partitions written to a keyspace with tablets before the driver had learned where they live: each went by partition to a node the driver picked, which forwards it (a few probes a write teach the driver). Stays above zero where every node is a replica of everything, with nothing to learn.",
+                "Partitions written (retries included) whose replicas the driver did not know: on a keyspace with tablets before it learned theirs, or one it had no metadata for yet. Each went by partition to a node the driver picked, which forwards it, or as a probe (a few a write teach the driver). Its rate falls to about zero once the driver has learned the tablets; it stays up where every node is a replica of everything, with nothing to learn.",
             ),
             write_rate_limit: b.gauge(
                 "vault_write_rate_limit_rows_per_second",
@@ -610,6 +610,7 @@ mod tests {
             StoreError::Invalid(s()),
             StoreError::Schema(s()),
             StoreError::Auth(s()),
+            StoreError::Config(s()),
         ]
         .iter()
         .map(StoreError::kind)
