@@ -1,7 +1,8 @@
 //! `vault-sandbox`: TEST AND DEMO INFRASTRUCTURE, NOT A DATABASE OR A BROKER.
 //!
 //! Hosts librdkafka's mock Kafka cluster and the in-memory CQL stand-in (one node, or with
-//! `--cql-nodes N` a cluster of N on 127.0.0.1..N sharing one port) on loopback ports, prints
+//! `--cql-nodes N` a cluster of N on 127.0.0.1..N sharing one port; `--cql-tablets-by-default`
+//! gives new NetworkTopologyStrategy keyspaces tablets) on loopback ports, prints
 //! `VAULT_KAFKA_BROKERS=...`, `VAULT_SCYLLA_NODES=...` (every CQL node, comma-separated) and
 //! `VAULT_SANDBOX_CONTROL=...` lines (usable with `eval`/`env`), and runs until SIGTERM/SIGINT.
 //! Faults are triggered while it runs through a line-based control port
@@ -20,7 +21,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
-use vault_sandbox::cql::{CqlCluster, Fault, FaultKind, Saturation};
+use vault_sandbox::cql::{CqlCluster, CqlOptions, Fault, FaultKind, Saturation};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +46,12 @@ struct Cli {
     /// shared store.
     #[arg(long, default_value_t = 1)]
     cql_nodes: usize,
+    /// Give tablets to every NetworkTopologyStrategy keyspace created without a `tablets`
+    /// option, as ScyllaDB's `tablets_mode_for_new_keyspaces: enabled` does (`tablets =
+    /// {'enabled': false}` opts out; SimpleStrategy keeps vnodes, as in ScyllaDB 6.x).
+    /// Without it, only keyspaces created WITH tablets get them.
+    #[arg(long)]
+    cql_tablets_by_default: bool,
     /// Control port address (loopback only).
     #[arg(long, default_value = "127.0.0.1:0")]
     control: SocketAddr,
@@ -131,7 +138,10 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         cluster.create_topic(name, parts, 1)?;
         cluster.create_topic(&format!("{name}.dlq"), 1, 1)?;
     }
-    let node = CqlCluster::start_on(cli.cql, cli.cql_nodes)
+    let options = CqlOptions {
+        tablets_by_default: cli.cql_tablets_by_default,
+    };
+    let node = CqlCluster::start_on_with(cli.cql, cli.cql_nodes, options)
         .await
         .context("cannot start the CQL stand-in")?;
     let control = TcpListener::bind(cli.control)

@@ -9,7 +9,9 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::batch::{Batch, BatchType};
 use vault_sandbox::cql::frame::Opcode;
-use vault_sandbox::cql::{CqlCluster, CqlNode, Fault, FaultKind, LoggedRequest, Saturation};
+use vault_sandbox::cql::{
+    CqlCluster, CqlNode, CqlOptions, Fault, FaultKind, LoggedRequest, Saturation,
+};
 
 async fn node_and_session() -> (CqlNode, Session) {
     let node = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -343,6 +345,13 @@ async fn a_saturated_node_queues_requests_and_sheds_load_above_its_threshold() {
 /// A session on a stand-in cluster, once the driver knows every node.
 async fn cluster_and_session(nodes: usize) -> (CqlCluster, Session) {
     let cluster = CqlCluster::start(nodes).await.unwrap();
+    let session = session_on(&cluster).await;
+    (cluster, session)
+}
+
+/// A session on `cluster`, once the driver knows every node.
+async fn session_on(cluster: &CqlCluster) -> Session {
+    let nodes = cluster.addrs().len();
     let session = tokio::time::timeout(
         Duration::from_secs(20),
         SessionBuilder::new()
@@ -360,7 +369,7 @@ async fn cluster_and_session(nodes: usize) -> (CqlCluster, Session) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (cluster, session)
+    session
 }
 
 /// The EXECUTE requests of an INSERT the log holds.
@@ -727,6 +736,82 @@ async fn a_cluster_teaches_the_driver_its_tablets_and_the_driver_routes_by_them(
         .filter(|(a, b)| a > b)
         .count();
     assert_eq!(busy, 3, "every node served writes: {before:?} -> {after:?}");
+}
+
+/// Tablets by default (ScyllaDB's `tablets_mode_for_new_keyspaces: enabled`) seen through the
+/// driver, on three nodes: a NetworkTopologyStrategy keyspace created with no `tablets` option
+/// is tablet-based, and the driver learns its tablets from an EXECUTE as it does an explicit
+/// one's; one created `AND tablets = {'enabled': false}`, and a SimpleStrategy one, are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tablets_by_default_an_nts_keyspace_with_no_option_is_tablet_based() {
+    let options = CqlOptions {
+        tablets_by_default: true,
+    };
+    let cluster = CqlCluster::start_with(3, options).await.unwrap();
+    let session = session_on(&cluster).await;
+    let nts = "{'class': 'NetworkTopologyStrategy', 'datacenter1': 1}";
+    let simple = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
+    let keyspaces = [
+        ("dflt", nts.to_string(), true),
+        (
+            "optout",
+            format!("{nts} AND tablets = {{'enabled': false}}"),
+            false,
+        ),
+        ("simple", simple.to_string(), false),
+    ];
+    for (ks, with, _) in &keyspaces {
+        for ddl in [
+            format!("CREATE KEYSPACE {ks} WITH replication = {with}"),
+            format!("CREATE TABLE {ks}.events (user_id text, day int, at bigint, v text, PRIMARY KEY ((user_id, day), at))"),
+        ] {
+            session.query_unpaged(ddl, &[]).await.unwrap();
+        }
+    }
+    session.refresh_metadata().await.unwrap();
+    let state = session.get_cluster_state();
+    let (user, day) = ("user-1", 20_000i32);
+    let key = [user.as_bytes(), &day.to_be_bytes()[..]];
+    let token = vault_sandbox::cql::murmur3::partition_token(&key);
+    for (ks, _, tablets) in &keyspaces {
+        let tablet_based = state.get_keyspace(ks).unwrap().tablet_based;
+        assert_eq!(tablet_based, *tablets, "{ks} tablet_based");
+        assert_eq!(
+            cluster.tablet(ks, &key).is_some(),
+            *tablets,
+            "{ks} placed by tablet"
+        );
+        assert_eq!(
+            driver_replicas(&session, ks, token).is_empty(),
+            *tablets,
+            "{ks}: replicas known before an EXECUTE only on vnodes"
+        );
+    }
+
+    let host_ids = cluster.host_ids();
+    let ours: Vec<uuid::Uuid> = cluster
+        .replicas("dflt", &key)
+        .into_iter()
+        .map(|n| host_ids[n])
+        .collect();
+    let insert = session
+        .prepare("INSERT INTO dflt.events (user_id, day, at, v) VALUES (?, ?, ?, ?)")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut at = 0i64;
+    while driver_replicas(&session, "dflt", token) != ours {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the driver did not learn the tablet of ({user}, {day})"
+        );
+        at += 1;
+        session
+            .execute_unpaged(&insert, (user, day, at, "learn"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// NetworkTopologyStrategy's `'replication_factor': 2` shorthand seen through the driver, on

@@ -201,6 +201,47 @@ fn sandbox_runs_a_cql_cluster_whose_placement_the_python_driver_agrees_with() {
     sandbox.stop();
 }
 
+/// `--cql-tablets-by-default`: a NetworkTopologyStrategy keyspace created with no `tablets`
+/// option (here by the Python driver) is a tablet keyspace, whose tablet `cql move-tablet`
+/// moves; without the flag it is a vnode keyspace, which it refuses.
+#[test]
+fn sandbox_gives_new_nts_keyspaces_tablets_with_cql_tablets_by_default() {
+    if !python_has_driver() {
+        println!("skipped: `make test` installs scylla-driver (pip) first");
+        return;
+    }
+    let create = r#"
+import os
+from cassandra.cluster import Cluster
+host, port = os.environ["VAULT_SCYLLA_NODES"].split(",")[0].rsplit(":", 1)
+cluster = Cluster([host], port=int(port), protocol_version=4, compression=False)
+cluster.connect().execute(
+    "CREATE KEYSPACE dflt WITH replication = {'class': 'NetworkTopologyStrategy', 'datacenter1': 1}")
+cluster.shutdown()
+"#;
+    for by_default in [true, false] {
+        let mut args = vec!["--topic", "tbd:1", "--brokers", "1"];
+        if by_default {
+            args.push("--cql-tablets-by-default");
+        }
+        let sandbox = Sandbox::start(&args);
+        let out = Command::new("python3")
+            .args(["-c", create])
+            .envs(sandbox.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run python3");
+        assert!(out.status.success(), "CREATE KEYSPACE: {out:?}");
+        let out = sandbox.ctl(&["cql", "move-tablet", "dflt", "0", "0"]);
+        let answer = String::from_utf8_lossy(&out.stdout);
+        if by_default {
+            assert!(answer.starts_with("ok tablet"), "{answer}");
+        } else {
+            assert!(answer.contains("not a tablet keyspace"), "{answer}");
+        }
+        sandbox.stop();
+    }
+}
+
 #[test]
 fn sandbox_refuses_a_cql_cluster_it_cannot_host() {
     for n in ["0", "9"] {

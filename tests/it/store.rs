@@ -19,7 +19,7 @@ use vault::store::scylla::{token as scylla_token, ScyllaStore};
 use vault::store::{version, Store};
 use vault::telemetry::{Health, Metrics};
 use vault_sandbox::cql::frame::Opcode;
-use vault_sandbox::cql::{CqlCluster, CqlNode, Fault, FaultKind, LoggedRequest};
+use vault_sandbox::cql::{CqlCluster, CqlNode, CqlOptions, Fault, FaultKind, LoggedRequest};
 
 use crate::common::{self_signed, unique, wait_until};
 
@@ -553,6 +553,40 @@ async fn on_tablets_probes_teach_the_driver_and_then_every_row_goes_to_a_replica
             );
         }
     }
+}
+
+/// On a ScyllaDB that gives new keyspaces tablets (`tablets_mode_for_new_keyspaces: enabled`,
+/// its recent releases' default), `vault migrate` with the default replication
+/// (NetworkTopologyStrategy, `replication_factor` in every datacenter) creates a keyspace with
+/// tablets, and vault's writes teach the driver where they live, then go to replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tablets_by_default_the_default_keyspace_has_tablets_and_writes_reach_replicas() {
+    let options = CqlOptions {
+        tablets_by_default: true,
+    };
+    let cluster = CqlCluster::start_with(3, options)
+        .await
+        .expect("CQL stand-in cluster starts");
+    let c = ScyllaConfig {
+        nodes: vec![cluster.addrs()[0].to_string()],
+        ..scylla_config("")
+    };
+    assert_eq!(
+        c.replication_strategy, "NetworkTopologyStrategy",
+        "the default"
+    );
+    let store = ScyllaStore::connect(&c, true).await.unwrap();
+    store.session().refresh_metadata().await.unwrap();
+    let state = store.session().get_cluster_state();
+    let ks = state.get_keyspace(&c.keyspace).expect("migrated");
+    assert!(ks.tablet_based, "the default keyspace has tablets");
+    let teaching = teach(&store, "tablets by default").await;
+    cluster.clear_requests();
+    write_500_users(&store, 1500 * teaching).await;
+    let rows = format!("{}.user_activity", c.keyspace);
+    assert_eq!(off_replica(&cluster, &rows), 0, "every row to its replica");
+    let written: usize = cluster.requests().iter().map(|r| r.writes).sum();
+    assert_eq!(written, 2000, "1,500 rows and 500 entries");
 }
 
 /// Where every node is a replica of everything (as many nodes as the replication factor, one

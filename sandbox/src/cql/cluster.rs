@@ -9,6 +9,12 @@
 //! it replicates (by the ring, or by tablet in a tablet keyspace: see
 //! [`crate::cql::tablets`]; a test moves a tablet with [`CqlCluster::move_tablet`]), which the
 //! request log records for every write it serves.
+//!
+//! A cluster's [`CqlOptions`] are its server settings, fixed at start: `tablets_by_default`
+//! (ScyllaDB's `tablets_mode_for_new_keyspaces: enabled`) gives tablets to a
+//! NetworkTopologyStrategy keyspace created with no `tablets` option (the rule is
+//! [`crate::cql::tablets::for_new_keyspace`]'s). The constructors without options start
+//! with [`CqlOptions::default`]: vnodes unless a keyspace asks for tablets.
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -22,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::cql::engine::{Outcome, RowSet};
+use crate::cql::engine::{Database, Outcome, RowSet};
 use crate::cql::faults::{Fault, Saturation, SaturationStats};
 use crate::cql::ring::Ring;
 use crate::cql::server::{lock, spawn_node, LoggedRequest, Shared};
@@ -32,6 +38,18 @@ use crate::cql::{murmur3, parser};
 /// How many times [`CqlCluster::start`] picks a new port when another process holds the one
 /// the first node got on a later node's address.
 const BIND_ATTEMPTS: usize = 5;
+
+/// A stand-in cluster's server settings (ScyllaDB's scylla.yaml, as far as the stand-in models
+/// it). The default is a cluster that gives new keyspaces vnodes unless they ask for tablets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CqlOptions {
+    /// ScyllaDB's `tablets_mode_for_new_keyspaces: enabled` (`disabled` when false): CREATE
+    /// KEYSPACE with NetworkTopologyStrategy and no `tablets` option gets tablets, their count
+    /// the server's choice; `AND tablets = {'enabled': false}` opts out; SimpleStrategy keeps
+    /// vnodes (as ScyllaDB 6.x; newer releases refuse it). See
+    /// [`crate::cql::tablets::for_new_keyspace`].
+    pub tablets_by_default: bool,
+}
 
 /// A running stand-in cluster. Dropping it stops every node.
 pub struct CqlCluster {
@@ -58,20 +76,35 @@ impl CqlCluster {
     /// Starts `nodes` nodes (1..=[`Self::MAX_NODES`]) on 127.0.0.1, 127.0.0.2, ... on one free
     /// port (another one, a few times over, if a later address has the first one taken).
     pub async fn start(nodes: usize) -> std::io::Result<CqlCluster> {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), nodes).await
+        Self::start_with(nodes, CqlOptions::default()).await
+    }
+
+    /// [`Self::start`] with these settings.
+    pub async fn start_with(nodes: usize, options: CqlOptions) -> std::io::Result<CqlCluster> {
+        Self::start_on_with(SocketAddr::from(([127, 0, 0, 1], 0)), nodes, options).await
     }
 
     /// Starts `nodes` nodes on `first`'s address and the next ones up, all on `first`'s port (a
     /// free one if it is 0). Loopback addresses only (IPv4 for more than one node).
     pub async fn start_on(first: SocketAddr, nodes: usize) -> std::io::Result<CqlCluster> {
+        Self::start_on_with(first, nodes, CqlOptions::default()).await
+    }
+
+    /// [`Self::start_on`] with these settings.
+    pub async fn start_on_with(
+        first: SocketAddr,
+        nodes: usize,
+        options: CqlOptions,
+    ) -> std::io::Result<CqlCluster> {
         let listeners = bind_same_port(first, nodes).await?;
-        Self::serve(listeners, None)
+        Self::serve(listeners, None, options)
     }
 
     /// Serves one node on each listener, node `i` on `listeners[i]`, sharing one store.
     fn serve(
         listeners: Vec<TcpListener>,
         tls: Option<Arc<SslAcceptor>>,
+        options: CqlOptions,
     ) -> std::io::Result<CqlCluster> {
         let addrs = listeners
             .iter()
@@ -84,7 +117,9 @@ impl CqlCluster {
                 IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
             })
             .collect();
-        let shared = Arc::new(Shared::new(Ring::new(&ips)));
+        let db =
+            Database::with_ring(Ring::new(&ips)).tablets_by_default(options.tablets_by_default);
+        let shared = Arc::new(Shared::new(db));
         let (stop, stopped) = watch::channel(false);
         for (node, listener) in listeners.into_iter().enumerate() {
             spawn_node(listener, node, shared.clone(), tls.clone(), stopped.clone());
@@ -118,7 +153,8 @@ impl CqlCluster {
 
     /// The tablet that holds a partition of `keyspace` (`key` as for [`Self::replicas`]): its
     /// token range and replicas, as a node that is not one of them reports it to a driver.
-    /// `None` unless `keyspace` was created `WITH ... AND tablets = {'enabled': true}`.
+    /// `None` unless `keyspace` is a tablet keyspace: created `WITH ... AND tablets =
+    /// {'enabled': true}`, or given tablets by [`CqlOptions::tablets_by_default`].
     pub fn tablet(&self, keyspace: &str, key: &[&[u8]]) -> Option<Tablet> {
         lock(&self.shared.db).tablet(keyspace, murmur3::partition_token(key))
     }
@@ -311,7 +347,12 @@ pub struct CqlNode {
 impl CqlNode {
     /// Starts a node on `addr` (use port 0 for an ephemeral port on 127.0.0.1).
     pub async fn start(addr: SocketAddr) -> std::io::Result<CqlNode> {
-        Self::start_with(addr, None).await
+        Self::start_with(addr, CqlOptions::default()).await
+    }
+
+    /// [`Self::start`] with these settings.
+    pub async fn start_with(addr: SocketAddr, options: CqlOptions) -> std::io::Result<CqlNode> {
+        Self::serve_on(addr, None, options).await
     }
 
     /// Starts a node that speaks CQL over TLS only, with this certificate chain and key (PEM).
@@ -328,15 +369,16 @@ impl CqlNode {
             Ok(b.build())
         };
         let acceptor = tls().map_err(std::io::Error::other)?;
-        Self::start_with(addr, Some(Arc::new(acceptor))).await
+        Self::serve_on(addr, Some(Arc::new(acceptor)), CqlOptions::default()).await
     }
 
-    async fn start_with(
+    async fn serve_on(
         addr: SocketAddr,
         tls: Option<Arc<SslAcceptor>>,
+        options: CqlOptions,
     ) -> std::io::Result<CqlNode> {
         let listener = TcpListener::bind(addr).await?;
-        let cluster = CqlCluster::serve(vec![listener], tls)?;
+        let cluster = CqlCluster::serve(vec![listener], tls, options)?;
         Ok(CqlNode { cluster })
     }
 

@@ -22,7 +22,7 @@ use crate::cql::frame::Writer;
 use crate::cql::murmur3;
 use crate::cql::parser::{self, Op, RelValue, Relation, Selection, Statement, TableRef, Term};
 use crate::cql::ring::{self, Replication, Ring};
-use crate::cql::tablets::{self, Tablet, Tablets, TabletsOption};
+use crate::cql::tablets::{self, Tablet, Tablets};
 use crate::cql::types::CqlType;
 
 pub type Value = Option<Vec<u8>>;
@@ -271,6 +271,10 @@ pub struct Database {
     schema_version: Uuid,
     /// The node whose identity `system.local` and `system.peers` hold now.
     shown: usize,
+    /// Whether a NetworkTopologyStrategy keyspace created with no `tablets` option gets tablets
+    /// (ScyllaDB's `tablets_mode_for_new_keyspaces: enabled`; see
+    /// [`tablets::for_new_keyspace`]). Off unless set with [`Database::tablets_by_default`].
+    tablets_by_default: bool,
 }
 
 const SYSTEM_DDL: &[&str] = &[
@@ -304,6 +308,7 @@ impl Database {
             ring,
             schema_version: Uuid::new_v4(),
             shown: 0,
+            tablets_by_default: false,
         };
         for ddl in SYSTEM_DDL {
             let st = parser::parse(ddl).expect("system DDL parses");
@@ -311,6 +316,13 @@ impl Database {
         }
         db.bump_schema_version();
         db
+    }
+
+    /// This database, giving tablets to NetworkTopologyStrategy keyspaces created from now on
+    /// with no `tablets` option when `on` (see [`tablets::for_new_keyspace`]).
+    pub fn tablets_by_default(mut self, on: bool) -> Database {
+        self.tablets_by_default = on;
+        self
     }
 
     pub fn table(&self, keyspace: &str, table: &str) -> Option<&Table> {
@@ -678,17 +690,9 @@ impl Database {
                 replication,
                 tablets,
             } => {
-                let tablets = TabletsOption::parse(tablets).map_err(EngineError::Invalid)?;
-                let simple = replication
-                    .iter()
-                    .any(|(k, v)| k == "class" && v.rsplit('.').next() == Some("SimpleStrategy"));
-                if tablets.is_some() && simple {
-                    // As ScyllaDB: tablets are placed per datacenter.
-                    return Err(EngineError::Invalid(
-                        "SimpleStrategy does not support tablets: use NetworkTopologyStrategy"
-                            .into(),
-                    ));
-                }
+                let tablets =
+                    tablets::for_new_keyspace(replication, tablets, self.tablets_by_default)
+                        .map_err(EngineError::Invalid)?;
                 if self.keyspaces.contains_key(name) {
                     if *if_not_exists {
                         return Ok(Outcome::Void);
@@ -1933,6 +1937,71 @@ mod tests {
         }
     }
 
+    /// `system_schema.scylla_keyspaces`: each keyspace listed and its `initial_tablets`, by name.
+    fn listed(db: &mut Database) -> Vec<(String, i32)> {
+        let q = "SELECT keyspace_name, initial_tablets FROM system_schema.scylla_keyspaces";
+        let mut got: Vec<(String, i32)> = rows(run(db, q).unwrap())
+            .into_iter()
+            .map(|r| {
+                let name = String::from_utf8(r[0].clone().unwrap()).unwrap();
+                let n = i32::from_be_bytes(r[1].clone().unwrap().try_into().unwrap());
+                (name, n)
+            })
+            .collect();
+        got.sort();
+        got
+    }
+
+    /// With tablets by default (ScyllaDB's `tablets_mode_for_new_keyspaces: enabled`), a
+    /// NetworkTopologyStrategy keyspace created with no `tablets` option is a tablet keyspace
+    /// like one created WITH them: listed in `scylla_keyspaces` with `initial_tablets` 0 and
+    /// placed by [`tablets::DEFAULT_TABLETS`] tablets; one that opts out, and a SimpleStrategy
+    /// one, keep the ring. The same statements without the setting give vnodes.
+    #[test]
+    fn tablets_by_default_give_an_nts_keyspace_with_no_option_tablets() {
+        let ip = |n| Ipv4Addr::new(127, 0, 0, n);
+        let nts = "replication = {'class': 'NetworkTopologyStrategy', 'datacenter1': 1}";
+        let simple = "replication = {'class': 'SimpleStrategy', 'replication_factor': 1}";
+        let ddl = [
+            format!("CREATE KEYSPACE dflt WITH {nts}"),
+            format!("CREATE KEYSPACE optout WITH {nts} AND tablets = {{'enabled': false}}"),
+            format!("CREATE KEYSPACE given WITH {nts} AND tablets = {{'initial': 4}}"),
+            format!("CREATE KEYSPACE simple WITH {simple}"),
+        ];
+        for by_default in [true, false] {
+            let ring = Ring::new(&[ip(1), ip(2), ip(3)]);
+            let mut db = Database::with_ring(ring).tablets_by_default(by_default);
+            for ddl in &ddl {
+                run(&mut db, ddl).unwrap();
+            }
+            let mut want = vec![("given".to_string(), 4)];
+            if by_default {
+                want.insert(0, ("dflt".into(), 0));
+            }
+            assert_eq!(listed(&mut db), want, "by default: {by_default}");
+            let mut unlike_the_ring = 0;
+            for i in 0..50 {
+                let token = murmur3::token(format!("k{i}").as_bytes());
+                let ring = db.ring().replicas(token, 1);
+                let count = tablets::DEFAULT_TABLETS;
+                let tablet = tablets::tablet_for(token, count, Replication::Factor(1), 3);
+                if by_default {
+                    assert_eq!(db.tablet("dflt", token).as_ref(), Some(&tablet));
+                    assert_eq!(db.replicas("dflt", token), tablet.replicas);
+                    unlike_the_ring += usize::from(ring != tablet.replicas);
+                } else {
+                    assert_eq!(db.tablet("dflt", token), None);
+                    assert_eq!(db.replicas("dflt", token), ring);
+                }
+                for vnodes in ["optout", "simple"] {
+                    assert_eq!(db.tablet(vnodes, token), None, "{vnodes}");
+                    assert_eq!(db.replicas(vnodes, token), ring, "{vnodes}");
+                }
+            }
+            assert_eq!(unlike_the_ring > 0, by_default, "placed by tablet");
+        }
+    }
+
     /// A tablet keyspace has a `scylla_keyspaces` row while it exists; its partitions are
     /// placed by tablet, not by the ring; an EXECUTE on a node outside a partition's tablet
     /// answers with that tablet.
@@ -1958,19 +2027,6 @@ mod tests {
         }
         let bad = format!("CREATE KEYSPACE b WITH {nts} AND tablets = {{'initial': 'many'}}");
         assert!(matches!(run(&mut db, &bad), Err(EngineError::Invalid(_))));
-        let listed = |db: &mut Database| {
-            let q = "SELECT keyspace_name, initial_tablets FROM system_schema.scylla_keyspaces";
-            let mut got: Vec<(String, i32)> = rows(run(db, q).unwrap())
-                .into_iter()
-                .map(|r| {
-                    let name = String::from_utf8(r[0].clone().unwrap()).unwrap();
-                    let n = i32::from_be_bytes(r[1].clone().unwrap().try_into().unwrap());
-                    (name, n)
-                })
-                .collect();
-            got.sort();
-            got
-        };
         assert_eq!(listed(&mut db), [("auto".into(), 0), ("tk".into(), 8)]);
 
         let prepare = |db: &Database, q: &str| db.prepare(parser::parse(q).unwrap(), None).unwrap();

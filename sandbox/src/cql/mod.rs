@@ -12,7 +12,7 @@ pub mod server;
 pub mod tablets;
 pub mod types;
 
-pub use cluster::{CqlCluster, CqlNode, RoutingStats};
+pub use cluster::{CqlCluster, CqlNode, CqlOptions, RoutingStats};
 pub use faults::{Fault, FaultKind, Saturation, SaturationStats, LATENCY_SAMPLES};
 pub use server::LoggedRequest;
 pub use tablets::Tablet;

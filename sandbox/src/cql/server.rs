@@ -24,7 +24,6 @@ use crate::cql::engine::{Database, EngineError, Outcome, Prepared, Value};
 use crate::cql::faults::{Fault, FaultKind, Saturation, SaturationStats};
 use crate::cql::frame::{self, consistency_name, error_code, Opcode, Reader, Writer};
 use crate::cql::parser;
-use crate::cql::ring::Ring;
 use crate::cql::tablets;
 
 // The node handle, also reachable under this module where code names it so.
@@ -132,11 +131,12 @@ pub(crate) fn spawn_node(
 }
 
 impl Shared {
-    pub(crate) fn new(ring: Ring) -> Shared {
+    /// What the nodes of `db`'s ring share, starting from `db`.
+    pub(crate) fn new(db: Database) -> Shared {
         let (generation, _) = watch::channel(0);
-        let nodes = ring.nodes().len();
+        let nodes = db.ring().nodes().len();
         Shared {
-            db: Mutex::new(Database::with_ring(ring)),
+            db: Mutex::new(db),
             prepared: Mutex::new(HashMap::new()),
             faults: Mutex::new(Vec::new()),
             saturation: Mutex::new(None),

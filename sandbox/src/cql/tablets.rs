@@ -10,6 +10,10 @@
 //! (the payload, which writes a node serves as a replica, the cluster's `replicas` and `tablet`)
 //! asks [`Tablets::tablet`].
 //!
+//! Whether a new keyspace gets tablets at all is decided in one place, [`for_new_keyspace`]: by
+//! its `tablets` option, else by the cluster's `tablets_by_default` setting (ScyllaDB's
+//! `tablets_mode_for_new_keyspaces: enabled`, see [`for_new_keyspace`]).
+//!
 //! Stand-in choices: a keyspace that names no `'initial'` count gets [`DEFAULT_TABLETS`] per
 //! table (ScyllaDB sizes it from the cluster and the table's data); every table of a keyspace
 //! has the same tablets, which never split or merge, and a move moves that tablet of every
@@ -40,8 +44,9 @@ pub struct TabletsOption {
 }
 
 impl TabletsOption {
-    /// Reads CREATE KEYSPACE's `tablets` map: `None` for vnodes (no map, or `'enabled':
-    /// false`).
+    /// Reads CREATE KEYSPACE's `tablets` map alone: `None` when it does not enable them (no
+    /// map, or `'enabled': false`). Whether the keyspace gets tablets is
+    /// [`for_new_keyspace`]'s to say.
     pub fn parse(options: &[(String, String)]) -> Result<Option<TabletsOption>, String> {
         let mut enabled = !options.is_empty();
         let mut initial = 0;
@@ -70,6 +75,43 @@ impl TabletsOption {
             0 => DEFAULT_TABLETS,
             n => u64::from(n).next_power_of_two(),
         }
+    }
+}
+
+/// Whether a keyspace created now with this replication map and `tablets` map (empty when the
+/// statement has none) is placed by tablet, and how: the one rule CREATE KEYSPACE follows.
+/// `by_default` is the cluster's `tablets_by_default` setting, ScyllaDB's
+/// `tablets_mode_for_new_keyspaces` (`enabled` when set, `disabled` when not).
+///
+/// - A `tablets` map that enables them (`'enabled': true`, or an `'initial'` count) gives
+///   tablets, with any setting; SimpleStrategy with one is refused (tablets are placed per
+///   datacenter).
+/// - `'enabled': false` gives vnodes, with any setting.
+/// - No `tablets` map (or an empty one) gives vnodes, unless `by_default` is set and the class
+///   is NetworkTopologyStrategy: then tablets, their count the server's choice (`initial` 0,
+///   so [`DEFAULT_TABLETS`] here), as ScyllaDB writes `initial_tablets` 0 for it. Any other
+///   class (SimpleStrategy, LocalStrategy, ...) keeps vnodes, as ScyllaDB 6.x does; newer
+///   releases (2025.x) refuse SimpleStrategy in a cluster that gives tablets by default
+///   instead, which the stand-in does not model.
+pub fn for_new_keyspace(
+    replication: &[(String, String)],
+    tablets: &[(String, String)],
+    by_default: bool,
+) -> Result<Option<TabletsOption>, String> {
+    let class = replication
+        .iter()
+        .find(|(k, _)| k == "class")
+        .and_then(|(_, v)| v.rsplit('.').next())
+        .unwrap_or_default();
+    match TabletsOption::parse(tablets)? {
+        Some(_) if class == "SimpleStrategy" => {
+            Err("SimpleStrategy does not support tablets: use NetworkTopologyStrategy".into())
+        }
+        Some(option) => Ok(Some(option)),
+        None if tablets.is_empty() && by_default && class == "NetworkTopologyStrategy" => {
+            Ok(Some(TabletsOption { initial: 0 }))
+        }
+        None => Ok(None),
     }
 }
 
@@ -212,6 +254,46 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// The rule for a new keyspace, with the setting off and on: an explicit option decides
+    /// alone (SimpleStrategy refused with tablets); no option gives tablets only with the
+    /// setting and only to NetworkTopologyStrategy.
+    #[test]
+    fn a_new_keyspace_gets_tablets_by_its_option_else_by_the_setting_for_nts_only() {
+        let nts = opts(&[("class", "NetworkTopologyStrategy"), ("datacenter1", "1")]);
+        let qualified = opts(&[(
+            "class",
+            "org.apache.cassandra.locator.NetworkTopologyStrategy",
+        )]);
+        let simple = opts(&[("class", "SimpleStrategy"), ("replication_factor", "1")]);
+        let local = opts(&[("class", "LocalStrategy")]);
+        let auto = TabletsOption { initial: 0 };
+        let four = TabletsOption { initial: 4 };
+        for by_default in [false, true] {
+            let rule = |replication: &[(String, String)], pairs: &[(&str, &str)]| {
+                for_new_keyspace(replication, &opts(pairs), by_default)
+            };
+            let case = format!("by default: {by_default}");
+            // No option: the setting, for NetworkTopologyStrategy only.
+            let default = by_default.then_some(auto);
+            assert_eq!(rule(&nts, &[]), Ok(default), "{case}");
+            assert_eq!(rule(&qualified, &[]), Ok(default), "{case}");
+            assert_eq!(rule(&simple, &[]), Ok(None), "{case}: SimpleStrategy");
+            assert_eq!(rule(&local, &[]), Ok(None), "{case}: LocalStrategy");
+            // An explicit option, whatever the setting.
+            assert_eq!(rule(&nts, &[("enabled", "false")]), Ok(None), "{case}");
+            assert_eq!(rule(&simple, &[("enabled", "false")]), Ok(None), "{case}");
+            assert_eq!(rule(&nts, &[("enabled", "true")]), Ok(Some(auto)), "{case}");
+            let explicit = rule(&nts, &[("enabled", "true"), ("initial", "4")]);
+            assert_eq!(explicit, Ok(Some(four)), "{case}");
+            assert_eq!(rule(&nts, &[("initial", "4")]), Ok(Some(four)), "{case}");
+            for refused in [&[("enabled", "true")][..], &[("initial", "4")]] {
+                let got = rule(&simple, refused);
+                assert!(got.is_err(), "{case}: SimpleStrategy {refused:?}: {got:?}");
+            }
+            assert!(rule(&nts, &[("enabled", "maybe")]).is_err(), "{case}");
+        }
     }
 
     #[test]
