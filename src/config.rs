@@ -700,12 +700,22 @@ impl Settings {
     }
 }
 
+/// Whether a LOCAL_* consistency without `local_dc` is to be checked against the datacenters
+/// the cluster has ([`check_cluster_datacenters`]): where `scylla.datacenters` names fewer than
+/// two, validation could not tell (the keyspace may replicate to more than `migrate` would
+/// create, or was created before).
+pub fn needs_cluster_datacenters(s: &ScyllaConfig) -> bool {
+    s.consistency.to_ascii_uppercase().starts_with("LOCAL_")
+        && s.local_dc.is_empty()
+        && s.datacenters.len() < 2
+}
+
 /// The LOCAL_* rule of validation against the datacenters the cluster has (`dcs`, as the driver
-/// sees them once connected), where `scylla.datacenters` names none (the replication factor in
-/// every datacenter, or SimpleStrategy) so that validation could not tell. `Err` with what to
-/// fix when it is refused; `Ok(Some)` with the weakening when it is allowed.
+/// sees them once connected), where validation could not tell
+/// ([`needs_cluster_datacenters`]). `Err` with what to fix when it is refused; `Ok(Some)` with
+/// the weakening when it is allowed.
 pub fn check_cluster_datacenters(s: &ScyllaConfig, dcs: &[&str]) -> Result<Option<String>, String> {
-    if !s.datacenters.is_empty() {
+    if !needs_cluster_datacenters(s) {
         return Ok(None);
     }
     match local_consistency_without_local_dc(s, dcs, "the cluster has") {
@@ -2367,10 +2377,15 @@ mod tests {
         let mut quorum = c.clone();
         quorum.scylla.consistency = "QUORUM".into();
         assert_eq!(check(&quorum, &["dc1", "dc2"]), Ok(None));
-        // Named datacenters are validation's to check.
-        let mut named = c;
+        // One named datacenter: the keyspace may replicate to more (created before, or by
+        // hand), so the cluster's are checked too; several are validation's to check.
+        let mut named = c.clone();
         named.scylla.datacenters = BTreeMap::from([("dc1".into(), 3)]);
-        assert_eq!(check(&named, &["dc1", "dc2"]), Ok(None));
+        assert!(check(&named, &["dc1", "dc2"]).is_err());
+        let mut several = c;
+        several.scylla.local_dc = String::new();
+        several.scylla.datacenters = BTreeMap::from([("dc1".into(), 3), ("dc2".into(), 3)]);
+        assert!(!needs_cluster_datacenters(&several.scylla));
     }
 
     #[test]

@@ -382,8 +382,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 let store = std::sync::Arc::new(
                     vault::store::scylla::ScyllaStore::connect(&settings.config.scylla, false)
                         .await
-                        .map_err(|e| {
-                            anyhow::anyhow!("{e} (dlq replay reads the record of erasures, so that it never brings back an erased user's events)")
+                        .map_err(|e| match e {
+                            vault::store::StoreError::Config(_) => anyhow::anyhow!("{e}"),
+                            e => anyhow::anyhow!("{e} (dlq replay reads the record of erasures, so that it never brings back an erased user's events)"),
                         })?,
                 );
                 // Each dead-letter topic once, even when several source topics share it; its
@@ -647,7 +648,7 @@ async fn serve_api(settings: vault::Settings, api: vault::api::ApiSettings) -> a
 
 /// Connects to ScyllaDB, retrying transient failures (a node restarting, a dropped connection)
 /// with backoff for up to [`deadline::STARTUP_CONNECT_PATIENCE`], so a blip at start-up is not
-/// a crash; a permanent error (authentication, schema) or a longer outage ends the start with
+/// a crash; a permanent error (authentication, schema, a consistency the cluster refuses) or a longer outage ends the start with
 /// the error. Nothing is read from Kafka meanwhile. `None` when shutdown came first.
 async fn connect_store(
     settings: &vault::Settings,

@@ -203,16 +203,16 @@ pub struct FailedAttempt {
 
 /// A failed batch's retry state, from its first failure until it stops retrying (durable or
 /// abandoned): it marks the batch's partition as failing from that first failure (see
-/// [`PartitionHealth`]), counts the batch's failures and when they began (a transient first
-/// one, or a transient one that made progress, retries unjudged within a turn, see
-/// [`Batch::may_keep_retrying`]), and holds the batch's claim on the half of
+/// [`PartitionHealth`]), counts its attempts in a row that wrote nothing and when its failures
+/// began (a transient failure retries unjudged within a turn unless it is the second attempt
+/// in a row to write nothing, see [`Batch::may_keep_retrying`]), and holds the batch's claim on the half of
 /// the budget that failing batches may hold while healthy partitions wait, if it has one, for
 /// a turn of [`RETRY_HOLD_TURN`].
 #[derive(Debug)]
 pub struct RetryHold {
     claim: Option<(OwnedSemaphorePermit, Instant)>,
-    /// The batch's failed writes so far.
-    failures: u32,
+    /// The batch's failed attempts in a row that wrote nothing.
+    fruitless: u32,
     /// When the batch first failed.
     since: Instant,
     health: PartitionHealth,
@@ -227,7 +227,7 @@ impl RetryHold {
         });
         RetryHold {
             claim: None,
-            failures: 0,
+            fruitless: 0,
             since: Instant::now(),
             health: share.health.clone(),
             pressing: share.pressing.clone(),
@@ -415,17 +415,19 @@ impl Batch {
     /// reads it again). Called at each failure with the batch's `hold`.
     ///
     /// A transient failure (an `Overloaded` answer, a timeout: what one more attempt may cure)
-    /// that is the batch's first, or whose attempt still wrote part of what it sent
-    /// (`failed.progressed`), retries unclaimed for the first [`RETRY_HOLD_TURN`] since the
-    /// batch first failed: the batch is being written, and holds its memory through one
-    /// backoff and one more attempt (which waits for a retry slot and a write slot, behind
-    /// first attempts), outside the half below. Judging such failures made
+    /// retries unclaimed for the first [`RETRY_HOLD_TURN`] since the batch first failed,
+    /// unless its attempt and the one before both wrote nothing of what they sent
+    /// (`failed.progressed`; a first failure has no attempt before it): the batch is being
+    /// written, and holds its memory through one backoff and one more attempt (which waits for
+    /// a retry slot and a write slot, behind first attempts), outside the half below. One
+    /// attempt that writes nothing is not a pattern: a saturated node sheds all of an attempt
+    /// now and then, between attempts that progress. Judging such failures made
     /// a database that sheds a little load from every partition cost whole partitions' worth of
     /// replays: many batches of such a run see a shed request, their retries wait for write
     /// slots behind first attempts, and while the claims of those retries filled half the
     /// budget, the next batch to fail was abandoned, and its partition read again and rewrote
-    /// what it had already written. A batch whose attempt wrote nothing after a first failure,
-    /// whose failure is not transient (a rejected schema, a dead-letter topic that refuses for
+    /// what it had already written. A batch whose last two attempts wrote nothing, whose
+    /// failure is not transient (a rejected schema, a dead-letter topic that refuses for
     /// good), or that has been failing for a turn, is stuck, and judged as follows (a judged
     /// batch whose next attempt makes progress within its first turn retries unjudged again).
     ///
@@ -445,8 +447,12 @@ impl Batch {
             return true;
         };
         let state = hold.get_or_insert_with(|| RetryHold::began(share));
-        state.failures = state.failures.saturating_add(1);
-        let being_written = state.failures == 1 || failed.progressed;
+        state.fruitless = if failed.progressed {
+            0
+        } else {
+            state.fruitless.saturating_add(1)
+        };
+        let being_written = state.fruitless < 2;
         if failed.transient && being_written && state.since.elapsed() < RETRY_HOLD_TURN {
             return true;
         }
@@ -668,8 +674,12 @@ mod tests {
             "d fails again but wrote part of its rows: it is being written, and retries"
         );
         assert!(
+            d.may_keep_retrying(&mut hd, SHED_ALL) && !claimed(&hd),
+            "d's next attempt writes nothing, once after progress: it retries"
+        );
+        assert!(
             !d.may_keep_retrying(&mut hd, SHED_ALL),
-            "d's next attempt writes nothing: it gives its memory back"
+            "and the next writes nothing too: two in a row, it gives its memory back"
         );
         let mut he = None;
         let progressed = FailedAttempt {

@@ -159,5 +159,6 @@ mod tests {
         assert!(!StoreError::Invalid("i".into()).is_retryable());
         assert!(!StoreError::Schema("s".into()).is_retryable());
         assert!(!StoreError::Auth("a".into()).is_retryable());
+        assert!(!StoreError::Config("c".into()).is_retryable());
     }
 }

@@ -7,7 +7,7 @@
 //!   backoff and jitter for as long as it takes (visible in logs, metrics and readiness). A
 //!   batch is abandoned only by cancellation (the process's abandon token, or the batch's own
 //!   token: its partition's stop deadline passed or its task was replaced), by a panic, or when
-//!   it is stuck (an attempt after its first failure wrote nothing, it has been failing for a
+//!   it is stuck (two attempts in a row wrote nothing, it has been failing for a
 //!   turn, or it failed for a reason that is not transient) while healthy partitions wait for in-flight memory and
 //!   failing batches hold their half of it (see [`Batch::may_keep_retrying`]); an abandoned
 //!   batch is never committed past, and its partition restarts where it must resume;
@@ -148,9 +148,9 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
 
     async fn persist_with(&self, batch: &Batch, slots: &Slots) -> BatchOutcome {
         let mut dead: Vec<DeadLetter> = Vec::new();
-        // Begun at the batch's first failure (a claim is tried once the batch is stuck: an
-        // attempt wrote nothing after a first failure, or failed for a reason that is not
-        // transient), kept until it is durable or abandoned.
+        // Begun at the batch's first failure (a claim is tried once the batch is stuck: two
+        // attempts in a row wrote nothing, or one failed for a reason that is not transient),
+        // kept until it is durable or abandoned.
         let mut hold: Option<RetryHold> = None;
         if let Err(reason) = self.write_events(batch, &mut dead, slots, &mut hold).await {
             return BatchOutcome::Abandoned(reason);

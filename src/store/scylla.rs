@@ -212,30 +212,33 @@ pub async fn connect(c: &ScyllaConfig) -> Result<Session, StoreError> {
 /// ([`crate::config::check_cluster_datacenters`]: validation checks what `scylla.datacenters`
 /// names; this, where it names none).
 async fn check_datacenters(session: &Session, c: &ScyllaConfig) -> Result<(), StoreError> {
-    // `None` while some node's datacenter is not known (the driver's first metadata read
-    // failed): read it again, once.
-    let datacenters = || -> Option<Vec<String>> {
-        let mut dcs = session
-            .get_cluster_state()
-            .get_nodes_info()
-            .iter()
-            .map(|node| node.datacenter.clone())
-            .collect::<Option<Vec<String>>>()?;
+    if !crate::config::needs_cluster_datacenters(c) {
+        return Ok(());
+    }
+    // The datacenters known, and whether some node's is not (a peer row without one, or the
+    // driver's first metadata read failed).
+    let datacenters = || {
+        let state = session.get_cluster_state();
+        let nodes = state.get_nodes_info();
+        let mut dcs: Vec<String> = nodes.iter().filter_map(|n| n.datacenter.clone()).collect();
         dcs.sort_unstable();
         dcs.dedup();
-        Some(dcs)
+        (dcs, nodes.iter().any(|n| n.datacenter.is_none()))
     };
-    let dcs = match datacenters() {
-        Some(dcs) => Some(dcs),
-        None => {
-            let _ = session.refresh_metadata().await;
-            datacenters()
+    let (mut dcs, mut unknown) = datacenters();
+    if dcs.len() < 2 && unknown {
+        // Read them again, once, within the request timeout.
+        let _ = tokio::time::timeout(c.request_timeout * 2, session.refresh_metadata()).await;
+        (dcs, unknown) = datacenters();
+        if dcs.len() < 2 && unknown {
+            return Err(StoreError::Connection(
+                "the cluster's datacenters are not known yet, and scylla.consistency is a \
+                 LOCAL_* level without scylla.local_dc: set scylla.local_dc to the datacenter \
+                 vault runs in"
+                    .into(),
+            ));
         }
-    };
-    let Some(dcs) = dcs else {
-        tracing::warn!("The cluster's datacenters are not known: scylla.consistency is not checked against them.");
-        return Ok(());
-    };
+    }
     let dcs: Vec<&str> = dcs.iter().map(String::as_str).collect();
     match crate::config::check_cluster_datacenters(c, &dcs) {
         Ok(None) => Ok(()),

@@ -585,8 +585,18 @@ async fn with_tablets_by_default_the_default_keyspace_has_tablets_and_writes_rea
     write_500_users(&store, 1500 * teaching).await;
     let rows = format!("{}.user_activity", c.keyspace);
     assert_eq!(off_replica(&cluster, &rows), 0, "every row to its replica");
-    let written: usize = cluster.requests().iter().map(|r| r.writes).sum();
+    let requests = cluster.requests();
+    let written: usize = requests.iter().map(|r| r.writes).sum();
     assert_eq!(written, 2000, "1,500 rows and 500 entries");
+    let to_rows: Vec<_> = requests
+        .iter()
+        .filter(|r| r.tables.iter().any(|(name, _)| *name == rows))
+        .collect();
+    assert_eq!(
+        to_rows.len(),
+        499 + 2,
+        "one request per partition, and the probe's two"
+    );
 }
 
 /// Where every node is a replica of everything (as many nodes as the replication factor, one
