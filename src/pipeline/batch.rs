@@ -220,6 +220,14 @@ pub struct RetryHold {
 }
 
 impl RetryHold {
+    /// An attempt of the batch (of any of its phases: events, erasures, dead letters) wrote
+    /// everything it sent: the next failure is not the second in a row to write nothing.
+    pub fn succeeded(hold: &mut Option<RetryHold>) {
+        if let Some(state) = hold {
+            state.fruitless = 0;
+        }
+    }
+
     fn began(share: &Share) -> Self {
         share.health.update(&share.pressing, |m| {
             m.retrying += 1;
@@ -681,11 +689,23 @@ mod tests {
             !d.may_keep_retrying(&mut hd, SHED_ALL),
             "and the next writes nothing too: two in a row, it gives its memory back"
         );
-        let mut he = None;
         let progressed = FailedAttempt {
             transient: true,
             progressed: true,
         };
+        // Progress and nothing in turn, then a success of another phase (an erasure, a
+        // dead-letter send): never two attempts in a row that wrote nothing.
+        let mut hf = None;
+        for failed in [progressed, SHED_ALL, progressed, SHED_ALL] {
+            assert!(e.may_keep_retrying(&mut hf, failed) && !claimed(&hf));
+        }
+        RetryHold::succeeded(&mut hf);
+        assert!(
+            e.may_keep_retrying(&mut hf, SHED_ALL),
+            "after a success, one attempt that writes nothing is not two in a row"
+        );
+        drop(hf);
+        let mut he = None;
         assert!(e.may_keep_retrying(&mut he, SHED_ALL), "e fails");
         tokio::time::advance(RETRY_HOLD_TURN).await;
         assert!(

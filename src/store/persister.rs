@@ -169,9 +169,9 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
     }
 
     /// Lets a failed batch retry while it may keep its memory (see
-    /// [`Batch::may_keep_retrying`]: always after a transient failure that is the batch's first
-    /// or that made progress; after any other, unless partitions wait for memory and failing
-    /// batches hold their half of it). Otherwise the batch is abandoned: its memory goes back to
+    /// [`Batch::may_keep_retrying`]: always after a transient failure, within a turn, unless its
+    /// attempt and the one before both wrote nothing; after any other, unless partitions wait
+    /// for memory and failing batches hold their half of it). Otherwise the batch is abandoned: its memory goes back to
     /// the partitions waiting for it, and its own partition restarts where it must resume
     /// (after the restart backoff), reading it again.
     fn may_retry(
@@ -249,6 +249,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
             };
             let failure = match result {
                 Ok(()) => {
+                    RetryHold::succeeded(hold);
                     self.metrics
                         .events_stored
                         .with_label_values(&[&batch.topic])
@@ -351,6 +352,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 };
                 let error = match result {
                     Ok(()) => {
+                        RetryHold::succeeded(hold);
                         self.metrics
                             .erasures
                             .with_label_values(&[&*batch.topic])
@@ -466,6 +468,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
             };
             let failure = match sent {
                 Ok(()) => {
+                    RetryHold::succeeded(hold);
                     self.count_dead_lettered(batch, &pending);
                     break Ok(());
                 }

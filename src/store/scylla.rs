@@ -210,7 +210,7 @@ pub async fn connect(c: &ScyllaConfig) -> Result<Session, StoreError> {
 
 /// Checks the consistency against the datacenters the cluster has, once at connection
 /// ([`crate::config::check_cluster_datacenters`]: validation checks what `scylla.datacenters`
-/// names; this, where it names none).
+/// names; this, where it names fewer than two).
 async fn check_datacenters(session: &Session, c: &ScyllaConfig) -> Result<(), StoreError> {
     if !crate::config::needs_cluster_datacenters(c) {
         return Ok(());
@@ -227,16 +227,20 @@ async fn check_datacenters(session: &Session, c: &ScyllaConfig) -> Result<(), St
     };
     let (mut dcs, mut unknown) = datacenters();
     if dcs.len() < 2 && unknown {
-        // Read them again, once, within the request timeout.
+        // Read them again, once, within twice the request timeout.
         let _ = tokio::time::timeout(c.request_timeout * 2, session.refresh_metadata()).await;
         (dcs, unknown) = datacenters();
         if dcs.len() < 2 && unknown {
-            return Err(StoreError::Connection(
-                "the cluster's datacenters are not known yet, and scylla.consistency is a \
-                 LOCAL_* level without scylla.local_dc: set scylla.local_dc to the datacenter \
-                 vault runs in"
-                    .into(),
-            ));
+            let what = "the cluster's datacenters are not known yet, and scylla.consistency is \
+                        a LOCAL_* level without scylla.local_dc";
+            if c.allow_weak_consistency {
+                tracing::warn!("{what} (allowed by scylla.allow_weak_consistency = true).");
+                return Ok(());
+            }
+            return Err(StoreError::Connection(format!(
+                "{what}: set scylla.local_dc to the datacenter vault runs in, or set \
+                 scylla.allow_weak_consistency = true to accept that"
+            )));
         }
     }
     let dcs: Vec<&str> = dcs.iter().map(String::as_str).collect();

@@ -152,10 +152,10 @@ async fn the_write_limit_backs_off_from_a_saturated_node_recovers_and_loses_noth
     vault.stop().await;
 }
 
-/// A saturated node sheds some requests of most batches while the partitions wait for
-/// in-flight memory: a batch being written (its first, transient failure, or an attempt that
-/// wrote part of its rows) retries unjudged, so nothing is abandoned for memory and nothing is
-/// read and written twice.
+/// A saturated node sheds some requests of most batches, and now and then all of an attempt,
+/// while the partitions wait for in-flight memory: a batch being written (a transient failure,
+/// not the second attempt in a row to write nothing) retries unjudged, so nothing is abandoned
+/// for memory and nothing is read and written twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_node_under_memory_pressure_costs_no_replay() {
     let partitions = 8;
