@@ -414,20 +414,7 @@ async fn a_cluster_routes_prepared_writes_to_replicas_and_counts_those_that_are_
             "'class': 'NetworkTopologyStrategy', 'datacenter1': 2",
         ),
     ] {
-        session
-            .query_unpaged(
-                format!("CREATE KEYSPACE {ks} WITH replication = {{{replication}}}"),
-                &[],
-            )
-            .await
-            .unwrap();
-        session
-            .query_unpaged(
-                format!("CREATE TABLE {ks}.events (user_id text, day int, at bigint, v text, PRIMARY KEY ((user_id, day), at))"),
-                &[],
-            )
-            .await
-            .unwrap();
+        events_keyspace(&session, ks, &format!("{{{replication}}}")).await;
     }
     session.refresh_metadata().await.unwrap();
     let state = session.get_cluster_state();
@@ -559,6 +546,17 @@ async fn a_cluster_routes_prepared_writes_to_replicas_and_counts_those_that_are_
     assert_eq!(logged[0].non_replica, [("routed.events".to_string(), 2)]);
 }
 
+/// Creates keyspace `ks` `WITH replication = {with}` (options after the map included) and
+/// its table `events`, partitioned by `(user_id, day)`.
+async fn events_keyspace(session: &Session, ks: &str, with: &str) {
+    for ddl in [
+        format!("CREATE KEYSPACE {ks} WITH replication = {with}"),
+        format!("CREATE TABLE {ks}.events (user_id text, day int, at bigint, v text, PRIMARY KEY ((user_id, day), at))"),
+    ] {
+        session.query_unpaged(ddl, &[]).await.unwrap();
+    }
+}
+
 /// The nodes the driver would route a token of `ks.events` to, by host id, sorted.
 fn driver_replicas(session: &Session, ks: &str, token: i64) -> Vec<uuid::Uuid> {
     use scylla::frame::response::result::TableSpec;
@@ -594,12 +592,8 @@ async fn a_cluster_teaches_the_driver_its_tablets_and_the_driver_routes_by_them(
             "vnodes" => "",
             _ => " AND tablets = {'enabled': true, 'initial': 8}",
         };
-        for ddl in [
-            format!("CREATE KEYSPACE {ks} WITH replication = {{'class': 'NetworkTopologyStrategy', 'datacenter1': {rf}}}{tablets}"),
-            format!("CREATE TABLE {ks}.events (user_id text, day int, at bigint, v text, PRIMARY KEY ((user_id, day), at))"),
-        ] {
-            session.query_unpaged(ddl, &[]).await.unwrap();
-        }
+        let replication = format!("{{'class': 'NetworkTopologyStrategy', 'datacenter1': {rf}}}");
+        events_keyspace(&session, ks, &format!("{replication}{tablets}")).await;
     }
     session.refresh_metadata().await.unwrap();
     let state = session.get_cluster_state();
@@ -761,12 +755,7 @@ async fn with_tablets_by_default_an_nts_keyspace_with_no_option_is_tablet_based(
         ("simple", simple.to_string(), false),
     ];
     for (ks, with, _) in &keyspaces {
-        for ddl in [
-            format!("CREATE KEYSPACE {ks} WITH replication = {with}"),
-            format!("CREATE TABLE {ks}.events (user_id text, day int, at bigint, v text, PRIMARY KEY ((user_id, day), at))"),
-        ] {
-            session.query_unpaged(ddl, &[]).await.unwrap();
-        }
+        events_keyspace(&session, ks, with).await;
     }
     session.refresh_metadata().await.unwrap();
     let state = session.get_cluster_state();
@@ -829,12 +818,7 @@ async fn a_cluster_expands_the_nts_replication_factor_to_its_datacenter_for_the_
         ("rf_vnodes", ""),
         ("rf_tablets", " AND tablets = {'enabled': true}"),
     ] {
-        for ddl in [
-            format!("CREATE KEYSPACE {ks} WITH replication = {shorthand}{tablets}"),
-            format!("CREATE TABLE {ks}.events (user_id text, day int, at bigint, v text, PRIMARY KEY ((user_id, day), at))"),
-        ] {
-            session.query_unpaged(ddl, &[]).await.unwrap();
-        }
+        events_keyspace(&session, ks, &format!("{shorthand}{tablets}")).await;
     }
     session.refresh_metadata().await.unwrap();
     let state = session.get_cluster_state();
@@ -886,12 +870,13 @@ async fn wait_until(mut ready: impl FnMut() -> bool, within: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_tablet_is_learned_from_the_next_execute_and_never_from_a_batch() {
     let (cluster, session) = cluster_and_session(3).await;
-    for ddl in [
-        "CREATE KEYSPACE moving WITH replication = {'class': 'NetworkTopologyStrategy', 'datacenter1': 1} AND tablets = {'enabled': true, 'initial': 8}",
-        "CREATE TABLE moving.events (user_id text, day int, at bigint, v text, PRIMARY KEY ((user_id, day), at))",
-    ] {
-        session.query_unpaged(ddl, &[]).await.unwrap();
-    }
+    let replication = "{'class': 'NetworkTopologyStrategy', 'datacenter1': 1}";
+    events_keyspace(
+        &session,
+        "moving",
+        &format!("{replication} AND tablets = {{'enabled': true, 'initial': 8}}"),
+    )
+    .await;
     session.refresh_metadata().await.unwrap();
     let insert = session
         .prepare("INSERT INTO moving.events (user_id, day, at, v) VALUES (?, ?, ?, ?)")
