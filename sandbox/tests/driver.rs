@@ -8,6 +8,7 @@ use futures::TryStreamExt;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
 use vault_sandbox::cql::frame::Opcode;
 use vault_sandbox::cql::{
     CqlCluster, CqlNode, CqlOptions, Fault, FaultKind, LoggedRequest, Saturation,
@@ -546,6 +547,31 @@ async fn a_cluster_routes_prepared_writes_to_replicas_and_counts_those_that_are_
     assert_eq!(logged[0].non_replica, [("routed.events".to_string(), 2)]);
 }
 
+/// EXECUTEs `insert` (`user_id, day, at, v`) for the partition `key`, each at the next `at`,
+/// until `learned()`: one served by a node outside the partition's tablet teaches the driver
+/// the tablet. Panics after 10 s.
+async fn execute_until(
+    session: &Session,
+    insert: &PreparedStatement,
+    (user, day): (&str, i32),
+    at: &mut i64,
+    learned: impl Fn() -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !learned() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the driver did not learn the tablet of ({user}, {day})"
+        );
+        *at += 1;
+        session
+            .execute_unpaged(insert, (user, day, *at, "learn"))
+            .await
+            .unwrap();
+        wait_until(&learned, Duration::from_millis(200)).await;
+    }
+}
+
 /// Creates keyspace `ks` `WITH replication = {with}` (options after the map included) and
 /// its table `events`, partitioned by `(user_id, day)`.
 async fn events_keyspace(session: &Session, ks: &str, with: &str) {
@@ -787,20 +813,9 @@ async fn with_tablets_by_default_an_nts_keyspace_with_no_option_is_tablet_based(
         .prepare("INSERT INTO dflt.events (user_id, day, at, v) VALUES (?, ?, ?, ?)")
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut at = 0i64;
-    while driver_replicas(&session, "dflt", token) != ours {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the driver did not learn the tablet of ({user}, {day})"
-        );
-        at += 1;
-        session
-            .execute_unpaged(&insert, (user, day, at, "learn"))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let learned = || driver_replicas(&session, "dflt", token) == ours;
+    execute_until(&session, &insert, (user, day), &mut at, learned).await;
 }
 
 /// NetworkTopologyStrategy's `'replication_factor': 2` shorthand seen through the driver, on
@@ -893,19 +908,10 @@ async fn a_moved_tablet_is_learned_from_the_next_execute_and_never_from_a_batch(
     // The driver learns the tablet where it was placed.
     let placed = cluster.tablet("moving", &key).unwrap();
     let old = placed.replicas[0];
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !driver_knows(old) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the driver did not learn the tablet"
-        );
-        at += 1;
-        session
-            .execute_unpaged(&insert, (user, day, at, "learn"))
-            .await
-            .unwrap();
-        wait_until(|| driver_knows(old), Duration::from_millis(200)).await;
-    }
+    execute_until(&session, &insert, (user, day), &mut at, || {
+        driver_knows(old)
+    })
+    .await;
 
     let new = (old + 1) % 3;
     let moved = cluster.move_tablet("moving", &key, vec![new]).unwrap();
