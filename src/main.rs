@@ -662,7 +662,7 @@ async fn connect_store(
         match ScyllaStore::connect(&settings.config.scylla, migrate).await {
             Ok(store) => return Ok(Some(store)),
             Err(e) if e.is_retryable() && tokio::time::Instant::now() + delay < give_up_at => {
-                tracing::warn!(error = %e, retry_in = ?delay, "ScyllaDB is not reachable yet; retrying.");
+                tracing::warn!(error = %e, retry_in = ?delay, "Cannot start on ScyllaDB yet; retrying.");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}

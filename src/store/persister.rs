@@ -275,6 +275,12 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 .events_stored
                 .with_label_values(&[&batch.topic])
                 .inc_by((pending.len() - unwritten.len()) as u64);
+            if unwritten.is_empty() {
+                // The store reports an error but names no row it left unwritten: every row
+                // is durable, so the batch is done, with no retry, backoff or failure counted.
+                RetryHold::succeeded(hold);
+                break;
+            }
             if failure.error.is_row_error() {
                 // The database rejects these rows as such: retrying cannot help. They go to the
                 // dead-letter path with the store's reason, the rest of the batch is done.
@@ -680,6 +686,43 @@ mod tests {
             }
             self.0.write(events).await
         }
+    }
+
+    /// Fails every write with a timeout that names no unwritten row: what it was sent is
+    /// stored.
+    #[derive(Clone)]
+    struct FailsHavingWrittenAll(MemoryStore);
+
+    impl Store for FailsHavingWrittenAll {
+        async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
+            self.0.write(events).await?;
+            Err(WriteFailure {
+                error: StoreError::Timeout("after the last row".into()),
+                unwritten: Vec::new(),
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_that_names_no_unwritten_row_is_a_durable_batch_without_a_retry() {
+        let memory = MemoryStore::new();
+        let p = persister(
+            FailsHavingWrittenAll(memory.clone()),
+            MemoryDeadLetters::default(),
+        );
+        let (tx, rx) = async_channel::bounded(1);
+        let _pool = p.clone().spawn_pool(1, rx);
+        let t0 = tokio::time::Instant::now();
+        let (b, ack) = batch(vec![event(0, 0), event(0, 1)]);
+        tx.send(b).await.unwrap();
+        assert_eq!(ack.await.unwrap(), BatchOutcome::Durable);
+        assert!(memory.contains_source("t", 0, 0) && memory.contains_source("t", 0, 1));
+        // No backoff slept, no retry counted.
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        let retries = p.metrics.store_retries.with_label_values(&["timeout"]).get();
+        assert_eq!(retries, 0);
+        let stored = p.metrics.events_stored.with_label_values(&["t"]).get();
+        assert_eq!(stored, 2);
     }
 
     #[tokio::test(start_paused = true)]
