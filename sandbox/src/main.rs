@@ -140,6 +140,9 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     }
     let options = CqlOptions {
         tablets_by_default: cli.cql_tablets_by_default,
+        // The control port reports totals only (`cql stats`, `cql routing`): a stand-in that
+        // serves for hours keeps no request in full.
+        request_log_limit: Some(0),
     };
     let node = CqlCluster::start_on_with(cli.cql, cli.cql_nodes, options)
         .await
@@ -289,14 +292,13 @@ fn command(
             Ok(desc)
         }
         ["cql", "stats"] => {
-            let reqs = node.requests();
-            let count = |op: &str| reqs.iter().filter(|r| r.opcode == op).count();
+            let t = node.request_totals();
             Ok(format!(
                 "requests={} execute={} batch={} query={}",
-                reqs.len(),
-                count("EXECUTE"),
-                count("BATCH"),
-                count("QUERY")
+                t.requests(),
+                t.of("EXECUTE"),
+                t.of("BATCH"),
+                t.of("QUERY")
             ))
         }
         ["cql", "routing"] => {

@@ -766,6 +766,7 @@ async fn a_cluster_teaches_the_driver_its_tablets_and_the_driver_routes_by_them(
 async fn with_tablets_by_default_an_nts_keyspace_with_no_option_is_tablet_based() {
     let options = CqlOptions {
         tablets_by_default: true,
+        ..CqlOptions::default()
     };
     let cluster = CqlCluster::start_with(3, options).await.unwrap();
     let session = session_on(&cluster).await;

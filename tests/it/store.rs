@@ -563,6 +563,7 @@ async fn on_tablets_probes_teach_the_driver_and_then_every_row_goes_to_a_replica
 async fn with_tablets_by_default_the_default_keyspace_has_tablets_and_writes_reach_replicas() {
     let options = CqlOptions {
         tablets_by_default: true,
+        ..CqlOptions::default()
     };
     let cluster = CqlCluster::start_with(3, options)
         .await

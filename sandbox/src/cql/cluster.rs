@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::cql::engine::{Database, Outcome, RowSet};
 use crate::cql::faults::{Fault, Saturation, SaturationStats};
 use crate::cql::ring::Ring;
-use crate::cql::server::{lock, spawn_node, LoggedRequest, Shared};
+use crate::cql::server::{lock, spawn_node, LoggedRequest, RequestTotals, Shared};
 use crate::cql::tablets::Tablet;
 use crate::cql::{murmur3, parser};
 
@@ -49,6 +49,12 @@ pub struct CqlOptions {
     /// vnodes (as ScyllaDB 6.x; newer releases refuse it). See
     /// [`crate::cql::tablets::for_new_keyspace`].
     pub tablets_by_default: bool,
+    /// How many requests the log keeps in full, the latest ones ([`CqlCluster::requests`]);
+    /// `None`, the default, keeps every one, as tests that count them need. The totals
+    /// ([`CqlCluster::request_totals`], [`CqlCluster::routing`]) count every request either
+    /// way. A long-running stand-in (`vault-sandbox`) bounds it, so its memory does not grow
+    /// with the requests it serves.
+    pub request_log_limit: Option<usize>,
 }
 
 /// A running stand-in cluster. Dropping it stops every node.
@@ -119,7 +125,7 @@ impl CqlCluster {
             .collect();
         let db =
             Database::with_ring(Ring::new(&ips)).tablets_by_default(options.tablets_by_default);
-        let shared = Arc::new(Shared::new(db));
+        let shared = Arc::new(Shared::new(db, options.request_log_limit));
         let (stop, stopped) = watch::channel(false);
         for (node, listener) in listeners.into_iter().enumerate() {
             spawn_node(listener, node, shared.clone(), tls.clone(), stopped.clone());
@@ -190,18 +196,21 @@ impl CqlCluster {
     /// Write statements served so far, how many on a node not a replica of their partition,
     /// and per node (from the request log: [`Self::clear_requests`] starts them again).
     pub fn routing(&self) -> RoutingStats {
-        let mut stats = RoutingStats {
-            writes_by_node: vec![0; self.addrs.len()],
-            ..RoutingStats::default()
-        };
-        for r in lock(&self.shared.log).iter() {
-            stats.writes += r.writes;
-            stats.non_replica += r.non_replica.iter().map(|(_, n)| n).sum::<usize>();
-            if let Some(n) = stats.writes_by_node.get_mut(r.node) {
-                *n += r.writes;
-            }
+        let log = lock(&self.shared.log);
+        let t = &log.totals;
+        let mut writes_by_node = t.writes_by_node.clone();
+        writes_by_node.resize(self.addrs.len(), 0);
+        RoutingStats {
+            writes: writes_by_node.iter().sum(),
+            non_replica: t.non_replica,
+            writes_by_node,
         }
-        stats
+    }
+
+    /// Requests served so far by opcode, every one counted even where the log keeps only the
+    /// latest ([`CqlOptions::request_log_limit`]); [`Self::clear_requests`] starts them again.
+    pub fn request_totals(&self) -> RequestTotals {
+        lock(&self.shared.log).totals.clone()
     }
 
     /// Adds a fault rule (for every node).
@@ -247,9 +256,10 @@ impl CqlCluster {
         self.shared.generation.send_modify(|g| *g += 1);
     }
 
-    /// Every request received so far, by any node.
+    /// Every request received so far, by any node, oldest first (the latest ones only where
+    /// [`CqlOptions::request_log_limit`] bounds the log).
     pub fn requests(&self) -> Vec<LoggedRequest> {
-        lock(&self.shared.log).clone()
+        lock(&self.shared.log).latest()
     }
 
     pub fn clear_requests(&self) {

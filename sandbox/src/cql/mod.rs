@@ -14,5 +14,5 @@ pub mod types;
 
 pub use cluster::{CqlCluster, CqlNode, CqlOptions, RoutingStats};
 pub use faults::{Fault, FaultKind, Saturation, SaturationStats, LATENCY_SAMPLES};
-pub use server::LoggedRequest;
+pub use server::{LoggedRequest, RequestTotals};
 pub use tablets::Tablet;

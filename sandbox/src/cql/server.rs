@@ -5,7 +5,7 @@
 //! tablet from the answer to an EXECUTE that a node not among the tablet's replicas served.
 //! TEST INFRASTRUCTURE: in memory, no durability. The handles tests hold are in `cluster`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,6 +52,75 @@ pub struct LoggedRequest {
     pub at: Instant,
 }
 
+/// The nodes' request log: the latest requests in full (every one unless
+/// [`crate::cql::CqlOptions::request_log_limit`] bounds them), and totals of every request
+/// served, kept exact however many the bound drops.
+#[derive(Debug, Default)]
+pub(crate) struct RequestLog {
+    latest: VecDeque<LoggedRequest>,
+    limit: Option<usize>,
+    pub(crate) totals: RequestTotals,
+}
+
+/// Every request served since the log was last cleared, by any node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestTotals {
+    /// Requests, by opcode name (`EXECUTE`, `BATCH`, `QUERY`, ...).
+    pub by_opcode: BTreeMap<&'static str, usize>,
+    /// Write statements ([`LoggedRequest::writes`]) served by each node, by node index.
+    pub writes_by_node: Vec<usize>,
+    /// Of those, statements served by a node not a replica of a partition they write.
+    pub non_replica: usize,
+}
+
+impl RequestTotals {
+    /// Requests of every opcode.
+    pub fn requests(&self) -> usize {
+        self.by_opcode.values().sum()
+    }
+
+    /// Requests of opcode `name`.
+    pub fn of(&self, name: &str) -> usize {
+        self.by_opcode.get(name).copied().unwrap_or(0)
+    }
+}
+
+impl RequestLog {
+    pub(crate) fn new(limit: Option<usize>) -> RequestLog {
+        RequestLog {
+            limit,
+            ..RequestLog::default()
+        }
+    }
+
+    fn push(&mut self, request: LoggedRequest) {
+        let t = &mut self.totals;
+        *t.by_opcode.entry(request.opcode).or_default() += 1;
+        if t.writes_by_node.len() <= request.node {
+            t.writes_by_node.resize(request.node + 1, 0);
+        }
+        t.writes_by_node[request.node] += request.writes;
+        t.non_replica += request.non_replica.iter().map(|(_, n)| n).sum::<usize>();
+        if self.limit == Some(0) {
+            return;
+        }
+        if Some(self.latest.len()) == self.limit {
+            self.latest.pop_front();
+        }
+        self.latest.push_back(request);
+    }
+
+    /// The requests kept, oldest first.
+    pub(crate) fn latest(&self) -> Vec<LoggedRequest> {
+        self.latest.iter().cloned().collect()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.latest.clear();
+        self.totals = RequestTotals::default();
+    }
+}
+
 /// What the nodes of a cluster share.
 pub(crate) struct Shared {
     pub(crate) db: Mutex<Database>,
@@ -62,7 +131,7 @@ pub(crate) struct Shared {
     saturated_in_flight: std::sync::atomic::AtomicUsize,
     pub(crate) saturation_stats: Mutex<SaturationStats>,
     pub(crate) outage_until: Mutex<Option<Instant>>,
-    pub(crate) log: Mutex<Vec<LoggedRequest>>,
+    pub(crate) log: Mutex<RequestLog>,
     /// Bound values the nodes refuse as invalid (see
     /// [`crate::cql::CqlCluster::reject_values_containing`]).
     pub(crate) rejected_values: Mutex<Vec<Vec<u8>>>,
@@ -131,8 +200,9 @@ pub(crate) fn spawn_node(
 }
 
 impl Shared {
-    /// What the nodes of `db`'s ring share, starting from `db`.
-    pub(crate) fn new(db: Database) -> Shared {
+    /// What the nodes of `db`'s ring share, starting from `db`, keeping at most `log_limit`
+    /// requests in full (all when `None`).
+    pub(crate) fn new(db: Database, log_limit: Option<usize>) -> Shared {
         let (generation, _) = watch::channel(0);
         let nodes = db.ring().nodes().len();
         Shared {
@@ -143,7 +213,7 @@ impl Shared {
             saturated_in_flight: std::sync::atomic::AtomicUsize::new(0),
             saturation_stats: Mutex::new(SaturationStats::default()),
             outage_until: Mutex::new(None),
-            log: Mutex::new(Vec::new()),
+            log: Mutex::new(RequestLog::new(log_limit)),
             rejected_values: Mutex::new(Vec::new()),
             generation,
             nodes,
@@ -978,4 +1048,63 @@ fn encode_outcome(
         }
     }
     body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(
+        node: usize,
+        opcode: &'static str,
+        writes: usize,
+        non_replica: usize,
+    ) -> LoggedRequest {
+        LoggedRequest {
+            node,
+            opcode,
+            statement: format!("{opcode} {writes}"),
+            consistency: None,
+            rows: writes.max(1),
+            tables: Vec::new(),
+            writes,
+            non_replica: vec![("ks.t".into(), non_replica)],
+            at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_bounded_log_keeps_the_latest_requests_and_counts_every_one() {
+        let mut log = RequestLog::new(Some(2));
+        log.push(request(0, "QUERY", 0, 0));
+        log.push(request(1, "EXECUTE", 1, 1));
+        log.push(request(2, "BATCH", 5, 2));
+        log.push(request(1, "EXECUTE", 1, 0));
+        let kept: Vec<_> = log.latest().iter().map(|r| r.statement.clone()).collect();
+        assert_eq!(kept, ["BATCH 5", "EXECUTE 1"]);
+        let t = &log.totals;
+        assert_eq!(
+            (t.requests(), t.of("EXECUTE"), t.of("BATCH"), t.of("QUERY")),
+            (4, 2, 1, 1)
+        );
+        assert_eq!(t.writes_by_node, [0, 2, 5]);
+        assert_eq!(t.non_replica, 3);
+        log.clear();
+        assert!(log.latest().is_empty());
+        assert_eq!(log.totals, RequestTotals::default());
+    }
+
+    #[test]
+    fn a_log_bounded_at_zero_keeps_none_and_an_unbounded_one_keeps_all() {
+        let (mut none, mut all) = (RequestLog::new(Some(0)), RequestLog::new(None));
+        for i in 0..1000 {
+            none.push(request(0, "EXECUTE", 1, i % 2));
+            all.push(request(0, "EXECUTE", 1, i % 2));
+        }
+        assert!(none.latest().is_empty());
+        assert_eq!(all.latest().len(), 1000);
+        assert_eq!(none.totals, all.totals);
+        assert_eq!(none.totals.requests(), 1000);
+        assert_eq!(none.totals.non_replica, 500);
+    }
 }
