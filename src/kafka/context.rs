@@ -52,7 +52,7 @@ pub struct VaultContext {
     /// Whether a fatal error was handed to the coordinator already.
     fatal_reported: AtomicBool,
     /// The consumer lag of each partition this member fetches, from the last statistics.
-    lags: Mutex<HashMap<(String, i32), i64>>,
+    lags: Mutex<HashMap<String, HashMap<i32, i64>>>,
 }
 
 impl VaultContext {
@@ -79,7 +79,8 @@ impl VaultContext {
         self.lags
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&(topic.to_owned(), partition))
+            .get(topic)
+            .and_then(|partitions| partitions.get(&partition))
             .copied()
     }
 
@@ -287,9 +288,10 @@ impl ClientContext for VaultContext {
     fn stats(&self, statistics: Statistics) {
         self.group_stats(&statistics);
         self.broker_stats(&statistics);
-        let mut lags = HashMap::new();
+        let mut lags: HashMap<String, HashMap<i32, i64>> = HashMap::new();
         let mut prefetched = 0;
         for (topic, t) in &statistics.topics {
+            let mut topic_lags = HashMap::new();
             for (&partition, p) in &t.partitions {
                 if partition < 0 {
                     continue; // librdkafka's internal "unassigned" partition
@@ -305,7 +307,7 @@ impl ClientContext for VaultContext {
                         .consumer_lag
                         .with_label_values(&labels)
                         .set(lag);
-                    lags.insert((topic.clone(), partition), lag);
+                    topic_lags.insert(partition, lag);
                 } else if !p.desired {
                     let _ = self.metrics.consumer_lag.remove_label_values(&labels);
                     let _ = self.metrics.log_end_offset.remove_label_values(&labels);
@@ -316,6 +318,9 @@ impl ClientContext for VaultContext {
                         .with_label_values(&labels)
                         .set(p.ls_offset);
                 }
+            }
+            if !topic_lags.is_empty() {
+                lags.insert(topic.clone(), topic_lags);
             }
         }
         *self.lags.lock().unwrap_or_else(|e| e.into_inner()) = lags;
