@@ -908,7 +908,7 @@ fn check_librdkafka_options(options: &BTreeMap<String, String>) -> Result<(), Co
 }
 
 /// Kafka's rule for topic names.
-fn is_topic_name(t: &str) -> bool {
+pub(crate) fn is_topic_name(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 249
         && t.chars()

@@ -547,13 +547,10 @@ fn occurred_at(raw: Field<'_>, kafka_ts: Option<i64>) -> Result<i64, EventError>
     // timestamp, so it must not be in the future itself: otherwise any occurred_at would pass.
     let now = chrono::Utc::now().timestamp_millis();
     let reference = match kafka_ts {
-        Some(t) if t > now.saturating_add(MAX_FUTURE_SKEW_MS) => {
-            return Err(EventError::FutureTimestamp {
-                timestamp: show_ms(t),
-                now: show_ms(now),
-            })
+        Some(t) => {
+            kafka_timestamp_not_ahead(t, now)?;
+            t
         }
-        Some(t) => t,
         None => now,
     };
     if ms > reference.saturating_add(MAX_FUTURE_SKEW_MS) {
@@ -566,6 +563,20 @@ fn occurred_at(raw: Field<'_>, kafka_ts: Option<i64>) -> Result<i64, EventError>
         });
     }
     Ok(ms)
+}
+
+/// A message's Kafka timestamp (set by its producer) may run at most [`MAX_FUTURE_SKEW_MS`]
+/// ahead of the clock `now` (ms). It dates what the message does: an event's `occurred_at` is
+/// judged against it, and an erasure request erases through it, so one a year ahead would
+/// otherwise hide a year of the user's later activity.
+pub fn kafka_timestamp_not_ahead(kafka_ts: i64, now: i64) -> Result<(), EventError> {
+    if kafka_ts > now.saturating_add(MAX_FUTURE_SKEW_MS) {
+        return Err(EventError::FutureTimestamp {
+            timestamp: show_ms(kafka_ts),
+            now: show_ms(now),
+        });
+    }
+    Ok(())
 }
 
 /// Milliseconds since the epoch as RFC 3339 when representable, else as the number.

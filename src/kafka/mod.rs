@@ -137,10 +137,20 @@ pub fn to_record(
         offset: msg.offset(),
         timestamp_ms: msg.timestamp().to_millis(),
     };
-    if let (None, TombstonePolicy::Erase, Some(_)) =
+    if let (None, TombstonePolicy::Erase, Some(at)) =
         (msg.payload(), tombstones, msg.timestamp().to_millis())
     {
         if let Some(user_id) = erasure_user(msg.key()) {
+            let now = chrono::Utc::now().timestamp_millis();
+            if let Err(error) = event::kafka_timestamp_not_ahead(at, now) {
+                return Record::Invalid(DeadLetter {
+                    source: source(),
+                    origin: None,
+                    key: msg.key().map(<[u8]>::to_vec),
+                    value: None,
+                    error,
+                });
+            }
             return Record::Erase(EraseRequest {
                 source: source(),
                 user_id: user_id.to_owned(),
@@ -167,15 +177,22 @@ fn erasure_user(key: Option<&[u8]>) -> Option<&str> {
 }
 
 /// The original coordinates named by a message's `vault.source.*` headers, when all three are
-/// there and parse.
+/// there and are coordinates Kafka could have given: a topic name by Kafka's rule (at most 249
+/// characters), a partition and an offset not below 0. Headers are input like the value: a
+/// megabyte "topic" would otherwise be copied into the message's dead letter, which then fits
+/// no topic.
 pub fn origin_in<H: Headers>(hdrs: &H) -> Option<Origin<'_>> {
     let (mut topic, mut partition, mut offset) = (None, None, None);
     for h in hdrs.iter() {
         let value = || h.value.and_then(|v| std::str::from_utf8(v).ok());
         match h.key {
-            headers::SOURCE_TOPIC => topic = value().filter(|t| !t.is_empty()),
-            headers::SOURCE_PARTITION => partition = value().and_then(|v| v.parse().ok()),
-            headers::SOURCE_OFFSET => offset = value().and_then(|v| v.parse().ok()),
+            headers::SOURCE_TOPIC => topic = value().filter(|t| crate::config::is_topic_name(t)),
+            headers::SOURCE_PARTITION => {
+                partition = value().and_then(|v| v.parse().ok()).filter(|p| *p >= 0)
+            }
+            headers::SOURCE_OFFSET => {
+                offset = value().and_then(|v| v.parse().ok()).filter(|o| *o >= 0)
+            }
             _ => {}
         }
     }
@@ -238,6 +255,26 @@ mod tests {
                 (headers::SOURCE_TOPIC, "a"),
                 (headers::SOURCE_PARTITION, "3"),
                 (headers::SOURCE_OFFSET, "9223372036854775808"),
+            ]),
+            with(&[
+                (headers::SOURCE_TOPIC, "a"),
+                (headers::SOURCE_PARTITION, "-1"),
+                (headers::SOURCE_OFFSET, "42"),
+            ]),
+            with(&[
+                (headers::SOURCE_TOPIC, "a"),
+                (headers::SOURCE_PARTITION, "3"),
+                (headers::SOURCE_OFFSET, "-2"),
+            ]),
+            with(&[
+                (headers::SOURCE_TOPIC, &"a".repeat(250)),
+                (headers::SOURCE_PARTITION, "3"),
+                (headers::SOURCE_OFFSET, "42"),
+            ]),
+            with(&[
+                (headers::SOURCE_TOPIC, "a/b"),
+                (headers::SOURCE_PARTITION, "3"),
+                (headers::SOURCE_OFFSET, "42"),
             ]),
         ] {
             assert_eq!(origin_in(&partial), None);

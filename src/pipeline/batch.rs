@@ -61,11 +61,14 @@ impl Record {
     }
 
     /// Bytes of memory the record takes while it is read and not yet durable, counted against
-    /// the in-flight budget: its value, its key and the record itself.
+    /// the in-flight budget: its value, its key (and a dead letter's original topic) and the
+    /// record itself.
     pub fn footprint(&self) -> usize {
         let key = match self {
             Record::Event(e) => e.key().map_or(0, <[u8]>::len),
-            Record::Invalid(d) => d.key.as_ref().map_or(0, Vec::len),
+            Record::Invalid(d) => {
+                d.key.as_ref().map_or(0, Vec::len) + d.origin.as_ref().map_or(0, |o| o.0.len())
+            }
             Record::Erase(r) => r.user_id.len(),
         };
         std::mem::size_of::<Record>() + self.size() + key

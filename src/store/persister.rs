@@ -719,7 +719,11 @@ mod tests {
         assert!(memory.contains_source("t", 0, 0) && memory.contains_source("t", 0, 1));
         // No backoff slept, no retry counted.
         assert_eq!(t0.elapsed(), Duration::ZERO);
-        let retries = p.metrics.store_retries.with_label_values(&["timeout"]).get();
+        let retries = p
+            .metrics
+            .store_retries
+            .with_label_values(&["timeout"])
+            .get();
         assert_eq!(retries, 0);
         let stored = p.metrics.events_stored.with_label_values(&["t"]).get();
         assert_eq!(stored, 2);

@@ -182,8 +182,10 @@ fn big_producer(brokers: &str) -> FutureProducer {
         .expect("producer")
 }
 
-/// A value too large for the dead-letter topic, and an error text that would echo half a
-/// megabyte of input, are dead-lettered cut to fit: the partition moves on.
+/// A value too large for the dead-letter topic, an error text that would echo half a megabyte
+/// of input, and "original coordinates" headers naming a topic of 900 KB, are dead-lettered cut
+/// to fit (the headers are no coordinates Kafka gives, so the letter names the message's own):
+/// the partition moves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_pills_larger_than_the_dead_letter_topic_accepts_are_cut_to_fit() {
     let kafka = Kafka::start();
@@ -207,6 +209,31 @@ async fn poison_pills_larger_than_the_dead_letter_topic_accepts_are_cut_to_fit()
             .await
             .expect("the broker takes the compressed value");
     }
+    let forged_topic = "a".repeat(900_000);
+    let forged = rdkafka::message::OwnedHeaders::new()
+        .insert(rdkafka::message::Header {
+            key: headers::SOURCE_TOPIC,
+            value: Some(&forged_topic),
+        })
+        .insert(rdkafka::message::Header {
+            key: headers::SOURCE_PARTITION,
+            value: Some("0"),
+        })
+        .insert(rdkafka::message::Header {
+            key: headers::SOURCE_OFFSET,
+            value: Some("0"),
+        });
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&topic)
+                .partition(0)
+                .key("k")
+                .payload(b"not json")
+                .headers(forged),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the broker takes the forged headers");
     let good = event_json("u", 1).into_bytes();
     kafka.produce(&topic, &[(0, "u".into(), good)]).await;
 
@@ -225,12 +252,12 @@ async fn poison_pills_larger_than_the_dead_letter_topic_accepts_are_cut_to_fit()
         .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
         .await;
     assert!(
-        memory.contains_source(&topic, 0, 2),
+        memory.contains_source(&topic, 0, 3),
         "the good event after them"
     );
 
     let letters = read_all(&kafka.brokers, &format!("{topic}.dlq")).await;
-    assert_eq!(letters.len(), 2);
+    assert_eq!(letters.len(), 3);
     let header = |m: &rdkafka::message::OwnedMessage, name: &str| -> Option<String> {
         m.headers()?
             .iter()
@@ -262,6 +289,10 @@ async fn poison_pills_larger_than_the_dead_letter_topic_accepts_are_cut_to_fit()
         "error text is bounded: {}",
         message.len()
     );
+    let forged = &letters[2];
+    assert_eq!(header(forged, headers::SOURCE_TOPIC), Some(topic.clone()));
+    assert_eq!(header(forged, headers::SOURCE_OFFSET).as_deref(), Some("2"));
+    assert_eq!(forged.payload(), Some(&b"not json"[..]));
     assert!(
         vault.counter("vault_dead_letters_refused_total") == 0.0,
         "nothing was refused"

@@ -404,6 +404,45 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
     assert_eq!(rows[0].event_id, derived_event_id(&original));
 }
 
+/// An erasure request (a tombstone, with `pipeline.tombstones = "erase"`) timestamped a year
+/// ahead of the clock would erase the user's activity for a year: it is dead-lettered as
+/// `future_timestamp`, erases nothing, and the user's events before and after it are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_request_from_the_future_is_dead_lettered_and_erases_nothing() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("erase-ahead"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let year_ms = 365 * 24 * 3600 * 1000;
+    let (before, after) = (event_json("u", 1), event_json("u", 2));
+    kafka
+        .produce_at(&topic, 0, "u", Some(before.as_bytes()), now)
+        .await;
+    kafka.produce_at(&topic, 0, "u", None, now + year_ms).await;
+    kafka
+        .produce_at(&topic, 0, "u", Some(after.as_bytes()), now + 1)
+        .await;
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    cfg.pipeline.tombstones = vault::config::TombstonePolicy::Erase;
+    let (memory, letters) = (MemoryStore::new(), MemoryDeadLetters::default());
+    let vault = Running::start(cfg, memory.clone(), letters.clone());
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    assert!(memory.contains_source(&topic, 0, 0), "the event before it");
+    assert!(memory.contains_source(&topic, 0, 2), "the event after it");
+    let dead = letters.letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].error.kind(), "future_timestamp");
+    assert_eq!((dead[0].source.offset, dead[0].value.as_ref()), (1, None));
+    assert_eq!(vault.counter("vault_erasures_total"), 0.0);
+    vault.stop().await;
+}
+
 /// Runs `vault dlq replay ARGS` for `topic` (read by `group`) against Kafka and ScyllaDB;
 /// returns its output, which must end in success.
 fn dlq_replay(
