@@ -434,7 +434,7 @@ impl Coordinator {
                         r.progress.resume_at().or(self.commits.confirmed(&key)),
                         offset,
                     );
-                    self.schedule_restart(key, Some(resume_at), r.failures, r.partition_health);
+                    self.schedule_restart(key, resume_at, r.failures, r.partition_health);
                 }
             }
             Command::Restart {
@@ -840,6 +840,8 @@ impl Coordinator {
     }
 
     /// The group's committed offset of a partition, from the broker (`None`: nothing committed).
+    /// An answer that carries an error for the partition, or none for it, is a failed lookup,
+    /// never "nothing committed": that would send the partition to `auto.offset.reset`.
     async fn committed(&self, key: &Key) -> Result<Option<i64>, rdkafka::error::KafkaError> {
         let consumer = self.consumer.clone();
         let (topic, partition) = (key.0.to_string(), key.1);
@@ -847,12 +849,16 @@ impl Coordinator {
             let mut tpl = rdkafka::TopicPartitionList::new();
             tpl.add_partition(&topic, partition);
             let got = consumer.committed_offsets(tpl, deadline::KAFKA_CALL_TIMEOUT)?;
-            Ok(
-                match got.find_partition(&topic, partition).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => Some(o),
-                    _ => None,
-                },
-            )
+            let entry = got.find_partition(&topic, partition).ok_or_else(|| {
+                rdkafka::error::KafkaError::OffsetFetch(
+                    rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+                )
+            })?;
+            entry.error()?;
+            Ok(match entry.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
         })
         .await
         .map_err(|_| rdkafka::error::KafkaError::Canceled)?

@@ -8,6 +8,10 @@
 //!   `vault.value.truncated=true`), and cut further, down to nothing, when Kafka still refuses
 //!   it as too large. The `vault.source.*` headers locate the full value in the source topic;
 //! - header texts are bounded, so no piece of the input of unbounded size is ever echoed;
+//! - a letter is dated when it is produced; its source's timestamp is in
+//!   `vault.source.timestamp`. Dated by its source, the letter of an old message (a lagging or
+//!   new group) could be deleted by the dead-letter topic's retention as soon as it is written,
+//!   and one of a message from the future refused by the topic's timestamp bounds;
 //! - produce errors are classified once, in [`is_permanent`];
 //! - a send reports which letters were not acknowledged, so a retry sends only those.
 
@@ -280,9 +284,6 @@ impl DeadLetterSink for KafkaDeadLetters {
                 }
                 if let Some(v) = letter.value {
                     record = record.payload(v);
-                }
-                if let Some(ts) = d.source.timestamp_ms {
-                    record = record.timestamp(ts);
                 }
                 match self.producer.send_result(record) {
                     Ok(delivery) => deliveries.push((i, delivery)),

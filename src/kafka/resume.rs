@@ -73,9 +73,12 @@ impl Progress {
 }
 
 /// Where a partition resumes after a stray message (one of its records that reached the main
-/// queue, and was taken off it there): where it must resume, and never after the stray.
-pub fn after_stray(resume_at: Option<i64>, stray: i64) -> i64 {
-    resume_at.map_or(stray, |o| o.min(stray))
+/// queue, and was taken off it there): where it must resume, and never after the stray. `None`
+/// when no position is known: records before the stray may still sit unread in the partition's
+/// queue, so the stray's offset is no lower bound; the restart then takes
+/// [`without_progress`].
+pub fn after_stray(resume_at: Option<i64>, stray: i64) -> Option<i64> {
+    resume_at.map(|o| o.min(stray))
 }
 
 /// Where a partition resumes when no incarnation recorded a position: the group's committed
@@ -94,13 +97,17 @@ mod tests {
 
     #[test]
     fn a_stray_never_lets_the_partition_resume_after_it() {
-        assert_eq!(after_stray(Some(50), 80), 50);
+        assert_eq!(after_stray(Some(50), 80), Some(50));
         assert_eq!(
             after_stray(Some(90), 80),
-            80,
+            Some(80),
             "the stray was read and not batched"
         );
-        assert_eq!(after_stray(None, 80), 80);
+        assert_eq!(
+            after_stray(None, 80),
+            None,
+            "records before the stray may be unread: the committed offset rules"
+        );
     }
 
     #[test]

@@ -139,6 +139,14 @@ fn corpus() -> Vec<(&'static str, Option<Vec<u8>>)> {
     ]
 }
 
+/// The clock, in ms since the epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 /// The Kafka timestamp of the corpus's `future_timestamp` entry: 9999-12-31T00:00:00Z.
 const FUTURE_MS: i64 = 253_402_214_400_000;
 
@@ -192,6 +200,7 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
     )
     .unwrap();
     let store = MemoryStore::new();
+    let dead_lettered_from = now_ms();
     let vault = Running::start(cfg, store.clone(), dlq);
     kafka
         .probe(&group)
@@ -250,6 +259,13 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
         assert_eq!(h[headers::SOURCE_OFFSET], positions[idx].1.to_string());
         assert!(h[headers::SOURCE_TIMESTAMP].parse::<i64>().is_ok());
         assert_eq!(h[headers::VERSION], env!("CARGO_PKG_VERSION"));
+        // Dated when it was dead-lettered, not by its source (the source's time is the header):
+        // the letter of a message from year 9999 must not fall outside the topic's bounds.
+        let letter_ms = m.timestamp().to_millis().expect("a timestamp");
+        assert!(
+            (dead_lettered_from..=now_ms()).contains(&letter_ms),
+            "{key}: the letter's timestamp {letter_ms}"
+        );
     }
     assert_eq!(
         letters.len(),
@@ -412,10 +428,7 @@ async fn an_erasure_request_from_the_future_is_dead_lettered_and_erases_nothing(
     let kafka = Kafka::start();
     let (topic, group) = (unique("erase-ahead"), unique("g"));
     kafka.create_source_topic(&topic, 1).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = now_ms();
     let year_ms = 365 * 24 * 3600 * 1000;
     let (before, after) = (event_json("u", 1), event_json("u", 2));
     kafka
