@@ -14,6 +14,7 @@
 //! | `batcher::flush` | a batch handed to the persisters | panics the partition task |
 //! | `persister::write` | a store write of a batch | fails it with a timeout |
 //! | `dead_letter::produce` | a dead-letter send of a batch | fails it as a broker transport failure |
+//! | `dead_letter::fatal` | a dead-letter send of a batch | raises a librdkafka fatal error in the dead-letter producer first |
 //! | `kafka::seek` | the seek before a restart | fails it |
 //! | `kafka::commit` | an offset commit | fails it as refused during a rebalance |
 //! | `coordinator::drain` | draining revoked or stopping partitions | panics the coordinator (the process dies) |

@@ -12,7 +12,8 @@
 //!   `vault.source.timestamp`. Dated by its source, the letter of an old message (a lagging or
 //!   new group) could be deleted by the dead-letter topic's retention as soon as it is written,
 //!   and one of a message from the future refused by the topic's timestamp bounds;
-//! - produce errors are classified once, in [`is_permanent`];
+//! - produce errors are classified once, in [`is_permanent`]; a producer that hit a fatal
+//!   error fails every later send, so it is replaced (`KafkaDeadLetters::renew`), not retried;
 //! - a send reports which letters were not acknowledged, so a retry sends only those.
 
 use std::future::Future;
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::pipeline::batch::DeadLetter;
@@ -102,8 +103,6 @@ pub fn is_permanent(e: &KafkaError) -> bool {
                 | C::UnknownPartition
                 | C::InvalidRequiredAcks
                 | C::PolicyViolation
-                // A fatal (idempotent) producer fails every letter from then on.
-                | C::Fatal
         )
     )
 }
@@ -217,7 +216,10 @@ pub fn shape<'a>(d: &'a DeadLetter, topic: String, value_budget: usize) -> Lette
 
 /// Publishes to Kafka.
 pub struct KafkaDeadLetters {
-    producer: FutureProducer,
+    /// The producer's settings, to replace it after a fatal error.
+    config: ClientConfig,
+    /// The producer in use; never held across an await.
+    producer: Mutex<Arc<FutureProducer>>,
     topic_template: String,
     /// Bytes of value a letter may carry at first.
     value_budget: usize,
@@ -240,7 +242,8 @@ impl KafkaDeadLetters {
             cfg.set("message.max.bytes", max_bytes.max(1000).to_string());
         }
         Ok(KafkaDeadLetters {
-            producer: cfg.create()?,
+            producer: Mutex::new(Arc::new(cfg.create()?)),
+            config: cfg,
             topic_template: topic_template.to_owned(),
             value_budget: max_bytes.saturating_sub(MAX_KEY_BYTES + HEADROOM_BYTES),
         })
@@ -249,10 +252,67 @@ impl KafkaDeadLetters {
     pub fn topic_for(&self, source_topic: &str) -> String {
         self.topic_template.replace("{topic}", source_topic)
     }
+
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces `failed`, a producer that hit a fatal error, unless another send replaced it
+    /// already. librdkafka fails every later send of a fatal (idempotent) producer, so without
+    /// a new one every partition with bad input would stall for good. The new producer has a
+    /// new producer id; letters sent again may land twice, which a replay of them makes
+    /// harmless. Whether a producer is in place that has not failed.
+    fn renew(&self, failed: &Arc<FutureProducer>) -> bool {
+        let mut current = self.producer.lock().unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&current, failed) {
+            return true;
+        }
+        match self.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::error!(
+                    reason = ?failed.client().fatal_error(),
+                    "The dead-letter producer hit a fatal error; replaced it with a new one."
+                );
+                *current = Arc::new(fresh);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "The dead-letter producer hit a fatal error and cannot be replaced.");
+                false
+            }
+        }
+    }
 }
+
+/// Failpoint `dead_letter::fatal`: raises a real librdkafka fatal error in the dead-letter
+/// producer, as a broken idempotent sequence would.
+#[cfg(feature = "failpoints")]
+fn inject_fatal_error(producer: &FutureProducer, topic: &str) {
+    if crate::failpoint::hit("dead_letter::fatal", topic, None) {
+        // SAFETY: the client pointer is valid while `producer` lives; the reason is a
+        // NUL-terminated static string.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                producer.client().native_ptr(),
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                c"failpoint dead_letter::fatal".as_ptr(),
+            );
+        }
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn inject_fatal_error(_producer: &FutureProducer, _topic: &str) {}
 
 impl DeadLetterSink for KafkaDeadLetters {
     async fn send(&self, letters: &[&DeadLetter]) -> Result<(), SendFailure> {
+        let producer = self.producer();
+        if let Some(d) = letters.first() {
+            inject_fatal_error(&producer, &d.source.topic);
+        }
         let mut budgets = vec![self.value_budget; letters.len()];
         let mut todo: Vec<usize> = (0..letters.len()).collect();
         let mut unsent = Vec::new();
@@ -285,7 +345,7 @@ impl DeadLetterSink for KafkaDeadLetters {
                 if let Some(v) = letter.value {
                     record = record.payload(v);
                 }
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(delivery) => deliveries.push((i, delivery)),
                     Err((e, _)) => outcomes.push((i, Err(e))),
                 }
@@ -327,7 +387,9 @@ impl DeadLetterSink for KafkaDeadLetters {
             Some(error) => {
                 unsent.sort_unstable();
                 Err(SendFailure {
-                    permanent: is_permanent(&error),
+                    // A fatal producer is replaced: its letters go again with the new one.
+                    permanent: is_permanent(&error)
+                        || (producer.client().fatal_error().is_some() && !self.renew(&producer)),
                     error,
                     unsent,
                 })

@@ -171,6 +171,50 @@ async fn a_fatal_error_drains_and_ends_the_run_naming_its_cause() {
     assert!(text.contains("instance_id"), "says what to check: {text}");
 }
 
+/// A fatal error in the dead-letter producer (as a broken idempotent sequence raises) fails
+/// every later send of that producer: it is replaced, the letter goes with the new one, and the
+/// partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_producer_that_hits_a_fatal_error_is_replaced() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("dlq-fatal"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    kafka
+        .produce(
+            &topic,
+            &[
+                (0, "k".into(), b"not json".to_vec()),
+                (0, "u".into(), event_json("u", 1).into_bytes()),
+            ],
+        )
+        .await;
+    let cfg = settings(&kafka.brokers, &topic, &group);
+    let validated = cfg.clone().validate().unwrap();
+    let dlq = KafkaDeadLetters::new(
+        &vault::kafka::base_client_config(&validated),
+        &cfg.kafka.dead_letter_topic,
+        cfg.kafka.dead_letter_max_bytes,
+    )
+    .unwrap();
+    fail::cfg("dead_letter::fatal", &format!("1*return({topic})")).unwrap();
+    let memory = MemoryStore::new();
+    let vault = Running::start(cfg, memory.clone(), dlq);
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    fail::remove("dead_letter::fatal");
+    assert!(memory.contains_source(&topic, 0, 1), "the event after it");
+    let letters = read_all(&kafka.brokers, &format!("{topic}.dlq")).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].payload(), Some(&b"not json"[..]));
+    assert!(
+        vault.counter("vault_dead_letter_send_failures_total") >= 1.0,
+        "the fatal producer's send failed first"
+    );
+    vault.stop().await;
+}
+
 /// A producer that sends values larger than librdkafka's default limit, compressed, as a
 /// producer with raised limits would.
 fn big_producer(brokers: &str) -> FutureProducer {
