@@ -65,9 +65,15 @@ impl<C: Committer> Commits<C> {
         self.confirmed.get(key).copied()
     }
 
-    /// The partition left this member: its next assignment starts afresh.
+    /// The partition left this member: its next assignment starts afresh, and its committed
+    /// offset series goes (the revoke's own commit set it again after the drain removed it), so
+    /// only its new owner reports it.
     pub fn forget(&mut self, key: &Key) {
         self.confirmed.remove(key);
+        let _ = self
+            .metrics
+            .committed_offset
+            .remove_label_values(&[&*key.0, &key.1.to_string()]);
     }
 
     fn ahead(&self, offsets: impl IntoIterator<Item = (Key, i64)>) -> Vec<(Key, i64)> {

@@ -103,9 +103,9 @@ struct Running {
     last_confirmed: Option<i64>,
     /// When the committed offset last advanced, or was last found fully caught up.
     caught_up_at: Instant,
-    /// When this incarnation started.
+    /// When this member started owning the partition (its first incarnation started).
     started_at: Instant,
-    /// The last message this incarnation read.
+    /// The last message an incarnation of the partition read.
     last_read: Arc<LastRead>,
     /// Consecutive failed restarts, for the restart backoff.
     failures: u32,
@@ -118,7 +118,7 @@ struct Running {
 /// gauges, which date the reads they find: "when" is the first look after the read. The gauges
 /// look once a second from the coordinator's loop, between its commands, so a read made while
 /// a command (a revoke's drain) runs is dated when the command ends.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct LastRead {
     /// Kafka timestamp (ms since the epoch) of the last message read that had one; 0: none.
     kafka_ms: std::sync::atomic::AtomicI64,
@@ -196,9 +196,55 @@ fn oldest_uncommitted_age(
 struct PendingRestart {
     ticket: u64,
     resume_at: Option<i64>,
+    lineage: Lineage,
+}
+
+/// What a partition's next incarnation inherits from the one before: the failures in a row
+/// (the restart backoff doubles with each, and only an advancing commit resets them), whether
+/// it is failing, and what its stall gauges count from. A partition that keeps failing must
+/// look stalled, however often it restarts.
+#[derive(Debug, Clone)]
+struct Lineage {
     failures: u32,
-    /// Whether the partition is failing, carried to its next incarnation.
     health: PartitionHealth,
+    /// When the committed offset last advanced, or the partition was last caught up.
+    caught_up_at: Instant,
+    /// When this member started owning the partition.
+    owned_since: Instant,
+    last_read: Arc<LastRead>,
+}
+
+impl Lineage {
+    /// A partition just assigned.
+    fn fresh() -> Lineage {
+        let now = Instant::now();
+        Lineage {
+            failures: 0,
+            health: PartitionHealth::default(),
+            caught_up_at: now,
+            owned_since: now,
+            last_read: Arc::default(),
+        }
+    }
+
+    /// One more failure in a row.
+    fn failed_again(mut self) -> Lineage {
+        self.failures += 1;
+        self
+    }
+}
+
+impl Running {
+    /// What the next incarnation inherits from this one.
+    fn lineage(&self) -> Lineage {
+        Lineage {
+            failures: self.failures,
+            health: self.partition_health.clone(),
+            caught_up_at: self.caught_up_at,
+            owned_since: self.started_at,
+            last_read: self.last_read.clone(),
+        }
+    }
 }
 
 /// The restarts on file: one per failed partition, under a ticket. Only the ticket on file
@@ -212,13 +258,7 @@ struct Restarts {
 
 impl Restarts {
     /// Files a restart of `key`, replacing any earlier one; returns its ticket.
-    fn schedule(
-        &mut self,
-        key: Key,
-        resume_at: Option<i64>,
-        failures: u32,
-        health: PartitionHealth,
-    ) -> u64 {
+    fn schedule(&mut self, key: Key, resume_at: Option<i64>, lineage: Lineage) -> u64 {
         self.next_ticket += 1;
         let ticket = self.next_ticket;
         self.pending.insert(
@@ -226,8 +266,7 @@ impl Restarts {
             PendingRestart {
                 ticket,
                 resume_at,
-                failures,
-                health,
+                lineage,
             },
         );
         ticket
@@ -249,6 +288,10 @@ impl Restarts {
 
     fn clear(&mut self) {
         self.pending.clear();
+    }
+
+    fn len(&self) -> usize {
+        self.pending.len()
     }
 }
 
@@ -384,12 +427,10 @@ impl Coordinator {
                             }
                         }
                     }
-                    self.start(a, None, 0, PartitionHealth::default());
+                    self.start(a, None, Lineage::fresh());
                 }
                 self.health.set_in_group(true);
-                self.metrics
-                    .assigned_partitions
-                    .set(self.running.len() as i64);
+                self.report_assigned();
             }
             Command::Revoke {
                 partitions,
@@ -415,9 +456,7 @@ impl Coordinator {
                 for key in &keys {
                     self.commits.forget(key);
                 }
-                self.metrics
-                    .assigned_partitions
-                    .set(self.running.len() as i64);
+                self.report_assigned();
                 let _ = reply.send(());
             }
             Command::Stray {
@@ -434,7 +473,7 @@ impl Coordinator {
                         r.progress.resume_at().or(self.commits.confirmed(&key)),
                         offset,
                     );
-                    self.schedule_restart(key, resume_at, r.failures, r.partition_health);
+                    self.schedule_restart(key, resume_at, r.lineage());
                 }
             }
             Command::Restart {
@@ -469,6 +508,13 @@ impl Coordinator {
         }
     }
 
+    /// `vault_assigned_partitions`: the partitions this member owns, running or waiting for
+    /// their restart.
+    fn report_assigned(&self) {
+        let owned = self.running.len() + self.restarting.len();
+        self.metrics.assigned_partitions.set(owned as i64);
+    }
+
     fn next_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -476,13 +522,7 @@ impl Coordinator {
 
     /// Starts a new incarnation of a partition's task. `start` is where the partition was just
     /// sought to (`None`: where the assignment put it).
-    fn start(
-        &mut self,
-        a: Assigned,
-        start: Option<i64>,
-        failures: u32,
-        partition_health: PartitionHealth,
-    ) {
+    fn start(&mut self, a: Assigned, start: Option<i64>, lineage: Lineage) {
         let key: Key = (a.topic.clone(), a.partition);
         let incarnation = self.next_id();
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -499,7 +539,7 @@ impl Coordinator {
             cancel: cancel.clone(),
             oldest_pending: oldest_pending.clone(),
             budget: self.budget.clone(),
-            health: partition_health.clone(),
+            health: lineage.health.clone(),
             metrics: self.metrics.clone(),
         };
         let limits = self.settings.limits();
@@ -508,7 +548,7 @@ impl Coordinator {
         let queue = a.queue;
         let task_key = key.clone();
         let read = progress.clone();
-        let last_read = Arc::new(LastRead::default());
+        let last_read = lineage.last_read.clone();
         let noted = last_read.clone();
         let abort = self.tasks.spawn(async move {
             let records = queue.stream().map(|m| match m {
@@ -531,6 +571,7 @@ impl Coordinator {
             (task_key, incarnation, exit)
         });
         self.ids.insert(abort.id(), (key.clone(), incarnation));
+        let confirmed = self.commits.confirmed(&key);
         if let Some(old) = self.running.insert(
             key,
             Running {
@@ -540,12 +581,13 @@ impl Coordinator {
                 cancel,
                 progress,
                 oldest_pending,
-                last_confirmed: None,
-                caught_up_at: Instant::now(),
-                started_at: Instant::now(),
+                // As confirmed now: only a commit after this start counts as an advance.
+                last_confirmed: confirmed,
+                caught_up_at: lineage.caught_up_at,
+                started_at: lineage.owned_since,
                 last_read,
-                failures,
-                partition_health,
+                failures: lineage.failures,
+                partition_health: lineage.health,
             },
         ) {
             old.abort.abort();
@@ -729,22 +771,15 @@ impl Coordinator {
             .partition_restarts
             .with_label_values(&[&key.0])
             .inc();
-        self.schedule_restart(key, resume_at, r.failures + 1, r.partition_health);
+        self.schedule_restart(key, resume_at, r.lineage().failed_again());
     }
 
     /// Restarts a partition after a backoff that grows with consecutive failures (1 s doubling
     /// to 30 s), without holding up the coordinator meanwhile.
-    fn schedule_restart(
-        &mut self,
-        key: Key,
-        resume_at: Option<i64>,
-        failures: u32,
-        health: PartitionHealth,
-    ) {
-        let delay = Duration::from_millis(500u64 << failures.min(6)).min(Duration::from_secs(30));
-        let ticket = self
-            .restarting
-            .schedule(key.clone(), resume_at, failures, health);
+    fn schedule_restart(&mut self, key: Key, resume_at: Option<i64>, lineage: Lineage) {
+        let delay =
+            Duration::from_millis(500u64 << lineage.failures.min(6)).min(Duration::from_secs(30));
+        let ticket = self.restarting.schedule(key.clone(), resume_at, lineage);
         let commands = self.commands.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -772,12 +807,7 @@ impl Coordinator {
                 Err(e) => {
                     error!(topic = %key.0, partition = key.1, error = %e, "Cannot read the committed offset; the partition is not started, and the restart is tried again.");
                     self.seek_failed(&key);
-                    self.schedule_restart(
-                        key,
-                        pending.resume_at,
-                        pending.failures + 1,
-                        pending.health,
-                    );
+                    self.schedule_restart(key, pending.resume_at, pending.lineage.failed_again());
                     return;
                 }
             },
@@ -800,13 +830,13 @@ impl Coordinator {
             Ok(Err(e)) => {
                 error!(topic = %key.0, partition = key.1, position = ?target, error = %e, "Seek failed; the partition is not started, and the restart is tried again.");
                 self.seek_failed(&key);
-                self.schedule_restart(key, pending.resume_at, pending.failures + 1, pending.health);
+                self.schedule_restart(key, pending.resume_at, pending.lineage.failed_again());
                 return;
             }
             Err(e) => {
                 error!(topic = %key.0, partition = key.1, error = %e, "Seek task failed; the restart is tried again.");
                 self.seek_failed(&key);
-                self.schedule_restart(key, pending.resume_at, pending.failures + 1, pending.health);
+                self.schedule_restart(key, pending.resume_at, pending.lineage.failed_again());
                 return;
             }
         }
@@ -822,12 +852,11 @@ impl Coordinator {
                     queue,
                 },
                 start,
-                pending.failures,
-                pending.health,
+                pending.lineage,
             ),
             None => {
                 error!(topic = %key.0, partition = key.1, "Cannot split the partition queue for a restart; tried again.");
-                self.schedule_restart(key, pending.resume_at, pending.failures + 1, pending.health);
+                self.schedule_restart(key, pending.resume_at, pending.lineage.failed_again());
             }
         }
     }
@@ -1060,13 +1089,18 @@ mod tests {
         );
     }
 
+    /// The lineage of a partition that failed `n` times in a row.
+    fn failed(n: u32) -> Lineage {
+        (0..n).fold(Lineage::fresh(), |l, _| l.failed_again())
+    }
+
     #[test]
     fn a_restart_scheduled_before_a_revocation_is_void_after_it() {
         let mut r = Restarts::default();
-        let stale = r.schedule(key(0), Some(100), 1, PartitionHealth::default());
+        let stale = r.schedule(key(0), Some(100), failed(1));
         // Revoked, assigned again, failed again: a new restart is on file.
         r.cancel(&key(0));
-        let fresh = r.schedule(key(0), Some(40), 1, PartitionHealth::default());
+        let fresh = r.schedule(key(0), Some(40), failed(1));
         assert!(
             r.take_due(&key(0), stale).is_none(),
             "the stale ticket starts nothing"
@@ -1081,11 +1115,14 @@ mod tests {
     #[test]
     fn a_newer_failure_supersedes_the_restart_on_file() {
         let mut r = Restarts::default();
-        let first = r.schedule(key(1), Some(10), 1, PartitionHealth::default());
-        let second = r.schedule(key(1), Some(10), 2, PartitionHealth::default());
+        let first = r.schedule(key(1), Some(10), failed(1));
+        let second = r.schedule(key(1), Some(10), failed(2));
         assert!(r.take_due(&key(1), first).is_none(), "superseded");
-        assert_eq!(r.take_due(&key(1), second).map(|p| p.failures), Some(2));
-        let cancelled = r.schedule(key(2), None, 1, PartitionHealth::default());
+        assert_eq!(
+            r.take_due(&key(1), second).map(|p| p.lineage.failures),
+            Some(2)
+        );
+        let cancelled = r.schedule(key(2), None, failed(1));
         r.clear();
         assert!(r.take_due(&key(2), cancelled).is_none(), "cleared");
     }

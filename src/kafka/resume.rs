@@ -51,9 +51,12 @@ impl Progress {
         self.durable.publish(next_to_read);
     }
 
-    /// The offset that may be committed now: every record below it is durable.
+    /// The offset that may be committed now: every record below it is durable. Before this
+    /// incarnation made anything durable, where it was sought to: a restart starts at or below
+    /// the first offset not durable, so every record below that is durable too, and a partition
+    /// restarted with nothing new to read still commits (and counts as caught up) there.
     pub fn committable(&self) -> Option<i64> {
-        self.durable.get()
+        self.durable.get().or(self.start)
     }
 
     fn first_read(&self) -> Option<i64> {
@@ -66,7 +69,8 @@ impl Progress {
     /// this incarnation read nothing and was not sought, so the fetch position is still where the
     /// assignment put it and no seek is needed.
     pub fn resume_at(&self) -> Option<i64> {
-        self.committable()
+        self.durable
+            .get()
             .or_else(|| self.first_read())
             .or(self.start)
     }
@@ -124,6 +128,7 @@ mod tests {
     fn a_task_that_made_nothing_durable_resumes_at_the_first_record_it_read() {
         let p = Progress::new(None);
         assert_eq!(p.resume_at(), None, "read nothing: no seek");
+        assert_eq!(p.committable(), None, "nothing durable yet");
         p.note_read(40);
         p.note_read(41);
         assert_eq!(p.resume_at(), Some(40));
@@ -135,6 +140,11 @@ mod tests {
     fn a_restarted_task_that_read_nothing_resumes_where_it_was_sent() {
         let p = Progress::new(Some(120));
         assert_eq!(p.resume_at(), Some(120));
+        assert_eq!(
+            p.committable(),
+            Some(120),
+            "everything below where a restart starts is durable"
+        );
         p.note_read(120);
         assert_eq!(p.resume_at(), Some(120));
         p.publish_durable(130);

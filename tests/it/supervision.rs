@@ -260,3 +260,92 @@ async fn a_partition_failing_while_another_drains_is_restarted() {
     b.stop().await;
     a.stop().await;
 }
+
+/// A store whose writes of any record at or after offset 150 panic after `hold` (the batch is
+/// abandoned and its partition restarts), for ever; earlier ones are stored.
+#[derive(Clone)]
+struct PanicsFrom150 {
+    inner: MemoryStore,
+    hold: Duration,
+}
+
+impl Store for PanicsFrom150 {
+    async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
+        if events.iter().any(|e| e.source.offset >= 150) {
+            tokio::time::sleep(self.hold).await;
+            panic!("injected store panic");
+        }
+        self.inner.write(events).await
+    }
+}
+
+/// A partition that keeps failing, after it committed, looks stalled however often it
+/// restarts: its stall gauges count on across incarnations (a restart used to reset them, and
+/// its restart backoff with them, as if the partition had just caught up), and it keeps owning
+/// the partition meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_keeps_failing_after_a_commit_shows_as_stalled_across_restarts() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("keeps-failing"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    let first: BTreeSet<_> = kafka
+        .produce_events(&topic, 1, 0, 100)
+        .await
+        .into_iter()
+        .collect();
+    let memory = MemoryStore::new();
+    let store = PanicsFrom150 {
+        inner: memory.clone(),
+        hold: Duration::from_millis(1500),
+    };
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    cfg.batch.max_events = 50;
+    let vault = Running::start(cfg, store, MemoryDeadLetters::default());
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    let second: BTreeSet<_> = kafka
+        .produce_events(&topic, 1, 100, 100)
+        .await
+        .into_iter()
+        .collect();
+    let labels = [topic.as_str(), "0"];
+    crate::common::wait_until(
+        "three restarts, the partition stalled for 8 s",
+        Duration::from_secs(90),
+        || {
+            let restarts = vault
+                .metrics
+                .partition_restarts
+                .with_label_values(&[&topic])
+                .get();
+            let stalled = vault
+                .metrics
+                .seconds_since_commit
+                .with_label_values(&labels)
+                .get();
+            async move {
+                (restarts >= 3 && stalled >= 8.0)
+                    .then_some(())
+                    .ok_or(format!("{restarts} restarts, stalled {stalled:.1} s"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        vault.metrics.assigned_partitions.get(),
+        1,
+        "still owned while it waits for its restarts"
+    );
+    assert_eq!(
+        stored_positions(&memory),
+        first
+            .union(&second)
+            .filter(|p| p.1 < 150)
+            .copied()
+            .collect(),
+        "everything before the fault is stored"
+    );
+    vault.stop().await;
+}
