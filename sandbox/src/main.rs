@@ -5,8 +5,9 @@
 //! gives new NetworkTopologyStrategy keyspaces tablets) on loopback ports, prints
 //! `VAULT_KAFKA_BROKERS=...`, `VAULT_SCYLLA_NODES=...` (every CQL node, comma-separated) and
 //! `VAULT_SANDBOX_CONTROL=...` lines (usable with `eval`/`env`), and runs until SIGTERM/SIGINT.
-//! Faults are triggered while it runs through a line-based control port
-//! (`vault-sandbox ctl ADDR COMMAND...`).
+//! Faults (and compaction, which purges tombstones past their `gc_grace_seconds`) are
+//! triggered while it runs through a line-based control port (`vault-sandbox ctl ADDR
+//! COMMAND...`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -78,6 +79,9 @@ const HELP: &str = "commands:
                                    ERROR: not-coordinator coordinator-not-available rebalance-in-progress unknown-member-id request-timed-out not-leader
   cql KIND [COUNT] [match TEXT] [p=PROB]   KIND: write-timeout read-timeout unavailable overloaded server-error drop delay:DURATION
   cql outage DURATION | cql drop-connections | cql clear | cql stats
+  cql compact [DURATION]           compaction (tombstone_gc mode timeout), as if DURATION (e.g. 11d) had passed: purges
+                                   the tombstones whose table's gc_grace_seconds (default 10 days) are over, after which
+                                   an older write is visible again; answers how many
   cql routing                      prepared write statements (EXECUTE, BATCH) received so far, how many by a node that
                                    is not a replica of their partition (by tablet in a tablet keyspace), and per node:
                                    writes=N non_replica=M by_node=A,B,...
@@ -328,6 +332,19 @@ fn command(
                 t.last,
                 replicas.join(",")
             ))
+        }
+        ["cql", "compact", rest @ ..] => {
+            let (purged, after) = match rest {
+                [] => (node.compact(), String::new()),
+                [d] => {
+                    let elapsed = dur(Some(d))?;
+                    let after =
+                        format!(" as if {} had passed", humantime::format_duration(elapsed));
+                    (node.compact_after(elapsed), after)
+                }
+                _ => return Err("cql compact takes at most one DURATION, e.g. 11d".into()),
+            };
+            Ok(format!("compacted{after}: {purged} tombstones purged"))
         }
         ["cql", kind, rest @ ..] => {
             let mut fault = Fault::new(FaultKind::parse(kind)?);

@@ -85,6 +85,30 @@ def main():
     live = [r.c for r in s.execute("SELECT c FROM py.tombs WHERE p = 'a'")]
     assert live == [2, 5], live
 
+    # Compaction purges a tombstone once the table's gc_grace_seconds have passed since the
+    # delete (tombstone_gc mode 'timeout'); an older write arriving after that is visible again.
+    s.execute("CREATE TABLE IF NOT EXISTS py.gc0 (p text, c int, v text, PRIMARY KEY (p, c)) WITH gc_grace_seconds = 0")
+    cluster.refresh_schema_metadata()
+    tables = cluster.metadata.keyspaces["py"].tables
+    assert tables["gc0"].options["gc_grace_seconds"] == 0, tables["gc0"].options
+    assert tables["tombs"].options["gc_grace_seconds"] == 864000, "the default: 10 days"
+    s.execute("DELETE FROM py.gc0 USING TIMESTAMP 100 WHERE p = 'z'")
+    zombie = s.prepare("INSERT INTO py.gc0 (p, c, v) VALUES ('z', 1, 'x') USING TIMESTAMP 50")
+    s.execute(zombie)
+    assert s.execute("SELECT c FROM py.gc0 WHERE p = 'z'").one() is None, "shadowed by the tombstone"
+    answer = control("cql compact")
+    assert answer.strip().endswith(": 1 tombstones purged"), "py.tombs' (10 days' grace) is kept: " + answer
+    s.execute(zombie)
+    assert [r.c for r in s.execute("SELECT c FROM py.gc0 WHERE p = 'z'")] == [1], "the tombstone is gone"
+    s.execute(put, (3, 19))
+    live = [r.c for r in s.execute("SELECT c FROM py.tombs WHERE p = 'a'")]
+    assert live == [2, 5], "py.tombs' tombstone still shadows: %r" % live
+    answer = control("cql compact 11d")
+    assert answer.strip().endswith(": 1 tombstones purged"), "11 days on, py.tombs' is purged: " + answer
+    s.execute(put, (3, 19))
+    live = [r.c for r in s.execute("SELECT c FROM py.tombs WHERE p = 'a'")]
+    assert live == [2, 3, 5], live
+
     # USING TTL: TTL() counts down, and an expired cell is gone.
     s.execute(s.prepare("INSERT INTO py.versions (k, v) VALUES (?, ?) USING TIMESTAMP ? AND TTL ?"), ("ttl", "x", 10, 100))
     left = s.execute("SELECT TTL(v) FROM py.versions WHERE k = 'ttl'").one()[0]

@@ -1,6 +1,6 @@
-//! The sandbox program as a process: it prints usable VAULT_* lines, takes fault commands on its
-//! control port, serves the Python driver (scylla-driver, cqlsh's base) as one CQL node or as a
-//! cluster of them, and exits cleanly on SIGTERM.
+//! The sandbox program as a process: it prints usable VAULT_* lines, takes fault and compaction
+//! commands on its control port, serves the Python driver (scylla-driver, cqlsh's base) as one
+//! CQL node or as a cluster of them, and exits cleanly on SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
@@ -150,6 +150,21 @@ fn sandbox_serves_the_python_driver_takes_faults_and_stops_on_sigterm() {
     );
     let out = ctl(&["cql", "clear"]);
     assert!(out.status.success(), "{out:?}");
+    // Compaction, now or as if days had passed: nothing to purge yet (python_driver.py
+    // purges a tombstone with `cql compact`).
+    let out = ctl(&["cql", "compact", "11d"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok compacted as if 11days had passed: 0 tombstones purged",
+        "{out:?}"
+    );
+    let out = ctl(&["cql", "compact", "soon"]);
+    assert!(!out.status.success(), "a bad duration is refused: {out:?}");
+    let out = ctl(&["help"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cql compact [DURATION]"),
+        "{out:?}"
+    );
 
     sandbox.python("python_driver.py");
     sandbox.stop();

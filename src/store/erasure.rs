@@ -13,15 +13,164 @@
 //! it, and days with later activity stay. Every erasure is recorded in `erasures`.
 //!
 //! Everything is idempotent: a retried or replayed erasure writes the same tombstones.
+//!
+//! Tombstones do not last for ever: ScyllaDB purges one at compaction once its
+//! `gc_grace_seconds` have passed (10 days by default; with `tombstone_gc` mode `repair`, once
+//! repaired), and a write at a version below it lands again after that. Messages from before an
+//! erasure are still in Kafka as long as the topic keeps them, and a new consumer group (or an
+//! offset reset) reads them again, long after. So the write path keeps them out itself
+//! ([`ErasedUsers`]): every erasure is recorded in `erasures` and raises the one-row
+//! `erasure_watermark` before its tombstones are written, and a row whose version is at or
+//! below the watermark is written only if its user was not erased through it. Only such rows
+//! cost a lookup (one read per user, trusted for [`ErasedUsers::TRUST_FOR`]): rows of messages
+//! newer than every erasure, the live stream, cost none.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 use scylla::value::{CqlDate, CqlTimestamp};
 
-use crate::store::scylla::{classify, cql_day, ScyllaStore, ERASURES, TABLE, USER_DAYS};
+use crate::event::Event;
+use crate::store::scylla::{
+    classify, cql_day, ScyllaStore, ERASURES, ERASURE_WATERMARK, TABLE, USER_DAYS,
+};
 use crate::store::{version, StoreError};
 
 /// Partition deletes of one erasure in flight at once.
 const CONCURRENT_DELETES: usize = 16;
+
+/// Lookups of users' erasures in flight at once, for one write.
+const CONCURRENT_LOOKUPS: usize = 16;
+
+/// What the write path knows of erasures (see the module doc): the watermark, the latest
+/// `erased_through` of any erasure, and the users it looked up. What it read is trusted for
+/// [`Self::TRUST_FOR`]: an erasure made elsewhere (`vault forget`, another member) is known
+/// within that, long before its tombstones may be purged, and until then they keep its rows
+/// out. An erasure made through this store is known at once.
+#[derive(Debug, Default)]
+pub struct ErasedUsers {
+    known: Mutex<Known>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    /// The watermark (ms; `None`: no erasure recorded), and when it was read.
+    watermark: Option<i64>,
+    read_at: Option<Instant>,
+    /// Each user looked up: the latest `erased_through` (`None`: never erased), and when.
+    users: HashMap<String, (Option<i64>, Instant)>,
+}
+
+impl ErasedUsers {
+    /// How long a read of the watermark or of a user's erasures is trusted.
+    pub const TRUST_FOR: Duration = Duration::from_secs(60);
+    /// Users remembered at most; past it the memory starts afresh.
+    const MAX_USERS: usize = 100_000;
+
+    /// Which of `events` to write: `None` for all of them, else the indices of those whose
+    /// user was not erased through their version (rows an erasure's tombstones shadow, or
+    /// shadowed before they were purged).
+    pub async fn kept(
+        &self,
+        store: &ScyllaStore,
+        events: &[&Event],
+    ) -> Result<Option<Vec<usize>>, StoreError> {
+        let Some(watermark) = self.watermark(store).await? else {
+            return Ok(None);
+        };
+        let bound = tombstone_timestamp(watermark);
+        if events.iter().all(|e| version::of(e) > bound) {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        let mut wanted: Vec<String> = {
+            let known = self.lock();
+            events
+                .iter()
+                .filter(|e| version::of(e) <= bound)
+                .map(|e| e.user_id())
+                .filter(|u| {
+                    known
+                        .users
+                        .get(*u)
+                        .is_none_or(|(_, at)| now.duration_since(*at) >= Self::TRUST_FOR)
+                })
+                .map(str::to_owned)
+                .collect()
+        };
+        wanted.sort_unstable();
+        wanted.dedup();
+        let found: Vec<(String, Option<i64>)> = stream::iter(wanted)
+            .map(|user| async move { erased_through(store, &user).await.map(|t| (user, t)) })
+            .buffer_unordered(CONCURRENT_LOOKUPS)
+            .try_collect()
+            .await?;
+        let mut known = self.lock();
+        if known.users.len() + found.len() > Self::MAX_USERS {
+            known.users.clear();
+        }
+        for (user, through) in found {
+            known.users.insert(user, (through, now));
+        }
+        let erased = |e: &Event| {
+            known
+                .users
+                .get(e.user_id())
+                .and_then(|(through, _)| *through)
+                .is_some_and(|t| version::of(e) <= tombstone_timestamp(t))
+        };
+        let kept: Vec<usize> = (0..events.len()).filter(|&i| !erased(events[i])).collect();
+        Ok((kept.len() < events.len()).then_some(kept))
+    }
+
+    /// An erasure made through this store: known at once.
+    fn noted(&self, user_id: &str, through_ms: i64) {
+        let mut known = self.lock();
+        known.watermark = known.watermark.max(Some(through_ms));
+        let entry = known
+            .users
+            .entry(user_id.to_owned())
+            .or_insert((None, Instant::now()));
+        entry.0 = entry.0.max(Some(through_ms));
+    }
+
+    /// The watermark, read again once the last read is older than [`Self::TRUST_FOR`].
+    async fn watermark(&self, store: &ScyllaStore) -> Result<Option<i64>, StoreError> {
+        {
+            let known = self.lock();
+            if known
+                .read_at
+                .is_some_and(|at| at.elapsed() < Self::TRUST_FOR)
+            {
+                return Ok(known.watermark);
+            }
+        }
+        let bad = |e: &dyn std::fmt::Display| {
+            StoreError::Invalid(format!("reading the erasure watermark: {e}"))
+        };
+        let read = store
+            .session()
+            .execute_unpaged(store.watermark_query(), ())
+            .await
+            .map_err(|e| classify(&e))?
+            .into_rows_result()
+            .map_err(|e| bad(&e))?
+            .maybe_first_row::<(Option<CqlTimestamp>,)>()
+            .map_err(|e| bad(&e))?
+            .and_then(|(t,)| t)
+            .map(|t| t.0);
+        let mut known = self.lock();
+        known.watermark = known.watermark.max(read);
+        known.read_at = Some(Instant::now());
+        Ok(known.watermark)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// A request to erase a user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +235,36 @@ pub async fn forget(
     if dry_run {
         return Ok(report);
     }
+    // Recorded first, with the watermark: from then on the write path keeps the user's rows up
+    // to `through` out, also once the tombstones below are purged. A retry writes the same
+    // record (same key, the days read again before any index entry is deleted).
+    session
+        .query_unpaged(
+            format!(
+                "INSERT INTO {ks}.{ERASURES} (user_id, requested_at, requested_by, erased_through, partitions) \
+                 VALUES (?, ?, ?, ?, ?)"
+            ),
+            (
+                user,
+                CqlTimestamp(erasure.requested_at_ms),
+                erasure.requested_by.as_str(),
+                CqlTimestamp(erasure.through_ms),
+                i32::try_from(report.days.len()).unwrap_or(i32::MAX),
+            ),
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    session
+        .query_unpaged(
+            format!(
+                "INSERT INTO {ks}.{ERASURE_WATERMARK} (id, erased_through) VALUES (0, ?) \
+                 USING TIMESTAMP ?"
+            ),
+            (CqlTimestamp(erasure.through_ms), at),
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    store.erased().noted(user, erasure.through_ms);
     let delete_day = session
         .prepare(format!(
             "DELETE FROM {ks}.{TABLE} USING TIMESTAMP ? WHERE user_id = ? AND day = ?"
@@ -111,22 +290,6 @@ pub async fn forget(
         )
         .await
         .map_err(|e| classify(&e))?;
-    session
-        .query_unpaged(
-            format!(
-                "INSERT INTO {ks}.{ERASURES} (user_id, requested_at, requested_by, erased_through, partitions) \
-                 VALUES (?, ?, ?, ?, ?)"
-            ),
-            (
-                user,
-                CqlTimestamp(erasure.requested_at_ms),
-                erasure.requested_by.as_str(),
-                CqlTimestamp(erasure.through_ms),
-                i32::try_from(report.days.len()).unwrap_or(i32::MAX),
-            ),
-        )
-        .await
-        .map_err(|e| classify(&e))?;
     tracing::info!(
         user_partitions = report.days.len(),
         requested_by = %erasure.requested_by,
@@ -134,6 +297,66 @@ pub async fn forget(
         "User erased."
     );
     Ok(report)
+}
+
+/// Sets the erasure watermark from the record of erasures while no erasure has set it (those
+/// recorded by a release before it existed): `vault migrate` runs it. One read of the record,
+/// only while the watermark is unset. Returns the watermark set, if any.
+pub async fn seed_watermark(
+    session: &scylla::client::session::Session,
+    keyspace: &str,
+) -> Result<Option<i64>, StoreError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        StoreError::Invalid(format!("reading {keyspace}.{ERASURES}: {e}"))
+    };
+    let set = session
+        .query_unpaged(
+            format!("SELECT erased_through FROM {keyspace}.{ERASURE_WATERMARK} WHERE id = 0"),
+            &[],
+        )
+        .await
+        .map_err(|e| classify(&e))?
+        .into_rows_result()
+        .map_err(|e| bad(&e))?
+        .maybe_first_row::<(Option<CqlTimestamp>,)>()
+        .map_err(|e| bad(&e))?
+        .and_then(|(t,)| t);
+    if set.is_some() {
+        return Ok(None);
+    }
+    let mut rows = session
+        .query_iter(
+            format!("SELECT erased_through FROM {keyspace}.{ERASURES}"),
+            &[],
+        )
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("reading {keyspace}.{ERASURES}: {e}")))?
+        .rows_stream::<(Option<CqlTimestamp>,)>()
+        .map_err(|e| bad(&e))?;
+    let mut latest: Option<i64> = None;
+    while let Some(row) = rows.next().await {
+        let (through,) = row.map_err(|e| bad(&e))?;
+        latest = latest.max(through.map(|t| t.0));
+    }
+    let Some(through) = latest else {
+        return Ok(None);
+    };
+    session
+        .query_unpaged(
+            format!(
+                "INSERT INTO {keyspace}.{ERASURE_WATERMARK} (id, erased_through) VALUES (0, ?) \
+                 USING TIMESTAMP ?"
+            ),
+            (CqlTimestamp(through), tombstone_timestamp(through)),
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    tracing::info!(
+        keyspace,
+        through_ms = through,
+        "Erasure watermark set from the record of erasures."
+    );
+    Ok(Some(through))
 }
 
 /// The latest instant (ms) through which `user_id` was erased, from the record of erasures;

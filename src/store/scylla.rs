@@ -54,6 +54,7 @@ use tracing::info;
 use crate::config::{ScyllaConfig, MAX_BATCH_ROWS};
 use crate::event::Event;
 use crate::store::concurrency::{Answer, Limiter};
+use crate::store::erasure::ErasedUsers;
 use crate::store::retention::{Retention, Ttl};
 use crate::store::{version, Store, StoreError, WriteFailure};
 use crate::telemetry::Metrics;
@@ -64,6 +65,8 @@ pub const TABLE: &str = "user_activity";
 pub const USER_DAYS: &str = "user_days";
 /// The record of erasures (see [`erasures_cql`]).
 pub const ERASURES: &str = "erasures";
+/// The latest `erased_through` of any erasure, one row (see [`erasure_watermark_cql`]).
+pub const ERASURE_WATERMARK: &str = "erasure_watermark";
 
 /// `CREATE KEYSPACE` for these settings.
 pub fn keyspace_cql(c: &ScyllaConfig) -> String {
@@ -147,9 +150,28 @@ pub fn erasures_cql(c: &ScyllaConfig) -> String {
     )
 }
 
+/// One row (`id` 0): the latest `erased_through` of any erasure. Each erasure writes it with
+/// its tombstones' timestamp, so the newest erasure's wins whatever order they land in; the
+/// write path reads it to know whether an event may belong to an erased user
+/// ([`crate::store::erasure::ErasedUsers`]).
+pub fn erasure_watermark_cql(c: &ScyllaConfig) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {ks}.{ERASURE_WATERMARK} (
+    id int PRIMARY KEY,
+    erased_through timestamp
+);",
+        ks = c.keyspace
+    )
+}
+
 /// Every table of the schema, in creation order.
-fn tables_cql(c: &ScyllaConfig) -> [String; 3] {
-    [table_cql(c), user_days_cql(c), erasures_cql(c)]
+fn tables_cql(c: &ScyllaConfig) -> [String; 4] {
+    [
+        table_cql(c),
+        user_days_cql(c),
+        erasures_cql(c),
+        erasure_watermark_cql(c),
+    ]
 }
 
 /// The whole schema as a .cql script (what `deploy/cql/schema.cql` holds for the defaults).
@@ -324,6 +346,7 @@ pub async fn migrate(session: &Session, c: &ScyllaConfig) -> Result<(), StoreErr
         // Rows of the first release were written before the day index existed.
         reindex_user_days(session, c).await?;
     }
+    crate::store::erasure::seed_watermark(session, &c.keyspace).await?;
     info!(keyspace = %c.keyspace, table = TABLE, "Schema is in place.");
     Ok(())
 }
@@ -465,6 +488,12 @@ pub struct ScyllaStore {
     local_dc: Option<String>,
     /// `vault_write_unplaced_partitions_total`, once the pipeline's metrics are known.
     unplaced: OnceLock<prometheus::IntCounter>,
+    /// Reads the erasure watermark.
+    watermark: PreparedStatement,
+    /// What the write path knows of erasures: rows of erased users are not written again.
+    erased: ErasedUsers,
+    /// `vault_write_erased_rows_total`, once the pipeline's metrics are known.
+    erased_rows: OnceLock<prometheus::IntCounter>,
 }
 
 /// Requests of one batch in flight at once, at most (the process-wide bound is
@@ -514,6 +543,19 @@ impl ScyllaStore {
                 other => other,
             })?;
         index.set_is_idempotent(true);
+        let mut watermark = session
+            .prepare(format!(
+                "SELECT erased_through FROM {}.{ERASURE_WATERMARK} WHERE id = 0",
+                c.keyspace
+            ))
+            .await
+            .map_err(|e| match classify(&ExecutionError::PrepareError(e)) {
+                StoreError::Schema(m) | StoreError::Invalid(m) => StoreError::Schema(format!(
+                    "{m}: run `vault migrate` (or `vault run --migrate`)"
+                )),
+                other => other,
+            })?;
+        watermark.set_is_idempotent(true);
         // Validated so already; clamped so that the batch caches always hold the sizes planned.
         let max_batch_rows = c.max_batch_rows.clamp(1, MAX_BATCH_ROWS);
         let partition_batches = Batches::new(max_batch_rows, Some(index.clone()));
@@ -538,7 +580,20 @@ impl ScyllaStore {
             batch_by_replica: c.batch_by_replica,
             local_dc: (!c.local_dc.is_empty()).then(|| c.local_dc.clone()),
             unplaced: OnceLock::new(),
+            watermark,
+            erased: ErasedUsers::default(),
+            erased_rows: OnceLock::new(),
         })
+    }
+
+    /// The erasure watermark's statement.
+    pub(crate) fn watermark_query(&self) -> &PreparedStatement {
+        &self.watermark
+    }
+
+    /// What the write path knows of erasures.
+    pub(crate) fn erased(&self) -> &ErasedUsers {
+        &self.erased
     }
 
     pub fn session(&self) -> &Arc<Session> {
@@ -1226,6 +1281,7 @@ impl Store for ScyllaStore {
             metrics.write_requests_in_flight.clone(),
         );
         let _ = self.unplaced.set(metrics.write_unplaced_partitions.clone());
+        let _ = self.erased_rows.set(metrics.write_erased_rows.clone());
     }
 
     async fn erase(&self, erasure: &crate::store::erasure::Erasure) -> Result<(), StoreError> {
@@ -1234,7 +1290,33 @@ impl Store for ScyllaStore {
             .map(drop)
     }
 
+    /// Writes every event but those of users erased through their version
+    /// ([`ErasedUsers::kept`]): once an erasure's tombstones are purged nothing else would keep
+    /// a replay of them out.
     async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
+        let kept = self
+            .erased
+            .kept(self, events)
+            .await
+            .map_err(|e| WriteFailure::all(e, events.len()))?;
+        let Some(kept) = kept else {
+            return self.write_rows(events).await;
+        };
+        if let Some(counter) = self.erased_rows.get() {
+            counter.inc_by((events.len() - kept.len()) as u64);
+        }
+        let rows: Vec<&Event> = kept.iter().map(|&i| events[i]).collect();
+        self.write_rows(&rows).await.map_err(|mut f| {
+            // Indices into what was sent, back to indices into `events`.
+            f.unwritten = f.unwritten.iter().map(|&j| kept[j]).collect();
+            f
+        })
+    }
+}
+
+impl ScyllaStore {
+    /// Writes every event (see [`Store::write`]).
+    async fn write_rows(&self, events: &[&Event]) -> Result<(), WriteFailure> {
         let (plan, unplaced) = self.planned(events);
         if let Some(counter) = self.unplaced.get() {
             counter.inc_by(unplaced);

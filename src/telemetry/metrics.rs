@@ -71,6 +71,7 @@ pub struct Metrics {
     pub write_concurrency_limit: IntGauge,
     pub write_requests_in_flight: IntGauge,
     pub write_unplaced_partitions: IntCounter,
+    pub write_erased_rows: IntCounter,
     pub write_rate_limit: IntGauge,
     pub write_rate_limited_seconds: Counter,
     pub in_flight_bytes: IntGauge,
@@ -221,6 +222,10 @@ impl Metrics {
             write_unplaced_partitions: b.int_counter(
                 "vault_write_unplaced_partitions_total",
                 "Partitions written (retries included) whose replicas the driver did not know: on a keyspace with tablets before it learned theirs, or one it had no metadata for yet. Each went by partition to a node the driver picked, which forwards it, or as a probe (a few a write teach the driver). Its rate falls to about zero once the driver has learned the tablets; it stays up where every node is a replica of everything, with nothing to learn.",
+            ),
+            write_erased_rows: b.int_counter(
+                "vault_write_erased_rows_total",
+                "Event rows not written because their user was erased through their version: a replay of messages from before an erasure (a new group, an offset reset), kept out also once the erasure's tombstones are purged.",
             ),
             write_rate_limit: b.gauge(
                 "vault_write_rate_limit_rows_per_second",

@@ -1052,6 +1052,119 @@ async fn an_erased_user_stays_erased_when_a_new_group_replays_the_topic() {
     assert!(by.starts_with(&format!("kafka:{topic}/0/")), "{by}");
 }
 
+/// An erasure keeps its rows out also once ScyllaDB has purged its tombstones
+/// (`gc_grace_seconds` passed, compaction ran), when a write below a tombstone lands again: a
+/// replay of the erased messages (a new group re-reading the topic) through a store that knows
+/// the erasure only from its record writes none of them, and counts them; the other user's
+/// rows are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_holds_after_its_tombstones_are_purged() {
+    use vault::store::erasure::{forget, Erasure};
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let store = ScyllaStore::connect(&c, true).await.expect("migrate");
+    // Users 0, 1 and 2, three events each, from 2025-11-24.
+    let batch = events(3, 9, 100);
+    let refs: Vec<&Event> = batch.iter().collect();
+    store.write(&refs).await.expect("write");
+    let rows_of = |user: &str| {
+        node.execute(&format!(
+            "SELECT event_id FROM {}.user_activity WHERE user_id = '{user}' AND day = '2025-11-24'",
+            c.keyspace
+        ))
+        .expect("select")
+        .expect("rows")
+        .rows
+        .len()
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    for user in ["user-0", "user-2"] {
+        let erasure = Erasure {
+            user_id: user.into(),
+            through_ms: now,
+            requested_by: "cli:test".into(),
+            requested_at_ms: now,
+        };
+        forget(&store, &erasure, false).await.expect("erase");
+    }
+    node.compact_after(Duration::from_secs(11 * 86_400));
+    // The tombstones are gone: user 2's first row, written again below them, lands.
+    let first_of_2 = batch.iter().find(|e| e.user_id() == "user-2").unwrap();
+    node.execute(&format!(
+        "INSERT INTO {}.user_activity (user_id, day, occurred_at, event_id, event_type)          VALUES ('user-2', '2025-11-24', {}, {}, 'click') USING TIMESTAMP {}",
+        c.keyspace,
+        first_of_2.occurred_at_ms,
+        first_of_2.event_id,
+        version::of(first_of_2)
+    ))
+    .expect("insert");
+    assert_eq!(rows_of("user-2"), 1);
+
+    let replay = ScyllaStore::connect(&c, false).await.expect("connect");
+    let metrics = Metrics::new();
+    replay.report_to(&metrics);
+    replay.write(&refs).await.expect("replay");
+    assert_eq!(rows_of("user-0"), 0, "the erased user's rows stay out");
+    assert_eq!(rows_of("user-2"), 1, "only the row written past vault");
+    assert_eq!(rows_of("user-1"), 3);
+    assert_eq!(
+        metrics.write_erased_rows.get(),
+        6,
+        "users 0 and 2: three rows each"
+    );
+    // Later activity of an erased user is written, and costs no lookup.
+    let later = {
+        let mut e = events(1, 1, 500).remove(0);
+        e.source.timestamp_ms = Some(now + 1);
+        e
+    };
+    replay.write(&[&later]).await.expect("later activity");
+    assert_eq!(metrics.write_erased_rows.get(), 6);
+}
+
+/// `vault migrate` sets the erasure watermark from the record of erasures where none is set (a
+/// keyspace whose erasures were made by a release without it), and leaves a set one alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_sets_the_erasure_watermark_from_the_erasures_recorded() {
+    use vault::store::erasure::{forget, Erasure};
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let store = ScyllaStore::connect(&c, true).await.expect("migrate");
+    let watermark = || {
+        node.execute(&format!(
+            "SELECT erased_through FROM {}.erasure_watermark WHERE id = 0",
+            c.keyspace
+        ))
+        .expect("select")
+        .expect("rows")
+        .rows
+        .first()
+        .and_then(|r| r[0].clone())
+        .map(|b| i64::from_be_bytes(b.try_into().unwrap()))
+    };
+    assert_eq!(watermark(), None, "no erasure yet");
+    for (user, through_ms) in [("a", 1_700_000_000_000), ("b", 1_600_000_000_000)] {
+        let erasure = Erasure {
+            user_id: user.into(),
+            through_ms,
+            requested_by: "cli:test".into(),
+            requested_at_ms: through_ms,
+        };
+        forget(&store, &erasure, false).await.expect("erase");
+    }
+    assert_eq!(watermark(), Some(1_700_000_000_000), "the latest erasure's");
+    // As a release without the watermark left it: erasures recorded, no watermark.
+    node.execute(&format!(
+        "DELETE FROM {}.erasure_watermark WHERE id = 0",
+        c.keyspace
+    ))
+    .expect("delete");
+    node.compact_after(Duration::from_secs(11 * 86_400));
+    assert_eq!(watermark(), None);
+    drop(ScyllaStore::connect(&c, true).await.expect("migrate"));
+    assert_eq!(watermark(), Some(1_700_000_000_000), "set from the record");
+}
+
 /// `vault forget`: a dry run lists the partitions, the real run deletes them and records it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_forget_erases_a_user_from_the_command_line() {

@@ -10,6 +10,11 @@
 //! [`crate::cql::tablets`]; a test moves a tablet with [`CqlCluster::move_tablet`]), which the
 //! request log records for every write it serves.
 //!
+//! Tombstones are purged only when a test compacts: [`CqlCluster::compact`] now, and
+//! [`CqlCluster::compact_after`] as if days had passed, purging those whose table's
+//! `gc_grace_seconds` are over (ScyllaDB's `tombstone_gc` mode `timeout`), after which an
+//! older write is visible again. A [`CqlNode`] has both, as every control of the cluster.
+//!
 //! A cluster's [`CqlOptions`] are its server settings, fixed at start: `tablets_by_default`
 //! (ScyllaDB's `tablets_mode_for_new_keyspaces: enabled`) gives tablets to a
 //! NetworkTopologyStrategy keyspace created with no `tablets` option (the rule is
@@ -28,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::cql::engine::{Database, Outcome, RowSet};
+use crate::cql::engine::{self, Database, Outcome, RowSet};
 use crate::cql::faults::{Fault, Saturation, SaturationStats};
 use crate::cql::ring::Ring;
 use crate::cql::server::{lock, spawn_node, LoggedRequest, RequestTotals, Shared};
@@ -264,6 +269,23 @@ impl CqlCluster {
 
     pub fn clear_requests(&self) {
         lock(&self.shared.log).clear();
+    }
+
+    /// Compacts every table of every user keyspace now, as ScyllaDB's major compaction does
+    /// with `tombstone_gc` mode `timeout`: purges the tombstones whose table's
+    /// `gc_grace_seconds` (10 days unless the table names it) have passed since their delete;
+    /// returns how many. A write below a purged tombstone's timestamp that arrives later is
+    /// stored and read again (see [`Database::compact`]).
+    pub fn compact(&self) -> usize {
+        self.compact_after(Duration::ZERO)
+    }
+
+    /// [`Self::compact`] as if `elapsed` more had passed (whole seconds), e.g. 11 days for the
+    /// default `gc_grace_seconds`. Only this compaction sees that time: writes, reads, TTLs
+    /// and later compactions keep the server clock.
+    pub fn compact_after(&self, elapsed: Duration) -> usize {
+        let elapsed = i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX);
+        lock(&self.shared.db).compact(engine::now_secs().saturating_add(elapsed))
     }
 
     /// Rows stored in a table.
@@ -515,6 +537,30 @@ mod tests {
                 assert_eq!(r.int().unwrap(), 1, "then a Void result");
             }
         }
+    }
+
+    /// A node compacts as its cluster does: a tombstone outlives its delete by the table's
+    /// `gc_grace_seconds` (10 days by default), then an older write lands again.
+    #[tokio::test]
+    async fn a_node_purges_a_tombstone_once_gc_grace_seconds_have_passed() {
+        let n = CqlNode::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        n.execute("CREATE KEYSPACE k WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}")
+            .unwrap();
+        n.execute("CREATE TABLE k.t (p text PRIMARY KEY, v text)")
+            .unwrap();
+        n.execute("DELETE FROM k.t USING TIMESTAMP 100 WHERE p = 'a'")
+            .unwrap();
+        let zombie = "INSERT INTO k.t (p, v) VALUES ('a', 'x') USING TIMESTAMP 50";
+        let day = Duration::from_secs(86_400);
+        assert_eq!(n.compact(), 0);
+        assert_eq!(n.compact_after(9 * day), 0);
+        n.execute(zombie).unwrap();
+        assert_eq!(n.row_count("k", "t"), 0, "shadowed");
+        assert_eq!(n.compact_after(11 * day), 1);
+        n.execute(zombie).unwrap();
+        assert_eq!(n.row_count("k", "t"), 1, "visible again");
     }
 
     /// Every node answers `system.local` as itself and `system.peers` as the others, with the

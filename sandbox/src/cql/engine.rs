@@ -11,7 +11,10 @@
 //! timestamp (`USING TIMESTAMP`, else the server clock in microseconds) and last write wins per
 //! cell, a tie going to the greater value; a delete leaves a partition or row tombstone that
 //! shadows every cell at or below its timestamp, whenever that cell arrives (a delete wins a
-//! tie); `USING TTL` makes cells expire; `WRITETIME()` and `TTL()` read them back.
+//! tie), until compaction ([`Database::compact`], `tombstone_gc` mode `timeout`) purges it once
+//! the table's `gc_grace_seconds` (10 days by default) have passed since the delete, after
+//! which an older write is visible again; `USING TTL` makes cells expire; `WRITETIME()` and
+//! `TTL()` read them back.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -41,6 +44,22 @@ pub struct Column {
     pub kind: Kind,
 }
 
+/// ScyllaDB's `gc_grace_seconds` when a table names none: 10 days.
+pub const DEFAULT_GC_GRACE_SECONDS: i64 = 864_000;
+
+/// A partition or row tombstone, as ScyllaDB keeps one: ordered by timestamp, then deletion
+/// time, and two of one key merge into the greater (`tombstone::apply`), so a second delete
+/// with an older timestamp changes neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Tombstone {
+    /// The delete's write timestamp (microseconds): it shadows every cell written at or
+    /// before it, whenever that cell arrives.
+    pub timestamp: i64,
+    /// ScyllaDB's local deletion time: the server clock when the delete was applied (seconds
+    /// since the epoch), from which `gc_grace_seconds` count (see [`Database::compact`]).
+    pub deleted_at: i64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Table {
     pub keyspace: String,
@@ -54,25 +73,37 @@ pub struct Table {
     /// timestamp (microseconds, a big-endian bigint) is at `n + i` and its expiry (seconds since
     /// the epoch, big-endian; absent: never) at `2n + i`).
     pub rows: BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<Value>>>,
-    /// Tombstones by (partition key, clustering key; `None` for the whole partition), with
-    /// their timestamps: they shadow every cell written at or before them, whenever it arrives.
-    pub tombstones: BTreeMap<(Vec<u8>, Option<Vec<u8>>), i64>,
+    /// Tombstones by (partition key, clustering key; `None` for the whole partition): each
+    /// shadows every cell written at or before its timestamp, whenever it arrives, until
+    /// [`Database::compact`] purges it.
+    pub tombstones: BTreeMap<(Vec<u8>, Option<Vec<u8>>), Tombstone>,
     /// `default_time_to_live` in seconds (0: none): the TTL of a write that names none.
     pub default_ttl: i64,
+    /// `gc_grace_seconds`: how long after its delete a tombstone is kept by compaction
+    /// ([`DEFAULT_GC_GRACE_SECONDS`] unless the table names it).
+    pub gc_grace_seconds: i64,
     /// No cell expires before this (seconds since the epoch; `None`: none expires), so that
     /// reads skip [`Table::expire`]'s walk over the table until one may.
     pub next_expiry: Option<i64>,
 }
 
 impl Table {
-    /// The newest tombstone covering a row: its partition's or its own.
+    /// The timestamp of the newest tombstone covering a row: its partition's or its own.
     fn tombstone(&self, p: &[u8], c: &[u8]) -> Option<i64> {
-        let part = self.tombstones.get(&(p.to_vec(), None)).copied();
-        let row = self
-            .tombstones
-            .get(&(p.to_vec(), Some(c.to_vec())))
-            .copied();
-        part.max(row)
+        let part = self.tombstones.get(&(p.to_vec(), None));
+        let row = self.tombstones.get(&(p.to_vec(), Some(c.to_vec())));
+        part.max(row).map(|t| t.timestamp)
+    }
+
+    /// Purges the tombstones whose `gc_grace_seconds` have passed at `now` (seconds since the
+    /// epoch); returns how many. What they shadowed went when they were applied
+    /// ([`Self::apply_tombstones`]), so from now on a write below one of them is stored.
+    fn purge_tombstones(&mut self, now: i64) -> usize {
+        let before = self.tombstones.len();
+        let grace = self.gc_grace_seconds;
+        self.tombstones
+            .retain(|_, t| t.deleted_at.saturating_add(grace) > now);
+        before - self.tombstones.len()
     }
 
     /// Drops the cells whose TTL has run out at `now` (seconds), and the rows left with none.
@@ -129,9 +160,9 @@ impl Table {
         let tombstones = &self.tombstones;
         for (p, part) in self.rows.iter_mut() {
             for (c, row) in part.iter_mut() {
-                let part_ts = tombstones.get(&(p.clone(), None)).copied();
-                let row_ts = tombstones.get(&(p.clone(), Some(c.clone()))).copied();
-                let Some(tomb) = part_ts.max(row_ts) else {
+                let part_ts = tombstones.get(&(p.clone(), None));
+                let row_ts = tombstones.get(&(p.clone(), Some(c.clone())));
+                let Some(tomb) = part_ts.max(row_ts).map(|t| t.timestamp) else {
                     continue;
                 };
                 for i in (0..n).filter(|i| !key_cols.contains(i)) {
@@ -331,6 +362,25 @@ impl Database {
 
     pub fn ring(&self) -> &Ring {
         &self.ring
+    }
+
+    /// Compacts every table of every user keyspace at `now` (seconds since the epoch), as
+    /// ScyllaDB does with `tombstone_gc` mode `timeout`: purges each tombstone whose table's
+    /// `gc_grace_seconds` have passed since its delete (its deletion time + grace at or before
+    /// `now`); returns how many. The cells a tombstone shadowed went when it was applied, so
+    /// only the tombstone goes, and with it its shadow: a write below its timestamp that
+    /// arrives later is stored and read again (the resurrection ScyllaDB shows once a tombstone
+    /// is gone). ScyllaDB purges one only once it is strictly older than that, at second
+    /// resolution; the stand-in purges it in that second too, so that compacting right after a
+    /// delete with `gc_grace_seconds = 0`, or exactly the grace after it, purges it whatever
+    /// the clock. Cells with a TTL are untouched: they expire at reads, by the server clock.
+    pub fn compact(&mut self, now: i64) -> usize {
+        self.keyspaces
+            .iter_mut()
+            .filter(|(name, _)| !name.starts_with("system"))
+            .flat_map(|(_, ks)| ks.tables.values_mut())
+            .map(|t| t.purge_tombstones(now))
+            .sum()
     }
 
     fn bump_schema_version(&mut self) {
@@ -755,6 +805,7 @@ impl Database {
                 clustering,
                 descending,
                 default_ttl,
+                gc_grace_seconds,
             } => {
                 let ks = table
                     .keyspace
@@ -784,13 +835,22 @@ impl Database {
                     descending,
                 )?;
                 t.default_ttl = default_ttl.unwrap_or(0);
+                if let Some(grace) = *gc_grace_seconds {
+                    if !(0..=i64::from(i32::MAX)).contains(&grace) {
+                        return Err(EngineError::Invalid(format!(
+                            "gc_grace_seconds must be from 0 to {}, not {grace}",
+                            i32::MAX
+                        )));
+                    }
+                    t.gc_grace_seconds = grace;
+                }
                 self.keyspaces
                     .get_mut(&ks)
                     .expect("checked")
                     .tables
                     .insert(table.table.clone(), t.clone());
                 if self.table("system_schema", "columns").is_some() {
-                    self.record_table(&t, *default_ttl);
+                    self.record_table(&t);
                 }
                 Ok(Outcome::SchemaChange {
                     change: "CREATED",
@@ -1013,9 +1073,13 @@ impl Database {
                     .get_mut(&ks)
                     .and_then(|k| k.tables.get_mut(&tn))
                     .expect("resolved");
+                let tomb = Tombstone {
+                    timestamp: ts,
+                    deleted_at: now_secs(),
+                };
                 for key in doomed {
-                    let tomb = t.tombstones.entry(key).or_insert(ts);
-                    *tomb = (*tomb).max(ts);
+                    let kept = t.tombstones.entry(key).or_insert(tomb);
+                    *kept = (*kept).max(tomb);
                 }
                 t.apply_tombstones();
                 Ok(Outcome::Void)
@@ -1049,7 +1113,7 @@ impl Database {
                     }
                 }
                 let t = t.clone();
-                self.record_table(&t, None);
+                self.record_table(&t);
                 Ok(Outcome::SchemaChange {
                     change: "UPDATED",
                     target: "TABLE",
@@ -1090,7 +1154,7 @@ impl Database {
         }
     }
 
-    fn record_table(&mut self, t: &Table, default_ttl: Option<i64>) {
+    fn record_table(&mut self, t: &Table) {
         let text = |s: &str| Some(s.as_bytes().to_vec());
         self.put(
             "system_schema",
@@ -1101,7 +1165,11 @@ impl Database {
                 ("id", Some(Uuid::new_v4().as_bytes().to_vec())),
                 (
                     "default_time_to_live",
-                    Some((default_ttl.unwrap_or(0) as i32).to_be_bytes().to_vec()),
+                    Some((t.default_ttl as i32).to_be_bytes().to_vec()),
+                ),
+                (
+                    "gc_grace_seconds",
+                    Some((t.gc_grace_seconds as i32).to_be_bytes().to_vec()),
                 ),
                 ("comment", text("")),
             ],
@@ -1183,6 +1251,7 @@ fn build_table(
         rows: BTreeMap::new(),
         tombstones: BTreeMap::new(),
         default_ttl: 0,
+        gc_grace_seconds: DEFAULT_GC_GRACE_SECONDS,
         next_expiry: None,
     })
 }
@@ -1271,8 +1340,8 @@ fn partition_tokens(t: &Table, st: &Statement, bound: &[Value]) -> Option<Vec<i6
     )
 }
 
-/// The server clock in seconds since the epoch (cell expiry).
-fn now_secs() -> i64 {
+/// The server clock in seconds since the epoch (cell expiry, a tombstone's deletion time).
+pub(crate) fn now_secs() -> i64 {
     now_micros() / 1_000_000
 }
 
@@ -1642,6 +1711,138 @@ mod tests {
         )
         .unwrap();
         assert_eq!(live(&mut db), [5]);
+    }
+
+    /// The `c` of the rows of partition `'a'` of `k.t`.
+    fn live_clusterings(db: &mut Database) -> Vec<i32> {
+        rows(run(db, "SELECT c FROM k.t WHERE p = 'a'").unwrap())
+            .into_iter()
+            .map(|r| i32::from_be_bytes(r[0].clone().unwrap().try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_partition_tombstone_is_purged_once_gc_grace_seconds_have_passed() {
+        let mut db = with_keyspace("k");
+        run(
+            &mut db,
+            "CREATE TABLE k.t (p text, c int, v text, PRIMARY KEY (p, c))",
+        )
+        .unwrap();
+        run(
+            &mut db,
+            "INSERT INTO k.t (p, c, v) VALUES ('a', 1, 'x') USING TIMESTAMP 10",
+        )
+        .unwrap();
+        let before = now_secs();
+        run(&mut db, "DELETE FROM k.t USING TIMESTAMP 100 WHERE p = 'a'").unwrap();
+        let t = table_mut(&mut db, "k", "t");
+        assert_eq!(t.gc_grace_seconds, DEFAULT_GC_GRACE_SECONDS);
+        let key = (t.pk_key(&[Some(b"a".to_vec())]), None);
+        let tomb = t.tombstones.get_mut(&key).unwrap();
+        assert_eq!(tomb.timestamp, 100);
+        assert!(
+            (before..=now_secs()).contains(&tomb.deleted_at),
+            "deleted at the server clock: {tomb:?}"
+        );
+        // As if the delete were a minute and a half old: a second one with an older timestamp
+        // merges into it, which stays whole (ScyllaDB's `tombstone::apply`), neither lowering
+        // the timestamp nor moving the deletion time.
+        tomb.deleted_at -= 90;
+        let tomb = *tomb;
+        run(&mut db, "DELETE FROM k.t USING TIMESTAMP 60 WHERE p = 'a'").unwrap();
+        assert_eq!(table_mut(&mut db, "k", "t").tombstones[&key], tomb);
+        let zombie = "INSERT INTO k.t (p, c, v) VALUES ('a', 2, 'x') USING TIMESTAMP 50";
+        run(&mut db, zombie).unwrap();
+        assert!(live_clusterings(&mut db).is_empty(), "shadowed");
+        let purged_at = tomb.deleted_at + DEFAULT_GC_GRACE_SECONDS;
+        assert_eq!(db.compact(purged_at - 1), 0, "kept within gc_grace_seconds");
+        run(&mut db, zombie).unwrap();
+        assert!(live_clusterings(&mut db).is_empty(), "still shadowed");
+        assert_eq!(db.compact(purged_at), 1, "purged once they have passed");
+        assert!(table_mut(&mut db, "k", "t").tombstones.is_empty());
+        assert!(
+            live_clusterings(&mut db).is_empty(),
+            "what it shadowed went with it"
+        );
+        run(&mut db, zombie).unwrap();
+        assert_eq!(live_clusterings(&mut db), [2], "an older write lands again");
+        assert_eq!(db.compact(purged_at), 0);
+    }
+
+    #[test]
+    fn a_row_tombstone_is_purged_once_the_tables_gc_grace_seconds_have_passed() {
+        let mut db = with_keyspace("k");
+        run(
+            &mut db,
+            "CREATE TABLE k.t (p text, c int, v text, PRIMARY KEY (p, c)) WITH gc_grace_seconds = 60",
+        )
+        .unwrap();
+        for c in [1, 2] {
+            run(
+                &mut db,
+                &format!("INSERT INTO k.t (p, c, v) VALUES ('a', {c}, 'x') USING TIMESTAMP 10"),
+            )
+            .unwrap();
+        }
+        run(
+            &mut db,
+            "DELETE FROM k.t USING TIMESTAMP 20 WHERE p = 'a' AND c = 1",
+        )
+        .unwrap();
+        let t = table_mut(&mut db, "k", "t");
+        assert_eq!(t.tombstones.len(), 1);
+        let ((_, row), tomb) = t.tombstones.iter().next().unwrap();
+        assert!(row.is_some(), "a row tombstone");
+        let deleted_at = tomb.deleted_at;
+        let zombie = "INSERT INTO k.t (p, c, v) VALUES ('a', 1, 'y') USING TIMESTAMP 15";
+        run(&mut db, zombie).unwrap();
+        assert_eq!(live_clusterings(&mut db), [2]);
+        assert_eq!(db.compact(deleted_at + 59), 0);
+        run(&mut db, zombie).unwrap();
+        assert_eq!(live_clusterings(&mut db), [2]);
+        assert_eq!(db.compact(deleted_at + 60), 1);
+        run(&mut db, zombie).unwrap();
+        assert_eq!(live_clusterings(&mut db), [1, 2]);
+    }
+
+    #[test]
+    fn gc_grace_seconds_is_read_defaulted_and_recorded_in_system_schema() {
+        let mut db = with_keyspace("k");
+        run(&mut db, "CREATE TABLE k.d (a text PRIMARY KEY)").unwrap();
+        run(
+            &mut db,
+            "CREATE TABLE k.z (a text, b int, PRIMARY KEY (a, b)) WITH CLUSTERING ORDER BY (b DESC) \
+             AND gc_grace_seconds = 0 AND default_time_to_live = 7",
+        )
+        .unwrap();
+        assert_eq!(
+            table_mut(&mut db, "k", "d").gc_grace_seconds,
+            DEFAULT_GC_GRACE_SECONDS
+        );
+        assert_eq!(table_mut(&mut db, "k", "z").gc_grace_seconds, 0);
+        let recorded = |db: &mut Database, table: &str| {
+            let got = rows(
+                run(
+                    db,
+                    &format!("SELECT gc_grace_seconds, default_time_to_live FROM system_schema.tables WHERE keyspace_name = 'k' AND table_name = '{table}'"),
+                )
+                .unwrap(),
+            );
+            let int = |v: &Value| i32::from_be_bytes(v.clone().unwrap().try_into().unwrap());
+            (int(&got[0][0]), int(&got[0][1]))
+        };
+        assert_eq!(recorded(&mut db, "d"), (864_000, 0));
+        assert_eq!(recorded(&mut db, "z"), (0, 7));
+        run(&mut db, "ALTER TABLE k.z ADD c text").unwrap();
+        assert_eq!(recorded(&mut db, "z"), (0, 7), "an ALTER keeps the options");
+        assert!(matches!(
+            run(
+                &mut db,
+                "CREATE TABLE k.n (a text PRIMARY KEY) WITH gc_grace_seconds = -1"
+            ),
+            Err(EngineError::Invalid(_))
+        ));
     }
 
     #[test]

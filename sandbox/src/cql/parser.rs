@@ -204,6 +204,9 @@ pub enum Statement {
         clustering: Vec<String>,
         descending: Vec<String>,
         default_ttl: Option<i64>,
+        /// `gc_grace_seconds`: how long a tombstone outlives its delete before compaction may
+        /// purge it; `None` when not given (the table's default).
+        gc_grace_seconds: Option<i64>,
     },
     DropTable {
         table: TableRef,
@@ -506,6 +509,7 @@ impl P {
         self.sym(")")?;
         let mut descending = Vec::new();
         let mut default_ttl = None;
+        let mut gc_grace_seconds = None;
         if self.eat_kw("with") {
             loop {
                 if self.eat_kw("clustering") {
@@ -528,10 +532,15 @@ impl P {
                     let opt = self.ident()?;
                     self.sym("=")?;
                     let v = self.literal()?;
-                    if opt == "default_time_to_live" {
-                        if let Literal::Int(i) = v {
-                            default_ttl = Some(i);
+                    match (opt.as_str(), v) {
+                        ("default_time_to_live", Literal::Int(i)) => default_ttl = Some(i),
+                        ("gc_grace_seconds", Literal::Int(i)) => gc_grace_seconds = Some(i),
+                        ("gc_grace_seconds", other) => {
+                            return Err(format!(
+                                "gc_grace_seconds must be an integer, not {other:?}"
+                            ));
                         }
+                        _ => {}
                     }
                 }
                 if !self.eat_kw("and") {
@@ -550,6 +559,7 @@ impl P {
             clustering,
             descending,
             default_ttl,
+            gc_grace_seconds,
         })
     }
 
@@ -929,6 +939,38 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn table_options_come_in_any_order_with_clustering_order() {
+        let st = parse(
+            "CREATE TABLE k.t (p text, c int, v text, PRIMARY KEY (p, c)) WITH gc_grace_seconds = 0 \
+             AND compaction = {'class': 'SizeTieredCompactionStrategy'} AND CLUSTERING ORDER BY (c DESC) \
+             AND tombstone_gc = {'mode': 'timeout'} AND default_time_to_live = 5",
+        )
+        .unwrap();
+        match st {
+            Statement::CreateTable {
+                descending,
+                default_ttl,
+                gc_grace_seconds,
+                ..
+            } => {
+                assert_eq!(descending, ["c"]);
+                assert_eq!(default_ttl, Some(5));
+                assert_eq!(gc_grace_seconds, Some(0));
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse("CREATE TABLE k.t (p text PRIMARY KEY)").unwrap() {
+            Statement::CreateTable {
+                gc_grace_seconds, ..
+            } => assert_eq!(gc_grace_seconds, None, "the table's default"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            parse("CREATE TABLE k.t (p text PRIMARY KEY) WITH gc_grace_seconds = 'soon'").is_err()
+        );
     }
 
     #[test]
