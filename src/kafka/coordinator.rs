@@ -212,6 +212,11 @@ struct Lineage {
     /// When this member started owning the partition.
     owned_since: Instant,
     last_read: Arc<LastRead>,
+    /// The committed offset last seen, to tell when it advances.
+    last_confirmed: Option<i64>,
+    /// A stray's offset (a record of the partition taken off the main queue): the restart
+    /// never starts after it, also where it starts from the committed offset.
+    ceiling: Option<i64>,
 }
 
 impl Lineage {
@@ -224,6 +229,8 @@ impl Lineage {
             caught_up_at: now,
             owned_since: now,
             last_read: Arc::default(),
+            last_confirmed: None,
+            ceiling: None,
         }
     }
 
@@ -243,6 +250,8 @@ impl Running {
             caught_up_at: self.caught_up_at,
             owned_since: self.started_at,
             last_read: self.last_read.clone(),
+            last_confirmed: self.last_confirmed,
+            ceiling: None,
         }
     }
 }
@@ -279,6 +288,16 @@ impl Restarts {
         } else {
             None
         }
+    }
+
+    /// A stray of a partition waiting for its restart: the restart starts at or below it.
+    fn lower(&mut self, key: &Key, stray: i64) -> bool {
+        let Some(p) = self.pending.get_mut(key) else {
+            return false;
+        };
+        p.resume_at = resume::after_stray(p.resume_at, stray);
+        p.lineage.ceiling = Some(p.lineage.ceiling.map_or(stray, |c| c.min(stray)));
+        true
     }
 
     /// The partition left this member (or was assigned afresh): no restart of it is due.
@@ -473,7 +492,11 @@ impl Coordinator {
                         r.progress.resume_at().or(self.commits.confirmed(&key)),
                         offset,
                     );
-                    self.schedule_restart(key, resume_at, r.lineage());
+                    let mut lineage = r.lineage();
+                    lineage.ceiling = Some(offset);
+                    self.schedule_restart(key, resume_at, lineage);
+                } else if self.restarting.lower(&key, offset) {
+                    warn!(topic = %key.0, partition, offset, "Message of a partition waiting for its restart arrived on the main queue; the restart starts at or below it.");
                 }
             }
             Command::Restart {
@@ -571,7 +594,7 @@ impl Coordinator {
             (task_key, incarnation, exit)
         });
         self.ids.insert(abort.id(), (key.clone(), incarnation));
-        let confirmed = self.commits.confirmed(&key);
+        let confirmed = lineage.last_confirmed.or(self.commits.confirmed(&key));
         if let Some(old) = self.running.insert(
             key,
             Running {
@@ -796,13 +819,18 @@ impl Coordinator {
     async fn restart(&mut self, key: Key, pending: PendingRestart) {
         // No position known (the failed incarnation read nothing, e.g. its first item was a
         // read error that skipped records): the group's committed offset, never "where the
-        // queue stands".
-        let target = match pending.resume_at {
-            Some(o) => Offset::Offset(o),
+        // queue stands". Whether every record below the target is durable: not where only a
+        // stray bounds it (nothing committed, `auto.offset.reset = latest`).
+        let (target, durable_below) = match pending.resume_at {
+            Some(o) => (Offset::Offset(o), true),
             None => match self.committed(&key).await {
-                Ok(committed) => resume::without_progress(
-                    committed,
-                    self.settings.config.kafka.auto_offset_reset == "earliest",
+                Ok(committed) => (
+                    resume::without_progress(
+                        committed,
+                        self.settings.config.kafka.auto_offset_reset == "earliest",
+                        pending.lineage.ceiling,
+                    ),
+                    committed.is_some(),
                 ),
                 Err(e) => {
                     error!(topic = %key.0, partition = key.1, error = %e, "Cannot read the committed offset; the partition is not started, and the restart is tried again.");
@@ -840,8 +868,10 @@ impl Coordinator {
                 return;
             }
         }
+        // Where it was sought to, when every record below is durable: the new incarnation may
+        // commit it before it makes anything durable itself.
         let start = match target {
-            Offset::Offset(o) => Some(o),
+            Offset::Offset(o) if durable_below => Some(o),
             _ => None,
         };
         match self.consumer.split_partition_queue(&key.0, key.1) {
@@ -1110,6 +1140,25 @@ mod tests {
             Some(Some(40))
         );
         assert!(r.take_due(&key(0), fresh).is_none(), "due once");
+    }
+
+    #[test]
+    fn a_stray_of_a_partition_waiting_for_its_restart_lowers_where_it_starts() {
+        let mut r = Restarts::default();
+        let known = r.schedule(key(0), Some(100), failed(1));
+        let unknown = r.schedule(key(1), None, failed(1));
+        assert!(r.lower(&key(0), 40));
+        assert!(r.lower(&key(0), 70), "a later stray lowers nothing");
+        assert!(r.lower(&key(1), 30));
+        assert!(!r.lower(&key(2), 10), "no restart pending");
+        let p = r.take_due(&key(0), known).expect("still due");
+        assert_eq!((p.resume_at, p.lineage.ceiling), (Some(40), Some(40)));
+        let p = r.take_due(&key(1), unknown).expect("still due");
+        assert_eq!(
+            (p.resume_at, p.lineage.ceiling),
+            (None, Some(30)),
+            "the committed offset rules, capped by the stray"
+        );
     }
 
     #[test]

@@ -220,6 +220,9 @@ pub struct KafkaDeadLetters {
     config: ClientConfig,
     /// The producer in use; never held across an await.
     producer: Mutex<Arc<FutureProducer>>,
+    /// The producer in use replaced one that hit a fatal error, and has had no letter
+    /// acknowledged yet.
+    renewed: std::sync::atomic::AtomicBool,
     topic_template: String,
     /// Bytes of value a letter may carry at first.
     value_budget: usize,
@@ -243,6 +246,7 @@ impl KafkaDeadLetters {
         }
         Ok(KafkaDeadLetters {
             producer: Mutex::new(Arc::new(cfg.create()?)),
+            renewed: std::sync::atomic::AtomicBool::new(false),
             config: cfg,
             topic_template: topic_template.to_owned(),
             value_budget: max_bytes.saturating_sub(MAX_KEY_BYTES + HEADROOM_BYTES),
@@ -277,6 +281,8 @@ impl KafkaDeadLetters {
                     "The dead-letter producer hit a fatal error; replaced it with a new one."
                 );
                 *current = Arc::new(fresh);
+                self.renewed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 true
             }
             Err(e) => {
@@ -382,14 +388,24 @@ impl DeadLetterSink for KafkaDeadLetters {
                 }
             }
         }
+        if unsent.len() < letters.len() {
+            // A letter went through: the producer in use works.
+            self.renewed
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         match first_error {
             None => Ok(()),
             Some(error) => {
                 unsent.sort_unstable();
                 Err(SendFailure {
-                    // A fatal producer is replaced: its letters go again with the new one.
+                    // A fatal producer is replaced: its letters go again with the new one. One
+                    // that fails so before any letter of it is acknowledged (say, refused the
+                    // idempotent producer's id) will again: that is a refusal for good.
                     permanent: is_permanent(&error)
-                        || (producer.client().fatal_error().is_some() && !self.renew(&producer)),
+                        || (producer.client().fatal_error().is_some() && {
+                            let again = self.renewed.load(std::sync::atomic::Ordering::Relaxed);
+                            !self.renew(&producer) || again
+                        }),
                     error,
                     unsent,
                 })

@@ -86,12 +86,20 @@ pub fn after_stray(resume_at: Option<i64>, stray: i64) -> Option<i64> {
 }
 
 /// Where a partition resumes when no incarnation recorded a position: the group's committed
-/// offset, else where `auto.offset.reset` starts a partition without one.
-pub fn without_progress(committed: Option<i64>, reset_earliest: bool) -> rdkafka::Offset {
+/// offset, else where `auto.offset.reset` starts a partition without one; never after
+/// `ceiling`, a stray's offset (a record taken off the main queue, so never read by the
+/// partition's task). With nothing committed and `latest`, the stray is the lowest offset
+/// known to be unread: the log's end would skip it and everything after it.
+pub fn without_progress(
+    committed: Option<i64>,
+    reset_earliest: bool,
+    ceiling: Option<i64>,
+) -> rdkafka::Offset {
+    let capped = |o: i64| ceiling.map_or(o, |c| o.min(c));
     match committed {
-        Some(o) => rdkafka::Offset::Offset(o),
+        Some(o) => rdkafka::Offset::Offset(capped(o)),
         None if reset_earliest => rdkafka::Offset::Beginning,
-        None => rdkafka::Offset::End,
+        None => ceiling.map_or(rdkafka::Offset::End, rdkafka::Offset::Offset),
     }
 }
 
@@ -117,11 +125,36 @@ mod tests {
     #[test]
     fn with_no_position_known_the_committed_offset_rules() {
         assert_eq!(
-            without_progress(Some(40), true),
+            without_progress(Some(40), true, None),
             rdkafka::Offset::Offset(40)
         );
-        assert_eq!(without_progress(None, true), rdkafka::Offset::Beginning);
-        assert_eq!(without_progress(None, false), rdkafka::Offset::End);
+        assert_eq!(
+            without_progress(None, true, None),
+            rdkafka::Offset::Beginning
+        );
+        assert_eq!(without_progress(None, false, None), rdkafka::Offset::End);
+    }
+
+    #[test]
+    fn a_stray_caps_where_a_partition_without_progress_resumes() {
+        assert_eq!(
+            without_progress(Some(40), false, Some(30)),
+            rdkafka::Offset::Offset(30)
+        );
+        assert_eq!(
+            without_progress(Some(40), true, Some(50)),
+            rdkafka::Offset::Offset(40)
+        );
+        assert_eq!(
+            without_progress(None, true, Some(30)),
+            rdkafka::Offset::Beginning,
+            "from the start is below any stray"
+        );
+        assert_eq!(
+            without_progress(None, false, Some(30)),
+            rdkafka::Offset::Offset(30),
+            "the log's end would skip the stray"
+        );
     }
 
     #[test]

@@ -112,7 +112,9 @@ impl ErasedUsers {
             known.users.clear();
         }
         for (user, through) in found {
-            known.users.insert(user, (through, now));
+            // Merged, not replaced: an erasure noted while the lookup was under way stays.
+            let entry = known.users.entry(user).or_insert((None, now));
+            *entry = (entry.0.max(through), now);
         }
         let erased = |e: &Event| {
             known
@@ -147,22 +149,18 @@ impl ErasedUsers {
                 return Ok(known.watermark);
             }
         }
-        let bad = |e: &dyn std::fmt::Display| {
-            StoreError::Invalid(format!("reading the erasure watermark: {e}"))
-        };
-        let read = store
-            .session()
-            .execute_unpaged(store.watermark_query(), ())
-            .await
-            .map_err(|e| classify(&e))?
-            .into_rows_result()
-            .map_err(|e| bad(&e))?
-            .maybe_first_row::<(Option<CqlTimestamp>,)>()
-            .map_err(|e| bad(&e))?
-            .and_then(|(t,)| t)
-            .map(|t| t.0);
+        let read = read_watermark(store).await;
         let mut known = self.lock();
-        known.watermark = known.watermark.max(read);
+        match read {
+            Ok(read) => known.watermark = known.watermark.max(read),
+            // Read before: the value known goes on serving for another while (an erasure made
+            // elsewhere meanwhile is still held by its tombstones), rather than every write of
+            // the process failing while one row's replicas are out of reach.
+            Err(e) if known.read_at.is_some() => {
+                tracing::warn!(error = %e, "Cannot read the erasure watermark; going on with the one read before.");
+            }
+            Err(e) => return Err(e),
+        }
         known.read_at = Some(Instant::now());
         Ok(known.watermark)
     }
@@ -170,6 +168,23 @@ impl ErasedUsers {
     fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
         self.known.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The erasure watermark as stored (`None`: no erasure recorded).
+async fn read_watermark(store: &ScyllaStore) -> Result<Option<i64>, StoreError> {
+    let bad =
+        |e: &dyn std::fmt::Display| StoreError::Schema(format!("reading {ERASURE_WATERMARK}: {e}"));
+    Ok(store
+        .session()
+        .execute_unpaged(store.watermark_query(), ())
+        .await
+        .map_err(|e| classify(&e))?
+        .into_rows_result()
+        .map_err(|e| bad(&e))?
+        .maybe_first_row::<(Option<CqlTimestamp>,)>()
+        .map_err(|e| bad(&e))?
+        .and_then(|(t,)| t)
+        .map(|t| t.0))
 }
 
 /// A request to erase a user.
@@ -299,31 +314,18 @@ pub async fn forget(
     Ok(report)
 }
 
-/// Sets the erasure watermark from the record of erasures while no erasure has set it (those
-/// recorded by a release before it existed): `vault migrate` runs it. One read of the record,
-/// only while the watermark is unset. Returns the watermark set, if any.
+/// Raises the erasure watermark to the latest erasure recorded: erasures recorded by a release
+/// before the watermark existed, also by members of that release still running while a rolling
+/// upgrade migrates (each new member's `vault migrate` runs it again). One read of the record
+/// of erasures; the write, at the erasure's tombstone timestamp, never lowers the watermark.
+/// Returns the latest erasure's `erased_through`, if any.
 pub async fn seed_watermark(
     session: &scylla::client::session::Session,
     keyspace: &str,
 ) -> Result<Option<i64>, StoreError> {
     let bad = |e: &dyn std::fmt::Display| {
-        StoreError::Invalid(format!("reading {keyspace}.{ERASURES}: {e}"))
+        StoreError::Schema(format!("reading {keyspace}.{ERASURES}: {e}"))
     };
-    let set = session
-        .query_unpaged(
-            format!("SELECT erased_through FROM {keyspace}.{ERASURE_WATERMARK} WHERE id = 0"),
-            &[],
-        )
-        .await
-        .map_err(|e| classify(&e))?
-        .into_rows_result()
-        .map_err(|e| bad(&e))?
-        .maybe_first_row::<(Option<CqlTimestamp>,)>()
-        .map_err(|e| bad(&e))?
-        .and_then(|(t,)| t);
-    if set.is_some() {
-        return Ok(None);
-    }
     let mut rows = session
         .query_iter(
             format!("SELECT erased_through FROM {keyspace}.{ERASURES}"),
@@ -354,7 +356,7 @@ pub async fn seed_watermark(
     tracing::info!(
         keyspace,
         through_ms = through,
-        "Erasure watermark set from the record of erasures."
+        "Erasure watermark raised to the latest erasure recorded."
     );
     Ok(Some(through))
 }

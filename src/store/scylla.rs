@@ -1294,11 +1294,14 @@ impl Store for ScyllaStore {
     /// ([`ErasedUsers::kept`]): once an erasure's tombstones are purged nothing else would keep
     /// a replay of them out.
     async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
-        let kept = self
-            .erased
-            .kept(self, events)
-            .await
-            .map_err(|e| WriteFailure::all(e, events.len()))?;
+        let kept = self.erased.kept(self, events).await.map_err(|e| {
+            // Reading the erasures failed: nothing is said of the rows, so never a row error.
+            let e = match e {
+                StoreError::Invalid(m) => StoreError::Schema(m),
+                other => other,
+            };
+            WriteFailure::all(e, events.len())
+        })?;
         let Some(kept) = kept else {
             return self.write_rows(events).await;
         };

@@ -173,7 +173,10 @@ async fn a_fatal_error_drains_and_ends_the_run_naming_its_cause() {
 
 /// A fatal error in the dead-letter producer (as a broken idempotent sequence raises) fails
 /// every later send of that producer: it is replaced, the letter goes with the new one, and the
-/// partition moves on.
+/// partition moves on. A replacement that hits one again before any letter of it went through
+/// (each new producer refused, say, its idempotent producer id) is a refusal for good: counted,
+/// the partition stalls visibly until it is fixed, then its letter goes. (One test: the
+/// failpoint is process-wide.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_producer_that_hits_a_fatal_error_is_replaced() {
     let kafka = Kafka::start();
@@ -212,6 +215,21 @@ async fn a_dead_letter_producer_that_hits_a_fatal_error_is_replaced() {
         vault.counter("vault_dead_letter_send_failures_total") >= 1.0,
         "the fatal producer's send failed first"
     );
+    assert_eq!(vault.counter("vault_dead_letters_refused_total"), 0.0);
+
+    // Every producer fatal from its first send on.
+    fail::cfg("dead_letter::fatal", &format!("return({topic})")).unwrap();
+    kafka
+        .produce(&topic, &[(0, "k".into(), b"not json either".to_vec())])
+        .await;
+    wait_counter(&vault, "vault_dead_letters_refused_total", 1.0).await;
+    fail::remove("dead_letter::fatal");
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    let letters = read_all(&kafka.brokers, &format!("{topic}.dlq")).await;
+    assert_eq!(letters.len(), 2);
     vault.stop().await;
 }
 

@@ -1122,8 +1122,8 @@ async fn an_erasure_holds_after_its_tombstones_are_purged() {
     assert_eq!(metrics.write_erased_rows.get(), 6);
 }
 
-/// `vault migrate` sets the erasure watermark from the record of erasures where none is set (a
-/// keyspace whose erasures were made by a release without it), and leaves a set one alone.
+/// `vault migrate` raises the erasure watermark to the latest erasure recorded: where none is
+/// set (a keyspace whose erasures were made by a release without it) it sets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_sets_the_erasure_watermark_from_the_erasures_recorded() {
     use vault::store::erasure::{forget, Erasure};
