@@ -218,11 +218,9 @@ pub fn shape<'a>(d: &'a DeadLetter, topic: String, value_budget: usize) -> Lette
 pub struct KafkaDeadLetters {
     /// The producer's settings, to replace it after a fatal error.
     config: ClientConfig,
-    /// The producer in use; never held across an await.
-    producer: Mutex<Arc<FutureProducer>>,
-    /// The producer in use replaced one that hit a fatal error, and has had no letter
-    /// acknowledged yet.
-    renewed: std::sync::atomic::AtomicBool,
+    /// The producer in use, and whether it replaced one that hit a fatal error and has had no
+    /// letter acknowledged since; never held across an await.
+    producer: Mutex<InUse>,
     topic_template: String,
     /// Bytes of value a letter may carry at first.
     value_budget: usize,
@@ -245,8 +243,10 @@ impl KafkaDeadLetters {
             cfg.set("message.max.bytes", max_bytes.max(1000).to_string());
         }
         Ok(KafkaDeadLetters {
-            producer: Mutex::new(Arc::new(cfg.create()?)),
-            renewed: std::sync::atomic::AtomicBool::new(false),
+            producer: Mutex::new(InUse {
+                producer: Arc::new(cfg.create()?),
+                untried: false,
+            }),
             config: cfg,
             topic_template: topic_template.to_owned(),
             value_budget: max_bytes.saturating_sub(MAX_KEY_BYTES + HEADROOM_BYTES),
@@ -257,40 +257,57 @@ impl KafkaDeadLetters {
         self.topic_template.replace("{topic}", source_topic)
     }
 
-    fn producer(&self) -> Arc<FutureProducer> {
-        self.producer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    fn in_use(&self) -> std::sync::MutexGuard<'_, InUse> {
+        self.producer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A letter sent with `producer` went through: if still in use, it works.
+    fn delivered_with(&self, producer: &Arc<FutureProducer>) {
+        let mut in_use = self.in_use();
+        if Arc::ptr_eq(&in_use.producer, producer) {
+            in_use.untried = false;
+        }
     }
 
     /// Replaces `failed`, a producer that hit a fatal error, unless another send replaced it
     /// already. librdkafka fails every later send of a fatal (idempotent) producer, so without
     /// a new one every partition with bad input would stall for good. The new producer has a
     /// new producer id; letters sent again may land twice, which a replay of them makes
-    /// harmless. Whether a producer is in place that has not failed.
+    /// harmless. Whether the failure is for good: `failed` was itself a replacement that had
+    /// no letter through (as each new one would, say, refused its idempotent producer id), or
+    /// no new producer can be made.
     fn renew(&self, failed: &Arc<FutureProducer>) -> bool {
-        let mut current = self.producer.lock().unwrap_or_else(|e| e.into_inner());
-        if !Arc::ptr_eq(&current, failed) {
-            return true;
+        let mut in_use = self.in_use();
+        if !Arc::ptr_eq(&in_use.producer, failed) {
+            return false; // Replaced already; the new one is still to be tried.
         }
+        let again = in_use.untried;
         match self.config.create::<FutureProducer>() {
             Ok(fresh) => {
                 tracing::error!(
                     reason = ?failed.client().fatal_error(),
+                    again,
                     "The dead-letter producer hit a fatal error; replaced it with a new one."
                 );
-                *current = Arc::new(fresh);
-                self.renewed
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                true
+                *in_use = InUse {
+                    producer: Arc::new(fresh),
+                    untried: true,
+                };
+                again
             }
             Err(e) => {
                 tracing::error!(error = %e, "The dead-letter producer hit a fatal error and cannot be replaced.");
-                false
+                true
             }
         }
     }
+}
+
+/// The dead-letter producer in use.
+struct InUse {
+    producer: Arc<FutureProducer>,
+    /// It replaced one that hit a fatal error and has had no letter through yet.
+    untried: bool,
 }
 
 /// Failpoint `dead_letter::fatal`: raises a real librdkafka fatal error in the dead-letter
@@ -315,7 +332,7 @@ fn inject_fatal_error(_producer: &FutureProducer, _topic: &str) {}
 
 impl DeadLetterSink for KafkaDeadLetters {
     async fn send(&self, letters: &[&DeadLetter]) -> Result<(), SendFailure> {
-        let producer = self.producer();
+        let producer = self.in_use().producer.clone();
         if let Some(d) = letters.first() {
             inject_fatal_error(&producer, &d.source.topic);
         }
@@ -389,9 +406,7 @@ impl DeadLetterSink for KafkaDeadLetters {
             }
         }
         if unsent.len() < letters.len() {
-            // A letter went through: the producer in use works.
-            self.renewed
-                .store(false, std::sync::atomic::Ordering::Relaxed);
+            self.delivered_with(&producer);
         }
         match first_error {
             None => Ok(()),
@@ -402,10 +417,7 @@ impl DeadLetterSink for KafkaDeadLetters {
                     // that fails so before any letter of it is acknowledged (say, refused the
                     // idempotent producer's id) will again: that is a refusal for good.
                     permanent: is_permanent(&error)
-                        || (producer.client().fatal_error().is_some() && {
-                            let again = self.renewed.load(std::sync::atomic::Ordering::Relaxed);
-                            !self.renew(&producer) || again
-                        }),
+                        || (producer.client().fatal_error().is_some() && self.renew(&producer)),
                     error,
                     unsent,
                 })

@@ -88,18 +88,18 @@ pub fn after_stray(resume_at: Option<i64>, stray: i64) -> Option<i64> {
 /// Where a partition resumes when no incarnation recorded a position: the group's committed
 /// offset, else where `auto.offset.reset` starts a partition without one; never after
 /// `ceiling`, a stray's offset (a record taken off the main queue, so never read by the
-/// partition's task). With nothing committed and `latest`, the stray is the lowest offset
-/// known to be unread: the log's end would skip it and everything after it.
+/// partition's task). With nothing committed, a stray and `latest`: from the beginning (a
+/// replay), as the log's end would skip the stray and the stray itself may have unread records
+/// below it. Without a stray, `latest` starts at the log's end: the limit DESIGN states.
 pub fn without_progress(
     committed: Option<i64>,
     reset_earliest: bool,
     ceiling: Option<i64>,
 ) -> rdkafka::Offset {
-    let capped = |o: i64| ceiling.map_or(o, |c| o.min(c));
     match committed {
-        Some(o) => rdkafka::Offset::Offset(capped(o)),
-        None if reset_earliest => rdkafka::Offset::Beginning,
-        None => ceiling.map_or(rdkafka::Offset::End, rdkafka::Offset::Offset),
+        Some(o) => rdkafka::Offset::Offset(ceiling.map_or(o, |c| o.min(c))),
+        None if reset_earliest || ceiling.is_some() => rdkafka::Offset::Beginning,
+        None => rdkafka::Offset::End,
     }
 }
 
@@ -152,8 +152,8 @@ mod tests {
         );
         assert_eq!(
             without_progress(None, false, Some(30)),
-            rdkafka::Offset::Offset(30),
-            "the log's end would skip the stray"
+            rdkafka::Offset::Beginning,
+            "the log's end would skip the stray, and the stray records below it"
         );
     }
 

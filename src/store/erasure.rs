@@ -25,7 +25,7 @@
 //! cost a lookup (one read per user, trusted for [`ErasedUsers::TRUST_FOR`]): rows of messages
 //! newer than every erasure, the live stream, cost none.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -85,42 +85,58 @@ impl ErasedUsers {
             return Ok(None);
         }
         let now = Instant::now();
-        let mut wanted: Vec<String> = {
+        // What is known of each user with rows at or below the watermark, decided from this
+        // call's own copy: another call's eviction cannot turn an erased user into an unknown one.
+        let mut through: HashMap<&str, Option<i64>> = HashMap::new();
+        let mut wanted: HashSet<&str> = HashSet::new();
+        {
             let known = self.lock();
-            events
-                .iter()
-                .filter(|e| version::of(e) <= bound)
-                .map(|e| e.user_id())
-                .filter(|u| {
-                    known
-                        .users
-                        .get(*u)
-                        .is_none_or(|(_, at)| now.duration_since(*at) >= Self::TRUST_FOR)
-                })
-                .map(str::to_owned)
-                .collect()
-        };
-        wanted.sort_unstable();
-        wanted.dedup();
-        let found: Vec<(String, Option<i64>)> = stream::iter(wanted)
+            for e in events.iter().filter(|e| version::of(e) <= bound) {
+                let user = e.user_id();
+                if through.contains_key(user) || wanted.contains(user) {
+                    continue;
+                }
+                match known.users.get(user) {
+                    Some((t, at)) if now.duration_since(*at) < Self::TRUST_FOR => {
+                        through.insert(user, *t);
+                    }
+                    _ => {
+                        wanted.insert(user);
+                    }
+                }
+            }
+        }
+        let lookups: Vec<String> = wanted.iter().map(|u| (*u).to_owned()).collect();
+        let found: Vec<(String, Option<i64>)> = stream::iter(lookups)
             .map(|user| async move { erased_through(store, &user).await.map(|t| (user, t)) })
             .buffer_unordered(CONCURRENT_LOOKUPS)
             .try_collect()
             .await?;
-        let mut known = self.lock();
-        if known.users.len() + found.len() > Self::MAX_USERS {
-            known.users.clear();
-        }
-        for (user, through) in found {
-            // Merged, not replaced: an erasure noted while the lookup was under way stays.
-            let entry = known.users.entry(user).or_insert((None, now));
-            *entry = (entry.0.max(through), now);
+        {
+            let mut known = self.lock();
+            for (user, read) in found {
+                // Merged, not replaced: an erasure noted while the lookup was under way stays.
+                let entry = known.users.entry(user.clone()).or_insert((None, now));
+                *entry = (entry.0.max(read), now);
+                let merged = entry.0;
+                if let Some(&u) = wanted.get(user.as_str()) {
+                    through.insert(u, merged);
+                }
+            }
+            if known.users.len() > Self::MAX_USERS {
+                known
+                    .users
+                    .retain(|_, (_, at)| now.duration_since(*at) < Self::TRUST_FOR);
+                if known.users.len() > Self::MAX_USERS {
+                    known.users.clear();
+                }
+            }
         }
         let erased = |e: &Event| {
-            known
-                .users
+            through
                 .get(e.user_id())
-                .and_then(|(through, _)| *through)
+                .copied()
+                .flatten()
                 .is_some_and(|t| version::of(e) <= tombstone_timestamp(t))
         };
         let kept: Vec<usize> = (0..events.len()).filter(|&i| !erased(events[i])).collect();
@@ -227,6 +243,42 @@ pub async fn forget(
     let ks = store.keyspace();
     let user = erasure.user_id.as_str();
     let at = tombstone_timestamp(erasure.through_ms);
+    let record = |partitions: Option<usize>| async move {
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {ks}.{ERASURES} (user_id, requested_at, requested_by, erased_through, partitions) \
+                     VALUES (?, ?, ?, ?, ?)"
+                ),
+                (
+                    user,
+                    CqlTimestamp(erasure.requested_at_ms),
+                    erasure.requested_by.as_str(),
+                    CqlTimestamp(erasure.through_ms),
+                    partitions.map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
+                ),
+            )
+            .await
+            .map_err(|e| classify(&e))
+    };
+    if !dry_run {
+        // Recorded first (its partitions once known), with the watermark, and known to this
+        // store at once: from then on the write path keeps the user's rows up to `through`
+        // out, also once the tombstones below are purged, and also on a day the index does not
+        // hold yet when the days are read below.
+        record(None).await?;
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {ks}.{ERASURE_WATERMARK} (id, erased_through) VALUES (0, ?) \
+                     USING TIMESTAMP ?"
+                ),
+                (CqlTimestamp(erasure.through_ms), at),
+            )
+            .await
+            .map_err(|e| classify(&e))?;
+        store.erased().noted(user, erasure.through_ms);
+    }
     let days: Vec<i64> = session
         .query_unpaged(
             format!("SELECT day FROM {ks}.{USER_DAYS} WHERE user_id = ?"),
@@ -250,36 +302,6 @@ pub async fn forget(
     if dry_run {
         return Ok(report);
     }
-    // Recorded first, with the watermark: from then on the write path keeps the user's rows up
-    // to `through` out, also once the tombstones below are purged. A retry writes the same
-    // record (same key, the days read again before any index entry is deleted).
-    session
-        .query_unpaged(
-            format!(
-                "INSERT INTO {ks}.{ERASURES} (user_id, requested_at, requested_by, erased_through, partitions) \
-                 VALUES (?, ?, ?, ?, ?)"
-            ),
-            (
-                user,
-                CqlTimestamp(erasure.requested_at_ms),
-                erasure.requested_by.as_str(),
-                CqlTimestamp(erasure.through_ms),
-                i32::try_from(report.days.len()).unwrap_or(i32::MAX),
-            ),
-        )
-        .await
-        .map_err(|e| classify(&e))?;
-    session
-        .query_unpaged(
-            format!(
-                "INSERT INTO {ks}.{ERASURE_WATERMARK} (id, erased_through) VALUES (0, ?) \
-                 USING TIMESTAMP ?"
-            ),
-            (CqlTimestamp(erasure.through_ms), at),
-        )
-        .await
-        .map_err(|e| classify(&e))?;
-    store.erased().noted(user, erasure.through_ms);
     let delete_day = session
         .prepare(format!(
             "DELETE FROM {ks}.{TABLE} USING TIMESTAMP ? WHERE user_id = ? AND day = ?"
@@ -305,6 +327,8 @@ pub async fn forget(
         )
         .await
         .map_err(|e| classify(&e))?;
+    // A retry reads the days again (the index goes last), so this count is the same.
+    record(Some(report.days.len())).await?;
     tracing::info!(
         user_partitions = report.days.len(),
         requested_by = %erasure.requested_by,
