@@ -375,7 +375,11 @@ impl DeadLetterSink for KafkaDeadLetters {
             }
             for (i, delivery) in deliveries {
                 let outcome = match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
+                    Ok(Ok(_)) => {
+                        // At the first acknowledgement: the producer works.
+                        self.delivered_with(&producer);
+                        Ok(())
+                    }
                     Ok(Err((e, _))) => Err(e),
                     Err(_canceled) => Err(KafkaError::Canceled),
                 };
@@ -404,9 +408,6 @@ impl DeadLetterSink for KafkaDeadLetters {
                     }
                 }
             }
-        }
-        if unsent.len() < letters.len() {
-            self.delivered_with(&producer);
         }
         match first_error {
             None => Ok(()),

@@ -52,6 +52,10 @@ const CONCURRENT_LOOKUPS: usize = 16;
 #[derive(Debug, Default)]
 pub struct ErasedUsers {
     known: Mutex<Known>,
+    /// Held shared by every write from its check to its end, and exclusively by an erasure
+    /// once it is known here: the erasure reads the user's days only after every write
+    /// checked before it has ended, so none of them lands on a day it does not find.
+    gate: tokio::sync::RwLock<()>,
 }
 
 #[derive(Debug, Default)]
@@ -123,12 +127,14 @@ impl ErasedUsers {
                     through.insert(u, merged);
                 }
             }
+            // Users found erased are kept whatever happens (there are few); the others go,
+            // stale ones first.
             if known.users.len() > Self::MAX_USERS {
-                known
-                    .users
-                    .retain(|_, (_, at)| now.duration_since(*at) < Self::TRUST_FOR);
+                known.users.retain(|_, (through, at)| {
+                    through.is_some() || now.duration_since(*at) < Self::TRUST_FOR
+                });
                 if known.users.len() > Self::MAX_USERS {
-                    known.users.clear();
+                    known.users.retain(|_, (through, _)| through.is_some());
                 }
             }
         }
@@ -141,6 +147,11 @@ impl ErasedUsers {
         };
         let kept: Vec<usize> = (0..events.len()).filter(|&i| !erased(events[i])).collect();
         Ok((kept.len() < events.len()).then_some(kept))
+    }
+
+    /// Held by a write from before its check ([`Self::kept`]) to its end.
+    pub async fn writing(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().await
     }
 
     /// An erasure made through this store: known at once.
@@ -243,30 +254,27 @@ pub async fn forget(
     let ks = store.keyspace();
     let user = erasure.user_id.as_str();
     let at = tombstone_timestamp(erasure.through_ms);
-    let record = |partitions: Option<usize>| async move {
-        session
-            .query_unpaged(
-                format!(
-                    "INSERT INTO {ks}.{ERASURES} (user_id, requested_at, requested_by, erased_through, partitions) \
-                     VALUES (?, ?, ?, ?, ?)"
-                ),
-                (
-                    user,
-                    CqlTimestamp(erasure.requested_at_ms),
-                    erasure.requested_by.as_str(),
-                    CqlTimestamp(erasure.through_ms),
-                    partitions.map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
-                ),
-            )
-            .await
-            .map_err(|e| classify(&e))
-    };
+    let key = (user, CqlTimestamp(erasure.requested_at_ms));
     if !dry_run {
         // Recorded first (its partitions once known), with the watermark, and known to this
         // store at once: from then on the write path keeps the user's rows up to `through`
         // out, also once the tombstones below are purged, and also on a day the index does not
         // hold yet when the days are read below.
-        record(None).await?;
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {ks}.{ERASURES} (user_id, requested_at, requested_by, erased_through) \
+                     VALUES (?, ?, ?, ?)"
+                ),
+                (
+                    key.0,
+                    key.1,
+                    erasure.requested_by.as_str(),
+                    CqlTimestamp(erasure.through_ms),
+                ),
+            )
+            .await
+            .map_err(|e| classify(&e))?;
         session
             .query_unpaged(
                 format!(
@@ -278,6 +286,8 @@ pub async fn forget(
             .await
             .map_err(|e| classify(&e))?;
         store.erased().noted(user, erasure.through_ms);
+        // Every write of this store checked before that has ended once this is granted.
+        drop(store.erased().gate.write().await);
     }
     let days: Vec<i64> = session
         .query_unpaged(
@@ -327,8 +337,21 @@ pub async fn forget(
         )
         .await
         .map_err(|e| classify(&e))?;
-    // A retry reads the days again (the index goes last), so this count is the same.
-    record(Some(report.days.len())).await?;
+    // The partitions this run deleted (a retry or replay after the index delete finds only days
+    // of later activity): the record says what the erasure's last run did.
+    session
+        .query_unpaged(
+            format!(
+                "UPDATE {ks}.{ERASURES} SET partitions = ? WHERE user_id = ? AND requested_at = ?"
+            ),
+            (
+                i32::try_from(report.days.len()).unwrap_or(i32::MAX),
+                key.0,
+                key.1,
+            ),
+        )
+        .await
+        .map_err(|e| classify(&e))?;
     tracing::info!(
         user_partitions = report.days.len(),
         requested_by = %erasure.requested_by,

@@ -1122,6 +1122,71 @@ async fn an_erasure_holds_after_its_tombstones_are_purged() {
     assert_eq!(metrics.write_erased_rows.get(), 6);
 }
 
+/// An erasure waits, once it is recorded and known to the store, for the store's writes that
+/// were checked before it: until they end it reads no day and deletes nothing, so none of
+/// them can land on a day it does not find.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_waits_for_the_writes_checked_before_it() {
+    use vault::store::erasure::{forget, Erasure};
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let store = ScyllaStore::connect(&c, true).await.expect("migrate");
+    let batch = events(1, 3, 100);
+    let refs: Vec<&Event> = batch.iter().collect();
+    store.write(&refs).await.expect("write");
+    let rows_of_user = || {
+        node.execute(&format!(
+            "SELECT event_id FROM {}.user_activity WHERE user_id = 'user-0' AND day = '2025-11-24'",
+            c.keyspace
+        ))
+        .expect("select")
+        .expect("rows")
+        .rows
+        .len()
+    };
+    let recorded = || {
+        node.execute(&format!(
+            "SELECT requested_by FROM {}.erasures WHERE user_id = 'user-0'",
+            c.keyspace
+        ))
+        .expect("select")
+        .expect("rows")
+        .rows
+        .len()
+    };
+    // A write checked before the erasure, still under way.
+    let writing = store.erased().writing().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let erasure = Erasure {
+        user_id: "user-0".into(),
+        through_ms: now,
+        requested_by: "cli:test".into(),
+        requested_at_ms: now,
+    };
+    let erasing = forget(&store, &erasure, false);
+    tokio::pin!(erasing);
+    let record_written = async {
+        wait_until("the erasure recorded", Duration::from_secs(10), || {
+            let n = recorded();
+            async move { (n == 1).then_some(()).ok_or(format!("{n} records")) }
+        })
+        .await
+    };
+    tokio::select! {
+        done = &mut erasing => panic!("the erasure ended while a write checked before it was under way: {done:?}"),
+        () = record_written => {}
+    }
+    assert_eq!(
+        rows_of_user(),
+        3,
+        "nothing deleted while that write is under way"
+    );
+    drop(writing);
+    let report = erasing.await.expect("erase");
+    assert_eq!(report.days.len(), 1);
+    assert_eq!(rows_of_user(), 0);
+}
+
 /// `vault migrate` raises the erasure watermark to the latest erasure recorded: where none is
 /// set (a keyspace whose erasures were made by a release without it) it sets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
