@@ -52,10 +52,41 @@ const CONCURRENT_LOOKUPS: usize = 16;
 #[derive(Debug, Default)]
 pub struct ErasedUsers {
     known: Mutex<Known>,
-    /// Held shared by every write from its check to its end, and exclusively by an erasure
-    /// once it is known here: the erasure reads the user's days only after every write
-    /// checked before it has ended, so none of them lands on a day it does not find.
-    gate: tokio::sync::RwLock<()>,
+    /// The writes under way, by the epoch they started in: an erasure, once known here, opens
+    /// a new epoch and waits for the earlier ones' writes to end before it reads the user's
+    /// days, so none of them lands on a day it does not find; new writes go on meanwhile
+    /// (they see the erasure).
+    writes: Mutex<Writes>,
+    /// Signalled whenever a write ends.
+    ended: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Writes {
+    epoch: u64,
+    under_way: std::collections::BTreeMap<u64, usize>,
+}
+
+/// A write under way ([`ErasedUsers::writing`]); it ends when dropped.
+#[derive(Debug)]
+pub struct Writing<'a> {
+    users: &'a ErasedUsers,
+    epoch: u64,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        {
+            let mut w = self.users.lock_writes();
+            if let Some(n) = w.under_way.get_mut(&self.epoch) {
+                *n -= 1;
+                if *n == 0 {
+                    w.under_way.remove(&self.epoch);
+                }
+            }
+        }
+        self.users.ended.notify_waiters();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -127,14 +158,17 @@ impl ErasedUsers {
                     through.insert(u, merged);
                 }
             }
-            // Users found erased are kept whatever happens (there are few); the others go,
-            // stale ones first.
+            // Stale entries go first, then those of users never erased; a user found erased
+            // within the last minute (an erasure noted here included) goes only last.
             if known.users.len() > Self::MAX_USERS {
-                known.users.retain(|_, (through, at)| {
-                    through.is_some() || now.duration_since(*at) < Self::TRUST_FOR
-                });
+                known
+                    .users
+                    .retain(|_, (_, at)| now.duration_since(*at) < Self::TRUST_FOR);
                 if known.users.len() > Self::MAX_USERS {
                     known.users.retain(|_, (through, _)| through.is_some());
+                }
+                if known.users.len() > Self::MAX_USERS {
+                    known.users.clear();
                 }
             }
         }
@@ -150,8 +184,41 @@ impl ErasedUsers {
     }
 
     /// Held by a write from before its check ([`Self::kept`]) to its end.
-    pub async fn writing(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
-        self.gate.read().await
+    pub fn writing(&self) -> Writing<'_> {
+        let mut w = self.lock_writes();
+        let epoch = w.epoch;
+        *w.under_way.entry(epoch).or_default() += 1;
+        Writing { users: self, epoch }
+    }
+
+    /// Waits until every write that started before this call has ended (each is bounded by
+    /// the store's request timeouts); writes that start meanwhile are not waited for.
+    async fn settle(&self) {
+        let before = {
+            let mut w = self.lock_writes();
+            w.epoch += 1;
+            w.epoch
+        };
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            // Registered before the check, so an end between the two is not missed.
+            ended.as_mut().enable();
+            if self
+                .lock_writes()
+                .under_way
+                .range(..before)
+                .next()
+                .is_none()
+            {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    fn lock_writes(&self) -> std::sync::MutexGuard<'_, Writes> {
+        self.writes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// An erasure made through this store: known at once.
@@ -286,8 +353,8 @@ pub async fn forget(
             .await
             .map_err(|e| classify(&e))?;
         store.erased().noted(user, erasure.through_ms);
-        // Every write of this store checked before that has ended once this is granted.
-        drop(store.erased().gate.write().await);
+        // Every write of this store checked before that has ended once this returns.
+        store.erased().settle().await;
     }
     let days: Vec<i64> = session
         .query_unpaged(

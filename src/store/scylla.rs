@@ -1294,7 +1294,7 @@ impl Store for ScyllaStore {
     /// ([`ErasedUsers::kept`]): once an erasure's tombstones are purged nothing else would keep
     /// a replay of them out.
     async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
-        let _writing = self.erased.writing().await;
+        let _writing = self.erased.writing();
         let kept = self.erased.kept(self, events).await.map_err(|e| {
             // Reading the erasures failed: nothing is said of the rows, so never a row error.
             let e = match e {

@@ -1124,7 +1124,7 @@ async fn an_erasure_holds_after_its_tombstones_are_purged() {
 
 /// An erasure waits, once it is recorded and known to the store, for the store's writes that
 /// were checked before it: until they end it reads no day and deletes nothing, so none of
-/// them can land on a day it does not find.
+/// them can land on a day it does not find. Writes that start meanwhile go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erasure_waits_for_the_writes_checked_before_it() {
     use vault::store::erasure::{forget, Erasure};
@@ -1155,7 +1155,7 @@ async fn an_erasure_waits_for_the_writes_checked_before_it() {
         .len()
     };
     // A write checked before the erasure, still under way.
-    let writing = store.erased().writing().await;
+    let writing = store.erased().writing();
     let now = chrono::Utc::now().timestamp_millis();
     let erasure = Erasure {
         user_id: "user-0".into(),
@@ -1181,6 +1181,13 @@ async fn an_erasure_waits_for_the_writes_checked_before_it() {
         3,
         "nothing deleted while that write is under way"
     );
+    // A write started meanwhile is not held up (and sees the erasure).
+    let other = events(2, 4, 200);
+    let other: Vec<&Event> = other.iter().filter(|e| e.user_id() == "user-1").collect();
+    tokio::time::timeout(Duration::from_secs(30), store.write(&other))
+        .await
+        .expect("a write started after the erasure goes on")
+        .expect("write");
     drop(writing);
     let report = erasing.await.expect("erase");
     assert_eq!(report.days.len(), 1);
