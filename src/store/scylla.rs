@@ -496,6 +496,24 @@ pub struct ScyllaStore {
     erased_rows: OnceLock<prometheus::IntCounter>,
 }
 
+/// Prepares one of the store's statements, marked idempotent; one the schema does not have
+/// says to migrate.
+async fn prepare_idempotent(
+    session: &Session,
+    cql: String,
+) -> Result<PreparedStatement, StoreError> {
+    let mut statement = session.prepare(cql).await.map_err(|e| {
+        match classify(&ExecutionError::PrepareError(e)) {
+            StoreError::Schema(m) | StoreError::Invalid(m) => StoreError::Schema(format!(
+                "{m}: run `vault migrate` (or `vault run --migrate`)"
+            )),
+            other => other,
+        }
+    })?;
+    statement.set_is_idempotent(true);
+    Ok(statement)
+}
+
 /// Requests of one batch in flight at once, at most (the process-wide bound is
 /// `scylla.max_concurrent_requests`).
 const PER_BATCH_REQUESTS: usize = 32;
@@ -517,45 +535,23 @@ impl ScyllaStore {
         session: Arc<Session>,
         c: &ScyllaConfig,
     ) -> Result<ScyllaStore, StoreError> {
-        let mut insert = session
-            .prepare(insert_cql(&c.keyspace))
-            .await
-            .map_err(|e| {
-                let err = classify(&ExecutionError::PrepareError(e));
-                match err {
-                    StoreError::Schema(m) | StoreError::Invalid(m) => StoreError::Schema(format!(
-                        "{m}: run `vault migrate` (or `vault run --migrate`)"
-                    )),
-                    other => other,
-                }
-            })?;
-        insert.set_is_idempotent(true);
-        let mut index = session
-            .prepare(format!(
+        let insert = prepare_idempotent(&session, insert_cql(&c.keyspace)).await?;
+        let index = prepare_idempotent(
+            &session,
+            format!(
                 "INSERT INTO {}.{USER_DAYS} (user_id, day) VALUES (?, ?) USING TIMESTAMP ?",
                 c.keyspace
-            ))
-            .await
-            .map_err(|e| match classify(&ExecutionError::PrepareError(e)) {
-                StoreError::Schema(m) | StoreError::Invalid(m) => StoreError::Schema(format!(
-                    "{m}: run `vault migrate` (or `vault run --migrate`)"
-                )),
-                other => other,
-            })?;
-        index.set_is_idempotent(true);
-        let mut watermark = session
-            .prepare(format!(
+            ),
+        )
+        .await?;
+        let watermark = prepare_idempotent(
+            &session,
+            format!(
                 "SELECT erased_through FROM {}.{ERASURE_WATERMARK} WHERE id = 0",
                 c.keyspace
-            ))
-            .await
-            .map_err(|e| match classify(&ExecutionError::PrepareError(e)) {
-                StoreError::Schema(m) | StoreError::Invalid(m) => StoreError::Schema(format!(
-                    "{m}: run `vault migrate` (or `vault run --migrate`)"
-                )),
-                other => other,
-            })?;
-        watermark.set_is_idempotent(true);
+            ),
+        )
+        .await?;
         // Validated so already; clamped so that the batch caches always hold the sizes planned.
         let max_batch_rows = c.max_batch_rows.clamp(1, MAX_BATCH_ROWS);
         let partition_batches = Batches::new(max_batch_rows, Some(index.clone()));

@@ -10,11 +10,12 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use vault::kafka::dead_letter::{headers, KafkaDeadLetters, MemoryDeadLetters};
+use vault::kafka::dead_letter::{headers, MemoryDeadLetters};
 use vault::store::{MemoryStore, StoreError};
 
 use crate::common::{
-    event_json, read_all, settings, stored_positions, unique, wait_until, Kafka, Running,
+    event_json, kafka_dead_letters, read_all, settings, stored_positions, unique, wait_until,
+    Kafka, Running,
 };
 
 /// Waits until the pipeline's counter `name` reaches `at_least`.
@@ -192,13 +193,7 @@ async fn a_dead_letter_producer_that_hits_a_fatal_error_is_replaced() {
         )
         .await;
     let cfg = settings(&kafka.brokers, &topic, &group);
-    let validated = cfg.clone().validate().unwrap();
-    let dlq = KafkaDeadLetters::new(
-        &vault::kafka::base_client_config(&validated),
-        &cfg.kafka.dead_letter_topic,
-        cfg.kafka.dead_letter_max_bytes,
-    )
-    .unwrap();
+    let dlq = kafka_dead_letters(&cfg);
     fail::cfg("dead_letter::fatal", &format!("1*return({topic})")).unwrap();
     let memory = MemoryStore::new();
     let vault = Running::start(cfg, memory.clone(), dlq);
@@ -300,13 +295,7 @@ async fn poison_pills_larger_than_the_dead_letter_topic_accepts_are_cut_to_fit()
     kafka.produce(&topic, &[(0, "u".into(), good)]).await;
 
     let cfg = settings(&kafka.brokers, &topic, &group);
-    let validated = cfg.clone().validate().unwrap();
-    let dlq = KafkaDeadLetters::new(
-        &vault::kafka::base_client_config(&validated),
-        &cfg.kafka.dead_letter_topic,
-        cfg.kafka.dead_letter_max_bytes,
-    )
-    .unwrap();
+    let dlq = kafka_dead_letters(&cfg);
     let memory = MemoryStore::new();
     let vault = Running::start(cfg, memory.clone(), dlq);
     kafka

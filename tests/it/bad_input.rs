@@ -10,12 +10,14 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use vault::config::ScyllaConfig;
 use vault::event::{derived_event_id, Source};
-use vault::kafka::dead_letter::{headers, KafkaDeadLetters, MemoryDeadLetters};
+use vault::kafka::dead_letter::{headers, MemoryDeadLetters};
 use vault::store::scylla::ScyllaStore;
 use vault::store::MemoryStore;
 use vault_sandbox::cql::CqlNode;
 
-use crate::common::{event_json, read_all, settings, stored_positions, unique, Kafka, Running};
+use crate::common::{
+    event_json, kafka_dead_letters, read_all, settings, stored_positions, unique, Kafka, Running,
+};
 
 /// (expected error kind, value); `None` is a tombstone.
 fn corpus() -> Vec<(&'static str, Option<Vec<u8>>)> {
@@ -192,13 +194,7 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
 
     let mut cfg = settings(&kafka.brokers, &topic, &group);
     cfg.pipeline.max_event_bytes = 4096;
-    let settings_v = cfg.clone().validate().unwrap();
-    let dlq = KafkaDeadLetters::new(
-        &vault::kafka::base_client_config(&settings_v),
-        &cfg.kafka.dead_letter_topic,
-        cfg.kafka.dead_letter_max_bytes,
-    )
-    .unwrap();
+    let dlq = kafka_dead_letters(&cfg);
     let store = MemoryStore::new();
     let dead_lettered_from = now_ms();
     let vault = Running::start(cfg, store.clone(), dlq);

@@ -385,6 +385,17 @@ pub fn settings(brokers: &str, topic: &str, group: &str) -> Config {
     c
 }
 
+/// The Kafka dead-letter sink `cfg` configures.
+pub fn kafka_dead_letters(cfg: &Config) -> vault::kafka::dead_letter::KafkaDeadLetters {
+    let validated = cfg.clone().validate().expect("valid settings");
+    vault::kafka::dead_letter::KafkaDeadLetters::new(
+        &vault::kafka::base_client_config(&validated),
+        &cfg.kafka.dead_letter_topic,
+        cfg.kafka.dead_letter_max_bytes,
+    )
+    .expect("dead-letter producer")
+}
+
 /// A pipeline running in this process.
 pub struct Running {
     pub metrics: Arc<Metrics>,
