@@ -446,7 +446,9 @@ impl Coordinator {
                             }
                         }
                     }
-                    self.start(a, None, Lineage::fresh());
+                    let mut lineage = Lineage::fresh();
+                    lineage.last_confirmed = self.commits.confirmed(&key);
+                    self.start(a, None, lineage);
                 }
                 self.health.set_in_group(true);
                 self.report_assigned();
@@ -594,7 +596,9 @@ impl Coordinator {
             (task_key, incarnation, exit)
         });
         self.ids.insert(abort.id(), (key.clone(), incarnation));
-        let confirmed = lineage.last_confirmed.or(self.commits.confirmed(&key));
+        // As last seen: a commit confirmed since (say, during a restart's backoff, of what
+        // the failed incarnation made durable) is an advance, and resets the failures.
+        let confirmed = lineage.last_confirmed;
         if let Some(old) = self.running.insert(
             key,
             Running {
