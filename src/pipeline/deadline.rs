@@ -10,7 +10,8 @@
 //!   aborted; what they had made durable is still committed.
 //!
 //! Whoever waits on a stop from outside (the rebalance callback waiting for the coordinator)
-//! waits until give up plus one commit: [`Deadlines::revoke_reply_wait`].
+//! waits until give up plus two commits (the periodic one in flight, then the revoke's own):
+//! [`Deadlines::revoke_reply_wait`].
 //!
 //! Liveness is bounded here too: the Kafka poll loop and the coordinator loop beat every
 //! [`HEARTBEAT_EVERY`], also while they wait on one of the bounded calls above (for as long as
