@@ -104,21 +104,49 @@ async fn a_partition_that_panics_before_its_first_durable_batch_loses_nothing() 
 
 /// A read error as the very first item of an assignment (records skipped, nothing read yet, no
 /// position known): the restart seeks to the committed offset, never reads on from where the
-/// queue stands.
+/// queue stands. Then, with something committed, the same at the next member, whose restart's
+/// lookup of the committed offset the broker answers with an error for the partition (as one
+/// refusing the group's read of the topic does): a failed lookup, tried again, never "nothing
+/// committed", which would start over from the log's start. (librdkafka reports a
+/// one-partition lookup's partition error as the call's error; the coordinator's own check of
+/// the partition's error covers an answer that does not.) One test: the failpoint is
+/// process-wide.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_error_before_anything_was_read_resumes_at_the_committed_offset() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let (kafka, topic, group, produced) = one_partition("read-error", 200).await;
+    let mut cfg = settings(&kafka.brokers, &topic, &group);
+    // No group-view read of the committed offsets: the injected errors are the restart's.
+    cfg.kafka.group_view_interval = Duration::from_secs(3600);
     // Offset 0 is lost to a read error: librdkafka would move on past it.
     fail::cfg("kafka::read", &format!("return({topic}@0)")).unwrap();
     let memory = MemoryStore::new();
-    let vault = Running::start(
-        settings(&kafka.brokers, &topic, &group),
-        memory.clone(),
-        MemoryDeadLetters::default(),
-    );
+    let vault = Running::start(cfg.clone(), memory.clone(), MemoryDeadLetters::default());
     wait_restarted(&vault).await;
     fail::remove("kafka::read");
     recovers(&kafka, &group, &topic, vault, &memory, &produced, 60).await;
+
+    let written = memory.writes();
+    fail::cfg("kafka::read", &format!("return({topic}@200)")).unwrap();
+    kafka.produce_events(&topic, 1, 200, 100).await;
+    let vault = Running::start(cfg, memory.clone(), MemoryDeadLetters::default());
+    wait_restarted(&vault).await;
+    fail::remove("kafka::read");
+    kafka.mock().expect("the mock cluster").request_errors(
+        RDKafkaApiKey::OffsetFetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 2],
+    );
+    wait_counter(&vault, "vault_restart_seek_failures_total", 2.0).await;
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        memory.writes() - written,
+        100,
+        "only the new events were written: nothing was read again from the start"
+    );
+    vault.stop().await;
 }
 
 /// A panic while adding to a batch and a failing seek before the restart: the partition is not
