@@ -608,7 +608,6 @@ impl Coordinator {
                 cancel,
                 progress,
                 oldest_pending,
-                // As confirmed now: only a commit after this start counts as an advance.
                 last_confirmed: confirmed,
                 caught_up_at: lineage.caught_up_at,
                 started_at: lineage.owned_since,

@@ -47,8 +47,9 @@ const CONCURRENT_LOOKUPS: usize = 16;
 /// What the write path knows of erasures (see the module doc): the watermark, the latest
 /// `erased_through` of any erasure, and the users it looked up. What it read is trusted for
 /// [`Self::TRUST_FOR`]: an erasure made elsewhere (`vault forget`, another member) is known
-/// within that, long before its tombstones may be purged, and until then they keep its rows
-/// out. An erasure made through this store is known at once.
+/// within that, long before its tombstones may be purged, and until then they keep out its
+/// rows on the days its index read found (docs/DESIGN.md states the limit). An erasure made
+/// through this store is known at once.
 #[derive(Debug, Default)]
 pub struct ErasedUsers {
     known: Mutex<Known>,
@@ -101,7 +102,7 @@ struct Known {
 impl ErasedUsers {
     /// How long a read of the watermark or of a user's erasures is trusted.
     pub const TRUST_FOR: Duration = Duration::from_secs(60);
-    /// Users remembered at most; past it the memory starts afresh.
+    /// Users remembered at most; past it stale entries go first, then users never erased.
     const MAX_USERS: usize = 100_000;
 
     /// Which of `events` to write: `None` for all of them, else the indices of those whose
