@@ -99,6 +99,60 @@ struct Known {
     users: HashMap<String, (Option<i64>, Instant)>,
 }
 
+impl Known {
+    /// A user's erasures as read at `now`, merged with what is known: an erasure noted while
+    /// the lookup was under way stays. Returns the merged `erased_through`.
+    fn looked_up(&mut self, user: &str, read: Option<i64>, now: Instant) -> Option<i64> {
+        let entry = self.users.entry(user.to_owned()).or_insert((None, now));
+        *entry = (entry.0.max(read), now);
+        entry.0
+    }
+
+    /// An erasure made through this store, at `now`: the watermark and the user's entry rise
+    /// to it (never fall).
+    fn noted(&mut self, user: &str, through_ms: i64, now: Instant) {
+        self.watermark = self.watermark.max(Some(through_ms));
+        let entry = self.users.entry(user.to_owned()).or_insert((None, now));
+        entry.0 = entry.0.max(Some(through_ms));
+    }
+
+    /// Past `max` users, stale entries go first, then those of users never erased; a user
+    /// found erased within [`ErasedUsers::TRUST_FOR`] (an erasure noted here included) goes
+    /// only last.
+    fn evict(&mut self, max: usize, now: Instant) {
+        if self.users.len() > max {
+            self.users
+                .retain(|_, (_, at)| now.duration_since(*at) < ErasedUsers::TRUST_FOR);
+        }
+        if self.users.len() > max {
+            self.users.retain(|_, (through, _)| through.is_some());
+        }
+        if self.users.len() > max {
+            self.users.clear();
+        }
+    }
+
+    /// The watermark after a read of it at `now`: it never falls. A failed read keeps the value
+    /// read before, which goes on serving for another while (an erasure made elsewhere
+    /// meanwhile is still held by its tombstones), rather than every write of the process
+    /// failing while one row's replicas are out of reach; with none read before, it fails.
+    fn watermark_read(
+        &mut self,
+        read: Result<Option<i64>, StoreError>,
+        now: Instant,
+    ) -> Result<Option<i64>, StoreError> {
+        match read {
+            Ok(read) => self.watermark = self.watermark.max(read),
+            Err(e) if self.read_at.is_some() => {
+                tracing::warn!(error = %e, "Cannot read the erasure watermark; going on with the one read before.");
+            }
+            Err(e) => return Err(e),
+        }
+        self.read_at = Some(now);
+        Ok(self.watermark)
+    }
+}
+
 impl ErasedUsers {
     /// How long a read of the watermark or of a user's erasures is trusted.
     pub const TRUST_FOR: Duration = Duration::from_secs(60);
@@ -151,27 +205,12 @@ impl ErasedUsers {
         {
             let mut known = self.lock();
             for (user, read) in found {
-                // Merged, not replaced: an erasure noted while the lookup was under way stays.
-                let entry = known.users.entry(user.clone()).or_insert((None, now));
-                *entry = (entry.0.max(read), now);
-                let merged = entry.0;
+                let merged = known.looked_up(&user, read, now);
                 if let Some(&u) = wanted.get(user.as_str()) {
                     through.insert(u, merged);
                 }
             }
-            // Stale entries go first, then those of users never erased; a user found erased
-            // within the last minute (an erasure noted here included) goes only last.
-            if known.users.len() > Self::MAX_USERS {
-                known
-                    .users
-                    .retain(|_, (_, at)| now.duration_since(*at) < Self::TRUST_FOR);
-                if known.users.len() > Self::MAX_USERS {
-                    known.users.retain(|_, (through, _)| through.is_some());
-                }
-                if known.users.len() > Self::MAX_USERS {
-                    known.users.clear();
-                }
-            }
+            known.evict(Self::MAX_USERS, now);
         }
         let erased = |e: &Event| {
             through
@@ -224,13 +263,7 @@ impl ErasedUsers {
 
     /// An erasure made through this store: known at once.
     fn noted(&self, user_id: &str, through_ms: i64) {
-        let mut known = self.lock();
-        known.watermark = known.watermark.max(Some(through_ms));
-        let entry = known
-            .users
-            .entry(user_id.to_owned())
-            .or_insert((None, Instant::now()));
-        entry.0 = entry.0.max(Some(through_ms));
+        self.lock().noted(user_id, through_ms, Instant::now());
     }
 
     /// The watermark, read again once the last read is older than [`Self::TRUST_FOR`].
@@ -245,19 +278,7 @@ impl ErasedUsers {
             }
         }
         let read = read_watermark(store).await;
-        let mut known = self.lock();
-        match read {
-            Ok(read) => known.watermark = known.watermark.max(read),
-            // Read before: the value known goes on serving for another while (an erasure made
-            // elsewhere meanwhile is still held by its tombstones), rather than every write of
-            // the process failing while one row's replicas are out of reach.
-            Err(e) if known.read_at.is_some() => {
-                tracing::warn!(error = %e, "Cannot read the erasure watermark; going on with the one read before.");
-            }
-            Err(e) => return Err(e),
-        }
-        known.read_at = Some(Instant::now());
-        Ok(known.watermark)
+        self.lock().watermark_read(read, Instant::now())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
@@ -530,6 +551,81 @@ pub fn summary(r: &ErasureReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lookup_never_forgets_an_erasure_noted_while_it_was_under_way() {
+        let now = Instant::now();
+        let mut known = Known::default();
+        known.noted("u1", 2_000, now);
+        assert_eq!(
+            known.looked_up("u1", None, now),
+            Some(2_000),
+            "read before the erasure"
+        );
+        assert_eq!(
+            known.looked_up("u1", Some(1_000), now),
+            Some(2_000),
+            "an older erasure"
+        );
+        assert_eq!(
+            known.looked_up("u1", Some(3_000), now),
+            Some(3_000),
+            "a later one"
+        );
+        assert_eq!(known.looked_up("u2", None, now), None);
+        assert_eq!(known.watermark, Some(2_000));
+        known.noted("u2", 1_500, now);
+        assert_eq!(known.watermark, Some(2_000), "the watermark never falls");
+        assert_eq!(known.users["u2"].0, Some(1_500));
+    }
+
+    #[test]
+    fn eviction_drops_stale_users_then_users_never_erased_and_erased_ones_last() {
+        let start = Instant::now();
+        let fresh = start + ErasedUsers::TRUST_FOR;
+        let mut known = Known::default();
+        known.looked_up("stale-erased", Some(1), start);
+        known.looked_up("stale-never", None, start);
+        known.looked_up("erased", Some(1), fresh);
+        known.looked_up("never", None, fresh);
+        known.evict(4, fresh);
+        assert_eq!(known.users.len(), 4, "nothing goes within the bound");
+        known.evict(3, fresh);
+        let mut left: Vec<&str> = known.users.keys().map(String::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            ["erased", "never"],
+            "stale entries go first, erased or not"
+        );
+        known.looked_up("never-2", None, fresh);
+        known.evict(2, fresh);
+        assert_eq!(known.users.keys().collect::<Vec<_>>(), ["erased"]);
+        known.looked_up("erased-2", Some(5), fresh);
+        known.evict(1, fresh);
+        assert!(
+            known.users.is_empty(),
+            "erased users too, only when nothing else is left"
+        );
+    }
+
+    #[test]
+    fn a_failed_watermark_read_keeps_the_one_before_and_the_watermark_never_falls() {
+        let now = Instant::now();
+        let failed = || Err(StoreError::Unavailable("replicas out of reach".into()));
+        let mut known = Known::default();
+        assert!(
+            known.watermark_read(failed(), now).is_err(),
+            "nothing read before"
+        );
+        assert_eq!(known.read_at, None, "read again on the next write");
+        assert_eq!(known.watermark_read(Ok(None), now).unwrap(), None);
+        assert_eq!(known.watermark_read(Ok(Some(7)), now).unwrap(), Some(7));
+        assert_eq!(known.watermark_read(failed(), now).unwrap(), Some(7));
+        assert_eq!(known.watermark_read(Ok(Some(3)), now).unwrap(), Some(7));
+        known.noted("u", 9, now);
+        assert_eq!(known.watermark_read(Ok(Some(8)), now).unwrap(), Some(9));
+    }
 
     #[test]
     fn the_tombstone_covers_its_millisecond_and_nothing_after() {
