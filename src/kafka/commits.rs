@@ -283,6 +283,57 @@ mod tests {
         assert_eq!(commits.confirmed(&(Arc::from("t"), 0)), Some(20));
     }
 
+    struct Accepts;
+
+    impl Committer for Accepts {
+        fn commit_sync(&self, _: &[(Key, i64)]) -> KafkaResult<()> {
+            Ok(())
+        }
+    }
+
+    /// The partitions with a `vault_committed_offset` series, as (partition, offset).
+    fn committed_series(metrics: &Metrics) -> Vec<(String, f64)> {
+        use prometheus::core::Collector;
+        let mut series: Vec<(String, f64)> = metrics
+            .committed_offset
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| {
+                let partition = m
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "partition")
+                    .map(|l| l.value().to_owned())
+                    .unwrap_or_default();
+                (partition, m.get_gauge().get_value())
+            })
+            .collect();
+        series.sort_by(|a, b| a.0.cmp(&b.0));
+        series
+    }
+
+    /// A partition that left this member reports no committed offset here any more (its new
+    /// owner does), and its next assignment starts with nothing confirmed.
+    #[tokio::test]
+    async fn a_forgotten_partition_loses_its_committed_offset_series() {
+        let key = |p| (Arc::<str>::from("t"), p);
+        let metrics = Arc::new(Metrics::new());
+        let mut commits = Commits::new(Arc::new(Accepts), metrics.clone());
+        commits
+            .commit_now(vec![(key(0), 10), (key(1), 20)])
+            .await
+            .unwrap();
+        assert_eq!(
+            committed_series(&metrics),
+            [("0".to_owned(), 10.0), ("1".to_owned(), 20.0)]
+        );
+        commits.forget(&key(0));
+        assert_eq!(committed_series(&metrics), [("1".to_owned(), 20.0)]);
+        assert_eq!(commits.confirmed(&key(0)), None);
+        assert_eq!(commits.confirmed(&key(1)), Some(20));
+    }
+
     #[test]
     fn a_commit_never_moves_a_partition_backwards() {
         let key = |p| (Arc::<str>::from("t"), p);
