@@ -99,18 +99,9 @@ struct Running {
     cancel: CancellationToken,
     progress: Arc<Progress>,
     oldest_pending: Arc<OldestPending>,
-    /// The committed offset last seen for this partition, to tell when it advances.
-    last_confirmed: Option<i64>,
-    /// When the committed offset last advanced, or was last found fully caught up.
-    caught_up_at: Instant,
-    /// When this member started owning the partition (its first incarnation started).
-    started_at: Instant,
-    /// The last message an incarnation of the partition read.
-    last_read: Arc<LastRead>,
-    /// Consecutive failed restarts, for the restart backoff.
-    failures: u32,
-    /// Whether the partition is failing, kept for as long as it is assigned here.
-    partition_health: PartitionHealth,
+    /// What this incarnation inherited, kept up to date by the gauges (its `ceiling` unused:
+    /// that is a restart's).
+    lineage: Lineage,
 }
 
 /// The last message a partition task read: when, and its Kafka timestamp. Written for every
@@ -245,13 +236,8 @@ impl Running {
     /// What the next incarnation inherits from this one.
     fn lineage(&self) -> Lineage {
         Lineage {
-            failures: self.failures,
-            health: self.partition_health.clone(),
-            caught_up_at: self.caught_up_at,
-            owned_since: self.started_at,
-            last_read: self.last_read.clone(),
-            last_confirmed: self.last_confirmed,
             ceiling: None,
+            ..self.lineage.clone()
         }
     }
 }
@@ -573,8 +559,7 @@ impl Coordinator {
         let queue = a.queue;
         let task_key = key.clone();
         let read = progress.clone();
-        let last_read = lineage.last_read.clone();
-        let noted = last_read.clone();
+        let noted = lineage.last_read.clone();
         let abort = self.tasks.spawn(async move {
             let records = queue.stream().map(|m| match m {
                 Ok(m) => {
@@ -596,9 +581,9 @@ impl Coordinator {
             (task_key, incarnation, exit)
         });
         self.ids.insert(abort.id(), (key.clone(), incarnation));
-        // As last seen: a commit confirmed since (say, during a restart's backoff, of what
-        // the failed incarnation made durable) is an advance, and resets the failures.
-        let confirmed = lineage.last_confirmed;
+        // Its committed offset as last seen: a commit confirmed since (say, during a restart's
+        // backoff, of what the failed incarnation made durable) is an advance, and resets the
+        // failures.
         if let Some(old) = self.running.insert(
             key,
             Running {
@@ -608,12 +593,7 @@ impl Coordinator {
                 cancel,
                 progress,
                 oldest_pending,
-                last_confirmed: confirmed,
-                caught_up_at: lineage.caught_up_at,
-                started_at: lineage.owned_since,
-                last_read,
-                failures: lineage.failures,
-                partition_health: lineage.health,
+                lineage,
             },
         ) {
             old.abort.abort();
@@ -951,21 +931,22 @@ impl Coordinator {
         let context = self.consumer.context();
         for (key, r) in &mut self.running {
             let confirmed = self.commits.confirmed(key);
-            if confirmed != r.last_confirmed {
-                r.last_confirmed = confirmed;
-                r.caught_up_at = now;
-                r.failures = 0;
+            let l = &mut r.lineage;
+            if confirmed != l.last_confirmed {
+                l.last_confirmed = confirmed;
+                l.caught_up_at = now;
+                l.failures = 0;
             }
             let lag = context.lag(&key.0, key.1);
             let behind = lag.is_some_and(|l| l > 0);
             let oldest = r.oldest_pending.get();
             if oldest.is_none() && r.progress.committable() == confirmed && !behind {
-                r.caught_up_at = now;
+                l.caught_up_at = now;
             }
             let partition = key.1.to_string();
             let labels = [&*key.0, partition.as_str()];
             if let Some(seconds) =
-                lag_seconds(lag, r.last_read.kafka_ms(), now_ms, now - r.started_at)
+                lag_seconds(lag, l.last_read.kafka_ms(), now_ms, now - l.owned_since)
             {
                 self.metrics
                     .consumer_lag_seconds
@@ -973,7 +954,7 @@ impl Coordinator {
                     .set(seconds);
             }
             let age =
-                oldest_uncommitted_age(now, oldest, behind, r.last_read.at(now), r.started_at);
+                oldest_uncommitted_age(now, oldest, behind, l.last_read.at(now), l.owned_since);
             self.metrics
                 .oldest_uncommitted_age
                 .with_label_values(&labels)
@@ -981,7 +962,7 @@ impl Coordinator {
             self.metrics
                 .seconds_since_commit
                 .with_label_values(&labels)
-                .set((now - r.caught_up_at).as_secs_f64());
+                .set((now - l.caught_up_at).as_secs_f64());
         }
     }
 
