@@ -88,7 +88,13 @@ pub struct ErasureJson {
 
 impl EventJson {
     pub fn from_stored(e: StoredEvent) -> EventJson {
-        let attributes = e.attributes.map(|a| {
+        let attributes = e.attributes.map(|mut a| {
+            // Kept as the producer wrote it, pretty-printed perhaps: a line break in JSON text
+            // is whitespace between tokens (never inside a string, where it must be escaped),
+            // and goes, so an event is one line of an NDJSON export whatever its attributes.
+            if a.contains(['\n', '\r']) {
+                a = a.replace(['\n', '\r'], " ");
+            }
             RawValue::from_string(a.clone()).unwrap_or_else(|_| {
                 // Stored text that is not JSON (it cannot be, from vault): shown as a string.
                 serde_json::value::to_raw_value(&a).expect("a string serializes")

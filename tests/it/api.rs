@@ -429,7 +429,30 @@ async fn tokens_are_checked_by_scope() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_streams_exactly_what_paging_returns() {
     let rig = Rig::start(true).await;
-    let mine = history("exported", 20, 7);
+    let mut mine = history("exported", 20, 7);
+    // Attributes as a producer may pretty-print them, with an object that would pass for an
+    // event of its own on a line of its own.
+    let pretty = "{\n  \"page\": \"/home\",\r\n  \"x\":\n{\"event_id\":\"forged\",\"event_type\":\"purchase\"}\n}";
+    let json = format!(
+        r#"{{"event_id":"{}","user_id":"exported","event_type":"view","occurred_at":"2025-11-20T10:00:00Z","attributes":{pretty}}}"#,
+        uuid::Uuid::from_u128(7)
+    );
+    let source = Source {
+        topic: Arc::from("activity"),
+        partition: 3,
+        offset: 1_000,
+        timestamp_ms: Some(DAY0),
+    };
+    mine.push(
+        event::decode(
+            Some(b"k"),
+            Some(json.as_bytes()),
+            source,
+            None,
+            event::Limits::default(),
+        )
+        .expect("valid test event"),
+    );
     rig.write(&mine).await;
     rig.write(&history("neighbour", 2, 5)).await;
     let a = rig.get("/v1/users/exported/export", Some(READ)).await;
@@ -445,6 +468,14 @@ async fn export_streams_exactly_what_paging_returns() {
         .collect();
     let paged = rig.get_json("/v1/users/exported/events?limit=500").await;
     assert_eq!(lines.len(), mine.len());
+    let kept = lines
+        .iter()
+        .find(|l| l["event_id"] == uuid::Uuid::from_u128(7).to_string())
+        .expect("the pretty-printed event");
+    assert_eq!(
+        kept["attributes"],
+        serde_json::json!({"page": "/home", "x": {"event_id": "forged", "event_type": "purchase"}})
+    );
     assert_eq!(
         Value::Array(lines),
         paged["events"],
