@@ -439,7 +439,8 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready: ScyllaDB answers a read of the schema's tables.
+/// Ready: ScyllaDB answers a one-row read of the index of days (the schema is there, and that
+/// row's replicas answer).
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "ready", content_type = "text/plain"),
               (status = 503, description = "not ready, and why", content_type = "text/plain")))]

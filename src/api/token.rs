@@ -95,7 +95,9 @@ pub fn filters(since: Option<&str>, until: Option<&str>, types: &[String]) -> St
     t.sort_unstable();
     t.dedup();
     let field = |v: Option<&str>| v.map_or_else(|| "-".to_owned(), |v| format!("={v}"));
-    format!("{}\0{}\0{}", field(since), field(until), t.join("\0"))
+    // Each type with its length first: no type, whatever bytes it holds, reads as two.
+    let types: String = t.iter().map(|t| format!("{}:{t}", t.len())).collect();
+    format!("{}\0{}\0{types}", field(since), field(until))
 }
 
 /// Encodes `token` for `user_id` and `filters` (see [`filters`]).
@@ -171,6 +173,25 @@ fn unbase64url(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_tell_every_set_of_types_apart_and_ignore_their_order() {
+        let types = |t: &[&str]| {
+            filters(
+                None,
+                None,
+                &t.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>(),
+            )
+        };
+        assert_ne!(types(&["a", "b"]), types(&["a\0b"]));
+        assert_ne!(types(&["1:a"]), types(&["1", "a"]));
+        assert_ne!(types(&[]), types(&[""]));
+        assert_eq!(types(&["b", "a", "b"]), types(&["a", "b"]));
+        assert_ne!(
+            filters(Some("7d"), None, &[]),
+            filters(None, Some("7d"), &[])
+        );
+    }
 
     fn token() -> PageToken {
         PageToken {

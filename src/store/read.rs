@@ -8,7 +8,8 @@
 //!   key bound (so the driver routes the request to a replica) and the driver's paging.
 //! - **Stop when the page is full.** Days are opened newest first, one at first and then more at
 //!   once (doubling, at most [`DAYS_IN_FLIGHT`]) while the page is still short of events; a page
-//!   reads one event more than it returns, so it knows whether there is a next one.
+//!   reads one event more than it returns, so it knows whether there is a next one. A page is
+//!   full at `limit` events, or once its events pass [`PAGE_BYTES`] (its first always counts).
 //! - **Resume exactly.** The order is the table's clustering order: `occurred_at` descending,
 //!   then `event_id` ascending. A [`Position`] names the last event returned; the next page reads
 //!   the events of the same instant with a greater `event_id`, then everything older, on that day
@@ -41,6 +42,11 @@ pub const DAYS_IN_FLIGHT: usize = 8;
 /// Rows the driver fetches per request when exporting.
 const EXPORT_PAGE_ROWS: i32 = 1000;
 
+/// Bytes of events a page holds at most, past its first event: a page of large events ends
+/// early (with a next page), so its answer stays a few MiB whatever `limit` and the events'
+/// size. Events of a few hundred bytes never reach it below the largest `limit` (1000).
+pub const PAGE_BYTES: usize = 1 << 20;
+
 /// One stored event, as the read side shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
@@ -55,6 +61,13 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
+    /// About how many bytes the event takes in memory and in an answer.
+    pub fn size(&self) -> usize {
+        64 + self.event_type.len()
+            + self.attributes.as_ref().map_or(0, String::len)
+            + self.source_topic.len()
+    }
+
     /// Where a read that returned this event last resumes.
     pub fn position(&self) -> Position {
         Position {
@@ -196,6 +209,9 @@ impl EventReader {
         let mut open = FuturesOrdered::new();
         let (mut window, mut days_done) = (1, false);
         let mut events = Vec::with_capacity(want.min(1024));
+        // Bytes of the events taken, and the count the page returns (fewer than `limit` when
+        // they pass [`PAGE_BYTES`]); one more event than that shows there is a next page.
+        let (mut bytes, mut keep) = (0, limit);
         'days: loop {
             while open.len() < window && !days_done {
                 match days.try_next().await? {
@@ -218,15 +234,17 @@ impl EventReader {
                 if !req.event_types.is_empty() && !req.event_types.contains(&e.event_type) {
                     continue;
                 }
+                bytes += e.size();
                 events.push(e);
-                if events.len() == want {
+                if events.len() > keep || (bytes > PAGE_BYTES && events.len() > 1) {
+                    keep = keep.min(events.len() - 1);
                     break 'days;
                 }
             }
             window = (window * 2).min(DAYS_IN_FLIGHT);
         }
-        let next = if events.len() > limit {
-            events.truncate(limit);
+        let next = if events.len() > keep {
+            events.truncate(keep);
             events.last().map(StoredEvent::position)
         } else {
             None

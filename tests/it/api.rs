@@ -307,6 +307,29 @@ async fn paging_across_days_returns_every_event_once_in_order_without_a_scan() {
     rig.stop().await;
 }
 
+/// A page's answer stays about a MiB whatever the events' size: five events of 300 KB come
+/// in pages of three and two at the default limit, every one once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_large_events_ends_early_and_the_next_one_goes_on() {
+    let rig = Rig::start(true).await;
+    let blob = format!(r#"{{"blob":"{}"}}"#, "x".repeat(300_000));
+    let big: Vec<Event> = (0..5)
+        .map(|i| event("big", "click", DAY0 - i * 60_000, 100 + i as u128, &blob, i))
+        .collect();
+    rig.write(&big).await;
+    let pages = all_pages(&rig, "/v1/users/big/events?limit=100").await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [3, 2]);
+    assert_eq!(
+        pages.concat(),
+        expected(&big.iter().collect::<Vec<_>>()),
+        "every event once, in order"
+    );
+    let one = rig.get_json("/v1/users/big/events?limit=1").await;
+    assert_eq!(ids(&one).len(), 1);
+    assert!(one["next_page_token"].is_string());
+    rig.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_and_type_filters_select_exactly_their_events() {
     let rig = Rig::start(true).await;
