@@ -1271,12 +1271,24 @@ impl Config {
             return Err(bad("batch.max_in_flight", b.max_in_flight, "1 to 1024"));
         }
         let p = &self.pipeline;
-        if p.max_in_flight_bytes < 1 << 20 {
+        if p.max_in_flight_bytes < 1 << 20 || p.max_in_flight_bytes > u32::MAX as usize {
             return Err(bad(
                 "pipeline.max_in_flight_bytes",
                 p.max_in_flight_bytes,
-                "at least 1048576 (1 MiB)",
+                "1048576 (1 MiB) to 4294967295 (4 GiB)",
             ));
+        }
+        for (key, d) in [
+            ("pipeline.revoke_timeout", p.revoke_timeout),
+            ("pipeline.shutdown_timeout", p.shutdown_timeout),
+        ] {
+            if d > Duration::from_secs(3600) {
+                return Err(bad(
+                    key,
+                    humantime::format_duration(d),
+                    "at most 1h, such as \"30s\"",
+                ));
+            }
         }
         if p.persisters == 0 || p.persisters > 4096 {
             return Err(bad("pipeline.persisters", p.persisters, "1 to 4096"));
@@ -1432,8 +1444,12 @@ impl Config {
                 "1024 to 131072 bytes (ScyllaDB warns about batches above 128 KiB, its batch_size_warn_threshold_in_kb, and refuses those above 1 MiB)",
             ));
         }
-        if s.max_concurrent_requests == 0 {
-            return Err(bad("scylla.max_concurrent_requests", 0, "at least 1"));
+        if s.max_concurrent_requests == 0 || s.max_concurrent_requests > 65_536 {
+            return Err(bad(
+                "scylla.max_concurrent_requests",
+                s.max_concurrent_requests,
+                "1 to 65536",
+            ));
         }
         if s.min_concurrent_requests == 0 || s.min_concurrent_requests > s.max_concurrent_requests {
             return Err(bad(
@@ -2477,6 +2493,37 @@ mod tests {
                 ("b.dlq".to_owned(), vec!["b".to_owned()]),
             ])
         );
+    }
+
+    /// Values no instance could run with (an `Instant` overflow in a rebalance callback, a
+    /// semaphore larger than tokio allows, a budget silently capped) are refused, naming the key.
+    #[test]
+    fn extreme_limits_are_refused_with_what_to_fix() {
+        for (bad, key) in [
+            (
+                "pipeline.revoke_timeout=100years",
+                "pipeline.revoke_timeout",
+            ),
+            ("pipeline.shutdown_timeout=2h", "pipeline.shutdown_timeout"),
+            (
+                "pipeline.max_in_flight_bytes=4294967296",
+                "pipeline.max_in_flight_bytes",
+            ),
+            (
+                "scylla.max_concurrent_requests=65537",
+                "scylla.max_concurrent_requests",
+            ),
+        ] {
+            let err = set(&[bad]).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{bad}: {err}");
+        }
+        set(&[
+            "pipeline.revoke_timeout=1h",
+            "pipeline.shutdown_timeout=1h",
+            "pipeline.max_in_flight_bytes=4294967295",
+            "scylla.max_concurrent_requests=65536",
+        ])
+        .unwrap();
     }
 
     #[test]

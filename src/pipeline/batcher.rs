@@ -39,6 +39,11 @@ use crate::pipeline::batch::{Batch, BatchOutcome, InFlightBudget, PartitionHealt
 use crate::pipeline::flush::{FlushPolicy, FlushReason};
 use crate::telemetry::Metrics;
 
+/// Records an open batch reserves room for ahead, at most (about 24 KB): a vector that grows
+/// past it doubles a few times per batch, while a reservation of a whole large batch per
+/// partition would be memory outside the in-flight budget that grows with the partitions.
+const RESERVE_RECORDS: usize = 128;
+
 /// How a partition task ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
@@ -250,11 +255,31 @@ impl PartitionTask {
             // The budget is spent: what this partition holds goes to the persisters (its share
             // comes back once written) and the partition stops reading until there is room.
             self.flush(st, FlushReason::Budget).await;
-            tokio::select! {
-                biased;
-                reason = &mut *stop => return Some(reason.unwrap_or(FlushReason::Shutdown)),
-                () = self.budget.add(&mut st.share, footprint) => {}
+            // One wait for the whole time (it keeps its place in the budget's queue), on a
+            // share of its own: acknowledgements go on meanwhile, so what is durable becomes
+            // committable, and a failure ends the wait.
+            let mut share = st.share.sibling();
+            std::mem::swap(&mut share, &mut st.share);
+            {
+                let added = self.budget.add(&mut share, footprint);
+                tokio::pin!(added);
+                loop {
+                    tokio::select! {
+                        biased;
+                        reason = &mut *stop => return Some(reason.unwrap_or(FlushReason::Shutdown)),
+                        Some((seq, outcome)) = st.acks.next(), if !st.acks.is_empty() => {
+                            self.on_ack(st, seq, outcome);
+                            if st.failure.is_some() {
+                                // The run loop drains and reports the failure; the record,
+                                // never batched, is read again after the restart.
+                                return Some(FlushReason::Shutdown);
+                            }
+                        }
+                        () = &mut added => break,
+                    }
+                }
             }
+            st.share = share;
         }
         if st.open.is_empty() {
             let now = Instant::now();
@@ -279,8 +304,10 @@ impl PartitionTask {
         if st.open.is_empty() {
             return;
         }
-        // The next batch is likely to be about as large as this one.
-        let capacity = st.open.len();
+        // The next batch is likely to be about as large as this one; what it reserves ahead is
+        // capped (records are counted against the in-flight budget as they come, not the room
+        // reserved for them, and every partition has an open batch).
+        let capacity = st.open.len().min(RESERVE_RECORDS);
         if failpoint::hit(
             "batcher::flush",
             &self.topic,
@@ -805,6 +832,60 @@ mod tests {
             (FlushReason::Linger, 2, 1)
         );
         assert_eq!(budget.in_use(), footprint());
+    }
+
+    /// A partition waiting for room still takes its acknowledgements: its durable batches
+    /// become committable (the room they free may go to a partition that waited longer), and a
+    /// failed one ends the wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_waiting_for_room_takes_its_acknowledgements() {
+        let budget = InFlightBudget::new(footprint() * 5 / 2);
+        let mut p = start_with_budget(1, 4, budget.clone());
+        let a = start_with_budget(1, 4, budget.clone());
+        let q = start_with_budget(1, 4, budget.clone());
+        p.records.unbounded_send(Ok(record(0))).unwrap();
+        let p0 = p.batches.recv().await.unwrap();
+        a.records.unbounded_send(Ok(record(100))).unwrap();
+        let _a0 = a.batches.recv().await.unwrap();
+        q.records.unbounded_send(Ok(record(200))).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        p.records.unbounded_send(Ok(record(1))).unwrap();
+        p.records.unbounded_send(Ok(record(2))).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        p0.ack(BatchOutcome::Durable);
+        let q0 = q.batches.recv().await.unwrap();
+        assert_eq!(
+            q0.first_offset, 200,
+            "the room went to q, which waited first"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(p.batches.try_recv().is_err(), "p still waits for room");
+        assert_eq!(
+            p.progress.committable(),
+            Some(1),
+            "p's durable batch is committable"
+        );
+        // The budget frees up; p's next batch fails while p waits again for record 2.
+        q0.ack(BatchOutcome::Durable);
+        let p1 = p.batches.recv().await.unwrap();
+        assert_eq!(p1.first_offset, 1);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!p.task.is_finished(), "p waits for room for record 2");
+        p1.ack(BatchOutcome::Abandoned("refused".into()));
+        let exit = tokio::time::timeout(Duration::from_secs(60), &mut p.task)
+            .await
+            .expect("a failure ends the wait")
+            .unwrap();
+        assert!(
+            matches!(
+                exit,
+                Exit::Failed {
+                    committable: Some(1),
+                    ..
+                }
+            ),
+            "{exit:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,7 +5,8 @@
 //! push it past the limit goes into the next batch), when the partition's writer is idle (no
 //! batch of it in flight: Nagle-style, so at low load an event waits for about one write, not
 //! for `linger`, and under load batches grow while writes are in flight), or when its oldest
-//! event has waited `linger`, the upper bound. Revoke and shutdown flush whatever is open. Every
+//! event has waited `linger`, the upper bound while the partition's in-flight window has room
+//! (full, the batch waits for an acknowledgement). Revoke and shutdown flush whatever is open. Every
 //! flush carries its [`FlushReason`].
 
 use std::time::Duration;

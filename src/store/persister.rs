@@ -15,9 +15,10 @@
 //!   Kafka did not acknowledge;
 //! - a failing partition holds at most its share of write capacity. Each batch is its own task;
 //!   a write attempt holds one of `pipeline.persisters` slots, a backoff sleep holds none, and
-//!   retries (attempts after a failure) also take one of half as many retry slots. So failing
-//!   batches, however many and however long they fail, leave at least half the slots to first
-//!   attempts, and healthy partitions keep flowing;
+//!   retries (attempts after a failure) also take one of half as many retry slots (one, with a
+//!   single persister). So failing batches, however many and however long they fail, leave at
+//!   least half the slots to first attempts (with a single persister, they take turns), and
+//!   healthy partitions keep flowing;
 //! - with `scylla.max_rows_per_second`, each write request of events first waits for its rows in
 //!   the instance's rate limit ([`RowRate`]), holding no slot (nor, in the store, any
 //!   concurrency permit) meanwhile; the wait is part of the attempt that cancellation drops, so
@@ -486,11 +487,17 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 .iter()
                 .filter_map(|&i| pending.get(i).copied())
                 .collect();
+            let mut sent = vec![true; pending.len()];
+            for &i in &failure.unsent {
+                if let Some(s) = sent.get_mut(i) {
+                    *s = false;
+                }
+            }
             let acknowledged: Vec<&DeadLetter> = pending
                 .iter()
-                .enumerate()
-                .filter(|(i, _)| !failure.unsent.contains(i))
-                .map(|(_, d)| *d)
+                .zip(&sent)
+                .filter(|(_, &sent)| sent)
+                .map(|(d, _)| *d)
                 .collect();
             self.count_dead_lettered(batch, &acknowledged);
             pending = unsent;
