@@ -1520,17 +1520,30 @@ impl Config {
                 "a filter such as info or vault=debug",
             ));
         }
+        // A row's TTL is what is left of its retention, and ScyllaDB takes 20 years at most: a
+        // longer retention would expire its rows early.
+        let max_retention = Duration::from_secs(crate::store::retention::MAX_TTL_SECS as u64);
         let mut by_type = std::collections::HashMap::new();
         for (event_type, keep) in &self.retention.event_types {
             let parsed = humantime::parse_duration(keep)
                 .ok()
-                .filter(|d| !d.is_zero())
+                .filter(|d| !d.is_zero() && *d <= max_retention)
                 .ok_or_else(|| ConfigError::Invalid {
                     key: "retention.event_types",
                     value: format!("{event_type} = {keep:?}"),
-                    allowed: "a positive duration such as \"90days\" or \"7years\"".into(),
+                    allowed: "a positive duration up to 7300days (630720000s, ScyllaDB's longest \
+                              TTL), such as \"90days\" or \"7years\""
+                        .into(),
                 })?;
             by_type.insert(event_type.clone(), parsed);
+        }
+        if self.retention.default > max_retention {
+            return Err(ConfigError::Invalid {
+                key: "retention.default",
+                value: humantime::format_duration(self.retention.default).to_string(),
+                allowed: "up to 7300days (630720000s, ScyllaDB's longest TTL), or \"0s\" for none"
+                    .into(),
+            });
         }
         let retention = crate::store::retention::Retention {
             default: (!self.retention.default.is_zero()).then_some(self.retention.default),
@@ -2493,6 +2506,23 @@ mod tests {
                 ("b.dlq".to_owned(), vec!["b".to_owned()]),
             ])
         );
+    }
+
+    #[test]
+    fn a_retention_longer_than_the_longest_ttl_is_refused() {
+        for bad in [
+            "retention.event_types.purchase=30years",
+            "retention.event_types.purchase=20years",
+            "retention.default=7301days",
+        ] {
+            let err = set(&[bad]).unwrap_err().to_string();
+            assert!(err.contains("up to 7300days"), "{bad}: {err}");
+        }
+        set(&[
+            "retention.event_types.purchase=7300days",
+            "retention.default=7years",
+        ])
+        .unwrap();
     }
 
     /// Values no instance could run with (an `Instant` overflow in a rebalance callback, a

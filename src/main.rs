@@ -122,8 +122,8 @@ enum Command {
         /// The user_id.
         #[arg(long, value_parser = args::user_id)]
         user: String,
-        /// Erase rows of messages up to this time (RFC 3339, or a duration before now); default
-        /// now.
+        /// Erase rows of messages up to this time (RFC 3339, or a duration before now; not
+        /// later than now); default now.
         #[arg(long, value_parser = args::time)]
         through: Option<args::Time>,
         /// Who asks, for the record (default: the login name running the command).
@@ -167,6 +167,8 @@ enum DlqCommand {
     /// topic that is not a configured source of it are skipped and counted).
     Replay {
         /// Only this error kind (repeatable), e.g. bad_json, missing_field, invalid_field.
+        /// Without it, every kind but tombstone, which goes back only when named: with
+        /// pipeline.tombstones = "erase", each one erases its user.
         #[arg(long = "kind", value_name = "KIND", value_parser = args::kind)]
         kinds: Vec<String>,
         /// Only events from this time on: RFC 3339, or a duration before now such as 6h.
@@ -299,6 +301,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             dry_run,
         } => {
             let now = chrono::Utc::now().timestamp_millis();
+            if through.is_some_and(|t| t.at(now) > now) {
+                // Its tombstones would shadow the user's activity until then, and the erasure
+                // watermark cannot come down: every write would look the user up until then.
+                usage_error(
+                    "--through is in the future: an erasure covers what happened up to now at \
+                     the latest; give a time not later than now (or leave it out: now)",
+                );
+            }
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             let who = requested_by
                 .unwrap_or_else(|| std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
@@ -326,13 +336,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let to = until.map_or(now, |t| t.at(now));
             let from = since.at(now);
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
-            let (from, to) = vault::tools::query::bounded_range(
-                from,
-                to,
-                now,
-                settings.config.scylla.default_ttl,
-            )
-            .unwrap_or_else(|e| usage_error(e));
+            let (from, to) = vault::tools::query::bounded_range(from, to, now)
+                .unwrap_or_else(|e| usage_error(e));
             runtime()?.block_on(async {
                 let c = &settings.config.scylla;
                 let session = std::sync::Arc::new(scylla_store::connect(c).await?);

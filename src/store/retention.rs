@@ -16,7 +16,7 @@ pub const MAX_TTL_SECS: i64 = 630_720_000;
 /// Retention by event type, with a default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Retention {
-    /// For event types not listed; `None`: kept forever (or for the table's default TTL).
+    /// For event types not listed; `None`: `scylla.default_ttl` from each write (0: forever).
     pub default: Option<Duration>,
     pub by_type: HashMap<String, Duration>,
 }
@@ -24,7 +24,7 @@ pub struct Retention {
 /// How long a write's cells live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ttl {
-    /// No retention applies: the table's `default_time_to_live` (0: forever).
+    /// No retention applies: `scylla.default_ttl` from the write (0: forever).
     Table,
     /// The cells expire after this many seconds (at least 1).
     Seconds(i32),

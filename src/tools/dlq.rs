@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::event::MAX_USER_ID_BYTES;
@@ -37,6 +39,11 @@ pub struct LetterInfo {
     pub timestamp_ms: Option<i64>,
     /// The source message's timestamp (ms) only: `None` when the letter does not carry one.
     pub source_timestamp_ms: Option<i64>,
+    /// The letter's value or key was cut to fit the dead-letter topic
+    /// (`vault.value.truncated`, `vault.key.truncated`): it is not the source message.
+    pub cut: bool,
+    /// Hex SHA-256 of the whole source value, when it was cut (`vault.value.sha256`).
+    pub value_sha256: Option<String>,
 }
 
 impl LetterInfo {
@@ -56,6 +63,10 @@ impl LetterInfo {
                     headers::SOURCE_TOPIC => info.source_topic = v,
                     headers::SOURCE_PARTITION => info.source_partition = v.parse().ok(),
                     headers::SOURCE_OFFSET => info.source_offset = v.parse().ok(),
+                    headers::VALUE_TRUNCATED | headers::KEY_TRUNCATED => {
+                        info.cut |= v == "true";
+                    }
+                    headers::VALUE_SHA256 => info.value_sha256 = Some(v),
                     headers::SOURCE_TIMESTAMP => {
                         if let Ok(t) = v.parse() {
                             info.timestamp_ms = Some(t);
@@ -72,10 +83,12 @@ impl LetterInfo {
 
 /// Calls `each` for every message of `topic`, from the beginning of each partition to the end
 /// offset it had when the scan started (messages arriving meanwhile are not waited for).
-/// Returns how many messages were read. A missing topic reads as empty.
+/// Returns how many messages were read. A topic the cluster does not have reads as empty unless
+/// `must_exist`; any other error of the topic (say, not authorized) fails the scan.
 pub fn scan(
     base: &ClientConfig,
     topic: &str,
+    must_exist: bool,
     mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<(), String>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<u64, String> {
@@ -92,11 +105,25 @@ pub fn scan(
     let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
     let mut total = 0u64;
-    for t in md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-    {
+    let found = md.topics().iter().find(|t| t.name() == topic);
+    match found.and_then(|t| t.error()) {
+        None if found.is_some() => {}
+        None | Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
+            if must_exist {
+                return Err(format!(
+                    "topic {topic} does not exist: check kafka.dead_letter_topic"
+                ));
+            }
+            return Ok(0);
+        }
+        Some(e) => {
+            return Err(format!(
+                "metadata of {topic}: {}",
+                rdkafka::error::RDKafkaErrorCode::from(e)
+            ))
+        }
+    }
+    for t in found.into_iter() {
         for p in t.partitions() {
             let (lo, hi) = consumer
                 .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
@@ -144,6 +171,77 @@ pub fn scan(
     Ok(read)
 }
 
+/// Reads source messages back by their coordinates: the whole message a letter cut to fit the
+/// dead-letter topic stands for, while the source topic still keeps it.
+struct Sources {
+    consumer: BaseConsumer,
+}
+
+impl Sources {
+    fn new(base: &ClientConfig) -> Result<Sources, String> {
+        let mut cfg = base.clone();
+        cfg.set("group.id", "vault-dlq-source-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "error");
+        let consumer = cfg
+            .create()
+            .map_err(|e| format!("Kafka client for source topics: {e}"))?;
+        Ok(Sources { consumer })
+    }
+
+    /// The whole message a cut letter stands for: the one at its source coordinates, if the log
+    /// still holds it and its value has the digest the letter names (`None` otherwise).
+    fn whole(&self, info: &LetterInfo) -> Result<Option<OwnedMessage>, String> {
+        let (Some(partition), Some(offset), Some(digest)) = (
+            info.source_partition,
+            info.source_offset,
+            &info.value_sha256,
+        ) else {
+            return Ok(None);
+        };
+        let topic = info.source_topic.as_str();
+        let (start, end) = self
+            .consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map_err(|e| format!("offsets of {topic}/{partition}: {e}"))?;
+        if offset < start || offset >= end {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(|e| e.to_string())?;
+        self.consumer.assign(&tpl).map_err(|e| e.to_string())?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let message = loop {
+            match self.consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) if m.topic() == topic && m.partition() == partition => {
+                    break (m.offset() == offset).then(|| m.detach());
+                }
+                Some(Ok(_)) => {}
+                // Deleted by retention meanwhile.
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                    break None;
+                }
+                Some(Err(e)) => return Err(format!("reading {topic}/{partition}/{offset}: {e}")),
+                None if std::time::Instant::now() > deadline => {
+                    return Err(format!(
+                        "reading {topic}/{partition}/{offset}: nothing arrived for 30s"
+                    ))
+                }
+                None => {}
+            }
+        };
+        Ok(message.filter(|m| {
+            let hex: String = openssl::sha::sha256(m.payload().unwrap_or_default())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            hex == *digest
+        }))
+    }
+}
+
 /// The header value of each original coordinate a letter names, for the replayed message.
 fn origin_headers(info: &LetterInfo) -> Option<[(&'static str, String); 3]> {
     Some([
@@ -159,7 +257,9 @@ fn origin_headers(info: &LetterInfo) -> Option<[(&'static str, String); 3]> {
 /// Which dead letters to replay.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayFilter {
-    /// Error kinds to replay (`vault.error.kind`); empty: every kind.
+    /// Error kinds to replay (`vault.error.kind`); empty: every kind but [`TOMBSTONE`], which
+    /// goes back only when named (with `pipeline.tombstones = "erase"`, each one erases its
+    /// user).
     pub kinds: Vec<String>,
     /// Only letters whose source timestamp is at or after this (ms since the epoch).
     pub since_ms: Option<i64>,
@@ -169,7 +269,11 @@ pub struct ReplayFilter {
 
 impl ReplayFilter {
     pub fn matches(&self, info: &LetterInfo) -> bool {
-        let kind = self.kinds.is_empty() || self.kinds.contains(&info.kind);
+        let kind = if self.kinds.is_empty() {
+            info.kind != TOMBSTONE
+        } else {
+            self.kinds.contains(&info.kind)
+        };
         let ts = info.timestamp_ms.unwrap_or(i64::MIN);
         kind && self.since_ms.is_none_or(|s| ts >= s) && self.until_ms.is_none_or(|u| ts < u)
     }
@@ -190,10 +294,29 @@ pub struct ReplaySummary {
     /// Selected letters not re-published because their user was erased through a time at or
     /// after the event's (or, for a letter without a timestamp, erased at all).
     pub erased: u64,
+    /// Selected letters cut to fit the dead-letter topic whose whole message was read from its
+    /// source (and re-published, unless erased).
+    pub recovered: u64,
+    /// Selected letters cut to fit the dead-letter topic whose whole message the source no
+    /// longer has (or not with the digest the letter names): not re-published; and the first
+    /// [`CUT_NAMED`] of their coordinates (`topic/partition/offset`).
+    pub cut: u64,
+    pub cut_sources: Vec<String>,
     pub replayed: u64,
     pub dry_run: bool,
     pub elapsed: Duration,
 }
+
+/// The error kind of a dead-lettered tombstone (a key without a value): replayed only when
+/// named.
+pub const TOMBSTONE: &str = "tombstone";
+
+/// The largest message a replay re-publishes (a letter's whole source message included): the
+/// producer's `message.max.bytes`; the broker's own limit still applies.
+pub const MAX_REPLAYED_BYTES: usize = 100_000_000;
+
+/// Cut letters named in a summary, at most.
+const CUT_NAMED: usize = 10;
 
 /// How [`ReplaySummary`] names a letter without a `vault.source.topic` header.
 const NO_SOURCE_TOPIC: &str = "(no vault.source.topic)";
@@ -230,6 +353,29 @@ impl fmt::Display for ReplaySummary {
                 self.erased
             )?;
         }
+        if self.recovered > 0 {
+            writeln!(
+                f,
+                "read whole           {} (cut to fit the dead-letter topic: read again from their source)",
+                self.recovered
+            )?;
+        }
+        if self.cut > 0 {
+            writeln!(
+                f,
+                "skipped              {} (cut to fit the dead-letter topic, and their source no \
+                 longer holds the whole message{})",
+                self.cut,
+                if self.cut_sources.is_empty() {
+                    ""
+                } else {
+                    ", e.g."
+                }
+            )?;
+            for source in &self.cut_sources {
+                writeln!(f, "  {}", escape(source))?;
+            }
+        }
         if self.dry_run {
             write!(f, "replayed             0 (dry run)")
         } else {
@@ -247,7 +393,13 @@ impl fmt::Display for ReplaySummary {
 /// came from, when that is one of `sources` (the configured topics that dead-letter there), with
 /// their original key, value and timestamp, their original coordinates (`vault.source.topic`,
 /// `.partition`, `.offset`) and a [`REPLAYED_FROM`] header. Letters naming another topic are
-/// counted in [`ReplaySummary::refused`] and skipped. Each replayed letter is acknowledged by
+/// counted in [`ReplaySummary::refused`] and skipped. A letter cut to fit the dead-letter topic
+/// is not the message that was read: that one is read again from its source coordinates and
+/// re-published whole when its value has the digest the letter names
+/// ([`ReplaySummary::recovered`]), else skipped ([`ReplaySummary::cut`]). The producer takes
+/// messages up to [`MAX_REPLAYED_BYTES`] (compressed with lz4 unless the configuration says
+/// otherwise, as a large source message likely was), and a missing dead-letter topic is an
+/// error. Each replayed letter is acknowledged by
 /// Kafka (`acks=all`, idempotent producer) before the summary is returned. Running it twice
 /// replays twice, onto the same rows: an event's `event_id`, or the id derived from its original
 /// coordinates, is the same each time.
@@ -270,6 +422,13 @@ pub async fn replay(
     pcfg.set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5");
+    if pcfg.get("message.max.bytes").is_none() {
+        pcfg.set("message.max.bytes", MAX_REPLAYED_BYTES.to_string());
+    }
+    if pcfg.get("compression.type").is_none() && pcfg.get("compression.codec").is_none() {
+        pcfg.set("compression.type", "lz4");
+    }
+    let sources_reader = Sources::new(base)?;
     // Shared, and held here until every delivery has reported: dropping a producer purges
     // what it has not delivered yet.
     let producer: std::sync::Arc<FutureProducer> =
@@ -291,6 +450,7 @@ pub async fn replay(
         let scanned = scan(
             &base,
             &topic,
+            true,
             |m| {
                 let info = LetterInfo::of(m);
                 if !filter.matches(&info) {
@@ -309,7 +469,33 @@ pub async fn replay(
                     *summary.refused.entry(named.to_owned()).or_default() += 1;
                     return Ok(());
                 }
-                if let Some(user) = m.payload().and_then(letter_user) {
+                let whole = if info.cut {
+                    match sources_reader.whole(&info)? {
+                        Some(whole) => {
+                            summary.recovered += 1;
+                            Some(whole)
+                        }
+                        None => {
+                            summary.cut += 1;
+                            if summary.cut_sources.len() < CUT_NAMED {
+                                summary.cut_sources.push(format!(
+                                    "{}/{}/{}",
+                                    info.source_topic,
+                                    info.source_partition.map_or("?".into(), |p| p.to_string()),
+                                    info.source_offset.map_or("?".into(), |o| o.to_string())
+                                ));
+                            }
+                            return Ok(());
+                        }
+                    }
+                } else {
+                    None
+                };
+                let (key, value) = match &whole {
+                    Some(w) => (w.key(), w.payload()),
+                    None => (m.key(), m.payload()),
+                };
+                if let Some(user) = value.and_then(letter_user) {
                     let through = match erasures.get(&user) {
                         Some(t) => *t,
                         None => {
@@ -349,10 +535,10 @@ pub async fn replay(
                 }
                 let mut record: FutureRecord<'_, [u8], [u8]> =
                     FutureRecord::to(&info.source_topic).headers(hdrs);
-                if let Some(k) = m.key() {
+                if let Some(k) = key {
                     record = record.key(k);
                 }
-                if let Some(v) = m.payload() {
+                if let Some(v) = value {
                     record = record.payload(v);
                 }
                 if let Some(ts) = info.timestamp_ms {
@@ -400,7 +586,10 @@ pub async fn replay(
     let summary = scanning.await.map_err(|e| e.to_string())?;
     drop(producer);
     if let Some(e) = first_error {
-        return Err(format!("{e} ({replayed} replayed before it)"));
+        return Err(format!(
+            "{e} ({replayed} other letter(s) acknowledged; once fixed, replay again: the \
+             same letters land on the same rows)"
+        ));
     }
     let mut summary = summary?;
     summary.replayed = replayed;
@@ -440,6 +629,22 @@ mod tests {
             timestamp_ms: Some(ts),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn tombstone_letters_go_back_only_when_named() {
+        let every = ReplayFilter::default();
+        assert!(every.matches(&info("bad_json", 1)));
+        assert!(
+            !every.matches(&info(TOMBSTONE, 1)),
+            "each one would erase its user"
+        );
+        let named = ReplayFilter {
+            kinds: vec![TOMBSTONE.into()],
+            ..Default::default()
+        };
+        assert!(named.matches(&info(TOMBSTONE, 1)));
+        assert!(!named.matches(&info("bad_json", 1)));
     }
 
     #[test]

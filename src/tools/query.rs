@@ -8,7 +8,6 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use std::sync::Arc;
 
@@ -139,22 +138,15 @@ const DAY_MS: i64 = 86_400_000;
 /// The part of `[from_ms, to_ms]` where a stored event can be, and an error when that still
 /// spans more than [`MAX_DAYS`] days. An event's `occurred_at` is at least 2000-01-01 and at
 /// most 24 h after its Kafka timestamp, itself at most 24 h ahead of the clock
-/// ([`crate::event`]); rows older than `ttl` (the table's default TTL, zero for none) are gone.
-pub fn bounded_range(
-    from_ms: i64,
-    to_ms: i64,
-    now_ms: i64,
-    ttl: Duration,
-) -> Result<(i64, i64), String> {
+/// ([`crate::event`]). No retention cuts it: a type's retention may be longer than
+/// `scylla.default_ttl`, and a row kept by that TTL lives for it from its write, whenever it
+/// happened.
+pub fn bounded_range(from_ms: i64, to_ms: i64, now_ms: i64) -> Result<(i64, i64), String> {
     use crate::event::{MAX_FUTURE_SKEW_MS, MIN_OCCURRED_AT_MS};
     if from_ms > to_ms {
         return Err("--since is after --until: give a start before the end".into());
     }
-    let mut earliest = MIN_OCCURRED_AT_MS;
-    if !ttl.is_zero() {
-        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        earliest = earliest.max(now_ms.saturating_sub(ttl_ms));
-    }
+    let earliest = MIN_OCCURRED_AT_MS;
     let latest = now_ms.saturating_add(2 * MAX_FUTURE_SKEW_MS);
     let from = from_ms.max(earliest);
     let to = to_ms.min(latest);
@@ -218,18 +210,20 @@ mod tests {
         let now = 1_764_000_000_000; // 2025-11-24
         let until_9999 = 253_402_214_400_000;
         // --until 9999-12-31 with the default --since 1day: four days, not 2.9 million.
-        let (from, to) = bounded_range(now - DAY_MS, until_9999, now, Duration::ZERO).unwrap();
+        let (from, to) = bounded_range(now - DAY_MS, until_9999, now).unwrap();
         assert_eq!((from, to), (now - DAY_MS, now + 2 * DAY_MS));
-        let err = bounded_range(0, until_9999, now, Duration::ZERO).unwrap_err();
+        let err = bounded_range(0, until_9999, now).unwrap_err();
         assert!(err.contains("at most 366 days"), "{err}");
-        // With a TTL, nothing older than the retention horizon is asked for.
-        let (from, _) = bounded_range(0, now, now, Duration::from_secs(30 * 86_400)).unwrap();
-        assert_eq!(from, now - 30 * DAY_MS);
-        assert!(bounded_range(now, now - 1, now, Duration::ZERO).is_err());
-        let (from, to) =
-            bounded_range(now + 10 * DAY_MS, now + 20 * DAY_MS, now, Duration::ZERO).unwrap();
+        let first = crate::event::MIN_OCCURRED_AT_MS;
+        let (from, _) = bounded_range(0, first + 10 * DAY_MS, now).unwrap();
+        assert_eq!(from, first, "nothing before 2000-01-01");
+        // No retention cuts it: a year-old event may still be stored.
+        let (from, _) = bounded_range(now - 365 * DAY_MS, now, now).unwrap();
+        assert_eq!(from, now - 365 * DAY_MS);
+        assert!(bounded_range(now, now - 1, now).is_err());
+        let (from, to) = bounded_range(now + 10 * DAY_MS, now + 20 * DAY_MS, now).unwrap();
         assert!(from > to, "an empty range reads no day");
-        assert!(bounded_range(now - 365 * DAY_MS, now, now, Duration::ZERO).is_ok());
-        assert!(bounded_range(now - 366 * DAY_MS, now, now, Duration::ZERO).is_err());
+        assert!(bounded_range(now - 365 * DAY_MS, now, now).is_ok());
+        assert!(bounded_range(now - 366 * DAY_MS, now, now).is_err());
     }
 }

@@ -23,7 +23,17 @@ use crate::tools::record;
 pub struct PartitionState {
     pub partition: i32,
     pub committed: Option<i64>,
+    /// The log's start (low watermark) and end.
+    pub start: i64,
     pub end: i64,
+}
+
+impl PartitionState {
+    /// Committed to the end; or nothing to read ever reached it (vault commits a partition
+    /// only once it has read from it).
+    pub fn caught_up(&self) -> bool {
+        self.committed == Some(self.end) || (self.committed.is_none() && self.start == self.end)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -42,7 +52,7 @@ pub struct VerifyReport {
 
 impl VerifyReport {
     pub fn all_committed(&self) -> bool {
-        self.partitions.iter().all(|p| p.committed == Some(p.end))
+        self.partitions.iter().all(PartitionState::caught_up)
     }
 
     pub fn ok(&self) -> bool {
@@ -65,19 +75,15 @@ impl std::fmt::Display for VerifyReport {
         let lag: i64 = self
             .partitions
             .iter()
-            .map(|p| p.end - p.committed.unwrap_or(0))
+            .map(|p| p.end - p.committed.unwrap_or(p.start))
             .sum();
         writeln!(
             f,
-            "partitions           {} (committed == end on all: {}, total lag {lag})",
+            "partitions           {} (committed == end, or empty, on all: {}, total lag {lag})",
             self.partitions.len(),
             self.all_committed()
         )?;
-        for p in self
-            .partitions
-            .iter()
-            .filter(|p| p.committed != Some(p.end))
-        {
+        for p in self.partitions.iter().filter(|p| !p.caught_up()) {
             writeln!(
                 f,
                 "  partition {}: committed {:?}, end {}",
@@ -116,7 +122,7 @@ fn offsets(consumer: &BaseConsumer, topic: &str) -> Result<Vec<PartitionState>, 
     parts
         .iter()
         .map(|&p| {
-            let (_, end) = consumer
+            let (start, end) = consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
                 .map_err(|e| format!("watermarks: {e}"))?;
             let committed = match committed.find_partition(topic, p).map(|e| e.offset()) {
@@ -126,6 +132,7 @@ fn offsets(consumer: &BaseConsumer, topic: &str) -> Result<Vec<PartitionState>, 
             Ok(PartitionState {
                 partition: p,
                 committed,
+                start,
                 end,
             })
         })
@@ -257,9 +264,11 @@ fn read_dead_letters(
     source_topic: &str,
 ) -> Result<HashSet<(i32, i64)>, String> {
     let mut found = HashSet::new();
-    crate::tools::dlq::scan(
+    let mut progress = Progress::new("letters", None);
+    let read = crate::tools::dlq::scan(
         cfg,
         dlq,
+        false,
         |m| {
             let info = LetterInfo::of(m);
             if let (true, Some(p), Some(o)) = (
@@ -271,7 +280,28 @@ fn read_dead_letters(
             }
             Ok(())
         },
-        |_, _| {},
+        |done, total| progress.update(done, &format!("of {total} dead letters scanned")),
     )?;
+    progress.finish(read, "dead letters scanned");
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_nothing_was_ever_written_to_is_caught_up_without_a_commit() {
+        let p = |committed, start, end| PartitionState {
+            partition: 0,
+            committed,
+            start,
+            end,
+        };
+        assert!(p(None, 0, 0).caught_up(), "never written to");
+        assert!(p(None, 7, 7).caught_up(), "everything deleted by retention");
+        assert!(!p(None, 0, 5).caught_up(), "nothing committed, five to read");
+        assert!(p(Some(5), 0, 5).caught_up());
+        assert!(!p(Some(4), 0, 5).caught_up());
+    }
 }

@@ -574,6 +574,134 @@ async fn dlq_replay_never_brings_back_an_erased_users_events() {
     assert_eq!(replayed, ["erased-later-user", "kept-user"]);
 }
 
+/// A letter cut to fit the dead-letter topic is not the message that was read: `vault dlq
+/// replay` reads that one again from its source coordinates and re-publishes it whole, checked
+/// against the digest the letter names; a cut letter whose source does not match is skipped and
+/// named. A dead-letter topic that does not exist is an error, not an empty replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_reads_a_cut_letter_whole_from_its_source() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("replay-cut"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    let (_node, scylla) = scylla_with_schema().await;
+    let blob = "x".repeat(1_500_000);
+    let huge = format!(
+        r#"{{"user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z","attributes":{{"blob":"{blob}"}}}}"#
+    );
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("message.max.bytes", "4000000")
+        .set("compression.type", "lz4")
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .partition(0)
+                .key("u")
+                .payload(&huge),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the broker takes the compressed value");
+    kafka
+        .produce(&topic, &[(0, "u".into(), event_json("u", 1).into_bytes())])
+        .await;
+    let cfg = settings(&kafka.brokers, &topic, &group);
+    let vault = Running::start(cfg.clone(), MemoryStore::new(), kafka_dead_letters(&cfg));
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    vault.stop().await;
+    // A cut letter whose digest is not its source's (forged, or the source rewritten).
+    producer
+        .send(
+            FutureRecord::to(&format!("{topic}.dlq"))
+                .key("u")
+                .payload("{")
+                .headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: headers::ERROR_KIND,
+                            value: Some("too_large"),
+                        })
+                        .insert(Header {
+                            key: headers::SOURCE_TOPIC,
+                            value: Some(&topic),
+                        })
+                        .insert(Header {
+                            key: headers::SOURCE_PARTITION,
+                            value: Some("0"),
+                        })
+                        .insert(Header {
+                            key: headers::SOURCE_OFFSET,
+                            value: Some("1"),
+                        })
+                        .insert(Header {
+                            key: headers::VALUE_TRUNCATED,
+                            value: Some("true"),
+                        })
+                        .insert(Header {
+                            key: headers::VALUE_SHA256,
+                            value: Some("00"),
+                        }),
+                ),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("forged letter");
+    let letters = read_all(&kafka.brokers, &format!("{topic}.dlq")).await;
+    assert_eq!(letters.len(), 2);
+    assert!(
+        letters[0].payload().unwrap().len() < huge.len(),
+        "the letter is cut"
+    );
+
+    let stdout = dlq_replay(
+        &kafka.brokers,
+        &topic,
+        &group,
+        &scylla,
+        &["--kind", "too_large"],
+    );
+    assert!(stdout.contains("read whole           1 "), "{stdout}");
+    assert!(
+        stdout.contains("skipped              1 (cut to fit the dead-letter topic"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!("  {topic}/0/1\n")), "{stdout}");
+    assert!(stdout.contains("replayed             1 in"), "{stdout}");
+    let replayed: Vec<_> = read_all(&kafka.brokers, &topic)
+        .await
+        .into_iter()
+        .filter(|m| {
+            m.headers()
+                .is_some_and(|h| h.iter().any(|h| h.key == vault::tools::dlq::REPLAYED_FROM))
+        })
+        .collect();
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(
+        replayed[0].payload(),
+        Some(huge.as_bytes()),
+        "the whole message"
+    );
+    assert_eq!(replayed[0].key(), Some(&b"u"[..]));
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault"))
+        .args(["dlq", "replay"])
+        .env("VAULT_KAFKA_BROKERS", &kafka.brokers)
+        .env("VAULT_KAFKA_TOPICS", unique("no-letters-yet"))
+        .env("VAULT_KAFKA_GROUP_ID", &group)
+        .env("VAULT_SCYLLA_NODES", &scylla.nodes[0])
+        .env("VAULT_SCYLLA_KEYSPACE", &scylla.keyspace)
+        .output()
+        .expect("run vault dlq replay");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("does not exist"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_dead_letter_topic_stops_start_up_with_what_to_fix() {
     let kafka = Kafka::start();

@@ -305,6 +305,10 @@ fn every_tool_refuses_bad_arguments_with_a_message_and_exit_code_2() {
             &["query", "--user", "u", "--since", "1h", "--until", "2h"],
             "--since is after --until",
         ),
+        (
+            &["forget", "--user", "u", "--through", "2099-01-01T00:00:00Z"],
+            "--through is in the future",
+        ),
         (&["dlq", "replay", "--kind", "Bad Kind"], "error kind"),
         (&["dlq", "replay", "--since", "soon"], "RFC 3339"),
         (
