@@ -5,9 +5,12 @@
 //! - a connection must deliver a request's headers within [`Limits::header_read_timeout`], from
 //!   the moment it opens or goes idle between requests; a partial request or an idle keep-alive
 //!   connection is closed then;
-//! - at most [`Limits::max_connections`] connections are open at once; one more is closed as soon
-//!   as it is accepted, so idle clients cannot exhaust file descriptors and a probe that is
-//!   refused fails fast instead of timing out;
+//! - at most [`Limits::max_connections`] connections are open at once, and at most
+//!   [`Limits::max_connections_per_peer`] from one address; one more is closed as soon as it is
+//!   accepted, so idle clients cannot exhaust file descriptors, one client (a batch job's
+//!   exports, a slow-headers attacker) cannot take every connection from the others, the
+//!   orchestrator's probes included, and a probe that is refused fails fast instead of timing
+//!   out;
 //! - request headers are bounded ([`Limits::max_header_bytes`], [`Limits::max_headers`]: 431
 //!   beyond) and no endpoint takes a body (413), so a connection buffers a bounded amount;
 //! - a connection lives at most [`Limits::max_connection_age`], then finishes its response and
@@ -15,10 +18,12 @@
 //! - on shutdown the server stops accepting at once, lets responses in flight finish for
 //!   [`Limits::shutdown_grace`] and then drops every connection: it never waits for a client.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::{pin, Pin};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -40,6 +45,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
+    /// Connections open at once from one IP address.
+    pub max_connections_per_peer: usize,
     /// Bytes of a request's start line and headers (at least 8192, hyper's smallest buffer).
     pub max_header_bytes: usize,
     /// Header fields of a request.
@@ -55,6 +62,7 @@ impl Default for Limits {
         Limits {
             header_read_timeout: Duration::from_secs(5),
             max_connections: 64,
+            max_connections_per_peer: 32,
             max_header_bytes: 16 * 1024,
             max_headers: 64,
             max_connection_age: Duration::from_secs(60),
@@ -83,16 +91,17 @@ pub async fn serve(
         .max_headers(limits.max_headers);
     let http = Arc::new(http);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let peers = Peers::new(limits.max_connections_per_peer);
     let stop = CancellationToken::new();
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             biased;
             _ = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, most likely: back off instead of spinning.
                     tracing::warn!(error = %e, "Cannot accept an HTTP connection; retrying.");
@@ -103,7 +112,11 @@ pub async fn serve(
                 }
             },
         };
-        // At the cap: close it now rather than let it wait in the backlog or hold a descriptor.
+        // At a cap: close it now rather than let it wait in the backlog or hold a descriptor.
+        let Some(slot) = peers.take(peer.ip()) else {
+            drop(stream);
+            continue;
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             drop(stream);
             continue;
@@ -113,7 +126,7 @@ pub async fn serve(
         let http = http.clone();
         let stop = stop.clone();
         connections.spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             let mut conn = pin!(http.serve_connection(TokioIo::new(stream), service));
             tokio::select! {
                 _ = conn.as_mut() => return,
@@ -132,6 +145,53 @@ pub async fn serve(
     let _ = tokio::time::timeout(limits.shutdown_grace + Duration::from_millis(100), drained).await;
     connections.abort_all();
     Ok(())
+}
+
+/// Connections open by peer address.
+struct Peers {
+    open: Mutex<HashMap<IpAddr, usize>>,
+    max: usize,
+}
+
+/// One connection of a peer; its count goes down when dropped.
+struct PeerSlot {
+    peers: Arc<Peers>,
+    ip: IpAddr,
+}
+
+impl Peers {
+    fn new(max: usize) -> Arc<Peers> {
+        Arc::new(Peers {
+            open: Mutex::new(HashMap::new()),
+            max: max.max(1),
+        })
+    }
+
+    /// A slot for one more connection of `ip`, unless it has its most open.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// The router behind a guard: a request that declares a body is answered 413 and its connection

@@ -300,7 +300,10 @@ mod tests {
         };
         assert!(p(None, 0, 0).caught_up(), "never written to");
         assert!(p(None, 7, 7).caught_up(), "everything deleted by retention");
-        assert!(!p(None, 0, 5).caught_up(), "nothing committed, five to read");
+        assert!(
+            !p(None, 0, 5).caught_up(),
+            "nothing committed, five to read"
+        );
         assert!(p(Some(5), 0, 5).caught_up());
         assert!(!p(Some(4), 0, 5).caught_up());
     }

@@ -18,6 +18,7 @@ fn limits() -> Limits {
     Limits {
         header_read_timeout: Duration::from_millis(300),
         max_connections: 4,
+        max_connections_per_peer: 4,
         max_header_bytes: 8192,
         max_headers: 16,
         max_connection_age: Duration::from_secs(30),
@@ -175,6 +176,53 @@ async fn a_connection_flood_is_capped_and_the_server_recovers() {
     server.await.unwrap().unwrap();
 }
 
+/// A connection from 127.0.0.2 (any 127/8 address is this machine's loopback).
+async fn connect_from_another_peer(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// One client holding its most connections (a batch job's exports, slow headers) leaves the
+/// others room, the orchestrator's probes among them: it alone is refused more.
+#[tokio::test]
+async fn one_peer_cannot_take_every_connection() {
+    let limits = Limits {
+        header_read_timeout: Duration::from_secs(3),
+        max_connections: 4,
+        max_connections_per_peer: 2,
+        ..limits()
+    };
+    let (addr, stop, server) = start(limits).await;
+    let _holders = [
+        served_then_partial(addr).await,
+        served_then_partial(addr).await,
+    ];
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let _ = third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await;
+    let (body, _) = read_until_closed(&mut third, Duration::from_secs(2))
+        .await
+        .expect("the peer's third connection is closed at once");
+    assert!(body.is_empty(), "nothing is served to it: {body:?}");
+    let mut other = connect_from_another_peer(addr).await;
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (body, _) = read_until_closed(&mut other, Duration::from_secs(2))
+        .await
+        .expect("answered");
+    assert!(
+        body.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn headers_and_bodies_are_bounded() {
     let (addr, stop, server) = start(limits()).await;
@@ -234,6 +282,7 @@ async fn shutdown_never_waits_for_a_client() {
     let limits = Limits {
         header_read_timeout: Duration::from_secs(30),
         max_connections: 8,
+        max_connections_per_peer: 8,
         ..limits()
     };
     let (addr, stop, server) = start(limits).await;
