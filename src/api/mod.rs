@@ -139,7 +139,13 @@ async fn track(State(api): State<Arc<Api>>, req: Request, next: Next) -> Respons
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let start = Instant::now();
-    let response = next.run(req).await;
+    let mut response = next.run(req).await;
+    // Every answer echoes what the client sent (a user id, a parameter): never sniffed as
+    // something else.
+    response
+        .headers_mut()
+        .entry(header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(HeaderValue::from_static("nosniff"));
     api.metrics
         .requests
         .with_label_values(&[route.as_str(), response.status().as_str()])

@@ -49,7 +49,11 @@ fn decode(s: &str) -> Option<String> {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' => {
+                // Two hex digits, nothing else (`from_str_radix` alone would take a sign).
                 let hex = s.get(i + 1..i + 3)?;
+                if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
+                    return None;
+                }
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 2;
             }
@@ -140,7 +144,8 @@ impl EventsQuery {
         let (mut since, mut until, mut limit, mut page_token) = (None, None, None, None);
         let mut types: Vec<String> = Vec::new();
         for (name, value) in pairs {
-            if drop_empty && value.trim().is_empty() {
+            let known = ["since", "until", "limit", "page_token", "type"].contains(&name.as_str());
+            if drop_empty && known && value.trim().is_empty() {
                 continue;
             }
             let once = |slot: &Option<String>, p: &'static str| match slot {
@@ -183,6 +188,12 @@ impl EventsQuery {
         }
         let limit = match &limit {
             None => default_limit,
+            Some(l) if !l.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(ApiError::bad(
+                    "limit",
+                    format!("limit={l}: a number of events from 1 to {max_limit}"),
+                ))
+            }
             Some(l) => match l.parse::<usize>() {
                 Ok(n) if (1..=max_limit).contains(&n) => n,
                 Ok(n) if n > max_limit => {
@@ -344,6 +355,18 @@ mod tests {
         );
         assert_eq!(parameter(parse("type=").unwrap_err()), "type");
         assert_eq!(parameter(parse("since=%ZZ").unwrap_err()), "query");
+        assert_eq!(
+            parameter(parse("type=%+1").unwrap_err()),
+            "query",
+            "a sign is no digit"
+        );
+        assert_eq!(parameter(parse("limit=+5").unwrap_err()), "limit");
+        // The page's form sends empty fields, and drops them; an unknown name still counts.
+        let key = PageKey::from_config(&ApiConfig::default());
+        let form =
+            |q: &str| EventsQuery::parse(&pairs(Some(q)).unwrap(), "u", &key, 0, 100, 1000, true);
+        assert!(form("since=&type=&limit=").is_ok());
+        assert_eq!(parameter(form("limt=").unwrap_err()), "query");
         assert_eq!(
             parameter(check_user_id(&"u".repeat(257)).unwrap_err()),
             "user_id"

@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::{delete, get};
 use axum::Router;
 use futures::{StreamExt, TryStreamExt};
@@ -114,6 +116,33 @@ impl EventJson {
     }
 }
 
+/// The `{user_id}` of a route's path. One that does not decode (not UTF-8 once
+/// percent-decoded) is a 400 that says so, as JSON like every other error.
+pub struct UserId(pub String);
+
+/// The answer to a path whose user id does not decode.
+pub struct BadPath(ApiError);
+
+impl IntoResponse for BadPath {
+    fn into_response(self) -> Response<Body> {
+        self.0.into_json()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for UserId {
+    type Rejection = BadPath;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(user_id)) => Ok(UserId(user_id)),
+            Err(e) => Err(BadPath(ApiError::bad(
+                "user_id",
+                format!("the user id in the path cannot be read: {e}"),
+            ))),
+        }
+    }
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -186,7 +215,7 @@ fn parse_query(
 )]
 pub async fn events(
     State(api): State<Arc<Api>>,
-    Path(user_id): Path<String>,
+    UserId(user_id): UserId,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Response<Body> {
@@ -226,7 +255,7 @@ pub async fn events(
 )]
 pub async fn export(
     State(api): State<Arc<Api>>,
-    Path(user_id): Path<String>,
+    UserId(user_id): UserId,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Response<Body> {
@@ -299,7 +328,7 @@ pub async fn export(
 )]
 pub async fn erase(
     State(api): State<Arc<Api>>,
-    Path(user_id): Path<String>,
+    UserId(user_id): UserId,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Response<Body> {
@@ -407,7 +436,7 @@ pub async fn erase(
 )]
 pub async fn page(
     State(api): State<Arc<Api>>,
-    Path(user_id): Path<String>,
+    UserId(user_id): UserId,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Response<Body> {

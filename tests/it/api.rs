@@ -644,12 +644,18 @@ async fn bad_input_is_a_4xx_that_says_what_to_fix() {
     let mut tampered = token.clone().into_bytes();
     tampered[10] = if tampered[10] == b'A' { b'B' } else { b'A' };
     let tampered = String::from_utf8(tampered).unwrap();
-    let cases: [(String, u16, &str, &str); 9] = [
+    let cases: [(String, u16, &str, &str); 10] = [
         (
             format!("/v1/users/{long}/events"),
             400,
             "user_id",
             "1 to 256 bytes",
+        ),
+        (
+            "/v1/users/%FF/events".into(),
+            400,
+            "user_id",
+            "cannot be read",
         ),
         (
             "/v1/users/nobody/events".into(),
@@ -707,6 +713,10 @@ async fn bad_input_is_a_4xx_that_says_what_to_fix() {
             a.header("content-type").as_deref(),
             Some("application/json"),
             "{path}"
+        );
+        assert_eq!(
+            a.header("x-content-type-options").as_deref(),
+            Some("nosniff")
         );
         let body = a.json();
         if !parameter.is_empty() {
