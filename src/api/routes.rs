@@ -162,6 +162,7 @@ async fn read_page(
             event_types: &q.types,
             limit: q.limit,
             after: q.after,
+            max_examined: crate::store::read::EXAMINED_PER_PAGE,
         })
         .await?;
     if page.events.is_empty() && q.after.is_none() && !api.reader.user_exists(user_id).await? {

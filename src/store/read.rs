@@ -9,7 +9,9 @@
 //! - **Stop when the page is full.** Days are opened newest first, one at first and then more at
 //!   once (doubling, at most [`DAYS_IN_FLIGHT`]) while the page is still short of events; a page
 //!   reads one event more than it returns, so it knows whether there is a next one. A page is
-//!   full at `limit` events, or once its events pass [`PAGE_BYTES`] (its first always counts).
+//!   full at `limit` events, or once its events pass [`PAGE_BYTES`] (its first always counts);
+//!   and it ends, full or not, once it has read [`EXAMINED_PER_PAGE`] rows (a type filter that
+//!   few rows match), with a next page that resumes after the last row read.
 //! - **Resume exactly.** The order is the table's clustering order: `occurred_at` descending,
 //!   then `event_id` ascending. A [`Position`] names the last event returned; the next page reads
 //!   the events of the same instant with a greater `event_id`, then everything older, on that day
@@ -41,6 +43,9 @@ pub const DAYS_IN_FLIGHT: usize = 8;
 
 /// Rows the driver fetches per request when exporting.
 const EXPORT_PAGE_ROWS: i32 = 1000;
+
+/// Rows one page reads at most (see [`PageRequest::max_examined`]).
+pub const EXAMINED_PER_PAGE: usize = 20_000;
 
 /// Bytes of events a page holds at most, past its first event: a page of large events ends
 /// early (with a next page), so its answer stays a few MiB whatever `limit` and the events'
@@ -98,6 +103,10 @@ pub struct PageRequest<'a> {
     pub limit: usize,
     /// Resume after this event (from the previous page).
     pub after: Option<Position>,
+    /// Rows a page reads at most ([`EXAMINED_PER_PAGE`]): a type filter that few rows match
+    /// ends the page early, resuming after the last row read, instead of reading the user's
+    /// whole history in one request.
+    pub max_examined: usize,
 }
 
 /// One page of events, newest first, and where the next one starts (`None`: no more events).
@@ -212,6 +221,9 @@ impl EventReader {
         // Bytes of the events taken, and the count the page returns (fewer than `limit` when
         // they pass [`PAGE_BYTES`]); one more event than that shows there is a next page.
         let (mut bytes, mut keep) = (0, limit);
+        // Rows read, and the last of them: a page that reads its most ends there.
+        let (mut examined, mut last_read) = (0usize, None);
+        let mut spent = false;
         'days: loop {
             while open.len() < window && !days_done {
                 match days.try_next().await? {
@@ -231,6 +243,12 @@ impl EventReader {
             };
             let mut rows = rows?;
             while let Some(e) = rows.try_next().await? {
+                examined += 1;
+                if examined > req.max_examined.max(1) {
+                    spent = true;
+                    break 'days;
+                }
+                last_read = Some(e.position());
                 if !req.event_types.is_empty() && !req.event_types.contains(&e.event_type) {
                     continue;
                 }
@@ -246,6 +264,9 @@ impl EventReader {
         let next = if events.len() > keep {
             events.truncate(keep);
             events.last().map(StoredEvent::position)
+        } else if spent {
+            // Every row after the last event, up to the last one read, was filtered out.
+            last_read
         } else {
             None
         };

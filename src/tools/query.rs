@@ -46,6 +46,7 @@ pub async fn user_activity(
             event_types: &[],
             limit,
             after: None,
+            max_examined: crate::store::read::EXAMINED_PER_PAGE,
         })
         .await
         .map_err(|e| e.to_string())?;

@@ -330,6 +330,51 @@ async fn a_page_of_large_events_ends_early_and_the_next_one_goes_on() {
     rig.stop().await;
 }
 
+/// A type filter that few rows match ends a page once it has read its most rows, with a next
+/// page that resumes after the last row read: each request reads a bounded number of rows, and
+/// paging still returns every matching event once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_page_reads_a_bounded_number_of_rows_and_paging_goes_on() {
+    use vault::store::read::{EventReader, PageRequest};
+    let rig = Rig::start(true).await;
+    let mine = history("filtered", 4, 9);
+    rig.write(&mine).await;
+    let reader = EventReader::new(rig.store.session().clone(), &rig.keyspace)
+        .await
+        .unwrap();
+    let types = vec!["purchase".to_owned()];
+    let (mut pages, mut got, mut after) = (0, Vec::new(), None);
+    loop {
+        let page = reader
+            .page(&PageRequest {
+                user_id: "filtered",
+                from_ms: i64::MIN,
+                to_ms: i64::MAX,
+                event_types: &types,
+                limit: 100,
+                after,
+                max_examined: 5,
+            })
+            .await
+            .unwrap();
+        pages += 1;
+        assert!(page.events.len() <= 5);
+        got.extend(page.events.iter().map(|e| e.event_id.to_string()));
+        match page.next {
+            Some(p) => after = Some(p),
+            None => break,
+        }
+        assert!(pages < 100, "paging does not end");
+    }
+    let purchases: Vec<&Event> = mine
+        .iter()
+        .filter(|e| e.event_type() == "purchase")
+        .collect();
+    assert_eq!(got, expected(&purchases), "every purchase once, in order");
+    assert!(pages >= 36 / 5, "{pages} pages of at most 5 rows read each");
+    rig.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_and_type_filters_select_exactly_their_events() {
     let rig = Rig::start(true).await;
