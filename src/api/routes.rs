@@ -163,6 +163,7 @@ async fn read_page(
             limit: q.limit,
             after: q.after,
             max_examined: crate::store::read::EXAMINED_PER_PAGE,
+            max_bytes: crate::store::read::PAGE_BYTES,
         })
         .await?;
     if page.events.is_empty() && q.after.is_none() && !api.reader.user_exists(user_id).await? {

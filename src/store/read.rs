@@ -9,7 +9,8 @@
 //! - **Stop when the page is full.** Days are opened newest first, one at first and then more at
 //!   once (doubling, at most [`DAYS_IN_FLIGHT`]) while the page is still short of events; a page
 //!   reads one event more than it returns, so it knows whether there is a next one. A page is
-//!   full at `limit` events, or once its events pass [`PAGE_BYTES`] (its first always counts);
+//!   full at `limit` events, or once its events pass `max_bytes` ([`PAGE_BYTES`] for the API;
+//!   its first always counts);
 //!   and it ends, full or not, once it has read [`EXAMINED_PER_PAGE`] rows (a type filter that
 //!   few rows match), with a next page that resumes after the last row read.
 //! - **Resume exactly.** The order is the table's clustering order: `occurred_at` descending,
@@ -107,6 +108,8 @@ pub struct PageRequest<'a> {
     /// ends the page early, resuming after the last row read, instead of reading the user's
     /// whole history in one request.
     pub max_examined: usize,
+    /// Bytes of events a page holds at most, past its first ([`PAGE_BYTES`] for an answer).
+    pub max_bytes: usize,
 }
 
 /// One page of events, newest first, and where the next one starts (`None`: no more events).
@@ -219,7 +222,7 @@ impl EventReader {
         let (mut window, mut days_done) = (1, false);
         let mut events = Vec::with_capacity(want.min(1024));
         // Bytes of the events taken, and the count the page returns (fewer than `limit` when
-        // they pass [`PAGE_BYTES`]); one more event than that shows there is a next page.
+        // they pass `max_bytes`); one more event than that shows there is a next page.
         let (mut bytes, mut keep) = (0, limit);
         // Rows read, and the last of them: a page that reads its most ends there.
         let (mut examined, mut last_read) = (0usize, None);
@@ -254,7 +257,7 @@ impl EventReader {
                 }
                 bytes += e.size();
                 events.push(e);
-                if events.len() > keep || (bytes > PAGE_BYTES && events.len() > 1) {
+                if events.len() > keep || (bytes > req.max_bytes && events.len() > 1) {
                     keep = keep.min(events.len() - 1);
                     break 'days;
                 }

@@ -46,7 +46,9 @@ pub async fn user_activity(
             event_types: &[],
             limit,
             after: None,
-            max_examined: crate::store::read::EXAMINED_PER_PAGE,
+            // The whole of --limit, in one read: an operator's tool, not a shared server.
+            max_examined: usize::MAX,
+            max_bytes: usize::MAX,
         })
         .await
         .map_err(|e| e.to_string())?;

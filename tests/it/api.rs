@@ -354,6 +354,7 @@ async fn a_filtered_page_reads_a_bounded_number_of_rows_and_paging_goes_on() {
                 limit: 100,
                 after,
                 max_examined: 5,
+                max_bytes: vault::store::read::PAGE_BYTES,
             })
             .await
             .unwrap();
