@@ -44,6 +44,16 @@ use crate::telemetry::Metrics;
 /// partition would be memory outside the in-flight budget that grows with the partitions.
 const RESERVE_RECORDS: usize = 128;
 
+/// What became of a record given to [`PartitionTask::push`].
+enum Pushed {
+    Batched,
+    /// A stop arrived while it waited: the partition drains.
+    Stopped(FlushReason),
+    /// A batch of the partition failed while it waited: the partition fails at once, as when
+    /// the failure is read in the run loop.
+    Failed(String),
+}
+
 /// How a partition task ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
@@ -174,8 +184,10 @@ impl PartitionTask {
                         }
                     };
                     consumed.inc();
-                    if let Some(reason) = self.push(&mut st, record, &mut linger, &mut stop).await {
-                        break reason;
+                    match self.push(&mut st, record, &mut linger, &mut stop).await {
+                        Pushed::Batched => {}
+                        Pushed::Stopped(reason) => break reason,
+                        Pushed::Failed(reason) => return self.failed(&st, reason),
                     }
                     // Take what is already buffered without another trip through select!, while
                     // the batch has room and the in-flight limit allows.
@@ -184,7 +196,11 @@ impl PartitionTask {
                         match records.next().now_or_never() {
                             Some(Some(Ok(record))) => {
                                 consumed.inc();
-                                stopped = self.push(&mut st, record, &mut linger, &mut stop).await;
+                                match self.push(&mut st, record, &mut linger, &mut stop).await {
+                                    Pushed::Batched => {}
+                                    Pushed::Stopped(reason) => stopped = Some(reason),
+                                    Pushed::Failed(reason) => return self.failed(&st, reason),
+                                }
                             }
                             Some(Some(Err(e))) => {
                                 return self.failed(&st, format!("reading the partition failed: {e}"));
@@ -213,16 +229,17 @@ impl PartitionTask {
         }
     }
 
-    /// Adds a record to the open batch. Returns the stop reason when a stop arrives while the
-    /// partition waits for room in the in-flight budget: the record is then left out (it was
-    /// never part of a batch, so the next reader of the partition reads it again).
+    /// Adds a record to the open batch, unless a stop arrives or a batch of the partition fails
+    /// while it waits (for room in the in-flight budget, or, for an erasure, for every earlier
+    /// batch): the record is then left out (it was never part of a batch, so the next reader of
+    /// the partition reads it again).
     async fn push(
         &self,
         st: &mut State,
         record: Record,
         linger: &mut Pin<&mut tokio::time::Sleep>,
         stop: &mut oneshot::Receiver<FlushReason>,
-    ) -> Option<FlushReason> {
+    ) -> Pushed {
         let size = record.size();
         let erase = matches!(record, Record::Erase(_));
         if erase {
@@ -232,13 +249,12 @@ impl PartitionTask {
             while st.tracker.in_flight() > 0 {
                 tokio::select! {
                     biased;
-                    reason = &mut *stop => return Some(reason.unwrap_or(FlushReason::Shutdown)),
+                    reason = &mut *stop => return Pushed::Stopped(reason.unwrap_or(FlushReason::Shutdown)),
                     Some((seq, outcome)) = st.acks.next() => {
                         self.on_ack(st, seq, outcome);
-                        if st.failure.is_some() {
-                            // The run loop drains and reports the failure; the erasure, never
-                            // batched, is read again after the restart.
-                            return Some(FlushReason::Shutdown);
+                        if let Some(reason) = st.failure.take() {
+                            // The erasure, never batched, is read again after the restart.
+                            return Pushed::Failed(reason);
                         }
                     }
                 }
@@ -266,13 +282,12 @@ impl PartitionTask {
                 loop {
                     tokio::select! {
                         biased;
-                        reason = &mut *stop => return Some(reason.unwrap_or(FlushReason::Shutdown)),
+                        reason = &mut *stop => return Pushed::Stopped(reason.unwrap_or(FlushReason::Shutdown)),
                         Some((seq, outcome)) = st.acks.next(), if !st.acks.is_empty() => {
                             self.on_ack(st, seq, outcome);
-                            if st.failure.is_some() {
-                                // The run loop drains and reports the failure; the record,
-                                // never batched, is read again after the restart.
-                                return Some(FlushReason::Shutdown);
+                            if let Some(reason) = st.failure.take() {
+                                // The record, never batched, is read again after the restart.
+                                return Pushed::Failed(reason);
                             }
                         }
                         () = &mut added => break,
@@ -296,7 +311,7 @@ impl PartitionTask {
         } else if let Some(reason) = self.policy.after_push(st.open.len(), st.open_bytes) {
             self.flush(st, reason).await;
         }
-        None
+        Pushed::Batched
     }
 
     /// Hands the open batch to the persisters and starts tracking it.

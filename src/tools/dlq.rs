@@ -39,17 +39,26 @@ pub struct LetterInfo {
     pub timestamp_ms: Option<i64>,
     /// The source message's timestamp (ms) only: `None` when the letter does not carry one.
     pub source_timestamp_ms: Option<i64>,
-    /// The letter's value or key was cut to fit the dead-letter topic
+    /// The letter's value, or key, was cut to fit the dead-letter topic
     /// (`vault.value.truncated`, `vault.key.truncated`): it is not the source message.
-    pub cut: bool,
+    pub value_cut: bool,
+    pub key_cut: bool,
+    /// The letter has a value (a tombstone's, or a dead-lettered erasure request's, has none).
+    pub has_value: bool,
     /// Hex SHA-256 of the whole source value, when it was cut (`vault.value.sha256`).
     pub value_sha256: Option<String>,
 }
 
 impl LetterInfo {
+    /// Whether the letter was cut to fit the dead-letter topic.
+    pub fn cut(&self) -> bool {
+        self.value_cut || self.key_cut
+    }
+
     pub fn of(m: &BorrowedMessage<'_>) -> LetterInfo {
         let mut info = LetterInfo {
             timestamp_ms: m.timestamp().to_millis(),
+            has_value: m.payload().is_some(),
             ..Default::default()
         };
         if let Some(h) = m.headers() {
@@ -63,9 +72,8 @@ impl LetterInfo {
                     headers::SOURCE_TOPIC => info.source_topic = v,
                     headers::SOURCE_PARTITION => info.source_partition = v.parse().ok(),
                     headers::SOURCE_OFFSET => info.source_offset = v.parse().ok(),
-                    headers::VALUE_TRUNCATED | headers::KEY_TRUNCATED => {
-                        info.cut |= v == "true";
-                    }
+                    headers::VALUE_TRUNCATED => info.value_cut = v == "true",
+                    headers::KEY_TRUNCATED => info.key_cut = v == "true",
                     headers::VALUE_SHA256 => info.value_sha256 = Some(v),
                     headers::SOURCE_TIMESTAMP => {
                         if let Ok(t) = v.parse() {
@@ -190,23 +198,30 @@ impl Sources {
         Ok(Sources { consumer })
     }
 
-    /// The whole message a cut letter stands for: the one at its source coordinates, if the log
-    /// still holds it and its value has the digest the letter names (`None` otherwise).
-    fn whole(&self, info: &LetterInfo) -> Result<Option<OwnedMessage>, String> {
-        let (Some(partition), Some(offset), Some(digest)) = (
-            info.source_partition,
-            info.source_offset,
-            &info.value_sha256,
-        ) else {
-            return Ok(None);
+    /// The whole message the cut `letter` stands for: the one at its source coordinates, when
+    /// the log still holds it and it is the one the letter was cut from (its value has the
+    /// digest the letter names; or, with only the key cut, its value is the letter's and its key
+    /// begins with the letter's). Otherwise why not, for the summary.
+    fn whole(
+        &self,
+        letter: &BorrowedMessage<'_>,
+        info: &LetterInfo,
+    ) -> Result<OwnedMessage, String> {
+        let (Some(partition), Some(offset)) = (info.source_partition, info.source_offset) else {
+            return Err("the letter does not say where its source is".into());
         };
+        if info.value_cut && info.value_sha256.is_none() {
+            return Err("the letter names no digest of its source's value".into());
+        }
         let topic = info.source_topic.as_str();
         let (start, end) = self
             .consumer
             .fetch_watermarks(topic, partition, Duration::from_secs(10))
-            .map_err(|e| format!("offsets of {topic}/{partition}: {e}"))?;
+            .map_err(|e| format!("cannot read the source's offsets: {e}"))?;
         if offset < start || offset >= end {
-            return Ok(None);
+            return Err(format!(
+                "no longer in the source (its log holds offsets {start} to {end})"
+            ));
         }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
@@ -215,30 +230,43 @@ impl Sources {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let message = loop {
             match self.consumer.poll(Duration::from_millis(500)) {
+                // A message of an earlier read of the partition, before the one asked for.
+                Some(Ok(m))
+                    if m.topic() == topic && m.partition() == partition && m.offset() < offset => {}
                 Some(Ok(m)) if m.topic() == topic && m.partition() == partition => {
-                    break (m.offset() == offset).then(|| m.detach());
+                    if m.offset() != offset {
+                        return Err("no longer in the source (compacted away)".into());
+                    }
+                    break m.detach();
                 }
                 Some(Ok(_)) => {}
-                // Deleted by retention meanwhile.
                 Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
-                    break None;
+                    return Err("no longer in the source (deleted meanwhile)".into());
                 }
-                Some(Err(e)) => return Err(format!("reading {topic}/{partition}/{offset}: {e}")),
+                Some(Err(e)) => return Err(format!("cannot read the source: {e}")),
                 None if std::time::Instant::now() > deadline => {
-                    return Err(format!(
-                        "reading {topic}/{partition}/{offset}: nothing arrived for 30s"
-                    ))
+                    return Err("cannot read the source: nothing arrived for 30s".into());
                 }
                 None => {}
             }
         };
-        Ok(message.filter(|m| {
-            let hex: String = openssl::sha::sha256(m.payload().unwrap_or_default())
+        let same = if info.value_cut {
+            let hex: String = openssl::sha::sha256(message.payload().unwrap_or_default())
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect();
-            hex == *digest
-        }))
+            info.value_sha256.as_deref() == Some(hex.as_str())
+        } else {
+            message.payload() == letter.payload()
+                && message
+                    .key()
+                    .unwrap_or_default()
+                    .starts_with(letter.key().unwrap_or_default())
+        };
+        if !same {
+            return Err("the source message there is not the one the letter was cut from".into());
+        }
+        Ok(message)
     }
 }
 
@@ -257,9 +285,10 @@ fn origin_headers(info: &LetterInfo) -> Option<[(&'static str, String); 3]> {
 /// Which dead letters to replay.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayFilter {
-    /// Error kinds to replay (`vault.error.kind`); empty: every kind but [`TOMBSTONE`], which
-    /// goes back only when named (with `pipeline.tombstones = "erase"`, each one erases its
-    /// user).
+    /// Error kinds to replay (`vault.error.kind`); empty: every letter with a value. A letter
+    /// without one ([`TOMBSTONE`]s, and erasure requests dead-lettered for another reason, such
+    /// as `future_timestamp`) goes back only when its kind is named: with
+    /// `pipeline.tombstones = "erase"`, each one erases its user.
     pub kinds: Vec<String>,
     /// Only letters whose source timestamp is at or after this (ms since the epoch).
     pub since_ms: Option<i64>,
@@ -270,7 +299,7 @@ pub struct ReplayFilter {
 impl ReplayFilter {
     pub fn matches(&self, info: &LetterInfo) -> bool {
         let kind = if self.kinds.is_empty() {
-            info.kind != TOMBSTONE
+            info.has_value
         } else {
             self.kinds.contains(&info.kind)
         };
@@ -297,9 +326,9 @@ pub struct ReplaySummary {
     /// Selected letters cut to fit the dead-letter topic whose whole message was read from its
     /// source (and re-published, unless erased).
     pub recovered: u64,
-    /// Selected letters cut to fit the dead-letter topic whose whole message the source no
-    /// longer has (or not with the digest the letter names): not re-published; and the first
-    /// [`CUT_NAMED`] of their coordinates (`topic/partition/offset`).
+    /// Selected letters cut to fit the dead-letter topic whose whole message could not be read
+    /// back (gone from the source, not the one the letter was cut from, or unreadable): not
+    /// re-published; and the first [`CUT_NAMED`] of them (`topic/partition/offset: why`).
     pub cut: u64,
     pub cut_sources: Vec<String>,
     pub replayed: u64,
@@ -363,8 +392,8 @@ impl fmt::Display for ReplaySummary {
         if self.cut > 0 {
             writeln!(
                 f,
-                "skipped              {} (cut to fit the dead-letter topic, and their source no \
-                 longer holds the whole message{})",
+                "skipped              {} (cut to fit the dead-letter topic, and their whole \
+                 message could not be read back from their source{})",
                 self.cut,
                 if self.cut_sources.is_empty() {
                     ""
@@ -469,17 +498,17 @@ pub async fn replay(
                     *summary.refused.entry(named.to_owned()).or_default() += 1;
                     return Ok(());
                 }
-                let whole = if info.cut {
-                    match sources_reader.whole(&info)? {
-                        Some(whole) => {
+                let whole = if info.cut() {
+                    match sources_reader.whole(m, &info) {
+                        Ok(whole) => {
                             summary.recovered += 1;
                             Some(whole)
                         }
-                        None => {
+                        Err(why) => {
                             summary.cut += 1;
                             if summary.cut_sources.len() < CUT_NAMED {
                                 summary.cut_sources.push(format!(
-                                    "{}/{}/{}",
+                                    "{}/{}/{}: {why}",
                                     info.source_topic,
                                     info.source_partition.map_or("?".into(), |p| p.to_string()),
                                     info.source_offset.map_or("?".into(), |o| o.to_string())
@@ -627,17 +656,26 @@ mod tests {
             kind: kind.into(),
             source_topic: "t".into(),
             timestamp_ms: Some(ts),
+            has_value: kind != TOMBSTONE,
             ..Default::default()
         }
     }
 
     #[test]
-    fn tombstone_letters_go_back_only_when_named() {
+    fn letters_without_a_value_go_back_only_when_their_kind_is_named() {
         let every = ReplayFilter::default();
         assert!(every.matches(&info("bad_json", 1)));
         assert!(
             !every.matches(&info(TOMBSTONE, 1)),
             "each one would erase its user"
+        );
+        let future_erasure = LetterInfo {
+            has_value: false,
+            ..info("future_timestamp", 1)
+        };
+        assert!(
+            !every.matches(&future_erasure),
+            "an erasure request, whatever its kind"
         );
         let named = ReplayFilter {
             kinds: vec![TOMBSTONE.into()],

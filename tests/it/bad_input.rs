@@ -651,8 +651,42 @@ async fn dlq_replay_reads_a_cut_letter_whole_from_its_source() {
         )
         .await
         .expect("forged letter");
+    // A letter whose key alone was cut: its value is the source's, and read back whole.
+    let good = event_json("u", 1);
+    producer
+        .send(
+            FutureRecord::to(&format!("{topic}.dlq"))
+                .key("u")
+                .payload(&good)
+                .headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: headers::ERROR_KIND,
+                            value: Some("too_large"),
+                        })
+                        .insert(Header {
+                            key: headers::SOURCE_TOPIC,
+                            value: Some(&topic),
+                        })
+                        .insert(Header {
+                            key: headers::SOURCE_PARTITION,
+                            value: Some("0"),
+                        })
+                        .insert(Header {
+                            key: headers::SOURCE_OFFSET,
+                            value: Some("1"),
+                        })
+                        .insert(Header {
+                            key: headers::KEY_TRUNCATED,
+                            value: Some("true"),
+                        }),
+                ),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("key-cut letter");
     let letters = read_all(&kafka.brokers, &format!("{topic}.dlq")).await;
-    assert_eq!(letters.len(), 2);
+    assert_eq!(letters.len(), 3);
     assert!(
         letters[0].payload().unwrap().len() < huge.len(),
         "the letter is cut"
@@ -665,13 +699,18 @@ async fn dlq_replay_reads_a_cut_letter_whole_from_its_source() {
         &scylla,
         &["--kind", "too_large"],
     );
-    assert!(stdout.contains("read whole           1 "), "{stdout}");
+    assert!(stdout.contains("read whole           2 "), "{stdout}");
     assert!(
         stdout.contains("skipped              1 (cut to fit the dead-letter topic"),
         "{stdout}"
     );
-    assert!(stdout.contains(&format!("  {topic}/0/1\n")), "{stdout}");
-    assert!(stdout.contains("replayed             1 in"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "  {topic}/0/1: the source message there is not the one the letter was cut from\n"
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("replayed             2 in"), "{stdout}");
     let replayed: Vec<_> = read_all(&kafka.brokers, &topic)
         .await
         .into_iter()
@@ -680,7 +719,12 @@ async fn dlq_replay_reads_a_cut_letter_whole_from_its_source() {
                 .is_some_and(|h| h.iter().any(|h| h.key == vault::tools::dlq::REPLAYED_FROM))
         })
         .collect();
-    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed.len(), 2);
+    assert_eq!(
+        replayed[1].payload(),
+        Some(good.as_bytes()),
+        "the key-cut letter"
+    );
     assert_eq!(
         replayed[0].payload(),
         Some(huge.as_bytes()),
