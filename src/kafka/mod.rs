@@ -13,7 +13,7 @@ pub mod resume;
 use std::sync::Arc;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 
 use crate::config::Settings;
 use crate::config::TombstonePolicy;
@@ -157,7 +157,7 @@ pub fn to_record(
             });
         }
     }
-    let origin = msg.headers().and_then(origin_in);
+    let origin = origin_in(|name| header(msg, name).flatten());
     match event::decode(msg.key(), msg.payload(), source(), origin, limits) {
         Ok(e) => Record::Event(e),
         Err(error) => Record::Invalid(DeadLetter {
@@ -176,59 +176,85 @@ fn erasure_user(key: Option<&[u8]>) -> Option<&str> {
     (!user.is_empty() && user.len() <= event::MAX_USER_ID_BYTES).then_some(user)
 }
 
-/// The original coordinates named by a message's `vault.source.*` headers, when all three are
-/// there and are coordinates Kafka could have given: a topic name by Kafka's rule (at most 249
-/// characters), a partition and an offset not below 0. Headers are input like the value: a
-/// megabyte "topic" would otherwise be copied into the message's dead letter, which then fits
-/// no topic.
-pub fn origin_in<H: Headers>(hdrs: &H) -> Option<Origin<'_>> {
-    let (mut topic, mut partition, mut offset) = (None, None, None);
-    for h in hdrs.iter() {
-        let value = || h.value.and_then(|v| std::str::from_utf8(v).ok());
-        match h.key {
-            headers::SOURCE_TOPIC => topic = value().filter(|t| crate::config::is_topic_name(t)),
-            headers::SOURCE_PARTITION => {
-                partition = value().and_then(|v| v.parse().ok()).filter(|p| *p >= 0)
-            }
-            headers::SOURCE_OFFSET => {
-                offset = value().and_then(|v| v.parse().ok()).filter(|o| *o >= 0)
-            }
-            _ => {}
-        }
-    }
+/// The original coordinates named by a message's `vault.source.*` headers (`header(name)`: the
+/// value of its last header of that name), when all three are there and are coordinates Kafka
+/// could have given: a topic name by Kafka's rule (at most 249 characters), a partition and an
+/// offset not below 0. Headers are input like the value: a megabyte "topic" would otherwise be
+/// copied into the message's dead letter, which then fits no topic.
+pub fn origin_in<'a>(header: impl Fn(&str) -> Option<&'a [u8]>) -> Option<Origin<'a>> {
+    let text = |name| header(name).and_then(|v| std::str::from_utf8(v).ok());
     Some(Origin {
-        topic: topic?,
-        partition: partition?,
-        offset: offset?,
+        topic: text(headers::SOURCE_TOPIC).filter(|t| crate::config::is_topic_name(t))?,
+        partition: text(headers::SOURCE_PARTITION)
+            .and_then(|v| v.parse().ok())
+            .filter(|p| *p >= 0)?,
+        offset: text(headers::SOURCE_OFFSET)
+            .and_then(|v| v.parse().ok())
+            .filter(|o| *o >= 0)?,
     })
+}
+
+/// The value of `msg`'s last header named `name`: `None` without one, `Some(None)` for one
+/// without a value. Read by name from librdkafka, never through rdkafka's header iteration,
+/// which panics on a header name that is not UTF-8: a producer may send any bytes there, and a
+/// panic on a message would restart its partition at it, for good.
+pub fn header<'m>(msg: &'m BorrowedMessage<'_>, name: &str) -> Option<Option<&'m [u8]>> {
+    use rdkafka::bindings as rd;
+    // The name, NUL-terminated, without an allocation (vault's header names are short).
+    let mut buf = [0u8; 64];
+    let bytes = name.as_bytes();
+    if bytes.len() >= buf.len() || bytes.contains(&0) {
+        return None;
+    }
+    buf[..bytes.len()].copy_from_slice(bytes);
+    let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    let mut value: *const std::ffi::c_void = std::ptr::null();
+    let mut size = 0usize;
+    // SAFETY: `msg.ptr()` is a live message for `'m`; librdkafka parses its headers once and
+    // keeps them with it, so the value found points into memory the message owns for `'m`.
+    unsafe {
+        if rd::rd_kafka_message_headers(msg.ptr(), &mut hdrs)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            || hdrs.is_null()
+        {
+            return None;
+        }
+        if rd::rd_kafka_header_get_last(hdrs, buf.as_ptr().cast(), &mut value, &mut size)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        {
+            return None;
+        }
+        Some((!value.is_null()).then(|| std::slice::from_raw_parts(value.cast::<u8>(), size)))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use rdkafka::consumer::BaseConsumer;
-    use rdkafka::message::{Header, OwnedHeaders};
 
     use super::*;
 
-    fn with(pairs: &[(&str, &str)]) -> OwnedHeaders {
-        pairs.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
-            h.insert(Header {
-                key,
-                value: Some(*value),
-            })
+    /// The origin `origin_in` reads from headers `pairs` (the last of a name wins).
+    fn origin_of<'a>(pairs: &[(&str, &'a str)]) -> Option<Origin<'a>> {
+        origin_in(|name| {
+            pairs
+                .iter()
+                .rev()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.as_bytes())
         })
     }
 
     #[test]
     fn the_origin_is_read_from_the_source_headers_only_when_all_three_parse() {
-        let full = with(&[
+        let full = origin_of(&[
             (crate::tools::dlq::REPLAYED_FROM, "a.dlq/0/5"),
             (headers::SOURCE_TOPIC, "a"),
             (headers::SOURCE_PARTITION, "3"),
             (headers::SOURCE_OFFSET, "42"),
         ]);
         assert_eq!(
-            origin_in(&full),
+            full,
             Some(Origin {
                 topic: "a",
                 partition: 3,
@@ -236,48 +262,48 @@ mod tests {
             })
         );
         for partial in [
-            with(&[]),
-            with(&[
+            origin_of(&[]),
+            origin_of(&[
                 (headers::SOURCE_TOPIC, "a"),
                 (headers::SOURCE_PARTITION, "3"),
             ]),
-            with(&[
+            origin_of(&[
                 (headers::SOURCE_TOPIC, ""),
                 (headers::SOURCE_PARTITION, "3"),
                 (headers::SOURCE_OFFSET, "42"),
             ]),
-            with(&[
+            origin_of(&[
                 (headers::SOURCE_TOPIC, "a"),
                 (headers::SOURCE_PARTITION, "three"),
                 (headers::SOURCE_OFFSET, "42"),
             ]),
-            with(&[
+            origin_of(&[
                 (headers::SOURCE_TOPIC, "a"),
                 (headers::SOURCE_PARTITION, "3"),
                 (headers::SOURCE_OFFSET, "9223372036854775808"),
             ]),
-            with(&[
+            origin_of(&[
                 (headers::SOURCE_TOPIC, "a"),
                 (headers::SOURCE_PARTITION, "-1"),
                 (headers::SOURCE_OFFSET, "42"),
             ]),
-            with(&[
+            origin_of(&[
                 (headers::SOURCE_TOPIC, "a"),
                 (headers::SOURCE_PARTITION, "3"),
                 (headers::SOURCE_OFFSET, "-2"),
             ]),
-            with(&[
+            origin_of(&[
                 (headers::SOURCE_TOPIC, &"a".repeat(250)),
                 (headers::SOURCE_PARTITION, "3"),
                 (headers::SOURCE_OFFSET, "42"),
             ]),
-            with(&[
+            origin_of(&[
                 (headers::SOURCE_TOPIC, "a/b"),
                 (headers::SOURCE_PARTITION, "3"),
                 (headers::SOURCE_OFFSET, "42"),
             ]),
         ] {
-            assert_eq!(origin_in(&partial), None);
+            assert_eq!(partial, None);
         }
     }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
@@ -61,29 +61,22 @@ impl LetterInfo {
             has_value: m.payload().is_some(),
             ..Default::default()
         };
-        if let Some(h) = m.headers() {
-            for hdr in h.iter() {
-                let v = hdr
-                    .value
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default();
-                match hdr.key {
-                    headers::ERROR_KIND => info.kind = v,
-                    headers::SOURCE_TOPIC => info.source_topic = v,
-                    headers::SOURCE_PARTITION => info.source_partition = v.parse().ok(),
-                    headers::SOURCE_OFFSET => info.source_offset = v.parse().ok(),
-                    headers::VALUE_TRUNCATED => info.value_cut = v == "true",
-                    headers::KEY_TRUNCATED => info.key_cut = v == "true",
-                    headers::VALUE_SHA256 => info.value_sha256 = Some(v),
-                    headers::SOURCE_TIMESTAMP => {
-                        if let Ok(t) = v.parse() {
-                            info.timestamp_ms = Some(t);
-                            info.source_timestamp_ms = Some(t);
-                        }
-                    }
-                    _ => {}
-                }
-            }
+        // By name, never by rdkafka's iteration, which panics on a name that is not UTF-8
+        // (whoever can write the dead-letter topic chooses them).
+        let text = |name| {
+            crate::kafka::header(m, name)
+                .map(|v| String::from_utf8_lossy(v.unwrap_or_default()).into_owned())
+        };
+        info.kind = text(headers::ERROR_KIND).unwrap_or_default();
+        info.source_topic = text(headers::SOURCE_TOPIC).unwrap_or_default();
+        info.source_partition = text(headers::SOURCE_PARTITION).and_then(|v| v.parse().ok());
+        info.source_offset = text(headers::SOURCE_OFFSET).and_then(|v| v.parse().ok());
+        info.value_cut = text(headers::VALUE_TRUNCATED).is_some_and(|v| v == "true");
+        info.key_cut = text(headers::KEY_TRUNCATED).is_some_and(|v| v == "true");
+        info.value_sha256 = text(headers::VALUE_SHA256);
+        if let Some(t) = text(headers::SOURCE_TIMESTAMP).and_then(|v| v.parse().ok()) {
+            info.timestamp_ms = Some(t);
+            info.source_timestamp_ms = Some(t);
         }
         info
     }

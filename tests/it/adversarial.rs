@@ -561,3 +561,81 @@ async fn partitions_whose_writes_keep_failing_leave_memory_to_healthy_ones() {
     assert_eq!(stored(&stuck), stuck_produced, "nothing lost");
     vault.stop().await;
 }
+
+/// A header name that is not UTF-8 (a Go or C producer may send any bytes) is input like any
+/// other: the event it rides on is stored, an invalid one is dead-lettered, and the partition
+/// goes on. rdkafka's header iteration panics on such a name, which would restart the
+/// partition at the message for good; vault reads headers by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_input_like_any_other() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("header-bytes"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    let hostile = || {
+        let headers = rdkafka::message::OwnedHeaders::new();
+        let (name, value) = (b"\xff\xfe", b"x");
+        // SAFETY: the borrowed view of owned headers is their native pointer (rdkafka's own
+        // `as_borrowed`); the name and value are copied by librdkafka.
+        unsafe {
+            let native = headers.as_borrowed() as *const rdkafka::message::BorrowedHeaders
+                as *mut rdkafka::bindings::rd_kafka_headers_t;
+            rdkafka::bindings::rd_kafka_header_add(
+                native,
+                name.as_ptr().cast(),
+                name.len() as isize,
+                value.as_ptr().cast(),
+                value.len() as isize,
+            );
+        }
+        headers
+    };
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .create()
+        .expect("producer");
+    let valid = event_json("u", 1);
+    for value in [valid.as_str(), "not json"] {
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .partition(0)
+                    .key("u")
+                    .payload(value)
+                    .headers(hostile()),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("the broker takes any header name");
+    }
+    kafka
+        .produce(&topic, &[(0, "u".into(), event_json("u", 2).into_bytes())])
+        .await;
+    let cfg = settings(&kafka.brokers, &topic, &group);
+    let (memory, letters) = (MemoryStore::new(), MemoryDeadLetters::default());
+    let vault = Running::start(cfg, memory.clone(), letters.clone());
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    assert!(
+        memory.contains_source(&topic, 0, 0),
+        "the event with the header"
+    );
+    assert!(memory.contains_source(&topic, 0, 2), "the event after it");
+    let dead = letters.letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        (dead[0].error.kind(), dead[0].source.offset),
+        ("bad_json", 1)
+    );
+    assert_eq!(
+        vault
+            .metrics
+            .partition_restarts
+            .with_label_values(&[&topic])
+            .get(),
+        0,
+        "no restart"
+    );
+    vault.stop().await;
+}
