@@ -29,8 +29,10 @@ const SECTIONS: [&str; 8] = [
 ];
 
 /// librdkafka options that vault owns, because the delivery guarantee depends on them.
-const RESERVED_KAFKA_OPTIONS: [(&str, &str); 6] = [
+const RESERVED_KAFKA_OPTIONS: [(&str, &str); 8] = [
     ("bootstrap.servers", "set kafka.brokers instead"),
+    ("session.timeout.ms", "set kafka.session_timeout instead"),
+    ("auto.offset.reset", "set kafka.auto_offset_reset instead"),
     ("group.id", "set kafka.group_id instead"),
     ("group.instance.id", "set kafka.instance_id instead"),
     (
@@ -1253,6 +1255,39 @@ impl Config {
             }
         }
         check_librdkafka_options(&k.options)?;
+        if k.options.get("statistics.interval.ms").map(String::as_str) == Some("0") {
+            return Err(ConfigError::Invalid {
+                key: "kafka.options",
+                value: "statistics.interval.ms = 0".into(),
+                allowed: "a positive interval (vault's default is 5000): the lag and stall \
+                          gauges, and the alerts on them, read the statistics"
+                    .into(),
+            });
+        }
+        // The rebalance callback holds a revoke for this long; past max.poll.interval.ms the
+        // broker would drop the member in the middle of the drain, and its commit with it.
+        let max_poll_ms: u64 = k
+            .options
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300_000);
+        let revoke_wait = crate::pipeline::deadline::Deadlines {
+            revoke_timeout: self.pipeline.revoke_timeout,
+            shutdown_timeout: self.pipeline.shutdown_timeout,
+        }
+        .revoke_reply_wait();
+        if revoke_wait.as_millis() >= u128::from(max_poll_ms) {
+            return Err(bad(
+                "pipeline.revoke_timeout",
+                humantime::format_duration(self.pipeline.revoke_timeout),
+                &format!(
+                    "short enough that a revoke's whole wait ({}, the timeout and the commits \
+                     after it) stays below max.poll.interval.ms ({max_poll_ms} ms): lower it, \
+                     or raise max.poll.interval.ms in kafka.options",
+                    humantime::format_duration(revoke_wait)
+                ),
+            ));
+        }
         let b = &self.batch;
         if b.max_events == 0 || b.max_events > 100_000 {
             return Err(bad("batch.max_events", b.max_events, "1 to 100000"));
@@ -2547,8 +2582,15 @@ mod tests {
             let err = set(&[bad]).unwrap_err().to_string();
             assert!(err.starts_with(key), "{bad}: {err}");
         }
+        let err = set(&["pipeline.revoke_timeout=5m"]).unwrap_err().to_string();
+        assert!(err.contains("max.poll.interval.ms (300000 ms)"), "{err}");
+        let err = set(&["kafka.options.statistics.interval.ms=0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("statistics"), "{err}");
         set(&[
             "pipeline.revoke_timeout=1h",
+            "kafka.options.max.poll.interval.ms=3700000",
             "pipeline.shutdown_timeout=1h",
             "pipeline.max_in_flight_bytes=4294967295",
             "scylla.max_concurrent_requests=65536",
