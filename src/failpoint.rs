@@ -16,6 +16,7 @@
 //! | `dead_letter::produce` | a dead-letter send of a batch | fails it as a broker transport failure |
 //! | `dead_letter::fatal` | a dead-letter send of a batch | raises a librdkafka fatal error in the dead-letter producer first |
 //! | `kafka::seek` | the seek before a restart | fails it |
+//! | `store::reindex` | `migrate`'s fill of the day index (SPEC: the keyspace) | fails it before it writes |
 //! | `kafka::commit` | an offset commit | fails it as refused during a rebalance |
 //! | `coordinator::drain` | draining revoked or stopping partitions | panics the coordinator (the process dies) |
 //! | `kafka::fatal` | the consumer | raises a librdkafka fatal error (SPEC: the consumer group) |

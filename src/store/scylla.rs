@@ -67,6 +67,11 @@ pub const USER_DAYS: &str = "user_days";
 pub const ERASURES: &str = "erasures";
 /// The latest `erased_through` of any erasure, one row (see [`erasure_watermark_cql`]).
 pub const ERASURE_WATERMARK: &str = "erasure_watermark";
+/// Steps of `migrate` that must run to their end (see [`migrations_cql`]).
+pub const MIGRATIONS: &str = "schema_migrations";
+
+/// The migration step that fills the day index from rows written before it existed.
+const REINDEX: &str = "reindex_user_days";
 
 /// `CREATE KEYSPACE` for these settings.
 pub fn keyspace_cql(c: &ScyllaConfig) -> String {
@@ -164,13 +169,27 @@ pub fn erasure_watermark_cql(c: &ScyllaConfig) -> String {
     )
 }
 
+/// Steps of `migrate` that must run to their end, however often they are interrupted: a step
+/// is marked pending before what makes it needed (a column added), and done only once it has
+/// run through, so every later `migrate` runs it again until then.
+pub fn migrations_cql(c: &ScyllaConfig) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {ks}.{MIGRATIONS} (
+    step text PRIMARY KEY,
+    pending boolean
+);",
+        ks = c.keyspace
+    )
+}
+
 /// Every table of the schema, in creation order.
-fn tables_cql(c: &ScyllaConfig) -> [String; 4] {
+fn tables_cql(c: &ScyllaConfig) -> [String; 5] {
     [
         table_cql(c),
         user_days_cql(c),
         erasures_cql(c),
         erasure_watermark_cql(c),
+        migrations_cql(c),
     ]
 }
 
@@ -326,14 +345,16 @@ pub async fn migrate(session: &Session, c: &ScyllaConfig) -> Result<(), StoreErr
     }
     // Tables created before row versions have `ingested_at` (the wall clock at the write) and no
     // `kafka_timestamp`: add it. Old rows keep their `ingested_at`; nothing writes it any more.
-    let mut upgraded = false;
+    // Such a table's rows were written before the day index existed: the index is filled from
+    // them, a step marked pending first, so that an interrupted one runs again.
+    let present = columns(session, &c.keyspace, TABLE).await?;
+    if ADDED_COLUMNS.iter().any(|(column, _)| !present.contains(*column)) {
+        set_pending(session, &c.keyspace, REINDEX, true).await?;
+    }
     for (column, ty) in ADDED_COLUMNS {
         let add = format!("ALTER TABLE {}.{TABLE} ADD {column} {ty}", c.keyspace);
         match session.query_unpaged(add.as_str(), &[]).await {
-            Ok(_) => {
-                upgraded = true;
-                info!(keyspace = %c.keyspace, table = TABLE, column, "Column added.");
-            }
+            Ok(_) => info!(keyspace = %c.keyspace, table = TABLE, column, "Column added."),
             Err(e) if is_existing_column(&e) => {}
             Err(e) => return Err(classify(&e)),
         }
@@ -342,8 +363,7 @@ pub async fn migrate(session: &Session, c: &ScyllaConfig) -> Result<(), StoreErr
         .await_schema_agreement()
         .await
         .map_err(|e| StoreError::Unavailable(format!("schema agreement not reached: {e}")))?;
-    if upgraded {
-        // Rows of the first release were written before the day index existed.
+    if is_pending(session, &c.keyspace, REINDEX).await? {
         reindex_user_days(session, c).await?;
     }
     crate::store::erasure::seed_watermark(session, &c.keyspace).await?;
@@ -351,12 +371,81 @@ pub async fn migrate(session: &Session, c: &ScyllaConfig) -> Result<(), StoreErr
     Ok(())
 }
 
+/// The columns `table` of `keyspace` has, from the schema tables.
+async fn columns(
+    session: &Session,
+    keyspace: &str,
+    table: &str,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        StoreError::Schema(format!("reading the columns of {keyspace}.{table}: {e}"))
+    };
+    let rows = session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns \
+             WHERE keyspace_name = ? AND table_name = ?",
+            (keyspace, table),
+        )
+        .await
+        .map_err(|e| classify(&e))?
+        .into_rows_result()
+        .map_err(|e| bad(&e))?;
+    rows.rows::<(String,)>()
+        .map_err(|e| bad(&e))?
+        .map(|r| r.map(|(c,)| c).map_err(|e| bad(&e)))
+        .collect()
+}
+
+/// Marks migration `step` pending (it must run to its end) or done.
+async fn set_pending(
+    session: &Session,
+    keyspace: &str,
+    step: &str,
+    pending: bool,
+) -> Result<(), StoreError> {
+    session
+        .query_unpaged(
+            format!("INSERT INTO {keyspace}.{MIGRATIONS} (step, pending) VALUES (?, ?)"),
+            (step, pending),
+        )
+        .await
+        .map_err(|e| classify(&e))?;
+    Ok(())
+}
+
+/// Whether migration `step` is marked pending.
+async fn is_pending(session: &Session, keyspace: &str, step: &str) -> Result<bool, StoreError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        StoreError::Schema(format!("reading {keyspace}.{MIGRATIONS}: {e}"))
+    };
+    Ok(session
+        .query_unpaged(
+            format!("SELECT pending FROM {keyspace}.{MIGRATIONS} WHERE step = ?"),
+            (step,),
+        )
+        .await
+        .map_err(|e| classify(&e))?
+        .into_rows_result()
+        .map_err(|e| bad(&e))?
+        .maybe_first_row::<(Option<bool>,)>()
+        .map_err(|e| bad(&e))?
+        .and_then(|(p,)| p)
+        .unwrap_or(false))
+}
+
 /// Puts every `(user_id, day)` that holds rows into the day index, so an erasure finds rows
 /// written before the index existed. Reads the whole table once (paged); index rows go in at
 /// timestamp 0, below every erasure and every version, so it never resurrects or shadows
-/// anything. Idempotent: `vault migrate --reindex` runs it again (after an interrupted upgrade).
+/// anything. Idempotent: `vault migrate` runs it again while its step is pending (an upgrade
+/// interrupted in the middle of it), and `vault migrate --reindex` whenever asked. Marks the
+/// step done once through.
 pub async fn reindex_user_days(session: &Session, c: &ScyllaConfig) -> Result<u64, StoreError> {
     let ks = &c.keyspace;
+    if crate::failpoint::hit("store::reindex", ks, None) {
+        return Err(StoreError::Unavailable(
+            "failpoint store::reindex: the day index's fill was interrupted".into(),
+        ));
+    }
     let mut index = session
         .prepare(format!(
             "INSERT INTO {ks}.{USER_DAYS} (user_id, day) VALUES (?, ?) USING TIMESTAMP 0"
@@ -384,6 +473,7 @@ pub async fn reindex_user_days(session: &Session, c: &ScyllaConfig) -> Result<u6
         indexed += 1;
         last = Some((user, day.0));
     }
+    set_pending(session, ks, REINDEX, false).await?;
     info!(keyspace = %ks, partitions = indexed, "Day index filled from existing rows.");
     Ok(indexed)
 }

@@ -185,7 +185,8 @@ async fn a_correction_wins_over_its_original_whatever_order_the_writes_land_in()
 }
 
 /// A keyspace created by the first release's schema (with `ingested_at`, without
-/// `kafka_timestamp`) and holding data is migrated in place: old rows stay, new ones are written.
+/// `kafka_timestamp`) and holding data is migrated in place: old rows stay, new ones are written,
+/// and the old rows' days are indexed, also when the first migration was interrupted there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_brings_the_first_schema_forward_without_losing_data() {
     let node = node().await;
@@ -215,8 +216,14 @@ async fn migrate_brings_the_first_schema_forward_without_losing_data() {
             .expect("the first schema");
     }
     drop(session);
+    // The upgrade is interrupted in the middle of filling the day index (a pod evicted): the
+    // column is in place, the index is not filled. Every later migration fills it, until done.
+    fail::cfg("store::reindex", &format!("return({ks})")).unwrap();
+    let interrupted = ScyllaStore::connect(&c, true).await;
+    fail::remove("store::reindex");
+    assert!(interrupted.is_err(), "the failpoint fired");
     for _ in 0..2 {
-        // Idempotent: a second migration finds the column in place.
+        // Idempotent: a second migration finds the column in place and the index filled.
         drop(ScyllaStore::connect(&c, true).await.expect("migrate"));
     }
     let store = ScyllaStore::connect(&c, false).await.expect("connect");
