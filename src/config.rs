@@ -2582,7 +2582,9 @@ mod tests {
             let err = set(&[bad]).unwrap_err().to_string();
             assert!(err.starts_with(key), "{bad}: {err}");
         }
-        let err = set(&["pipeline.revoke_timeout=5m"]).unwrap_err().to_string();
+        let err = set(&["pipeline.revoke_timeout=5m"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max.poll.interval.ms (300000 ms)"), "{err}");
         let err = set(&["kafka.options.statistics.interval.ms=0"])
             .unwrap_err()

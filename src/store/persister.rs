@@ -251,6 +251,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
             let failure = match result {
                 Ok(()) => {
                     RetryHold::succeeded(hold);
+                    Failing::recovered(&mut failing);
                     self.metrics
                         .events_stored
                         .with_label_values(&[&batch.topic])
@@ -280,6 +281,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 // The store reports an error but names no row it left unwritten: every row
                 // is durable, so the batch is done, with no retry, backoff or failure counted.
                 RetryHold::succeeded(hold);
+                Failing::recovered(&mut failing);
                 break;
             }
             if failure.error.is_row_error() {
@@ -360,6 +362,7 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 let error = match result {
                     Ok(()) => {
                         RetryHold::succeeded(hold);
+                        Failing::recovered(&mut failing);
                         self.metrics
                             .erasures
                             .with_label_values(&[&*batch.topic])
@@ -568,18 +571,32 @@ fn give_up(last: &str) -> String {
 }
 
 /// A batch whose writes are failing, counted by readiness until dropped.
-struct Failing<'a>(&'a Health);
+struct Failing<'a> {
+    health: &'a Health,
+    /// Its write went through in the end (else it was abandoned).
+    recovered: bool,
+}
 
 impl<'a> Failing<'a> {
     fn began(health: &'a Health) -> Self {
         health.failure_began();
-        Failing(health)
+        Failing {
+            health,
+            recovered: false,
+        }
+    }
+
+    /// The failing batch's write went through, if it was failing.
+    fn recovered(failing: &mut Option<Failing<'_>>) {
+        if let Some(mut f) = failing.take() {
+            f.recovered = true;
+        }
     }
 }
 
 impl Drop for Failing<'_> {
     fn drop(&mut self) {
-        self.0.failure_ended();
+        self.health.failure_ended(self.recovered);
     }
 }
 

@@ -348,7 +348,10 @@ pub async fn migrate(session: &Session, c: &ScyllaConfig) -> Result<(), StoreErr
     // Such a table's rows were written before the day index existed: the index is filled from
     // them, a step marked pending first, so that an interrupted one runs again.
     let present = columns(session, &c.keyspace, TABLE).await?;
-    if ADDED_COLUMNS.iter().any(|(column, _)| !present.contains(*column)) {
+    if ADDED_COLUMNS
+        .iter()
+        .any(|(column, _)| !present.contains(*column))
+    {
         set_pending(session, &c.keyspace, REINDEX, true).await?;
     }
     for (column, ty) in ADDED_COLUMNS {

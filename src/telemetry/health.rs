@@ -14,7 +14,9 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::pipeline::deadline::{DEFAULT_LIVENESS_TIMEOUT, HEARTBEAT_EVERY};
 
@@ -45,7 +47,8 @@ const ENDED: u64 = u64::MAX;
 pub struct Health {
     in_group: AtomicBool,
     shutting_down: AtomicBool,
-    /// Batches whose writes are failing right now, and since when at least one has been.
+    /// Batches whose writes are failing right now, and since when at least one has been with
+    /// none going through.
     failing: Mutex<(usize, Option<Instant>)>,
     /// Batches whose dead letters the topic refuses permanently right now, and the last error.
     refused: Mutex<(usize, String)>,
@@ -134,12 +137,17 @@ impl Health {
         f.1.get_or_insert_with(Instant::now);
     }
 
-    /// A batch that was failing succeeded or was abandoned.
-    pub fn failure_ended(&self) {
+    /// A batch that was failing succeeded (`recovered`) or was abandoned. A success while other
+    /// batches still fail starts their clock again: writes go through, so they are not failing
+    /// continuously (a store that sheds some requests all the time keeps batches failing in
+    /// overlapping turns, and the instance ready).
+    pub fn failure_ended(&self, recovered: bool) {
         let mut f = self.failing.lock().unwrap_or_else(|e| e.into_inner());
         f.0 = f.0.saturating_sub(1);
         if f.0 == 0 {
             f.1 = None;
+        } else if recovered {
+            f.1 = Some(Instant::now());
         }
     }
 
@@ -289,19 +297,31 @@ mod tests {
         hung.abort();
     }
 
-    #[test]
-    fn readiness_follows_group_membership_failures_and_shutdown() {
-        let h = Health::new(Duration::ZERO);
+    #[tokio::test(start_paused = true)]
+    async fn readiness_follows_group_membership_failures_and_shutdown() {
+        let unready_after = Duration::from_secs(60);
+        let past_it = || tokio::time::advance(unready_after + Duration::from_secs(1));
+        let h = Health::new(unready_after);
         assert!(h.not_ready_reason().unwrap().contains("group"));
         h.set_in_group(true);
         assert_eq!(h.not_ready_reason(), None);
         h.failure_began();
         h.failure_began();
-        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(h.not_ready_reason(), None, "not failing for long yet");
+        past_it().await;
         assert!(h.not_ready_reason().unwrap().contains("failing"));
-        h.failure_ended();
-        assert!(h.not_ready_reason().is_some(), "one batch still failing");
-        h.failure_ended();
+        h.failure_ended(false);
+        assert!(
+            h.not_ready_reason().is_some(),
+            "one still failing, one abandoned"
+        );
+        // Batches failing in overlapping turns, one going through: not failing continuously.
+        h.failure_began();
+        h.failure_ended(true);
+        assert_eq!(h.not_ready_reason(), None, "a write went through just now");
+        past_it().await;
+        assert!(h.not_ready_reason().is_some(), "nothing went through since");
+        h.failure_ended(false);
         assert_eq!(h.not_ready_reason(), None);
         h.refusal_began("Broker: Topic authorization failed");
         assert!(h.not_ready_reason().unwrap().contains("authorization"));
