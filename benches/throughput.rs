@@ -405,6 +405,8 @@ impl Bench {
             .envs(self.env(topic))
             .env("VAULT_KAFKA_GROUP_ID", group)
             .env("VAULT_METRICS_ADDR", metrics)
+            // The null-store runs measure the consume side alone, on purpose.
+            .env("VAULT_PIPELINE_ALLOW_NULL_STORE", "true")
             .envs(extra.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

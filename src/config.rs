@@ -254,6 +254,8 @@ pub enum StoreKind {
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
     pub store: StoreKind,
+    /// Accept `store = "null"`, which commits offsets of events it never stores.
+    pub allow_null_store: bool,
     /// Persister tasks (batches written concurrently across all partitions).
     pub persisters: usize,
     /// Memory of records read and not yet durable (open batches and batches being written),
@@ -525,6 +527,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             store: StoreKind::Scylla,
+            allow_null_store: false,
             persisters: 8,
             max_in_flight_bytes: 16 << 20,
             max_event_bytes: 1024 * 1024,
@@ -799,6 +802,18 @@ fn weakenings(c: &Config) -> Vec<Weakening> {
             &dcs,
             "scylla.datacenters names",
         ));
+    }
+    if c.pipeline.store == StoreKind::Null {
+        out.push(Weakening {
+            key: "pipeline.store",
+            value: "null".into(),
+            opt_in: "pipeline.allow_null_store",
+            allowed: c.pipeline.allow_null_store,
+            cost: "every event is acknowledged and its offset committed without being stored \
+                   anywhere (for benchmarks of the consume side only)"
+                .into(),
+            fix: "use \"scylla\" (the default)",
+        });
     }
     let read_uncommitted = c
         .kafka
@@ -1435,6 +1450,16 @@ impl Config {
                 "true while scylla.password is set, or the password crosses the network in \
                  cleartext (set scylla.allow_cleartext_password = true to accept that, e.g. on \
                  a loopback test node)",
+            ));
+        }
+        if !s.password.is_empty() && s.tls && !s.tls_verify && !s.allow_cleartext_password {
+            return Err(bad(
+                "scylla.tls_verify",
+                "false",
+                "true while scylla.password is set: without verifying the nodes' certificates, \
+                 whoever sits between vault and the nodes reads the password (give the nodes' CA \
+                 as scylla.tls_ca_file, or set scylla.allow_cleartext_password = true to accept \
+                 that, e.g. against a self-signed test node)",
             ));
         }
         if s.request_timeout.is_zero() {
@@ -2541,6 +2566,36 @@ mod tests {
                 ("b.dlq".to_owned(), vec!["b".to_owned()]),
             ])
         );
+    }
+
+    #[test]
+    fn a_null_store_and_an_unverified_password_need_their_opt_in() {
+        let err = set(&["pipeline.store=null"]).unwrap_err().to_string();
+        assert!(err.contains("pipeline.allow_null_store = true"), "{err}");
+        let s = set(&["pipeline.store=null", "pipeline.allow_null_store=true"]).unwrap();
+        assert!(
+            s.weakened_guarantees()
+                .iter()
+                .any(|w| w.contains("pipeline.store")),
+            "{:?}",
+            s.weakened_guarantees()
+        );
+        let err = set(&[
+            "scylla.password=x",
+            "scylla.tls=true",
+            "scylla.tls_verify=false",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("scylla.tls_verify"), "{err}");
+        set(&[
+            "scylla.password=x",
+            "scylla.tls=true",
+            "scylla.tls_verify=false",
+            "scylla.allow_cleartext_password=true",
+        ])
+        .unwrap();
+        set(&["scylla.tls=true", "scylla.tls_verify=false"]).unwrap();
     }
 
     #[test]
