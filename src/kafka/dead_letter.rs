@@ -3,10 +3,13 @@
 //! once Kafka has acknowledged its dead letters (`acks=all`, idempotent producer).
 //!
 //! Invariants kept here:
-//! - a dead letter always fits what the dead-letter topic accepts: the value is cut to
+//! - a dead letter fits what the dead-letter topic accepts: the value is cut to
 //!   `kafka.dead_letter_max_bytes` (with headers for its original size and SHA-256, and
 //!   `vault.value.truncated=true`), and cut further, down to nothing, when Kafka still refuses
-//!   it as too large. The `vault.source.*` headers locate the full value in the source topic;
+//!   it as too large; the key is cut to 16 KiB, and the producer batches at most
+//!   `kafka.dead_letter_max_bytes` at once, so a burst of small letters is never refused as one
+//!   batch too large (only a topic whose limit is below the key and headers alone refuses a
+//!   letter for good). The `vault.source.*` headers locate the full value in the source topic;
 //! - header texts are bounded, so no piece of the input of unbounded size is ever echoed;
 //! - a letter is dated when it is produced; its source's timestamp is in
 //!   `vault.source.timestamp`. Dated by its source, the letter of an old message (a lagging or
@@ -241,6 +244,11 @@ impl KafkaDeadLetters {
             .set("message.timeout.ms", "30000");
         if cfg.get("message.max.bytes").is_none() {
             cfg.set("message.max.bytes", max_bytes.max(1000).to_string());
+        }
+        // A batch of letters is one record batch to the broker, which refuses it whole past the
+        // topic's limit: never more than one letter's worth at once.
+        if cfg.get("batch.size").is_none() {
+            cfg.set("batch.size", max_bytes.clamp(1000, 1_000_000).to_string());
         }
         Ok(KafkaDeadLetters {
             producer: Mutex::new(InUse {

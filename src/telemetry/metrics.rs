@@ -180,7 +180,7 @@ impl Metrics {
             ),
             consumer_lag: b.gauge_vec(
                 "vault_consumer_lag",
-                "Messages behind: the partition's end offset minus the committed offset (from librdkafka statistics).",
+                "Messages behind: the partition's end offset minus the committed offset (with nothing committed, minus the position read, or the log start before the first read), from librdkafka statistics.",
                 &["topic", "partition"],
             ),
             oldest_uncommitted_age: b.float_gauge_vec(
@@ -394,6 +394,8 @@ impl Metrics {
         let _ = self.consumer_lag.remove_label_values(&labels);
         let _ = self.consumer_lag_seconds.remove_label_values(&labels);
         let _ = self.log_end_offset.remove_label_values(&labels);
+        // Its new owner counts from its own start; rate() reads the drop as a counter reset.
+        let _ = self.events_consumed.remove_label_values(&labels);
     }
 
     /// The registry in Prometheus text format.
