@@ -6,8 +6,9 @@
 //!
 //! Decoding never panics: every way a message can be wrong is an [`EventError`] naming the field,
 //! and the caller routes it to the dead-letter path. A stored value is one that any JSON reader
-//! can read back: nesting is bounded ([`Limits::max_depth`]) and every `\uXXXX` escape stands
-//! for a character (no unpaired UTF-16 surrogates). Both are checked by one linear pass over
+//! can read back: nesting is bounded ([`Limits::max_depth`]), every number is within an f64's
+//! range, and every `\uXXXX` escape stands for a character (no unpaired UTF-16 surrogates).
+//! All are checked by one linear pass over
 //! the bytes before the parser runs, so a hostile value costs a scan, never recursion.
 //!
 //! Error texts are bounded: an echo of the input is cut at [`ECHO_CHARS`] characters, and no
@@ -421,8 +422,9 @@ pub fn derived_id(origin: Origin<'_>) -> Uuid {
 }
 
 /// One pass over a value's bytes (valid UTF-8) for what the JSON parser lets through but
-/// readers refuse: nesting deeper than `max_depth` (counted outside strings) and `\uXXXX`
-/// escapes that are unpaired UTF-16 surrogates (inside strings, keys included). Encoded
+/// readers refuse: nesting deeper than `max_depth` (counted outside strings), numbers beyond
+/// an f64's range, and `\uXXXX` escapes that are unpaired UTF-16 surrogates (inside strings,
+/// keys included). Encoded
 /// surrogates cannot occur: they are not valid UTF-8. Malformed JSON is left to the parser.
 fn check_structure(bytes: &[u8], max_depth: usize) -> Result<(), EventError> {
     let mut depth = 0usize;
@@ -444,10 +446,33 @@ fn check_structure(bytes: &[u8], max_depth: usize) -> Result<(), EventError> {
                 i += 1;
             }
             b'"' => i = string_end(bytes, i + 1)?,
+            b'-' | b'0'..=b'9' => i = number_end(bytes, i)?,
             _ => i += 1,
         }
     }
     Ok(())
+}
+
+/// Scans a number from `i`; returns the index after it, or an error when it is beyond what an
+/// f64 holds (`1e400`, four hundred digits): most readers refuse such a number (serde_json's
+/// `Value` among them), and the parser in front only skips it. Only a number with an exponent
+/// or more than 300 characters is parsed; the rest cannot overflow.
+fn number_end(bytes: &[u8], i: usize) -> Result<usize, EventError> {
+    let len = bytes[i..]
+        .iter()
+        .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+        .unwrap_or(bytes.len() - i);
+    let token = &bytes[i..i + len];
+    if len > 300 || token.iter().any(|b| matches!(b, b'e' | b'E')) {
+        let text = std::str::from_utf8(token).unwrap_or_default();
+        if text.parse::<f64>().is_ok_and(|n| n.is_infinite()) {
+            return Err(EventError::Json(format!(
+                "number out of range at byte {i} (JSON readers take numbers up to about \
+                 1.8e308): {text}"
+            )));
+        }
+    }
+    Ok(i + len)
 }
 
 /// Scans a string's contents from `i` (just after its opening quote); returns the index after
@@ -713,6 +738,31 @@ mod tests {
     }
 
     const OK: &str = r#""user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z""#;
+
+    /// What is stored must read back with serde_json's `Value` (and readers like it): a number
+    /// beyond an f64 is refused, in `attributes` and in unknown fields alike.
+    #[test]
+    fn numbers_beyond_an_f64_are_refused_and_the_rest_read_back() {
+        let digits = "9".repeat(400);
+        for bad in ["1e400", "-1E+400", "0.5e309", digits.as_str()] {
+            for v in [
+                format!(r#"{{{OK},"attributes":{{"x":{bad}}}}}"#),
+                format!(r#"{{{OK},"extra":[{bad}]}}"#),
+            ] {
+                let err = dec(&v).unwrap_err();
+                assert_eq!(err.kind(), "bad_json", "{bad}: {err}");
+                assert!(err.to_string().contains("out of range"), "{err}");
+            }
+        }
+        for fine in ["1e300", "-1.5e-400", "123456789012345678901234567890", "0", "-0.0"] {
+            let v = format!(r#"{{{OK},"attributes":{{"x":{fine}}},"n":{fine}}}"#);
+            let e = dec(&v).unwrap_or_else(|err| panic!("{fine}: {err}"));
+            serde_json::from_slice::<serde_json::Value>(e.payload()).expect("reads back");
+        }
+        // A string that looks like one is a string.
+        let v = format!(r#"{{{OK},"attributes":{{"x":"1e400"}}}}"#);
+        assert!(dec(&v).is_ok());
+    }
 
     /// `depth` levels of objects around `1`: `{"a":{"a":1}}` is depth 2.
     fn nested(depth: usize) -> String {
