@@ -233,10 +233,18 @@ impl Lineage {
 }
 
 impl Running {
-    /// What the next incarnation inherits from this one.
+    /// What the next incarnation inherits from this one. A stray's ceiling bounds restarts
+    /// until an incarnation knows its own position: one that read nothing and was not sought to
+    /// a durable start (it failed at once) passes it on, so its restart still never starts
+    /// after the stray.
     fn lineage(&self) -> Lineage {
+        let ceiling = if self.progress.resume_at().is_none() {
+            self.lineage.ceiling
+        } else {
+            None
+        };
         Lineage {
-            ceiling: None,
+            ceiling,
             ..self.lineage.clone()
         }
     }
@@ -481,7 +489,7 @@ impl Coordinator {
                         offset,
                     );
                     let mut lineage = r.lineage();
-                    lineage.ceiling = Some(offset);
+                    lineage.ceiling = Some(lineage.ceiling.map_or(offset, |c| c.min(offset)));
                     self.schedule_restart(key, resume_at, lineage);
                 } else if self.restarting.lower(&key, offset) {
                     warn!(topic = %key.0, partition, offset, "Message of a partition waiting for its restart arrived on the main queue; the restart starts at or below it.");
@@ -581,9 +589,9 @@ impl Coordinator {
             (task_key, incarnation, exit)
         });
         self.ids.insert(abort.id(), (key.clone(), incarnation));
-        // Its committed offset as last seen: a commit confirmed since (say, during a restart's
-        // backoff, of what the failed incarnation made durable) is an advance, and resets the
-        // failures.
+        // Its lineage keeps the committed offset as last seen: a commit confirmed since (say,
+        // during a restart's backoff, of what the failed incarnation made durable) is an
+        // advance, and resets the failures.
         if let Some(old) = self.running.insert(
             key,
             Running {

@@ -29,10 +29,11 @@ pub struct PartitionState {
 }
 
 impl PartitionState {
-    /// Committed to the end; or nothing to read ever reached it (vault commits a partition
-    /// only once it has read from it).
+    /// Committed to the end; or the log holds nothing to read (never written to, or emptied by
+    /// retention), where vault may have nothing to commit. Whether what was produced there is
+    /// stored is the rows' check, not this one.
     pub fn caught_up(&self) -> bool {
-        self.committed == Some(self.end) || (self.committed.is_none() && self.start == self.end)
+        self.committed == Some(self.end) || self.start == self.end
     }
 }
 
@@ -300,6 +301,7 @@ mod tests {
         };
         assert!(p(None, 0, 0).caught_up(), "never written to");
         assert!(p(None, 7, 7).caught_up(), "everything deleted by retention");
+        assert!(p(Some(3), 7, 7).caught_up(), "deleted after a commit");
         assert!(
             !p(None, 0, 5).caught_up(),
             "nothing committed, five to read"
