@@ -754,7 +754,13 @@ mod tests {
                 assert!(err.to_string().contains("out of range"), "{err}");
             }
         }
-        for fine in ["1e300", "-1.5e-400", "123456789012345678901234567890", "0", "-0.0"] {
+        for fine in [
+            "1e300",
+            "-1.5e-400",
+            "123456789012345678901234567890",
+            "0",
+            "-0.0",
+        ] {
             let v = format!(r#"{{{OK},"attributes":{{"x":{fine}}},"n":{fine}}}"#);
             let e = dec(&v).unwrap_or_else(|err| panic!("{fine}: {err}"));
             serde_json::from_slice::<serde_json::Value>(e.payload()).expect("reads back");
