@@ -1163,13 +1163,16 @@ impl Config {
         if k.topics.is_empty() {
             return Err(bad("kafka.topics", "", "give at least one topic"));
         }
-        for t in &k.topics {
+        for (i, t) in k.topics.iter().enumerate() {
             if !is_topic_name(t) {
                 return Err(bad(
                     "kafka.topics",
                     t,
                     "topic names are 1-249 characters of [a-zA-Z0-9._-]",
                 ));
+            }
+            if k.topics[..i].contains(t) {
+                return Err(bad("kafka.topics", t, "each topic once"));
             }
         }
         if k.group_id.trim().is_empty() {
@@ -1201,11 +1204,13 @@ impl Config {
                 "at least 1048576 (1 MiB)",
             ));
         }
-        if k.commit_interval.is_zero() {
+        // The stall alerts read a commit older than ten minutes as stuck.
+        if k.commit_interval.is_zero() || k.commit_interval > Duration::from_secs(300) {
             return Err(bad(
                 "kafka.commit_interval",
-                "0s",
-                "a positive duration such as \"1s\"",
+                humantime::format_duration(k.commit_interval),
+                "a positive duration up to 5m, such as \"1s\" (the stall alerts read a \
+                 committed offset unmoved for 10 minutes as stuck)",
             ));
         }
         if k.group_view_interval < Duration::from_secs(1) {
@@ -1270,7 +1275,11 @@ impl Config {
             }
         }
         check_librdkafka_options(&k.options)?;
-        if k.options.get("statistics.interval.ms").map(String::as_str) == Some("0") {
+        if k.options
+            .get("statistics.interval.ms")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            == Some(0)
+        {
             return Err(ConfigError::Invalid {
                 key: "kafka.options",
                 value: "statistics.interval.ms = 0".into(),
@@ -1286,12 +1295,17 @@ impl Config {
             .get("max.poll.interval.ms")
             .and_then(|v| v.parse().ok())
             .unwrap_or(300_000);
-        let revoke_wait = crate::pipeline::deadline::Deadlines {
-            revoke_timeout: self.pipeline.revoke_timeout,
-            shutdown_timeout: self.pipeline.shutdown_timeout,
-        }
-        .revoke_reply_wait();
-        if revoke_wait.as_millis() >= u128::from(max_poll_ms) {
+        // Past an hour it is refused below, where the bound is checked (and the sum could
+        // overflow).
+        let revoke_wait = (self.pipeline.revoke_timeout <= Duration::from_secs(3600)).then(|| {
+            crate::pipeline::deadline::Deadlines {
+                revoke_timeout: self.pipeline.revoke_timeout,
+                shutdown_timeout: self.pipeline.shutdown_timeout,
+            }
+            .revoke_reply_wait()
+        });
+        if let Some(revoke_wait) = revoke_wait.filter(|w| w.as_millis() >= u128::from(max_poll_ms))
+        {
             return Err(bad(
                 "pipeline.revoke_timeout",
                 humantime::format_duration(self.pipeline.revoke_timeout),
@@ -2637,6 +2651,10 @@ mod tests {
             let err = set(&[bad]).unwrap_err().to_string();
             assert!(err.starts_with(key), "{bad}: {err}");
         }
+        let err = set(&["kafka.topics=a,b,a"]).unwrap_err().to_string();
+        assert!(err.contains("each topic once"), "{err}");
+        let err = set(&["kafka.commit_interval=11m"]).unwrap_err().to_string();
+        assert!(err.starts_with("kafka.commit_interval"), "{err}");
         let err = set(&["pipeline.revoke_timeout=5m"])
             .unwrap_err()
             .to_string();
@@ -2645,6 +2663,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("statistics"), "{err}");
+        let err = set(&["pipeline.revoke_timeout=18446744073709551615s"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 1h"), "{err}");
         set(&[
             "pipeline.revoke_timeout=1h",
             "kafka.options.max.poll.interval.ms=3700000",

@@ -468,7 +468,8 @@ fn number_end(bytes: &[u8], i: usize) -> Result<usize, EventError> {
         if text.parse::<f64>().is_ok_and(|n| n.is_infinite()) {
             return Err(EventError::Json(format!(
                 "number out of range at byte {i} (JSON readers take numbers up to about \
-                 1.8e308): {text}"
+                 1.8e308): {}",
+                excerpt(text)
             )));
         }
     }
@@ -752,6 +753,7 @@ mod tests {
                 let err = dec(&v).unwrap_err();
                 assert_eq!(err.kind(), "bad_json", "{bad}: {err}");
                 assert!(err.to_string().contains("out of range"), "{err}");
+                assert!(err.to_string().len() < 300, "the echo is cut: {err}");
             }
         }
         for fine in [

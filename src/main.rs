@@ -602,6 +602,14 @@ async fn run(settings: vault::Settings, migrate: bool) -> anyhow::Result<()> {
         async move {
             vault::shutdown_signal().await;
             shutdown.cancel();
+            // A second signal (a second Ctrl-C) cuts the drain short: nothing is lost, since
+            // nothing past what is durable was committed; the next owner reads the rest again.
+            vault::shutdown_signal().await;
+            tracing::warn!(
+                "Second shutdown signal: exiting now, without waiting for the drain; what was \
+                 not committed is read again by the partitions' next owner."
+            );
+            std::process::exit(130);
         }
     });
     let dead_letters = KafkaDeadLetters::new(

@@ -7,7 +7,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
-use axum::response::IntoResponse;
 use axum::routing::{delete, get};
 use axum::Router;
 use futures::{StreamExt, TryStreamExt};
@@ -116,30 +115,26 @@ impl EventJson {
     }
 }
 
-/// The `{user_id}` of a route's path. One that does not decode (not UTF-8 once
-/// percent-decoded) is a 400 that says so, as JSON like every other error.
-pub struct UserId(pub String);
-
-/// The answer to a path whose user id does not decode.
-pub struct BadPath(ApiError);
-
-impl IntoResponse for BadPath {
-    fn into_response(self) -> Response<Body> {
-        self.0.into_json()
-    }
-}
+/// The `{user_id}` of a route's path, or why it cannot be read (not UTF-8 once
+/// percent-decoded): the handler checks the caller first, then answers that as any other bad
+/// input (a JSON 400, or the page's HTML one).
+pub struct UserId(pub Result<String, ApiError>);
 
 impl<S: Send + Sync> FromRequestParts<S> for UserId {
-    type Rejection = BadPath;
+    type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match Path::<String>::from_request_parts(parts, state).await {
-            Ok(Path(user_id)) => Ok(UserId(user_id)),
-            Err(e) => Err(BadPath(ApiError::bad(
-                "user_id",
-                format!("the user id in the path cannot be read: {e}"),
-            ))),
-        }
+        Ok(UserId(
+            Path::<String>::from_request_parts(parts, state)
+                .await
+                .map(|Path(user_id)| user_id)
+                .map_err(|e| {
+                    ApiError::bad(
+                        "user_id",
+                        format!("the user id in the path cannot be read: {e}"),
+                    )
+                }),
+        ))
     }
 }
 
@@ -225,6 +220,7 @@ pub async fn events(
         api.settings
             .tokens
             .check(&headers, Scope::Read, Presented::Bearer)?;
+        let user_id = user_id?;
         let q = parse_query(&api, &user_id, raw.as_deref(), false)?;
         let (events, next) = read_page(&api, &user_id, &q).await?;
         let page = EventsPage {
@@ -265,6 +261,7 @@ pub async fn export(
         api.settings
             .tokens
             .check(&headers, Scope::Read, Presented::Bearer)?;
+        let user_id = user_id?;
         params::check_user_id(&user_id)?;
         if let Some((name, _)) = params::pairs(raw.as_deref())?.first() {
             return Err(ApiError::bad(
@@ -339,6 +336,7 @@ pub async fn erase(
             .settings
             .tokens
             .check(&headers, Scope::Admin, Presented::Bearer)?;
+        let user_id = user_id?;
         params::check_user_id(&user_id)?;
         let now = now_ms();
         let (mut through, mut who, mut dry_run) = (now, None, false);
@@ -446,6 +444,7 @@ pub async fn page(
         api.settings
             .tokens
             .check(&headers, Scope::Read, Presented::BearerOrBasic)?;
+        let user_id = user_id?;
         let q = parse_query(&api, &user_id, raw.as_deref(), true)?;
         let (events, next) = read_page(&api, &user_id, &q).await?;
         Ok::<_, ApiError>(html::html_response(

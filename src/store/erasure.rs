@@ -344,6 +344,15 @@ pub async fn forget(
     let user = erasure.user_id.as_str();
     let at = tombstone_timestamp(erasure.through_ms);
     let key = (user, CqlTimestamp(erasure.requested_at_ms));
+    // Rows an earlier release wrote before the day index existed are found only once the
+    // upgrade's fill of the index has run through.
+    if crate::store::scylla::reindex_pending(session, ks).await? {
+        return Err(StoreError::Schema(
+            "the index of users' days is still to be filled from an earlier release's rows (an \
+             upgrade's `vault migrate` did not finish): run `vault migrate`, then erase again"
+                .into(),
+        ));
+    }
     if !dry_run {
         // Recorded first (its partitions once known), with the watermark, and known to this
         // store at once: from then on the write path keeps the user's rows up to `through`

@@ -288,6 +288,8 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 // The database rejects these rows as such: retrying cannot help. They go to the
                 // dead-letter path with the store's reason, the rest of the batch is done.
                 warn!(topic = %batch.topic, partition = batch.partition, rows = unwritten.len(), error = %failure.error, "Store rejected rows; dead-lettering them.");
+                // The store answered for every row: the write went through.
+                Failing::recovered(&mut failing);
                 dead.extend(
                     unwritten
                         .iter()

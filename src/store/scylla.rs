@@ -416,6 +416,12 @@ async fn set_pending(
     Ok(())
 }
 
+/// Whether the day index is still to be filled from rows written before it existed (an
+/// upgrade's `migrate` did not finish): an erasure would miss those days.
+pub async fn reindex_pending(session: &Session, keyspace: &str) -> Result<bool, StoreError> {
+    is_pending(session, keyspace, REINDEX).await
+}
+
 /// Whether migration `step` is marked pending.
 async fn is_pending(session: &Session, keyspace: &str, step: &str) -> Result<bool, StoreError> {
     let bad = |e: &dyn std::fmt::Display| {

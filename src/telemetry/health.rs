@@ -48,7 +48,7 @@ pub struct Health {
     in_group: AtomicBool,
     shutting_down: AtomicBool,
     /// Batches whose writes are failing right now, and since when at least one has been with
-    /// none going through.
+    /// no failing batch going through.
     failing: Mutex<(usize, Option<Instant>)>,
     /// Batches whose dead letters the topic refuses permanently right now, and the last error.
     refused: Mutex<(usize, String)>,

@@ -334,7 +334,7 @@ async fn a_final_commit_refused_during_a_rebalance_is_sent_again() {
     kafka.create_source_topic(&topic, partitions).await;
     let mut cfg = settings(&kafka.brokers, &topic, &group);
     // No periodic commit in this test's time: only the shutdown commit commits.
-    cfg.kafka.commit_interval = Duration::from_secs(3600);
+    cfg.kafka.commit_interval = Duration::from_secs(300);
     let store = MemoryStore::new();
     let vault = Running::start(cfg, store.clone(), MemoryDeadLetters::default());
     let produced: BTreeSet<_> = kafka

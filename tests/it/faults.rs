@@ -12,7 +12,7 @@ use vault::store::scylla::ScyllaStore;
 use vault_sandbox::cql::{CqlNode, Fault, FaultKind};
 
 use crate::common::{
-    env_or, settings, spawn_vault, stop_gracefully, unique, Kafka, ProcessRig, Running,
+    env_or, settings, spawn_vault, stop_gracefully, unique, wait_until, Kafka, ProcessRig, Running,
 };
 
 /// `(partition, offset)` of every row in the node's user_activity table.
@@ -229,5 +229,87 @@ async fn kill_9_at_random_moments_loses_nothing() {
         "lost events after kill -9 (logs in {})",
         dir.display()
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A second SIGTERM (a second Ctrl-C) while a stop waits for writes that keep failing exits at
+/// once, with 130, instead of after `pipeline.shutdown_timeout`; and loses nothing: no offset
+/// moved past what was stored, so the next process stores the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_at_once_and_loses_nothing() {
+    let ProcessRig {
+        kafka,
+        node,
+        topic,
+        group,
+        keyspace,
+        dir,
+        env,
+    } = ProcessRig::start("second-signal", 1).await;
+    let probe = kafka.probe(&group);
+    let log = dir.join("vault-0.log");
+    let (mut child, metrics) = spawn_vault(&env, &log);
+    kafka.produce_events(&topic, 1, 0, 100).await;
+    probe
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    // Every write fails from now on: a stop would wait for them for shutdown_timeout (30 s).
+    node.inject(Fault::new(FaultKind::WriteTimeout).matching("INSERT"));
+    kafka.produce_events(&topic, 1, 100, 100).await;
+    let term = |pid: u32| {
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill -TERM");
+    };
+    let logged = |what: &'static str| {
+        let log = log.clone();
+        move || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            async move { text.contains(what).then_some(()).ok_or(String::new()) }
+        }
+    };
+    wait_until(
+        "a write failing",
+        Duration::from_secs(30),
+        logged("Batch write failed"),
+    )
+    .await;
+    term(child.id());
+    wait_until("the first signal taken", Duration::from_secs(10), || {
+        let ready = crate::common::http_get(&metrics, "/readyz");
+        async move {
+            match ready {
+                Ok((503, body)) if body.contains("shutting down") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    let second = std::time::Instant::now();
+    term(child.id());
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            second.elapsed() < Duration::from_secs(10),
+            "still draining 10 s after the second signal"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(
+        probe.committed(&topic, 1).await,
+        [Some(100)],
+        "nothing committed past what was stored"
+    );
+    node.clear_faults();
+    let (child, _) = spawn_vault(&env, &dir.join("vault-1.log"));
+    probe
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    assert_eq!(stored(&node, &keyspace).len(), 200, "every event stored");
+    stop_gracefully(child, "the next vault to exit 0 on SIGTERM").await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -222,6 +222,22 @@ async fn migrate_brings_the_first_schema_forward_without_losing_data() {
     let interrupted = ScyllaStore::connect(&c, true).await;
     fail::remove("store::reindex");
     assert!(interrupted.is_err(), "the failpoint fired");
+    // Until the fill has run through, an erasure would miss the old rows' days: refused.
+    let early = ScyllaStore::connect(&c, false).await.expect("connect");
+    let err = vault::store::erasure::forget(
+        &early,
+        &vault::store::erasure::Erasure {
+            user_id: "user-0".into(),
+            through_ms: chrono::Utc::now().timestamp_millis(),
+            requested_by: "test".into(),
+            requested_at_ms: chrono::Utc::now().timestamp_millis(),
+        },
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("run `vault migrate`"), "{err}");
+    drop(early);
     for _ in 0..2 {
         // Idempotent: a second migration finds the column in place and the index filled.
         drop(ScyllaStore::connect(&c, true).await.expect("migrate"));
