@@ -193,11 +193,15 @@ pub enum EventError {
     /// Valid on the wire, but the store refused the row for good.
     #[error("store rejected the row: {}", Clip(.0))]
     Rejected(String),
+    /// Decoding panicked: a fault of vault's, not of the message, which is kept in the
+    /// dead-letter topic to be replayed once it is fixed (rather than stalling its partition).
+    #[error("decoding failed unexpectedly (a fault of vault's; replay the message once it is fixed): {}", Clip(.0))]
+    Undecodable(String),
 }
 
 impl EventError {
     /// Every [`EventError::kind`], for metric series created before their first event.
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "tombstone",
         "too_large",
         "not_utf8",
@@ -209,6 +213,7 @@ impl EventError {
         "missing_field",
         "invalid_field",
         "store_rejected",
+        "undecodable",
     ];
 
     /// Stable machine-readable kind, used as a metric label and a dead-letter header.
@@ -225,6 +230,7 @@ impl EventError {
             EventError::MissingField(_) => "missing_field",
             EventError::InvalidField { .. } => "invalid_field",
             EventError::Rejected(_) => "store_rejected",
+            EventError::Undecodable(_) => "undecodable",
         }
     }
 }

@@ -10,6 +10,7 @@
 //! | failpoint | stage | what it does |
 //! |---|---|---|
 //! | `kafka::decode` | a record taken off a partition queue | panics the partition task |
+//! | `kafka::to_record` | the decoding of a record | panics inside it (caught: dead-lettered as `undecodable`) |
 //! | `batcher::add` | a record added to the open batch | panics the partition task |
 //! | `batcher::flush` | a batch handed to the persisters | panics the partition task |
 //! | `persister::write` | a store write of a batch | fails it with a timeout |

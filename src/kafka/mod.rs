@@ -130,6 +130,46 @@ pub fn to_record(
     limits: Limits,
     tombstones: TombstonePolicy,
 ) -> Record {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_record(msg, topic, limits, tombstones)
+    })) {
+        Ok(record) => record,
+        Err(panic) => {
+            // A panic of the decoding is a fault of vault's (or of a library's: rdkafka's header
+            // iteration once panicked on a name that is not UTF-8). Left to unwind, it would
+            // restart the partition at this message, which would panic again, for good: the
+            // message goes to the dead-letter topic instead, whole, to be replayed once fixed.
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(topic = %topic, partition = msg.partition(), offset = msg.offset(), panic = %what, "Decoding a message panicked; dead-lettering it as undecodable.");
+            Record::Invalid(DeadLetter {
+                source: Source {
+                    topic: topic.clone(),
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    timestamp_ms: msg.timestamp().to_millis(),
+                },
+                origin: None,
+                key: msg.key().map(<[u8]>::to_vec),
+                value: msg.payload().map(<[u8]>::to_vec),
+                error: event::EventError::Undecodable(what),
+            })
+        }
+    }
+}
+
+fn decode_record(
+    msg: &BorrowedMessage<'_>,
+    topic: &Arc<str>,
+    limits: Limits,
+    tombstones: TombstonePolicy,
+) -> Record {
+    if crate::failpoint::hit("kafka::to_record", topic, Some(msg.offset())) {
+        panic!("failpoint kafka::to_record");
+    }
     // Built again for the rare invalid message, so that a valid one costs one copy of it.
     let source = || Source {
         topic: topic.clone(),

@@ -641,6 +641,7 @@ mod tests {
                 reason: s(),
             },
             EventError::Rejected(s()),
+            EventError::Undecodable(s()),
         ]
         .iter()
         .map(EventError::kind)

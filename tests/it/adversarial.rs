@@ -639,3 +639,55 @@ async fn a_header_name_that_is_not_utf8_is_input_like_any_other() {
     );
     vault.stop().await;
 }
+
+/// A message whose decoding panics (a fault of vault's or of a library's, which a message of
+/// some shape triggers) is dead-lettered as `undecodable`, whole, and the partition goes on: left
+/// to unwind, the panic would restart the partition at the message, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_decoding_panics_is_dead_lettered_and_the_partition_goes_on() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("decode-panics"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    let events: Vec<_> = (0..3)
+        .map(|i| (0, "u".to_owned(), event_json("u", i).into_bytes()))
+        .collect();
+    kafka.produce(&topic, &events).await;
+    fail::cfg("kafka::to_record", &format!("return({topic}@1)")).unwrap();
+    let (memory, letters) = (MemoryStore::new(), MemoryDeadLetters::default());
+    let vault = Running::start(
+        settings(&kafka.brokers, &topic, &group),
+        memory.clone(),
+        letters.clone(),
+    );
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    fail::remove("kafka::to_record");
+    assert!(memory.contains_source(&topic, 0, 0));
+    assert!(
+        memory.contains_source(&topic, 0, 2),
+        "the partition went on"
+    );
+    assert!(!memory.contains_source(&topic, 0, 1));
+    let dead = letters.letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        (dead[0].error.kind(), dead[0].source.offset),
+        ("undecodable", 1)
+    );
+    assert_eq!(
+        dead[0].value.as_deref(),
+        Some(events[1].2.as_slice()),
+        "kept whole"
+    );
+    assert_eq!(
+        vault
+            .metrics
+            .partition_restarts
+            .with_label_values(&[&topic])
+            .get(),
+        0
+    );
+    vault.stop().await;
+}
