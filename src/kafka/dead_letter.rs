@@ -38,6 +38,11 @@ pub mod headers {
     pub const SOURCE_PARTITION: &str = "vault.source.partition";
     pub const SOURCE_OFFSET: &str = "vault.source.offset";
     pub const SOURCE_TIMESTAMP: &str = "vault.source.timestamp";
+    /// Where a letter's message was read, when that is not its source (a message `vault dlq
+    /// replay` re-published names its original as the source): topic, partition and offset.
+    pub const READ_TOPIC: &str = "vault.read.topic";
+    pub const READ_PARTITION: &str = "vault.read.partition";
+    pub const READ_OFFSET: &str = "vault.read.offset";
     pub const VERSION: &str = "vault.version";
     /// `true` when the value (or key) was cut to fit; absent otherwise.
     pub const VALUE_TRUNCATED: &str = "vault.value.truncated";
@@ -179,6 +184,20 @@ pub fn shape<'a>(d: &'a DeadLetter, topic: String, value_budget: usize) -> Lette
             key,
             value: Some(value),
         });
+    }
+    if d.origin.is_some() {
+        // The message read (a replay's copy) stays findable after the original has aged out.
+        let (partition, offset) = (d.source.partition.to_string(), d.source.offset.to_string());
+        for (key, value) in [
+            (headers::READ_TOPIC, &*d.source.topic),
+            (headers::READ_PARTITION, &partition),
+            (headers::READ_OFFSET, &offset),
+        ] {
+            hdrs = hdrs.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
     }
     let key = d.key.as_deref().map(|k| &k[..k.len().min(MAX_KEY_BYTES)]);
     if d.key.as_ref().is_some_and(|k| k.len() > MAX_KEY_BYTES) {
@@ -550,6 +569,21 @@ mod tests {
             .find(|h| h.key == name)
             .and_then(|h| h.value)
             .map(|v| std::str::from_utf8(v).expect("utf-8 header"))
+    }
+
+    #[test]
+    fn a_letter_of_a_replayed_message_names_its_original_and_where_it_was_read() {
+        let mut d = letter(b"{".to_vec(), b"k".to_vec(), EventError::Json("eof".into()));
+        let plain = shape(&d, "activity.dlq".into(), 1000);
+        assert_eq!(header(&plain, headers::SOURCE_OFFSET), Some("77"));
+        assert_eq!(header(&plain, headers::READ_OFFSET), None);
+        d.origin = Some(("activity".into(), 0, 5));
+        let replayed = shape(&d, "activity.dlq".into(), 1000);
+        assert_eq!(header(&replayed, headers::SOURCE_PARTITION), Some("0"));
+        assert_eq!(header(&replayed, headers::SOURCE_OFFSET), Some("5"));
+        assert_eq!(header(&replayed, headers::READ_TOPIC), Some("activity"));
+        assert_eq!(header(&replayed, headers::READ_PARTITION), Some("2"));
+        assert_eq!(header(&replayed, headers::READ_OFFSET), Some("77"));
     }
 
     #[test]
