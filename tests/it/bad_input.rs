@@ -614,77 +614,48 @@ async fn dlq_replay_reads_a_cut_letter_whole_from_its_source() {
         .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
         .await;
     vault.stop().await;
-    // A cut letter whose digest is not its source's (forged, or the source rewritten).
-    producer
-        .send(
-            FutureRecord::to(&format!("{topic}.dlq"))
-                .key("u")
-                .payload("{")
-                .headers(
-                    OwnedHeaders::new()
-                        .insert(Header {
-                            key: headers::ERROR_KIND,
-                            value: Some("too_large"),
-                        })
-                        .insert(Header {
-                            key: headers::SOURCE_TOPIC,
-                            value: Some(&topic),
-                        })
-                        .insert(Header {
-                            key: headers::SOURCE_PARTITION,
-                            value: Some("0"),
-                        })
-                        .insert(Header {
-                            key: headers::SOURCE_OFFSET,
-                            value: Some("1"),
-                        })
-                        .insert(Header {
-                            key: headers::VALUE_TRUNCATED,
-                            value: Some("true"),
-                        })
-                        .insert(Header {
-                            key: headers::VALUE_SHA256,
-                            value: Some("00"),
-                        }),
-                ),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("forged letter");
-    // A letter whose key alone was cut: its value is the source's, and read back whole.
+    // Letters of the message at offset 1, cut: one whose digest is not its source's (forged,
+    // or the source rewritten); one whose key alone was cut, whose value is the source's and is
+    // read back whole.
     let good = event_json("u", 1);
-    producer
-        .send(
-            FutureRecord::to(&format!("{topic}.dlq"))
-                .key("u")
-                .payload(&good)
-                .headers(
-                    OwnedHeaders::new()
-                        .insert(Header {
-                            key: headers::ERROR_KIND,
-                            value: Some("too_large"),
-                        })
-                        .insert(Header {
-                            key: headers::SOURCE_TOPIC,
-                            value: Some(&topic),
-                        })
-                        .insert(Header {
-                            key: headers::SOURCE_PARTITION,
-                            value: Some("0"),
-                        })
-                        .insert(Header {
-                            key: headers::SOURCE_OFFSET,
-                            value: Some("1"),
-                        })
-                        .insert(Header {
-                            key: headers::KEY_TRUNCATED,
-                            value: Some("true"),
-                        }),
-                ),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("key-cut letter");
+    let cut_letter = |value: &str, cut: &[(&'static str, &'static str)]| {
+        let headers = [
+            (headers::ERROR_KIND, "too_large"),
+            (headers::SOURCE_TOPIC, topic.as_str()),
+            (headers::SOURCE_PARTITION, "0"),
+            (headers::SOURCE_OFFSET, "1"),
+        ]
+        .iter()
+        .chain(cut)
+        .fold(OwnedHeaders::new(), |h, &(key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        });
+        let (producer, topic, value) = (producer.clone(), topic.clone(), value.to_owned());
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(&format!("{topic}.dlq"))
+                        .key("u")
+                        .payload(&value)
+                        .headers(headers),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("letter");
+        }
+    };
+    cut_letter(
+        "{",
+        &[
+            (headers::VALUE_TRUNCATED, "true"),
+            (headers::VALUE_SHA256, "00"),
+        ],
+    )
+    .await;
+    cut_letter(&good, &[(headers::KEY_TRUNCATED, "true")]).await;
     let letters = read_all(&kafka.brokers, &format!("{topic}.dlq")).await;
     assert_eq!(letters.len(), 3);
     assert!(
