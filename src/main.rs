@@ -461,6 +461,53 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 
 /// A usage error found after parsing (one argument against another): clap's message and exit
 /// code 2, like every other bad argument.
+/// Cancels `shutdown` at the first SIGINT or SIGTERM. A second signal of the same kind (a
+/// second Ctrl-C) cuts the drain short and exits at once, with 130 or 143: nothing is lost, since
+/// nothing past what is durable was committed, and the partitions' next owner reads the rest
+/// again. One of the other kind does not (`kill` after a Ctrl-C, as a script's clean-up sends).
+/// Both streams are taken once, before the first signal, so none is missed.
+fn stop_on_signals(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::spawn(async move {
+                    let interrupted = tokio::select! {
+                        _ = int.recv() => true,
+                        _ = term.recv() => false,
+                    };
+                    tracing::info!("Shutdown signal received.");
+                    shutdown.cancel();
+                    let code = if interrupted {
+                        int.recv().await;
+                        130
+                    } else {
+                        term.recv().await;
+                        143
+                    };
+                    tracing::warn!(
+                        "Second shutdown signal: exiting now, without waiting for the drain; \
+                         what was not committed is read again by the partitions' next owner."
+                    );
+                    std::process::exit(code);
+                });
+                return;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "Cannot listen for signals one by one; a second signal will not cut the drain short.");
+            }
+        }
+    }
+    tokio::spawn(async move {
+        vault::shutdown_signal().await;
+        shutdown.cancel();
+    });
+}
+
 fn usage_error(message: impl std::fmt::Display) -> ! {
     Cli::command()
         .error(clap::error::ErrorKind::ValueValidation, message)
@@ -597,21 +644,7 @@ async fn run(settings: vault::Settings, migrate: bool) -> anyhow::Result<()> {
     vault::kubernetes::ScaleCheck::for_config(&settings.config.kafka)
         .map_err(vault::Error::Kubernetes)?;
     let shutdown = CancellationToken::new();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            vault::shutdown_signal().await;
-            shutdown.cancel();
-            // A second signal (a second Ctrl-C) cuts the drain short: nothing is lost, since
-            // nothing past what is durable was committed; the next owner reads the rest again.
-            vault::shutdown_signal().await;
-            tracing::warn!(
-                "Second shutdown signal: exiting now, without waiting for the drain; what was \
-                 not committed is read again by the partitions' next owner."
-            );
-            std::process::exit(130);
-        }
-    });
+    stop_on_signals(shutdown.clone());
     let dead_letters = KafkaDeadLetters::new(
         &vault::kafka::base_client_config(&settings),
         &settings.config.kafka.dead_letter_topic,

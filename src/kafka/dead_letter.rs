@@ -186,7 +186,8 @@ pub fn shape<'a>(d: &'a DeadLetter, topic: String, value_budget: usize) -> Lette
         });
     }
     if d.origin.is_some() {
-        // The message read (a replay's copy) stays findable after the original has aged out.
+        // The message read (a replay's copy) stays findable, by an operator, after the original
+        // has aged out (`dlq replay` reads the original's coordinates only).
         let (partition, offset) = (d.source.partition.to_string(), d.source.offset.to_string());
         for (key, value) in [
             (headers::READ_TOPIC, &*d.source.topic),
@@ -577,8 +578,9 @@ mod tests {
         let plain = shape(&d, "activity.dlq".into(), 1000);
         assert_eq!(header(&plain, headers::SOURCE_OFFSET), Some("77"));
         assert_eq!(header(&plain, headers::READ_OFFSET), None);
-        d.origin = Some(("activity".into(), 0, 5));
+        d.origin = Some(("orders".into(), 0, 5));
         let replayed = shape(&d, "activity.dlq".into(), 1000);
+        assert_eq!(header(&replayed, headers::SOURCE_TOPIC), Some("orders"));
         assert_eq!(header(&replayed, headers::SOURCE_PARTITION), Some("0"));
         assert_eq!(header(&replayed, headers::SOURCE_OFFSET), Some("5"));
         assert_eq!(header(&replayed, headers::READ_TOPIC), Some("activity"));

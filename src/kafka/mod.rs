@@ -134,17 +134,32 @@ pub fn to_record(
         decode_record(msg, topic, limits, tombstones)
     })) {
         Ok(record) => record,
+        // An erasure request is never set aside: its panic unwinds, and the partition stalls
+        // at it, loudly, until the fault is fixed.
+        Err(panic) if msg.payload().is_none() && tombstones == TombstonePolicy::Erase => {
+            std::panic::resume_unwind(panic)
+        }
         Err(panic) => {
             // A panic of the decoding is a fault of vault's (or of a library's: rdkafka's header
             // iteration once panicked on a name that is not UTF-8). Left to unwind, it would
             // restart the partition at this message, which would panic again, for good: the
-            // message goes to the dead-letter topic instead, whole, to be replayed once fixed.
+            // message goes to the dead-letter topic instead, to be replayed once fixed (never
+            // skipped: see the persister), and an alert says so (`VaultUndecodable`).
             let what = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+                .unwrap_or_else(|| "a panic without a message".into());
+            let what = event::excerpt(&what);
             tracing::error!(topic = %topic, partition = msg.partition(), offset = msg.offset(), panic = %what, "Decoding a message panicked; dead-lettering it as undecodable.");
+            // Its original coordinates, if it is a replayed message (read apart, so that a
+            // panic there leaves only the message's own).
+            let origin = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                origin_in(|name| header(msg, name).flatten())
+                    .map(|o| (o.topic.to_owned(), o.partition, o.offset))
+            }))
+            .ok()
+            .flatten();
             Record::Invalid(DeadLetter {
                 source: Source {
                     topic: topic.clone(),
@@ -152,7 +167,7 @@ pub fn to_record(
                     offset: msg.offset(),
                     timestamp_ms: msg.timestamp().to_millis(),
                 },
-                origin: None,
+                origin,
                 key: msg.key().map(<[u8]>::to_vec),
                 value: msg.payload().map(<[u8]>::to_vec),
                 error: event::EventError::Undecodable(what),

@@ -426,7 +426,22 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
         slots: &Slots,
         hold: &mut Option<RetryHold>,
     ) -> Result<(), String> {
-        match self.on_invalid {
+        // A message whose decoding panicked is not known to be invalid: a fault of vault's is
+        // never skipped. Without a dead-letter topic the partition stops at it, as with `fail`.
+        let policy = match self.on_invalid {
+            InvalidPolicy::Skip if letters.iter().any(|d| d.error.kind() == "undecodable") => {
+                InvalidPolicy::Fail
+            }
+            other => other,
+        };
+        let letters: Vec<&DeadLetter> = match (self.on_invalid, policy) {
+            (InvalidPolicy::Skip, InvalidPolicy::Fail) => letters
+                .into_iter()
+                .filter(|d| d.error.kind() == "undecodable")
+                .collect(),
+            _ => letters,
+        };
+        match policy {
             InvalidPolicy::Skip => {
                 for d in letters {
                     warn!(topic = %batch.topic, partition = batch.partition, offset = d.source.offset, kind = d.error.kind(), error = %d.error, "Skipping invalid event (on_invalid = skip).");
