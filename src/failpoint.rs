@@ -4,8 +4,8 @@
 //!
 //! A failpoint fires when it is configured (`fail::cfg` in a test, or the `FAILPOINTS`
 //! environment variable of a `vault` process built with the feature) with `return(SPEC)`,
-//! where SPEC is a topic (`activity`) or a topic and offset (`activity@120`); the stage then
-//! panics or fails. Tying each firing to a topic keeps tests that share a process apart.
+//! where SPEC is a topic (`activity`) or a topic and offset (`activity@120`), and `:once` after
+//! it to fire at the first match only; the stage then panics or fails. Tying each firing to a topic keeps tests that share a process apart.
 //!
 //! | failpoint | stage | what it does |
 //! |---|---|---|
@@ -25,11 +25,27 @@
 //! | `coordinator::loop` | the coordinator loop | stops it turning while configured (SPEC: the consumer group) |
 
 /// Whether failpoint `name` fires for a record of `topic` at `offset` (or for the topic as a
-/// whole when `offset` is `None`).
+/// whole when `offset` is `None`). A SPEC ending in `:once` fires at its first match only, in
+/// the whole process: `1*return(SPEC)` would be spent by the first evaluation, matching or not
+/// (the fail crate counts every time the action runs).
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str, topic: &str, offset: Option<i64>) -> bool {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static FIRED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
     fail::eval(name, |spec| {
-        spec.is_some_and(|s| matches(&s, topic, offset))
+        let Some(spec) = spec else {
+            return false;
+        };
+        match spec.strip_suffix(":once") {
+            Some(s) if matches(s, topic, offset) => FIRED
+                .get_or_init(Mutex::default)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(format!("{name}={spec}")),
+            Some(_) => false,
+            None => matches(&spec, topic, offset),
+        }
     })
     .unwrap_or(false)
 }
@@ -56,6 +72,18 @@ fn matches(spec: &str, topic: &str, offset: Option<i64>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_once_spec_fires_at_its_first_match_whatever_came_before() {
+        fail::cfg("failpoint::test_once", "return(t@2:once)").unwrap();
+        let fired: Vec<bool> = [0, 1, 2, 2, 3]
+            .iter()
+            .map(|&o| hit("failpoint::test_once", "t", Some(o)))
+            .collect();
+        fail::remove("failpoint::test_once");
+        assert_eq!(fired, [false, false, true, false, false]);
+    }
 
     #[test]
     fn a_spec_names_a_topic_or_one_of_its_offsets() {

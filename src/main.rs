@@ -731,6 +731,27 @@ fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+    // A panic (caught and restarted, or dead-lettered as undecodable) is logged like any other
+    // error, in the configured format: a JSON log stays one JSON object a line.
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        tracing::error!(
+            panic = %vault::event::excerpt(&message),
+            location,
+            thread = thread.name().unwrap_or("unnamed"),
+            "A thread panicked."
+        );
+    }));
     Ok(())
 }
 

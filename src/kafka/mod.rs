@@ -88,7 +88,12 @@ pub fn consumer_config(settings: &Settings, partitions: usize) -> ClientConfig {
         // Feeds vault_consumer_lag (see the context's stats callback).
         ("statistics.interval.ms", "5000".to_string()),
     ] {
-        if !k.options.contains_key(key) {
+        // Given by the user under it or under its librdkafka alias, the user's value stands.
+        let alias = match key {
+            "max.partition.fetch.bytes" => Some("fetch.message.max.bytes"),
+            _ => None,
+        };
+        if !k.options.contains_key(key) && !alias.is_some_and(|a| k.options.contains_key(a)) {
             cfg.set(key, value);
         }
     }
@@ -360,6 +365,18 @@ mod tests {
         ] {
             assert_eq!(partial, None);
         }
+    }
+
+    #[test]
+    fn a_fetch_size_given_under_its_alias_stands() {
+        let mut config = crate::config::Config::default();
+        config
+            .kafka
+            .options
+            .insert("fetch.message.max.bytes".into(), "2097152".into());
+        let cfg = consumer_config(&config.validate().unwrap(), 12);
+        assert_eq!(cfg.get("max.partition.fetch.bytes"), None);
+        assert_eq!(cfg.get("fetch.message.max.bytes"), Some("2097152"));
     }
 
     #[test]

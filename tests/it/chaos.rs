@@ -88,12 +88,12 @@ async fn a_seeded_chaos_run_loses_nothing_and_dead_letters_every_bad_message() {
         // Each process may carry a failpoint that fires once inside it.
         let failpoint = match rng.random_range(0..4) {
             0 => format!(
-                "kafka::decode=1*return({topic}@{})",
+                "kafka::decode=return({topic}@{}:once)",
                 next_offset + rng.random_range(0..40)
             ),
             1 => format!("persister::write=3*return({topic})"),
             2 => format!(
-                "batcher::flush=1*return({topic}@{})",
+                "batcher::flush=return({topic}@{}:once)",
                 next_offset + rng.random_range(0..40)
             ),
             _ => String::new(),

@@ -313,3 +313,51 @@ async fn a_second_signal_stops_at_once_and_loses_nothing() {
     stop_gracefully(child, "the next vault to exit 0 on SIGTERM").await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A panic (here a partition task's, which is restarted) is logged in the configured format: a
+/// JSON log stays one JSON object a line, the panic's message and place among its fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_is_logged_as_json_in_a_json_log() {
+    let ProcessRig {
+        kafka,
+        node: _node,
+        topic,
+        group,
+        dir,
+        mut env,
+        ..
+    } = ProcessRig::start("panic-json", 1).await;
+    env.push(("VAULT_LOG_FORMAT".into(), "json".into()));
+    env.push((
+        "FAILPOINTS".into(),
+        format!("kafka::decode=return({topic}@1:once)"),
+    ));
+    kafka.produce_events(&topic, 1, 0, 3).await;
+    let log = dir.join("vault.log");
+    let (child, _) = spawn_vault(&env, &log);
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    stop_gracefully(child, "vault to exit 0 on SIGTERM").await;
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let panic = lines
+        .iter()
+        .find(|l| l["message"] == "A thread panicked.")
+        .unwrap_or_else(|| panic!("no panic logged in {text}"));
+    assert!(
+        panic["panic"]
+            .as_str()
+            .is_some_and(|p| p.contains("failpoint kafka::decode")),
+        "{panic}"
+    );
+    assert!(panic["location"]
+        .as_str()
+        .is_some_and(|l| l.contains(".rs:")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
