@@ -732,23 +732,38 @@ fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
         LogFormat::Text => builder.init(),
     }
     // A panic (caught and restarted, or dead-lettered as undecodable) is logged like any other
-    // error, in the configured format: a JSON log stays one JSON object a line.
-    std::panic::set_hook(Box::new(|info| {
+    // error, in the configured format: a JSON log stays one JSON object a line, with the
+    // backtrace as a field when RUST_BACKTRACE asks for one. A filter that leaves vault's errors
+    // out gets the default hook's text instead: a panic is never silent.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !tracing::enabled!(tracing::Level::ERROR) {
+            return default_hook(info);
+        }
         let payload = info.payload();
-        let message = payload
+        let mut message = payload
             .downcast_ref::<&str>()
             .map(|s| (*s).to_owned())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic without a message".into());
+        // Long enough for any cause; bounded, as a panic may echo input.
+        if let Some((cut, _)) = message.char_indices().nth(4096) {
+            message.truncate(cut);
+            message.push('…');
+        }
         let location = info
             .location()
-            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
             .unwrap_or_default();
         let thread = std::thread::current();
+        let backtrace = std::backtrace::Backtrace::capture();
+        let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+            .then(|| backtrace.to_string());
         tracing::error!(
-            panic = %vault::event::excerpt(&message),
+            panic = %message,
             location,
-            thread = thread.name().unwrap_or("unnamed"),
+            thread = thread.name().unwrap_or("<unnamed>"),
+            backtrace,
             "A thread panicked."
         );
     }));

@@ -222,7 +222,7 @@ async fn a_dead_letter_producer_that_hits_a_fatal_error_is_replaced() {
         .await;
     let cfg = settings(&kafka.brokers, &topic, &group);
     let dlq = kafka_dead_letters(&cfg);
-    fail::cfg("dead_letter::fatal", &format!("1*return({topic})")).unwrap();
+    fail::cfg("dead_letter::fatal", &format!("return({topic}:once)")).unwrap();
     let memory = MemoryStore::new();
     let vault = Running::start(cfg, memory.clone(), dlq);
     kafka
