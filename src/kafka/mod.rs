@@ -217,7 +217,10 @@ fn decode_record(
             });
         }
     }
-    let origin = origin_in(|name| header(msg, name).flatten());
+    // Only a message with headers is looked at (its headers are not iterated: see `header`).
+    let origin = msg
+        .headers()
+        .and_then(|_| origin_in(|name| header(msg, name).flatten()));
     match event::decode(msg.key(), msg.payload(), source(), origin, limits) {
         Ok(e) => Record::Event(e),
         Err(error) => Record::Invalid(DeadLetter {

@@ -256,17 +256,6 @@ async fn a_dead_letter_producer_that_hits_a_fatal_error_is_replaced() {
     vault.stop().await;
 }
 
-/// A producer that sends values larger than librdkafka's default limit, compressed, as a
-/// producer with raised limits would.
-fn big_producer(brokers: &str) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("message.max.bytes", "4000000")
-        .set("compression.type", "lz4")
-        .create()
-        .expect("producer")
-}
-
 /// A value too large for the dead-letter topic, an error text that would echo half a megabyte
 /// of input, and "original coordinates" headers naming a topic of 900 KB, are dead-lettered cut
 /// to fit (the headers are no coordinates Kafka gives, so the letter names the message's own):
@@ -281,7 +270,7 @@ async fn poison_pills_larger_than_the_dead_letter_topic_accepts_are_cut_to_fit()
     let long_error = format!(
         r#"{{"user_id":"u","event_type":"t","occurred_at":"1970-01-01T00:00:00.{digits}Z"}}"#
     );
-    let producer = big_producer(&kafka.brokers);
+    let producer = crate::common::big_producer(&kafka.brokers);
     for value in [huge.as_slice(), long_error.as_bytes()] {
         producer
             .send(
@@ -628,15 +617,7 @@ async fn a_header_name_that_is_not_utf8_is_input_like_any_other() {
         (dead[0].error.kind(), dead[0].source.offset),
         ("bad_json", 1)
     );
-    assert_eq!(
-        vault
-            .metrics
-            .partition_restarts
-            .with_label_values(&[&topic])
-            .get(),
-        0,
-        "no restart"
-    );
+    assert_eq!(vault.restarts(&topic), 0, "no restart");
     vault.stop().await;
 }
 
@@ -681,14 +662,7 @@ async fn a_message_whose_decoding_panics_is_dead_lettered_and_the_partition_goes
         Some(events[1].2.as_slice()),
         "kept whole"
     );
-    assert_eq!(
-        vault
-            .metrics
-            .partition_restarts
-            .with_label_values(&[&topic])
-            .get(),
-        0
-    );
+    assert_eq!(vault.restarts(&topic), 0);
     vault.stop().await;
 
     // Never skipped: with on_invalid = "skip" (and for an erasure request, with any policy) the
@@ -724,11 +698,7 @@ async fn a_message_whose_decoding_panics_is_dead_lettered_and_the_partition_goes
             &format!("{phase}: two restarts at the message"),
             Duration::from_secs(60),
             || {
-                let n = vault
-                    .metrics
-                    .partition_restarts
-                    .with_label_values(&[&topic])
-                    .get();
+                let n = vault.restarts(&topic);
                 async move { (n >= 2).then_some(()).ok_or(format!("{n}")) }
             },
         )

@@ -341,14 +341,7 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
         [0],
         "the forged letter went nowhere"
     );
-    let replayed: Vec<_> = read_all(&kafka.brokers, &topic)
-        .await
-        .into_iter()
-        .filter(|m| {
-            m.headers()
-                .is_some_and(|h| h.iter().any(|h| h.key == vault::tools::dlq::REPLAYED_FROM))
-        })
-        .collect();
+    let replayed: Vec<_> = crate::common::replayed(&kafka.brokers, &topic).await;
     assert_eq!(
         replayed.len(),
         n_wanted,
@@ -588,12 +581,7 @@ async fn dlq_replay_reads_a_cut_letter_whole_from_its_source() {
     let huge = format!(
         r#"{{"user_id":"u","event_type":"t","occurred_at":"2025-11-24T10:00:00Z","attributes":{{"blob":"{blob}"}}}}"#
     );
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.brokers)
-        .set("message.max.bytes", "4000000")
-        .set("compression.type", "lz4")
-        .create()
-        .expect("producer");
+    let producer = crate::common::big_producer(&kafka.brokers);
     producer
         .send(
             FutureRecord::to(&topic)
@@ -682,14 +670,7 @@ async fn dlq_replay_reads_a_cut_letter_whole_from_its_source() {
         "{stdout}"
     );
     assert!(stdout.contains("replayed             2 in"), "{stdout}");
-    let replayed: Vec<_> = read_all(&kafka.brokers, &topic)
-        .await
-        .into_iter()
-        .filter(|m| {
-            m.headers()
-                .is_some_and(|h| h.iter().any(|h| h.key == vault::tools::dlq::REPLAYED_FROM))
-        })
-        .collect();
+    let replayed: Vec<_> = crate::common::replayed(&kafka.brokers, &topic).await;
     assert_eq!(replayed.len(), 2);
     assert_eq!(
         replayed[1].payload(),

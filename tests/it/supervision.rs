@@ -57,14 +57,7 @@ async fn a_panicking_write_restarts_its_partition_from_the_last_durable_offset()
         .await;
     assert!(store.fired.load(Ordering::SeqCst), "the panic was injected");
     assert_eq!(stored_positions(&memory), produced, "nothing lost");
-    assert_eq!(
-        vault
-            .metrics
-            .partition_restarts
-            .with_label_values(&[&topic])
-            .get(),
-        1
-    );
+    assert_eq!(vault.restarts(&topic), 1);
     // The persister pool survived: the stream keeps flowing after the restart.
     let more = kafka
         .produce_and_wait_committed(&topic, &group, partitions, 600, 200)
@@ -315,11 +308,7 @@ async fn a_partition_that_keeps_failing_after_a_commit_shows_as_stalled_across_r
         "three restarts, the partition stalled for 8 s",
         Duration::from_secs(90),
         || {
-            let restarts = vault
-                .metrics
-                .partition_restarts
-                .with_label_values(&[&topic])
-                .get();
+            let restarts = vault.restarts(&topic);
             let stalled = vault
                 .metrics
                 .seconds_since_commit

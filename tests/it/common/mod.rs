@@ -441,6 +441,14 @@ impl Running {
         ended
     }
 
+    /// Restarts of `topic`'s partitions so far (`vault_partition_restarts_total`).
+    pub fn restarts(&self, topic: &str) -> u64 {
+        self.metrics
+            .partition_restarts
+            .with_label_values(&[topic])
+            .get()
+    }
+
     /// Sum of a counter over all its label values.
     pub fn counter(&self, name: &str) -> f64 {
         self.counter_where(name, |_| true)
@@ -734,4 +742,29 @@ pub fn self_signed_for(
     std::fs::write(&cert_path, cert.to_pem().unwrap()).unwrap();
     std::fs::write(&key_path, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
     (cert_path, key_path)
+}
+
+/// A producer that sends values larger than librdkafka's default limit, compressed, as a
+/// producer with raised limits would.
+pub fn big_producer(brokers: &str) -> rdkafka::producer::FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "4000000")
+        .set("compression.type", "lz4")
+        .create()
+        .expect("producer")
+}
+
+/// The messages of `topic` that `vault dlq replay` published (with a `vault.replayed.from`
+/// header).
+pub async fn replayed(brokers: &str, topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::message::{Headers, Message};
+    read_all(brokers, topic)
+        .await
+        .into_iter()
+        .filter(|m| {
+            m.headers()
+                .is_some_and(|h| h.iter().any(|h| h.key == vault::tools::dlq::REPLAYED_FROM))
+        })
+        .collect()
 }
