@@ -1266,13 +1266,26 @@ impl Config {
             }
         }
         for name in k.options.keys() {
-            if let Some((_, why)) = RESERVED_KAFKA_OPTIONS.iter().find(|(n, _)| n == name) {
+            // Under either of its names (`metadata.broker.list` is `bootstrap.servers`).
+            if let Some((_, why)) = RESERVED_KAFKA_OPTIONS
+                .iter()
+                .find(|(n, _)| crate::kafka::options::names_of(n).any(|n| n == name))
+            {
                 return Err(ConfigError::Invalid {
                     key: "kafka.options",
                     value: name.clone(),
                     allowed: format!("this option is managed by vault: {why}"),
                 });
             }
+        }
+        if let Some((alias, real)) = crate::kafka::options::given_twice(&k.options) {
+            return Err(ConfigError::Invalid {
+                key: "kafka.options",
+                value: format!("{alias} and {real}"),
+                allowed: "one of the two: librdkafka takes both names for one option, and \
+                          which value would win is left to chance"
+                    .into(),
+            });
         }
         check_librdkafka_options(&k.options)?;
         if k.options
@@ -1946,6 +1959,29 @@ mod tests {
         let err = c.validate().unwrap_err().to_string();
         assert!(
             err.contains("enable.auto.commit") && err.contains("commits explicitly"),
+            "{err}"
+        );
+        // Under librdkafka's other name for it too.
+        let mut c = Config::default();
+        c.kafka
+            .options
+            .insert("metadata.broker.list".into(), "elsewhere:9092".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("metadata.broker.list") && err.contains("kafka.brokers"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn one_librdkafka_option_under_both_its_names_is_refused() {
+        let mut c = Config::default();
+        for (name, value) in [("linger.ms", "5"), ("queue.buffering.max.ms", "50")] {
+            c.kafka.options.insert(name.into(), value.into());
+        }
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("linger.ms and queue.buffering.max.ms") && err.contains("one of the two"),
             "{err}"
         );
     }

@@ -28,6 +28,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::kafka::options;
 use crate::pipeline::batch::DeadLetter;
 
 /// Header names on dead-letter messages.
@@ -258,10 +259,17 @@ impl KafkaDeadLetters {
         max_bytes: usize,
     ) -> Result<Self, KafkaError> {
         let mut cfg = base.clone();
-        cfg.set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000");
+        // Under whichever name the user gave them, these are vault's: a letter is durable
+        // (acknowledged by every in-sync replica, never duplicated by a retry) before its
+        // offset may be committed.
+        for (name, value) in [
+            ("acks", "all"),
+            ("enable.idempotence", "true"),
+            ("linger.ms", "5"),
+            ("message.timeout.ms", "30000"),
+        ] {
+            options::set_owned(&mut cfg, name, value);
+        }
         if cfg.get("message.max.bytes").is_none() {
             cfg.set("message.max.bytes", max_bytes.max(1000).to_string());
         }
@@ -561,6 +569,26 @@ mod tests {
             key: Some(key),
             value: Some(value),
             error,
+        }
+    }
+
+    #[test]
+    fn the_producer_keeps_its_durability_whatever_name_the_user_gave_an_option() {
+        let mut base = ClientConfig::new();
+        base.set("bootstrap.servers", "127.0.0.1:1")
+            .set("request.required.acks", "0")
+            .set("delivery.timeout.ms", "100")
+            .set("queue.buffering.max.ms", "1000");
+        // With acks=0 left beside acks=all, librdkafka would refuse the idempotent producer
+        // or take acks=0, by the luck of a HashMap's order.
+        let letters = KafkaDeadLetters::new(&base, "{topic}.dlq", 1_000_000).expect("producer");
+        for (name, alias, value) in [
+            ("acks", "request.required.acks", "all"),
+            ("message.timeout.ms", "delivery.timeout.ms", "30000"),
+            ("linger.ms", "queue.buffering.max.ms", "5"),
+        ] {
+            assert_eq!(letters.config.get(name), Some(value), "{name}");
+            assert_eq!(letters.config.get(alias), None, "{alias}");
         }
     }
 

@@ -1,6 +1,6 @@
 //! Kafka: client configuration, the rebalance context, the partition coordinator, offset
-//! arithmetic, the resume position after a failure, commits, the dead-letter producer, and the
-//! group view (every partition's committed and log-end offsets).
+//! arithmetic, the resume position after a failure, commits, the dead-letter producer, the
+//! group view (every partition's committed and log-end offsets), and librdkafka's option names.
 
 pub mod commits;
 pub mod context;
@@ -8,6 +8,7 @@ pub mod coordinator;
 pub mod dead_letter;
 pub mod group_view;
 pub mod offsets;
+pub mod options;
 pub mod resume;
 
 use std::sync::Arc;
@@ -89,11 +90,7 @@ pub fn consumer_config(settings: &Settings, partitions: usize) -> ClientConfig {
         ("statistics.interval.ms", "5000".to_string()),
     ] {
         // Given by the user under it or under its librdkafka alias, the user's value stands.
-        let alias = match key {
-            "max.partition.fetch.bytes" => Some("fetch.message.max.bytes"),
-            _ => None,
-        };
-        if !k.options.contains_key(key) && !alias.is_some_and(|a| k.options.contains_key(a)) {
+        if options::given(&k.options, key).is_none() {
             cfg.set(key, value);
         }
     }

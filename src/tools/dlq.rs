@@ -22,6 +22,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::event::MAX_USER_ID_BYTES;
 use crate::kafka::dead_letter::headers;
+use crate::kafka::options;
 use crate::tools::progress::Progress;
 use crate::tools::query::escape;
 
@@ -441,15 +442,19 @@ pub async fn replay(
 ) -> Result<ReplaySummary, String> {
     let started = std::time::Instant::now();
     let mut pcfg = base.clone();
-    pcfg.set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5");
-    if pcfg.get("message.max.bytes").is_none() {
-        pcfg.set("message.max.bytes", MAX_REPLAYED_BYTES.to_string());
+    for (name, value) in [
+        ("acks", "all"),
+        ("enable.idempotence", "true"),
+        ("linger.ms", "5"),
+    ] {
+        options::set_owned(&mut pcfg, name, value);
     }
-    if pcfg.get("compression.type").is_none() && pcfg.get("compression.codec").is_none() {
-        pcfg.set("compression.type", "lz4");
-    }
+    options::set_default(
+        &mut pcfg,
+        "message.max.bytes",
+        &MAX_REPLAYED_BYTES.to_string(),
+    );
+    options::set_default(&mut pcfg, "compression.type", "lz4");
     let sources_reader = Sources::new(base)?;
     // Shared, and held here until every delivery has reported: dropping a producer purges
     // what it has not delivered yet.

@@ -316,6 +316,10 @@ async fn a_second_signal_stops_at_once_and_loses_nothing() {
 
 /// A panic (here a partition task's, which is restarted) is logged in the configured format: a
 /// JSON log stays one JSON object a line, the panic's message and place among its fields.
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "injects failpoints: run with --features vault/failpoints, as make test does"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_is_logged_as_json_in_a_json_log() {
     let ProcessRig {

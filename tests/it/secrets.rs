@@ -207,6 +207,10 @@ fn no_configuration_output_shows_a_secret() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "injects failpoints: run with --features vault/failpoints, as make test does"
+)]
 #[tokio::test]
 async fn a_running_vault_never_logs_or_exposes_a_secret() {
     let rig = ProcessRig::start("secrets", 2).await;

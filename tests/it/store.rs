@@ -187,6 +187,10 @@ async fn a_correction_wins_over_its_original_whatever_order_the_writes_land_in()
 /// A keyspace created by the first release's schema (with `ingested_at`, without
 /// `kafka_timestamp`) and holding data is migrated in place: old rows stay, new ones are written,
 /// and the old rows' days are indexed, also when the first migration was interrupted there.
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "injects failpoints: run with --features vault/failpoints, as make test does"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_brings_the_first_schema_forward_without_losing_data() {
     let node = node().await;

@@ -1,0 +1,132 @@
+//! librdkafka option names: the one place that knows which names set the same option.
+//!
+//! librdkafka accepts several options under two names (`linger.ms` and
+//! `queue.buffering.max.ms`, `acks` and `request.required.acks`...). rdkafka keeps a
+//! configuration in a `HashMap` and hands it over in that map's random order, so a value vault
+//! sets under one name and a value the user gave under the other would each win half the time.
+//! Every option vault sets or reserves is therefore looked up, set and refused here under all of
+//! its names.
+
+use std::collections::BTreeMap;
+
+use rdkafka::config::ClientConfig;
+
+/// Names librdkafka takes for one option (its `_RK_C_ALIAS` entries in `rdkafka_conf.c`),
+/// each pair as (alias, the name it stands for).
+const ALIASES: [(&str, &str); 12] = [
+    ("bootstrap.servers", "metadata.broker.list"),
+    ("max.partition.fetch.bytes", "fetch.message.max.bytes"),
+    ("linger.ms", "queue.buffering.max.ms"),
+    ("acks", "request.required.acks"),
+    ("delivery.timeout.ms", "message.timeout.ms"),
+    ("compression.type", "compression.codec"),
+    ("retries", "message.send.max.retries"),
+    ("max.in.flight", "max.in.flight.requests.per.connection"),
+    ("sasl.mechanism", "sasl.mechanisms"),
+    ("enable.auto.commit", "auto.commit.enable"),
+    (
+        "sasl.oauthbearer.client.credentials.client.id",
+        "sasl.oauthbearer.client.id",
+    ),
+    (
+        "sasl.oauthbearer.client.credentials.client.secret",
+        "sasl.oauthbearer.client.secret",
+    ),
+];
+
+/// Every name of the option `name` sets, `name` first.
+pub fn names_of(name: &str) -> impl Iterator<Item = &str> {
+    std::iter::once(name).chain(ALIASES.iter().filter_map(move |&(alias, real)| {
+        if alias == name {
+            Some(real)
+        } else if real == name {
+            Some(alias)
+        } else {
+            None
+        }
+    }))
+}
+
+/// The value given for option `name` in `options`, under any of its names.
+pub fn given<'a>(options: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
+    names_of(name).find_map(|n| options.get(n).map(String::as_str))
+}
+
+/// Two names in `options` that set the same option, if any: the first such pair.
+pub fn given_twice(options: &BTreeMap<String, String>) -> Option<(&str, &str)> {
+    ALIASES
+        .iter()
+        .find(|(alias, real)| options.contains_key(*alias) && options.contains_key(*real))
+        .copied()
+}
+
+/// Sets option `name` to `value`, whatever the configuration held under any of its names.
+pub fn set_owned(cfg: &mut ClientConfig, name: &str, value: &str) {
+    for n in names_of(name).skip(1) {
+        cfg.remove(n);
+    }
+    cfg.set(name, value);
+}
+
+/// Sets option `name` to `value` unless the configuration already holds it under any name.
+pub fn set_default(cfg: &mut ClientConfig, name: &str, value: &str) {
+    if names_of(name).all(|n| cfg.get(n).is_none()) {
+        cfg.set(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_option_is_found_under_either_name() {
+        let o = options(&[("request.required.acks", "1"), ("linger.ms", "7")]);
+        assert_eq!(given(&o, "acks"), Some("1"));
+        assert_eq!(given(&o, "request.required.acks"), Some("1"));
+        assert_eq!(given(&o, "queue.buffering.max.ms"), Some("7"));
+        assert_eq!(given(&o, "message.timeout.ms"), None);
+        assert_eq!(names_of("group.id").collect::<Vec<_>>(), ["group.id"]);
+    }
+
+    #[test]
+    fn both_names_of_one_option_are_found() {
+        let o = options(&[("linger.ms", "7"), ("queue.buffering.max.ms", "9")]);
+        assert_eq!(
+            given_twice(&o),
+            Some(("linger.ms", "queue.buffering.max.ms"))
+        );
+        assert_eq!(given_twice(&options(&[("linger.ms", "7")])), None);
+    }
+
+    #[test]
+    fn an_owned_option_replaces_the_users_under_any_name() {
+        let mut cfg = ClientConfig::new();
+        cfg.set("request.required.acks", "0")
+            .set("delivery.timeout.ms", "1000");
+        set_owned(&mut cfg, "acks", "all");
+        set_owned(&mut cfg, "message.timeout.ms", "30000");
+        assert_eq!(cfg.get("acks"), Some("all"));
+        assert_eq!(cfg.get("request.required.acks"), None);
+        assert_eq!(cfg.get("message.timeout.ms"), Some("30000"));
+        assert_eq!(cfg.get("delivery.timeout.ms"), None);
+    }
+
+    #[test]
+    fn a_default_stands_back_for_the_users_value_under_any_name() {
+        let mut cfg = ClientConfig::new();
+        cfg.set("compression.codec", "zstd");
+        set_default(&mut cfg, "compression.type", "lz4");
+        set_default(&mut cfg, "linger.ms", "5");
+        assert_eq!(cfg.get("compression.type"), None);
+        assert_eq!(cfg.get("compression.codec"), Some("zstd"));
+        assert_eq!(cfg.get("linger.ms"), Some("5"));
+    }
+}
