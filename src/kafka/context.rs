@@ -13,7 +13,7 @@
 //!   are handed to the coordinator, which drains, commits what it may and ends the run with
 //!   the cause.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError};
 use std::sync::{Mutex, OnceLock, Weak};
@@ -53,6 +53,8 @@ pub struct VaultContext {
     fatal_reported: AtomicBool,
     /// The consumer lag of each partition this member fetches, from the last statistics.
     lags: Mutex<HashMap<String, HashMap<i32, i64>>>,
+    /// The brokers the last statistics named, whose series are removed once they are gone.
+    brokers: Mutex<BTreeSet<String>>,
 }
 
 impl VaultContext {
@@ -70,6 +72,7 @@ impl VaultContext {
             health,
             fatal_reported: AtomicBool::new(false),
             lags: Mutex::new(HashMap::new()),
+            brokers: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -213,29 +216,38 @@ impl VaultContext {
     }
 
     /// Round-trip times and error counts of the brokers this member talks to (bootstrap and
-    /// internal handles, which have no node id, are left out).
+    /// internal handles, which have no node id, are left out). A round trip is shown only for
+    /// an interval in which the broker answered a request (a broker that is down shows none,
+    /// not its last good one), and a broker gone from the statistics loses its series.
     fn broker_stats(&self, statistics: &Statistics) {
         let m = &self.metrics;
+        let mut named = BTreeSet::new();
         for b in statistics.brokers.values() {
             if b.nodeid < 0 {
                 continue;
             }
             let name = b.name.as_str();
-            if let Some(rtt) = &b.rtt {
-                if rtt.cnt > 0 {
-                    for (stat, micros) in [("avg", rtt.avg), ("p99", rtt.p99)] {
+            named.insert(b.name.clone());
+            match &b.rtt {
+                Some(rtt) if rtt.cnt > 0 => {
+                    for (stat, micros) in BROKER_RTT_STATS.into_iter().zip([rtt.avg, rtt.p99]) {
                         m.broker_rtt
                             .with_label_values(&[name, stat])
                             .set(micros.max(0) as f64 / 1e6);
                     }
                 }
+                _ => {
+                    for stat in BROKER_RTT_STATS {
+                        let _ = m.broker_rtt.remove_label_values(&[name, stat]);
+                    }
+                }
             }
-            for (kind, total) in [
-                ("tx", b.txerrs),
-                ("rx", b.rxerrs),
-                ("timeout", b.req_timeouts),
-                ("disconnect", b.disconnects.unwrap_or(0).max(0) as u64),
-            ] {
+            for (kind, total) in BROKER_ERROR_KINDS.into_iter().zip([
+                b.txerrs,
+                b.rxerrs,
+                b.req_timeouts,
+                b.disconnects.unwrap_or(0).max(0) as u64,
+            ]) {
                 // librdkafka reports running totals: the counter follows them.
                 let c = m.broker_errors.with_label_values(&[name, kind]);
                 if total > c.get() {
@@ -243,8 +255,27 @@ impl VaultContext {
                 }
             }
         }
+        let gone: Vec<String> = {
+            let mut brokers = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
+            let gone = brokers.difference(&named).cloned().collect();
+            *brokers = named;
+            gone
+        };
+        for name in &gone {
+            for stat in BROKER_RTT_STATS {
+                let _ = m.broker_rtt.remove_label_values(&[name, stat]);
+            }
+            for kind in BROKER_ERROR_KINDS {
+                let _ = m.broker_errors.remove_label_values(&[name, kind]);
+            }
+        }
     }
 }
+
+/// The `stat` labels of `vault_kafka_broker_rtt_seconds`.
+const BROKER_RTT_STATS: [&str; 2] = ["avg", "p99"];
+/// The `kind` labels of `vault_kafka_broker_errors_total`.
+const BROKER_ERROR_KINDS: [&str; 4] = ["tx", "rx", "timeout", "disconnect"];
 
 impl ClientContext for VaultContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -551,5 +582,24 @@ mod tests {
             !m.render().contains("bootstrap"),
             "bootstrap handles are not brokers"
         );
+
+        // An interval without an answer shows no round trip, not the last one.
+        let mut quiet = stats("steady", 7, 3_000);
+        for broker in quiet.brokers.values_mut() {
+            broker.rtt = Some(Window::default());
+        }
+        context.stats(quiet);
+        let text = m.render();
+        assert!(!text.contains("vault_kafka_broker_rtt_seconds{"), "{text}");
+        assert!(text.contains("vault_kafka_broker_errors_total{"), "{text}");
+
+        // A broker gone from the statistics loses its series.
+        context.stats(stats("steady", 7, 3_000));
+        assert!(m.render().contains("vault_kafka_broker_rtt_seconds{"));
+        let mut gone = stats("steady", 7, 3_000);
+        gone.brokers.remove("b1");
+        context.stats(gone);
+        let text = m.render();
+        assert!(!text.contains(b), "{text}");
     }
 }
