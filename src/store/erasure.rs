@@ -357,18 +357,21 @@ pub async fn forget(
         // Recorded first (its partitions once known), with the watermark, and known to this
         // store at once: from then on the write path keeps the user's rows up to `through`
         // out, also once the tombstones below are purged, and also on a day the index does not
-        // hold yet when the days are read below.
+        // hold yet when the days are read below. Written with the tombstones' timestamp: two
+        // erasures of one user asked in the same millisecond share a record, and the one that
+        // reaches further keeps it, whichever lands last.
         session
             .query_unpaged(
                 format!(
                     "INSERT INTO {ks}.{ERASURES} (user_id, requested_at, requested_by, erased_through) \
-                     VALUES (?, ?, ?, ?)"
+                     VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
                 ),
                 (
                     key.0,
                     key.1,
                     erasure.requested_by.as_str(),
                     CqlTimestamp(erasure.through_ms),
+                    at,
                 ),
             )
             .await

@@ -1149,6 +1149,44 @@ async fn an_erasure_holds_after_its_tombstones_are_purged() {
     assert_eq!(metrics.write_erased_rows.get(), 6);
 }
 
+/// Two erasures of one user asked in the same millisecond share a record row: the one that
+/// reaches further keeps it, whichever lands last, so the record (what the write path and
+/// `dlq replay` read once tombstones are purged) never says less than was erased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasures_of_one_user_in_one_millisecond_keep_the_furthest() {
+    use vault::store::erasure::{erased_through, forget, Erasure};
+    let node = node().await;
+    let c = scylla_config(&node.addr().to_string());
+    let store = ScyllaStore::connect(&c, true).await.expect("migrate");
+    let now = chrono::Utc::now().timestamp_millis();
+    let erasure = |through_ms: i64, by: &str| Erasure {
+        user_id: "user-0".into(),
+        through_ms,
+        requested_by: by.into(),
+        requested_at_ms: now,
+    };
+    forget(&store, &erasure(now, "api:first"), false)
+        .await
+        .expect("erase");
+    forget(&store, &erasure(now - 86_400_000, "api:second"), false)
+        .await
+        .expect("erase");
+    assert_eq!(
+        erased_through(&store, "user-0").await.expect("read"),
+        Some(now),
+        "the further erasure's record stands"
+    );
+    let record = node
+        .execute(&format!(
+            "SELECT requested_by FROM {}.erasures WHERE user_id = 'user-0'",
+            c.keyspace
+        ))
+        .expect("select")
+        .expect("rows");
+    assert_eq!(record.rows.len(), 1, "one record row");
+    assert_eq!(record.rows[0][0].as_deref(), Some(&b"api:first"[..]));
+}
+
 /// An erasure waits, once it is recorded and known to the store, for the store's writes that
 /// were checked before it: until they end it reads no day and deletes nothing, so none of
 /// them can land on a day it does not find. Writes that start meanwhile go on.
