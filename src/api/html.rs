@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Response, StatusCode};
 
-use crate::api::params::{encode, EventsQuery};
+use crate::api::params::{encode, EventsQuery, MAX_TYPES};
 use crate::store::read::StoredEvent;
 
 /// HTML-escapes text for element content and quoted attribute values.
@@ -99,19 +99,27 @@ pub fn timeline(
         escape(user_id)
     );
     let value = |v: &Option<String>| escape(v.as_deref().unwrap_or(""));
+    // A field for each type filtered on (the next page keeps them all) and an empty one for
+    // another, while another may be added; empty fields are left out when the form is sent.
+    let mut types = String::new();
+    let empty = (q.types.len() < MAX_TYPES).then_some("");
+    for t in q.types.iter().map(String::as_str).chain(empty) {
+        let _ = write!(
+            types,
+            "<label>Type <input name=\"type\" value=\"{}\" placeholder=\"any\"></label>",
+            escape(t)
+        );
+    }
     let _ = writeln!(
         body,
         "<form method=\"get\" action=\"{base}\">\
          <label>Since <input name=\"since\" value=\"{}\" placeholder=\"7d or 2025-11-24T00:00:00Z\"></label>\
          <label>Until <input name=\"until\" value=\"{}\" placeholder=\"now\"></label>\
-         <label>Type <input name=\"type\" value=\"{}\" placeholder=\"any\"></label>\
-         <label>Type <input name=\"type\" value=\"{}\" placeholder=\"any\"></label>\
+         {types}\
          <label>Per page <input name=\"limit\" value=\"{}\" size=\"5\"></label>\
          <button type=\"submit\">Show</button></form>",
         value(&q.since),
         value(&q.until),
-        escape(q.types.first().map_or("", String::as_str)),
-        escape(q.types.get(1).map_or("", String::as_str)),
         q.limit,
     );
     if events.is_empty() {
@@ -205,5 +213,31 @@ mod tests {
         );
         assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(page.contains("href=\"/ui/users/u%3Cb%3E?type=%22%3E%3Cscript%3Ex%3C%2Fscript%3E&amp;limit=10&amp;page_token=tok\""), "{page}");
+    }
+
+    #[test]
+    fn the_form_keeps_every_type_filtered_on_and_offers_one_more() {
+        let key = crate::api::token::PageKey::from_config(&crate::config::ApiConfig::default());
+        let query = |types: &[&str]| {
+            let pairs: Vec<(String, String)> = types
+                .iter()
+                .map(|t| ("type".to_string(), t.to_string()))
+                .collect();
+            EventsQuery::parse(&pairs, "u", &key, 0, 10, 100, false).unwrap()
+        };
+        let fields = |page: &str| -> Vec<String> {
+            page.split("<input name=\"type\" value=\"")
+                .skip(1)
+                .map(|rest| rest[..rest.find('"').unwrap()].to_owned())
+                .collect()
+        };
+        let page = timeline("u", &query(&[]), &[], None);
+        assert_eq!(fields(&page), [""]);
+        let page = timeline("u", &query(&["click", "view", "buy"]), &[], None);
+        assert_eq!(fields(&page), ["click", "view", "buy", ""]);
+        let all: Vec<String> = (0..MAX_TYPES).map(|i| format!("t{i}")).collect();
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let page = timeline("u", &query(&all), &[], None);
+        assert_eq!(fields(&page), all, "no empty field past the most types");
     }
 }
