@@ -20,6 +20,7 @@ use crate::api::params::{self, EventsQuery};
 use crate::api::{html, json_response, rfc3339, Api};
 use crate::store::erasure::{self, Erasure};
 use crate::store::read::{PageRequest, StoredEvent};
+use crate::telemetry::metrics::ApiMetrics;
 
 /// Every route (the router adds the fallback, metrics and state).
 pub fn routes() -> Router<Arc<Api>> {
@@ -257,6 +258,7 @@ pub async fn export(
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Response<Body> {
+    let started = std::time::Instant::now();
     let answer = async {
         api.settings
             .tokens
@@ -291,6 +293,12 @@ pub async fn export(
                 tracing::warn!(error = %e, "An export failed in the store; the response is cut short.")
             })
             .map_err(std::io::Error::other);
+        let lines = TimedExport {
+            lines: Box::pin(lines),
+            started,
+            metrics: api.metrics.clone(),
+            ended: false,
+        };
         let mut r = Response::new(Body::from_stream(lines));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -301,6 +309,54 @@ pub async fn export(
         Ok(r)
     };
     answer.await.unwrap_or_else(ApiError::into_json)
+}
+
+/// An export's body, timed to its end: a 200 is counted when its headers leave, but a long
+/// export's time, and a cut one (a store read failing after the headers, or a client leaving
+/// first), show only when the body ends (`vault_api_export_duration_seconds{outcome}`).
+struct TimedExport {
+    lines: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
+    started: std::time::Instant,
+    metrics: Arc<ApiMetrics>,
+    ended: bool,
+}
+
+impl TimedExport {
+    fn end(&mut self, outcome: &str) {
+        self.ended = true;
+        self.metrics
+            .export_duration
+            .with_label_values(&[outcome])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl futures::Stream for TimedExport {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.ended {
+            return std::task::Poll::Ready(None);
+        }
+        let next = self.lines.poll_next_unpin(cx);
+        match &next {
+            std::task::Poll::Ready(None) => self.end("complete"),
+            std::task::Poll::Ready(Some(Err(_))) => self.end("store"),
+            _ => {}
+        }
+        next
+    }
+}
+
+impl Drop for TimedExport {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.end("client");
+        }
+    }
 }
 
 /// Erases a user (the right to be forgotten) through the same function as `vault forget`:
@@ -507,5 +563,54 @@ pub async fn no_route(uri: axum::http::Uri) -> Response<Body> {
         e.into_html()
     } else {
         e.into_json()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timed(metrics: &Arc<ApiMetrics>, lines: Vec<Result<Bytes, std::io::Error>>) -> TimedExport {
+        TimedExport {
+            lines: futures::stream::iter(lines).boxed(),
+            started: std::time::Instant::now(),
+            metrics: metrics.clone(),
+            ended: false,
+        }
+    }
+
+    fn ended(metrics: &ApiMetrics, outcome: &str) -> u64 {
+        metrics
+            .export_duration
+            .with_label_values(&[outcome])
+            .get_sample_count()
+    }
+
+    #[tokio::test]
+    async fn an_export_is_timed_to_its_end_and_a_cut_one_says_why() {
+        let metrics = Arc::new(ApiMetrics::new());
+        let line = || Ok(Bytes::from_static(b"{}\n"));
+
+        let whole: Vec<_> = timed(&metrics, vec![line(), line()]).collect().await;
+        assert_eq!(whole.len(), 2);
+        assert_eq!(ended(&metrics, "complete"), 1);
+
+        let failing = vec![line(), Err(std::io::Error::other("store")), line()];
+        let cut: Vec<_> = timed(&metrics, failing).collect().await;
+        assert_eq!(cut.len(), 2, "nothing after the failure");
+        assert_eq!(ended(&metrics, "store"), 1);
+
+        let mut left = timed(&metrics, vec![line(), line()]);
+        assert!(left.next().await.is_some());
+        drop(left);
+        assert_eq!(ended(&metrics, "client"), 1);
+        assert_eq!(
+            (ended(&metrics, "complete"), ended(&metrics, "store")),
+            (1, 1),
+            "each export counted once"
+        );
+        assert!(metrics
+            .render()
+            .contains("vault_api_export_duration_seconds_count{outcome=\"client\"} 1"));
     }
 }

@@ -875,6 +875,10 @@ async fn the_openapi_document_lists_every_route_and_metrics_count_by_route() {
     assert!(metrics.contains(
         "vault_api_request_duration_seconds_bucket{route=\"/v1/users/{user_id}/export\""
     ));
+    assert!(
+        metrics.contains("vault_api_export_duration_seconds_count{outcome=\"complete\"} 1"),
+        "the export, timed to its body's end: {metrics}"
+    );
     assert!(!metrics.contains("documented"), "no user id in a label");
     rig.stop().await;
 }
