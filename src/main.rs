@@ -200,7 +200,14 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vault: {e:#}");
+            // In a JSON log, the reason vault stopped is a JSON line like every other.
+            if JSON_LOG.load(std::sync::atomic::Ordering::Relaxed)
+                && tracing::enabled!(tracing::Level::ERROR)
+            {
+                tracing::error!(error = %format!("{e:#}"), "vault stopped.");
+            } else {
+                eprintln!("vault: {e:#}");
+            }
             // A malformed --set is a bad argument, answered like clap's own.
             match e.downcast_ref::<config::ConfigError>() {
                 Some(config::ConfigError::BadOverride(_)) => ExitCode::from(2),
@@ -649,6 +656,10 @@ async fn run(settings: vault::Settings, migrate: bool) -> anyhow::Result<()> {
         &vault::kafka::base_client_config(&settings),
         &settings.config.kafka.dead_letter_topic,
         settings.config.kafka.dead_letter_max_bytes,
+    )
+    .context(
+        "the dead-letter producer refuses the Kafka options (kafka.options apply to it too; \
+         it is idempotent, with acks=all)",
     )?;
     match settings.config.pipeline.store {
         StoreKind::Null => {
@@ -720,6 +731,10 @@ async fn connect_store(
     }
 }
 
+/// Whether the log is JSON (set once logging is set up): then the error vault stops on is
+/// logged as a JSON line, not written as text.
+static JSON_LOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
@@ -728,7 +743,10 @@ fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => {
+            builder.json().flatten_event(true).init();
+            JSON_LOG.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         LogFormat::Text => builder.init(),
     }
     // A panic (caught and restarted, or dead-lettered as undecodable) is logged like any other

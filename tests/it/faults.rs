@@ -365,3 +365,49 @@ async fn a_panic_is_logged_as_json_in_a_json_log() {
         .is_some_and(|l| l.contains(".rs:")));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The error vault stops on is a JSON line in a JSON log (a log shipper parses every line), and
+/// plain text otherwise; both say what to fix. Here the dead-letter producer refuses an option
+/// the consumer accepts (`max.in.flight` over 5 with an idempotent producer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_vault_stops_on_is_json_in_a_json_log() {
+    let ProcessRig {
+        node: _node,
+        kafka: _kafka,
+        dir,
+        mut env,
+        ..
+    } = ProcessRig::start("stop-json", 1).await;
+    env.push(("VAULT_KAFKA_OPTION_MAX_IN_FLIGHT".into(), "10".into()));
+    let run = |format: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault"))
+            .arg("run")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("VAULT_LOG_FORMAT", format)
+            .output()
+            .expect("run vault");
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let json = run("json");
+    let stopped: Vec<serde_json::Value> = json
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|l: &serde_json::Value| l["message"] == "vault stopped.")
+        .collect();
+    assert_eq!(stopped.len(), 1, "{json}");
+    let error = stopped[0]["error"].as_str().expect("error field");
+    assert!(
+        error.contains("dead-letter producer") && error.contains("max.in.flight"),
+        "{error}"
+    );
+    assert_eq!(stopped[0]["level"], "ERROR");
+    let text = run("text");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("vault: the dead-letter producer")),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
