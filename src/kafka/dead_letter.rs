@@ -94,7 +94,8 @@ pub trait DeadLetterSink: Send + Sync + 'static {
 /// Produce errors that will not go away by sending the same letter again: the letter is too
 /// large for the topic even with its value cut away, the topic does not exist or may not be
 /// written, or Kafka refuses the record as such. Everything else (timeouts, a broker down, a
-/// full queue, leadership moving) is transient and retried.
+/// full queue, leadership moving, a record corrupted on its way, which Kafka calls retriable)
+/// is transient and retried.
 pub fn is_permanent(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
     matches!(
@@ -102,7 +103,6 @@ pub fn is_permanent(e: &KafkaError) -> bool {
         Some(
             C::MessageSizeTooLarge
                 | C::InvalidRecord
-                | C::InvalidMessage
                 | C::TopicAuthorizationFailed
                 | C::ClusterAuthorizationFailed
                 | C::TransactionalIdAuthorizationFailed
@@ -716,6 +716,8 @@ mod tests {
             RDKafkaErrorCode::MessageTimedOut,
             RDKafkaErrorCode::NotLeaderForPartition,
             RDKafkaErrorCode::RequestTimedOut,
+            // CORRUPT_MESSAGE: a CRC that did not match on the way, retriable in Kafka.
+            RDKafkaErrorCode::InvalidMessage,
         ];
         for code in transient {
             assert!(
