@@ -420,7 +420,7 @@ fn date(day: i64) -> CqlDate {
 }
 
 /// A failed read request, classified like every store error (see `store::scylla::classify`).
-fn pager_error(e: PagerExecutionError) -> StoreError {
+pub(crate) fn pager_error(e: PagerExecutionError) -> StoreError {
     match e {
         PagerExecutionError::NextPageError(NextPageError::RequestFailure(r)) => {
             classify(&r.into_execution_error())
@@ -430,7 +430,7 @@ fn pager_error(e: PagerExecutionError) -> StoreError {
     }
 }
 
-fn row_error(e: NextRowError) -> StoreError {
+pub(crate) fn row_error(e: NextRowError) -> StoreError {
     match e {
         NextRowError::NextPageError(NextPageError::RequestFailure(r)) => {
             classify(&r.into_execution_error())

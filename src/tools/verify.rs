@@ -14,7 +14,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use scylla::value::CqlDate;
 
 use crate::config::Settings;
-use crate::store::scylla::{classify, connect, TABLE};
+use crate::store::read::{pager_error, row_error};
+use crate::store::scylla::{connect, TABLE};
 use crate::tools::dlq::LetterInfo;
 use crate::tools::progress::Progress;
 use crate::tools::record;
@@ -214,18 +215,20 @@ pub async fn verify(
         .map(|((user, day), ids)| {
             let (session, select) = (session.clone(), select.clone());
             async move {
-                let rows = session
-                    .execute_unpaged(
-                        &select,
+                // Paged: a partition of a heavy user may hold more rows than one answer should.
+                let mut rows = session
+                    .execute_iter(
+                        select,
                         (user.as_str(), CqlDate(((1i64 << 31) + day) as u32)),
                     )
                     .await
-                    .map_err(|e| classify(&e).to_string())?
-                    .into_rows_result()
+                    .map_err(|e| pager_error(e).to_string())?
+                    .rows_stream::<(uuid::Uuid,)>()
                     .map_err(|e| e.to_string())?;
                 let mut found: HashMap<uuid::Uuid, usize> = HashMap::new();
-                for row in rows.rows::<(uuid::Uuid,)>().map_err(|e| e.to_string())? {
-                    *found.entry(row.map_err(|e| e.to_string())?.0).or_default() += 1;
+                while let Some(row) = rows.next().await {
+                    let (id,) = row.map_err(|e| row_error(e).to_string())?;
+                    *found.entry(id).or_default() += 1;
                 }
                 let stored = ids.iter().filter(|id| found.contains_key(id)).count();
                 let extra = ids
