@@ -1056,9 +1056,19 @@ fn kubernetes_and_compose_run_vault_api_with_tokens_from_a_secret() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("vault.toml");
     std::fs::write(&file, text(&configmap["data"]["vault.toml"])).unwrap();
+    // A *_FILE setting names a file of a mounted Secret volume (the ScyllaDB password:
+    // tests/it/deploy.rs checks the mounts and the files): a stand-in file here.
     let env: Vec<(String, String)> = env
         .into_iter()
         .filter(|(k, _)| k != "VAULT_CONFIG")
+        .map(|(k, v)| {
+            if !k.ends_with("_FILE") {
+                return (k, v);
+            }
+            let stand_in = dir.join(k.to_ascii_lowercase());
+            std::fs::write(&stand_in, "from-secret-0123456789\n").unwrap();
+            (k, stand_in.display().to_string())
+        })
         .collect();
     let config = vault::config::load_with_env(Some(&file), &[], env.clone()).expect("loads");
     let settings = config.validate().expect("validates");

@@ -127,15 +127,51 @@ fn assert_ours(what: &str, name: &str) {
     );
 }
 
-/// The Prometheus job label the alert rules select vault's targets by.
-fn rules_job() -> String {
-    let alerts = read("deploy/prometheus/alerts.yml");
-    let jobs: BTreeSet<String> = alerts
-        .match_indices("job=\"")
-        .map(|(i, m)| alerts[i + m.len()..].split('"').next().unwrap().to_owned())
+/// The Prometheus job label each group of alert rules selects its targets by: one job per
+/// group, `vault` (the consumers) and `vault-api` (the read side), each its own.
+fn rules_jobs() -> BTreeMap<String, String> {
+    let rules = yaml("deploy/prometheus/alerts.yml");
+    let jobs: BTreeMap<String, String> = rules["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|group| {
+            let name = s(&group["name"]).to_owned();
+            let jobs: BTreeSet<String> = group["rules"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .flat_map(|r| {
+                    let expr = s(&r["expr"]);
+                    expr.match_indices("job=\"")
+                        .map(|(i, m)| expr[i + m.len()..].split('"').next().unwrap().to_owned())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            assert_eq!(jobs.len(), 1, "group {name}: one job label: {jobs:?}");
+            (name, jobs.into_iter().next().unwrap())
+        })
         .collect();
-    assert_eq!(jobs.len(), 1, "one job label in the rules: {jobs:?}");
-    jobs.into_iter().next().unwrap()
+    assert_eq!(
+        jobs.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["vault", "vault-api"],
+        "the consumers' rules and the read side's"
+    );
+    assert_ne!(
+        jobs["vault"], jobs["vault-api"],
+        "each selects its own targets"
+    );
+    jobs
+}
+
+/// The job of the consumers' targets (`vault run`).
+fn rules_job() -> String {
+    rules_jobs()["vault"].clone()
+}
+
+/// The job of the read side's targets (`vault api`).
+fn api_rules_job() -> String {
+    rules_jobs()["vault-api"].clone()
 }
 
 #[test]
@@ -162,29 +198,34 @@ fn nothing_is_named_plain_vault() {
             assert_eq!(s(&o["metadata"]["name"]), s(&kustomization["namespace"]));
         }
     }
-    let pod = &objects["StatefulSet"]["spec"]["template"]["spec"];
     let images = kustomization["images"].as_sequence().expect("images");
-    let containers: Vec<&Value> = ["initContainers", "containers"]
-        .iter()
-        .flat_map(|k| pod[*k].as_sequence().into_iter().flatten())
-        .collect();
-    for c in &containers {
-        let image = s(&c["image"]);
-        assert_ne!(image_repository(image), "vault", "{image}");
-        let set = images
+    for workload in ["StatefulSet", "Deployment"] {
+        let pod = &objects[workload]["spec"]["template"]["spec"];
+        let containers: Vec<&Value> = ["initContainers", "containers"]
             .iter()
-            .find(|i| s(&i["name"]) == image)
-            .unwrap_or_else(|| panic!("kustomization.yaml sets the image {image}"));
-        assert_ours("image", image_repository(s(&set["newName"])));
-        for e in c["env"].as_sequence().into_iter().flatten() {
-            if let Some(name) = e["valueFrom"]["secretKeyRef"]["name"].as_str() {
-                assert_ours("Secret", name);
+            .flat_map(|k| pod[*k].as_sequence().into_iter().flatten())
+            .collect();
+        for c in &containers {
+            let image = s(&c["image"]);
+            assert_ne!(image_repository(image), "vault", "{image}");
+            let set = images
+                .iter()
+                .find(|i| s(&i["name"]) == image)
+                .unwrap_or_else(|| panic!("kustomization.yaml sets the image {image}"));
+            assert_ours("image", image_repository(s(&set["newName"])));
+            for e in c["env"].as_sequence().into_iter().flatten() {
+                if let Some(name) = e["valueFrom"]["secretKeyRef"]["name"].as_str() {
+                    assert_ours("Secret", name);
+                }
             }
         }
-    }
-    for v in pod["volumes"].as_sequence().unwrap() {
-        if let Some(name) = v["configMap"]["name"].as_str() {
-            assert_ours("ConfigMap", name);
+        for v in pod["volumes"].as_sequence().unwrap() {
+            if let Some(name) = v["configMap"]["name"].as_str() {
+                assert_ours("ConfigMap", name);
+            }
+            if let Some(name) = v["secret"]["secretName"].as_str() {
+                assert_ours("Secret", name);
+            }
         }
     }
     for r in objects["TriggerAuthentication"]["spec"]["secretTargetRef"]
@@ -193,8 +234,10 @@ fn nothing_is_named_plain_vault() {
     {
         assert_ours("Secret", s(&r["name"]));
     }
-    // Prometheus: the scrape job the rules select (HashiCorp Vault's is often "vault").
-    assert_ours("Prometheus job", &rules_job());
+    // Prometheus: the scrape jobs the rules select (HashiCorp Vault's is often "vault").
+    for job in rules_jobs().values() {
+        assert_ours("Prometheus job", job);
+    }
     // docker compose: every image built or run from this repository.
     let compose = yaml("docker-compose.yml");
     for (name, svc) in compose["services"].as_mapping().unwrap() {
@@ -206,11 +249,19 @@ fn nothing_is_named_plain_vault() {
     }
 }
 
-/// The alerts the rules raise.
-fn alert_names() -> BTreeSet<String> {
-    yaml("deploy/prometheus/alerts.yml")["groups"][0]["rules"]
+/// Every rule of every group of alert rules.
+fn alert_rules() -> Vec<Value> {
+    yaml("deploy/prometheus/alerts.yml")["groups"]
         .as_sequence()
         .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap().clone())
+        .collect()
+}
+
+/// The alerts the rules raise.
+fn alert_names() -> BTreeSet<String> {
+    alert_rules()
         .iter()
         .map(|r| s(&r["alert"]).to_owned())
         .collect()
@@ -248,8 +299,7 @@ fn the_alertmanager_config_names_real_alerts() {
         assert!(targets.contains(follows), "{targets}");
     }
     // Alerts inhibited per topic carry a topic label: the rules aggregate by topic.
-    let rules = yaml("deploy/prometheus/alerts.yml");
-    for r in rules["groups"][0]["rules"].as_sequence().unwrap() {
+    for r in &alert_rules() {
         if [
             "VaultPartitionStuck",
             "VaultCommitsStalled",
@@ -411,6 +461,19 @@ fn the_compose_stack_hands_vault_only_settings_it_accepts() {
         "the job the alert rules select"
     );
     assert_eq!(strings(&prom["rule_files"]), ["alerts.yml"]);
+    // vault api is scraped as the job its rules select, where compose's vault-api serves.
+    let api_env = env_map(&compose["services"]["vault-api"]["environment"]);
+    let api_scrape = prom["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| s(&c["job_name"]) == api_rules_job())
+        .expect("a scrape job for vault api, the one its rules select");
+    assert_eq!(s(&api_scrape["metrics_path"]), "/metrics");
+    assert_eq!(
+        strings(&api_scrape["static_configs"][0]["targets"]),
+        [format!("vault-api:{}", port_of(&api_env["VAULT_API_ADDR"]))]
+    );
     let prom_volumes = strings(&compose["services"]["prometheus"]["volumes"]);
     assert!(prom_volumes.contains(&"./deploy/prometheus:/etc/prometheus:ro".to_string()));
 
@@ -456,6 +519,88 @@ fn the_compose_stack_hands_vault_only_settings_it_accepts() {
         for p in svc["ports"].as_sequence().into_iter().flatten() {
             assert!(s(p).starts_with("127.0.0.1:"), "{name:?} publishes {p:?}");
         }
+    }
+}
+
+/// The stand-in for the value of `key` in the Secret `secret`: librdkafka options for a
+/// `.properties` key (what kafka.options_file reads), else a string naming both.
+fn stand_in(secret: &str, key: &str) -> String {
+    if key.ends_with(".properties") {
+        format!("sasl.username=secret-{secret}-user\nsasl.password=secret-{secret}-password\n")
+    } else {
+        format!("secret-{secret}-{key}")
+    }
+}
+
+/// The environment `container` of the pod spec `pod` runs with, on this machine: the volumes it
+/// mounts, under `dir` (the ConfigMap's vault.toml; each item of a Secret volume as a file
+/// holding its stand-in and a newline, as `kubectl create secret --from-file` would from an
+/// editor's file), its values with each mount path moved there, a Secret key's value as its
+/// stand-in, and the pod's name from the downward API.
+fn container_env(
+    pod: &Value,
+    container: &Value,
+    toml_text: &str,
+    dir: &Path,
+) -> BTreeMap<String, String> {
+    let volumes = pod["volumes"].as_sequence().expect("volumes");
+    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    for m in container["volumeMounts"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+    {
+        let name = s(&m["name"]);
+        let volume = volumes
+            .iter()
+            .find(|v| s(&v["name"]) == name)
+            .unwrap_or_else(|| panic!("no volume {name}"));
+        let local = dir.join(name);
+        std::fs::create_dir_all(&local).unwrap();
+        if volume["configMap"].is_mapping() {
+            std::fs::write(local.join("vault.toml"), toml_text).unwrap();
+        } else if let Some(secret) = volume["secret"]["secretName"].as_str() {
+            for item in volume["secret"]["items"].as_sequence().expect("items") {
+                let text = stand_in(secret, s(&item["key"]));
+                let text = if text.ends_with('\n') {
+                    text
+                } else {
+                    text + "\n"
+                };
+                std::fs::write(local.join(s(&item["path"])), text).unwrap();
+            }
+        }
+        mounts.push((s(&m["mountPath"]).to_owned(), local));
+    }
+    let mut env = BTreeMap::new();
+    for e in container["env"].as_sequence().unwrap() {
+        let name = s(&e["name"]).to_owned();
+        let value = match (&e["value"], &e["valueFrom"]) {
+            (Value::String(v), _) => mounts
+                .iter()
+                .filter_map(|(path, local)| {
+                    v.strip_prefix(path.as_str())
+                        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+                        .map(|rest| (path.len(), format!("{}{rest}", local.display())))
+                })
+                .max()
+                .map_or_else(|| v.clone(), |(_, moved)| moved),
+            (_, from) if from["fieldRef"]["fieldPath"] == "metadata.name" => format!("{NAME}-0"),
+            (_, from) if from["secretKeyRef"].is_mapping() => {
+                let r = &from["secretKeyRef"];
+                stand_in(s(&r["name"]), s(&r["key"]))
+            }
+            other => panic!("env {name}: {other:?}"),
+        };
+        env.insert(name, value);
+    }
+    env
+}
+
+/// What `vault check-config` shows holds nothing from a Secret but a user name.
+fn assert_shows_no_secret(effective: &str) {
+    for line in effective.lines().filter(|l| l.contains("secret-")) {
+        assert!(line.starts_with("username = "), "a secret shown: {line}");
     }
 }
 
@@ -510,35 +655,15 @@ fn the_kubernetes_manifests_agree_with_the_binary_and_each_other() {
     let pod = &sts["spec"]["template"];
     let container = &pod["spec"]["containers"][0];
 
-    // The configuration file validates, with the environment the pod gives each container.
+    // The configuration file validates, with the environment and the files the pod gives
+    // each container.
     let toml_text = s(&objects["ConfigMap"]["data"]["vault.toml"]).to_owned();
     let check_config = |container: &Value| -> String {
         let dir = std::env::temp_dir().join(crate::common::unique("vault-k8s"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mount = s(&container["volumeMounts"][0]["mountPath"]).to_owned();
-        let mut env = BTreeMap::new();
-        for e in container["env"].as_sequence().unwrap() {
-            let name = s(&e["name"]).to_owned();
-            let value = match (&e["value"], &e["valueFrom"]) {
-                (Value::String(v), _) => v.replace(&mount, dir.to_str().unwrap()),
-                (_, from) if from["fieldRef"]["fieldPath"] == "metadata.name" => {
-                    format!("{NAME}-0")
-                }
-                (_, from) if from["secretKeyRef"].is_mapping() => {
-                    format!("secret-{}", s(&from["secretKeyRef"]["key"]))
-                }
-                other => panic!("env {name}: {other:?}"),
-            };
-            env.insert(name, value);
-        }
-        let file = Path::new(&env["VAULT_CONFIG"]).to_path_buf();
-        std::fs::write(&file, &toml_text).unwrap();
+        let env = container_env(&pod["spec"], container, &toml_text, &dir);
         let effective = vault(&["check-config".into()], &env);
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(
-            !effective.contains("secret-scylla-password"),
-            "the password is masked: {effective}"
-        );
+        assert_shows_no_secret(&effective);
         effective
     };
     let effective = check_config(container);
@@ -563,6 +688,8 @@ fn the_kubernetes_manifests_agree_with_the_binary_and_each_other() {
         migrate["volumeMounts"][0], container["volumeMounts"][0],
         "the same configuration (the API token is the consumer's alone)"
     );
+    // The same cluster and keyspace, each with its own role: the user name and the file of
+    // the password differ (tests secrets_reach_the_pods_as_files_of_their_own_role).
     let scylla = |effective: &str| -> Vec<String> {
         effective
             .split("[scylla]")
@@ -570,6 +697,7 @@ fn the_kubernetes_manifests_agree_with_the_binary_and_each_other() {
             .and_then(|r| r.split("\n[").next())
             .expect("[scylla] in check-config's output")
             .lines()
+            .filter(|l| !l.starts_with("username = ") && !l.starts_with("password_file = "))
             .map(str::to_owned)
             .collect()
     };
@@ -860,9 +988,11 @@ fn the_image_is_multi_stage_non_root_and_serves_the_metrics_port() {
 /// Issue 19's hardening, as files: the pod mounts no service-account token but the vault
 /// container's, which may read its StatefulSet's scale and nothing else, a NetworkPolicy
 /// lets in only the monitoring namespace on the metrics port and lets out only Kafka's and
-/// ScyllaDB's namespaces and ports (as configured), the API server's ports and DNS, SASL credentials come from a Secret,
-/// the ScyllaDB password travels over TLS; compose's vault is read-only, without capabilities
-/// or privilege gain, and Grafana has no default admin.
+/// ScyllaDB's namespaces and ports (as configured), the API server's ports and DNS, SASL
+/// credentials and the ScyllaDB password come from Secrets (as files: see
+/// secrets_reach_the_pods_as_files_of_their_own_role), the ScyllaDB password travels over TLS;
+/// compose's vault is read-only, without capabilities or privilege gain, and Grafana has no
+/// default admin.
 #[test]
 fn the_deployment_is_hardened() {
     let objects = k8s_objects();
@@ -873,22 +1003,18 @@ fn the_deployment_is_hardened() {
         Some(false)
     );
     let container = &pod["spec"]["containers"][0];
-    let secret_env: BTreeSet<String> = container["env"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .filter(|e| e["valueFrom"]["secretKeyRef"].is_mapping())
-        .map(|e| s(&e["name"]).to_owned())
-        .collect();
-    for name in [
-        "VAULT_KAFKA_OPTION_SASL_USERNAME",
-        "VAULT_KAFKA_OPTION_SASL_PASSWORD",
-        "VAULT_SCYLLA_PASSWORD",
-    ] {
-        assert!(
-            secret_env.contains(name),
-            "{name} from a Secret: {secret_env:?}"
-        );
+    let file_of = |setting: &str| {
+        container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| s(&e["name"]) == setting)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("{setting} in the vault container"))
+            .to_owned()
+    };
+    for setting in ["VAULT_KAFKA_OPTIONS_FILE", "VAULT_SCYLLA_PASSWORD_FILE"] {
+        assert!(file_of(setting).starts_with("/run/secrets/"), "{setting}");
     }
     let toml_text = s(&objects["ConfigMap"]["data"]["vault.toml"]).to_owned();
     let config: toml::Value = toml::from_str(&toml_text).unwrap();
@@ -1051,4 +1177,486 @@ fn the_deployment_is_hardened() {
                 == Some("true"),
         "no default admin account: {grafana:?}"
     );
+}
+
+/// The containers of a pod spec, init containers first.
+fn pod_containers(pod: &Value) -> Vec<&Value> {
+    ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| pod[*k].as_sequence().into_iter().flatten())
+        .collect()
+}
+
+/// Whether every label `selector` (a matchLabels mapping) asks for is among `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_mapping()
+        .expect("matchLabels")
+        .iter()
+        .all(|(k, v)| &labels[k] == v)
+}
+
+/// The security review's findings, as files: no password reaches a pod as an environment
+/// variable. Every `*_file` setting a container is given names a file of a Secret volume
+/// mounted read-only into that container alone, readable by the pod's group and no one else;
+/// each command (`vault migrate`, `run`, `api`) connects with a ScyllaDB role of its own, from
+/// a Secret of its own; and vault, started with a container's environment and files, reads its
+/// password from there and shows none of it.
+#[test]
+fn secrets_reach_the_pods_as_files_of_their_own_role() {
+    let objects = k8s_objects();
+    let toml_text = s(&objects["ConfigMap"]["data"]["vault.toml"]).to_owned();
+    // The Secret each command's ScyllaDB password comes from.
+    let mut roles: BTreeMap<String, String> = BTreeMap::new();
+    for workload in ["StatefulSet", "Deployment"] {
+        let pod = &objects[workload]["spec"]["template"]["spec"];
+        let volumes = pod["volumes"].as_sequence().unwrap();
+        let security = &pod["securityContext"];
+        let user = security["runAsUser"].as_u64().expect("runAsUser");
+        assert_ne!(user, 0);
+        let fs_group = security["fsGroup"].as_u64();
+        for v in volumes.iter().filter(|v| v["secret"].is_mapping()) {
+            let holders: Vec<&str> = pod_containers(pod)
+                .iter()
+                .filter(|c| {
+                    c["volumeMounts"]
+                        .as_sequence()
+                        .into_iter()
+                        .flatten()
+                        .any(|m| m["name"] == v["name"])
+                })
+                .map(|c| s(&c["name"]))
+                .collect();
+            assert_eq!(
+                holders.len(),
+                1,
+                "{workload}: {:?} is mounted into one container: {holders:?}",
+                v["name"]
+            );
+        }
+        for c in pod_containers(pod) {
+            let name = format!("{workload}/{}", s(&c["name"]));
+            let command = s(&c["args"][0]).to_owned();
+            let env = c["env"].as_sequence().unwrap();
+            // From Secrets as environment variables: user names, and vault api's tokens
+            // (vault has no *_file setting for them: README's known limit). Never a password.
+            for e in env {
+                if e["valueFrom"]["secretKeyRef"].is_mapping() {
+                    let var = s(&e["name"]);
+                    assert!(
+                        [
+                            "VAULT_SCYLLA_USERNAME",
+                            "VAULT_API_READ_TOKENS",
+                            "VAULT_API_ADMIN_TOKENS",
+                            "VAULT_API_PAGE_TOKEN_SECRET",
+                        ]
+                        .contains(&var),
+                        "{name}: {var} from a Secret as an environment variable"
+                    );
+                }
+            }
+            let files: BTreeMap<&str, &str> = env
+                .iter()
+                .filter(|e| s(&e["name"]).ends_with("_FILE"))
+                .map(|e| (s(&e["name"]), s(&e["value"])))
+                .collect();
+            let mut wanted = vec!["VAULT_SCYLLA_PASSWORD_FILE"];
+            if command == "run" {
+                wanted.push("VAULT_KAFKA_OPTIONS_FILE");
+            }
+            for setting in wanted {
+                assert!(files.contains_key(setting), "{name}: {setting}");
+            }
+            for (setting, path) in &files {
+                let (mount, item_path) = c["volumeMounts"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find_map(|m| {
+                        path.strip_prefix(&format!("{}/", s(&m["mountPath"])))
+                            .map(|rest| (m, rest))
+                    })
+                    .unwrap_or_else(|| {
+                        panic!("{name}: {setting} {path} is in no volume it mounts")
+                    });
+                assert_eq!(mount["readOnly"].as_bool(), Some(true), "{name}: {setting}");
+                let volume = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
+                let secret = &volume["secret"];
+                assert!(
+                    secret.is_mapping(),
+                    "{name}: {setting} {path} is a Secret's"
+                );
+                assert!(
+                    secret["optional"].as_bool() != Some(true),
+                    "{name}: {setting}: the Secret is required"
+                );
+                let item = secret["items"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find(|i| s(&i["path"]) == item_path)
+                    .unwrap_or_else(|| {
+                        panic!("{name}: {setting}: {path} is no item of {secret:?}")
+                    });
+                let mode = item["mode"]
+                    .as_u64()
+                    .or(secret["defaultMode"].as_u64())
+                    .unwrap_or(0o644);
+                assert_eq!(
+                    mode & 0o337,
+                    0,
+                    "{name}: {path} mode {mode:o}: read-only, and no one else's"
+                );
+                // The kubelet writes the files as root: the container (user {user}) reads them
+                // through the pod's fsGroup.
+                assert!(
+                    mode & 0o040 != 0 && fs_group.is_some(),
+                    "{name}: {path} mode {mode:o}, fsGroup {fs_group:?}: user {user} cannot read it"
+                );
+                if *setting == "VAULT_SCYLLA_PASSWORD_FILE" {
+                    let user_ref = env
+                        .iter()
+                        .find(|e| s(&e["name"]) == "VAULT_SCYLLA_USERNAME")
+                        .map(|e| &e["valueFrom"]["secretKeyRef"])
+                        .unwrap_or_else(|| panic!("{name}: VAULT_SCYLLA_USERNAME"));
+                    assert_eq!(
+                        user_ref["name"], secret["secretName"],
+                        "{name}: user and password of one role"
+                    );
+                    let previous =
+                        roles.insert(command.clone(), s(&secret["secretName"]).to_owned());
+                    assert!(previous.is_none(), "{command} runs once");
+                }
+                if *setting == "VAULT_KAFKA_OPTIONS_FILE" {
+                    assert_eq!(
+                        secret["secretName"],
+                        objects["TriggerAuthentication"]["spec"]["secretTargetRef"][0]["name"],
+                        "{name}: the Kafka credentials KEDA reads"
+                    );
+                }
+            }
+
+            // vault, started with this environment and these files, uses the mounted password
+            // (and Kafka options), and check-config shows none of it.
+            let dir = std::env::temp_dir().join(crate::common::unique("vault-k8s-secrets"));
+            let env = container_env(pod, c, &toml_text, &dir);
+            let config = vault::config::load_with_env(
+                Some(Path::new(&env["VAULT_CONFIG"])),
+                &[],
+                env.clone(),
+            )
+            .and_then(|c| c.validate())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let password_secret = &roles[&command];
+            assert_eq!(
+                config.config.scylla.password,
+                stand_in(password_secret, "scylla-password"),
+                "{name}: the password is the mounted file's, its newline dropped"
+            );
+            assert_eq!(
+                config.config.scylla.username,
+                stand_in(password_secret, "scylla-username")
+            );
+            if command == "run" {
+                let kafka =
+                    s(&objects["TriggerAuthentication"]["spec"]["secretTargetRef"][0]["name"]);
+                assert_eq!(
+                    config.config.kafka.options.get("sasl.password"),
+                    Some(&format!("secret-{kafka}-password")),
+                    "{name}: the SASL password is the mounted options file's"
+                );
+            }
+            if command == "api" {
+                vault::api::ApiSettings::new(&config.config)
+                    .unwrap_or_else(|e| panic!("{name}: vault api starts with it: {e}"));
+            }
+            let effective = vault(&["check-config".into()], &env);
+            let _ = std::fs::remove_dir_all(&dir);
+            assert!(
+                effective.contains("password = \"********\""),
+                "{name}: {effective}"
+            );
+            assert_shows_no_secret(&effective);
+        }
+    }
+    assert_eq!(
+        roles.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["api", "migrate", "run"]
+    );
+    let secrets: BTreeSet<&String> = roles.values().collect();
+    assert_eq!(
+        secrets.len(),
+        3,
+        "a ScyllaDB role, and a Secret, per command: {roles:?}"
+    );
+    // The README documents each role's grants.
+    let readme = read("README.md");
+    for grant in [
+        "GRANT CREATE ON ALL KEYSPACES TO vault_migrate;",
+        "GRANT SELECT ON KEYSPACE vault TO vault_run;",
+        "GRANT MODIFY ON KEYSPACE vault TO vault_run;",
+        "GRANT SELECT ON KEYSPACE vault TO vault_api;",
+        "GRANT MODIFY ON KEYSPACE vault TO vault_api;",
+    ] {
+        assert!(readme.contains(grant), "README: {grant}");
+    }
+    for secret in roles.values() {
+        assert!(
+            readme.contains(&format!("`{secret}`")),
+            "README names the Secret {secret}"
+        );
+    }
+}
+
+/// vault api through drains, rollouts and the loss of a node: its own PodDisruptionBudget (one
+/// replica down at a time, unready ones evictable, like the consumers'), a rollout that never
+/// has fewer ready replicas than it wants, a stop that lets the Service's endpoints forget the
+/// pod before SIGTERM and fits the grace period with vault api's shutdown, and the replicas of
+/// both workloads spread over nodes.
+#[test]
+fn the_read_side_keeps_serving_through_drains_rollouts_and_node_loss() {
+    let objects = k8s_objects();
+    let deployment = &objects["Deployment"];
+    let pod = &deployment["spec"]["template"];
+    let labels = &pod["metadata"]["labels"];
+    let consumer_pod = &objects["StatefulSet"]["spec"]["template"];
+    let replicas = deployment["spec"]["replicas"].as_u64().unwrap();
+
+    let pdb = &objects["PodDisruptionBudget/activity-vault-api"];
+    let consumers_pdb = &objects["PodDisruptionBudget"];
+    assert_eq!(s(&pdb["apiVersion"]), "policy/v1");
+    let selector = &pdb["spec"]["selector"]["matchLabels"];
+    assert!(selects(selector, labels), "the PDB counts vault api's pods");
+    assert!(
+        !selects(selector, &consumer_pod["metadata"]["labels"]),
+        "and not the consumers'"
+    );
+    assert!(
+        !selects(&consumers_pdb["spec"]["selector"]["matchLabels"], labels),
+        "the consumers' PDB does not count vault api's pods"
+    );
+    let max_unavailable = pdb["spec"]["maxUnavailable"]
+        .as_u64()
+        .expect("maxUnavailable");
+    assert!(
+        (1..replicas).contains(&max_unavailable),
+        "a drain goes on, one of {replicas} replicas at a time: {max_unavailable}"
+    );
+    assert_eq!(s(&pdb["spec"]["unhealthyPodEvictionPolicy"]), "AlwaysAllow");
+    assert_eq!(
+        pdb["spec"]["unhealthyPodEvictionPolicy"],
+        consumers_pdb["spec"]["unhealthyPodEvictionPolicy"]
+    );
+
+    let rolling = &deployment["spec"]["strategy"]["rollingUpdate"];
+    assert_eq!(s(&deployment["spec"]["strategy"]["type"]), "RollingUpdate");
+    assert_eq!(
+        rolling["maxUnavailable"].as_u64(),
+        Some(0),
+        "a new pod is ready before an old one stops"
+    );
+    assert!(rolling["maxSurge"].as_u64().is_some_and(|n| n >= 1));
+
+    // SIGTERM stops vault api accepting at once (src/http.rs): the kubelet sleeps first, while
+    // the endpoints forget the pod, and the grace period covers the sleep and the shutdown.
+    let container = &pod["spec"]["containers"][0];
+    let pre_stop = &container["lifecycle"]["preStop"];
+    assert!(
+        pre_stop["exec"].is_null(),
+        "the kubelet sleeps: no sleep binary in the image"
+    );
+    let sleep = Duration::from_secs(
+        pre_stop["sleep"]["seconds"]
+            .as_u64()
+            .expect("a preStop sleep"),
+    );
+    assert!(
+        sleep >= Duration::from_secs(5),
+        "long enough for the endpoints to forget the pod"
+    );
+    let grace = Duration::from_secs(
+        pod["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap(),
+    );
+    let shutdown = vault::api::limits().shutdown_grace;
+    assert!(
+        grace >= sleep + shutdown + Duration::from_secs(2),
+        "grace {grace:?} covers the sleep {sleep:?} and vault api's shutdown {shutdown:?}"
+    );
+
+    for (workload, pod) in [("StatefulSet", consumer_pod), ("Deployment", pod)] {
+        let by_node = pod["spec"]["topologySpreadConstraints"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{workload}: topologySpreadConstraints"))
+            .iter()
+            .find(|c| s(&c["topologyKey"]) == "kubernetes.io/hostname")
+            .unwrap_or_else(|| panic!("{workload}: spread over nodes"));
+        assert_eq!(by_node["maxSkew"].as_u64(), Some(1), "{workload}");
+        assert_eq!(
+            s(&by_node["whenUnsatisfiable"]),
+            "ScheduleAnyway",
+            "{workload}: a preference, so a cluster with fewer nodes still runs every replica"
+        );
+        assert!(
+            selects(
+                &by_node["labelSelector"]["matchLabels"],
+                &pod["metadata"]["labels"]
+            ),
+            "{workload}: spreads its own pods"
+        );
+    }
+}
+
+/// vault api's alert rules select the job its targets have (compose's scrape job, the Service's
+/// name on Kubernetes) and only metrics it exports; the consumers' rules never count its
+/// series; each read side alert carries the job, as Alertmanager can route it, and is a
+/// warning, as README says.
+#[test]
+fn the_read_side_rules_select_its_job_and_its_metrics() {
+    let objects = k8s_objects();
+    let api_job = api_rules_job();
+    let svc = &objects["Service/activity-vault-api"];
+    assert_eq!(
+        s(&svc["metadata"]["name"]),
+        api_job,
+        "the Prometheus Operator's job label"
+    );
+    let monitor = &objects["ServiceMonitor/activity-vault-api"];
+    assert!(
+        monitor["spec"]["jobLabel"].is_null(),
+        "the job label is the Service's name"
+    );
+    assert!(selects(
+        &monitor["spec"]["selector"]["matchLabels"],
+        &svc["metadata"]["labels"]
+    ));
+    assert_eq!(
+        s(&monitor["spec"]["endpoints"][0]["port"]),
+        s(&svc["spec"]["ports"][0]["name"])
+    );
+    assert_eq!(s(&monitor["spec"]["endpoints"][0]["path"]), "/metrics");
+    // The consumers' ServiceMonitor does not scrape vault api's Service.
+    assert!(!selects(
+        &objects["ServiceMonitor"]["spec"]["selector"]["matchLabels"],
+        &svc["metadata"]["labels"]
+    ));
+
+    let api = vault::telemetry::metrics::ApiMetrics::new();
+    let consumers = vault::telemetry::metrics::Metrics::new();
+    let metrics_of = |expr: &str| -> Vec<(String, String)> {
+        // Each vault_ metric an expression uses, with its selector ("" without one).
+        expr.match_indices("vault_")
+            .filter(|(i, _)| *i == 0 || !expr.as_bytes()[i - 1].is_ascii_alphanumeric())
+            .map(|(i, _)| {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                let rest = &expr[i + name.len()..];
+                let selector = rest
+                    .strip_prefix('{')
+                    .and_then(|r| r.split('}').next())
+                    .unwrap_or_default()
+                    .to_owned();
+                (name, selector)
+            })
+            .collect()
+    };
+    let base = |name: &str| -> String {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name)
+            .to_owned()
+    };
+    let rules = yaml("deploy/prometheus/alerts.yml");
+    for group in rules["groups"].as_sequence().unwrap() {
+        let name = s(&group["name"]);
+        for r in group["rules"].as_sequence().unwrap() {
+            let alert = s(&r["alert"]);
+            let expr = s(&r["expr"]);
+            for (metric, selector) in metrics_of(expr) {
+                let metric = base(&metric);
+                let in_api = api.names.contains(&metric.as_str());
+                if name == "vault-api" {
+                    assert!(
+                        in_api,
+                        "{alert} uses {metric}, which vault api does not export"
+                    );
+                    assert!(
+                        selector.contains(&format!("job=\"{api_job}\"")),
+                        "{alert}: {metric} without the job: {expr}"
+                    );
+                } else if in_api {
+                    assert!(
+                        consumers.names.contains(&metric.as_str())
+                            && selector.contains(&format!("job=\"{}\"", rules_job())),
+                        "{alert} counts vault api's {metric}: {expr}"
+                    );
+                }
+            }
+            if name == "vault-api" {
+                assert!(expr.contains(&format!("job=\"{api_job}\"")), "{alert}");
+                assert!(
+                    expr.contains("by (job")
+                        || expr.starts_with("up{")
+                        || expr.starts_with("absent("),
+                    "{alert} keeps the job label: {expr}"
+                );
+                assert_eq!(s(&r["labels"]["severity"]), "warning", "{alert}");
+                assert!(alert.starts_with("VaultApi"), "{alert}");
+            }
+        }
+    }
+}
+
+/// The dashboard shows the consumers: its instance variable lists them alone, and every panel
+/// on a metric vault api exports too (vault_build_info) selects their job.
+#[test]
+fn the_dashboard_lists_only_the_consumers() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/dashboards/vault.json")).unwrap();
+    let job = format!("job=\"{}\"", rules_job());
+    let api = vault::telemetry::metrics::ApiMetrics::new();
+    let consumers = vault::telemetry::metrics::Metrics::new();
+    let shared: Vec<&str> = api
+        .names
+        .iter()
+        .copied()
+        .filter(|n| consumers.names.contains(n))
+        .collect();
+    assert!(shared.contains(&"vault_build_info"), "{shared:?}");
+    let variable = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "instance")
+        .expect("the instance variable");
+    let mut queries = vec![
+        variable["query"]["query"].as_str().unwrap().to_owned(),
+        variable["definition"].as_str().unwrap().to_owned(),
+    ];
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push(target["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    let mut checked = 0;
+    for q in &queries {
+        for name in &shared {
+            for (i, _) in q.match_indices(name) {
+                let selector = q[i + name.len()..]
+                    .strip_prefix('{')
+                    .and_then(|r| r.split('}').next())
+                    .unwrap_or_default();
+                assert!(
+                    selector.contains(&job),
+                    "{q}: {name} without {job}: vault api's too"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 3, "the variable and the build panel: {checked}");
 }
