@@ -442,6 +442,11 @@ pub struct ApiConfig {
     pub default_limit: usize,
     /// The largest `limit` a request may ask for.
     pub max_limit: usize,
+    /// Connections open at once (probes, scrapes and clients together).
+    pub max_connections: usize,
+    /// Connections open at once from one IP address; behind a proxy or an ingress, which is
+    /// one address to vault, raise it to `max_connections`.
+    pub max_connections_per_address: usize,
 }
 
 impl fmt::Debug for ApiConfig {
@@ -454,6 +459,11 @@ impl fmt::Debug for ApiConfig {
             .field("page_token_secret", &mask(&self.page_token_secret))
             .field("default_limit", &self.default_limit)
             .field("max_limit", &self.max_limit)
+            .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_address",
+                &self.max_connections_per_address,
+            )
             .finish()
     }
 }
@@ -467,6 +477,8 @@ impl Default for ApiConfig {
             page_token_secret: String::new(),
             default_limit: 100,
             max_limit: 1000,
+            max_connections: 64,
+            max_connections_per_address: 32,
         }
     }
 }
@@ -1593,6 +1605,17 @@ impl Config {
                 "1 to api.max_limit",
             ));
         }
+        // Each connection may hold a page (bounded to about 1 MiB) at once.
+        if a.max_connections == 0 || a.max_connections > 1024 {
+            return Err(bad("api.max_connections", a.max_connections, "1 to 1024"));
+        }
+        if a.max_connections_per_address == 0 || a.max_connections_per_address > a.max_connections {
+            return Err(bad(
+                "api.max_connections_per_address",
+                a.max_connections_per_address,
+                "1 to api.max_connections (behind a proxy, which is one address, equal to it)",
+            ));
+        }
         let metrics_addr: SocketAddr = self.metrics.addr.parse().map_err(|_| {
             bad(
                 "metrics.addr",
@@ -1971,6 +1994,25 @@ mod tests {
             err.contains("metadata.broker.list") && err.contains("kafka.brokers"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn api_connection_caps_are_checked_and_reach_the_server() {
+        let mut c = Config::default();
+        c.api.max_connections = 200;
+        c.api.max_connections_per_address = 200;
+        c.clone().validate().expect("valid");
+        let limits = crate::api::ApiSettings::new(&c).expect("settings").limits;
+        assert_eq!(
+            (limits.max_connections, limits.max_connections_per_peer),
+            (200, 200)
+        );
+        c.api.max_connections_per_address = 201;
+        let err = c.clone().validate().unwrap_err().to_string();
+        assert!(err.contains("api.max_connections_per_address"), "{err}");
+        c.api.max_connections = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("api.max_connections"), "{err}");
     }
 
     #[test]

@@ -218,17 +218,23 @@ fn main() -> ExitCode {
 }
 
 /// mimalloc 3 keeps freed memory for a second before returning it to the OS; at vault's
-/// allocation rate that adds tens of MiB to the resident set for no gain. Purge after 10 ms
-/// (mimalloc 2's default) unless MIMALLOC_PURGE_DELAY says otherwise.
+/// allocation rate that adds tens of MiB to the resident set (a 1M-event drain peaked at
+/// 100-118 MiB). Purging after 10 ms (mimalloc 2's default) gave most of it back but paid for
+/// it in page faults, a sixth of the CPU of the ScyllaDB store's runs (zeroing fresh pages).
+/// 100 ms keeps both low (see README, Benchmarks); MIMALLOC_PURGE_DELAY still overrides it.
 /// `mi_option_purge_delay` in mimalloc.h (v3), which libmimalloc-sys names no constant for.
 #[cfg(feature = "mimalloc")]
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// How long mimalloc keeps freed memory before returning it to the OS (ms).
+#[cfg(feature = "mimalloc")]
+const PURGE_DELAY_MS: std::ffi::c_long = 100;
 
 #[cfg(feature = "mimalloc")]
 fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: mi_option_set stores one integer option; mimalloc reads it atomically.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10) };
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
     }
 }
 
@@ -792,10 +798,10 @@ fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    /// The option index is mimalloc's purge delay: its v3 default (1 s) before, 10 ms after.
+    /// The option index is mimalloc's purge delay: its v3 default (1 s) before, 100 ms after.
     /// Fails when an upgraded mimalloc numbers its options differently.
     #[test]
-    fn the_allocator_purges_after_10_ms() {
+    fn the_allocator_purges_after_100_ms() {
         if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
             return;
         }
@@ -808,6 +814,6 @@ mod tests {
         tune_allocator();
         // SAFETY: as above.
         let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        assert_eq!(after, 10);
+        assert_eq!(after, 100);
     }
 }

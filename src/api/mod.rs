@@ -44,6 +44,8 @@ pub struct ApiSettings {
     pub page_key: token::PageKey,
     pub default_limit: usize,
     pub max_limit: usize,
+    /// What one client may cost the server.
+    pub limits: crate::http::Limits,
 }
 
 impl ApiSettings {
@@ -73,6 +75,7 @@ impl ApiSettings {
             page_key: token::PageKey::from_config(a),
             default_limit: a.default_limit,
             max_limit: a.max_limit,
+            limits: limits(a),
         })
     }
 }
@@ -106,11 +109,14 @@ pub fn router(api: Arc<Api>) -> Router {
         .with_state(api)
 }
 
-/// The server's limits: vault's defaults, except that a connection may live for
-/// [`MAX_CONNECTION_AGE`], so that an export of a long history is not cut after a minute.
-pub fn limits() -> crate::http::Limits {
+/// The server's limits: vault's defaults with the connection caps of `a`, and a connection
+/// may live for [`MAX_CONNECTION_AGE`], so that an export of a long history is not cut after a
+/// minute.
+pub fn limits(a: &ApiConfig) -> crate::http::Limits {
     crate::http::Limits {
         max_connection_age: MAX_CONNECTION_AGE,
+        max_connections: a.max_connections,
+        max_connections_per_peer: a.max_connections_per_address,
         ..crate::http::Limits::default()
     }
 }
@@ -128,7 +134,8 @@ pub async fn serve(
         tracing::warn!("No API token is configured: every request is allowed (loopback only).");
     }
     tracing::info!(addr = %listener.local_addr()?, "Serving the read API.");
-    crate::http::serve(listener, router(api), limits(), shutdown).await
+    let limits = api.settings.limits;
+    crate::http::serve(listener, router(api), limits, shutdown).await
 }
 
 /// Counts every response by route template (never the path itself: it holds the user id)

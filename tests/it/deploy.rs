@@ -1479,7 +1479,7 @@ fn the_read_side_keeps_serving_through_drains_rollouts_and_node_loss() {
             .as_u64()
             .unwrap(),
     );
-    let shutdown = vault::api::limits().shutdown_grace;
+    let shutdown = vault::api::limits(&vault::config::ApiConfig::default()).shutdown_grace;
     assert!(
         grace >= sleep + shutdown + Duration::from_secs(2),
         "grace {grace:?} covers the sleep {sleep:?} and vault api's shutdown {shutdown:?}"
