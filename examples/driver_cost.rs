@@ -1,0 +1,127 @@
+//! What one CQL request costs the ScyllaDB driver alone, without vault: prepared inserts of the
+//! bench's rows (or, with `batch`, an UNLOGGED batch of a row and its day-index entry, vault's
+//! default request for one event) sent with a bound on requests in flight, and this process's
+//! CPU per request. Against the CQL stand-in, run apart so that its CPU is not counted:
+//!
+//! ```sh
+//! target/release/vault-sandbox --cql 127.0.0.1:19555 --brokers 1 &
+//! cargo run --release --example driver_cost -- 127.0.0.1:19555 100000 32 [batch]
+//! ```
+
+use std::time::Instant;
+
+use futures::StreamExt;
+
+/// This process's CPU seconds (user and system), from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(addr), Some(count), Some(in_flight)) = (
+        args.first().cloned(),
+        args.get(1).and_then(|a| a.parse::<u64>().ok()),
+        args.get(2).and_then(|a| a.parse::<usize>().ok()),
+    ) else {
+        eprintln!("usage: driver_cost HOST:PORT REQUESTS IN_FLIGHT [batch]");
+        std::process::exit(2);
+    };
+    let batch = args.get(3).is_some_and(|a| a == "batch");
+    let cfg = vault::config::ScyllaConfig {
+        nodes: vec![addr],
+        keyspace: "cost".into(),
+        consistency: "LOCAL_QUORUM".into(),
+        ..Default::default()
+    };
+    // Creates the keyspace and tables as vault does.
+    vault::store::scylla::ScyllaStore::connect(&cfg, true)
+        .await
+        .expect("migrate");
+    let session = vault::store::scylla::connect(&cfg).await.expect("session");
+    let mut insert = session
+        .prepare(
+            "INSERT INTO cost.user_activity (user_id, day, occurred_at, event_id, event_type, \
+             attributes, payload, source_topic, source_partition, source_offset, kafka_timestamp) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?",
+        )
+        .await
+        .expect("prepare");
+    insert.set_is_idempotent(true);
+    let mut day = session
+        .prepare("INSERT INTO cost.user_days (user_id, day) VALUES (?, ?) USING TIMESTAMP ?")
+        .await
+        .expect("prepare day");
+    day.set_is_idempotent(true);
+    use scylla::statement::batch::{Batch, BatchType};
+    let mut row_and_index = Batch::new(BatchType::Unlogged);
+    row_and_index.append_statement(insert.clone());
+    row_and_index.append_statement(day.clone());
+    row_and_index.set_is_idempotent(true);
+    let payload = vec![b'x'; 230];
+    let cpu0 = cpu_seconds();
+    let started = Instant::now();
+    futures::stream::iter(0..count)
+        .map(|i| {
+            let (session, insert, payload, row_and_index) =
+                (&session, &insert, payload.clone(), &row_and_index);
+            async move {
+                let values = (
+                    format!("b-{}", i % 100_000),
+                    scylla::value::CqlDate((1u32 << 31) + 20_000),
+                    scylla::value::CqlTimestamp(1_700_000_000_000 + i as i64),
+                    uuid::Uuid::from_u128(i as u128),
+                    "page_view",
+                    "{}",
+                    payload,
+                    "bench",
+                    0i32,
+                    i as i64,
+                    scylla::value::CqlTimestamp(1_700_000_000_000),
+                    vault::store::version::write_timestamp(1_700_000_000_000, i as i64),
+                    0i32,
+                );
+                if batch {
+                    let dv = (
+                        format!("b-{}", i % 100_000),
+                        scylla::value::CqlDate((1u32 << 31) + 20_000),
+                        5i64,
+                    );
+                    session
+                        .batch(row_and_index, (values, dv))
+                        .await
+                        .expect("batch");
+                } else {
+                    session
+                        .execute_unpaged(insert, values)
+                        .await
+                        .expect("insert");
+                }
+            }
+        })
+        .buffer_unordered(in_flight)
+        .for_each(|_| std::future::ready(()))
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    println!(
+        "{count} {}, {in_flight} in flight: {:.0} requests/s, {:.2} µs of this process's CPU per request",
+        if batch { "batches of a row and its index entry" } else { "inserts" },
+        count as f64 / secs,
+        cpu * 1e6 / count as f64
+    );
+}
