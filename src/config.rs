@@ -434,10 +434,20 @@ pub struct ApiConfig {
     /// Bearer tokens of the `admin` scope: user erasure, and everything `read` may do.
     #[serde(deserialize_with = "string_or_list")]
     pub admin_tokens: Vec<String>,
+    /// A file of `read` tokens (a mounted Secret): one per line or comma-separated, `#`
+    /// comments; instead of `read_tokens`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub read_tokens_file: String,
+    /// A file of `admin` tokens, as `read_tokens_file`; instead of `admin_tokens`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub admin_tokens_file: String,
     /// Key that signs page tokens, the same on every replica; empty: derived from the tokens
     /// above (so replicas sharing them agree, and rotating them ends the tokens in use).
     #[serde(deserialize_with = "lenient_string")]
     pub page_token_secret: String,
+    /// A file holding `page_token_secret` (its first line); instead of it.
+    #[serde(deserialize_with = "lenient_string")]
+    pub page_token_secret_file: String,
     /// Events per page when a request gives no `limit`.
     pub default_limit: usize,
     /// The largest `limit` a request may ask for.
@@ -456,7 +466,10 @@ impl fmt::Debug for ApiConfig {
             .field("addr", &self.addr)
             .field("read_tokens", &masked(&self.read_tokens))
             .field("admin_tokens", &masked(&self.admin_tokens))
+            .field("read_tokens_file", &self.read_tokens_file)
+            .field("admin_tokens_file", &self.admin_tokens_file)
             .field("page_token_secret", &mask(&self.page_token_secret))
+            .field("page_token_secret_file", &self.page_token_secret_file)
             .field("default_limit", &self.default_limit)
             .field("max_limit", &self.max_limit)
             .field("max_connections", &self.max_connections)
@@ -474,7 +487,10 @@ impl Default for ApiConfig {
             addr: "127.0.0.1:9899".into(),
             read_tokens: Vec::new(),
             admin_tokens: Vec::new(),
+            read_tokens_file: String::new(),
+            admin_tokens_file: String::new(),
             page_token_secret: String::new(),
+            page_token_secret_file: String::new(),
             default_limit: 100,
             max_limit: 1000,
             max_connections: 64,
@@ -858,21 +874,71 @@ impl Config {
                 reason: e.to_string(),
             })
         };
+        let one_line = |text: &str| {
+            text.strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(text)
+                .to_owned()
+        };
+        let both = |key: &'static str, file: &str, setting: &str| ConfigError::Invalid {
+            key,
+            value: file.to_owned(),
+            allowed: format!("set {setting} or {key}, not both"),
+        };
         let s = &mut self.scylla;
         if !s.password_file.is_empty() {
             if !s.password.is_empty() {
-                return Err(ConfigError::Invalid {
-                    key: "scylla.password_file",
-                    value: s.password_file.clone(),
-                    allowed: "set scylla.password or scylla.password_file, not both".into(),
-                });
+                return Err(both(
+                    "scylla.password_file",
+                    &s.password_file,
+                    "scylla.password",
+                ));
             }
-            let text = read("scylla.password_file", &s.password_file)?;
-            s.password = text
-                .strip_suffix('\n')
-                .map(|t| t.strip_suffix('\r').unwrap_or(t))
-                .unwrap_or(&text)
-                .to_owned();
+            s.password = one_line(&read("scylla.password_file", &s.password_file)?);
+        }
+        let a = &mut self.api;
+        for (key, file, tokens, setting) in [
+            (
+                "api.read_tokens_file",
+                &a.read_tokens_file,
+                &mut a.read_tokens,
+                "api.read_tokens",
+            ),
+            (
+                "api.admin_tokens_file",
+                &a.admin_tokens_file,
+                &mut a.admin_tokens,
+                "api.admin_tokens",
+            ),
+        ] {
+            if file.is_empty() {
+                continue;
+            }
+            if !tokens.is_empty() {
+                return Err(both(key, file, setting));
+            }
+            *tokens = read(key, file)?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.starts_with('#'))
+                .flat_map(|l| l.split(','))
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from)
+                .collect();
+        }
+        if !a.page_token_secret_file.is_empty() {
+            if !a.page_token_secret.is_empty() {
+                return Err(both(
+                    "api.page_token_secret_file",
+                    &a.page_token_secret_file,
+                    "api.page_token_secret",
+                ));
+            }
+            a.page_token_secret = one_line(&read(
+                "api.page_token_secret_file",
+                &a.page_token_secret_file,
+            )?);
         }
         let k = &mut self.kafka;
         if !k.options_file.is_empty() {
@@ -2390,6 +2456,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 1 is not of the form"), "{err}");
+
+        // vault api's tokens and page-token key.
+        let read = dir.join("read-tokens");
+        let (r1, r2) = ("r".repeat(32), "s".repeat(20));
+        std::fs::write(&read, format!("# rotated 2026-12\n{r1}\n\n {r2} ,\n")).unwrap();
+        let admin = dir.join("admin-tokens");
+        std::fs::write(&admin, format!("{}\n", "a".repeat(40))).unwrap();
+        let key = dir.join("page-key");
+        std::fs::write(&key, format!("{}\n", "k".repeat(32))).unwrap();
+        let (r, a, k) = (
+            read.to_str().unwrap(),
+            admin.to_str().unwrap(),
+            key.to_str().unwrap(),
+        );
+        let s = set(&[
+            &format!("api.read_tokens_file={r}"),
+            &format!("api.admin_tokens_file={a}"),
+            &format!("api.page_token_secret_file={k}"),
+        ])
+        .unwrap();
+        assert_eq!(s.config.api.read_tokens, [r1.clone(), r2]);
+        assert_eq!(s.config.api.admin_tokens, ["a".repeat(40)]);
+        assert_eq!(s.config.api.page_token_secret, "k".repeat(32));
+        let shown = s.config.to_masked_toml();
+        assert!(shown.contains(r) && !shown.contains(&r1), "{shown}");
+        let both = set(&[
+            &format!("api.read_tokens_file={r}"),
+            &format!("api.read_tokens={}", "t".repeat(16)),
+        ]);
+        assert!(both.unwrap_err().to_string().contains("not both"));
+        // A short token from a file is refused like one given inline.
+        std::fs::write(&read, "hunter2\n").unwrap();
+        let short = set(&[&format!("api.read_tokens_file={r}")]).unwrap_err();
+        assert!(short.to_string().contains("api.read_tokens"), "{short}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
