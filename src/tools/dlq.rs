@@ -412,10 +412,31 @@ impl fmt::Display for ReplaySummary {
     }
 }
 
+/// How many partitions `topic` has, from the cluster's metadata.
+fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, String> {
+    use rdkafka::producer::Producer;
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .map_err(|e| format!("reading the partitions of {topic}: {e}"))?;
+    let t = metadata
+        .topics()
+        .first()
+        .ok_or_else(|| format!("reading the partitions of {topic}: no such topic"))?;
+    if let Some(e) = t.error() {
+        return Err(format!(
+            "reading the partitions of {topic}: {}",
+            rdkafka::types::RDKafkaErrorCode::from(e)
+        ));
+    }
+    Ok(i32::try_from(t.partitions().len()).unwrap_or(i32::MAX))
+}
+
 /// Re-publishes the dead letters of `dead_letter_topic` that `filter` selects to the topic they
 /// came from, when that is one of `sources` (the configured topics that dead-letter there), with
 /// their original key, value and timestamp, their original coordinates (`vault.source.topic`,
-/// `.partition`, `.offset`) and a [`REPLAYED_FROM`] header. Letters naming another topic are
+/// `.partition`, `.offset`) and a [`REPLAYED_FROM`] header, to their original partition (by
+/// key when the topic has no such partition any more). Letters naming another topic are
 /// counted in [`ReplaySummary::refused`] and skipped. A letter cut to fit the dead-letter topic
 /// is not the message that was read: that one is read again from its source coordinates and
 /// re-published whole when its value has the digest the letter names
@@ -474,6 +495,8 @@ pub async fn replay(
         };
         let mut progress = Progress::new("replay", None);
         let mut erasures: HashMap<String, Option<i64>> = HashMap::new();
+        // Partitions of each topic letters go back to, asked once per topic.
+        let mut partitions: HashMap<String, i32> = HashMap::new();
         let scanned = scan(
             &base,
             &topic,
@@ -562,6 +585,20 @@ pub async fn replay(
                 }
                 let mut record: FutureRecord<'_, [u8], [u8]> =
                     FutureRecord::to(&info.source_topic).headers(hdrs);
+                // Back to the partition it was read from, where the rest of its key's messages
+                // are, whatever partitioner its producer used; by key only when the topic no
+                // longer has that partition.
+                let count = match partitions.get(&info.source_topic) {
+                    Some(n) => *n,
+                    None => {
+                        let n = partition_count(&scan_producer, &info.source_topic)?;
+                        partitions.insert(info.source_topic.clone(), n);
+                        n
+                    }
+                };
+                if let Some(p) = info.source_partition.filter(|p| (0..count).contains(p)) {
+                    record = record.partition(p);
+                }
                 if let Some(k) = key {
                     record = record.key(k);
                 }

@@ -368,6 +368,9 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_context_and_good_even
         assert_eq!(h[headers::SOURCE_TOPIC], topic, "{key}");
         assert_eq!(h[headers::SOURCE_PARTITION], positions[idx].0.to_string());
         assert_eq!(h[headers::SOURCE_OFFSET], positions[idx].1.to_string());
+        // Back in the partition it was read from (it was placed there by hand, not by its
+        // key's hash).
+        assert_eq!(m.partition(), positions[idx].0, "{key}: its own partition");
     }
 
     // With the limit raised, the replayed too_large event (it has no event_id) is stored under
