@@ -454,8 +454,9 @@ pub struct ApiConfig {
     pub max_limit: usize,
     /// Connections open at once (probes, scrapes and clients together).
     pub max_connections: usize,
-    /// Connections open at once from one IP address; behind a proxy or an ingress, which is
-    /// one address to vault, raise it to `max_connections`.
+    /// Connections open at once from one IP address, at most `max_connections` less 4 (room
+    /// for the probes); behind a proxy or an ingress, which is one address to vault, raise it
+    /// to that.
     pub max_connections_per_address: usize,
 }
 
@@ -498,6 +499,9 @@ impl Default for ApiConfig {
         }
     }
 }
+
+/// Connections of `vault api` that one address can never take: room for the probes.
+const API_OTHER_ADDRESSES_ROOM: usize = 4;
 
 /// The shortest API token accepted.
 pub const MIN_API_TOKEN_CHARS: usize = 16;
@@ -974,6 +978,51 @@ impl Config {
     }
 }
 
+/// `[kafka.options]` configure the dead-letter producer too, which is idempotent (a letter is
+/// written once, with acks=all, before its offset is committed): librdkafka refuses to start
+/// it with these, or (a transactional id) it starts and every letter then fails. Checked here
+/// so that `check-config` says so, not a crash loop at start-up.
+fn check_producer_options(options: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    use crate::kafka::options::given_as;
+    fn number(v: &str) -> Option<i64> {
+        v.trim().parse().ok()
+    }
+    /// An option, whether a value of it is refused, and what is wanted instead.
+    type Check = (&'static str, fn(&str) -> bool, &'static str);
+    let checks: [Check; 5] = [
+        ("transactional.id", |_| true, "no transactional id"),
+        (
+            "max.in.flight",
+            |v| number(v).is_some_and(|n| n > 5),
+            "at most 5 requests in flight",
+        ),
+        (
+            "retries",
+            |v| number(v).is_some_and(|n| n < 1),
+            "at least 1 retry",
+        ),
+        (
+            "queue.buffering.backpressure.threshold",
+            |v| number(v).is_some_and(|n| n > 1),
+            "1",
+        ),
+        ("queuing.strategy", |v| v.trim() != "fifo", "fifo"),
+    ];
+    for (option, bad, wanted) in checks {
+        if let Some((name, _)) = given_as(options, option).filter(|(_, v)| bad(v)) {
+            return Err(ConfigError::Invalid {
+                key: "kafka.options",
+                value: name.to_owned(),
+                allowed: format!(
+                    "{wanted}: these options also configure the dead-letter producer, which is \
+                     idempotent"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Hands every raw option to librdkafka's own parser (as creating the client would), so that
 /// `check-config` catches a misspelled name or a bad value too. The error names the option and
 /// librdkafka's reason, never the value: a secret put under a wrong or misspelled name is not
@@ -1356,6 +1405,22 @@ impl Config {
                 });
             }
         }
+        if let Some(name) = k
+            .options
+            .keys()
+            .find(|n| crate::kafka::options::is_prefixed_topic_option(n))
+        {
+            return Err(ConfigError::Invalid {
+                key: "kafka.options",
+                value: name.clone(),
+                allowed: format!(
+                    "the option without its topic. prefix ({}): librdkafka takes both for one \
+                     option, and vault checks options by their plain names",
+                    &name["topic.".len()..]
+                ),
+            });
+        }
+        check_producer_options(&k.options)?;
         if let Some((alias, real)) = crate::kafka::options::given_twice(&k.options) {
             return Err(ConfigError::Invalid {
                 key: "kafka.options",
@@ -1567,6 +1632,14 @@ impl Config {
                  that, e.g. against a self-signed test node)",
             ));
         }
+        if !s.password.is_empty() && s.username.is_empty() {
+            return Err(bad(
+                "scylla.username",
+                "",
+                "the user name of scylla.password (VAULT_SCYLLA_USERNAME): without one, vault \
+                 connects without authenticating and the password goes unused",
+            ));
+        }
         if s.request_timeout.is_zero() {
             return Err(bad(
                 "scylla.request_timeout",
@@ -1672,14 +1745,19 @@ impl Config {
             ));
         }
         // Each connection may hold a page (bounded to about 1 MiB) at once.
-        if a.max_connections == 0 || a.max_connections > 1024 {
-            return Err(bad("api.max_connections", a.max_connections, "1 to 1024"));
+        if !(8..=1024).contains(&a.max_connections) {
+            return Err(bad("api.max_connections", a.max_connections, "8 to 1024"));
         }
-        if a.max_connections_per_address == 0 || a.max_connections_per_address > a.max_connections {
+        // Some room always stays for other addresses: the kubelet's probes and Prometheus
+        // must get through when a proxy in front holds its whole share.
+        if a.max_connections_per_address == 0
+            || a.max_connections_per_address > a.max_connections - API_OTHER_ADDRESSES_ROOM
+        {
             return Err(bad(
                 "api.max_connections_per_address",
                 a.max_connections_per_address,
-                "1 to api.max_connections (behind a proxy, which is one address, equal to it)",
+                "1 to api.max_connections less 4 (room for the probes: behind a proxy, which is \
+                 one address, give it that much)",
             ));
         }
         let metrics_addr: SocketAddr = self.metrics.addr.parse().map_err(|_| {
@@ -2066,19 +2144,48 @@ mod tests {
     fn api_connection_caps_are_checked_and_reach_the_server() {
         let mut c = Config::default();
         c.api.max_connections = 200;
-        c.api.max_connections_per_address = 200;
+        c.api.max_connections_per_address = 196;
         c.clone().validate().expect("valid");
         let limits = crate::api::ApiSettings::new(&c).expect("settings").limits;
         assert_eq!(
             (limits.max_connections, limits.max_connections_per_peer),
-            (200, 200)
+            (200, 196)
         );
-        c.api.max_connections_per_address = 201;
+        // One address never takes the probes' room.
+        c.api.max_connections_per_address = 197;
         let err = c.clone().validate().unwrap_err().to_string();
         assert!(err.contains("api.max_connections_per_address"), "{err}");
         c.api.max_connections = 0;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("api.max_connections"), "{err}");
+    }
+
+    #[test]
+    fn options_the_idempotent_dead_letter_producer_refuses_are_refused_first() {
+        for (name, value) in [
+            ("max.in.flight.requests.per.connection", "10"),
+            ("max.in.flight", "6"),
+            ("message.send.max.retries", "0"),
+            ("transactional.id", "vault"),
+            ("queuing.strategy", "lifo"),
+            ("queue.buffering.backpressure.threshold", "10"),
+            // A third name of a topic-level option.
+            ("topic.auto.offset.reset", "latest"),
+            ("topic.request.required.acks", "0"),
+        ] {
+            let mut c = Config::default();
+            c.kafka.options.insert(name.into(), value.into());
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(name), "{name}: {err}");
+        }
+        let mut c = Config::default();
+        for (name, value) in [
+            ("max.in.flight", "5"),
+            ("topic.metadata.refresh.interval.ms", "60000"),
+        ] {
+            c.kafka.options.insert(name.into(), value.into());
+        }
+        c.validate().expect("within what the producer takes");
     }
 
     #[test]
@@ -2420,6 +2527,7 @@ mod tests {
         let o = options.to_str().unwrap();
         let s = set(&[
             &format!("scylla.password_file={p}"),
+            "scylla.username=vault",
             "scylla.tls=true",
             &format!("kafka.options_file={o}"),
         ])
@@ -2494,14 +2602,34 @@ mod tests {
     }
 
     #[test]
+    fn a_password_without_a_user_name_is_refused() {
+        let err = set(&["scylla.password=x", "scylla.tls=true"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("scylla.username"), "{err}");
+        set(&[
+            "scylla.password=x",
+            "scylla.username=vault",
+            "scylla.tls=true",
+        ])
+        .unwrap();
+    }
+
+    #[test]
     fn a_password_without_tls_is_refused_unless_allowed() {
         let err = set(&["scylla.password=x"]).unwrap_err().to_string();
         assert!(
             err.starts_with("scylla.tls") && err.contains("cleartext"),
             "{err}"
         );
-        set(&["scylla.password=x", "scylla.tls=true"]).unwrap();
-        set(&["scylla.password=x", "scylla.allow_cleartext_password=true"]).unwrap();
+        let user = "scylla.username=vault";
+        set(&["scylla.password=x", user, "scylla.tls=true"]).unwrap();
+        set(&[
+            "scylla.password=x",
+            user,
+            "scylla.allow_cleartext_password=true",
+        ])
+        .unwrap();
     }
 
     #[test]
@@ -2782,6 +2910,7 @@ mod tests {
         assert!(err.starts_with("scylla.tls_verify"), "{err}");
         set(&[
             "scylla.password=x",
+            "scylla.username=vault",
             "scylla.tls=true",
             "scylla.tls_verify=false",
             "scylla.allow_cleartext_password=true",

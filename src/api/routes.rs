@@ -20,7 +20,7 @@ use crate::api::params::{self, EventsQuery};
 use crate::api::{html, json_response, rfc3339, Api};
 use crate::store::erasure::{self, Erasure};
 use crate::store::read::{PageRequest, StoredEvent};
-use crate::telemetry::metrics::ApiMetrics;
+use crate::telemetry::metrics::{ApiMetrics, EXPORT_COMPLETE, EXPORT_DROPPED, EXPORT_STORE};
 
 /// Every route (the router adds the fallback, metrics and state).
 pub fn routes() -> Router<Arc<Api>> {
@@ -312,8 +312,9 @@ pub async fn export(
 }
 
 /// An export's body, timed to its end: a 200 is counted when its headers leave, but a long
-/// export's time, and a cut one (a store read failing after the headers, or a client leaving
-/// first), show only when the body ends (`vault_api_export_duration_seconds{outcome}`).
+/// export's time, and a cut one (a store read failing after the headers, or the body dropped
+/// unfinished: the client leaving first, or the connection closed at its age limit or on
+/// shutdown), show only when the body ends (`vault_api_export_duration_seconds{outcome}`).
 struct TimedExport {
     lines: futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
     started: std::time::Instant,
@@ -343,8 +344,8 @@ impl futures::Stream for TimedExport {
         }
         let next = self.lines.poll_next_unpin(cx);
         match &next {
-            std::task::Poll::Ready(None) => self.end("complete"),
-            std::task::Poll::Ready(Some(Err(_))) => self.end("store"),
+            std::task::Poll::Ready(None) => self.end(EXPORT_COMPLETE),
+            std::task::Poll::Ready(Some(Err(_))) => self.end(EXPORT_STORE),
             _ => {}
         }
         next
@@ -354,7 +355,7 @@ impl futures::Stream for TimedExport {
 impl Drop for TimedExport {
     fn drop(&mut self) {
         if !self.ended {
-            self.end("client");
+            self.end(EXPORT_DROPPED);
         }
     }
 }
@@ -603,7 +604,7 @@ mod tests {
         let mut left = timed(&metrics, vec![line(), line()]);
         assert!(left.next().await.is_some());
         drop(left);
-        assert_eq!(ended(&metrics, "client"), 1);
+        assert_eq!(ended(&metrics, "dropped"), 1);
         assert_eq!(
             (ended(&metrics, "complete"), ended(&metrics, "store")),
             (1, 1),
@@ -611,6 +612,6 @@ mod tests {
         );
         assert!(metrics
             .render()
-            .contains("vault_api_export_duration_seconds_count{outcome=\"client\"} 1"));
+            .contains("vault_api_export_duration_seconds_count{outcome=\"dropped\"} 1"));
     }
 }

@@ -94,8 +94,9 @@ pub trait DeadLetterSink: Send + Sync + 'static {
 /// Produce errors that will not go away by sending the same letter again: the letter is too
 /// large for the topic even with its value cut away, the topic does not exist or may not be
 /// written, or Kafka refuses the record as such. Everything else (timeouts, a broker down, a
-/// full queue, leadership moving, a record corrupted on its way, which Kafka calls retriable)
-/// is transient and retried.
+/// full queue, leadership moving, a record corrupted on its way, which Kafka calls retriable;
+/// old brokers also answer so a keyless record on a compacted topic, which then stalls its
+/// partition loudly as retries go on) is transient and retried.
 pub fn is_permanent(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
     matches!(

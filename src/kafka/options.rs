@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use rdkafka::config::ClientConfig;
 
 /// Names librdkafka takes for one option (its `_RK_C_ALIAS` entries in `rdkafka_conf.c`),
-/// each pair as (alias, the name it stands for).
+/// each pair as (alias, the name it stands for). `auto.commit.enable` is an alias at topic
+/// scope only (where nothing reads it any more): listed so that it is refused with
+/// `enable.auto.commit`.
 const ALIASES: [(&str, &str); 12] = [
     ("bootstrap.servers", "metadata.broker.list"),
     ("max.partition.fetch.bytes", "fetch.message.max.bytes"),
@@ -34,6 +36,23 @@ const ALIASES: [(&str, &str); 12] = [
     ),
 ];
 
+/// The global options whose names begin with `topic.` (`rdkafka_conf.c`). Any other
+/// `topic.X` is a third name for the topic-level option `X` (librdkafka strips the prefix), so
+/// vault refuses it: it would escape [`names_of`].
+const GLOBAL_TOPIC_OPTIONS: [&str; 6] = [
+    "topic.metadata.refresh.interval.ms",
+    "topic.metadata.refresh.fast.interval.ms",
+    "topic.metadata.refresh.fast.cnt",
+    "topic.metadata.refresh.sparse",
+    "topic.metadata.propagation.max.ms",
+    "topic.blacklist",
+];
+
+/// Whether `name` is a topic-level option written with the `topic.` prefix.
+pub fn is_prefixed_topic_option(name: &str) -> bool {
+    name.starts_with("topic.") && !GLOBAL_TOPIC_OPTIONS.contains(&name)
+}
+
 /// Every name of the option `name` sets, `name` first.
 pub fn names_of(name: &str) -> impl Iterator<Item = &str> {
     std::iter::once(name).chain(ALIASES.iter().filter_map(move |&(alias, real)| {
@@ -49,7 +68,19 @@ pub fn names_of(name: &str) -> impl Iterator<Item = &str> {
 
 /// The value given for option `name` in `options`, under any of its names.
 pub fn given<'a>(options: &'a BTreeMap<String, String>, name: &str) -> Option<&'a str> {
-    names_of(name).find_map(|n| options.get(n).map(String::as_str))
+    given_as(options, name).map(|(_, value)| value)
+}
+
+/// The name under which option `name` is given in `options`, and its value.
+pub fn given_as<'a>(
+    options: &'a BTreeMap<String, String>,
+    name: &str,
+) -> Option<(&'a str, &'a str)> {
+    names_of(name).find_map(|n| {
+        options
+            .get_key_value(n)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    })
 }
 
 /// Two names in `options` that set the same option, if any: the first such pair.
@@ -94,6 +125,16 @@ mod tests {
         assert_eq!(given(&o, "queue.buffering.max.ms"), Some("7"));
         assert_eq!(given(&o, "message.timeout.ms"), None);
         assert_eq!(names_of("group.id").collect::<Vec<_>>(), ["group.id"]);
+    }
+
+    #[test]
+    fn a_topic_prefix_is_told_from_global_options_that_begin_with_it() {
+        assert!(is_prefixed_topic_option("topic.auto.offset.reset"));
+        assert!(is_prefixed_topic_option("topic.acks"));
+        assert!(!is_prefixed_topic_option(
+            "topic.metadata.refresh.interval.ms"
+        ));
+        assert!(!is_prefixed_topic_option("auto.offset.reset"));
     }
 
     #[test]

@@ -494,7 +494,14 @@ impl Default for Metrics {
 }
 
 /// How an export's body ended (`vault_api_export_duration_seconds{outcome}`).
-pub const EXPORT_OUTCOMES: [&str; 3] = ["complete", "store", "client"];
+pub const EXPORT_OUTCOMES: [&str; 3] = [EXPORT_COMPLETE, EXPORT_STORE, EXPORT_DROPPED];
+/// The whole body went out.
+pub const EXPORT_COMPLETE: &str = "complete";
+/// A store read failed after the 200 went out: the client got a cut export.
+pub const EXPORT_STORE: &str = "store";
+/// The body was dropped unfinished: the client went away, or the server closed the connection
+/// (its age limit, or shutdown).
+pub const EXPORT_DROPPED: &str = "dropped";
 
 /// The metrics of `vault api`, a process of its own with its own registry: requests by route
 /// template (never the user id in the path) and status, and their latency by route.
@@ -524,7 +531,7 @@ impl ApiMetrics {
         );
         let export_duration = b.histogram_vec(
             "vault_api_export_duration_seconds",
-            "Time from an export's arrival to the end of its body, by how it ended: complete, store (a read failed after the 200 was sent: the client got a cut export), or client (the client went away first).",
+            "Time from an export's arrival to the end of its body, by how it ended: complete, store (a read failed after the 200 was sent: the client got a cut export), or dropped (the body was dropped unfinished: the client went away, or the server closed the connection at its age limit or on shutdown).",
             exponential_buckets(0.001, 2.0, 20).expect("valid buckets"),
             &["outcome"],
         );

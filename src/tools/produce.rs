@@ -193,11 +193,15 @@ pub async fn produce(base: &ClientConfig, opts: &ProduceOptions) -> Result<Produ
         ));
     }
     let mut cfg = base.clone();
-    cfg.set("linger.ms", "10")
-        .set("batch.num.messages", "10000")
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("compression.type", "lz4");
+    for (name, value) in [
+        ("linger.ms", "10"),
+        ("batch.num.messages", "10000"),
+        ("acks", "all"),
+        ("enable.idempotence", "true"),
+    ] {
+        crate::kafka::options::set_owned(&mut cfg, name, value);
+    }
+    crate::kafka::options::set_default(&mut cfg, "compression.type", "lz4");
     let producer: FutureProducer = cfg
         .create()
         .map_err(|e| format!("cannot create the producer: {e}"))?;

@@ -67,6 +67,7 @@ fn no_configuration_output_shows_a_secret() {
         format!("[kafka.options]\n\"security.protocol\" = \"{s}\"\n"),
     );
     let tls = ("VAULT_SCYLLA_TLS", "true");
+    let user = ("VAULT_SCYLLA_USERNAME", "vault");
     let set_password = format!("scylla.password={s}");
     let set_typo = format!("scylla.pasword={s}");
     let set_option = format!("kafka.options.sasl.password={s}");
@@ -81,6 +82,7 @@ fn no_configuration_output_shows_a_secret() {
             vec![
                 ("VAULT_SCYLLA_PASSWORD", s),
                 tls,
+                user,
                 ("VAULT_KAFKA_OPTION_SASL_PASSWORD", s),
                 ("VAULT_KAFKA_OPTION_SASL_OAUTHBEARER_CONFIG", s),
             ],
@@ -92,6 +94,7 @@ fn no_configuration_output_shows_a_secret() {
             vec![
                 ("VAULT_SCYLLA_PASSWORD_FILE", &password_file),
                 tls,
+                user,
                 ("VAULT_KAFKA_OPTIONS_FILE", &options_file),
             ],
             true,
@@ -99,7 +102,7 @@ fn no_configuration_output_shows_a_secret() {
         (
             "check-config, a secret on the command line",
             vec!["check-config", "--set", &set_password, "--set", &set_option],
-            vec![tls],
+            vec![tls, user],
             true,
         ),
         (
