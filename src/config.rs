@@ -984,29 +984,39 @@ impl Config {
 /// so that `check-config` says so, not a crash loop at start-up.
 fn check_producer_options(options: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     use crate::kafka::options::given_as;
-    fn number(v: &str) -> Option<i64> {
-        v.trim().parse().ok()
-    }
-    /// An option, whether a value of it is refused, and what is wanted instead.
+    /// An option, whether a value of it is refused, and what to do instead.
     type Check = (&'static str, fn(&str) -> bool, &'static str);
+    // librdkafka reads integers as C's strtol does (hex, octal, trailing text): anything but a
+    // plain decimal number is refused, as vault could not tell what librdkafka makes of it.
+    fn above(v: &str, most: i64) -> bool {
+        v.trim().parse::<i64>().map_or(true, |n| n > most)
+    }
     let checks: [Check; 5] = [
-        ("transactional.id", |_| true, "no transactional id"),
+        (
+            "transactional.id",
+            |_| true,
+            "remove it: the dead-letter producer is not transactional, and every letter would fail",
+        ),
         (
             "max.in.flight",
-            |v| number(v).is_some_and(|n| n > 5),
-            "at most 5 requests in flight",
+            |v| above(v, 5),
+            "at most 5 (a plain decimal number), or remove it",
         ),
         (
             "retries",
-            |v| number(v).is_some_and(|n| n < 1),
-            "at least 1 retry",
+            |v| v.trim().parse::<i64>().map_or(true, |n| n < 1),
+            "at least 1 (a plain decimal number), or remove it",
         ),
         (
             "queue.buffering.backpressure.threshold",
-            |v| number(v).is_some_and(|n| n > 1),
-            "1",
+            |v| above(v, 1),
+            "1, or remove it",
         ),
-        ("queuing.strategy", |v| v.trim() != "fifo", "fifo"),
+        (
+            "queuing.strategy",
+            |v| !v.trim().eq_ignore_ascii_case("fifo"),
+            "fifo, or remove it",
+        ),
     ];
     for (option, bad, wanted) in checks {
         if let Some((name, _)) = given_as(options, option).filter(|(_, v)| bad(v)) {
@@ -1014,8 +1024,8 @@ fn check_producer_options(options: &BTreeMap<String, String>) -> Result<(), Conf
                 key: "kafka.options",
                 value: name.to_owned(),
                 allowed: format!(
-                    "{wanted}: these options also configure the dead-letter producer, which is \
-                     idempotent"
+                    "{wanted}: [kafka.options] also configure the dead-letter producer, which is \
+                     idempotent (librdkafka would refuse to start it)"
                 ),
             });
         }
@@ -1394,9 +1404,11 @@ impl Config {
         }
         for name in k.options.keys() {
             // Under either of its names (`metadata.broker.list` is `bootstrap.servers`).
+            // A `topic.` prefix is a third name of a topic-level option.
+            let plain = name.strip_prefix("topic.").unwrap_or(name);
             if let Some((_, why)) = RESERVED_KAFKA_OPTIONS
                 .iter()
-                .find(|(n, _)| crate::kafka::options::names_of(n).any(|n| n == name))
+                .find(|(n, _)| crate::kafka::options::names_of(n).any(|n| n == name || n == plain))
             {
                 return Err(ConfigError::Invalid {
                     key: "kafka.options",
@@ -1613,6 +1625,14 @@ impl Config {
                 ));
             }
         }
+        if !s.password.is_empty() && s.username.trim().is_empty() {
+            return Err(bad(
+                "scylla.username",
+                "",
+                "the user name of scylla.password (VAULT_SCYLLA_USERNAME): without one, vault \
+                 connects without authenticating and the password goes unused",
+            ));
+        }
         if !s.password.is_empty() && !s.tls && !s.allow_cleartext_password {
             return Err(bad(
                 "scylla.tls",
@@ -1630,14 +1650,6 @@ impl Config {
                  whoever sits between vault and the nodes reads the password (give the nodes' CA \
                  as scylla.tls_ca_file, or set scylla.allow_cleartext_password = true to accept \
                  that, e.g. against a self-signed test node)",
-            ));
-        }
-        if !s.password.is_empty() && s.username.is_empty() {
-            return Err(bad(
-                "scylla.username",
-                "",
-                "the user name of scylla.password (VAULT_SCYLLA_USERNAME): without one, vault \
-                 connects without authenticating and the password goes unused",
             ));
         }
         if s.request_timeout.is_zero() {
@@ -2169,7 +2181,9 @@ mod tests {
             ("transactional.id", "vault"),
             ("queuing.strategy", "lifo"),
             ("queue.buffering.backpressure.threshold", "10"),
-            // A third name of a topic-level option.
+            // librdkafka would read 0x10 as 16.
+            ("max.in.flight", "0x10"),
+            // A third name of a topic-level option (a reserved one: the vault setting named).
             ("topic.auto.offset.reset", "latest"),
             ("topic.request.required.acks", "0"),
         ] {
@@ -2179,8 +2193,15 @@ mod tests {
             assert!(err.contains(name), "{name}: {err}");
         }
         let mut c = Config::default();
+        c.kafka
+            .options
+            .insert("topic.auto.offset.reset".into(), "latest".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("kafka.auto_offset_reset"), "{err}");
+        let mut c = Config::default();
         for (name, value) in [
             ("max.in.flight", "5"),
+            ("queuing.strategy", "FIFO"),
             ("topic.metadata.refresh.interval.ms", "60000"),
         ] {
             c.kafka.options.insert(name.into(), value.into());
@@ -2617,12 +2638,12 @@ mod tests {
 
     #[test]
     fn a_password_without_tls_is_refused_unless_allowed() {
-        let err = set(&["scylla.password=x"]).unwrap_err().to_string();
+        let user = "scylla.username=vault";
+        let err = set(&["scylla.password=x", user]).unwrap_err().to_string();
         assert!(
             err.starts_with("scylla.tls") && err.contains("cleartext"),
             "{err}"
         );
-        let user = "scylla.username=vault";
         set(&["scylla.password=x", user, "scylla.tls=true"]).unwrap();
         set(&[
             "scylla.password=x",
@@ -2902,6 +2923,7 @@ mod tests {
         );
         let err = set(&[
             "scylla.password=x",
+            "scylla.username=vault",
             "scylla.tls=true",
             "scylla.tls_verify=false",
         ])

@@ -12,9 +12,10 @@ use std::collections::BTreeMap;
 use rdkafka::config::ClientConfig;
 
 /// Names librdkafka takes for one option (its `_RK_C_ALIAS` entries in `rdkafka_conf.c`),
-/// each pair as (alias, the name it stands for). `auto.commit.enable` is an alias at topic
-/// scope only (where nothing reads it any more): listed so that it is refused with
-/// `enable.auto.commit`.
+/// each pair as (alias, the name it stands for). `enable.auto.commit` and `auto.commit.enable`
+/// are one option only at topic scope, where the legacy `auto.commit.enable` is the real one
+/// and nothing reads it any more (globally, `enable.auto.commit` is an option of its own):
+/// listed so that both are refused as the reserved `enable.auto.commit`.
 const ALIASES: [(&str, &str); 12] = [
     ("bootstrap.servers", "metadata.broker.list"),
     ("max.partition.fetch.bytes", "fetch.message.max.bytes"),

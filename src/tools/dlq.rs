@@ -192,6 +192,31 @@ impl Sources {
         Ok(Sources { consumer })
     }
 
+    /// How many partitions `topic` has, from the cluster's metadata (asked by a consumer,
+    /// which never creates a topic it asks about).
+    fn partition_count(&self, topic: &str) -> Result<i32, String> {
+        let why = |e: &dyn fmt::Display| format!("reading the partitions of {topic}: {e}");
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(30))
+            .map_err(|e| why(&e))?;
+        let t = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or_else(|| why(&"no such topic"))?;
+        match t.error().map(RDKafkaErrorCode::from) {
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition) => {
+                return Err(format!(
+                    "source topic {topic} does not exist (kafka.topics names it)"
+                ))
+            }
+            Some(e) => return Err(why(&e)),
+            None => {}
+        }
+        Ok(i32::try_from(t.partitions().len()).unwrap_or(i32::MAX))
+    }
+
     /// The whole message the cut `letter` stands for: the one at its source coordinates, when
     /// the log still holds it and it is the one the letter was cut from (its value has the
     /// digest the letter names; or, with only the key cut, its value is the letter's and its key
@@ -325,6 +350,9 @@ pub struct ReplaySummary {
     /// re-published; and the first [`CUT_NAMED`] of them (`topic/partition/offset: why`).
     pub cut: u64,
     pub cut_sources: Vec<String>,
+    /// Selected letters sent by key: their letter names no source partition their topic has
+    /// now.
+    pub by_key: u64,
     pub replayed: u64,
     pub dry_run: bool,
     pub elapsed: Duration,
@@ -399,6 +427,13 @@ impl fmt::Display for ReplaySummary {
                 writeln!(f, "  {}", escape(source))?;
             }
         }
+        if self.by_key > 0 {
+            writeln!(
+                f,
+                "sent by key          {} (their letter names no partition their topic has now)",
+                self.by_key
+            )?;
+        }
         if self.dry_run {
             write!(f, "replayed             0 (dry run)")
         } else {
@@ -410,26 +445,6 @@ impl fmt::Display for ReplaySummary {
             )
         }
     }
-}
-
-/// How many partitions `topic` has, from the cluster's metadata.
-fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, String> {
-    use rdkafka::producer::Producer;
-    let metadata = producer
-        .client()
-        .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .map_err(|e| format!("reading the partitions of {topic}: {e}"))?;
-    let t = metadata
-        .topics()
-        .first()
-        .ok_or_else(|| format!("reading the partitions of {topic}: no such topic"))?;
-    if let Some(e) = t.error() {
-        return Err(format!(
-            "reading the partitions of {topic}: {}",
-            rdkafka::types::RDKafkaErrorCode::from(e)
-        ));
-    }
-    Ok(i32::try_from(t.partitions().len()).unwrap_or(i32::MAX))
 }
 
 /// Re-publishes the dead letters of `dead_letter_topic` that `filter` selects to the topic they
@@ -477,6 +492,12 @@ pub async fn replay(
     );
     options::set_default(&mut pcfg, "compression.type", "lz4");
     let sources_reader = Sources::new(base)?;
+    // Where letters go back, asked before anything is read or sent (a dry run too): a topic
+    // that cannot be described stops the replay before it publishes anything.
+    let mut partitions: HashMap<String, i32> = HashMap::new();
+    for source in sources {
+        partitions.insert(source.clone(), sources_reader.partition_count(source)?);
+    }
     // Shared, and held here until every delivery has reported: dropping a producer purges
     // what it has not delivered yet.
     let producer: std::sync::Arc<FutureProducer> =
@@ -495,8 +516,6 @@ pub async fn replay(
         };
         let mut progress = Progress::new("replay", None);
         let mut erasures: HashMap<String, Option<i64>> = HashMap::new();
-        // Partitions of each topic letters go back to, asked once per topic.
-        let mut partitions: HashMap<String, i32> = HashMap::new();
         let scanned = scan(
             &base,
             &topic,
@@ -588,16 +607,10 @@ pub async fn replay(
                 // Back to the partition it was read from, where the rest of its key's messages
                 // are, whatever partitioner its producer used; by key only when the topic no
                 // longer has that partition.
-                let count = match partitions.get(&info.source_topic) {
-                    Some(n) => *n,
-                    None => {
-                        let n = partition_count(&scan_producer, &info.source_topic)?;
-                        partitions.insert(info.source_topic.clone(), n);
-                        n
-                    }
-                };
-                if let Some(p) = info.source_partition.filter(|p| (0..count).contains(p)) {
-                    record = record.partition(p);
+                let count = partitions.get(&info.source_topic).copied().unwrap_or(0);
+                match info.source_partition.filter(|p| (0..count).contains(p)) {
+                    Some(p) => record = record.partition(p),
+                    None => summary.by_key += 1,
                 }
                 if let Some(k) = key {
                     record = record.key(k);

@@ -509,30 +509,40 @@ async fn dlq_replay_never_brings_back_an_erased_users_events() {
         .set("bootstrap.servers", &kafka.brokers)
         .create()
         .expect("producer");
-    for user in ["erased-user", "kept-user", "erased-later-user"] {
+    // The topic has one partition: a letter naming none, or partition 9, goes back by key.
+    for (user, partition) in [
+        ("erased-user", "0"),
+        ("kept-user", "9"),
+        ("erased-later-user", ""),
+    ] {
         let value = letter(user);
         let ts = happened_ms.to_string();
+        let mut hdrs = OwnedHeaders::new()
+            .insert(Header {
+                key: headers::ERROR_KIND,
+                value: Some("invalid_field"),
+            })
+            .insert(Header {
+                key: headers::SOURCE_TOPIC,
+                value: Some(&topic),
+            })
+            .insert(Header {
+                key: headers::SOURCE_TIMESTAMP,
+                value: Some(&ts),
+            });
+        if !partition.is_empty() {
+            hdrs = hdrs.insert(Header {
+                key: headers::SOURCE_PARTITION,
+                value: Some(partition),
+            });
+        }
         producer
             .send(
                 FutureRecord::to(&format!("{topic}.dlq"))
                     .key(user)
                     .payload(&value)
                     .timestamp(happened_ms)
-                    .headers(
-                        OwnedHeaders::new()
-                            .insert(Header {
-                                key: headers::ERROR_KIND,
-                                value: Some("invalid_field"),
-                            })
-                            .insert(Header {
-                                key: headers::SOURCE_TOPIC,
-                                value: Some(&topic),
-                            })
-                            .insert(Header {
-                                key: headers::SOURCE_TIMESTAMP,
-                                value: Some(&ts),
-                            }),
-                    ),
+                    .headers(hdrs),
                 Duration::from_secs(10),
             )
             .await
@@ -561,6 +571,7 @@ async fn dlq_replay_never_brings_back_an_erased_users_events() {
         "{stdout}"
     );
     assert!(stdout.contains("replayed             2 in"), "{stdout}");
+    assert!(stdout.contains("sent by key          2 ("), "{stdout}");
     let mut replayed: Vec<String> = read_all(&kafka.brokers, &topic)
         .await
         .iter()
@@ -687,10 +698,13 @@ async fn dlq_replay_reads_a_cut_letter_whole_from_its_source() {
     );
     assert_eq!(replayed[0].key(), Some(&b"u"[..]));
 
+    // A source topic whose dead-letter topic was never created.
+    let no_letters = unique("no-letters-yet");
+    kafka.create_topic(&no_letters, 1).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault"))
         .args(["dlq", "replay"])
         .env("VAULT_KAFKA_BROKERS", &kafka.brokers)
-        .env("VAULT_KAFKA_TOPICS", unique("no-letters-yet"))
+        .env("VAULT_KAFKA_TOPICS", &no_letters)
         .env("VAULT_KAFKA_GROUP_ID", &group)
         .env("VAULT_SCYLLA_NODES", &scylla.nodes[0])
         .env("VAULT_SCYLLA_KEYSPACE", &scylla.keyspace)
