@@ -988,34 +988,42 @@ fn check_producer_options(options: &BTreeMap<String, String>) -> Result<(), Conf
     type Check = (&'static str, fn(&str) -> bool, &'static str);
     // librdkafka reads integers as C's strtol does (hex, octal, trailing text): anything but a
     // plain decimal number is refused, as vault could not tell what librdkafka makes of it.
+    fn decimal(v: &str) -> Option<i64> {
+        let v = v.trim();
+        let plain = v == "0"
+            || (v.starts_with(|c: char| matches!(c, '1'..='9'))
+                && v.chars().all(|c| c.is_ascii_digit()));
+        v.parse::<i32>().ok().filter(|_| plain).map(i64::from)
+    }
     fn above(v: &str, most: i64) -> bool {
-        v.trim().parse::<i64>().map_or(true, |n| n > most)
+        decimal(v).is_none_or(|n| n > most)
     }
     let checks: [Check; 5] = [
         (
             "transactional.id",
             |_| true,
-            "remove it: the dead-letter producer is not transactional, and every letter would fail",
+            "remove it: the dead-letter producer is not transactional, and every letter \
+             would fail",
         ),
         (
             "max.in.flight",
             |v| above(v, 5),
-            "at most 5 (a plain decimal number), or remove it",
+            "at most 5 (a plain decimal number), or remove it: librdkafka would refuse to start",
         ),
         (
             "retries",
-            |v| v.trim().parse::<i64>().map_or(true, |n| n < 1),
-            "at least 1 (a plain decimal number), or remove it",
+            |v| decimal(v).is_none_or(|n| n < 1),
+            "at least 1 (a plain decimal number), or remove it: librdkafka would refuse to start",
         ),
         (
             "queue.buffering.backpressure.threshold",
             |v| above(v, 1),
-            "1, or remove it",
+            "1, or remove it: librdkafka would refuse to start",
         ),
         (
             "queuing.strategy",
             |v| !v.trim().eq_ignore_ascii_case("fifo"),
-            "fifo, or remove it",
+            "fifo, or remove it: librdkafka would refuse to start",
         ),
     ];
     for (option, bad, wanted) in checks {
@@ -1025,7 +1033,7 @@ fn check_producer_options(options: &BTreeMap<String, String>) -> Result<(), Conf
                 value: name.to_owned(),
                 allowed: format!(
                     "{wanted}: [kafka.options] also configure the dead-letter producer, which is \
-                     idempotent (librdkafka would refuse to start it)"
+                     idempotent"
                 ),
             });
         }
@@ -1628,7 +1636,7 @@ impl Config {
         if !s.password.is_empty() && s.username.trim().is_empty() {
             return Err(bad(
                 "scylla.username",
-                "",
+                &s.username,
                 "the user name of scylla.password (VAULT_SCYLLA_USERNAME): without one, vault \
                  connects without authenticating and the password goes unused",
             ));
@@ -2181,8 +2189,9 @@ mod tests {
             ("transactional.id", "vault"),
             ("queuing.strategy", "lifo"),
             ("queue.buffering.backpressure.threshold", "10"),
-            // librdkafka would read 0x10 as 16.
+            // librdkafka would read 0x10 as 16, and 08 (octal) as 0.
             ("max.in.flight", "0x10"),
+            ("retries", "08"),
             // A third name of a topic-level option (a reserved one: the vault setting named).
             ("topic.auto.offset.reset", "latest"),
             ("topic.request.required.acks", "0"),

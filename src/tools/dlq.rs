@@ -98,6 +98,8 @@ pub fn scan(
     cfg.set("group.id", "vault-dlq-reader")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
+    // Reading a topic never creates it, whatever the configuration allows.
+    options::set_owned(&mut cfg, "allow.auto.create.topics", "false");
     let consumer: BaseConsumer = cfg
         .create()
         .map_err(|e| format!("Kafka client for {topic}: {e}"))?;
@@ -186,6 +188,8 @@ impl Sources {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "error");
+        // Describing a topic never creates it, whatever the configuration allows.
+        options::set_owned(&mut cfg, "allow.auto.create.topics", "false");
         let consumer = cfg
             .create()
             .map_err(|e| format!("Kafka client for source topics: {e}"))?;
@@ -430,7 +434,12 @@ impl fmt::Display for ReplaySummary {
         if self.by_key > 0 {
             writeln!(
                 f,
-                "sent by key          {} (their letter names no partition their topic has now)",
+                "{}          {} (their letter names no partition their topic has now)",
+                if self.dry_run {
+                    "by key     "
+                } else {
+                    "sent by key"
+                },
                 self.by_key
             )?;
         }
@@ -588,6 +597,14 @@ pub async fn replay(
                     .destinations
                     .entry(info.source_topic.clone())
                     .or_default() += 1;
+                // Back to the partition it was read from, where the rest of its key's messages
+                // are, whatever partitioner its producer used; by key only when the topic no
+                // longer has that partition (counted, in a dry run too).
+                let count = partitions.get(&info.source_topic).copied().unwrap_or(0);
+                let partition = info.source_partition.filter(|p| (0..count).contains(p));
+                if partition.is_none() {
+                    summary.by_key += 1;
+                }
                 if dry_run {
                     return Ok(());
                 }
@@ -604,13 +621,8 @@ pub async fn replay(
                 }
                 let mut record: FutureRecord<'_, [u8], [u8]> =
                     FutureRecord::to(&info.source_topic).headers(hdrs);
-                // Back to the partition it was read from, where the rest of its key's messages
-                // are, whatever partitioner its producer used; by key only when the topic no
-                // longer has that partition.
-                let count = partitions.get(&info.source_topic).copied().unwrap_or(0);
-                match info.source_partition.filter(|p| (0..count).contains(p)) {
-                    Some(p) => record = record.partition(p),
-                    None => summary.by_key += 1,
+                if let Some(p) = partition {
+                    record = record.partition(p);
                 }
                 if let Some(k) = key {
                     record = record.key(k);

@@ -712,7 +712,10 @@ async fn dlq_replay_reads_a_cut_letter_whole_from_its_source() {
         .expect("run vault dlq replay");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(
+        stderr.contains("does not exist: check kafka.dead_letter_topic"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
