@@ -428,18 +428,13 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
     ) -> Result<(), String> {
         // A message whose decoding panicked is not known to be invalid: a fault of vault's is
         // never skipped. Without a dead-letter topic the partition stops at it, as with `fail`.
-        let policy = match self.on_invalid {
-            InvalidPolicy::Skip if letters.iter().any(|d| d.error.kind() == "undecodable") => {
-                InvalidPolicy::Fail
-            }
-            other => other,
-        };
-        let letters: Vec<&DeadLetter> = match (self.on_invalid, policy) {
-            (InvalidPolicy::Skip, InvalidPolicy::Fail) => letters
-                .into_iter()
-                .filter(|d| d.error.kind() == "undecodable")
-                .collect(),
-            _ => letters,
+        let undecodable = |d: &&DeadLetter| matches!(d.error, EventError::Undecodable(_));
+        let (policy, letters) = match self.on_invalid {
+            InvalidPolicy::Skip if letters.iter().any(undecodable) => (
+                InvalidPolicy::Fail,
+                letters.into_iter().filter(undecodable).collect(),
+            ),
+            policy => (policy, letters),
         };
         match policy {
             InvalidPolicy::Skip => {

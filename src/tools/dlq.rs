@@ -83,6 +83,28 @@ impl LetterInfo {
     }
 }
 
+/// The partitions of `topic` from the cluster's metadata; `None` when it does not exist.
+fn partitions_of(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<Vec<i32>>, String> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
+    match t.error() {
+        None => Ok(Some(t.partitions().iter().map(|p| p.id()).collect())),
+        Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => Ok(None),
+        Some(e) => Err(format!(
+            "metadata of {topic}: {}",
+            RDKafkaErrorCode::from(e)
+        )),
+    }
+}
+
 /// Calls `each` for every message of `topic`, from the beginning of each partition to the end
 /// offset it had when the scan started (messages arriving meanwhile are not waited for).
 /// Returns how many messages were read. A topic the cluster does not have reads as empty unless
@@ -103,41 +125,26 @@ pub fn scan(
     let consumer: BaseConsumer = cfg
         .create()
         .map_err(|e| format!("Kafka client for {topic}: {e}"))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| format!("metadata of {topic}: {e}"))?;
+    let Some(partitions) = partitions_of(&consumer, topic, Duration::from_secs(10))? else {
+        if must_exist {
+            return Err(format!(
+                "topic {topic} does not exist: check kafka.dead_letter_topic"
+            ));
+        }
+        return Ok(0);
+    };
     let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
     let mut total = 0u64;
-    let found = md.topics().iter().find(|t| t.name() == topic);
-    match found.and_then(|t| t.error()) {
-        None if found.is_some() => {}
-        None | Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
-            if must_exist {
-                return Err(format!(
-                    "topic {topic} does not exist: check kafka.dead_letter_topic"
-                ));
-            }
-            return Ok(0);
-        }
-        Some(e) => {
-            return Err(format!(
-                "metadata of {topic}: {}",
-                rdkafka::error::RDKafkaErrorCode::from(e)
-            ))
-        }
-    }
-    for t in found.into_iter() {
-        for p in t.partitions() {
-            let (lo, hi) = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .map_err(|e| format!("end offsets of {topic}: {e}"))?;
-            if hi > lo {
-                tpl.add_partition_offset(topic, p.id(), Offset::Offset(lo))
-                    .map_err(|e| e.to_string())?;
-                ends.insert(p.id(), hi);
-                total += (hi - lo) as u64;
-            }
+    for p in partitions {
+        let (lo, hi) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .map_err(|e| format!("end offsets of {topic}: {e}"))?;
+        if hi > lo {
+            tpl.add_partition_offset(topic, p, Offset::Offset(lo))
+                .map_err(|e| e.to_string())?;
+            ends.insert(p, hi);
+            total += (hi - lo) as u64;
         }
     }
     if ends.is_empty() {
@@ -196,29 +203,14 @@ impl Sources {
         Ok(Sources { consumer })
     }
 
-    /// How many partitions `topic` has, from the cluster's metadata (asked by a consumer,
-    /// which never creates a topic it asks about).
+    /// How many partitions `topic` has (its consumer never creates a topic it asks about).
     fn partition_count(&self, topic: &str) -> Result<i32, String> {
-        let why = |e: &dyn fmt::Display| format!("reading the partitions of {topic}: {e}");
-        let metadata = self
-            .consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(30))
-            .map_err(|e| why(&e))?;
-        let t = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .ok_or_else(|| why(&"no such topic"))?;
-        match t.error().map(RDKafkaErrorCode::from) {
-            Some(RDKafkaErrorCode::UnknownTopicOrPartition) => {
-                return Err(format!(
-                    "source topic {topic} does not exist (kafka.topics names it)"
-                ))
-            }
-            Some(e) => return Err(why(&e)),
-            None => {}
+        match partitions_of(&self.consumer, topic, Duration::from_secs(30))? {
+            Some(p) => Ok(i32::try_from(p.len()).unwrap_or(i32::MAX)),
+            None => Err(format!(
+                "source topic {topic} does not exist (kafka.topics names it)"
+            )),
         }
-        Ok(i32::try_from(t.partitions().len()).unwrap_or(i32::MAX))
     }
 
     /// The whole message the cut `letter` stands for: the one at its source coordinates, when
