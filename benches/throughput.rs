@@ -54,6 +54,9 @@ const BY_REPLICA: (&str, &str) = ("VAULT_SCYLLA_BATCH_BY_REPLICA", "true");
 
 /// The setting that turns idle flushing off: batches wait for size, bytes or linger only.
 const FIXED_LINGER: (&str, &str) = ("VAULT_BATCH_FLUSH_WHEN_IDLE", "false");
+/// The driver and the persisters on the main runtime (`store::runtime`): the baseline of the
+/// store's own runtime.
+const MAIN_RUNTIME: (&str, &str) = ("VAULT_SCYLLA_STORE_THREADS", "0");
 
 /// Repetitions of the headline runs (baseline A, vault with the null store); the median counts.
 const RUNS: usize = 3;
@@ -1478,8 +1481,17 @@ async fn run() {
                 &[BY_REPLICA],
             )
             .await;
+        let main_runtime = bench
+            .store_run(
+                "users uniform, driver on the main runtime",
+                "bench-scylla-main-runtime",
+                n,
+                0.01,
+                &[MAIN_RUNTIME],
+            )
+            .await;
         say("Store runs");
-        println!("{}", store_lines(&uniform, &zipf, &replica));
+        println!("{}", store_lines(&uniform, &zipf, &replica, &main_runtime));
         return;
     }
     if std::env::var_os("BENCH_READ_ONLY").is_some() {
@@ -1553,6 +1565,16 @@ async fn run() {
             &[BY_REPLICA],
         )
         .await;
+    // The store's own runtime against the driver on the main one.
+    let store_main_runtime = bench
+        .store_run(
+            "users uniform, driver on the main runtime",
+            "bench-scylla-main-runtime",
+            scylla_n,
+            0.01,
+            &[MAIN_RUNTIME],
+        )
+        .await;
     // Idle flush against fixed linger when behind: the same store run with a fixed linger.
     let store_fixed = bench
         .store_run(
@@ -1600,6 +1622,8 @@ async fn run() {
                          "index_requests_per_event": store.index,
                          "batch_by_replica": {"events": scylla_n, "events_per_s": rate(&store_replica.run), "cpu_us_per_event": cpu_us(&store_replica.run),
                                   "cql_requests_per_event": store_replica.rows, "index_requests_per_event": store_replica.index, "ratio_to_b": rate(&store_replica.run) / b_rate},
+                         "driver_on_main_runtime": {"events": scylla_n, "events_per_s": rate(&store_main_runtime.run), "cpu_us_per_event": cpu_us(&store_main_runtime.run),
+                                  "cpu_ratio_store_runtime_to_main": cpu_us(scylla) / cpu_us(&store_main_runtime.run)},
                          "zipf": {"events": scylla_n / 2, "events_per_s": rate(&store_zipf.run), "cpu_us_per_event": cpu_us(&store_zipf.run),
                                   "cql_requests_per_event": store_zipf.rows, "index_requests_per_event": store_zipf.index}},
         "latency_1k_per_s": {"events": latencies.len(), "p50_ms": p50, "p99_ms": p99,
@@ -1682,7 +1706,11 @@ async fn run() {
     );
     let _ = writeln!(md, "| vault, ScyllaDB store (stand-in), {scylla_n} events | {:.0} | {:.2}× B | {:.0} | {:.2} | {:.1} |", rate(scylla), rate(scylla) / b_rate, drain(scylla), cpu_us(scylla), scylla.peak_rss_mib);
     let _ = writeln!(md);
-    let _ = writeln!(md, "{}", store_lines(&store, &store_zipf, &store_replica));
+    let _ = writeln!(
+        md,
+        "{}",
+        store_lines(&store, &store_zipf, &store_replica, &store_main_runtime)
+    );
     let _ = writeln!(
         md,
         "Idle flush against fixed linger, when behind: null-store 1M drain {:.0} vs {:.0} events/s (medians; {:.2}×, the median ratio of {PAIRS} interleaved pairs), {:.0} vs {:.0} events per batch, CPU {:.2} vs {:.2} µs/event; ScyllaDB store CQL requests per event {:.4} vs {:.4}\n",
@@ -1735,9 +1763,16 @@ async fn run() {
     println!("{md}");
 }
 
-/// The store runs' CPU per event and CQL requests per event: users uniform and Zipf-skewed, and
-/// users uniform with shard-aware batching (`scylla.batch_by_replica`).
-fn store_lines(uniform: &StoreRun, zipf: &StoreRun, replica: &StoreRun) -> String {
+/// The store runs' CPU per event and CQL requests per event: users uniform and Zipf-skewed,
+/// users uniform with shard-aware batching (`scylla.batch_by_replica`), and users uniform with
+/// the driver on the main runtime (`scylla.store_threads = 0`), against which the first is
+/// given as a ratio.
+fn store_lines(
+    uniform: &StoreRun,
+    zipf: &StoreRun,
+    replica: &StoreRun,
+    main_runtime: &StoreRun,
+) -> String {
     let mut md = String::from(
         "| ScyllaDB store (stand-in) | events | events/s (steady state) | CPU µs/event | of which kernel | CQL requests/event, table | to the day index alone |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
@@ -1745,6 +1780,7 @@ fn store_lines(uniform: &StoreRun, zipf: &StoreRun, replica: &StoreRun) -> Strin
         ("users uniform", uniform),
         ("users Zipf 1.1", zipf),
         ("users uniform, batch_by_replica", replica),
+        ("users uniform, store_threads = 0", main_runtime),
     ] {
         let _ = writeln!(
             md,
@@ -1757,6 +1793,13 @@ fn store_lines(uniform: &StoreRun, zipf: &StoreRun, replica: &StoreRun) -> Strin
             r.index
         );
     }
+    let cpu = |r: &StoreRun| r.run.cpu_seconds / r.run.events as f64;
+    let _ = writeln!(
+        md,
+        "\nThe store's own runtime (`scylla.store_threads = 1`) against the driver on the main one, users uniform: CPU per event {:.2}×, events/s {:.2}×.",
+        cpu(uniform) / cpu(main_runtime),
+        uniform.run.rate() / main_runtime.run.rate()
+    );
     md
 }
 

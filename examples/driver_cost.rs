@@ -7,6 +7,11 @@
 //! target/release/vault-sandbox --cql 127.0.0.1:19555 --brokers 1 &
 //! cargo run --release --example driver_cost -- 127.0.0.1:19555 100000 32 [batch]
 //! ```
+//!
+//! `DRIVER_COST_RUNTIME` picks the runtime: tokio's multi-threaded one with a worker per CPU
+//! (by default), `one` (one worker: vault's store runtime, `scylla.store_threads = 1`) or
+//! `current` (a current-thread runtime). Everything runs in a spawned task, as vault's
+//! persisters do.
 
 use std::time::Instant;
 
@@ -30,8 +35,25 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    let kind = std::env::var("DRIVER_COST_RUNTIME").unwrap_or_default();
+    let mut runtime = match kind.as_str() {
+        "current" => tokio::runtime::Builder::new_current_thread(),
+        "one" => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(1);
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    runtime
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async { tokio::spawn(run()).await.expect("run") });
+}
+
+async fn run() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(addr), Some(count), Some(in_flight)) = (
         args.first().cloned(),

@@ -344,6 +344,9 @@ pub struct ScyllaConfig {
     pub adaptive_concurrency: bool,
     /// The fewest write requests in flight the adaptive limit goes down to.
     pub min_concurrent_requests: usize,
+    /// Threads of the runtime the driver and the persisters run on (`store::runtime`), apart
+    /// from the one that consumes Kafka; 0: on that one.
+    pub store_threads: usize,
     /// Event rows this instance writes per second, at most, across all persisters (a hard
     /// limit for a cluster shared with others, see `store::rate`); 0: unlimited.
     pub max_rows_per_second: u64,
@@ -379,6 +382,9 @@ pub const MAX_BATCH_ROWS: usize = 128;
 /// Its estimate of a batch is larger than vault's, and it refuses batches above 1 MiB.
 const MAX_BATCH_BYTES: usize = 128 * 1024;
 
+/// The most `scylla.store_threads`.
+const MAX_STORE_THREADS: usize = 64;
+
 impl fmt::Debug for ScyllaConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ScyllaConfig")
@@ -400,6 +406,7 @@ impl fmt::Debug for ScyllaConfig {
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("adaptive_concurrency", &self.adaptive_concurrency)
             .field("min_concurrent_requests", &self.min_concurrent_requests)
+            .field("store_threads", &self.store_threads)
             .field("max_rows_per_second", &self.max_rows_per_second)
             .field("tls", &self.tls)
             .field("tls_ca_file", &self.tls_ca_file)
@@ -597,6 +604,7 @@ impl Default for ScyllaConfig {
             max_concurrent_requests: 256,
             adaptive_concurrency: true,
             min_concurrent_requests: 1,
+            store_threads: 1,
             max_rows_per_second: 0,
             tls: false,
             tls_ca_file: String::new(),
@@ -1707,6 +1715,13 @@ impl Config {
                 "scylla.max_concurrent_requests",
                 s.max_concurrent_requests,
                 "1 to 65536",
+            ));
+        }
+        if s.store_threads > MAX_STORE_THREADS {
+            return Err(bad(
+                "scylla.store_threads",
+                s.store_threads,
+                "0 to 64 (0: the runtime that consumes Kafka)",
             ));
         }
         if s.min_concurrent_requests == 0 || s.min_concurrent_requests > s.max_concurrent_requests {
@@ -2985,6 +3000,7 @@ mod tests {
                 "scylla.max_concurrent_requests=65537",
                 "scylla.max_concurrent_requests",
             ),
+            ("scylla.store_threads=65", "scylla.store_threads"),
         ] {
             let err = set(&[bad]).unwrap_err().to_string();
             assert!(err.starts_with(key), "{bad}: {err}");
@@ -3011,8 +3027,10 @@ mod tests {
             "pipeline.shutdown_timeout=1h",
             "pipeline.max_in_flight_bytes=4294967295",
             "scylla.max_concurrent_requests=65536",
+            "scylla.store_threads=64",
         ])
         .unwrap();
+        set(&["scylla.store_threads=0"]).unwrap();
     }
 
     #[test]

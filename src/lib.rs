@@ -24,6 +24,7 @@ use std::time::Duration;
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
+use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -48,6 +49,9 @@ pub struct Pipeline<S, D> {
     pub dead_letters: D,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// Where the persisters run (see [`store::runtime`]); `None`: on the runtime `run` is
+    /// called on.
+    pub store_runtime: Option<Handle>,
 }
 
 impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
@@ -62,7 +66,14 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             dead_letters,
             metrics: Arc::new(Metrics::new()),
             health,
+            store_runtime: None,
         }
+    }
+
+    /// Runs the persisters on `runtime`: the one the store's client was started on.
+    pub fn with_store_runtime(mut self, runtime: Handle) -> Self {
+        self.store_runtime = Some(runtime);
+        self
     }
 
     /// Runs until `shutdown` fires, then stops fetching, flushes partial batches, waits for
@@ -74,10 +85,15 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             dead_letters,
             metrics,
             health,
+            store_runtime,
         } = self;
         let settings = Arc::new(settings);
         let cfg = &settings.config;
         metrics.precreate_topics(&cfg.kafka.topics);
+        metrics.watch_runtime(telemetry::metrics::RUNTIME_MAIN, Handle::current());
+        if let Some(runtime) = &store_runtime {
+            metrics.watch_runtime(telemetry::metrics::RUNTIME_STORE, runtime.clone());
+        }
         for weakening in settings.weakened_guarantees() {
             warn!(
                 weakening,
@@ -143,7 +159,8 @@ impl<S: Store, D: DeadLetterSink> Pipeline<S, D> {
             health: health.clone(),
             cancel: abandon.clone(),
         });
-        let mut persisters = persister.spawn_pool(cfg.pipeline.persisters, persist_rx);
+        let mut persisters =
+            persister.spawn_pool(cfg.pipeline.persisters, persist_rx, store_runtime.as_ref());
 
         // The main queue is polled on a dedicated thread: rebalance callbacks run there and may
         // block while the coordinator drains partitions.

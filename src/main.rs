@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 use vault::config::{self, LogFormat, StoreKind};
 use vault::kafka::dead_letter::KafkaDeadLetters;
 use vault::pipeline::deadline;
+use vault::store::runtime::StoreRuntime;
 use vault::store::scylla::{self as scylla_store, ScyllaStore};
 use vault::store::MemoryStore;
 use vault::Pipeline;
@@ -250,7 +251,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Run { migrate } => {
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             init_logging(&settings.config.log)?;
-            runtime()?.block_on(run(settings, migrate))
+            // Dropped here, after the main runtime: out of async code, it waits for its threads.
+            let threads = settings.config.scylla.store_threads;
+            let store_runtime = match settings.config.pipeline.store {
+                StoreKind::Scylla if threads > 0 => {
+                    Some(StoreRuntime::new(threads).context("cannot start the store's runtime")?)
+                }
+                _ => None,
+            };
+            let store_runtime = store_runtime.as_ref().map(|r| r.handle().clone());
+            runtime()?.block_on(run(settings, migrate, store_runtime))
         }
         Command::Api => {
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
@@ -652,7 +662,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-async fn run(settings: vault::Settings, migrate: bool) -> anyhow::Result<()> {
+/// Runs the pipeline; with the ScyllaDB store, its client is started on `store_runtime` and the
+/// persisters run there (see `vault::store::runtime`).
+async fn run(
+    settings: vault::Settings,
+    migrate: bool,
+    store_runtime: Option<tokio::runtime::Handle>,
+) -> anyhow::Result<()> {
     // Before connecting to anything: a pod that cannot read its StatefulSet stops at once.
     vault::kubernetes::ScaleCheck::for_config(&settings.config.kafka)
         .map_err(vault::Error::Kubernetes)?;
@@ -675,13 +691,27 @@ async fn run(settings: vault::Settings, migrate: bool) -> anyhow::Result<()> {
                 .await?;
         }
         StoreKind::Scylla => {
-            let Some(store) = connect_store(&settings, migrate, &shutdown).await? else {
+            // The driver's connection tasks are spawned on the runtime it is started on.
+            let connecting = {
+                let (settings, shutdown) = (settings.clone(), shutdown.clone());
+                let connect = async move { connect_store(&settings, migrate, &shutdown).await };
+                match &store_runtime {
+                    Some(runtime) => runtime.spawn(connect),
+                    None => tokio::spawn(connect),
+                }
+            };
+            let connected = connecting.await.map_err(|e| {
+                anyhow::anyhow!("connecting to ScyllaDB ended without an answer: {e}")
+            })?;
+            let Some(store) = connected? else {
                 return Ok(());
             };
             let store = store.with_retention(settings.retention.clone());
-            Pipeline::new(settings, store, dead_letters)
-                .run(shutdown)
-                .await?;
+            let mut pipeline = Pipeline::new(settings, store, dead_letters);
+            if let Some(runtime) = store_runtime {
+                pipeline = pipeline.with_store_runtime(runtime);
+            }
+            pipeline.run(shutdown).await?;
         }
     }
     Ok(())

@@ -12,6 +12,7 @@ pub mod persister;
 pub mod rate;
 pub mod read;
 pub mod retention;
+pub mod runtime;
 pub mod scylla;
 pub mod version;
 

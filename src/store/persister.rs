@@ -90,18 +90,20 @@ impl Slots {
 
 impl<S: Store, D: DeadLetterSink> Persister<S, D> {
     /// Writes the batches of `batches` until the channel closes, each in its own task, at most
-    /// `workers` write attempts at once; returns once every batch is answered.
+    /// `workers` write attempts at once, on `runtime` (else the current one); the pool ends
+    /// once every batch is answered.
     pub fn spawn_pool(
         self: Arc<Self>,
         workers: usize,
         batches: async_channel::Receiver<Batch>,
+        runtime: Option<&tokio::runtime::Handle>,
     ) -> JoinSet<()> {
         self.rate.report_to(
             self.metrics.write_rate_limit.clone(),
             self.metrics.write_rate_limited_seconds.clone(),
         );
         let mut set = JoinSet::new();
-        set.spawn(async move {
+        let pool = async move {
             let slots = Arc::new(Slots::new(workers));
             let mut writing = JoinSet::new();
             loop {
@@ -118,7 +120,11 @@ impl<S: Store, D: DeadLetterSink> Persister<S, D> {
                 }
             }
             while writing.join_next().await.is_some() {}
-        });
+        };
+        match runtime {
+            Some(runtime) => set.spawn_on(pool, runtime),
+            None => set.spawn(pool),
+        };
         set
     }
 
@@ -739,6 +745,55 @@ mod tests {
         }
     }
 
+    /// Writes to a memory store, noting the name of the thread each write ran on.
+    #[derive(Clone)]
+    struct NotesThreads(MemoryStore, Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl Store for NotesThreads {
+        async fn write(&self, events: &[&Event]) -> Result<(), WriteFailure> {
+            let thread = std::thread::current().name().unwrap_or_default().to_owned();
+            self.1.lock().unwrap().push(thread);
+            self.0.write(events).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pool_given_the_store_runtime_writes_on_its_threads_and_answers_here() {
+        let store_runtime = crate::store::runtime::StoreRuntime::new(2).unwrap();
+        for runtime in [Some(store_runtime.handle()), None] {
+            let (memory, threads) = (MemoryStore::new(), Arc::default());
+            let p = persister(
+                NotesThreads(memory.clone(), Arc::clone(&threads)),
+                MemoryDeadLetters::default(),
+            );
+            let (tx, rx) = async_channel::bounded(4);
+            let mut pool = p.clone().spawn_pool(4, rx, runtime);
+            let mut acks = Vec::new();
+            for partition in 0..4 {
+                let (b, ack) = batch(vec![event(partition, 0), event(partition, 1)]);
+                tx.send(b).await.unwrap();
+                acks.push(ack);
+            }
+            for ack in acks {
+                assert_eq!(ack.await.unwrap(), BatchOutcome::Durable);
+            }
+            drop(tx);
+            while pool.join_next().await.is_some() {}
+            for partition in 0..4 {
+                assert!(memory.contains_source("t", partition, 1));
+            }
+            let threads = threads.lock().unwrap().clone();
+            assert_eq!(threads.len(), 4);
+            let on_store = threads.iter().filter(|t| *t == "vault-store").count();
+            match runtime {
+                Some(_) => assert_eq!(on_store, 4, "{threads:?}"),
+                None => assert_eq!(on_store, 0, "{threads:?}"),
+            }
+        }
+        // Dropped in async code: shut down without waiting, no panic.
+        drop(store_runtime);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_failure_that_names_no_unwritten_row_is_a_durable_batch_without_a_retry() {
         let memory = MemoryStore::new();
@@ -747,7 +802,7 @@ mod tests {
             MemoryDeadLetters::default(),
         );
         let (tx, rx) = async_channel::bounded(1);
-        let _pool = p.clone().spawn_pool(1, rx);
+        let _pool = p.clone().spawn_pool(1, rx, None);
         let t0 = tokio::time::Instant::now();
         let (b, ack) = batch(vec![event(0, 0), event(0, 1)]);
         tx.send(b).await.unwrap();
@@ -773,7 +828,7 @@ mod tests {
             MemoryDeadLetters::default(),
         );
         let (tx, rx) = async_channel::bounded(2);
-        let mut pool = p.clone().spawn_pool(2, rx);
+        let mut pool = p.clone().spawn_pool(2, rx, None);
         // Both partitions fill their in-flight window with batches that never succeed.
         let mut stuck = Vec::new();
         for partition in 0..2 {
@@ -995,7 +1050,7 @@ mod tests {
         let memory = MemoryStore::new();
         let p = limited(memory.clone(), 100);
         let (tx, rx) = async_channel::bounded(64);
-        let mut pool = p.clone().spawn_pool(8, rx);
+        let mut pool = p.clone().spawn_pool(8, rx, None);
         assert_eq!(p.metrics.write_rate_limit.get(), 100);
         let t0 = tokio::time::Instant::now();
         // 1,000 rows in 20 batches of 50 over 4 partitions, written by 8 persisters at once.
@@ -1036,7 +1091,7 @@ mod tests {
         let p = Arc::new(p);
         let (tx, rx) = async_channel::bounded(8);
         // One write slot.
-        let mut pool = p.clone().spawn_pool(1, rx);
+        let mut pool = p.clone().spawn_pool(1, rx, None);
         let t0 = tokio::time::Instant::now();
         let (first, first_ack) = events_batch(0, 0, 10);
         let (second, second_ack) = events_batch(0, 10, 10);

@@ -3,8 +3,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    exponential_buckets, Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets, Counter, CounterVec, Gauge, GaugeVec, Histogram, HistogramOpts,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Buckets of `vault_end_to_end_latency_seconds`: one edge at the 250 ms latency target (so
@@ -92,7 +92,24 @@ pub struct Metrics {
     pub partition_restarts: IntCounterVec,
     pub restart_seek_failures: IntCounterVec,
     pub retries_out_of_memory: IntCounterVec,
+    pub runtime_workers: IntGaugeVec,
+    pub runtime_busy_seconds: CounterVec,
+    /// The runtimes `vault_runtime_*` follow, read at each scrape ([`Metrics::watch_runtime`]).
+    runtimes: std::sync::Mutex<Vec<WatchedRuntime>>,
     pub build_info: IntGaugeVec,
+}
+
+/// The main runtime (`runtime="main"`): Kafka, the batchers, the coordinator; and the persisters
+/// and the driver too with `scylla.store_threads = 0`.
+pub const RUNTIME_MAIN: &str = "main";
+/// The store's runtime (`store::runtime`): the ScyllaDB driver and the persisters.
+pub const RUNTIME_STORE: &str = "store";
+
+struct WatchedRuntime {
+    name: &'static str,
+    handle: tokio::runtime::Handle,
+    /// Busy seconds of its workers already counted.
+    counted: f64,
 }
 
 impl Metrics {
@@ -321,6 +338,17 @@ impl Metrics {
                 "Partition tasks restarted from the last commit after a failure.",
                 &["topic"],
             ),
+            runtime_workers: b.gauge_vec(
+                "vault_runtime_workers",
+                "Worker threads of each of vault's async runtimes: main (Kafka, batching, commits) and store (the ScyllaDB driver and the persisters, scylla.store_threads).",
+                &["runtime"],
+            ),
+            runtime_busy_seconds: b.float_counter_vec(
+                "vault_runtime_busy_seconds_total",
+                "Seconds the runtime's workers spent running tasks, summed over its workers: a rate near vault_runtime_workers means every worker is busy all the time (for store, raise scylla.store_threads; for main, the pod needs more CPU).",
+                &["runtime"],
+            ),
+            runtimes: std::sync::Mutex::default(),
             build_info: b.gauge_vec(
                 "vault_build_info",
                 "Build information; the value is always 1. commit: VAULT_GIT_COMMIT when the binary was built (unknown otherwise); librdkafka: the linked librdkafka's version.",
@@ -398,8 +426,45 @@ impl Metrics {
         let _ = self.events_consumed.remove_label_values(&labels);
     }
 
+    /// Follows `handle` as `vault_runtime_*{runtime=name}`, from now until this registry is
+    /// dropped.
+    pub fn watch_runtime(&self, name: &'static str, handle: tokio::runtime::Handle) {
+        self.runtime_workers
+            .with_label_values(&[name])
+            .set(handle.metrics().num_workers() as i64);
+        self.runtime_busy_seconds.with_label_values(&[name]);
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(|e| e.into_inner());
+        runtimes.retain(|r| r.name != name);
+        runtimes.push(WatchedRuntime {
+            name,
+            handle,
+            counted: 0.0,
+        });
+        drop(runtimes);
+        self.count_runtimes_busy();
+    }
+
+    /// Adds to `vault_runtime_busy_seconds_total` what each watched runtime's workers have been
+    /// busy since the last count.
+    fn count_runtimes_busy(&self) {
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(|e| e.into_inner());
+        for r in runtimes.iter_mut() {
+            let metrics = r.handle.metrics();
+            let busy: f64 = (0..metrics.num_workers())
+                .map(|w| metrics.worker_total_busy_duration(w).as_secs_f64())
+                .sum();
+            if busy > r.counted {
+                self.runtime_busy_seconds
+                    .with_label_values(&[r.name])
+                    .inc_by(busy - r.counted);
+                r.counted = busy;
+            }
+        }
+    }
+
     /// The registry in Prometheus text format.
     pub fn render(&self) -> String {
+        self.count_runtimes_busy();
         let mut out = String::new();
         let encoder = prometheus::TextEncoder::new();
         if let Err(e) = encoder.encode_utf8(&self.registry.gather(), &mut out) {
@@ -445,6 +510,11 @@ impl Builder {
 
     fn float_counter(&mut self, name: &'static str, help: &str) -> Counter {
         let c = Counter::new(name, help).expect("valid metric");
+        self.add(name, c)
+    }
+
+    fn float_counter_vec(&mut self, name: &'static str, help: &str, labels: &[&str]) -> CounterVec {
+        let c = CounterVec::new(Opts::new(name, help), labels).expect("valid metric");
         self.add(name, c)
     }
 
@@ -627,6 +697,37 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A watched runtime's workers and the time they spent running tasks are exported, and
+    /// the count only grows.
+    #[test]
+    fn a_watched_runtime_exports_its_workers_and_busy_time() {
+        let m = Metrics::new();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        m.watch_runtime(RUNTIME_STORE, runtime.handle().clone());
+        let busy = || {
+            m.render();
+            m.runtime_busy_seconds
+                .with_label_values(&[RUNTIME_STORE])
+                .get()
+        };
+        let before = busy();
+        // A task that holds its worker for 100 ms.
+        runtime
+            .block_on(
+                runtime.spawn(async { std::thread::sleep(std::time::Duration::from_millis(100)) }),
+            )
+            .unwrap();
+        let after = busy();
+        assert!(after - before >= 0.09, "{before} then {after}");
+        assert!(busy() >= after);
+        assert!(m
+            .render()
+            .contains("vault_runtime_workers{runtime=\"store\"} 2\n"));
     }
 
     /// The kinds listed for pre-created series are every kind the errors report.
