@@ -150,6 +150,11 @@ for le, v in buckets:
 count = merged.get(float("inf"), 0)
 p99 = next((le for le, v in sorted(merged.items()) if count and v >= 0.99 * count), float("nan"))
 print(f"batch write latency p99 <= {p99 * 1000:.1f} ms over {count:,.0f} writes")
+store_threads = total("vault_runtime_workers", 'runtime="store"')
+store_busy = total("vault_runtime_busy_seconds_total", 'runtime="store"')
+print(f"store threads (the ScyllaDB driver and the persisters): {store_threads:.0f} over both processes, busy {store_busy:.2f} s")
+if store_threads < 2 or store_busy <= 0:
+    sys.exit("the ScyllaDB store did not run on its own runtime (scylla.store_threads)")
 PY
 
 USER_ID=$(python3 -c "import json,collections,sys; c=collections.Counter(json.loads(l).get('u') for l in open(sys.argv[1])); c.pop(None, None); print(c.most_common(1)[0][0])" "$WORK/produced.jsonl")

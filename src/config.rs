@@ -1721,7 +1721,7 @@ impl Config {
             return Err(bad(
                 "scylla.store_threads",
                 s.store_threads,
-                "0 to 64 (0: the runtime that consumes Kafka)",
+                &format!("0 to {MAX_STORE_THREADS} (0: the main runtime, which consumes Kafka)"),
             ));
         }
         if s.min_concurrent_requests == 0 || s.min_concurrent_requests > s.max_concurrent_requests {

@@ -281,7 +281,7 @@ impl KafkaDeadLetters {
         }
         Ok(KafkaDeadLetters {
             producer: Mutex::new(InUse {
-                producer: Arc::new(cfg.create()?),
+                producer: Arc::new(ClosedAside(Some(cfg.create()?))),
                 untried: false,
             }),
             config: cfg,
@@ -299,7 +299,7 @@ impl KafkaDeadLetters {
     }
 
     /// A letter sent with `producer` went through: if still in use, it works.
-    fn delivered_with(&self, producer: &Arc<FutureProducer>) {
+    fn delivered_with(&self, producer: &Arc<ClosedAside>) {
         let mut in_use = self.in_use();
         if Arc::ptr_eq(&in_use.producer, producer) {
             in_use.untried = false;
@@ -313,7 +313,7 @@ impl KafkaDeadLetters {
     /// harmless. Whether the failure is for good: `failed` was itself a replacement that had
     /// no letter through (as each new one would, say, refused its idempotent producer id), or
     /// no new producer can be made.
-    fn renew(&self, failed: &Arc<FutureProducer>) -> bool {
+    fn renew(&self, failed: &Arc<ClosedAside>) -> bool {
         let mut in_use = self.in_use();
         if !Arc::ptr_eq(&in_use.producer, failed) {
             return false; // Replaced already; the new one is still to be tried.
@@ -327,7 +327,7 @@ impl KafkaDeadLetters {
                     "The dead-letter producer hit a fatal error; replaced it with a new one."
                 );
                 *in_use = InUse {
-                    producer: Arc::new(fresh),
+                    producer: Arc::new(ClosedAside(Some(fresh))),
                     untried: true,
                 };
                 again
@@ -340,9 +340,35 @@ impl KafkaDeadLetters {
     }
 }
 
+/// A producer closed on a thread of its own once its last handle goes: closing purges, flushes
+/// for up to 500 ms and joins its polling thread, and the last handle of a failed producer is
+/// dropped by a send on the store's runtime, which may have a single thread
+/// (`store::runtime`). Creating one (in [`KafkaDeadLetters::renew`]) starts threads and
+/// returns; it does not wait on the network.
+struct ClosedAside(Option<FutureProducer>);
+
+impl std::ops::Deref for ClosedAside {
+    type Target = FutureProducer;
+
+    fn deref(&self) -> &FutureProducer {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for ClosedAside {
+    fn drop(&mut self) {
+        if let Some(producer) = self.0.take() {
+            // When no thread can be started, the closure and the producer are dropped here.
+            let _ = std::thread::Builder::new()
+                .name("vault-dlq-close".into())
+                .spawn(move || drop(producer));
+        }
+    }
+}
+
 /// The dead-letter producer in use.
 struct InUse {
-    producer: Arc<FutureProducer>,
+    producer: Arc<ClosedAside>,
     /// It replaced one that hit a fatal error and has had no letter through yet.
     untried: bool,
 }

@@ -39,7 +39,8 @@ const ALIASES: [(&str, &str); 12] = [
 
 /// The global options whose names begin with `topic.` (`rdkafka_conf.c`). Any other
 /// `topic.X` is a third name for the topic-level option `X` (librdkafka strips the prefix), so
-/// vault refuses it: it would escape [`names_of`].
+/// vault refuses it: it would escape [`names_of`]. This list and [`ALIASES`] are checked
+/// against the linked librdkafka's own by a test.
 const GLOBAL_TOPIC_OPTIONS: [&str; 6] = [
     "topic.metadata.refresh.interval.ms",
     "topic.metadata.refresh.fast.interval.ms",
@@ -110,6 +111,85 @@ pub fn set_default(cfg: &mut ClientConfig, name: &str, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The options the linked librdkafka documents, by section (`Global` or `Topic`), each with
+    /// the option it is an alias for, if it is one: `rd_kafka_conf_properties_show`, what its
+    /// CONFIGURATION.md is made from (hidden options are not shown).
+    fn librdkafka_options() -> Vec<(String, String, Option<String>)> {
+        use std::ffi::{c_char, c_int, c_void, CString};
+        extern "C" {
+            fn fopen(path: *const c_char, mode: *const c_char) -> *mut c_void;
+            fn fclose(file: *mut c_void) -> c_int;
+        }
+        let path = std::env::temp_dir().join(format!(
+            "vault-librdkafka-options-{}.md",
+            std::process::id()
+        ));
+        let c_path = CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a file opened for writing, written by librdkafka, then closed once.
+        unsafe {
+            let file = fopen(c_path.as_ptr(), c"w".as_ptr());
+            assert!(!file.is_null(), "cannot open {}", path.display());
+            rdkafka::bindings::rd_kafka_conf_properties_show(file.cast());
+            assert_eq!(fclose(file), 0);
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut section = String::new();
+        let mut options = Vec::new();
+        for line in text.lines() {
+            if let Some(title) = line.strip_prefix("## ") {
+                section = title
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                continue;
+            }
+            let mut cells = line.split(" | ");
+            let (Some(name), Some(description)) = (cells.next(), cells.nth(4)) else {
+                continue;
+            };
+            let name = name.trim();
+            if name == "Property" || name.starts_with('-') || name.is_empty() {
+                continue;
+            }
+            let alias_of = description
+                .split("Alias for `")
+                .nth(1)
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_owned);
+            options.push((section.clone(), name.to_owned(), alias_of));
+        }
+        options
+    }
+
+    /// The hand-kept lists above are the linked librdkafka's: every alias it documents is in
+    /// [`ALIASES`], and its global options named `topic.*` are [`GLOBAL_TOPIC_OPTIONS`]. A
+    /// librdkafka upgrade that adds either fails here.
+    #[test]
+    fn the_alias_and_global_topic_lists_are_the_linked_librdkafkas() {
+        let options = librdkafka_options();
+        assert!(options.len() > 150, "{} options read", options.len());
+        let mut aliases: Vec<(&str, &str)> = options
+            .iter()
+            .filter_map(|(_, name, real)| Some((name.as_str(), real.as_deref()?)))
+            .collect();
+        aliases.sort();
+        aliases.dedup();
+        let mut listed = ALIASES.to_vec();
+        listed.sort();
+        assert_eq!(aliases, listed);
+        let mut global_topic: Vec<&str> = options
+            .iter()
+            .filter(|(section, name, _)| section == "Global" && name.starts_with("topic."))
+            .map(|(_, name, _)| name.as_str())
+            .collect();
+        global_topic.sort();
+        let mut listed = GLOBAL_TOPIC_OPTIONS.to_vec();
+        listed.sort();
+        assert_eq!(global_topic, listed);
+    }
 
     fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

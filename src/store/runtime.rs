@@ -5,10 +5,11 @@
 //! Why: a CQL request passes between three tasks (the caller, the connection's writer, its
 //! reader), so on a shared multi-threaded runtime each request wakes tasks parked on other
 //! threads, and each such wake-up is a futex call and a context switch. On two cores that was
-//! about 40% of the driver's CPU per request (`examples/driver_cost.rs`: 11-12 µs per request
-//! with the default runtime, 7 µs with the caller and the driver on one thread). With both on
-//! the store's threads, a request's wake-ups stay on the thread that made them; a batch crosses
-//! runtimes twice (handed to a persister, answered to its partition), whatever its size.
+//! about 40% of the driver's CPU per request (`examples/driver_cost.rs`: 10.3-12.3 µs per
+//! request with the default runtime, 6.0-7.5 µs with the caller and the driver on one thread;
+//! README). With both on one store thread, a request's wake-ups stay on it; a batch crosses
+//! runtimes twice (handed to a persister, answered to its partition), whatever its size. One
+//! thread is at most one core of write work: pods of many cores want more (`store_threads`).
 //!
 //! The commit-after-write invariant does not depend on where a write runs: a batch is still
 //! answered only once it is durable, and the answer travels the same channel.

@@ -105,6 +105,14 @@ pub const RUNTIME_MAIN: &str = "main";
 /// The store's runtime (`store::runtime`): the ScyllaDB driver and the persisters.
 pub const RUNTIME_STORE: &str = "store";
 
+/// Seconds the workers of `handle`'s runtime have spent running tasks, summed over them.
+fn busy_seconds(handle: &tokio::runtime::Handle) -> f64 {
+    let metrics = handle.metrics();
+    (0..metrics.num_workers())
+        .map(|w| metrics.worker_total_busy_duration(w).as_secs_f64())
+        .sum()
+}
+
 struct WatchedRuntime {
     name: &'static str,
     handle: tokio::runtime::Handle,
@@ -426,33 +434,30 @@ impl Metrics {
         let _ = self.events_consumed.remove_label_values(&labels);
     }
 
-    /// Follows `handle` as `vault_runtime_*{runtime=name}`, from now until this registry is
-    /// dropped.
+    /// Follows `handle` as `vault_runtime_*{runtime=name}` (its busy time from now on), until
+    /// this registry is dropped; a runtime watched under `name` before is no longer followed.
     pub fn watch_runtime(&self, name: &'static str, handle: tokio::runtime::Handle) {
         self.runtime_workers
             .with_label_values(&[name])
             .set(handle.metrics().num_workers() as i64);
         self.runtime_busy_seconds.with_label_values(&[name]);
+        let counted = busy_seconds(&handle);
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|e| e.into_inner());
         runtimes.retain(|r| r.name != name);
         runtimes.push(WatchedRuntime {
             name,
             handle,
-            counted: 0.0,
+            counted,
         });
-        drop(runtimes);
-        self.count_runtimes_busy();
     }
 
     /// Adds to `vault_runtime_busy_seconds_total` what each watched runtime's workers have been
-    /// busy since the last count.
+    /// busy since the last count. A worker's busy time is published when it parks or every few
+    /// dozen tasks, so a worker stuck in one task shows none meanwhile.
     fn count_runtimes_busy(&self) {
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|e| e.into_inner());
         for r in runtimes.iter_mut() {
-            let metrics = r.handle.metrics();
-            let busy: f64 = (0..metrics.num_workers())
-                .map(|w| metrics.worker_total_busy_duration(w).as_secs_f64())
-                .sum();
+            let busy = busy_seconds(&r.handle);
             if busy > r.counted {
                 self.runtime_busy_seconds
                     .with_label_values(&[r.name])
@@ -722,9 +727,19 @@ mod tests {
                 runtime.spawn(async { std::thread::sleep(std::time::Duration::from_millis(100)) }),
             )
             .unwrap();
-        let after = busy();
+        // The worker publishes its busy time once it parks, maybe just after it answered.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut after = busy();
+        while after - before < 0.09 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            after = busy();
+        }
         assert!(after - before >= 0.09, "{before} then {after}");
+        assert!(after - before < 5.0, "{before} then {after}");
         assert!(busy() >= after);
+        // Watched again: counted from then on, not from the runtime's start.
+        m.watch_runtime(RUNTIME_STORE, runtime.handle().clone());
+        assert!(busy() - after < 0.09, "{after} then {}", busy());
         assert!(m
             .render()
             .contains("vault_runtime_workers{runtime=\"store\"} 2\n"));

@@ -127,9 +127,7 @@ pub fn scan(
         .map_err(|e| format!("Kafka client for {topic}: {e}"))?;
     let Some(partitions) = partitions_of(&consumer, topic, Duration::from_secs(10))? else {
         if must_exist {
-            return Err(format!(
-                "topic {topic} does not exist: check kafka.dead_letter_topic"
-            ));
+            return Err(missing_dead_letter_topic(topic));
         }
         return Ok(0);
     };
@@ -180,6 +178,30 @@ pub fn scan(
         }
     }
     Ok(read)
+}
+
+/// Checks that every topic a replay of `routes` (each dead-letter topic with the source topics
+/// its letters may go back to) will read or write exists and can be described, before any is
+/// replayed: a replay of several dead-letter topics then stops before it sends anything, not
+/// after the earlier ones were replayed. [`replay`] describes its own topics again.
+pub fn check_routes<'a>(
+    base: &ClientConfig,
+    routes: impl IntoIterator<Item = (&'a str, &'a [String])>,
+) -> Result<(), String> {
+    let reader = Sources::new(base)?;
+    for (dead_letter_topic, sources) in routes {
+        if partitions_of(&reader.consumer, dead_letter_topic, Duration::from_secs(30))?.is_none() {
+            return Err(missing_dead_letter_topic(dead_letter_topic));
+        }
+        for source in sources {
+            reader.partition_count(source)?;
+        }
+    }
+    Ok(())
+}
+
+fn missing_dead_letter_topic(topic: &str) -> String {
+    format!("topic {topic} does not exist: check kafka.dead_letter_topic")
 }
 
 /// Reads source messages back by their coordinates: the whole message a letter cut to fit the

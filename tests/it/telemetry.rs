@@ -306,7 +306,7 @@ impl Drop for Alertmanager {
 /// What a ScyllaDB outage raises (each rule once per topic, as alerts.test.yml shows) reaches
 /// Alertmanager, whose inhibit rule leaves one page: VaultPartitionStuck. A commit stall on
 /// another topic, with no stuck partition there, still pages. The warnings that say why (writes
-/// retried, the write concurrency limit held down, failing batches abandoned for memory) are
+/// retried, the write concurrency limit held down, failing batches abandoned for memory, the store's threads busy) are
 /// shown on the vault-ui receiver: not inhibited, and never a page.
 #[tokio::test]
 async fn a_store_outage_pages_once_through_alertmanager() {
@@ -332,6 +332,7 @@ async fn a_store_outage_pages_once_through_alertmanager() {
         warning("VaultWriteErrors", &[("kind", "overloaded")]),
         warning("VaultWriteConcurrencyLow", &[]),
         warning("VaultRetriesOutOfMemory", &[("topic", "user-activity")]),
+        warning("VaultStoreRuntimeBusy", &[]),
     ]);
     wait_until(
         "Alertmanager to take the alerts",
@@ -345,7 +346,7 @@ async fn a_store_outage_pages_once_through_alertmanager() {
     // (alert/topic, receiver) of every alert that is active, not inhibited.
     let mut active = Vec::new();
     wait_until(
-        "Alertmanager to show all seven, inhibitions applied",
+        "Alertmanager to show all eight, inhibitions applied",
         Duration::from_secs(30),
         || {
             let got = http_get(&am.addr, "/api/v2/alerts");
@@ -375,7 +376,7 @@ async fn a_store_outage_pages_once_through_alertmanager() {
                         ));
                     }
                 }
-                if alerts.len() == 7 {
+                if alerts.len() == 8 {
                     Ok(())
                 } else {
                     Err(body)
@@ -405,10 +406,11 @@ async fn a_store_outage_pages_once_through_alertmanager() {
         on("vault-ui"),
         [
             "VaultRetriesOutOfMemory/user-activity",
+            "VaultStoreRuntimeBusy/-",
             "VaultWriteConcurrencyLow/-",
             "VaultWriteErrors/-"
         ],
         "the warnings are shown, not paged: {active:?}"
     );
-    assert_eq!(active.len(), 5, "{active:?}");
+    assert_eq!(active.len(), 6, "{active:?}");
 }
