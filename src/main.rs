@@ -251,7 +251,6 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Run { migrate } => {
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;
             init_logging(&settings.config.log)?;
-            // Dropped here, after the main runtime: out of async code, it waits for its threads.
             let threads = settings.config.scylla.store_threads;
             let store_runtime = match settings.config.pipeline.store {
                 StoreKind::Scylla if threads > 0 => {
@@ -259,8 +258,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let store_runtime = store_runtime.as_ref().map(|r| r.handle().clone());
-            runtime()?.block_on(run(settings, migrate, store_runtime))
+            let main_runtime = runtime()?;
+            let outcome = main_runtime.block_on(run(
+                settings,
+                migrate,
+                store_runtime.as_ref().map(|r| r.handle().clone()),
+            ));
+            // The main runtime first (the pipeline has joined the persisters), then the
+            // store's, out of async code, so that it waits for its threads.
+            drop(main_runtime);
+            drop(store_runtime);
+            outcome
         }
         Command::Api => {
             let settings = config::load(cli.config.as_deref(), &cli.overrides)?.validate()?;

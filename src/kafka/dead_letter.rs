@@ -281,7 +281,7 @@ impl KafkaDeadLetters {
         }
         Ok(KafkaDeadLetters {
             producer: Mutex::new(InUse {
-                producer: Arc::new(ClosedAside(Some(cfg.create()?))),
+                producer: Arc::new(ClosedAside::new(cfg.create()?)),
                 untried: false,
             }),
             config: cfg,
@@ -326,8 +326,12 @@ impl KafkaDeadLetters {
                     again,
                     "The dead-letter producer hit a fatal error; replaced it with a new one."
                 );
+                in_use
+                    .producer
+                    .retired
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 *in_use = InUse {
-                    producer: Arc::new(ClosedAside(Some(fresh))),
+                    producer: Arc::new(ClosedAside::new(fresh)),
                     untried: true,
                 };
                 again
@@ -340,24 +344,41 @@ impl KafkaDeadLetters {
     }
 }
 
-/// A producer closed on a thread of its own once its last handle goes: closing purges, flushes
-/// for up to 500 ms and joins its polling thread, and the last handle of a failed producer is
-/// dropped by a send on the store's runtime, which may have a single thread
-/// (`store::runtime`). Creating one (in [`KafkaDeadLetters::renew`]) starts threads and
-/// returns; it does not wait on the network.
-struct ClosedAside(Option<FutureProducer>);
+/// A producer, closed where its last handle goes, or, once [`KafkaDeadLetters::renew`] has
+/// retired it, on a thread of its own: closing purges, flushes for up to 500 ms, joins its
+/// polling thread and destroys the client, and the last handle of a failed producer is dropped
+/// by a send on the store's runtime, which may have a single thread (`store::runtime`). The
+/// producer in use closes where it is dropped (at shutdown, after the last write), so the
+/// process never exits while it closes. Creating one starts threads and returns; it does not
+/// wait on the network.
+struct ClosedAside {
+    producer: Option<FutureProducer>,
+    retired: std::sync::atomic::AtomicBool,
+}
+
+impl ClosedAside {
+    fn new(producer: FutureProducer) -> Self {
+        ClosedAside {
+            producer: Some(producer),
+            retired: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
 
 impl std::ops::Deref for ClosedAside {
     type Target = FutureProducer;
 
     fn deref(&self) -> &FutureProducer {
-        self.0.as_ref().expect("present until dropped")
+        self.producer.as_ref().expect("present until dropped")
     }
 }
 
 impl Drop for ClosedAside {
     fn drop(&mut self) {
-        if let Some(producer) = self.0.take() {
+        let Some(producer) = self.producer.take() else {
+            return;
+        };
+        if self.retired.load(std::sync::atomic::Ordering::Relaxed) {
             // When no thread can be started, the closure and the producer are dropped here.
             let _ = std::thread::Builder::new()
                 .name("vault-dlq-close".into())
