@@ -427,11 +427,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 // letters may go back only to those source topics. All of them are described
                 // first: a missing one stops the run before anything is sent.
                 let routes = settings.dead_letter_routes();
-                vault::tools::dlq::check_routes(
-                    &base,
-                    routes.iter().map(|(dlq, sources)| (dlq.as_str(), sources.as_slice())),
-                )
-                .map_err(anyhow::Error::msg)?;
+                let checked = tokio::task::spawn_blocking({
+                    let (base, routes) = (base.clone(), routes.clone());
+                    move || {
+                        vault::tools::dlq::check_routes(
+                            &base,
+                            routes
+                                .iter()
+                                .map(|(dlq, sources)| (dlq.as_str(), sources.as_slice())),
+                        )
+                    }
+                });
+                checked.await?.map_err(anyhow::Error::msg)?;
                 for (dlq, sources) in routes {
                     let (store, handle) = (store.clone(), tokio::runtime::Handle::current());
                     let erased_through = move |user: &str| {

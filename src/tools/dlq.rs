@@ -514,13 +514,21 @@ pub async fn replay(
         &MAX_REPLAYED_BYTES.to_string(),
     );
     options::set_default(&mut pcfg, "compression.type", "lz4");
-    let sources_reader = Sources::new(base)?;
     // Where letters go back, asked before anything is read or sent (a dry run too): a topic
-    // that cannot be described stops the replay before it publishes anything.
-    let mut partitions: HashMap<String, i32> = HashMap::new();
-    for source in sources {
-        partitions.insert(source.clone(), sources_reader.partition_count(source)?);
-    }
+    // that cannot be described stops the replay before it publishes anything. Metadata
+    // requests block, for up to 30 s each: on a thread of the blocking pool.
+    let described = tokio::task::spawn_blocking({
+        let (base, sources) = (base.clone(), sources.to_vec());
+        move || {
+            let reader = Sources::new(&base)?;
+            let mut partitions: HashMap<String, i32> = HashMap::new();
+            for source in &sources {
+                partitions.insert(source.clone(), reader.partition_count(source)?);
+            }
+            Ok::<_, String>((reader, partitions))
+        }
+    });
+    let (sources_reader, partitions) = described.await.map_err(|e| e.to_string())??;
     // Shared, and held here until every delivery has reported: dropping a producer purges
     // what it has not delivered yet.
     let producer: std::sync::Arc<FutureProducer> =
