@@ -1796,7 +1796,7 @@ fn store_lines(
     let cpu = |r: &StoreRun| r.run.cpu_seconds / r.run.events as f64;
     let _ = writeln!(
         md,
-        "\nThe store's own runtime (`scylla.store_threads = 1`) against the driver on the main one, users uniform: CPU per event {:.2}×, events/s {:.2}×.",
+        "\nThe store's own runtime (`scylla.store_threads` at its default) against the driver on the main one, users uniform, one run each (not interleaved): CPU per event {:.2}×, events/s {:.2}×.",
         cpu(uniform) / cpu(main_runtime),
         uniform.run.rate() / main_runtime.run.rate()
     );

@@ -44,7 +44,11 @@ fn main() {
             b.worker_threads(1);
             b
         }
-        _ => tokio::runtime::Builder::new_multi_thread(),
+        "" => tokio::runtime::Builder::new_multi_thread(),
+        other => {
+            eprintln!("DRIVER_COST_RUNTIME={other}: one of one, current, or unset");
+            std::process::exit(2);
+        }
     };
     runtime
         .enable_all()

@@ -344,8 +344,9 @@ pub struct ScyllaConfig {
     pub adaptive_concurrency: bool,
     /// The fewest write requests in flight the adaptive limit goes down to.
     pub min_concurrent_requests: usize,
-    /// Threads of the runtime the driver and the persisters run on (`store::runtime`), apart
-    /// from the one that consumes Kafka; 0: on that one.
+    /// Threads of the runtime the driver and the persisters of `vault run` run on
+    /// (`store::runtime`), apart from the one that consumes Kafka; 0: on that one (the other
+    /// commands always use their main runtime).
     pub store_threads: usize,
     /// Event rows this instance writes per second, at most, across all persisters (a hard
     /// limit for a cluster shared with others, see `store::rate`); 0: unlimited.

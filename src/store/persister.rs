@@ -758,7 +758,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_pool_given_the_store_runtime_writes_on_its_threads_and_answers_here() {
+    async fn a_pool_given_the_store_runtime_writes_on_its_threads() {
         let store_runtime = crate::store::runtime::StoreRuntime::new(2).unwrap();
         for runtime in [Some(store_runtime.handle()), None] {
             let (memory, threads) = (MemoryStore::new(), Arc::default());

@@ -23,7 +23,7 @@ use tokio::runtime::{Builder, Handle, Runtime};
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 
 /// A runtime of `threads` worker threads named `vault-store`, shut down when dropped: waiting
-/// up to [`SHUTDOWN_WAIT`] for its threads, or, dropped in async code (where waiting would
+/// up to `SHUTDOWN_WAIT` (1 s) for its threads, or, dropped in async code (where waiting would
 /// block a runtime's thread, and dropping a `Runtime` panics), without waiting.
 pub struct StoreRuntime(Option<Runtime>);
 

@@ -306,8 +306,9 @@ impl Drop for Alertmanager {
 /// What a ScyllaDB outage raises (each rule once per topic, as alerts.test.yml shows) reaches
 /// Alertmanager, whose inhibit rule leaves one page: VaultPartitionStuck. A commit stall on
 /// another topic, with no stuck partition there, still pages. The warnings that say why (writes
-/// retried, the write concurrency limit held down, failing batches abandoned for memory, the store's threads busy) are
-/// shown on the vault-ui receiver: not inhibited, and never a page.
+/// retried, the write concurrency limit held down, failing batches abandoned for memory) are
+/// shown on the vault-ui receiver: not inhibited, and never a page; so is VaultStoreRuntimeBusy
+/// (lag under load, not an outage: in one the store's threads wait, idle).
 #[tokio::test]
 async fn a_store_outage_pages_once_through_alertmanager() {
     let am = Alertmanager::start();
