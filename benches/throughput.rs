@@ -318,6 +318,15 @@ struct StoreRun {
 }
 
 /// What one vault run measured.
+/// Two settings compared in interleaved pairs ([`Bench::paired`]): the median run of each (by
+/// rate) and the medians of the pairs' ratios, a to b.
+struct Paired {
+    a: VaultRun,
+    b: VaultRun,
+    ratio: f64,
+    cpu_ratio: f64,
+}
+
 struct VaultRun {
     events: u64,
     seconds: f64,
@@ -657,16 +666,24 @@ impl Bench {
         runs: usize,
         a: (&str, &[(&str, &str)]),
         b: (&str, &[(&str, &str)]),
-    ) -> (VaultRun, VaultRun, f64) {
+    ) -> Paired {
         let rate = VaultRun::rate;
-        let (mut a_runs, mut b_runs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let cpu = |r: &VaultRun| r.cpu_seconds / r.events as f64;
+        let (mut a_runs, mut b_runs) = (Vec::new(), Vec::new());
+        let (mut ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
         for i in 0..runs {
             let (first, second) = if i % 2 == 0 { (a, b) } else { (b, a) };
             let x = self.vault(first.0, topic, count, first.1).await;
             let y = self.vault(second.0, topic, count, second.1).await;
             let (ra, rb) = if i % 2 == 0 { (x, y) } else { (y, x) };
             ratios.push(rate(&ra) / rate(&rb));
-            eprintln!("    pair {}: {:.3}×", i + 1, ratios[i]);
+            cpu_ratios.push(cpu(&ra) / cpu(&rb));
+            eprintln!(
+                "    pair {}: {:.3}× the rate, {:.3}× the CPU per event",
+                i + 1,
+                ratios[i],
+                cpu_ratios[i]
+            );
             a_runs.push(ra);
             b_runs.push(rb);
         }
@@ -674,10 +691,20 @@ impl Bench {
             v.sort_by(|x, y| rate(x).total_cmp(&rate(y)));
             v.swap_remove(v.len() / 2)
         };
-        ratios.sort_by(f64::total_cmp);
-        let ratio = ratios[ratios.len() / 2];
-        eprintln!("    median ratio of {runs} interleaved pairs: {ratio:.3}×");
-        (median_run(a_runs), median_run(b_runs), ratio)
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (ratio, cpu_ratio) = (median(ratios), median(cpu_ratios));
+        eprintln!(
+            "    median ratios of {runs} interleaved pairs: {ratio:.3}× the rate, {cpu_ratio:.3}× the CPU per event"
+        );
+        Paired {
+            a: median_run(a_runs),
+            b: median_run(b_runs),
+            ratio,
+            cpu_ratio,
+        }
     }
 
     /// The null-store drain of `topic` with the default idle flush against a fixed linger
@@ -687,17 +714,19 @@ impl Bench {
         topic: &str,
         count: u64,
     ) -> (VaultRun, VaultRun, f64) {
-        self.paired(
-            topic,
-            count,
-            PAIRS,
-            ("null store", &[("VAULT_PIPELINE_STORE", "null")]),
-            (
-                "null store, fixed linger",
-                &[("VAULT_PIPELINE_STORE", "null"), FIXED_LINGER],
-            ),
-        )
-        .await
+        let p = self
+            .paired(
+                topic,
+                count,
+                PAIRS,
+                ("null store", &[("VAULT_PIPELINE_STORE", "null")]),
+                (
+                    "null store, fixed linger",
+                    &[("VAULT_PIPELINE_STORE", "null"), FIXED_LINGER],
+                ),
+            )
+            .await;
+        (p.a, p.b, p.ratio)
     }
 
     /// The ScyllaDB-store drain of `topic` into the healthy stand-in with adaptive against fixed
@@ -707,14 +736,37 @@ impl Bench {
         topic: &str,
         count: u64,
     ) -> (VaultRun, VaultRun, f64) {
+        let p = self
+            .paired(
+                topic,
+                count,
+                PAIRS,
+                ("healthy stand-in, adaptive concurrency", &[]),
+                (
+                    "healthy stand-in, fixed concurrency",
+                    &[("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", "false")],
+                ),
+            )
+            .await;
+        (p.a, p.b, p.ratio)
+    }
+
+    /// The ScyllaDB-store drain of `count` events of users spread evenly (a fresh `topic`)
+    /// with the store's own runtime (the default) against the driver on the main runtime
+    /// (`scylla.store_threads = 0`), in interleaved pairs.
+    async fn store_runtime_against_main(&self, topic: &str, count: u64) -> Paired {
+        self.topic_with_skew(topic, 64, count, 0.01);
         self.paired(
             topic,
             count,
             PAIRS,
-            ("healthy stand-in, adaptive concurrency", &[]),
             (
-                "healthy stand-in, fixed concurrency",
-                &[("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", "false")],
+                "ScyllaDB store (stand-in), users uniform, the store's own runtime",
+                &[],
+            ),
+            (
+                "ScyllaDB store (stand-in), users uniform, driver on the main runtime",
+                &[MAIN_RUNTIME],
             ),
         )
         .await
@@ -1481,17 +1533,11 @@ async fn run() {
                 &[BY_REPLICA],
             )
             .await;
-        let main_runtime = bench
-            .store_run(
-                "users uniform, driver on the main runtime",
-                "bench-scylla-main-runtime",
-                n,
-                0.01,
-                &[MAIN_RUNTIME],
-            )
+        let runtimes = bench
+            .store_runtime_against_main("bench-scylla-runtimes", n)
             .await;
         say("Store runs");
-        println!("{}", store_lines(&uniform, &zipf, &replica, &main_runtime));
+        println!("{}", store_lines(&uniform, &zipf, &replica, &runtimes));
         return;
     }
     if std::env::var_os("BENCH_READ_ONLY").is_some() {
@@ -1566,14 +1612,8 @@ async fn run() {
         )
         .await;
     // The store's own runtime against the driver on the main one.
-    let store_main_runtime = bench
-        .store_run(
-            "users uniform, driver on the main runtime",
-            "bench-scylla-main-runtime",
-            scylla_n,
-            0.01,
-            &[MAIN_RUNTIME],
-        )
+    let runtimes = bench
+        .store_runtime_against_main("bench-scylla-runtimes", scylla_n)
         .await;
     // Idle flush against fixed linger when behind: the same store run with a fixed linger.
     let store_fixed = bench
@@ -1622,8 +1662,10 @@ async fn run() {
                          "index_requests_per_event": store.index,
                          "batch_by_replica": {"events": scylla_n, "events_per_s": rate(&store_replica.run), "cpu_us_per_event": cpu_us(&store_replica.run),
                                   "cql_requests_per_event": store_replica.rows, "index_requests_per_event": store_replica.index, "ratio_to_b": rate(&store_replica.run) / b_rate},
-                         "driver_on_main_runtime": {"events": scylla_n, "events_per_s": rate(&store_main_runtime.run), "cpu_us_per_event": cpu_us(&store_main_runtime.run),
-                                  "cpu_ratio_store_runtime_to_main": cpu_us(scylla) / cpu_us(&store_main_runtime.run)},
+                         "store_runtime_against_main": {"events": scylla_n, "interleaved_pairs": PAIRS,
+                                  "store_runtime": {"events_per_s": rate(&runtimes.a), "cpu_us_per_event": cpu_us(&runtimes.a)},
+                                  "main_runtime": {"events_per_s": rate(&runtimes.b), "cpu_us_per_event": cpu_us(&runtimes.b)},
+                                  "rate_ratio": runtimes.ratio, "cpu_ratio": runtimes.cpu_ratio},
                          "zipf": {"events": scylla_n / 2, "events_per_s": rate(&store_zipf.run), "cpu_us_per_event": cpu_us(&store_zipf.run),
                                   "cql_requests_per_event": store_zipf.rows, "index_requests_per_event": store_zipf.index}},
         "latency_1k_per_s": {"events": latencies.len(), "p50_ms": p50, "p99_ms": p99,
@@ -1709,7 +1751,7 @@ async fn run() {
     let _ = writeln!(
         md,
         "{}",
-        store_lines(&store, &store_zipf, &store_replica, &store_main_runtime)
+        store_lines(&store, &store_zipf, &store_replica, &runtimes)
     );
     let _ = writeln!(
         md,
@@ -1763,15 +1805,14 @@ async fn run() {
     println!("{md}");
 }
 
-/// The store runs' CPU per event and CQL requests per event: users uniform and Zipf-skewed,
-/// users uniform with shard-aware batching (`scylla.batch_by_replica`), and users uniform with
-/// the driver on the main runtime (`scylla.store_threads = 0`), against which the first is
-/// given as a ratio.
+/// The store runs' CPU per event and CQL requests per event: users uniform and Zipf-skewed, and
+/// users uniform with shard-aware batching (`scylla.batch_by_replica`); then the store's own
+/// runtime against the driver on the main runtime (`scylla.store_threads = 0`), in pairs.
 fn store_lines(
     uniform: &StoreRun,
     zipf: &StoreRun,
     replica: &StoreRun,
-    main_runtime: &StoreRun,
+    runtimes: &Paired,
 ) -> String {
     let mut md = String::from(
         "| ScyllaDB store (stand-in) | events | events/s (steady state) | CPU µs/event | of which kernel | CQL requests/event, table | to the day index alone |\n|---|---:|---:|---:|---:|---:|---:|\n",
@@ -1780,7 +1821,6 @@ fn store_lines(
         ("users uniform", uniform),
         ("users Zipf 1.1", zipf),
         ("users uniform, batch_by_replica", replica),
-        ("users uniform, store_threads = 0", main_runtime),
     ] {
         let _ = writeln!(
             md,
@@ -1793,12 +1833,16 @@ fn store_lines(
             r.index
         );
     }
-    let cpu = |r: &StoreRun| r.run.cpu_seconds / r.run.events as f64;
+    let cpu_us = |r: &VaultRun| r.cpu_seconds * 1e6 / r.events as f64;
     let _ = writeln!(
         md,
-        "\nThe store's own runtime (`scylla.store_threads` at its default) against the driver on the main one, users uniform, one run each (not interleaved): CPU per event {:.2}×, events/s {:.2}×.",
-        cpu(uniform) / cpu(main_runtime),
-        uniform.run.rate() / main_runtime.run.rate()
+        "\nThe store's own runtime (`scylla.store_threads` at its default) against the driver on the main one (`store_threads = 0`), users uniform, {PAIRS} interleaved pairs: median runs {:.0} against {:.0} events/s and {:.2} against {:.2} µs of CPU per event; the medians of the pairs' ratios: **CPU per event {:.2}×**, events/s {:.2}×.",
+        runtimes.a.rate(),
+        runtimes.b.rate(),
+        cpu_us(&runtimes.a),
+        cpu_us(&runtimes.b),
+        runtimes.cpu_ratio,
+        runtimes.ratio
     );
     md
 }
