@@ -222,14 +222,16 @@ fn main() -> ExitCode {
 /// allocation rate that adds tens of MiB to the resident set (a 1M-event drain peaked at
 /// 100-118 MiB). Purging after 10 ms (mimalloc 2's default) gave most of it back but paid for
 /// it in page faults, a sixth of the CPU of the ScyllaDB store's runs (zeroing fresh pages).
-/// 100 ms keeps both low (see README, Benchmarks); MIMALLOC_PURGE_DELAY still overrides it.
+/// 100 ms kept both low on one machine, but let a 1M-event drain peak at 87-123 MiB on a
+/// faster one; 50 ms kept it at 79-95 MiB there for 5-15% more CPU in the store's runs than
+/// 100 ms (see README, Benchmarks). MIMALLOC_PURGE_DELAY still overrides it.
 /// `mi_option_purge_delay` in mimalloc.h (v3), which libmimalloc-sys names no constant for.
 #[cfg(feature = "mimalloc")]
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// How long mimalloc keeps freed memory before returning it to the OS (ms).
 #[cfg(feature = "mimalloc")]
-const PURGE_DELAY_MS: std::ffi::c_long = 100;
+const PURGE_DELAY_MS: std::ffi::c_long = 50;
 
 #[cfg(feature = "mimalloc")]
 fn tune_allocator() {
@@ -850,10 +852,10 @@ fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    /// The option index is mimalloc's purge delay: its v3 default (1 s) before, 100 ms after.
+    /// The option index is mimalloc's purge delay: its v3 default (1 s) before, 50 ms after.
     /// Fails when an upgraded mimalloc numbers its options differently.
     #[test]
-    fn the_allocator_purges_after_100_ms() {
+    fn the_allocator_purges_after_50_ms() {
         if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
             return;
         }
@@ -866,6 +868,7 @@ mod tests {
         tune_allocator();
         // SAFETY: as above.
         let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        assert_eq!(after, 100);
+        assert_eq!(after, PURGE_DELAY_MS);
+        assert_eq!(after, 50);
     }
 }
