@@ -47,6 +47,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use vault_sandbox::cql::{CqlNode, Saturation};
 
+#[path = "shared/baseline_rows.rs"]
+mod baseline_rows;
+#[path = "shared/proc_cpu.rs"]
+mod proc_cpu;
+use proc_cpu::{cpu_seconds, cpu_split};
+
 const VAULT: &str = env!("CARGO_BIN_EXE_vault");
 
 /// The setting that turns shard-aware batching on.
@@ -167,43 +173,6 @@ fn crossing(previous: Option<(Instant, u64)>, now: (Instant, u64), mark: u64) ->
         }
         _ => now.0,
     }
-}
-
-/// user + system CPU seconds of a process, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let (user, system) = cpu_split(pid);
-    user + system
-}
-
-/// User and system (kernel) CPU seconds of a process, from /proc.
-fn cpu_split(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat; after the ")" they are the 12th and 13th.
-    let hz = clock_ticks();
-    (ticks(11) / hz, ticks(12) / hz)
-}
-
-/// Clock ticks per second (asked once: the fault run reads CPU at every sample).
-fn clock_ticks() -> f64 {
-    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *HZ.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }
 
 /// Peak resident set size (VmHWM) of a process, in MiB.
@@ -796,11 +765,7 @@ impl Bench {
         };
         let session = vault::store::scylla::connect(&cfg).await.expect("session");
         let mut insert = session
-            .prepare(
-                "INSERT INTO bench.user_activity (user_id, day, occurred_at, event_id, event_type, \
-                 attributes, payload, source_topic, source_partition, source_offset, kafka_timestamp) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?",
-            )
+            .prepare(baseline_rows::insert_cql("bench"))
             .await
             .expect("prepare");
         insert.set_is_idempotent(true);
@@ -811,23 +776,8 @@ impl Bench {
             .map(|i| {
                 let (session, insert, payload) = (&session, &insert, payload.clone());
                 async move {
-                    let values = (
-                        format!("b-{}", i % 100_000),
-                        scylla::value::CqlDate((1u32 << 31) + 20_000),
-                        scylla::value::CqlTimestamp(1_700_000_000_000 + i as i64),
-                        uuid::Uuid::from_u128(i as u128),
-                        "page_view",
-                        "{}",
-                        payload,
-                        "bench",
-                        0i32,
-                        i as i64,
-                        scylla::value::CqlTimestamp(1_700_000_000_000),
-                        vault::store::version::write_timestamp(1_700_000_000_000, i as i64),
-                        0i32,
-                    );
                     session
-                        .execute_unpaged(insert, values)
+                        .execute_unpaged(insert, baseline_rows::row(i, payload))
                         .await
                         .expect("insert");
                 }

@@ -15,25 +15,12 @@
 
 use std::time::Instant;
 
-use futures::StreamExt;
+#[path = "../benches/shared/baseline_rows.rs"]
+mod baseline_rows;
+#[path = "../benches/shared/proc_cpu.rs"]
+mod proc_cpu;
 
-/// This process's CPU seconds (user and system), from /proc.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
+use futures::StreamExt;
 
 fn main() {
     let kind = std::env::var("DRIVER_COST_RUNTIME").unwrap_or_default();
@@ -80,11 +67,7 @@ async fn run() {
         .expect("migrate");
     let session = vault::store::scylla::connect(&cfg).await.expect("session");
     let mut insert = session
-        .prepare(
-            "INSERT INTO cost.user_activity (user_id, day, occurred_at, event_id, event_type, \
-             attributes, payload, source_topic, source_partition, source_offset, kafka_timestamp) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL ?",
-        )
+        .prepare(baseline_rows::insert_cql("cost"))
         .await
         .expect("prepare");
     insert.set_is_idempotent(true);
@@ -99,34 +82,16 @@ async fn run() {
     row_and_index.append_statement(day.clone());
     row_and_index.set_is_idempotent(true);
     let payload = vec![b'x'; 230];
-    let cpu0 = cpu_seconds();
+    let cpu0 = proc_cpu::cpu_seconds(std::process::id());
     let started = Instant::now();
     futures::stream::iter(0..count)
         .map(|i| {
             let (session, insert, payload, row_and_index) =
                 (&session, &insert, payload.clone(), &row_and_index);
             async move {
-                let values = (
-                    format!("b-{}", i % 100_000),
-                    scylla::value::CqlDate((1u32 << 31) + 20_000),
-                    scylla::value::CqlTimestamp(1_700_000_000_000 + i as i64),
-                    uuid::Uuid::from_u128(i as u128),
-                    "page_view",
-                    "{}",
-                    payload,
-                    "bench",
-                    0i32,
-                    i as i64,
-                    scylla::value::CqlTimestamp(1_700_000_000_000),
-                    vault::store::version::write_timestamp(1_700_000_000_000, i as i64),
-                    0i32,
-                );
+                let values = baseline_rows::row(i, payload);
                 if batch {
-                    let dv = (
-                        format!("b-{}", i % 100_000),
-                        scylla::value::CqlDate((1u32 << 31) + 20_000),
-                        5i64,
-                    );
+                    let dv = (baseline_rows::user(i), baseline_rows::DAY, 5i64);
                     session
                         .batch(row_and_index, (values, dv))
                         .await
@@ -143,7 +108,7 @@ async fn run() {
         .for_each(|_| std::future::ready(()))
         .await;
     let secs = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu0;
+    let cpu = proc_cpu::cpu_seconds(std::process::id()) - cpu0;
     println!(
         "{count} {}, {in_flight} in flight: {:.0} requests/s, {:.2} µs of this process's CPU per request",
         if batch { "batches of a row and its index entry" } else { "inserts" },

@@ -877,7 +877,8 @@ fn weakenings(c: &Config) -> Vec<Weakening> {
 
 impl Config {
     /// Reads the secrets named by `*_file` settings into the settings they stand for:
-    /// `scylla.password_file` into `scylla.password`, `kafka.options_file` into
+    /// `scylla.password_file` into `scylla.password`, `api.page_token_secret_file`,
+    /// `api.read_tokens_file` and `api.admin_tokens_file` into theirs, `kafka.options_file` into
     /// `kafka.options`. An error names the key and the file, never what the file holds.
     fn read_secret_files(&mut self) -> Result<(), ConfigError> {
         let read = |key: &'static str, path: &str| {
@@ -898,18 +899,30 @@ impl Config {
             value: file.to_owned(),
             allowed: format!("set {setting} or {key}, not both"),
         };
-        let s = &mut self.scylla;
-        if !s.password_file.is_empty() {
-            if !s.password.is_empty() {
-                return Err(both(
-                    "scylla.password_file",
-                    &s.password_file,
-                    "scylla.password",
-                ));
+        let (s, a) = (&mut self.scylla, &mut self.api);
+        // Secrets of one line: the file's, less its line end.
+        for (key, file, secret, setting) in [
+            (
+                "scylla.password_file",
+                &s.password_file,
+                &mut s.password,
+                "scylla.password",
+            ),
+            (
+                "api.page_token_secret_file",
+                &a.page_token_secret_file,
+                &mut a.page_token_secret,
+                "api.page_token_secret",
+            ),
+        ] {
+            if file.is_empty() {
+                continue;
             }
-            s.password = one_line(&read("scylla.password_file", &s.password_file)?);
+            if !secret.is_empty() {
+                return Err(both(key, file, setting));
+            }
+            *secret = one_line(&read(key, file)?);
         }
-        let a = &mut self.api;
         for (key, file, tokens, setting) in [
             (
                 "api.read_tokens_file",
@@ -939,19 +952,6 @@ impl Config {
                 .filter(|t| !t.is_empty())
                 .map(String::from)
                 .collect();
-        }
-        if !a.page_token_secret_file.is_empty() {
-            if !a.page_token_secret.is_empty() {
-                return Err(both(
-                    "api.page_token_secret_file",
-                    &a.page_token_secret_file,
-                    "api.page_token_secret",
-                ));
-            }
-            a.page_token_secret = one_line(&read(
-                "api.page_token_secret_file",
-                &a.page_token_secret_file,
-            )?);
         }
         let k = &mut self.kafka;
         if !k.options_file.is_empty() {
