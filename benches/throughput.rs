@@ -56,7 +56,7 @@ use proc_cpu::{cpu_seconds, cpu_split};
 const VAULT: &str = env!("CARGO_BIN_EXE_vault");
 
 /// The setting that turns shard-aware batching on.
-const BY_REPLICA: (&str, &str) = ("VAULT_SCYLLA_BATCH_BY_REPLICA", "true");
+const BY_PARTITION: (&str, &str) = ("VAULT_SCYLLA_BATCH_BY_REPLICA", "false");
 
 /// The setting that turns idle flushing off: batches wait for size, bytes or linger only.
 const FIXED_LINGER: (&str, &str) = ("VAULT_BATCH_FLUSH_WHEN_IDLE", "false");
@@ -286,7 +286,16 @@ struct StoreRun {
     index: f64,
 }
 
-/// What one vault run measured.
+/// The store runs ([`Bench::store_runs`]): users uniform and Zipf-skewed, each by replica (the
+/// default) and by partition, and the store's own runtime against the main one.
+struct StoreRuns {
+    uniform: StoreRun,
+    zipf: StoreRun,
+    by_partition: StoreRun,
+    zipf_by_partition: StoreRun,
+    runtimes: Paired,
+}
+
 /// Two settings compared in interleaved pairs ([`Bench::paired`]): the median run of each (by
 /// rate) and the medians of the pairs' ratios, a to b.
 struct Paired {
@@ -296,6 +305,7 @@ struct Paired {
     cpu_ratio: f64,
 }
 
+/// What one vault run measured.
 struct VaultRun {
     events: u64,
     seconds: f64,
@@ -510,8 +520,8 @@ impl Bench {
     }
 
     /// vault with the ScyllaDB store on a fresh topic of `count` events with user skew `skew`:
-    /// the run, and the CQL requests per event it sent to the main table (by default each with
-    /// its partition's day-index entry) and to the day index alone (`batch_by_replica`).
+    /// the run, and the CQL requests per event it sent to the main table (by partition each with
+    /// its partition's day-index entry) and to the day index alone (by replica).
     async fn store_run(
         &self,
         what: &str,
@@ -699,7 +709,7 @@ impl Bench {
     }
 
     /// The ScyllaDB-store drain of `topic` into the healthy stand-in with adaptive against fixed
-    /// write concurrency, in interleaved pairs.
+    /// write concurrency, in interleaved pairs, by partition as in the fault run.
     async fn adaptive_against_fixed_healthy(
         &self,
         topic: &str,
@@ -710,18 +720,59 @@ impl Bench {
                 topic,
                 count,
                 PAIRS,
-                ("healthy stand-in, adaptive concurrency", &[]),
+                ("healthy stand-in, adaptive concurrency", &[BY_PARTITION]),
                 (
                     "healthy stand-in, fixed concurrency",
-                    &[("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", "false")],
+                    &[BY_PARTITION, ("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", "false")],
                 ),
             )
             .await;
         (p.a, p.b, p.ratio)
     }
 
-    /// The ScyllaDB-store drain of `count` events of users spread evenly (a fresh `topic`)
-    /// with the store's own runtime (the default) against the driver on the main runtime
+    /// The store runs of `count` events: users uniform (`count`) and Zipf-skewed (half as
+    /// many), by replica (the default) and by partition; then the store's own runtime against
+    /// the driver on the main one.
+    async fn store_runs(&self, count: u64) -> StoreRuns {
+        let uniform = self
+            .store_run("users uniform", "bench-scylla", count, 0.01, &[])
+            .await;
+        let zipf = self
+            .store_run("users Zipf 1.1", "bench-scylla-zipf", count / 2, 1.1, &[])
+            .await;
+        let by_partition = self
+            .store_run(
+                "users uniform, by partition",
+                "bench-scylla-partition",
+                count,
+                0.01,
+                &[BY_PARTITION],
+            )
+            .await;
+        let zipf_by_partition = self
+            .store_run(
+                "users Zipf 1.1, by partition",
+                "bench-scylla-zipf-partition",
+                count / 2,
+                1.1,
+                &[BY_PARTITION],
+            )
+            .await;
+        let runtimes = self
+            .store_runtime_against_main("bench-scylla-runtimes", count)
+            .await;
+        StoreRuns {
+            uniform,
+            zipf,
+            by_partition,
+            zipf_by_partition,
+            runtimes,
+        }
+    }
+
+    /// The ScyllaDB-store drain of `count` events of users spread evenly (a fresh `topic`), by
+    /// partition (where a request is sent per event or so, and its wake-ups matter), with the
+    /// store's own runtime (the default) against the driver on the main runtime
     /// (`scylla.store_threads = 0`), in interleaved pairs.
     async fn store_runtime_against_main(&self, topic: &str, count: u64) -> Paired {
         self.topic_with_skew(topic, 64, count, 0.01);
@@ -730,12 +781,12 @@ impl Bench {
             count,
             PAIRS,
             (
-                "ScyllaDB store (stand-in), users uniform, the store's own runtime",
-                &[],
+                "ScyllaDB store (stand-in), users uniform, by partition, the store's own runtime",
+                &[BY_PARTITION],
             ),
             (
-                "ScyllaDB store (stand-in), users uniform, driver on the main runtime",
-                &[MAIN_RUNTIME],
+                "ScyllaDB store (stand-in), users uniform, by partition, driver on the main runtime",
+                &[BY_PARTITION, MAIN_RUNTIME],
             ),
         )
         .await
@@ -978,6 +1029,10 @@ impl Bench {
             &[
                 ("VAULT_SCYLLA_KEYSPACE", &keyspace),
                 ("VAULT_SCYLLA_ADAPTIVE_CONCURRENCY", &adaptive_env),
+                // By partition: the saturated node admits 64 statements at once, fewer than a
+                // batch by replica holds (100 rows), so only requests of a partition each give
+                // the limiter room to act; it is the per-request limit that is measured here.
+                BY_PARTITION,
                 // With the default 30 s, the fixed run's batches wait up to a minute between
                 // tries (jitter included) and the run takes many minutes; both runs get 1 s.
                 ("VAULT_PIPELINE_RETRY_MAX_BACKOFF", "1s"),
@@ -1467,27 +1522,9 @@ async fn run() {
         return;
     }
     if std::env::var_os("BENCH_STORE_ONLY").is_some() {
-        let n = bench.n(200_000);
-        let uniform = bench
-            .store_run("users uniform", "bench-scylla", n, 0.01, &[])
-            .await;
-        let zipf = bench
-            .store_run("users Zipf 1.1", "bench-scylla-zipf", n / 2, 1.1, &[])
-            .await;
-        let replica = bench
-            .store_run(
-                "users uniform, batch_by_replica",
-                "bench-scylla-replica",
-                n,
-                0.01,
-                &[BY_REPLICA],
-            )
-            .await;
-        let runtimes = bench
-            .store_runtime_against_main("bench-scylla-runtimes", n)
-            .await;
+        let runs = bench.store_runs(bench.n(200_000)).await;
         say("Store runs");
-        println!("{}", store_lines(&uniform, &zipf, &replica, &runtimes));
+        println!("{}", store_lines(&runs));
         return;
     }
     if std::env::var_os("BENCH_READ_ONLY").is_some() {
@@ -1540,31 +1577,8 @@ async fn run() {
     bench.topic_with("bench-500k", partitions, half);
     let null_half = bench.vault_null("bench-500k", half).await;
     let b = bench.baseline_b(bench.n(100_000), 256).await;
-    let store = bench
-        .store_run("users uniform", "bench-scylla", scylla_n, 0.01, &[])
-        .await;
-    let store_zipf = bench
-        .store_run(
-            "users Zipf 1.1",
-            "bench-scylla-zipf",
-            scylla_n / 2,
-            1.1,
-            &[],
-        )
-        .await;
-    let store_replica = bench
-        .store_run(
-            "users uniform, batch_by_replica",
-            "bench-scylla-replica",
-            scylla_n,
-            0.01,
-            &[BY_REPLICA],
-        )
-        .await;
-    // The store's own runtime against the driver on the main one.
-    let runtimes = bench
-        .store_runtime_against_main("bench-scylla-runtimes", scylla_n)
-        .await;
+    let runs = bench.store_runs(scylla_n).await;
+    let (store, runtimes) = (&runs.uniform, &runs.runtimes);
     // Idle flush against fixed linger when behind: the same store run with a fixed linger.
     let store_fixed = bench
         .store_run(
@@ -1610,14 +1624,17 @@ async fn run() {
                          "peak_rss_mib": scylla.peak_rss_mib, "ratio_to_b": rate(scylla) / b_rate,
                          "cql_requests_per_event": store.rows,
                          "index_requests_per_event": store.index,
-                         "batch_by_replica": {"events": scylla_n, "events_per_s": rate(&store_replica.run), "cpu_us_per_event": cpu_us(&store_replica.run),
-                                  "cql_requests_per_event": store_replica.rows, "index_requests_per_event": store_replica.index, "ratio_to_b": rate(&store_replica.run) / b_rate},
-                         "store_runtime_against_main": {"events": scylla_n, "interleaved_pairs": PAIRS,
+                         "batch_by_replica": true,
+                         "by_partition": {"events": scylla_n, "events_per_s": rate(&runs.by_partition.run), "cpu_us_per_event": cpu_us(&runs.by_partition.run),
+                                  "cql_requests_per_event": runs.by_partition.rows, "index_requests_per_event": runs.by_partition.index, "ratio_to_b": rate(&runs.by_partition.run) / b_rate},
+                         "store_runtime_against_main": {"events": scylla_n, "interleaved_pairs": PAIRS, "batch_by_replica": false,
                                   "store_runtime": {"events_per_s": rate(&runtimes.a), "cpu_us_per_event": cpu_us(&runtimes.a)},
                                   "main_runtime": {"events_per_s": rate(&runtimes.b), "cpu_us_per_event": cpu_us(&runtimes.b)},
                                   "rate_ratio": runtimes.ratio, "cpu_ratio": runtimes.cpu_ratio},
-                         "zipf": {"events": scylla_n / 2, "events_per_s": rate(&store_zipf.run), "cpu_us_per_event": cpu_us(&store_zipf.run),
-                                  "cql_requests_per_event": store_zipf.rows, "index_requests_per_event": store_zipf.index}},
+                         "zipf": {"events": scylla_n / 2, "events_per_s": rate(&runs.zipf.run), "cpu_us_per_event": cpu_us(&runs.zipf.run),
+                                  "cql_requests_per_event": runs.zipf.rows, "index_requests_per_event": runs.zipf.index},
+                         "zipf_by_partition": {"events": scylla_n / 2, "events_per_s": rate(&runs.zipf_by_partition.run), "cpu_us_per_event": cpu_us(&runs.zipf_by_partition.run),
+                                  "cql_requests_per_event": runs.zipf_by_partition.rows, "index_requests_per_event": runs.zipf_by_partition.index}},
         "latency_1k_per_s": {"events": latencies.len(), "p50_ms": p50, "p99_ms": p99,
                              "fixed_linger_p50_ms": fixed_p50, "fixed_linger_p99_ms": fixed_p99,
                              "p99_ratio_to_fixed_linger": p99 / fixed_p99,
@@ -1698,11 +1715,7 @@ async fn run() {
     );
     let _ = writeln!(md, "| vault, ScyllaDB store (stand-in), {scylla_n} events | {:.0} | {:.2}× B | {:.0} | {:.2} | {:.1} |", rate(scylla), rate(scylla) / b_rate, drain(scylla), cpu_us(scylla), scylla.peak_rss_mib);
     let _ = writeln!(md);
-    let _ = writeln!(
-        md,
-        "{}",
-        store_lines(&store, &store_zipf, &store_replica, &runtimes)
-    );
+    let _ = writeln!(md, "{}", store_lines(&runs));
     let _ = writeln!(
         md,
         "Idle flush against fixed linger, when behind: null-store 1M drain {:.0} vs {:.0} events/s (medians; {:.2}×, the median ratio of {PAIRS} interleaved pairs), {:.0} vs {:.0} events per batch, CPU {:.2} vs {:.2} µs/event; ScyllaDB store CQL requests per event {:.4} vs {:.4}\n",
@@ -1755,22 +1768,18 @@ async fn run() {
     println!("{md}");
 }
 
-/// The store runs' CPU per event and CQL requests per event: users uniform and Zipf-skewed, and
-/// users uniform with shard-aware batching (`scylla.batch_by_replica`); then the store's own
-/// runtime against the driver on the main runtime (`scylla.store_threads = 0`), in pairs.
-fn store_lines(
-    uniform: &StoreRun,
-    zipf: &StoreRun,
-    replica: &StoreRun,
-    runtimes: &Paired,
-) -> String {
+/// The store runs' CPU per event and CQL requests per event: users uniform and Zipf-skewed, by
+/// replica (the default) and by partition (`scylla.batch_by_replica = false`); then the store's
+/// own runtime against the driver on the main runtime (`scylla.store_threads = 0`), in pairs.
+fn store_lines(runs: &StoreRuns) -> String {
     let mut md = String::from(
         "| ScyllaDB store (stand-in) | events | events/s (steady state) | CPU µs/event | of which kernel | CQL requests/event, table | to the day index alone |\n|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for (what, r) in [
-        ("users uniform", uniform),
-        ("users Zipf 1.1", zipf),
-        ("users uniform, batch_by_replica", replica),
+        ("users uniform (by replica, the default)", &runs.uniform),
+        ("users Zipf 1.1", &runs.zipf),
+        ("users uniform, by partition", &runs.by_partition),
+        ("users Zipf 1.1, by partition", &runs.zipf_by_partition),
     ] {
         let _ = writeln!(
             md,
@@ -1784,9 +1793,10 @@ fn store_lines(
         );
     }
     let cpu_us = |r: &VaultRun| r.cpu_seconds * 1e6 / r.events as f64;
+    let runtimes = &runs.runtimes;
     let _ = writeln!(
         md,
-        "\nThe store's own runtime (`scylla.store_threads` at its default) against the driver on the main one (`store_threads = 0`), users uniform, {PAIRS} interleaved pairs: median runs {:.0} against {:.0} events/s and {:.2} against {:.2} µs of CPU per event; the medians of the pairs' ratios: **CPU per event {:.2}×**, events/s {:.2}×.",
+        "\nThe store's own runtime (`scylla.store_threads` at its default) against the driver on the main one (`store_threads = 0`), users uniform, by partition, {PAIRS} interleaved pairs: median runs {:.0} against {:.0} events/s and {:.2} against {:.2} µs of CPU per event; the medians of the pairs' ratios: **CPU per event {:.2}×**, events/s {:.2}×.",
         runtimes.a.rate(),
         runtimes.b.rate(),
         cpu_us(&runtimes.a),

@@ -326,13 +326,14 @@ pub struct ScyllaConfig {
     /// Default TTL of stored rows; "0s" keeps them forever.
     #[serde(with = "humantime_serde")]
     pub default_ttl: Duration,
-    /// Rows of one (user_id, day) partition sent in one UNLOGGED batch, at most.
+    /// Rows sent in one UNLOGGED batch, at most (and, by replica, day-index entries in one
+    /// batch of the index).
     pub max_batch_rows: usize,
     /// Bytes of payload in one UNLOGGED batch, at most (keep below the cluster's batch_size_fail_threshold).
     pub max_batch_bytes: usize,
-    /// Also batch rows of different partitions that live on the same replicas and shard
-    /// (shard-aware batching, see `store::scylla::plan`); off: a batch holds one partition's rows
-    /// and its day-index entry (`store::scylla::plan_by_partition`).
+    /// Batch rows of different partitions that live on the same replicas and shard together
+    /// (shard-aware batching, the default, see `store::scylla::plan`); off: a batch holds one
+    /// partition's rows and its day-index entry (`store::scylla::plan_by_partition`).
     pub batch_by_replica: bool,
     /// Write requests in flight at once, per process, at most (one batch sends at most 32 at
     /// once). With `adaptive_concurrency`, the most the adaptive limit goes up to.
@@ -601,7 +602,7 @@ impl Default for ScyllaConfig {
             default_ttl: Duration::ZERO,
             max_batch_rows: 100,
             max_batch_bytes: 64 * 1024,
-            batch_by_replica: false,
+            batch_by_replica: true,
             max_concurrent_requests: 256,
             adaptive_concurrency: true,
             min_concurrent_requests: 1,
@@ -2517,10 +2518,11 @@ mod tests {
         );
         let ok = set(&[
             "scylla.max_batch_bytes=131072",
-            "scylla.batch_by_replica=true",
+            "scylla.batch_by_replica=false",
         ])
         .unwrap();
-        assert!(ok.config.scylla.batch_by_replica);
+        assert!(!ok.config.scylla.batch_by_replica);
+        assert!(Config::default().scylla.batch_by_replica, "the default");
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The ScyllaDB store: schema management (`vault migrate`) and Scylla-shaped, idempotent writes.
 //!
 //! How a Kafka batch becomes CQL requests is decided here and nowhere else ([`plan`]): by
-//! default each partition `(user_id, day)` is one UNLOGGED batch of its rows (at most
-//! `max_batch_rows` rows and `max_batch_bytes` bytes a request) ending with its day-index
-//! entry; with `scylla.batch_by_replica` partitions that live on the same replicas and shard
-//! share batches, and the day index's entries go apart, grouped likewise (a partition the
-//! driver cannot place goes by partition). On a keyspace with tablets, either way, a few
+//! default (`scylla.batch_by_replica`) partitions `(user_id, day)` that live on the same
+//! replicas and shard share UNLOGGED batches (at most `max_batch_rows` rows and
+//! `max_batch_bytes` bytes a request), and the day index's entries go apart, grouped likewise;
+//! a partition the driver cannot place, or where grouping saves no requests, goes by
+//! partition: one UNLOGGED batch of its rows ending with its day-index entry, as every
+//! partition does with `batch_by_replica = false`. On a keyspace with tablets, either way, a few
 //! partitions of each write are probes ([`Probes`]): their first row and their entry go alone,
 //! as plain EXECUTEs, whose answers teach the driver where tablets live. A row too large to
 //! share a batch goes alone, its entry apart.
@@ -738,7 +739,7 @@ impl ScyllaStore {
         let rows_at = Placement::of(&cluster, &self.keyspace, TABLE, dc);
         let index_at = Placement::of(&cluster, &self.keyspace, USER_DAYS, dc);
         let by_replica = self.batch_by_replica;
-        // Where a partition's rows and its entry live; by default only the rows matter (the
+        // Where a partition's rows and its entry live; by partition only the rows matter (the
         // entry rides with them).
         let keys = |e: &Event| {
             let (user, day) = row_key(e);
@@ -860,11 +861,11 @@ impl ScyllaStore {
 pub enum Request {
     /// Rows of one partition `(user_id, day)` (indices into the write's events, in order), and
     /// last the partition's day-index entry at the newest version among them: how rows go by
-    /// default ([`plan_by_partition`]). The batch is routed by its first row, to a replica of
+    /// partition ([`plan_by_partition`]). The batch is routed by its first row, to a replica of
     /// the partition, which forwards the entry to the index's replicas.
     Partition { rows: Vec<usize>, entry: IndexEntry },
     /// Rows of the main table (indices into the write's events), of partitions that share
-    /// replicas (`scylla.batch_by_replica`, [`plan`]); their index entries go apart.
+    /// replicas (by replica, [`plan`]); their index entries go apart.
     Rows(Vec<usize>),
     /// Day-index entries, and the rows they index: when the request fails, those rows count
     /// as unwritten, so that a retry writes their index entries again.
@@ -917,12 +918,13 @@ impl IndexEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
     /// Its rows, in order, in UNLOGGED batches of their own, each ending with the partition's
-    /// day-index entry ([`Request::Partition`]): by default, and wherever the driver does not
-    /// know where the partition or its entry lives.
+    /// day-index entry ([`Request::Partition`]): by partition (`batch_by_replica = false`),
+    /// and wherever the driver does not know where the partition or its entry lives.
     Partition,
-    /// With `batch_by_replica`: its rows share batches with the write's other partitions of
-    /// the same `rows` key, and its entry with the entries of the same `index` key (the keys of
-    /// where they live, [`Placement`]).
+    /// By replica (`batch_by_replica`, the default): its rows share batches with the write's
+    /// other partitions of the same `rows` key, and its entry with the entries of the same
+    /// `index` key (the keys of where they live, [`Placement`]); as [`Shape::Partition`] where
+    /// that saves no requests (see [`plan`]).
     Grouped { rows: u64, index: u64 },
     /// A probe (on tablets, see [`Probes`]): its entry and its first row each alone, as plain
     /// EXECUTEs, whose answers teach the driver where their tablets live; its other rows in
@@ -941,7 +943,9 @@ pub enum Shape {
 ///   partition's rows kept together and in order where they fit); the day index gets one entry
 ///   per partition, at the newest version of its rows in the write, grouped by `index` key and
 ///   cut at `max_rows` entries ([`Request::Index`]); an index request that fails leaves every row
-///   it covers unwritten.
+///   it covers unwritten. A partition alone on its `rows` key in the write goes as a
+///   [`Shape::Partition`], and so do all the grouped partitions when grouping them would take
+///   as many requests as going by partition, or more: grouping never sends more requests.
 /// - [`Shape::Probe`]: one entry request covering all the partition's rows, its first row
 ///   alone, and its other rows cut into batches.
 ///
@@ -956,15 +960,15 @@ pub enum Shape {
 /// rule (the write is durable only when every request of it is, and an abandoned one is
 /// replayed), and an entry without rows is only a stale entry.
 ///
-/// Why one request per partition, with its entry, by default: a request's fixed cost (on both
+/// Why a partition's entry rides with its rows, by partition: a request's fixed cost (on both
 /// sides) is most of what a small row costs, and users' activity seldom puts many rows of one
 /// day in one Kafka batch; one request then carries the row and its index entry, where separate
 /// requests would double them. The entry's partition is another (the index is keyed by user),
-/// so the coordinator forwards that one small mutation, as it would replicate it anyway; that is
-/// as far as vault goes across partitions by default. With `batch_by_replica`, on three nodes
-/// with a replication factor of 3, a batch of 500 events from 500 users costs a few requests
-/// per shard rather than 500, each sent to a coordinator that owns every partition in it (the
-/// driver routes a batch by its first statement).
+/// so the coordinator forwards that one small mutation, as it would replicate it anyway. By
+/// replica (the default), on three nodes with a replication factor of 3, a batch of 500 events
+/// from 500 users costs a few requests per shard rather than 500, each sent to a coordinator
+/// that owns every partition in it (the driver routes a batch by its first statement); DESIGN
+/// (Storage) says why that is the default.
 pub fn plan(
     events: &[&Event],
     max_rows: usize,
@@ -989,6 +993,20 @@ pub fn plan(
             }
         }
     }
+    // A partition that shares its replicas with no other partition of the write would gain
+    // nothing from grouping, and its entry would cost a request of its own: it goes by
+    // partition, its entry riding with its rows.
+    let (shared, alone): (Vec<_>, Vec<_>) = by_key(&grouped, |(_, key, _)| *key)
+        .into_iter()
+        .partition(|(_, group)| group.len() > 1);
+    for (rows, _, _) in alone.into_iter().flat_map(|(_, group)| group) {
+        by_partition(&mut requests, events, rows.clone(), max_rows, max_bytes);
+    }
+    let grouped: Vec<&(Vec<usize>, u64, u64)> = shared
+        .iter()
+        .flat_map(|(_, group)| group)
+        .copied()
+        .collect();
     let mut index = Vec::new();
     for (_, group) in by_key(&grouped, |(_, _, index)| *index) {
         for chunk in group.chunks(max_rows) {
@@ -1004,17 +1022,30 @@ pub fn plan(
             index.push(Request::Index { entries, covers });
         }
     }
-    for (_, group) in by_key(&grouped, |(_, key, _)| *key) {
-        let rows = group
-            .into_iter()
-            .flat_map(|(rows, _, _)| rows.iter().copied());
+    for (_, group) in &shared {
+        let rows = group.iter().flat_map(|(rows, _, _)| rows.iter().copied());
         index.extend(cut(rows, events, max_rows, max_bytes).map(Request::Rows));
+    }
+    // The partitions that share replicas stay grouped only if that takes fewer requests than
+    // going by partition; otherwise they go by partition too. Where partitions seldom share
+    // replicas (a large cluster), pairs would take a request for their rows and one for each
+    // entry, where index entries land on other replica sets: more than by partition. By
+    // partition takes one request a partition at least, so below that no comparison is needed.
+    if index.len() >= grouped.len() {
+        let mut apart = Vec::new();
+        for (rows, _, _) in grouped {
+            by_partition(&mut apart, events, rows.clone(), max_rows, max_bytes);
+        }
+        if apart.len() <= index.len() {
+            index = apart;
+        }
     }
     index.extend(requests);
     index
 }
 
-/// [`plan`] with every partition a [`Shape::Partition`]: how a write goes by default on vnodes.
+/// [`plan`] with every partition a [`Shape::Partition`]: how a write goes on vnodes with
+/// `batch_by_replica = false`.
 pub fn plan_by_partition(events: &[&Event], max_rows: usize, max_bytes: usize) -> Vec<Request> {
     plan(events, max_rows, max_bytes, |_| Shape::Partition)
 }
@@ -1643,8 +1674,10 @@ mod tests {
     }
 
     #[test]
-    fn requests_are_cut_at_the_byte_cap_and_partitions_apart_on_distinct_replicas() {
-        let evs = events(1, 1, 40);
+    fn requests_are_cut_at_the_byte_cap_and_a_partition_alone_on_its_replicas_goes_by_partition() {
+        // Two partitions on one replica set, 20 rows each: 4 requests of rows and one of both
+        // entries, where by partition each would take 3 (9 rows and the entry a batch).
+        let evs = events(2, 1, 40);
         let refs: Vec<&Event> = evs.iter().collect();
         let size = evs.iter().map(row_size).max().unwrap();
         let plan_capped = plan(&refs, 1000, 10 * size, |_| Shape::Grouped {
@@ -1653,17 +1686,58 @@ mod tests {
         });
         assert!(rows_of(&plan_capped).iter().all(|r| r.len() <= 10));
         assert_eq!(rows_of(&plan_capped).len(), 4);
-        // A distinct key per partition: one request per partition.
+        assert_eq!(index_of(&plan_capped).len(), 1);
+        assert_eq!(plan_by_partition(&refs, 1000, 10 * size).len(), 6);
+        // A distinct key per partition (a large cluster): one request per partition, its entry
+        // riding with its rows, as by partition; not one for its rows and one for its entry.
         let evs = events(20, 1, 40);
         let refs: Vec<&Event> = evs.iter().collect();
         let key = |e: &Event| {
             let k = e.user_id()[1..].parse::<u64>().unwrap();
             Shape::Grouped { rows: k, index: k }
         };
-        let plan = plan(&refs, 1000, 1 << 20, key);
-        assert_eq!(rows_of(&plan).len(), 20);
-        assert_eq!(index_of(&plan).len(), 20);
-        assert!(rows_of(&plan).iter().all(|r| r.len() == 2));
+        let apart = plan(&refs, 1000, 1 << 20, key);
+        assert_eq!(apart, plan_by_partition(&refs, 1000, 1 << 20));
+        assert_eq!(partitions_of(&apart).len(), 20);
+        // Users 0-9 on one replica set, 10-19 each alone: the ten share a request of their rows
+        // and one of their entries, the others go by partition.
+        let some = |e: &Event| {
+            let k = e.user_id()[1..].parse::<u64>().unwrap();
+            let k = if k < 10 { 99 } else { k };
+            Shape::Grouped { rows: k, index: k }
+        };
+        let mixed = plan(&refs, 1000, 1 << 20, some);
+        assert_eq!(mixed.len(), 2 + 10);
+        let user = |i: usize| refs[i].user_id()[1..].parse::<u64>().unwrap();
+        let shared = rows_of(&mixed);
+        assert_eq!(shared.len(), 1);
+        assert!(shared[0].len() == 20 && shared[0].iter().all(|&i| user(i) < 10));
+        let index = index_of(&mixed);
+        assert_eq!(index.len(), 1);
+        assert_eq!(index[0].0.len(), 10, "one entry per partition that shares");
+        let alone: Vec<_> = mixed
+            .iter()
+            .filter_map(|r| match r {
+                Request::Partition { rows, .. } => Some(rows),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(alone.len(), 10);
+        assert!(alone
+            .iter()
+            .all(|r| r.len() == 2 && r.iter().all(|&i| user(i) >= 10)));
+        // Pairs that share replicas for their rows but not for their entries: a request for
+        // each pair's rows and one for each entry would be more than by partition, so they go
+        // by partition.
+        let pairs = |e: &Event| {
+            let k = e.user_id()[1..].parse::<u64>().unwrap();
+            Shape::Grouped {
+                rows: k / 2,
+                index: k,
+            }
+        };
+        let paired = plan(&refs, 1000, 1 << 20, pairs);
+        assert_eq!(paired, plan_by_partition(&refs, 1000, 1 << 20));
     }
 
     /// The partition requests of a plan: each one's rows and index entry.
@@ -1677,7 +1751,7 @@ mod tests {
     }
 
     #[test]
-    fn by_default_each_partition_is_one_request_with_its_rows_in_order_and_its_index_entry() {
+    fn by_partition_each_partition_is_one_request_with_its_rows_in_order_and_its_index_entry() {
         // 3 users on 2 days: 6 partitions of 10 rows.
         let evs = events(3, 2, 60);
         let refs: Vec<&Event> = evs.iter().collect();

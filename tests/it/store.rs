@@ -293,12 +293,16 @@ async fn against_a_real_scylladb_when_configured() {
     }
 }
 
-/// By default a batch holds one partition's rows and, last, its day-index entry: 500 users
-/// with 3 rows each on one day cost 500 batches of 3 rows and an entry, and nothing else.
+/// By partition (`scylla.batch_by_replica = false`) a batch holds one partition's rows and,
+/// last, its day-index entry: 500 users with 3 rows each on one day cost 500 batches of 3 rows
+/// and an entry, and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_of_500_users_costs_one_request_per_partition_by_default() {
+async fn a_batch_of_500_users_costs_one_request_per_partition_by_partition() {
     let node = node().await;
-    let c = scylla_config(&node.addr().to_string());
+    let c = ScyllaConfig {
+        batch_by_replica: false,
+        ..scylla_config(&node.addr().to_string())
+    };
     let (rows, index) = requests_for_500_users(&node, &c).await;
     assert_eq!(
         rows, [4; 500],
@@ -307,16 +311,14 @@ async fn a_batch_of_500_users_costs_one_request_per_partition_by_default() {
     assert!(index.is_empty(), "no request of index entries alone");
 }
 
-/// With `scylla.batch_by_replica`, one node owns every token, so the rows of 500 users share
-/// their requests: 1,500 rows in batches of `max_batch_rows` (100), and their 500 day-index
-/// entries likewise.
+/// By default (`scylla.batch_by_replica`), one node owns every token, so the rows of 500 users
+/// share their requests: 1,500 rows in batches of `max_batch_rows` (100), and their 500
+/// day-index entries likewise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_500_users_on_one_replica_set_costs_one_request_per_100_rows() {
     let node = node().await;
-    let c = ScyllaConfig {
-        batch_by_replica: true,
-        ..scylla_config(&node.addr().to_string())
-    };
+    let c = scylla_config(&node.addr().to_string());
+    assert!(c.batch_by_replica, "the default");
     let (rows, index) = requests_for_500_users(&node, &c).await;
     assert_eq!(rows, [100; 15], "15 UNLOGGED batches of 100 rows");
     assert_eq!(
@@ -344,8 +346,8 @@ async fn a_batch_of_500_users_on_one_replica_set_costs_one_request_per_100_rows(
 }
 
 /// On three nodes (RF 1, then 2), each request goes to a replica of its partitions: by
-/// default the driver routes a partition's batch by its first row, to one of the partition's
-/// replicas, which forwards the day-index entry riding with it; with `batch_by_replica`, every
+/// partition the driver routes a partition's batch by its first row, to one of the partition's
+/// replicas, which forwards the day-index entry riding with it; by replica (the default), every
 /// partition in a batch lives on the node it is sent to, index entries included, and the 500
 /// users' rows share a few requests per replica set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +502,7 @@ fn off_replica(cluster: &CqlCluster, table: &str) -> usize {
 /// only from the answer to a plain EXECUTE served by a node that is not its replica. A few
 /// partitions of each write are probes (first row and entry alone, as EXECUTEs); the others
 /// are batched as on vnodes. Once the driver has learned the tablets, every row goes to a
-/// replica of its partition, in one request per partition by default and a few by replica,
+/// replica of its partition, in one request per partition by partition and a few by replica,
 /// and only each write's first partition is a probe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_tablets_probes_teach_the_driver_and_then_every_row_goes_to_a_replica() {
@@ -620,10 +622,18 @@ async fn with_tablets_by_default_the_default_keyspace_has_tablets_and_writes_rea
         .iter()
         .filter(|r| r.tables.iter().any(|(name, _)| *name == rows))
         .collect();
+    // By replica (the default): three replica sets (RF 1 on three nodes), 1,497 rows in
+    // requests of at most 100, and the probe's two.
+    assert!(
+        (17..=20).contains(&to_rows.len()),
+        "{} requests",
+        to_rows.len()
+    );
+    let index = format!("{}.user_days", c.keyspace);
     assert_eq!(
-        to_rows.len(),
-        499 + 2,
-        "one request per partition, and the probe's two"
+        off_replica(&cluster, &index),
+        0,
+        "every entry to its replica"
     );
 }
 
@@ -813,63 +823,89 @@ async fn transient_errors_are_retried_and_the_batch_is_durable_only_after_succes
     let outcome = persister.persist(&batch).await;
     assert_eq!(outcome, BatchOutcome::Durable);
     assert_eq!(node.row_count(&c.keyspace, "user_activity"), 40);
-    let failed_attempts = node
-        .requests()
-        .iter()
-        .filter(|r| r.opcode == "BATCH")
-        .count()
-        - 4;
+    let to_rows = |node: &CqlNode| {
+        node.requests()
+            .iter()
+            .filter(|r| r.opcode == "BATCH" && r.statement.contains("user_activity"))
+            .count()
+    };
+    let sent = to_rows(&node);
+    // The same write again, without faults: what a write that fails nothing sends.
+    node.clear_requests();
+    assert_eq!(persister.persist(&batch).await, BatchOutcome::Durable);
+    let failed_attempts = sent - to_rows(&node);
     assert!(
         failed_attempts >= 12,
         "every injected fault was hit ({failed_attempts} failed attempts)"
     );
 }
 
+/// One bad row makes the database refuse its whole UNLOGGED batch: by replica (one node, so the
+/// 4 users' 40 rows share a batch) and by partition (a batch of 10 rows per user), the rows of
+/// the refused batch are sent again one by one, and only the row refused alone is dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_the_database_refuses_is_dead_lettered_alone_and_the_rest_of_its_group_stored() {
     let node = node().await;
-    let c = scylla_config(&node.addr().to_string());
-    let store = ScyllaStore::connect(&c, true).await.unwrap();
-    let settings = Config::default().validate().unwrap();
-    let dead_letters = MemoryDeadLetters::default();
-    let persister = Persister {
-        retention: Default::default(),
-        store,
-        dead_letters: dead_letters.clone(),
-        on_invalid: InvalidPolicy::DeadLetter,
-        retry: settings.retry(),
-        rate: Default::default(),
-        metrics: Arc::new(Metrics::new()),
-        health: Arc::new(Health::new(Duration::from_secs(60))),
-        cancel: CancellationToken::new(),
-    };
-    // 4 users: one UNLOGGED batch of 10 rows each. The node refuses the row of offset 7 (its
-    // attributes), and with it the whole batch of user-3's rows.
+    // The node refuses the row of offset 7 (its attributes), and with it its whole batch.
     node.reject_values_containing(br#"{"i":7}"#);
-    let evs = events(4, 40, 0);
-    let (batch, _ack) = Batch::new(
-        evs.into_iter().map(Record::Event).collect(),
-        0,
-        0,
-        FlushReason::Size,
-    );
-    assert_eq!(persister.persist(&batch).await, BatchOutcome::Durable);
-    assert_eq!(
-        node.row_count(&c.keyspace, "user_activity"),
-        39,
-        "the refused row's 9 neighbours are stored"
-    );
-    let letters = dead_letters.letters();
-    let offsets: Vec<i64> = letters.iter().map(|d| d.source.offset).collect();
-    assert_eq!(offsets, vec![7], "only the refused row is dead-lettered");
-    assert!(
-        letters[0]
-            .error
-            .to_string()
-            .contains("refused by the stand-in"),
-        "the letter carries the database's reason: {}",
-        letters[0].error
-    );
+    for by_replica in [true, false] {
+        let case = format!("batch_by_replica {by_replica}");
+        let c = ScyllaConfig {
+            batch_by_replica: by_replica,
+            ..scylla_config(&node.addr().to_string())
+        };
+        let store = ScyllaStore::connect(&c, true).await.unwrap();
+        let settings = Config::default().validate().unwrap();
+        let dead_letters = MemoryDeadLetters::default();
+        let persister = Persister {
+            retention: Default::default(),
+            store,
+            dead_letters: dead_letters.clone(),
+            on_invalid: InvalidPolicy::DeadLetter,
+            retry: settings.retry(),
+            rate: Default::default(),
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::new(Duration::from_secs(60))),
+            cancel: CancellationToken::new(),
+        };
+        let evs = events(4, 40, 0);
+        let (batch, _ack) = Batch::new(
+            evs.into_iter().map(Record::Event).collect(),
+            0,
+            0,
+            FlushReason::Size,
+        );
+        node.clear_requests();
+        assert_eq!(persister.persist(&batch).await, BatchOutcome::Durable);
+        assert_eq!(
+            node.row_count(&c.keyspace, "user_activity"),
+            39,
+            "{case}: every row but the refused one is stored"
+        );
+        // The refused batch's rows, each sent again alone: all 40 rows by replica, user-3's
+        // 10 by partition.
+        let alone = node
+            .requests()
+            .iter()
+            .filter(|r| r.opcode == "EXECUTE" && r.statement.contains("user_activity"))
+            .count();
+        assert_eq!(alone, if by_replica { 40 } else { 10 }, "{case}");
+        let letters = dead_letters.letters();
+        let offsets: Vec<i64> = letters.iter().map(|d| d.source.offset).collect();
+        assert_eq!(
+            offsets,
+            vec![7],
+            "{case}: only the refused row is dead-lettered"
+        );
+        assert!(
+            letters[0]
+                .error
+                .to_string()
+                .contains("refused by the stand-in"),
+            "{case}: the letter carries the database's reason: {}",
+            letters[0].error
+        );
+    }
 }
 
 /// A row the database refuses, in a write that also fails for a reason that is not about its
