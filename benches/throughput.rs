@@ -55,7 +55,7 @@ use proc_cpu::{cpu_seconds, cpu_split};
 
 const VAULT: &str = env!("CARGO_BIN_EXE_vault");
 
-/// The setting that turns shard-aware batching on.
+/// The setting that turns shard-aware batching (the default) off: a request per partition.
 const BY_PARTITION: (&str, &str) = ("VAULT_SCYLLA_BATCH_BY_REPLICA", "false");
 
 /// The setting that turns idle flushing off: batches wait for size, bytes or linger only.

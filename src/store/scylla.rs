@@ -945,7 +945,8 @@ pub enum Shape {
 ///   cut at `max_rows` entries ([`Request::Index`]); an index request that fails leaves every row
 ///   it covers unwritten. A partition alone on its `rows` key in the write goes as a
 ///   [`Shape::Partition`], and so do all the grouped partitions when grouping them would take
-///   as many requests as going by partition, or more: grouping never sends more requests.
+///   as many requests as going by partition, or more: grouping never sends more requests
+///   (what `shape` makes probes aside).
 /// - [`Shape::Probe`]: one entry request covering all the partition's rows, its first row
 ///   alone, and its other rows cut into batches.
 ///

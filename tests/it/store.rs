@@ -462,15 +462,17 @@ async fn write_500_users(store: &ScyllaStore, first: i64) {
     store.write(&refs).await.unwrap();
 }
 
-/// Single-row requests to the table in the plan of a write of 500 users (3 rows a partition):
-/// only a probe sends a row alone.
+/// Probes in the plan of a write of 500 users (3 rows a partition): a probe sends its
+/// partition's first row alone (rows 0-499 are the partitions' first rows). A batch of rows
+/// grouped by replica may also hold one row, the last of its group (a group of 167 partitions
+/// is 501 rows, cut at 100), but never a partition's first.
 fn probes_planned(store: &ScyllaStore) -> usize {
     let batch = events(500, 1500, 0);
     let refs: Vec<&Event> = batch.iter().collect();
     store
         .plan(&refs)
         .iter()
-        .filter(|r| matches!(r, vault::store::scylla::Request::Rows(rows) if rows.len() == 1))
+        .filter(|r| matches!(r, vault::store::scylla::Request::Rows(rows) if rows.len() == 1 && rows[0] < 500))
         .count()
 }
 
