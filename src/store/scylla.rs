@@ -1739,6 +1739,21 @@ mod tests {
         };
         let paired = plan(&refs, 1000, 1 << 20, pairs);
         assert_eq!(paired, plan_by_partition(&refs, 1000, 1 << 20));
+        // A tie goes by partition too: users 0-2 share replicas for their rows, and 0-1 for
+        // their entries; grouped, a request of rows and two of entries, as many as by
+        // partition.
+        let evs = events(3, 1, 6);
+        let refs: Vec<&Event> = evs.iter().collect();
+        let tie = |e: &Event| {
+            let k = e.user_id()[1..].parse::<u64>().unwrap();
+            Shape::Grouped {
+                rows: 0,
+                index: k / 2,
+            }
+        };
+        let tied = plan(&refs, 1000, 1 << 20, tie);
+        assert_eq!(tied, plan_by_partition(&refs, 1000, 1 << 20));
+        assert_eq!(tied.len(), 3);
     }
 
     /// The partition requests of a plan: each one's rows and index entry.
