@@ -9,7 +9,7 @@ use std::time::Duration;
 use scylla::frame::response::result::TableSpec;
 use scylla::value::{CqlDate, CqlTimestamp};
 use tokio_util::sync::CancellationToken;
-use vault::config::{Config, InvalidPolicy, ScyllaConfig};
+use vault::config::{InvalidPolicy, ScyllaConfig};
 use vault::event::{self, Event, Source};
 use vault::kafka::dead_letter::MemoryDeadLetters;
 use vault::pipeline::batch::{Batch, BatchOutcome, Record};
@@ -783,26 +783,34 @@ async fn requests_for_500_users(node: &CqlNode, c: &ScyllaConfig) -> (Vec<usize>
     (writes("user_activity"), writes("user_days"))
 }
 
+/// A persister of `store` that dead-letters invalid rows into `dead_letters` and retries after
+/// 5 to 20 ms.
+fn persister_of(
+    store: ScyllaStore,
+    dead_letters: MemoryDeadLetters,
+) -> Persister<ScyllaStore, MemoryDeadLetters> {
+    Persister {
+        retention: Default::default(),
+        store,
+        dead_letters,
+        on_invalid: InvalidPolicy::DeadLetter,
+        retry: vault::config::RetrySettings {
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+        },
+        rate: Default::default(),
+        metrics: Arc::new(Metrics::new()),
+        health: Arc::new(Health::new(Duration::from_secs(60))),
+        cancel: CancellationToken::new(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_errors_are_retried_and_the_batch_is_durable_only_after_success() {
     let node = node().await;
     let c = scylla_config(&node.addr().to_string());
     let store = ScyllaStore::connect(&c, true).await.unwrap();
-    let mut cfg = Config::default();
-    cfg.pipeline.retry_initial_backoff = Duration::from_millis(5);
-    cfg.pipeline.retry_max_backoff = Duration::from_millis(20);
-    let settings = cfg.validate().unwrap();
-    let persister = Persister {
-        retention: Default::default(),
-        store,
-        dead_letters: MemoryDeadLetters::default(),
-        on_invalid: InvalidPolicy::DeadLetter,
-        retry: settings.retry(),
-        rate: Default::default(),
-        metrics: Arc::new(Metrics::new()),
-        health: Arc::new(Health::new(Duration::from_secs(60))),
-        cancel: CancellationToken::new(),
-    };
+    let persister = persister_of(store, MemoryDeadLetters::default());
     let evs = events(4, 40, 0);
     let (batch, _ack) = Batch::new(
         evs.into_iter().map(Record::Event).collect(),
@@ -857,19 +865,8 @@ async fn a_row_the_database_refuses_is_dead_lettered_alone_and_the_rest_of_its_g
             ..scylla_config(&node.addr().to_string())
         };
         let store = ScyllaStore::connect(&c, true).await.unwrap();
-        let settings = Config::default().validate().unwrap();
         let dead_letters = MemoryDeadLetters::default();
-        let persister = Persister {
-            retention: Default::default(),
-            store,
-            dead_letters: dead_letters.clone(),
-            on_invalid: InvalidPolicy::DeadLetter,
-            retry: settings.retry(),
-            rate: Default::default(),
-            metrics: Arc::new(Metrics::new()),
-            health: Arc::new(Health::new(Duration::from_secs(60))),
-            cancel: CancellationToken::new(),
-        };
+        let persister = persister_of(store, dead_letters.clone());
         let evs = events(4, 40, 0);
         let (batch, _ack) = Batch::new(
             evs.into_iter().map(Record::Event).collect(),
@@ -1429,18 +1426,8 @@ async fn retention_expires_rows_at_occurred_at_plus_retention_whenever_written()
     let recent = event(2, "page_view", chrono::Duration::hours(1));
     let kept = event(3, "click", chrono::Duration::days(2));
     let persister = Persister {
-        store,
-        dead_letters: MemoryDeadLetters::default(),
-        on_invalid: InvalidPolicy::DeadLetter,
         retention,
-        retry: vault::config::RetrySettings {
-            initial_backoff: Duration::from_millis(5),
-            max_backoff: Duration::from_millis(20),
-        },
-        rate: Default::default(),
-        metrics: Arc::new(Metrics::new()),
-        health: Arc::new(Health::new(Duration::from_secs(60))),
-        cancel: CancellationToken::new(),
+        ..persister_of(store, MemoryDeadLetters::default())
     };
     let ttl_of = |offset: i64| {
         let rows = node
