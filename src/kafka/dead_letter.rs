@@ -17,16 +17,23 @@
 //!   and one of a message from the future refused by the topic's timestamp bounds;
 //! - produce errors are classified once, in [`is_permanent`]; a producer that hit a fatal
 //!   error fails every later send, so it is replaced (`KafkaDeadLetters::renew`), not retried;
-//! - a send reports which letters were not acknowledged, so a retry sends only those.
+//! - a send reports which letters were not acknowledged, so a retry sends only those;
+//! - a letter is acknowledged only by its delivery report, which the producer's own polling
+//!   thread ([`Polled`]) hands to the send awaiting it; a report that never comes (the
+//!   producer closed first) reads as not acknowledged.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::oneshot;
 
 use crate::kafka::options;
 use crate::pipeline::batch::DeadLetter;
@@ -281,7 +288,7 @@ impl KafkaDeadLetters {
         }
         Ok(KafkaDeadLetters {
             producer: Mutex::new(InUse {
-                producer: Arc::new(ClosedAside::new(cfg.create()?)),
+                producer: Arc::new(ClosedAside::new(Polled::new(&cfg)?)),
                 untried: false,
             }),
             config: cfg,
@@ -319,17 +326,14 @@ impl KafkaDeadLetters {
             return false; // Replaced already; the new one is still to be tried.
         }
         let again = in_use.untried;
-        match self.config.create::<FutureProducer>() {
+        match Polled::new(&self.config) {
             Ok(fresh) => {
                 tracing::error!(
                     reason = ?failed.client().fatal_error(),
                     again,
                     "The dead-letter producer hit a fatal error; replaced it with a new one."
                 );
-                in_use
-                    .producer
-                    .retired
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                in_use.producer.retired.store(true, Ordering::Relaxed);
                 *in_use = InUse {
                     producer: Arc::new(ClosedAside::new(fresh)),
                     untried: true,
@@ -344,31 +348,107 @@ impl KafkaDeadLetters {
     }
 }
 
+/// Hands each letter's delivery report to the send awaiting it.
+struct Acks;
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = Box<oneshot::Sender<KafkaResult<()>>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ack: Self::DeliveryOpaque) {
+        // A send that stopped waiting (its batch was cancelled) is told nothing.
+        let _ = ack.send(result.as_ref().map(|_| ()).map_err(|(e, _)| e.clone()));
+    }
+}
+
+/// How long one call of the polling thread waits for delivery reports. librdkafka waits in
+/// whole milliseconds and rdkafka rounds what is left of a wait down, polling without waiting
+/// until the wait is over: a wait of exactly 100 ms (rdkafka's `ThreadedProducer`) ends in up
+/// to a millisecond of polling in a loop, 1% of a core, idle or not. With 100 µs more, that
+/// stretch is at most 100 µs, and mostly overslept.
+const POLL_WAIT: Duration = Duration::from_micros(100_100);
+
+/// A producer and the thread that serves its delivery reports (`vault-dlq-poll`). Dropping it
+/// stops the thread (within one [`POLL_WAIT`]), then closes the producer: it purges what is
+/// still queued or in flight, whose sends read as not acknowledged, and flushes for up to
+/// 500 ms.
+struct Polled {
+    producer: Arc<BaseProducer<Acks>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Polled {
+    fn new(config: &ClientConfig) -> Result<Self, KafkaError> {
+        let producer = Arc::new(config.create_with_context::<_, BaseProducer<Acks>>(Acks)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("vault-dlq-poll".into())
+            .spawn({
+                let (producer, stop) = (producer.clone(), stop.clone());
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        producer.poll(POLL_WAIT);
+                    }
+                }
+            })
+            .map_err(|e| {
+                KafkaError::ClientCreation(format!(
+                    "cannot start the dead-letter producer's polling thread: {e}"
+                ))
+            })?;
+        Ok(Polled {
+            producer,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl std::ops::Deref for Polled {
+    type Target = BaseProducer<Acks>;
+
+    fn deref(&self) -> &BaseProducer<Acks> {
+        &self.producer
+    }
+}
+
+impl Drop for Polled {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        // The producer closes with this, its last handle.
+    }
+}
+
 /// A producer, closed where its last handle goes, or, once [`KafkaDeadLetters::renew`] has
-/// retired it, on a thread of its own: closing purges, flushes for up to 500 ms, joins its
-/// polling thread and destroys the client, and the last handle of a failed producer is dropped
+/// retired it, on a thread of its own: closing joins its polling thread, purges, flushes for
+/// up to 500 ms and destroys the client, and the last handle of a failed producer is dropped
 /// by a send on the store's runtime, which may have a single thread (`store::runtime`). The
 /// producer in use closes where it is dropped (at shutdown, after the last write), so the
 /// process never exits while it closes. Creating one starts threads and returns; it does not
 /// wait on the network.
 struct ClosedAside {
-    producer: Option<FutureProducer>,
-    retired: std::sync::atomic::AtomicBool,
+    producer: Option<Polled>,
+    retired: AtomicBool,
 }
 
 impl ClosedAside {
-    fn new(producer: FutureProducer) -> Self {
+    fn new(producer: Polled) -> Self {
         ClosedAside {
             producer: Some(producer),
-            retired: std::sync::atomic::AtomicBool::new(false),
+            retired: AtomicBool::new(false),
         }
     }
 }
 
 impl std::ops::Deref for ClosedAside {
-    type Target = FutureProducer;
+    type Target = BaseProducer<Acks>;
 
-    fn deref(&self) -> &FutureProducer {
+    fn deref(&self) -> &BaseProducer<Acks> {
         self.producer.as_ref().expect("present until dropped")
     }
 }
@@ -378,7 +458,7 @@ impl Drop for ClosedAside {
         let Some(producer) = self.producer.take() else {
             return;
         };
-        if self.retired.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.retired.load(Ordering::Relaxed) {
             // When no thread can be started, the closure and the producer are dropped here.
             let _ = std::thread::Builder::new()
                 .name("vault-dlq-close".into())
@@ -397,7 +477,7 @@ struct InUse {
 /// Failpoint `dead_letter::fatal`: raises a real librdkafka fatal error in the dead-letter
 /// producer, as a broken idempotent sequence would.
 #[cfg(feature = "failpoints")]
-fn inject_fatal_error(producer: &FutureProducer, topic: &str) {
+fn inject_fatal_error(producer: &BaseProducer<Acks>, topic: &str) {
     if crate::failpoint::hit("dead_letter::fatal", topic, None) {
         // SAFETY: the client pointer is valid while `producer` lives; the reason is a
         // NUL-terminated static string.
@@ -412,7 +492,7 @@ fn inject_fatal_error(producer: &FutureProducer, topic: &str) {
 }
 
 #[cfg(not(feature = "failpoints"))]
-fn inject_fatal_error(_producer: &FutureProducer, _topic: &str) {}
+fn inject_fatal_error(_producer: &BaseProducer<Acks>, _topic: &str) {}
 
 impl DeadLetterSink for KafkaDeadLetters {
     async fn send(&self, letters: &[&DeadLetter]) -> Result<(), SendFailure> {
@@ -444,28 +524,31 @@ impl DeadLetterSink for KafkaDeadLetters {
                     continue;
                 }
                 let letter = shape(d, self.topic_for(&d.source.topic), budgets[i]);
-                let mut record: FutureRecord<'_, [u8], [u8]> =
-                    FutureRecord::to(&letter.topic).headers(letter.headers);
+                let (ack, acked) = oneshot::channel();
+                let mut record: BaseRecord<'_, [u8], [u8], _> =
+                    BaseRecord::with_opaque_to(&letter.topic, Box::new(ack))
+                        .headers(letter.headers);
                 if let Some(k) = letter.key {
                     record = record.key(k);
                 }
                 if let Some(v) = letter.value {
                     record = record.payload(v);
                 }
-                match producer.send_result(record) {
-                    Ok(delivery) => deliveries.push((i, delivery)),
+                match producer.send(record) {
+                    Ok(()) => deliveries.push((i, acked)),
                     Err((e, _)) => outcomes.push((i, Err(e))),
                 }
             }
             for (i, delivery) in deliveries {
                 let outcome = match delivery.await {
-                    Ok(Ok(_)) => {
+                    Ok(Ok(())) => {
                         // At the first acknowledgement: the producer works.
                         self.delivered_with(&producer);
                         Ok(())
                     }
-                    Ok(Err((e, _))) => Err(e),
-                    Err(_canceled) => Err(KafkaError::Canceled),
+                    Ok(Err(e)) => Err(e),
+                    // The producer closed without reporting: not acknowledged.
+                    Err(_closed) => Err(KafkaError::Canceled),
                 };
                 outcomes.push((i, outcome));
             }
