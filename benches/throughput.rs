@@ -20,7 +20,9 @@
 //! target/bench/results.{json,md}; ratios to the baselines are the headline.
 //!
 //! - the read side: p50 and p99 latency of `vault api` serving 100-event pages of a user with
-//!   10,000 events over 30 days, against the stand-in (`BENCH_READ_ONLY=1` runs only this).
+//!   10,000 events over 30 days, against the stand-in (`BENCH_READ_ONLY=1` runs only this);
+//! - vault idle: the CPU, as a share of one core, of a vault holding 64 partitions with nothing
+//!   to read (`BENCH_STORE_ONLY=1` runs it after the store runs).
 //!
 //! BENCH_SCALE=0.1 runs everything on a tenth of the data (a quick check); BENCH_LATENCY_ONLY=1
 //! runs only the latency measurement; BENCH_FAULT_ONLY=1 only the fault run (figures in
@@ -159,6 +161,9 @@ fn raw_consume(brokers: &str, topic: &str, count: u64) {
 
 /// The steady-state window of a drain of `count` events: from the 10% mark to the 90% mark, so
 /// that neither start-up nor the tail (the last partial batches) counts in the rate.
+/// How long the idle run measures (seconds).
+const IDLE_SECONDS: u64 = 5;
+
 fn window(count: u64) -> (u64, u64) {
     (count / 10, count - count / 10)
 }
@@ -520,6 +525,41 @@ impl Bench {
             run.mean_limit
         );
         run
+    }
+
+    /// vault with the ScyllaDB store and nothing to do: `partitions` assigned, no events. The
+    /// CPU it spends in [`IDLE_SECONDS`] without scrapes, as a share of one core.
+    async fn idle(&self, partitions: i32) -> f64 {
+        let topic = format!("bench-idle-{}", free_port());
+        self.mock
+            .create_topic(&topic, partitions, 1)
+            .expect("topic");
+        self.mock
+            .create_topic(&format!("{topic}.dlq"), 1, 1)
+            .expect("dead-letter topic");
+        say(&format!(
+            "vault idle: {partitions} partitions, no events, {IDLE_SECONDS} s"
+        ));
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let group = format!("bench-idle-{}", free_port());
+        let mut child = self.spawn_vault(&topic, &group, &metrics, &[]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while scrape(&metrics, "vault_assigned_partitions").unwrap_or(0.0) < partitions as f64 {
+            assert!(Instant::now() < deadline, "vault did not join");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Past start-up: schema checks, statements prepared, first fetches.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let cpu0 = cpu_seconds(child.id());
+        tokio::time::sleep(Duration::from_secs(IDLE_SECONDS)).await;
+        let share = (cpu_seconds(child.id()) - cpu0) / IDLE_SECONDS as f64;
+        assert!(child.try_wait().unwrap().is_none(), "vault exited early");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        eprintln!("    {:.2}% of a core", share * 100.0);
+        share
     }
 
     /// vault with the ScyllaDB store on a fresh topic of `count` events with user skew `skew`:
@@ -1526,8 +1566,10 @@ async fn run() {
     }
     if std::env::var_os("BENCH_STORE_ONLY").is_some() {
         let runs = bench.store_runs(bench.n(200_000)).await;
+        let idle = bench.idle(64).await;
         say("Store runs");
         println!("{}", store_lines(&runs));
+        println!("idle, 64 partitions: {:.2}% of a core", idle * 100.0);
         return;
     }
     if std::env::var_os("BENCH_READ_ONLY").is_some() {
@@ -1593,6 +1635,7 @@ async fn run() {
         )
         .await;
     let scylla = &store.run;
+    let idle = bench.idle(partitions).await;
     let linger_ms = 250.0;
     let fixed = bench.latency(1000, 15, &fixed_linger_env).await;
     let latencies = bench.latency(1000, 15, &latency_env).await;
@@ -1650,11 +1693,14 @@ async fn run() {
             "p99_le_linger_plus_25ms": p99 <= linger_ms + 25.0,
             "p99_idle_flush_le_50ms": p99 <= 50.0,
             "store_cpu_per_event_le_4us": cpu_us(scylla) <= 4.0,
+            "idle_cpu_le_1pct_core": idle <= 0.01,
         }
     });
     let mut results = results;
     results["fault_run"] = fault;
     results["read_api_page_100"] = read.clone();
+    results["idle"] =
+        json!({"partitions": partitions, "seconds": IDLE_SECONDS, "core_share": idle});
     results["idle_flush_vs_fixed_linger"] = json!({
         "null_1m": {"idle_events_per_s": rate(&null_big), "fixed_events_per_s": rate(&null_fixed),
                     "drain_ratio": idle_ratio, "interleaved_pairs": PAIRS,
@@ -1719,6 +1765,11 @@ async fn run() {
     let _ = writeln!(md, "| vault, ScyllaDB store (stand-in), {scylla_n} events | {:.0} | {:.2}× B | {:.0} | {:.2} | {:.1} |", rate(scylla), rate(scylla) / b_rate, drain(scylla), cpu_us(scylla), scylla.peak_rss_mib);
     let _ = writeln!(md);
     let _ = writeln!(md, "{}", store_lines(&runs));
+    let _ = writeln!(
+        md,
+        "vault idle ({partitions} partitions, no events): {:.2}% of a core\n",
+        idle * 100.0
+    );
     let _ = writeln!(
         md,
         "Idle flush against fixed linger, when behind: null-store 1M drain {:.0} vs {:.0} events/s (medians; {:.2}×, the median ratio of {PAIRS} interleaved pairs), {:.0} vs {:.0} events per batch, CPU {:.2} vs {:.2} µs/event; ScyllaDB store CQL requests per event {:.4} vs {:.4}\n",
