@@ -159,11 +159,11 @@ fn raw_consume(brokers: &str, topic: &str, count: u64) {
     );
 }
 
-/// The steady-state window of a drain of `count` events: from the 10% mark to the 90% mark, so
-/// that neither start-up nor the tail (the last partial batches) counts in the rate.
 /// How long the idle run measures (seconds).
 const IDLE_SECONDS: u64 = 5;
 
+/// The steady-state window of a drain of `count` events: from the 10% mark to the 90% mark, so
+/// that neither start-up nor the tail (the last partial batches) counts in the rate.
 fn window(count: u64) -> (u64, u64) {
     (count / 10, count - count / 10)
 }

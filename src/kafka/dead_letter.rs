@@ -19,8 +19,9 @@
 //!   error fails every later send, so it is replaced (`KafkaDeadLetters::renew`), not retried;
 //! - a send reports which letters were not acknowledged, so a retry sends only those;
 //! - a letter is acknowledged only by its delivery report, which the producer's own polling
-//!   thread ([`Polled`]) hands to the send awaiting it; a report that never comes (the
-//!   producer closed first) reads as not acknowledged.
+//!   thread ([`Polled`]) hands to the send awaiting it. A send holds the producer it used until
+//!   every letter has its report, so a producer never closes under a waiting send; librdkafka
+//!   reports every letter, as an error at the latest after `message.timeout.ms`.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -365,14 +366,15 @@ impl ProducerContext for Acks {
 /// How long one call of the polling thread waits for delivery reports. librdkafka waits in
 /// whole milliseconds and rdkafka rounds what is left of a wait down, polling without waiting
 /// until the wait is over: a wait of exactly 100 ms (rdkafka's `ThreadedProducer`) ends in up
-/// to a millisecond of polling in a loop, 1% of a core, idle or not. With 100 µs more, that
-/// stretch is at most 100 µs, and mostly overslept.
+/// to a millisecond of polling in a loop, 1% of a core, idle or not. With 100 µs more, in a
+/// wait that no event cuts short, that stretch is at most 100 µs, and mostly overslept (after
+/// an event, what is left of the wait may end in up to a millisecond of it, as before).
 const POLL_WAIT: Duration = Duration::from_micros(100_100);
 
 /// A producer and the thread that serves its delivery reports (`vault-dlq-poll`). Dropping it
-/// stops the thread (within one [`POLL_WAIT`]), then closes the producer: it purges what is
-/// still queued or in flight, whose sends read as not acknowledged, and flushes for up to
-/// 500 ms.
+/// stops the thread (within one [`POLL_WAIT`] and the reports in hand), then closes the
+/// producer: it purges what is still queued or in flight (letters of cancelled sends only: a
+/// waiting send holds the producer) and flushes for up to 500 ms.
 struct Polled {
     producer: Arc<BaseProducer<Acks>>,
     stop: Arc<AtomicBool>,
@@ -547,7 +549,8 @@ impl DeadLetterSink for KafkaDeadLetters {
                         Ok(())
                     }
                     Ok(Err(e)) => Err(e),
-                    // The producer closed without reporting: not acknowledged.
+                    // Not expected: every sender is answered, or dropped with its receiver when
+                    // the letter was not queued. Not acknowledged, whatever the cause.
                     Err(_closed) => Err(KafkaError::Canceled),
                 };
                 outcomes.push((i, outcome));
