@@ -530,24 +530,12 @@ impl Bench {
     /// vault with the ScyllaDB store and nothing to do: `partitions` assigned, no events. The
     /// CPU it spends in [`IDLE_SECONDS`] without scrapes, as a share of one core.
     async fn idle(&self, partitions: i32) -> f64 {
-        let topic = format!("bench-idle-{}", free_port());
-        self.mock
-            .create_topic(&topic, partitions, 1)
-            .expect("topic");
-        self.mock
-            .create_topic(&format!("{topic}.dlq"), 1, 1)
-            .expect("dead-letter topic");
         say(&format!(
             "vault idle: {partitions} partitions, no events, {IDLE_SECONDS} s"
         ));
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let group = format!("bench-idle-{}", free_port());
-        let mut child = self.spawn_vault(&topic, &group, &metrics, &[]);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while scrape(&metrics, "vault_assigned_partitions").unwrap_or(0.0) < partitions as f64 {
-            assert!(Instant::now() < deadline, "vault did not join");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (_, _, mut child) = self
+            .vault_on_empty_topic("bench-idle", partitions, &[])
+            .await;
         // Past start-up: schema checks, statements prepared, first fetches.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let cpu0 = cpu_seconds(child.id());
@@ -890,28 +878,42 @@ impl Bench {
         json!({"events": count, "seconds": secs, "concurrency": concurrency})
     }
 
-    /// Produces at `rate` events/s for `seconds` into a fresh topic while vault (ScyllaDB store)
-    /// runs; returns each event's produce → commit latency in milliseconds.
-    async fn latency(&self, rate: u64, seconds: u64, extra: &[(&str, &str)]) -> Vec<f64> {
-        // A topic per run: the bench measures fixed linger and idle flush one after the other.
-        let topic: &'static str = format!("bench-latency-{}", free_port()).leak();
-        let partitions = 8;
+    /// A fresh topic of `partitions` (and its dead-letter topic), and `vault run` on it holding
+    /// them all: the topic, vault's group, and its process.
+    async fn vault_on_empty_topic(
+        &self,
+        prefix: &str,
+        partitions: i32,
+        extra: &[(&str, &str)],
+    ) -> (&'static str, String, Child) {
+        // Leaked: a few topic names a run.
+        let topic: &'static str = format!("{prefix}-{}", free_port()).leak();
         self.mock.create_topic(topic, partitions, 1).expect("topic");
         self.mock
             .create_topic(&format!("{topic}.dlq"), 1, 1)
             .expect("dead-letter topic");
-        say(&format!(
-            "produce -> commit latency at {rate} events/s for {seconds}s"
-        ));
-        let group = format!("bench-latency-{}", free_port());
+        let group = format!("{prefix}-{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
-        let mut child = self.spawn_vault(topic, &group, &metrics, extra);
-        // Wait until vault holds the partitions.
+        let child = self.spawn_vault(topic, &group, &metrics, extra);
         let deadline = Instant::now() + Duration::from_secs(60);
         while scrape(&metrics, "vault_assigned_partitions").unwrap_or(0.0) < partitions as f64 {
             assert!(Instant::now() < deadline, "vault did not join");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        (topic, group, child)
+    }
+
+    /// Produces at `rate` events/s for `seconds` into a fresh topic while vault (ScyllaDB store)
+    /// runs; returns each event's produce → commit latency in milliseconds.
+    async fn latency(&self, rate: u64, seconds: u64, extra: &[(&str, &str)]) -> Vec<f64> {
+        say(&format!(
+            "produce -> commit latency at {rate} events/s for {seconds}s"
+        ));
+        // A topic per run: the bench measures fixed linger and idle flush one after the other.
+        let partitions = 8;
+        let (topic, group, mut child) = self
+            .vault_on_empty_topic("bench-latency", partitions, extra)
+            .await;
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("linger.ms", "0")
