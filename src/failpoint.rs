@@ -16,6 +16,7 @@
 //! | `persister::write` | a store write of a batch | fails it with a timeout |
 //! | `dead_letter::produce` | a dead-letter send of a batch | fails it as a broker transport failure |
 //! | `dead_letter::fatal` | a dead-letter send of a batch | raises a librdkafka fatal error in the dead-letter producer first |
+//! | `dead_letter::report` | a letter's delivery report (SPEC: the dead-letter topic) | panics the dead-letter producer's polling thread while it hands the report out |
 //! | `kafka::seek` | the seek before a restart | fails it |
 //! | `store::reindex` | `migrate`'s fill of the day index (SPEC: the keyspace) | fails it before it writes |
 //! | `kafka::commit` | an offset commit | fails it as refused during a rebalance |

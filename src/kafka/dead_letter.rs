@@ -21,7 +21,9 @@
 //! - a letter is acknowledged only by its delivery report, which the producer's own polling
 //!   thread ([`Polled`]) hands to the send awaiting it. A send holds the producer it used until
 //!   every letter has its report, so a producer never closes under a waiting send; librdkafka
-//!   reports every letter, as an error at the latest after `message.timeout.ms`.
+//!   reports every letter, as an error at the latest after `message.timeout.ms`. A report lost
+//!   in this process (a panic in the polling thread, which polls on) reads as not acknowledged
+//!   a few seconds after that bound.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -259,6 +261,10 @@ pub struct KafkaDeadLetters {
     value_budget: usize,
 }
 
+/// librdkafka's bound on the time from a letter's send to its delivery report
+/// (`message.timeout.ms`, vault's whatever the user set).
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl KafkaDeadLetters {
     /// `max_bytes` is the largest message the dead-letter topic and the producer accept
     /// (`kafka.dead_letter_max_bytes`); the producer's `message.max.bytes` is raised to it.
@@ -275,7 +281,10 @@ impl KafkaDeadLetters {
             ("acks", "all"),
             ("enable.idempotence", "true"),
             ("linger.ms", "5"),
-            ("message.timeout.ms", "30000"),
+            (
+                "message.timeout.ms",
+                &MESSAGE_TIMEOUT.as_millis().to_string(),
+            ),
         ] {
             options::set_owned(&mut cfg, name, value);
         }
@@ -358,8 +367,35 @@ impl ProducerContext for Acks {
     type DeliveryOpaque = Box<oneshot::Sender<KafkaResult<()>>>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, ack: Self::DeliveryOpaque) {
+        #[cfg(feature = "failpoints")]
+        {
+            let topic = match result {
+                Ok(m) | Err((_, m)) => rdkafka::Message::topic(m),
+            };
+            if crate::failpoint::hit("dead_letter::report", topic, None) {
+                panic!("failpoint dead_letter::report");
+            }
+        }
         // A send that stopped waiting (its batch was cancelled) is told nothing.
         let _ = ack.send(result.as_ref().map(|_| ()).map_err(|(e, _)| e.clone()));
+    }
+}
+
+/// How long a send waits for a letter's delivery report past librdkafka's own bound
+/// (`message.timeout.ms`), before it reads the letter as not acknowledged. librdkafka reports
+/// every letter within its bound; this only bounds a report lost in this process (a panic while
+/// the polling thread handed out the reports of one poll loses those after it).
+const REPORT_GRACE: Duration = Duration::from_secs(5);
+
+/// The outcome of one letter: its delivery report, or not acknowledged when none comes within
+/// `within` (see [`REPORT_GRACE`]) or its sender is gone.
+async fn report(delivery: oneshot::Receiver<KafkaResult<()>>, within: Duration) -> KafkaResult<()> {
+    match tokio::time::timeout(within, delivery).await {
+        Ok(Ok(outcome)) => outcome,
+        // Every sender is answered, dropped with its receiver when the letter was not queued,
+        // or dropped unanswered by a panic in the polling thread: not acknowledged.
+        Ok(Err(_closed)) => Err(KafkaError::Canceled),
+        Err(_elapsed) => Err(KafkaError::Canceled),
     }
 }
 
@@ -391,7 +427,19 @@ impl Polled {
                 let (producer, stop) = (producer.clone(), stop.clone());
                 move || {
                     while !stop.load(Ordering::Relaxed) {
-                        producer.poll(POLL_WAIT);
+                        // A panic handing out reports must not stop the thread: every later
+                        // report would be lost. The reports of that poll's other letters may
+                        // be; their sends read them as not acknowledged after a bound.
+                        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            producer.poll(POLL_WAIT)
+                        }));
+                        if polled.is_err() {
+                            tracing::error!(
+                                "The dead-letter producer's polling thread caught a panic while \
+                                 handing out delivery reports; it polls on, and the letters \
+                                 whose reports were lost are sent again."
+                            );
+                        }
                     }
                 }
             })
@@ -541,18 +589,15 @@ impl DeadLetterSink for KafkaDeadLetters {
                     Err((e, _)) => outcomes.push((i, Err(e))),
                 }
             }
+            // Every letter queued by now: librdkafka reports each within its bound from here.
+            let deadline = tokio::time::Instant::now() + MESSAGE_TIMEOUT + REPORT_GRACE;
             for (i, delivery) in deliveries {
-                let outcome = match delivery.await {
-                    Ok(Ok(())) => {
-                        // At the first acknowledgement: the producer works.
-                        self.delivered_with(&producer);
-                        Ok(())
-                    }
-                    Ok(Err(e)) => Err(e),
-                    // Not expected: every sender is answered, or dropped with its receiver when
-                    // the letter was not queued. Not acknowledged, whatever the cause.
-                    Err(_closed) => Err(KafkaError::Canceled),
-                };
+                let within = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let outcome = report(delivery, within).await;
+                if outcome.is_ok() {
+                    // At the first acknowledgement: the producer works.
+                    self.delivered_with(&producer);
+                }
                 outcomes.push((i, outcome));
             }
             todo.clear();
@@ -704,6 +749,37 @@ mod tests {
             value: Some(value),
             error,
         }
+    }
+
+    /// A report lost in this process (its sender leaked by a panic mid-poll) reads as not
+    /// acknowledged once librdkafka's bound and the grace have passed, not never; a report that
+    /// comes is taken as it is.
+    #[tokio::test(start_paused = true)]
+    async fn a_report_that_never_comes_reads_as_not_acknowledged_after_the_bound() {
+        let within = MESSAGE_TIMEOUT + REPORT_GRACE;
+        let (lost, never) = oneshot::channel::<KafkaResult<()>>();
+        let waiting = tokio::spawn(report(never, within));
+        tokio::time::sleep(within - Duration::from_millis(1)).await;
+        assert!(!waiting.is_finished(), "waits out librdkafka's bound");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(matches!(waiting.await.unwrap(), Err(KafkaError::Canceled)));
+        drop(lost);
+
+        let (ack, acked) = oneshot::channel();
+        ack.send(Ok(())).unwrap();
+        assert!(report(acked, within).await.is_ok());
+        let (ack, refused) = oneshot::channel();
+        ack.send(Err(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        )))
+        .unwrap();
+        assert!(is_too_large(&report(refused, within).await.unwrap_err()));
+        let (dropped, closed) = oneshot::channel::<KafkaResult<()>>();
+        drop(dropped);
+        assert!(matches!(
+            report(closed, within).await,
+            Err(KafkaError::Canceled)
+        ));
     }
 
     #[test]

@@ -256,6 +256,51 @@ async fn a_dead_letter_producer_that_hits_a_fatal_error_is_replaced() {
     vault.stop().await;
 }
 
+/// A panic in the dead-letter producer's polling thread, while it hands out a delivery report,
+/// does not stop the thread: that letter reads as not acknowledged, goes again (it may land
+/// twice), is acknowledged, and the partition moves on. A thread that died there would leave
+/// every later send waiting for a report that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_handing_out_a_delivery_report_leaves_the_polling_thread_polling() {
+    let kafka = Kafka::start();
+    let (topic, group) = (unique("dlq-report"), unique("g"));
+    kafka.create_source_topic(&topic, 1).await;
+    kafka
+        .produce(
+            &topic,
+            &[
+                (0, "k".into(), b"not json".to_vec()),
+                (0, "u".into(), event_json("u", 1).into_bytes()),
+            ],
+        )
+        .await;
+    let cfg = settings(&kafka.brokers, &topic, &group);
+    let dlq = kafka_dead_letters(&cfg);
+    fail::cfg("dead_letter::report", &format!("return({topic}.dlq:once)")).unwrap();
+    let memory = MemoryStore::new();
+    let vault = Running::start(cfg, memory.clone(), dlq);
+    kafka
+        .probe(&group)
+        .wait_committed_to_end(&topic, 1, Duration::from_secs(60))
+        .await;
+    fail::remove("dead_letter::report");
+    assert!(memory.contains_source(&topic, 0, 1), "the event after it");
+    assert!(
+        vault.counter("vault_dead_letter_send_failures_total") >= 1.0,
+        "the letter whose report was lost counts as a failed send"
+    );
+    let letters = read_all(&kafka.brokers, &format!("{topic}.dlq")).await;
+    assert!(
+        !letters.is_empty() && letters.len() <= 2,
+        "{}",
+        letters.len()
+    );
+    assert!(letters
+        .iter()
+        .all(|l| l.payload() == Some(&b"not json"[..])));
+    vault.stop().await;
+}
+
 /// A value too large for the dead-letter topic, an error text that would echo half a megabyte
 /// of input, and "original coordinates" headers naming a topic of 900 KB, are dead-lettered cut
 /// to fit (the headers are no coordinates Kafka gives, so the letter names the message's own):
