@@ -16,6 +16,7 @@
 
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use chrono::DateTime;
@@ -488,7 +489,7 @@ fn string_end(bytes: &[u8], mut i: usize) -> Result<usize, EventError> {
     loop {
         // An escape at the very end can put `i` past the end.
         let rest = bytes.get(i..).unwrap_or_default();
-        let Some(n) = rest.iter().position(|&b| b == b'"' || b == b'\\') else {
+        let Some(n) = memchr::memchr2(b'"', b'\\', rest) else {
             return Ok(bytes.len());
         };
         i += n;
@@ -577,15 +578,14 @@ fn occurred_at(raw: Field<'_>, kafka_ts: Option<i64>) -> Result<i64, EventError>
     // Judged against the message's own timestamp so that a replay decides exactly as the first
     // read did; wall-clock time only when the message carries none. The producer sets that
     // timestamp, so it must not be in the future itself: otherwise any occurred_at would pass.
-    let now = chrono::Utc::now().timestamp_millis();
-    let reference = match kafka_ts {
+    let too_late = match kafka_ts {
         Some(t) => {
-            kafka_timestamp_not_ahead(t, now)?;
-            t
+            kafka_timestamp_not_ahead(t)?;
+            ms > t.saturating_add(MAX_FUTURE_SKEW_MS)
         }
-        None => now,
+        None => within_skew_of_now(ms).is_err(),
     };
-    if ms > reference.saturating_add(MAX_FUTURE_SKEW_MS) {
+    if too_late {
         return Err(EventError::InvalidField {
             field: FIELD,
             reason: format!(
@@ -601,14 +601,32 @@ fn occurred_at(raw: Field<'_>, kafka_ts: Option<i64>) -> Result<i64, EventError>
 /// ahead of the clock `now` (ms). It dates what the message does: an event's `occurred_at` is
 /// judged against it, and an erasure request erases through it, so one a year ahead would
 /// otherwise hide a year of the user's later activity.
-pub fn kafka_timestamp_not_ahead(kafka_ts: i64, now: i64) -> Result<(), EventError> {
-    if kafka_ts > now.saturating_add(MAX_FUTURE_SKEW_MS) {
-        return Err(EventError::FutureTimestamp {
-            timestamp: show_ms(kafka_ts),
-            now: show_ms(now),
-        });
+pub fn kafka_timestamp_not_ahead(kafka_ts: i64) -> Result<(), EventError> {
+    within_skew_of_now(kafka_ts).map_err(|now| EventError::FutureTimestamp {
+        timestamp: show_ms(kafka_ts),
+        now: show_ms(now),
+    })
+}
+
+/// The latest reading of the wall clock (ms since the epoch) taken by [`within_skew_of_now`].
+static CLOCK_READ_MS: AtomicI64 = AtomicI64::new(i64::MIN);
+
+/// Whether `ms` is at most [`MAX_FUTURE_SKEW_MS`] past the wall clock; `Err(now)` when not.
+/// Decided without reading the clock when an earlier reading says so: the clock has only moved
+/// on since (stepped back, it lets through at most that step more, against a 24 h allowance).
+/// A reading for every event was a few % of the CPU of a store run.
+fn within_skew_of_now(ms: i64) -> Result<(), i64> {
+    let earliest_now = ms.saturating_sub(MAX_FUTURE_SKEW_MS);
+    if earliest_now <= CLOCK_READ_MS.load(Ordering::Relaxed) {
+        return Ok(());
     }
-    Ok(())
+    let now = chrono::Utc::now().timestamp_millis();
+    CLOCK_READ_MS.fetch_max(now, Ordering::Relaxed);
+    if earliest_now <= now {
+        Ok(())
+    } else {
+        Err(now)
+    }
 }
 
 /// Milliseconds since the epoch as RFC 3339 when representable, else as the number.

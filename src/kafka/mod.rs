@@ -198,8 +198,7 @@ fn decode_record(
         (msg.payload(), tombstones, msg.timestamp().to_millis())
     {
         if let Some(user_id) = erasure_user(msg.key()) {
-            let now = chrono::Utc::now().timestamp_millis();
-            if let Err(error) = event::kafka_timestamp_not_ahead(at, now) {
+            if let Err(error) = event::kafka_timestamp_not_ahead(at) {
                 return Record::Invalid(DeadLetter {
                     source: source(),
                     origin: None,
