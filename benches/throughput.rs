@@ -1614,7 +1614,14 @@ async fn run() {
             .store_run("users uniform", "bench-scylla", count, 0.01, &[], 1)
             .await;
         let zipf = bench
-            .store_run("users Zipf 1.1", "bench-scylla-zipf", count / 2, 1.1, &[], 1)
+            .store_run(
+                "users Zipf 1.1",
+                "bench-scylla-zipf",
+                count / 2,
+                1.1,
+                &[],
+                1,
+            )
             .await;
         say("Store runs, default settings");
         for (what, r) in [("users uniform", &uniform), ("users Zipf 1.1", &zipf)] {
