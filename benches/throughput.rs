@@ -5,7 +5,8 @@
 //!   consume limit;
 //! - baseline B: concurrent prepared inserts straight to the CQL stand-in: the write limit;
 //! - vault end to end (the real binary, as a process) with the null store and with the ScyllaDB
-//!   store against the stand-in;
+//!   store against the stand-in (the default settings' store runs three times each, the run
+//!   of median CPU per event reported);
 //! - produce → commit latency at a fixed low rate;
 //! - the fault run: vault with adaptive write concurrency against vault at today's fixed
 //!   concurrency, each draining the same backlog into a saturated stand-in node (latency that
